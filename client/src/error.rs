@@ -1,0 +1,47 @@
+use ckpt_core::{ChunkHash, CoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach ckptd at {url}: {source}")]
+    Transport { url: String, source: reqwest::Error },
+    #[error("ckptd answered {status} {code}: {message}")]
+    Api { status: u16, code: String, message: String },
+    #[error("chunk {hash} of checkpoint {job}@{step} is corrupt: {reason}")]
+    CorruptChunk { job: String, step: u64, hash: ChunkHash, reason: String },
+    #[error("manifest of checkpoint {job}@{step} is corrupt: {reason}")]
+    CorruptManifest { job: String, step: u64, reason: String },
+    #[error("save {job}@{step} was aborted: {reason}")]
+    Aborted { job: String, step: u64, reason: String },
+    #[error("timed out: {0}")]
+    Timeout(String),
+    #[error("rank {rank} is not in checkpoint {job}@{step} (world size {world_size})")]
+    NoSuchRank { job: String, step: u64, rank: u32, world_size: u32 },
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    #[error("invalid tensor {name:?}: {reason}")]
+    InvalidTensor { name: String, reason: String },
+    #[error("unexpected answer from ckptd: {0}")]
+    Protocol(String),
+    #[error("local ckptd: {0}")]
+    Daemon(String),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl ClientError {
+    /// Worth retrying the same request: ckptd unreachable, busy, or failing transiently.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Transport { .. } => true,
+            ClientError::Api { status, .. } => matches!(status, 502..=504),
+            _ => false,
+        }
+    }
+
+    pub fn api_code(&self) -> Option<&str> {
+        match self {
+            ClientError::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Runs ckptd as a child process on this machine: for the demo, for tests, and for anyone who
+//! wants a private checkpoint service next to a trainer.
+//!
+//! Design note. The child writes its bound address to a file once it has recovered and
+//! listens; `start` waits for that file (and fails early if the child exits first), so a
+//! caller never talks to a half-started daemon. `kill` is a real SIGKILL, `terminate` a real
+//! SIGTERM: crash tests rely on both. Dropping a `LocalDaemon` kills the child so no test
+//! leaves one behind.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::error::ClientError;
+
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    /// The ckptd binary; see [`find_ckptd`].
+    pub exe: PathBuf,
+    pub store: String,
+    pub data_dir: PathBuf,
+    /// ckptd's log goes here (appended, so restarts keep earlier output).
+    pub log_file: PathBuf,
+    pub extra_args: Vec<OsString>,
+    pub envs: Vec<(String, String)>,
+    pub start_timeout: Duration,
+}
+
+impl DaemonOptions {
+    /// A daemon whose store and state live under `dir`.
+    pub fn in_dir(exe: PathBuf, dir: &Path) -> DaemonOptions {
+        DaemonOptions {
+            exe,
+            store: dir.join("store").to_string_lossy().into_owned(),
+            data_dir: dir.join("state"),
+            log_file: dir.join("ckptd.log"),
+            extra_args: Vec::new(),
+            envs: Vec::new(),
+            start_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Finds the ckptd binary: `$CKPTD_BIN`, else next to the running executable, else one folder
+/// up (where cargo puts binaries relative to test executables in `deps/`).
+pub fn find_ckptd() -> Result<PathBuf, ClientError> {
+    if let Ok(p) = std::env::var("CKPTD_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe =
+        std::env::current_exe().map_err(|e| ClientError::Daemon(format!("cannot find the running executable: {e}")))?;
+    let name = format!("ckptd{}", std::env::consts::EXE_SUFFIX);
+    for dir in exe.ancestors().skip(1).take(2) {
+        let candidate = dir.join(&name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    Err(ClientError::Daemon(format!(
+        "no ckptd binary next to {} or in its parent folder; build it (`cargo build --workspace --bins`) or set CKPTD_BIN",
+        exe.display()
+    )))
+}
+
+pub struct LocalDaemon {
+    opts: DaemonOptions,
+    child: Option<Child>,
+    addr: String,
+}
+
+impl LocalDaemon {
+    pub async fn start(opts: DaemonOptions) -> Result<LocalDaemon, ClientError> {
+        let mut d = LocalDaemon { opts, child: None, addr: String::new() };
+        d.spawn().await?;
+        Ok(d)
+    }
+
+    async fn spawn(&mut self) -> Result<(), ClientError> {
+        let err = |m: String| ClientError::Daemon(m);
+        std::fs::create_dir_all(&self.opts.data_dir)
+            .map_err(|e| err(format!("creating {}: {e}", self.opts.data_dir.display())))?;
+        let addr_file = self.opts.data_dir.join("ckptd.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.opts.log_file)
+            .map_err(|e| err(format!("opening {}: {e}", self.opts.log_file.display())))?;
+        let mut cmd = Command::new(&self.opts.exe);
+        cmd.arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--store")
+            .arg(&self.opts.store)
+            .arg("--data-dir")
+            .arg(&self.opts.data_dir)
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .args(&self.opts.extra_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| err(e.to_string()))?)
+            .stderr(log)
+            .env("NO_COLOR", "1");
+        for (k, v) in &self.opts.envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().map_err(|e| err(format!("starting {}: {e}", self.opts.exe.display())))?;
+        let deadline = Instant::now() + self.opts.start_timeout;
+        loop {
+            if let Ok(a) = std::fs::read_to_string(&addr_file) {
+                if !a.is_empty() {
+                    self.addr = a.trim().to_string();
+                    break;
+                }
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(err(format!(
+                    "ckptd exited during start-up ({status}); see {}",
+                    self.opts.log_file.display()
+                )));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(err(format!(
+                    "ckptd not ready after {:?}; see {}",
+                    self.opts.start_timeout,
+                    self.opts.log_file.display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub fn options_mut(&mut self) -> &mut DaemonOptions {
+        &mut self.opts
+    }
+
+    pub fn options(&self) -> &DaemonOptions {
+        &self.opts
+    }
+
+    /// SIGKILL, as a crash: nothing is flushed, nothing is finished.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the child to exit by itself (for example after a fail point killed it).
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus, ClientError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let Some(c) = self.child.as_mut() else { return Err(ClientError::Daemon("not running".into())) };
+            if let Ok(Some(s)) = c.try_wait() {
+                self.child = None;
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                return Err(ClientError::Daemon(format!("ckptd still running after {timeout:?}")));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGTERM, then SIGKILL if ckptd has not exited within `grace`. Returns whether it exited
+    /// by itself.
+    pub async fn terminate(&mut self, grace: Duration) -> bool {
+        let Some(pid) = self.pid() else { return true };
+        // SAFETY: kill(2) with a pid we spawned and still hold (not yet reaped).
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGTERM);
+        }
+        match self.wait_exit(grace).await {
+            Ok(_) => true,
+            Err(_) => {
+                self.kill();
+                false
+            }
+        }
+    }
+
+    /// Starts ckptd again on the same store and state, after a kill or a terminate.
+    pub async fn restart(&mut self) -> Result<(), ClientError> {
+        self.kill();
+        self.spawn().await
+    }
+}
+
+impl Drop for LocalDaemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

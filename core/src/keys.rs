@@ -1,0 +1,91 @@
+//! Where things live in the object store. Every key is built and parsed here, so the layout
+//! has one definition.
+//!
+//! ```text
+//! jobs/<job>/chunks/<hh>/<hash>          a chunk, content-addressed, shared by every step and rank of the job
+//! jobs/<job>/manifests/<step:020>.json   a committed checkpoint (zero-padded so listings sort by step)
+//! ```
+
+use crate::hash::ChunkHash;
+use crate::validate::{parse_step, validate_job};
+
+pub const JOBS_PREFIX: &str = "jobs";
+
+pub fn job_prefix(job: &str) -> String {
+    format!("{JOBS_PREFIX}/{job}")
+}
+
+pub fn chunk_key(job: &str, hash: &ChunkHash) -> String {
+    let hex = hash.to_hex();
+    format!("{JOBS_PREFIX}/{job}/chunks/{}/{hex}", &hex[..2])
+}
+
+pub fn chunks_prefix(job: &str) -> String {
+    format!("{JOBS_PREFIX}/{job}/chunks")
+}
+
+pub fn manifest_key(job: &str, step: u64) -> String {
+    format!("{JOBS_PREFIX}/{job}/manifests/{step:020}.json")
+}
+
+pub fn manifests_prefix(job: &str) -> String {
+    format!("{JOBS_PREFIX}/{job}/manifests")
+}
+
+/// What a key in the store is, when it is one of ours. Anything else (an upload's temporary
+/// file, a foreign object) is `None` and ignored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParsedKey {
+    Chunk { job: String, hash: ChunkHash },
+    Manifest { job: String, step: u64 },
+}
+
+pub fn parse_key(key: &str) -> Option<ParsedKey> {
+    let parts: Vec<&str> = key.split('/').collect();
+    match parts.as_slice() {
+        [JOBS_PREFIX, job, "chunks", hh, hex] => {
+            validate_job(job).ok()?;
+            let hash: ChunkHash = hex.parse().ok()?;
+            (hex.get(..2) == Some(*hh)).then(|| ParsedKey::Chunk { job: job.to_string(), hash })
+        }
+        [JOBS_PREFIX, job, "manifests", file] => {
+            validate_job(job).ok()?;
+            let digits = file.strip_suffix(".json")?;
+            if digits.len() != 20 {
+                return None;
+            }
+            let step = parse_step(digits).ok()?;
+            Some(ParsedKey::Manifest { job: job.to_string(), step })
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip() {
+        let h = ChunkHash::of(b"x");
+        assert_eq!(parse_key(&chunk_key("j", &h)), Some(ParsedKey::Chunk { job: "j".into(), hash: h }));
+        assert_eq!(parse_key(&manifest_key("j", 42)), Some(ParsedKey::Manifest { job: "j".into(), step: 42 }));
+        assert_eq!(manifest_key("j", 42), "jobs/j/manifests/00000000000000000042.json");
+        assert_eq!(manifest_key("j", u64::MAX).len(), manifest_key("j", 0).len());
+    }
+
+    #[test]
+    fn foreign_keys_are_ignored() {
+        let h = ChunkHash::of(b"x").to_hex();
+        for k in [
+            format!("jobs/j/chunks/zz/{h}"),
+            format!("jobs/j/chunks/{}/{h}#1", &h[..2]),
+            "jobs/j/manifests/42.json".to_string(),
+            "jobs/j/manifests/00000000000000000042.json#3".to_string(),
+            "jobs/../manifests/00000000000000000042.json".to_string(),
+            "other/thing".to_string(),
+        ] {
+            assert_eq!(parse_key(&k), None, "{k}");
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! ckpt-core: the formats and the protocol of ckpt, with no I/O.
+//!
+//! Everything here is plain data and pure functions: the chunk format and its content address,
+//! shard indexes, manifests, the key layout in the object store, validation of names and steps,
+//! and the save state machine that the service drives. The service and the client both depend on
+//! this crate, so what one writes the other reads with the same code.
+
+pub mod chunk;
+pub mod error;
+pub mod hash;
+pub mod keys;
+pub mod manifest;
+pub mod save;
+pub mod shard;
+pub mod validate;
+
+pub use chunk::{ChunkHeader, Codec, CHUNK_HEADER_BYTES};
+pub use error::CoreError;
+pub use hash::ChunkHash;
+pub use manifest::{Manifest, ManifestSummary, MANIFEST_FORMAT_VERSION};
+pub use save::{SavePhase, SaveState};
+pub use shard::{ChunkRef, DType, ShardIndex, TensorEntry};
+pub use validate::{parse_step, validate_job, Limits};

@@ -1,0 +1,273 @@
+//! The save state machine, as data. The service owns the I/O; this module owns the rules.
+//!
+//! ```text
+//!   open ──all ranks' indexes in──▶ staged ──every chunk durable──▶ durable ──manifest created──▶ committed
+//!     └──────────────┴──────────────────────┴──── abort (conflict, operator, bad data) ──▶ aborted
+//! ```
+//!
+//! * A rank's shard index is accepted only while the save is open, and a second copy of the same
+//!   rank's index is accepted only if identical, so a client may retry any request.
+//! * The manifest is built only in `durable`, so a manifest never references a chunk that is
+//!   not durable (the service checks durability before calling `mark_durable`).
+//! * `committed` and `aborted` are final. A save is never committed twice: the state is the
+//!   journal entry, and the create-only manifest put is the arbiter between processes.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::CoreError;
+use crate::hash::ChunkHash;
+use crate::manifest::Manifest;
+use crate::shard::ShardIndex;
+use crate::validate::{validate_job, validate_world_size, Limits};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SavePhase {
+    Open,
+    Staged,
+    Durable,
+    Committed,
+    Aborted,
+}
+
+impl SavePhase {
+    pub fn name(self) -> &'static str {
+        match self {
+            SavePhase::Open => "open",
+            SavePhase::Staged => "staged",
+            SavePhase::Durable => "durable",
+            SavePhase::Committed => "committed",
+            SavePhase::Aborted => "aborted",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(self, SavePhase::Committed | SavePhase::Aborted)
+    }
+
+    fn may_become(self, to: SavePhase) -> bool {
+        use SavePhase::*;
+        matches!(
+            (self, to),
+            (Open, Staged) | (Staged, Durable) | (Durable, Committed) | (Open | Staged | Durable, Aborted)
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SaveState {
+    pub job: String,
+    pub step: u64,
+    pub world_size: u32,
+    pub created_unix_ms: u64,
+    pub metadata: serde_json::Value,
+    pub ranks: BTreeMap<u32, ShardIndex>,
+    pub phase: SavePhase,
+    /// Why the save was aborted.
+    pub error: Option<String>,
+    /// Set once committed.
+    pub manifest_hash: Option<String>,
+}
+
+/// Whether an accepted shard index was new or a retry of one already held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexOutcome {
+    New,
+    Duplicate,
+}
+
+impl SaveState {
+    pub fn open(
+        job: &str,
+        step: u64,
+        world_size: u32,
+        created_unix_ms: u64,
+        metadata: serde_json::Value,
+        limits: &Limits,
+    ) -> Result<SaveState, CoreError> {
+        validate_job(job)?;
+        validate_world_size(world_size, limits)?;
+        Ok(SaveState {
+            job: job.into(),
+            step,
+            world_size,
+            created_unix_ms,
+            metadata,
+            ranks: BTreeMap::new(),
+            phase: SavePhase::Open,
+            error: None,
+            manifest_hash: None,
+        })
+    }
+
+    fn conflict(&self, reason: String) -> CoreError {
+        CoreError::Conflict { job: self.job.clone(), step: self.step, reason }
+    }
+
+    /// A second open of the same save (another rank, or a retry) must agree on the world size,
+    /// and on the metadata if both carry some. Metadata given late fills in a save opened
+    /// without it.
+    pub fn reopen(&mut self, world_size: u32, metadata: serde_json::Value) -> Result<(), CoreError> {
+        if world_size != self.world_size {
+            return Err(self.conflict(format!("opened with world size {}, not {world_size}", self.world_size)));
+        }
+        if !metadata.is_null() {
+            if self.metadata.is_null() && self.phase == SavePhase::Open {
+                self.metadata = metadata;
+            } else if metadata != self.metadata {
+                return Err(self.conflict("opened with different metadata".into()));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn accept_index(&mut self, index: ShardIndex, limits: &Limits) -> Result<IndexOutcome, CoreError> {
+        index.validate(self.world_size, limits)?;
+        if let Some(held) = self.ranks.get(&index.rank) {
+            return if *held == index {
+                Ok(IndexOutcome::Duplicate)
+            } else {
+                Err(self.conflict(format!("rank {} already sent a different shard index", index.rank)))
+            };
+        }
+        if self.phase != SavePhase::Open {
+            return Err(self.conflict(format!("save is {}, it takes no new shard index", self.phase.name())));
+        }
+        self.ranks.insert(index.rank, index);
+        if self.all_ranks_in() {
+            self.transition(SavePhase::Staged)?;
+        }
+        Ok(IndexOutcome::New)
+    }
+
+    pub fn all_ranks_in(&self) -> bool {
+        self.ranks.len() == self.world_size as usize
+    }
+
+    pub fn missing_ranks(&self) -> Vec<u32> {
+        (0..self.world_size).filter(|r| !self.ranks.contains_key(r)).collect()
+    }
+
+    /// Every distinct chunk referenced by the indexes received so far.
+    pub fn chunks(&self) -> BTreeSet<ChunkHash> {
+        self.ranks.values().flat_map(|r| r.chunk_hashes()).collect()
+    }
+
+    /// The caller has checked that every chunk in `chunks()` is durable.
+    pub fn mark_durable(&mut self) -> Result<(), CoreError> {
+        self.transition(SavePhase::Durable)
+    }
+
+    pub fn manifest(&self, previous_committed_step: Option<u64>) -> Result<Manifest, CoreError> {
+        if self.phase != SavePhase::Durable {
+            return Err(self.invalid(SavePhase::Committed));
+        }
+        Manifest::new(
+            &self.job,
+            self.step,
+            self.world_size,
+            self.created_unix_ms,
+            previous_committed_step,
+            self.metadata.clone(),
+            self.ranks.values().cloned().collect(),
+        )
+    }
+
+    pub fn mark_committed(&mut self, manifest_hash: String) -> Result<(), CoreError> {
+        self.transition(SavePhase::Committed)?;
+        self.manifest_hash = Some(manifest_hash);
+        Ok(())
+    }
+
+    pub fn abort(&mut self, reason: String) -> Result<(), CoreError> {
+        self.transition(SavePhase::Aborted)?;
+        self.error = Some(reason);
+        Ok(())
+    }
+
+    fn invalid(&self, to: SavePhase) -> CoreError {
+        CoreError::InvalidTransition { job: self.job.clone(), step: self.step, from: self.phase.name(), to: to.name() }
+    }
+
+    fn transition(&mut self, to: SavePhase) -> Result<(), CoreError> {
+        if !self.phase.may_become(to) {
+            return Err(self.invalid(to));
+        }
+        if to == SavePhase::Staged {
+            debug_assert!(self.all_ranks_in());
+        }
+        self.phase = to;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shard::tests::tensor;
+
+    fn index(rank: u32) -> ShardIndex {
+        ShardIndex { rank, tensors: vec![tensor("w", &[rank as u8; 10], 4)], metadata: serde_json::Value::Null }
+    }
+
+    #[test]
+    fn happy_path() {
+        let l = Limits::default();
+        let mut s = SaveState::open("j", 5, 2, 1, serde_json::Value::Null, &l).unwrap();
+        assert_eq!(s.accept_index(index(1), &l).unwrap(), IndexOutcome::New);
+        assert_eq!(s.phase, SavePhase::Open);
+        assert_eq!(s.missing_ranks(), vec![0]);
+        assert!(s.manifest(None).is_err(), "no manifest before durable");
+        assert_eq!(s.accept_index(index(1), &l).unwrap(), IndexOutcome::Duplicate);
+        s.accept_index(index(0), &l).unwrap();
+        assert_eq!(s.phase, SavePhase::Staged);
+        assert_eq!(s.chunks().len(), 4, "identical chunks are one chunk");
+        assert!(s.manifest(None).is_err(), "no manifest before durable");
+        s.mark_durable().unwrap();
+        let m = s.manifest(Some(3)).unwrap();
+        assert_eq!(m.ranks.len(), 2);
+        s.mark_committed(m.hash.clone()).unwrap();
+        assert!(s.abort("late".into()).is_err(), "committed is final");
+        assert!(s.mark_durable().is_err());
+    }
+
+    #[test]
+    fn conflicts_and_bad_input() {
+        let l = Limits::default();
+        let mut s = SaveState::open("j", 5, 2, 1, serde_json::json!({"a": 1}), &l).unwrap();
+        assert!(s.reopen(3, serde_json::Value::Null).is_err(), "world size differs");
+        assert!(s.reopen(2, serde_json::json!({"a": 2})).is_err(), "metadata differs");
+        s.reopen(2, serde_json::Value::Null).unwrap();
+        s.reopen(2, serde_json::json!({"a": 1})).unwrap();
+        assert!(matches!(s.accept_index(index(2), &l), Err(CoreError::RankOutOfRange { .. })));
+        s.accept_index(index(0), &l).unwrap();
+        let mut other = index(0);
+        other.metadata = serde_json::json!("x");
+        assert!(matches!(s.accept_index(other, &l), Err(CoreError::Conflict { .. })));
+        s.abort("operator".into()).unwrap();
+        assert!(s.accept_index(index(1), &l).is_err(), "aborted takes nothing");
+        assert!(SaveState::open("j", 1, 0, 0, serde_json::Value::Null, &l).is_err());
+        assert!(SaveState::open("../x", 1, 1, 0, serde_json::Value::Null, &l).is_err());
+    }
+
+    #[test]
+    fn transition_table() {
+        use SavePhase::*;
+        let all = [Open, Staged, Durable, Committed, Aborted];
+        let allowed: Vec<_> =
+            all.iter().flat_map(|a| all.iter().map(move |b| (*a, *b))).filter(|(a, b)| a.may_become(*b)).collect();
+        assert_eq!(
+            allowed,
+            vec![
+                (Open, Staged),
+                (Open, Aborted),
+                (Staged, Durable),
+                (Staged, Aborted),
+                (Durable, Committed),
+                (Durable, Aborted)
+            ]
+        );
+    }
+}

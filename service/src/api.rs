@@ -1,0 +1,300 @@
+//! The HTTP API. Handlers parse and validate what arrives, call the coordinator, and map its
+//! errors to a status and a JSON body `{"error": {"code": ..., "message": ...}}`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use ckpt_core::{parse_step, validate_job, ChunkHash, CoreError, ShardIndex};
+use serde::Deserialize;
+
+use crate::coordinator::{Coordinator, OpenSave};
+use crate::error::ServiceError;
+use crate::store::StoreError;
+
+pub struct AppState {
+    pub coordinator: Coordinator,
+    pub shutting_down: AtomicBool,
+}
+
+pub struct ApiError(pub ServiceError);
+
+impl<E: Into<ServiceError>> From<E> for ApiError {
+    fn from(e: E) -> Self {
+        ApiError(e.into())
+    }
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match &self.0 {
+            ServiceError::Core(e) => match e {
+                CoreError::Conflict { .. } | CoreError::InvalidTransition { .. } => StatusCode::CONFLICT,
+                CoreError::InvalidManifest(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                _ => StatusCode::BAD_REQUEST,
+            },
+            ServiceError::BadRequest(_) | ServiceError::UnknownChunks { .. } => StatusCode::BAD_REQUEST,
+            ServiceError::NotFound(_) | ServiceError::Store(StoreError::NotFound(_)) => StatusCode::NOT_FOUND,
+            ServiceError::Conflict(_) => StatusCode::CONFLICT,
+            ServiceError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ServiceError::Store(e) if !e.is_permanent() => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let code = self.0.code();
+        let message = self.0.to_string();
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), code, %message, "request failed");
+        } else {
+            tracing::debug!(status = status.as_u16(), code, %message, "request refused");
+        }
+        let body = Json(serde_json::json!({ "error": { "code": code, "message": message } }));
+        let mut resp = (status, body).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+fn path<T>(p: Result<Path<T>, PathRejection>) -> ApiResult<T> {
+    p.map(|Path(t)| t).map_err(|e| ApiError(ServiceError::BadRequest(format!("bad path: {}", e.body_text()))))
+}
+
+fn job_of(job: &str) -> ApiResult<()> {
+    validate_job(job).map_err(ApiError::from)
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
+    serde_json::from_slice(body).map_err(|e| ApiError(ServiceError::BadRequest(format!("bad json body: {e}"))))
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let cfg = state.coordinator_config();
+    let chunk_limit = (cfg.0 as usize).saturating_add(1);
+    let json_limit = cfg.1 as usize;
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/v1/jobs", get(list_jobs))
+        .route("/v1/jobs/{job}/checkpoints", get(list_checkpoints))
+        .route("/v1/jobs/{job}/checkpoints/{step}", get(get_manifest).delete(delete_checkpoint))
+        .route("/v1/jobs/{job}/chunks/missing", post(missing_chunks).layer(DefaultBodyLimit::max(json_limit)))
+        .route("/v1/jobs/{job}/chunks/{hash}", put(put_chunk).get(get_chunk).layer(DefaultBodyLimit::max(chunk_limit)))
+        .route("/v1/jobs/{job}/saves/{step}", put(open_save).get(save_status).delete(abort_save))
+        .route(
+            "/v1/jobs/{job}/saves/{step}/ranks/{rank}",
+            put(put_shard_index).layer(DefaultBodyLimit::max(json_limit)),
+        )
+        .fallback(|| async { ApiError(ServiceError::NotFound("no such endpoint".into())) })
+        .with_state(state)
+}
+
+impl AppState {
+    fn coordinator_config(&self) -> (u64, u64) {
+        self.coordinator.limits_for_router()
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(s): State<Arc<AppState>>) -> ApiResult<&'static str> {
+    if s.shutting_down.load(Ordering::Relaxed) {
+        return Err(ApiError(ServiceError::Busy("shutting down".into())));
+    }
+    s.coordinator.store().probe().await?;
+    Ok("ready")
+}
+
+async fn list_jobs(State(s): State<Arc<AppState>>) -> ApiResult<Json<serde_json::Value>> {
+    Ok(Json(serde_json::json!({ "jobs": s.coordinator.jobs().await? })))
+}
+
+async fn list_checkpoints(
+    State(s): State<Arc<AppState>>,
+    p: Result<Path<String>, PathRejection>,
+) -> ApiResult<Response> {
+    let job = path(p)?;
+    job_of(&job)?;
+    Ok(Json(s.coordinator.list(&job).await?).into_response())
+}
+
+async fn resolve_step(s: &AppState, job: &str, step: &str) -> ApiResult<u64> {
+    if step == "latest" {
+        return Ok(s.coordinator.latest_step(job).await?);
+    }
+    Ok(parse_step(step)?)
+}
+
+async fn get_manifest(
+    State(s): State<Arc<AppState>>,
+    p: Result<Path<(String, String)>, PathRejection>,
+) -> ApiResult<Response> {
+    let (job, step) = path(p)?;
+    job_of(&job)?;
+    let step = resolve_step(&s, &job, &step).await?;
+    let bytes = s.coordinator.manifest_bytes(&job, step).await?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response())
+}
+
+#[derive(Deserialize)]
+struct DeleteQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn delete_checkpoint(
+    State(s): State<Arc<AppState>>,
+    p: Result<Path<(String, String)>, PathRejection>,
+    q: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    let (job, step) = path(p)?;
+    job_of(&job)?;
+    let step = parse_step(&step)?;
+    let Query(q) = q.map_err(|e| ApiError(ServiceError::BadRequest(e.body_text())))?;
+    s.coordinator.delete_checkpoint(&job, step, q.force).await?;
+    Ok(Json(serde_json::json!({ "deleted": { "job": job, "step": step } })).into_response())
+}
+
+#[derive(Deserialize)]
+struct MissingQuery {
+    hashes: Vec<String>,
+}
+
+async fn missing_chunks(
+    State(s): State<Arc<AppState>>,
+    p: Result<Path<String>, PathRejection>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let job = path(p)?;
+    job_of(&job)?;
+    let q: MissingQuery = json_body(&body)?;
+    let hashes = q.hashes.iter().map(|h| h.parse::<ChunkHash>()).collect::<Result<Vec<_>, _>>()?;
+    let missing = s.coordinator.missing_chunks(&job, hashes).await?;
+    Ok(Json(serde_json::json!({ "missing": missing })).into_response())
+}
+
+async fn put_chunk(
+    State(s): State<Arc<AppState>>,
+    p: Result<Path<(String, String)>, PathRejection>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let (job, hash) = path(p)?;
+    job_of(&job)?;
+    let hash: ChunkHash = hash.parse()?;
+    let _permit = s.coordinator.chunk_permit().await?;
+    let outcome = s.coordinator.put_chunk(&job, hash, body).await?;
+    let status = if outcome.written { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(serde_json::json!({ "hash": hash, "durable": true, "written": outcome.written }))).into_response())
+}
+
+async fn get_chunk(
+    State(s): State<Arc<AppState>>,
+    p: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let (job, hash) = path(p)?;
+    job_of(&job)?;
+    let hash: ChunkHash = hash.parse()?;
+    let _permit = s.coordinator.chunk_permit().await?;
+    let raw = s.coordinator.get_chunk(&job, hash).await?;
+    let len = raw.len() as u64;
+    let Some(range) = headers.get(header::RANGE) else {
+        return Ok(([(header::CONTENT_TYPE, "application/octet-stream")], raw).into_response());
+    };
+    let unsatisfiable = || {
+        let mut r = StatusCode::RANGE_NOT_SATISFIABLE.into_response();
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+            r.headers_mut().insert(header::CONTENT_RANGE, v);
+        }
+        r
+    };
+    let ranges = range
+        .to_str()
+        .ok()
+        .and_then(|r| http_range_header::parse_range_header(r).ok())
+        .and_then(|parsed| parsed.validate(len).ok());
+    let Some(ranges) = ranges else { return Ok(unsatisfiable()) };
+    // One range per request: that is what chunk readers need, and it keeps responses simple.
+    let [range] = ranges.as_slice() else { return Ok(unsatisfiable()) };
+    let (start, end) = (*range.start(), *range.end());
+    let part = raw.slice(start as usize..=end as usize);
+    let content_range = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}"))
+        .map_err(|e| ServiceError::Internal(e.to_string()))?;
+    Ok((
+        StatusCode::PARTIAL_CONTENT,
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream")),
+            (header::CONTENT_RANGE, content_range),
+        ],
+        part,
+    )
+        .into_response())
+}
+
+async fn open_save(
+    State(s): State<Arc<AppState>>,
+    p: Result<Path<(String, String)>, PathRejection>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let (job, step) = path(p)?;
+    job_of(&job)?;
+    let step = parse_step(&step)?;
+    let req: OpenSave = json_body(&body)?;
+    Ok(Json(s.coordinator.open_save(&job, step, req).await?).into_response())
+}
+
+async fn save_status(
+    State(s): State<Arc<AppState>>,
+    p: Result<Path<(String, String)>, PathRejection>,
+) -> ApiResult<Response> {
+    let (job, step) = path(p)?;
+    job_of(&job)?;
+    let step = parse_step(&step)?;
+    Ok(Json(s.coordinator.save_status(&job, step).await?).into_response())
+}
+
+async fn abort_save(
+    State(s): State<Arc<AppState>>,
+    p: Result<Path<(String, String)>, PathRejection>,
+) -> ApiResult<Response> {
+    let (job, step) = path(p)?;
+    job_of(&job)?;
+    let step = parse_step(&step)?;
+    Ok(Json(s.coordinator.abort_save(&job, step, "aborted by a client").await?).into_response())
+}
+
+async fn put_shard_index(
+    State(s): State<Arc<AppState>>,
+    p: Result<Path<(String, String, String)>, PathRejection>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let (job, step, rank) = path(p)?;
+    job_of(&job)?;
+    let step = parse_step(&step)?;
+    let rank: u32 =
+        rank.parse().map_err(|_| ServiceError::BadRequest(format!("rank {rank:?} is not a non-negative integer")))?;
+    let index: ShardIndex = json_body(&body)?;
+    if index.rank != rank {
+        return Err(ApiError(ServiceError::BadRequest(format!(
+            "path names rank {rank} but the index is rank {}",
+            index.rank
+        ))));
+    }
+    Ok(Json(s.coordinator.put_shard_index(&job, step, index).await?).into_response())
+}

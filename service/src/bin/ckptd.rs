@@ -1,0 +1,90 @@
+//! The ckptd binary: configuration from defaults, a TOML file, environment and flags.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use ckpt_service::Config;
+use clap::Parser;
+
+/// ckptd — the ckpt checkpoint service.
+///
+/// Precedence: flag > environment variable > config file > built-in default.
+/// `ckptd --print-config` shows the effective configuration with every default.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// TOML config file.
+    #[arg(long, env = "CKPTD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on (port 0 picks a free one).
+    #[arg(long, env = "CKPTD_LISTEN")]
+    listen: Option<String>,
+    /// Object store: a directory, file:///abs/dir, or memory://.
+    #[arg(long, env = "CKPTD_STORE")]
+    store: Option<String>,
+    /// Directory for the local index and journal.
+    #[arg(long, env = "CKPTD_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Write the bound address to this file once ready.
+    #[arg(long, env = "CKPTD_ADDR_FILE")]
+    addr_file: Option<PathBuf>,
+    /// Largest chunk accepted, in bytes.
+    #[arg(long, env = "CKPTD_CHUNK_BYTES_MAX")]
+    chunk_bytes_max: Option<u64>,
+    /// Chunk transfers served at once.
+    #[arg(long, env = "CKPTD_CHUNK_REQUESTS_MAX")]
+    chunk_requests_max: Option<usize>,
+    /// Saves in flight at once.
+    #[arg(long, env = "CKPTD_SAVES_IN_FLIGHT_MAX")]
+    saves_in_flight_max: Option<usize>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut config = match &args.config {
+        Some(p) => Config::from_toml_file(p)?,
+        None => Config::default(),
+    };
+    if let Some(v) = args.listen {
+        config.listen = v;
+    }
+    if let Some(v) = args.store {
+        config.store = v;
+    }
+    if let Some(v) = args.data_dir {
+        config.data_dir = v;
+    }
+    if let Some(v) = args.addr_file {
+        config.addr_file = Some(v);
+    }
+    if let Some(v) = args.chunk_bytes_max {
+        config.chunk_bytes_max = v;
+    }
+    if let Some(v) = args.chunk_requests_max {
+        config.chunk_requests_max = v;
+    }
+    if let Some(v) = args.saves_in_flight_max {
+        config.saves_in_flight_max = v;
+    }
+    config.validate()?;
+    if args.print_config {
+        print!("{}", toml::to_string_pretty(&config).context("rendering config")?);
+        return Ok(());
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CKPTD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none())
+        .init();
+    // Fail points are compiled in only with the `failpoints` feature and armed only through
+    // the FAILPOINTS environment variable; crash tests use them.
+    let _failpoints = fail::FailScenario::setup();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    runtime.block_on(ckpt_service::serve(config)).context("ckptd failed")
+}

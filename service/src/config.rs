@@ -1,0 +1,137 @@
+//! ckptd's configuration: defaults, overridden by a TOML file, overridden by environment
+//! variables and flags (clap reads both; a flag beats its variable).
+
+use std::path::PathBuf;
+
+use ckpt_core::Limits;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the HTTP API listens on. Port 0 picks a free port (see `addr_file`).
+    pub listen: String,
+    /// Where checkpoints live: an object_store URL (`file:///abs/dir`, `memory://`) or a plain
+    /// directory path. A directory is opened with fsync on.
+    pub store: String,
+    /// Local state: the sled index and journal.
+    pub data_dir: PathBuf,
+    /// If set, the bound address is written here once ckptd is ready (for scripts and tests).
+    pub addr_file: Option<PathBuf>,
+    /// Largest chunk accepted, in bytes.
+    pub chunk_bytes_max: u64,
+    /// Largest shard index accepted, in bytes of JSON.
+    pub shard_index_bytes_max: u64,
+    /// Chunk uploads and downloads served at once; more wait up to `busy_wait_ms`, then get 503.
+    pub chunk_requests_max: usize,
+    /// How long a request waits for a free slot before ckptd answers 503 with Retry-After.
+    pub busy_wait_ms: u64,
+    /// Saves open (not yet committed or aborted) at once, over all jobs.
+    pub saves_in_flight_max: usize,
+    /// Object-store calls a single request may have in flight (existence checks fan out).
+    pub store_requests_max: usize,
+    /// Attempts for a store call that fails with a transient error.
+    pub store_attempts_max: u32,
+    /// First retry delay; doubles on each attempt.
+    pub store_retry_base_ms: u64,
+    /// Hashes one "which are missing" query may ask about.
+    pub missing_query_hashes_max: usize,
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    pub shutdown_grace_s: u64,
+    pub world_size_max: u32,
+    pub tensors_per_rank_max: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:7070".into(),
+            store: "ckpt-data/store".into(),
+            data_dir: PathBuf::from("ckpt-data/state"),
+            addr_file: None,
+            chunk_bytes_max: 64 << 20,
+            shard_index_bytes_max: 64 << 20,
+            chunk_requests_max: 64,
+            busy_wait_ms: 2_000,
+            saves_in_flight_max: 256,
+            store_requests_max: 32,
+            store_attempts_max: 5,
+            store_retry_base_ms: 50,
+            missing_query_hashes_max: 100_000,
+            shutdown_grace_s: 30,
+            world_size_max: 65_536,
+            tensors_per_rank_max: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config file {path}: {source}")]
+    Parse { path: PathBuf, source: Box<toml::de::Error> },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn from_toml_file(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source: Box::new(source) })
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            world_size_max: self.world_size_max,
+            tensors_per_rank_max: self.tensors_per_rank_max,
+            chunk_bytes_max: self.chunk_bytes_max,
+            ..Limits::default()
+        }
+    }
+
+    /// Every bound must be positive: a zero would either refuse all work or mean "unbounded".
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("chunk_bytes_max", self.chunk_bytes_max),
+            ("shard_index_bytes_max", self.shard_index_bytes_max),
+            ("chunk_requests_max", self.chunk_requests_max as u64),
+            ("saves_in_flight_max", self.saves_in_flight_max as u64),
+            ("store_requests_max", self.store_requests_max as u64),
+            ("store_attempts_max", self.store_attempts_max as u64),
+            ("missing_query_hashes_max", self.missing_query_hashes_max as u64),
+            ("world_size_max", self.world_size_max as u64),
+            ("tensors_per_rank_max", self.tensors_per_rank_max as u64),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(ConfigError::Invalid(format!("{name} must be positive")));
+            }
+        }
+        if self.chunk_bytes_max > 1 << 30 {
+            return Err(ConfigError::Invalid("chunk_bytes_max must be at most 1 GiB".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_overrides_defaults_and_rejects_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "listen = \"127.0.0.1:9\"\nchunk_requests_max = 3\n").unwrap();
+        let c = Config::from_toml_file(&p).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:9");
+        assert_eq!(c.chunk_requests_max, 3);
+        assert_eq!(c.saves_in_flight_max, Config::default().saves_in_flight_max);
+        std::fs::write(&p, "lisen = \"x\"\n").unwrap();
+        assert!(Config::from_toml_file(&p).is_err());
+        let zero = Config { chunk_requests_max: 0, ..Config::default() };
+        assert!(zero.validate().is_err());
+        Config::default().validate().unwrap();
+    }
+}

@@ -1,0 +1,633 @@
+//! The coordinator drives saves from open to committed, and answers reads.
+//!
+//! Design note.
+//! * State: each in-flight save is a `SaveState` (ckpt-core's state machine) behind its own
+//!   async mutex, so requests for one save are serialised while saves proceed in parallel. The
+//!   journal copy in sled is written and flushed before any request that changed the state is
+//!   acked, so an acked shard index survives a crash of ckptd.
+//! * Commit: when the last rank's index arrives (or at start-up, for a journalled save that was
+//!   complete), every referenced chunk is checked durable, the save moves to `durable`, and the
+//!   manifest is created with a create-only put. "Already exists" reads the manifest back: the
+//!   same bytes mean this save is committed (a retry, or a peer ckptd that committed the same
+//!   content); other bytes mean another writer won, and this save is aborted with a conflict.
+//! * Retries: store calls retry transient errors inside `Store`. A commit that still fails
+//!   leaves the save `durable`; the client's retry of its index (a duplicate) or a restart of
+//!   ckptd tries the commit again.
+//! * Crash consistency: chunks are put before they are recorded; indexes are accepted only when
+//!   every chunk they name is durable; the manifest is created last. So at any crash point the
+//!   store holds either no manifest for the step or a complete one. `recover` reconciles the
+//!   index with the store and finishes or reports journalled saves.
+//! * Bounds: saves in flight (`saves_in_flight_max`), concurrent chunk requests
+//!   (`chunk_requests_max`, waited for at most `busy_wait_ms`), store fan-out per request
+//!   (`store_requests_max`), hashes per existence query (`missing_query_hashes_max`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use ckpt_core::{ChunkHash, ChunkHeader, Codec, Limits, Manifest, ManifestSummary, SavePhase, SaveState, ShardIndex};
+use futures::{StreamExt, TryStreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
+
+use crate::config::Config;
+use crate::error::{join_error, ServiceError};
+use crate::index::Index;
+use crate::store::{Store, StoreError};
+
+type SaveKey = (String, u64);
+
+pub struct Coordinator {
+    store: Store,
+    index: Index,
+    limits: Limits,
+    config: Config,
+    saves: std::sync::Mutex<HashMap<SaveKey, Arc<Mutex<SaveState>>>>,
+    chunk_permits: Arc<Semaphore>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OpenSave {
+    pub world_size: u32,
+    #[serde(default)]
+    pub metadata: serde_json::Value,
+    /// Creation time recorded in the manifest; defaults to ckptd's clock at the first open.
+    /// Clients that may commit the same save through several ckptd processes pass it so every
+    /// writer builds byte-identical manifests.
+    #[serde(default)]
+    pub created_unix_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SaveStatus {
+    pub job: String,
+    pub step: u64,
+    pub world_size: u32,
+    pub phase: SavePhase,
+    pub ranks_received: u32,
+    pub error: Option<String>,
+    pub manifest_hash: Option<String>,
+}
+
+impl SaveStatus {
+    fn of(s: &SaveState) -> SaveStatus {
+        SaveStatus {
+            job: s.job.clone(),
+            step: s.step,
+            world_size: s.world_size,
+            phase: s.phase,
+            ranks_received: s.ranks.len() as u32,
+            error: s.error.clone(),
+            manifest_hash: s.manifest_hash.clone(),
+        }
+    }
+
+    fn committed(m: &ManifestSummary) -> SaveStatus {
+        SaveStatus {
+            job: m.job.clone(),
+            step: m.step,
+            world_size: m.world_size,
+            phase: SavePhase::Committed,
+            ranks_received: m.world_size,
+            error: None,
+            manifest_hash: Some(m.hash.clone()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CheckpointList {
+    pub job: String,
+    pub committed: Vec<ManifestSummary>,
+    pub in_flight: Vec<SaveStatus>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct ChunkPutOutcome {
+    /// False when the chunk was already durable and nothing was written.
+    pub written: bool,
+}
+
+/// What start-up found and did, for the log and for tests.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct RecoveryReport {
+    pub rebuilt: bool,
+    pub manifests_added: usize,
+    pub manifests_dropped: usize,
+    pub chunks_indexed: usize,
+    pub saves_committed: usize,
+    pub saves_aborted: usize,
+    pub saves_resumed: usize,
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Kills the process on the spot, as a crash test's injected fault. Only reachable through a
+/// fail point configured with the FAILPOINTS environment variable.
+#[allow(dead_code)]
+fn crash_now(point: &str) -> ! {
+    tracing::error!(point, "fail point: killing ckptd with SIGKILL");
+    // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
+    }
+    std::process::abort()
+}
+
+impl Coordinator {
+    pub fn new(store: Store, index: Index, config: Config) -> Coordinator {
+        Coordinator {
+            limits: config.limits(),
+            chunk_permits: Arc::new(Semaphore::new(config.chunk_requests_max)),
+            store,
+            index,
+            config,
+            saves: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Body limits for the router: largest chunk, largest JSON document.
+    pub fn limits_for_router(&self) -> (u64, u64) {
+        (self.config.chunk_bytes_max, self.config.shard_index_bytes_max)
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> Result<T, ServiceError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Index) -> Result<T, crate::index::IndexError> + Send + 'static,
+    {
+        let index = self.index.clone();
+        tokio::task::spawn_blocking(move || f(&index)).await.map_err(join_error)?.map_err(ServiceError::from)
+    }
+
+    /// A slot for a chunk transfer, or `Busy` once `busy_wait_ms` has passed without one.
+    pub async fn chunk_permit(&self) -> Result<OwnedSemaphorePermit, ServiceError> {
+        let wait = Duration::from_millis(self.config.busy_wait_ms);
+        match tokio::time::timeout(wait, self.chunk_permits.clone().acquire_owned()).await {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(_)) => Err(ServiceError::Busy("shutting down".into())),
+            Err(_) => {
+                Err(ServiceError::Busy(format!("{} chunk transfers in progress", self.config.chunk_requests_max)))
+            }
+        }
+    }
+
+    // ---- chunks ----------------------------------------------------------------------------
+
+    async fn chunk_known(&self, job: &str, hash: ChunkHash) -> Result<bool, ServiceError> {
+        let j = job.to_string();
+        if self.blocking(move |i| i.has_chunk(&j, &hash)).await? {
+            return Ok(true);
+        }
+        // The index lags the store after a crash, or when a peer ckptd wrote the chunk.
+        if self.store.has_chunk(job, &hash).await? {
+            let j = job.to_string();
+            self.blocking(move |i| i.put_chunk(&j, &hash, 0)).await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Which of `hashes` the job does not have durable.
+    pub async fn missing_chunks(&self, job: &str, hashes: Vec<ChunkHash>) -> Result<Vec<ChunkHash>, ServiceError> {
+        if hashes.len() > self.config.missing_query_hashes_max {
+            return Err(ServiceError::BadRequest(format!(
+                "{} hashes in one query, more than {}",
+                hashes.len(),
+                self.config.missing_query_hashes_max
+            )));
+        }
+        let flags: Vec<(ChunkHash, bool)> = futures::stream::iter(hashes)
+            .map(|h| async move { self.chunk_known(job, h).await.map(|k| (h, k)) })
+            .buffered(self.config.store_requests_max)
+            .try_collect()
+            .await?;
+        let mut missing: Vec<ChunkHash> = flags.into_iter().filter(|(_, k)| !k).map(|(h, _)| h).collect();
+        missing.sort();
+        missing.dedup();
+        Ok(missing)
+    }
+
+    /// Verifies `raw` against `hash` and makes it durable. Idempotent.
+    pub async fn put_chunk(&self, job: &str, hash: ChunkHash, raw: Bytes) -> Result<ChunkPutOutcome, ServiceError> {
+        if raw.is_empty() || raw.len() as u64 > self.config.chunk_bytes_max {
+            return Err(ServiceError::BadRequest(format!(
+                "chunk is {} bytes, not in 1..={}",
+                raw.len(),
+                self.config.chunk_bytes_max
+            )));
+        }
+        let j = job.to_string();
+        if self.blocking(move |i| i.has_chunk(&j, &hash)).await? {
+            return Ok(ChunkPutOutcome { written: false });
+        }
+        let body = raw.clone();
+        tokio::task::spawn_blocking(move || hash.verify(&body)).await.map_err(join_error)??;
+        let header = ChunkHeader { codec: Codec::None, raw_len: raw.len() as u64, hash };
+        let stored_len = (raw.len() + ckpt_core::CHUNK_HEADER_BYTES) as u64;
+        self.store.put_chunk(job, &hash, Bytes::copy_from_slice(&header.encode()), raw).await?;
+        let j = job.to_string();
+        self.blocking(move |i| i.put_chunk(&j, &hash, stored_len)).await?;
+        fail::fail_point!("ckptd::chunk::after_put", |_| crash_now("ckptd::chunk::after_put"));
+        Ok(ChunkPutOutcome { written: true })
+    }
+
+    /// Reads a chunk back, decodes it and verifies its hash: ckptd never serves bytes it has
+    /// not verified.
+    pub async fn get_chunk(&self, job: &str, hash: ChunkHash) -> Result<Bytes, ServiceError> {
+        let stored = match self.store.get_chunk(job, &hash).await {
+            Ok(b) => b,
+            Err(StoreError::NotFound(_)) => {
+                return Err(ServiceError::NotFound(format!("chunk {hash} of job {job} not found")))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let job = job.to_string();
+        tokio::task::spawn_blocking(move || {
+            let corrupt = |reason: String| ServiceError::CorruptChunk { job: job.clone(), hash, reason };
+            let (header, payload) = ChunkHeader::decode(&stored).map_err(|e| corrupt(e.to_string()))?;
+            if header.hash != hash {
+                return Err(corrupt(format!("header names chunk {}", header.hash)));
+            }
+            let raw = match header.codec {
+                Codec::None => stored.slice(ckpt_core::CHUNK_HEADER_BYTES..),
+                Codec::Zstd => return Err(corrupt("zstd chunks are not supported by this ckptd".into())),
+            };
+            debug_assert_eq!(raw.len(), payload.len());
+            let actual = ChunkHash::of(&raw);
+            if actual != hash {
+                return Err(corrupt(format!("stored bytes hash to {actual}")));
+            }
+            Ok(raw)
+        })
+        .await
+        .map_err(join_error)?
+    }
+
+    // ---- saves -----------------------------------------------------------------------------
+
+    fn save_slot(&self, job: &str, step: u64) -> Option<Arc<Mutex<SaveState>>> {
+        self.saves.lock().unwrap_or_else(|e| e.into_inner()).get(&(job.to_string(), step)).cloned()
+    }
+
+    async fn committed_summary(&self, job: &str, step: u64) -> Result<Option<ManifestSummary>, ServiceError> {
+        let j = job.to_string();
+        let Some(bytes) = self.blocking(move |i| i.get_manifest(&j, step)).await? else {
+            return Ok(None);
+        };
+        let m = Manifest::from_bytes(&bytes, &self.limits).map_err(|e| ServiceError::CorruptManifest {
+            job: job.into(),
+            step,
+            reason: e.to_string(),
+        })?;
+        Ok(Some(m.summary()))
+    }
+
+    pub async fn open_save(&self, job: &str, step: u64, req: OpenSave) -> Result<SaveStatus, ServiceError> {
+        if let Some(m) = self.committed_summary(job, step).await? {
+            if m.world_size != req.world_size {
+                return Err(ServiceError::Conflict(format!(
+                    "{job}@{step} is committed with world size {}, not {}",
+                    m.world_size, req.world_size
+                )));
+            }
+            return Ok(SaveStatus::committed(&m));
+        }
+        let slot = {
+            let mut saves = self.saves.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(s) = saves.get(&(job.to_string(), step)) {
+                s.clone()
+            } else {
+                let in_flight = saves.len();
+                if in_flight >= self.config.saves_in_flight_max {
+                    return Err(ServiceError::Busy(format!("{in_flight} saves in flight, the configured maximum")));
+                }
+                let created = req.created_unix_ms.unwrap_or_else(now_unix_ms);
+                let state = SaveState::open(job, step, req.world_size, created, req.metadata.clone(), &self.limits)?;
+                let slot = Arc::new(Mutex::new(state));
+                saves.insert((job.to_string(), step), slot.clone());
+                slot
+            }
+        };
+        let mut state = slot.lock().await;
+        if state.phase == SavePhase::Aborted {
+            // A new open after an abort starts the save afresh (for example a trainer that rolled
+            // back and reached this step again).
+            let created = req.created_unix_ms.unwrap_or_else(now_unix_ms);
+            *state = SaveState::open(job, step, req.world_size, created, req.metadata.clone(), &self.limits)?;
+        } else {
+            state.reopen(req.world_size, req.metadata)?;
+        }
+        self.journal(&state).await?;
+        Ok(SaveStatus::of(&state))
+    }
+
+    async fn journal(&self, state: &SaveState) -> Result<(), ServiceError> {
+        let s = state.clone();
+        self.blocking(move |i| i.put_save(&s)).await?;
+        self.index.flush().await?;
+        Ok(())
+    }
+
+    pub async fn put_shard_index(&self, job: &str, step: u64, index: ShardIndex) -> Result<SaveStatus, ServiceError> {
+        if let Some(m) = self.committed_summary(job, step).await? {
+            return Ok(SaveStatus::committed(&m));
+        }
+        let slot = self
+            .save_slot(job, step)
+            .ok_or_else(|| ServiceError::NotFound(format!("no save {job}@{step} is open; open it first")))?;
+        let mut state = slot.lock().await;
+        if state.phase == SavePhase::Committed {
+            return Ok(SaveStatus::of(&state));
+        }
+        index.validate(state.world_size, &self.limits)?;
+        let rank = index.rank;
+        let hashes: Vec<ChunkHash> = index.chunk_hashes().collect();
+        let missing = self.missing_chunks(job, hashes).await?;
+        if let Some(first) = missing.first() {
+            return Err(ServiceError::UnknownChunks { rank, count: missing.len(), first: *first });
+        }
+        let outcome = state.accept_index(index, &self.limits)?;
+        if outcome == ckpt_core::save::IndexOutcome::New {
+            self.journal(&state).await?;
+        }
+        if matches!(state.phase, SavePhase::Staged | SavePhase::Durable) {
+            self.commit(&mut state).await?;
+        }
+        Ok(SaveStatus::of(&state))
+    }
+
+    /// Moves a complete save to committed. Called with the save's lock held.
+    async fn commit(&self, state: &mut SaveState) -> Result<(), ServiceError> {
+        let job = state.job.clone();
+        let step = state.step;
+        if state.phase == SavePhase::Staged {
+            let missing = self.missing_chunks(&job, state.chunks().into_iter().collect()).await?;
+            if !missing.is_empty() {
+                // Cannot happen while chunks are durable before indexes are accepted; refuse
+                // to commit rather than write a manifest over a hole.
+                return Err(ServiceError::Internal(format!(
+                    "{job}@{step}: {} referenced chunks are not durable",
+                    missing.len()
+                )));
+            }
+            state.mark_durable()?;
+            self.journal(state).await?;
+        }
+        fail::fail_point!("ckptd::commit::before_manifest", |_| crash_now("ckptd::commit::before_manifest"));
+        let previous = self.store.list_manifest_steps(&job).await?.into_iter().filter(|s| *s < step).max();
+        let manifest = state.manifest(previous)?;
+        let bytes = Bytes::from(manifest.to_bytes());
+        match self.store.create_manifest(&job, step, bytes.clone()).await {
+            Ok(()) => {}
+            Err(StoreError::AlreadyExists(_)) => {
+                let existing = self.store.get_manifest(&job, step).await?;
+                if existing != bytes {
+                    let reason = "another writer committed a different manifest for this step".to_string();
+                    tracing::warn!(job, step, "commit conflict: {reason}");
+                    state.abort(reason.clone())?;
+                    self.journal(state).await?;
+                    return Err(ServiceError::Conflict(format!("{job}@{step}: {reason}")));
+                }
+                tracing::info!(job, step, "manifest already present with identical bytes; committed");
+            }
+            Err(e) => {
+                tracing::warn!(job, step, error = %e, "manifest create failed; the save stays durable for a retry");
+                return Err(e.into());
+            }
+        }
+        fail::fail_point!("ckptd::commit::after_manifest", |_| crash_now("ckptd::commit::after_manifest"));
+        self.finish_commit(state, manifest.hash.clone(), bytes.to_vec()).await?;
+        tracing::info!(job, step, world_size = state.world_size, hash = %manifest.hash, "committed");
+        Ok(())
+    }
+
+    async fn finish_commit(&self, state: &mut SaveState, hash: String, bytes: Vec<u8>) -> Result<(), ServiceError> {
+        state.mark_committed(hash)?;
+        let (job, step) = (state.job.clone(), state.step);
+        self.blocking(move |i| {
+            i.put_manifest(&job, step, &bytes)?;
+            i.remove_save(&job, step)
+        })
+        .await?;
+        self.index.flush().await?;
+        self.saves.lock().unwrap_or_else(|e| e.into_inner()).remove(&(state.job.clone(), step));
+        Ok(())
+    }
+
+    pub async fn save_status(&self, job: &str, step: u64) -> Result<SaveStatus, ServiceError> {
+        if let Some(slot) = self.save_slot(job, step) {
+            return Ok(SaveStatus::of(&*slot.lock().await));
+        }
+        if let Some(m) = self.committed_summary(job, step).await? {
+            return Ok(SaveStatus::committed(&m));
+        }
+        Err(ServiceError::NotFound(format!("no save {job}@{step}")))
+    }
+
+    pub async fn abort_save(&self, job: &str, step: u64, reason: &str) -> Result<SaveStatus, ServiceError> {
+        let slot = self
+            .save_slot(job, step)
+            .ok_or_else(|| ServiceError::NotFound(format!("no save {job}@{step} in flight")))?;
+        let mut state = slot.lock().await;
+        if state.phase != SavePhase::Aborted {
+            state.abort(reason.to_string())?;
+            self.journal(&state).await?;
+        }
+        Ok(SaveStatus::of(&state))
+    }
+
+    // ---- committed checkpoints ---------------------------------------------------------------
+
+    pub async fn jobs(&self) -> Result<Vec<String>, ServiceError> {
+        self.blocking(|i| i.jobs()).await
+    }
+
+    pub async fn list(&self, job: &str) -> Result<CheckpointList, ServiceError> {
+        let j = job.to_string();
+        let manifests = self
+            .blocking(move |i| {
+                let mut out = Vec::new();
+                for step in i.manifest_steps(&j)? {
+                    if let Some(b) = i.get_manifest(&j, step)? {
+                        out.push((step, b));
+                    }
+                }
+                Ok(out)
+            })
+            .await?;
+        let mut committed = Vec::with_capacity(manifests.len());
+        for (step, bytes) in manifests {
+            let m = Manifest::from_bytes(&bytes, &self.limits).map_err(|e| ServiceError::CorruptManifest {
+                job: job.into(),
+                step,
+                reason: e.to_string(),
+            })?;
+            committed.push(m.summary());
+        }
+        let slots: Vec<_> = {
+            let saves = self.saves.lock().unwrap_or_else(|e| e.into_inner());
+            saves.iter().filter(|((j, _), _)| j == job).map(|(_, s)| s.clone()).collect()
+        };
+        let mut in_flight = Vec::with_capacity(slots.len());
+        for s in slots {
+            in_flight.push(SaveStatus::of(&*s.lock().await));
+        }
+        in_flight.sort_by_key(|s| s.step);
+        Ok(CheckpointList { job: job.into(), committed, in_flight })
+    }
+
+    /// The manifest's bytes exactly as stored. Looks in the store when the index does not have
+    /// it (a peer ckptd may have committed it), and checks the bytes before returning them.
+    pub async fn manifest_bytes(&self, job: &str, step: u64) -> Result<Bytes, ServiceError> {
+        let j = job.to_string();
+        let bytes = match self.blocking(move |i| i.get_manifest(&j, step)).await? {
+            Some(b) => Bytes::from(b),
+            None => match self.store.get_manifest(job, step).await {
+                Ok(b) => b,
+                Err(StoreError::NotFound(_)) => {
+                    return Err(ServiceError::NotFound(format!("no checkpoint {job}@{step}")))
+                }
+                Err(e) => return Err(e.into()),
+            },
+        };
+        Manifest::from_bytes(&bytes, &self.limits).map_err(|e| ServiceError::CorruptManifest {
+            job: job.into(),
+            step,
+            reason: e.to_string(),
+        })?;
+        Ok(bytes)
+    }
+
+    pub async fn latest_step(&self, job: &str) -> Result<u64, ServiceError> {
+        let j = job.to_string();
+        self.blocking(move |i| i.manifest_steps(&j))
+            .await?
+            .last()
+            .copied()
+            .ok_or_else(|| ServiceError::NotFound(format!("job {job} has no committed checkpoint")))
+    }
+
+    /// Deletes a committed checkpoint's manifest. Its chunks stay until garbage collection.
+    /// The newest committed checkpoint is kept unless `force` is set: it is what a restart needs.
+    pub async fn delete_checkpoint(&self, job: &str, step: u64, force: bool) -> Result<(), ServiceError> {
+        let latest = self.latest_step(job).await.ok();
+        let j = job.to_string();
+        if self.blocking(move |i| i.get_manifest(&j, step)).await?.is_none() {
+            return Err(ServiceError::NotFound(format!("no checkpoint {job}@{step}")));
+        }
+        if latest == Some(step) && !force {
+            return Err(ServiceError::Conflict(format!(
+                "{job}@{step} is the newest committed checkpoint; pass force to delete it"
+            )));
+        }
+        self.store.delete_manifest(job, step).await?;
+        let j = job.to_string();
+        self.blocking(move |i| i.remove_manifest(&j, step)).await?;
+        self.index.flush().await?;
+        tracing::info!(job, step, "checkpoint deleted");
+        Ok(())
+    }
+
+    // ---- start-up ----------------------------------------------------------------------------
+
+    /// Reconciles the index with the store, then finishes or reports journalled saves.
+    /// Runs before ckptd serves requests.
+    pub async fn recover(&self) -> Result<RecoveryReport, ServiceError> {
+        let mut report = RecoveryReport::default();
+        let described = self.blocking(|i| i.store_description()).await?;
+        let store_desc = self.store.description().to_string();
+        if described.as_deref() != Some(store_desc.as_str()) {
+            if described.is_some() {
+                tracing::warn!(was = ?described, now = store_desc, "index describes another store; rebuilding");
+            }
+            self.blocking(|i| i.clear()).await?;
+            report.rebuilt = true;
+        }
+        let jobs = self.store.list_jobs().await?;
+        let mut in_store = std::collections::BTreeSet::new();
+        for job in &jobs {
+            for step in self.store.list_manifest_steps(job).await? {
+                in_store.insert((job.clone(), step));
+            }
+            if report.rebuilt {
+                let chunks = self.store.list_chunks(job).await?;
+                report.chunks_indexed += chunks.len();
+                let j = job.clone();
+                self.blocking(move |i| chunks.iter().try_for_each(|(h, len)| i.put_chunk(&j, h, *len))).await?;
+            }
+        }
+        let in_index: std::collections::BTreeSet<(String, u64)> =
+            self.blocking(|i| i.all_manifests()).await?.into_iter().collect();
+        for (job, step) in in_store.difference(&in_index) {
+            let bytes = self.store.get_manifest(job, *step).await?;
+            if let Err(e) = Manifest::from_bytes(&bytes, &self.limits) {
+                tracing::error!(job, step, error = %e, "manifest in the store is damaged; not indexed");
+                continue;
+            }
+            let (j, s) = (job.clone(), *step);
+            self.blocking(move |i| i.put_manifest(&j, s, &bytes)).await?;
+            report.manifests_added += 1;
+        }
+        for (job, step) in in_index.difference(&in_store) {
+            let (j, s) = (job.clone(), *step);
+            self.blocking(move |i| i.remove_manifest(&j, s)).await?;
+            report.manifests_dropped += 1;
+        }
+        if report.rebuilt {
+            self.blocking(move |i| i.set_store_description(&store_desc)).await?;
+        }
+        self.index.flush().await?;
+
+        for mut save in self.blocking(|i| i.all_saves()).await? {
+            let (job, step) = (save.job.clone(), save.step);
+            if in_store.contains(&(job.clone(), step)) && !save.phase.is_final() {
+                let stored = self.store.get_manifest(&job, step).await?;
+                let same = Manifest::from_bytes(&stored, &self.limits).ok().is_some_and(|m| {
+                    m.world_size == save.world_size
+                        && m.metadata == save.metadata
+                        && m.created_unix_ms == save.created_unix_ms
+                        && m.ranks.iter().eq(save.ranks.values())
+                });
+                if same && save.phase == SavePhase::Durable {
+                    let m = Manifest::from_bytes(&stored, &self.limits).map_err(ServiceError::Core)?;
+                    self.finish_commit(&mut save, m.hash, stored.to_vec()).await?;
+                    report.saves_committed += 1;
+                    tracing::info!(job, step, "journalled save found committed in the store");
+                    continue;
+                }
+                save.abort("another writer committed a different manifest for this step".into())?;
+                self.blocking({
+                    let s = save.clone();
+                    move |i| i.put_save(&s)
+                })
+                .await?;
+                report.saves_aborted += 1;
+            }
+            if save.phase == SavePhase::Committed {
+                let (j, s) = (job.clone(), step);
+                self.blocking(move |i| i.remove_save(&j, s)).await?;
+                continue;
+            }
+            let resume = matches!(save.phase, SavePhase::Staged | SavePhase::Durable);
+            let slot = Arc::new(Mutex::new(save));
+            self.saves.lock().unwrap_or_else(|e| e.into_inner()).insert((job.clone(), step), slot.clone());
+            if resume {
+                let mut state = slot.lock().await;
+                match self.commit(&mut state).await {
+                    Ok(()) => report.saves_resumed += 1,
+                    Err(e) => tracing::error!(job, step, error = %e, "journalled save could not be committed"),
+                }
+            }
+        }
+        self.index.flush().await?;
+        Ok(report)
+    }
+}

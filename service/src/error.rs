@@ -1,0 +1,69 @@
+use ckpt_core::{ChunkHash, CoreError};
+
+use crate::index::IndexError;
+use crate::store::StoreError;
+
+/// Everything a ckptd operation can fail with. The HTTP layer maps each variant to a status and
+/// a stable machine-readable code; the message is for people.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("shard index of rank {rank} names {count} chunk(s) this job does not have, first {first}")]
+    UnknownChunks { rank: u32, count: usize, first: ChunkHash },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("ckptd is busy: {0}")]
+    Busy(String),
+    #[error("chunk {hash} of job {job} is corrupt in the store: {reason}")]
+    CorruptChunk { job: String, hash: ChunkHash, reason: String },
+    #[error("manifest of {job}@{step} is corrupt in the store: {reason}")]
+    CorruptManifest { job: String, step: u64, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl ServiceError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            ServiceError::Core(e) => match e {
+                CoreError::InvalidJob { .. } => "invalid_job",
+                CoreError::InvalidStep { .. } => "invalid_step",
+                CoreError::InvalidHash { .. } => "invalid_hash",
+                CoreError::RankOutOfRange { .. } => "rank_out_of_range",
+                CoreError::InvalidWorldSize { .. } => "invalid_world_size",
+                CoreError::InvalidShardIndex(_) => "invalid_shard_index",
+                CoreError::InvalidChunk(_) => "invalid_chunk",
+                CoreError::HashMismatch { .. } => "hash_mismatch",
+                CoreError::InvalidManifest(_) => "invalid_manifest",
+                CoreError::Conflict { .. } => "conflict",
+                CoreError::InvalidTransition { .. } => "invalid_transition",
+            },
+            ServiceError::BadRequest(_) => "bad_request",
+            ServiceError::NotFound(_) => "not_found",
+            ServiceError::UnknownChunks { .. } => "unknown_chunks",
+            ServiceError::Conflict(_) => "conflict",
+            ServiceError::Busy(_) => "busy",
+            ServiceError::CorruptChunk { .. } => "chunk_corrupt",
+            ServiceError::CorruptManifest { .. } => "manifest_corrupt",
+            ServiceError::Store(_) => "store_error",
+            ServiceError::Index(_) => "index_error",
+            ServiceError::Io(_) => "io_error",
+            ServiceError::Internal(_) => "internal",
+        }
+    }
+}
+
+pub fn join_error(e: tokio::task::JoinError) -> ServiceError {
+    ServiceError::Internal(format!("blocking task failed: {e}"))
+}

@@ -1,0 +1,229 @@
+//! The object-store adapter: every call ckptd makes to the store goes through here.
+//!
+//! Design note.
+//! * Consistency: the store is the source of truth. Chunks are written with plain puts (a chunk's
+//!   key is its content hash, so a rewrite writes the same bytes); the manifest is written with a
+//!   create-only put and is the commit point.
+//! * Retries: one helper retries transient errors with exponential backoff, bounded by
+//!   `store_attempts_max`; errors that say something about the object (not found, already exists,
+//!   precondition) are permanent and returned at once.
+//! * Crash consistency: a local directory is opened with fsync, so a put that returned is on disk
+//!   (file and directory entry). A put interrupted by a crash leaves at most a temporary file,
+//!   which `keys::parse_key` ignores.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ckpt_core::keys;
+use ckpt_core::ChunkHash;
+use futures::TryStreamExt;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid store location {location:?}: {reason}")]
+    Location { location: String, reason: String },
+    #[error("object {0} not found")]
+    NotFound(String),
+    #[error("object {0} already exists")]
+    AlreadyExists(String),
+    #[error("object store: {0}")]
+    Other(#[source] object_store::Error),
+}
+
+impl StoreError {
+    fn from_os(e: object_store::Error) -> StoreError {
+        match e {
+            object_store::Error::NotFound { path, .. } => StoreError::NotFound(path),
+            object_store::Error::AlreadyExists { path, .. } => StoreError::AlreadyExists(path),
+            other => StoreError::Other(other),
+        }
+    }
+
+    /// Whether retrying the same call cannot help.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            StoreError::Location { .. } | StoreError::NotFound(_) | StoreError::AlreadyExists(_) => true,
+            StoreError::Other(e) => matches!(
+                e,
+                object_store::Error::Precondition { .. }
+                    | object_store::Error::NotModified { .. }
+                    | object_store::Error::NotSupported { .. }
+                    | object_store::Error::NotImplemented { .. }
+                    | object_store::Error::InvalidPath { .. }
+                    | object_store::Error::PermissionDenied { .. }
+                    | object_store::Error::Unauthenticated { .. }
+                    | object_store::Error::UnknownConfigurationKey { .. }
+            ),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    description: String,
+    attempts_max: u32,
+    retry_base: Duration,
+}
+
+impl Store {
+    /// Opens `location`: `memory://`, `file:///dir`, or a plain directory path (created if
+    /// missing). Local directories always get fsync. Other schemes need the matching
+    /// object_store cloud feature, which this build does not enable.
+    pub fn open(location: &str, attempts_max: u32, retry_base: Duration) -> Result<Store, StoreError> {
+        let bad = |reason: String| StoreError::Location { location: location.into(), reason };
+        let dir = if location == "memory://" {
+            None
+        } else if let Some(rest) = location.strip_prefix("file://") {
+            let url = url::Url::parse(location).map_err(|e| bad(e.to_string()))?;
+            let path = url.to_file_path().map_err(|_| bad(format!("{rest:?} is not an absolute local path")))?;
+            Some(path)
+        } else if location.contains("://") {
+            return Err(bad("only local directories and memory:// are built into this ckptd".into()));
+        } else {
+            Some(std::path::PathBuf::from(location))
+        };
+        let (inner, description): (Arc<dyn ObjectStore>, String) = match dir {
+            None => (Arc::new(InMemory::new()), "memory://".into()),
+            Some(dir) => {
+                std::fs::create_dir_all(&dir).map_err(|e| bad(format!("cannot create directory: {e}")))?;
+                let dir = dir.canonicalize().map_err(|e| bad(e.to_string()))?;
+                let fs = LocalFileSystem::new_with_prefix(&dir).map_err(|e| bad(e.to_string()))?.with_fsync(true);
+                (Arc::new(fs), format!("file://{}", dir.display()))
+            }
+        };
+        Ok(Store { inner, description, attempts_max: attempts_max.max(1), retry_base })
+    }
+
+    /// The store as a canonical URL, recorded in the index so a changed store triggers a rebuild.
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    async fn retry<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, object_store::Error>>,
+    {
+        let mut delay = self.retry_base;
+        let mut attempt = 1;
+        loop {
+            match op().await.map_err(StoreError::from_os) {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_permanent() || attempt >= self.attempts_max => return Err(e),
+                Err(e) => {
+                    tracing::warn!(op = what, attempt, error = %e, "transient store error, retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = delay.saturating_mul(2);
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    pub async fn put_chunk(
+        &self,
+        job: &str,
+        hash: &ChunkHash,
+        header: Bytes,
+        payload: Bytes,
+    ) -> Result<(), StoreError> {
+        let path = Path::from(keys::chunk_key(job, hash));
+        self.retry("put_chunk", || {
+            let body = PutPayload::from_iter([header.clone(), payload.clone()]);
+            self.inner.put(&path, body)
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn get_chunk(&self, job: &str, hash: &ChunkHash) -> Result<Bytes, StoreError> {
+        let path = Path::from(keys::chunk_key(job, hash));
+        self.retry("get_chunk", || async { self.inner.get(&path).await?.bytes().await }).await
+    }
+
+    pub async fn has_chunk(&self, job: &str, hash: &ChunkHash) -> Result<bool, StoreError> {
+        let path = Path::from(keys::chunk_key(job, hash));
+        match self.retry("head_chunk", || self.inner.head(&path)).await {
+            Ok(_) => Ok(true),
+            Err(StoreError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The commit point: create the manifest only if no manifest exists for the step.
+    pub async fn create_manifest(&self, job: &str, step: u64, bytes: Bytes) -> Result<(), StoreError> {
+        let path = Path::from(keys::manifest_key(job, step));
+        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+        self.retry("create_manifest", || self.inner.put_opts(&path, bytes.clone().into(), opts.clone()))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn get_manifest(&self, job: &str, step: u64) -> Result<Bytes, StoreError> {
+        let path = Path::from(keys::manifest_key(job, step));
+        self.retry("get_manifest", || async { self.inner.get(&path).await?.bytes().await }).await
+    }
+
+    pub async fn delete_manifest(&self, job: &str, step: u64) -> Result<(), StoreError> {
+        let path = Path::from(keys::manifest_key(job, step));
+        match self.retry("delete_manifest", || self.inner.delete(&path)).await {
+            Ok(()) | Err(StoreError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn list_jobs(&self) -> Result<Vec<String>, StoreError> {
+        let prefix = Path::from(keys::JOBS_PREFIX);
+        let listing = self.retry("list_jobs", || self.inner.list_with_delimiter(Some(&prefix))).await?;
+        let mut jobs: Vec<String> = listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
+            .filter(|j| ckpt_core::validate_job(j).is_ok())
+            .collect();
+        jobs.sort();
+        Ok(jobs)
+    }
+
+    /// Committed steps of a job, ascending.
+    pub async fn list_manifest_steps(&self, job: &str) -> Result<Vec<u64>, StoreError> {
+        let prefix = Path::from(keys::manifests_prefix(job));
+        let metas: Vec<_> =
+            self.retry("list_manifests", || self.inner.list(Some(&prefix)).try_collect::<Vec<_>>()).await?;
+        let mut steps: Vec<u64> = metas
+            .iter()
+            .filter_map(|m| match keys::parse_key(m.location.as_ref()) {
+                Some(keys::ParsedKey::Manifest { job: j, step }) if j == job => Some(step),
+                _ => None,
+            })
+            .collect();
+        steps.sort_unstable();
+        Ok(steps)
+    }
+
+    /// Every chunk stored for a job, with its stored size.
+    pub async fn list_chunks(&self, job: &str) -> Result<Vec<(ChunkHash, u64)>, StoreError> {
+        let prefix = Path::from(keys::chunks_prefix(job));
+        let metas: Vec<_> =
+            self.retry("list_chunks", || self.inner.list(Some(&prefix)).try_collect::<Vec<_>>()).await?;
+        Ok(metas
+            .iter()
+            .filter_map(|m| match keys::parse_key(m.location.as_ref()) {
+                Some(keys::ParsedKey::Chunk { job: j, hash }) if j == job => Some((hash, m.size)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// A cheap call that proves the store answers.
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        let prefix = Path::from(keys::JOBS_PREFIX);
+        self.inner.list_with_delimiter(Some(&prefix)).await.map(|_| ()).map_err(StoreError::from_os)
+    }
+}

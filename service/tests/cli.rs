@@ -1,0 +1,59 @@
+//! The ckptd binary's configuration surface: defaults, file, environment, flags, bad input.
+
+use std::process::Command;
+
+fn ckptd() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ckptd"))
+}
+
+#[test]
+fn print_config_shows_defaults_and_precedence() {
+    let out = ckptd().arg("--print-config").env_remove("CKPTD_LISTEN").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("listen = \"127.0.0.1:7070\""), "{text}");
+    assert!(text.contains("chunk_requests_max = 64"), "{text}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ckptd.toml");
+    std::fs::write(&file, "listen = \"127.0.0.1:1111\"\nsaves_in_flight_max = 7\n").unwrap();
+    let out = ckptd()
+        .arg("--config")
+        .arg(&file)
+        .arg("--print-config")
+        .env("CKPTD_LISTEN", "127.0.0.1:2222")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("listen = \"127.0.0.1:2222\""), "env beats file: {text}");
+    assert!(text.contains("saves_in_flight_max = 7"), "file beats default: {text}");
+    let out = ckptd()
+        .arg("--config")
+        .arg(&file)
+        .args(["--listen", "127.0.0.1:3333", "--print-config"])
+        .env("CKPTD_LISTEN", "127.0.0.1:2222")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("listen = \"127.0.0.1:3333\""), "flag beats env");
+}
+
+#[test]
+fn bad_config_is_refused_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ckptd.toml");
+    std::fs::write(&file, "chunk_requests_maxx = 3\n").unwrap();
+    let out = ckptd().arg("--config").arg(&file).arg("--print-config").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chunk_requests_maxx"));
+    let out = ckptd().args(["--chunk-requests-max", "0", "--print-config"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chunk_requests_max must be positive"));
+    let out = ckptd()
+        .args(["--store", "s3://bucket/x", "--data-dir"])
+        .arg(dir.path())
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid store location"));
+}

@@ -1,0 +1,141 @@
+//! Bad input gets a clear 4xx JSON error and writes nothing to the store.
+//!
+//! Requests go over a raw TCP socket so paths reach ckptd exactly as written (an HTTP client
+//! library would normalise `..` and percent-encoded dots away before sending).
+
+use std::time::Duration;
+
+use ckpt_core::{ChunkHash, ChunkRef, DType, ShardIndex, TensorEntry};
+use ckpt_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn raw(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, serde_json::Value) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).await.unwrap();
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let status: u16 =
+        text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("bad response: {text}"));
+    let json = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let value =
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("{method} {path}: body is not JSON ({e}): {text}"));
+    (status, value)
+}
+
+fn assert_refused(what: &str, (status, body): (u16, serde_json::Value), code: &str) {
+    assert!((400..500).contains(&status), "{what}: status {status}, body {body}");
+    assert_eq!(body["error"]["code"], code, "{what}: {body}");
+    let msg = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(!msg.is_empty(), "{what}: empty message");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_4xx_json_and_writes_nothing() {
+    bounded(Duration::from_secs(120), async {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        let d = start_daemon(dir.path()).await;
+        let addr = d.url().trim_start_matches("http://").to_string();
+        let open = br#"{"world_size": 2}"#;
+        assert_eq!(raw(&addr, "PUT", "/v1/jobs/good/saves/1", open).await.0, 200);
+        let before = snapshot(&store);
+
+        let long = "x".repeat(129);
+        for (job, what) in [
+            ("..", "dot-dot"),
+            ("a%2Fb", "slash"),
+            ("a%00b", "NUL"),
+            (long.as_str(), "over-long"),
+            ("%2E%2E", "encoded dot-dot"),
+            ("a..b", "inner dot-dot"),
+        ] {
+            let r = raw(&addr, "PUT", &format!("/v1/jobs/{job}/saves/1"), open).await;
+            assert_refused(&format!("job name {what}"), r, "invalid_job");
+        }
+        // An empty job name matches no route.
+        let (status, body) = raw(&addr, "PUT", "/v1/jobs//saves/1", open).await;
+        assert!((400..500).contains(&status) && body["error"]["code"].is_string(), "empty job: {status} {body}");
+
+        for step in ["-1", "abc", "1.5", "99999999999999999999999", "%2D1"] {
+            let r = raw(&addr, "PUT", &format!("/v1/jobs/good/saves/{step}"), open).await;
+            assert_refused(&format!("step {step}"), r, "invalid_step");
+        }
+        assert_refused(
+            "world size 0",
+            raw(&addr, "PUT", "/v1/jobs/good/saves/2", br#"{"world_size": 0}"#).await,
+            "invalid_world_size",
+        );
+        assert_refused("broken json", raw(&addr, "PUT", "/v1/jobs/good/saves/2", b"{world").await, "bad_request");
+
+        let content = vec![42u8; 1000];
+        let wrong = ChunkHash::of(b"something else");
+        assert_refused(
+            "chunk body not matching its hash",
+            raw(&addr, "PUT", &format!("/v1/jobs/good/chunks/{wrong}"), &content).await,
+            "hash_mismatch",
+        );
+        assert_refused("malformed hash", raw(&addr, "PUT", "/v1/jobs/good/chunks/xyz", &content).await, "invalid_hash");
+        assert_refused(
+            "empty chunk",
+            raw(&addr, "PUT", &format!("/v1/jobs/good/chunks/{}", ChunkHash::of(b"")), b"").await,
+            "bad_request",
+        );
+
+        let unknown = ChunkHash::of(b"never uploaded");
+        let index = |rank: u32| ShardIndex {
+            rank,
+            tensors: vec![TensorEntry {
+                name: "w".into(),
+                dtype: DType::U8,
+                shape: vec![14],
+                global_shape: vec![14],
+                offsets: vec![0],
+                chunks: vec![ChunkRef { hash: unknown, len: 14 }],
+            }],
+            metadata: serde_json::Value::Null,
+        };
+        let body = serde_json::to_vec(&index(0)).unwrap();
+        assert_refused(
+            "index naming unknown chunks",
+            raw(&addr, "PUT", "/v1/jobs/good/saves/1/ranks/0", &body).await,
+            "unknown_chunks",
+        );
+        let body = serde_json::to_vec(&index(5)).unwrap();
+        assert_refused(
+            "rank outside the world size",
+            raw(&addr, "PUT", "/v1/jobs/good/saves/1/ranks/5", &body).await,
+            "rank_out_of_range",
+        );
+        assert_refused(
+            "rank in path differs from index",
+            raw(&addr, "PUT", "/v1/jobs/good/saves/1/ranks/1", &serde_json::to_vec(&index(0)).unwrap()).await,
+            "bad_request",
+        );
+        let mut inconsistent = index(0);
+        inconsistent.tensors[0].shape = vec![15];
+        assert_refused(
+            "index whose chunks do not cover the tensor",
+            raw(&addr, "PUT", "/v1/jobs/good/saves/1/ranks/0", &serde_json::to_vec(&inconsistent).unwrap()).await,
+            "invalid_shard_index",
+        );
+        assert_refused(
+            "index for a save never opened",
+            raw(&addr, "PUT", "/v1/jobs/good/saves/9/ranks/0", &serde_json::to_vec(&index(0)).unwrap()).await,
+            "not_found",
+        );
+        assert_refused("unknown endpoint", raw(&addr, "GET", "/v2/nothing", b"").await, "not_found");
+
+        assert_eq!(snapshot(&store), before, "bad input changed the store");
+        let c = client(&d);
+        let st = c.save_status("good", 1).await.unwrap();
+        assert_eq!(st.ranks_received, 0, "bad indexes were not recorded");
+        assert!(c.list("good").await.unwrap().committed.is_empty());
+    })
+    .await
+}

@@ -1,0 +1,111 @@
+//! ckptd killed with SIGKILL at several points of a save and restarted: the previous committed
+//! checkpoint still loads and verifies, no manifest references a missing chunk, and the
+//! interrupted save completes when the client retries (or at restart) — never half-visible.
+//!
+//! The kills come from fail points compiled into the ckptd these tests start: the process
+//! sends itself SIGKILL at the named point, so the crash lands exactly there.
+
+use std::os::unix::process::ExitStatusExt;
+use std::time::Duration;
+
+use ckpt_client::local::DaemonOptions;
+use ckpt_tests::*;
+
+const WORLD: u32 = 2;
+/// Distinct chunks step 1 stores: per rank, 8 MiB of random tensors in 1 MiB chunks, plus the
+/// small "step" tensor, which is the same on every rank and so stored once.
+const STEP1_CHUNKS: u32 = WORLD * 8 + 1;
+
+async fn crash_during_second_save(failpoint: &str, expect_committed_before_restart: bool) {
+    let seed = seed(0x5eed_0003);
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let mut opts = DaemonOptions::in_dir(ckptd_exe(), dir.path());
+    opts.envs.push(("FAILPOINTS".into(), failpoint.into()));
+    let mut d = start_daemon_with(opts).await;
+    let step1: Vec<_> = (0..WORLD).map(|r| rank_tensors(seed, r, WORLD, 8 << 20)).collect();
+    let step2: Vec<_> = (0..WORLD).map(|r| rank_tensors(seed + 1, r, WORLD, 8 << 20)).collect();
+    save_step(&impatient_client(&d), "job", 1, &step1).await.unwrap();
+
+    let err = save_step(&impatient_client(&d), "job", 2, &step2).await;
+    assert!(err.is_err(), "the save should have lost its ckptd");
+    let status = d.wait_exit(Duration::from_secs(30)).await.expect("ckptd should have killed itself");
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "ckptd died by SIGKILL at {failpoint}");
+
+    // While ckptd is down, the store alone must be consistent.
+    assert_manifests_complete(&store);
+    let visible: Vec<u64> = stored_manifests(&store).iter().map(|m| m.step).collect();
+    let expected = if expect_committed_before_restart { vec![1, 2] } else { vec![1] };
+    assert_eq!(visible, expected, "manifests in the store right after the crash at {failpoint}");
+
+    d.options_mut().envs.clear();
+    d.restart().await.unwrap();
+    let c = client(&d);
+    assert_manifests_complete(&store);
+    for m in c.list("job").await.unwrap().committed {
+        // Whatever is listed as committed is whole.
+        assert!(c.verify("job", m.step, |_| {}).await.unwrap().ok(), "step {} does not verify", m.step);
+    }
+    for r in 0..WORLD {
+        assert!(c.load_rank("job", 1, r).await.unwrap() == step1[r as usize], "step 1 rank {r} after the crash");
+    }
+
+    // The client retries the interrupted save: it completes.
+    save_step(&c, "job", 2, &step2)
+        .await
+        .unwrap_or_else(|e| panic!("retry after the crash at {failpoint}: {e}\n{}", daemon_log(&d)));
+    assert_eq!(c.latest("job").await.unwrap(), Some(2));
+    assert_eq!(stored_manifests(&store).iter().filter(|m| m.step == 2).count(), 1);
+    for r in 0..WORLD {
+        assert!(c.load_rank("job", 2, r).await.unwrap() == step2[r as usize], "step 2 rank {r} after the retry");
+    }
+    assert!(c.verify("job", 2, |_| {}).await.unwrap().ok());
+    assert_manifests_complete(&store);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_after_some_chunks_of_a_save() {
+    // The crash comes right after the fifth chunk of step 2 is durable.
+    let fp = format!("ckptd::chunk::after_put={}*off->return", STEP1_CHUNKS + 4);
+    bounded(Duration::from_secs(300), crash_during_second_save(&fp, false)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_after_all_chunks_before_the_manifest() {
+    bounded(Duration::from_secs(300), crash_during_second_save("ckptd::commit::before_manifest=1*off->return", false))
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_right_after_the_manifest() {
+    bounded(Duration::from_secs(300), crash_during_second_save("ckptd::commit::after_manifest=1*off->return", true))
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_from_outside_mid_save_then_resume_without_resending() {
+    bounded(Duration::from_secs(300), async {
+        let seed = seed(0x5eed_0004);
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = start_daemon(dir.path()).await;
+        let states: Vec<_> = (0..WORLD).map(|r| rank_tensors(seed, r, WORLD, 8 << 20)).collect();
+        let c = client(&d);
+        // Rank 0 finishes its part; rank 1 never starts: the save is half done.
+        c.save(&spec("job", 5, 0, WORLD), &states[0], ckpt_client::Wait::Accepted).await.unwrap();
+        d.kill();
+        d.restart().await.unwrap();
+        let c = client(&d);
+        let list = c.list("job").await.unwrap();
+        assert!(list.committed.is_empty(), "a half-done save must not be visible");
+        assert_eq!(list.in_flight.len(), 1);
+        assert_eq!(list.in_flight[0].ranks_received, 1, "rank 0's acked index survived the crash");
+        // Rank 0's chunks are durable: its retry sends nothing.
+        let again = c.save(&spec("job", 5, 0, WORLD), &states[0], ckpt_client::Wait::Accepted).await.unwrap();
+        assert_eq!(again.bytes_sent, 0, "durable chunks were sent again");
+        c.save(&spec("job", 5, 1, WORLD), &states[1], ckpt_client::Wait::Committed).await.unwrap();
+        for r in 0..WORLD {
+            assert!(c.load_rank("job", 5, r).await.unwrap() == states[r as usize]);
+        }
+    })
+    .await
+}
