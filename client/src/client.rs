@@ -39,6 +39,9 @@ pub struct ClientOptions {
     /// How long `Wait::Committed` waits for the step to commit.
     pub commit_timeout: Duration,
     pub missing_batch_max: usize,
+    /// How long a request keeps retrying while ckptd answers "busy" (staging full): a burst
+    /// waits for the store to drain rather than failing.
+    pub busy_retry_for: Duration,
 }
 
 impl Default for ClientOptions {
@@ -52,6 +55,7 @@ impl Default for ClientOptions {
             request_timeout: Duration::from_secs(120),
             commit_timeout: Duration::from_secs(600),
             missing_batch_max: 10_000,
+            busy_retry_for: Duration::from_secs(600),
         }
     }
 }
@@ -59,9 +63,9 @@ impl Default for ClientOptions {
 /// What `save` waits for before it returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wait {
-    /// This rank's chunks are durable and its shard index is accepted; the step commits when
-    /// every rank's index is in.
-    Accepted,
+    /// This rank's chunks are staged in ckptd (memory or spill disk) and its shard index is
+    /// accepted; ckptd makes them durable and commits the step when every rank's index is in.
+    Staged,
     /// The step is committed (every rank done, manifest written).
     Committed,
 }
@@ -174,9 +178,18 @@ impl Client {
         &self.base
     }
 
-    async fn request_once(&self, method: reqwest::Method, path: &str, body: &Body) -> Result<Bytes, ClientError> {
+    async fn request_once(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &Body,
+        headers: &[(&str, &str)],
+    ) -> Result<Bytes, ClientError> {
         let url = format!("{}{}", self.base, path);
         let mut req = self.http.request(method, &url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
         req = match body {
             Body::Empty => req,
             Body::Json(b) => req.header("content-type", "application/json").body(b.clone()),
@@ -198,10 +211,26 @@ impl Client {
 
     /// One request with retries on transient failures.
     async fn request(&self, method: reqwest::Method, path: &str, body: Body) -> Result<Bytes, ClientError> {
+        self.request_with(method, path, body, &[]).await
+    }
+
+    async fn request_with(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Body,
+        headers: &[(&str, &str)],
+    ) -> Result<Bytes, ClientError> {
         let mut delay = self.opts.retry_base;
         let mut attempt = 1;
+        let busy_deadline = Instant::now() + self.opts.busy_retry_for;
         loop {
-            match self.request_once(method.clone(), path, &body).await {
+            match self.request_once(method.clone(), path, &body, headers).await {
+                Err(e) if e.api_code() == Some("busy") && Instant::now() < busy_deadline => {
+                    tracing::debug!(path, "ckptd busy, backing off");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
                 Err(e) if e.is_transient() && attempt < self.opts.attempts_max => {
                     tracing::debug!(path, attempt, error = %e, "transient failure, retrying");
                     tokio::time::sleep(delay).await;
@@ -230,7 +259,7 @@ impl Client {
     }
 
     pub async fn health(&self) -> Result<(), ClientError> {
-        self.request_once(reqwest::Method::GET, "/readyz", &Body::Empty).await.map(|_| ())
+        self.request_once(reqwest::Method::GET, "/readyz", &Body::Empty, &[]).await.map(|_| ())
     }
 
     // ---- saving ------------------------------------------------------------------------------
@@ -460,7 +489,16 @@ impl Client {
     pub async fn fetch_chunk(&self, job: &str, step: u64, hash: ChunkHash) -> Result<Bytes, ClientError> {
         let corrupt = |reason: String| ClientError::CorruptChunk { job: job.into(), step, hash, reason };
         let bytes =
-            match self.request(reqwest::Method::GET, &format!("/v1/jobs/{job}/chunks/{hash}"), Body::Empty).await {
+            // This client verifies every byte below, so ckptd need not hash the chunk too.
+            match self
+                .request_with(
+                    reqwest::Method::GET,
+                    &format!("/v1/jobs/{job}/chunks/{hash}"),
+                    Body::Empty,
+                    &[("x-ckpt-client-verifies", "true")],
+                )
+                .await
+            {
                 Ok(b) => b,
                 Err(ClientError::Api { code, message, .. }) if code == "chunk_corrupt" => {
                     let detail = message.split_once("corrupt in the store: ").map_or(message.as_str(), |(_, d)| d);

@@ -6,11 +6,13 @@
 //! index is in. [`Client::load_rank`] reads a rank's tensors back and verifies every chunk
 //! before returning a byte of it.
 
+pub mod async_save;
 pub mod client;
 pub mod error;
 pub mod local;
 pub mod tensor;
 
+pub use async_save::{AsyncSaver, SaveTicket, TensorView};
 pub use client::{Client, ClientOptions, SaveReport, SaveSpec, VerifyReport, Wait};
 pub use error::ClientError;
 pub use tensor::Tensor;

@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use ckpt_core::{parse_step, validate_job, ChunkHash, CoreError, ShardIndex};
+use futures::StreamExt;
 use serde::Deserialize;
 
 use crate::coordinator::{Coordinator, OpenSave};
@@ -19,7 +20,7 @@ use crate::error::ServiceError;
 use crate::store::StoreError;
 
 pub struct AppState {
-    pub coordinator: Coordinator,
+    pub coordinator: Arc<Coordinator>,
     pub shutting_down: AtomicBool,
 }
 
@@ -84,16 +85,18 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
 
 pub fn router(state: Arc<AppState>) -> Router {
     let cfg = state.coordinator_config();
-    let chunk_limit = (cfg.0 as usize).saturating_add(1);
+    // Chunk bodies are bounded by their declared length (checked against chunk_bytes_max and
+    // reserved from the staging budget before reading); JSON bodies by this limit.
     let json_limit = cfg.1 as usize;
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/jobs", get(list_jobs))
+        .route("/v1/stats", get(stats))
         .route("/v1/jobs/{job}/checkpoints", get(list_checkpoints))
         .route("/v1/jobs/{job}/checkpoints/{step}", get(get_manifest).delete(delete_checkpoint))
         .route("/v1/jobs/{job}/chunks/missing", post(missing_chunks).layer(DefaultBodyLimit::max(json_limit)))
-        .route("/v1/jobs/{job}/chunks/{hash}", put(put_chunk).get(get_chunk).layer(DefaultBodyLimit::max(chunk_limit)))
+        .route("/v1/jobs/{job}/chunks/{hash}", put(put_chunk).get(get_chunk))
         .route("/v1/jobs/{job}/saves/{step}", put(open_save).get(save_status).delete(abort_save))
         .route(
             "/v1/jobs/{job}/saves/{step}/ranks/{rank}",
@@ -119,6 +122,15 @@ async fn readyz(State(s): State<Arc<AppState>>) -> ApiResult<&'static str> {
     }
     s.coordinator.store().probe().await?;
     Ok("ready")
+}
+
+async fn stats(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    let staging = s.coordinator.staging();
+    Json(serde_json::json!({
+        "staging": staging.stats(),
+        "memory_overhead_bytes": staging.memory_overhead_bytes(),
+        "saves_in_flight": s.coordinator.saves_in_flight(),
+    }))
 }
 
 async fn list_jobs(State(s): State<Arc<AppState>>) -> ApiResult<Json<serde_json::Value>> {
@@ -192,13 +204,21 @@ async fn missing_chunks(
 async fn put_chunk(
     State(s): State<Arc<AppState>>,
     p: Result<Path<(String, String)>, PathRejection>,
-    body: Bytes,
+    headers: HeaderMap,
+    body: axum::body::Body,
 ) -> ApiResult<Response> {
     let (job, hash) = path(p)?;
     job_of(&job)?;
     let hash: ChunkHash = hash.parse()?;
+    // The length is needed up front to reserve staging space before any byte is read.
+    let len: u64 = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| ServiceError::BadRequest("chunk uploads need a Content-Length".into()))?;
     let _permit = s.coordinator.chunk_permit().await?;
-    let outcome = s.coordinator.put_chunk(&job, hash, body).await?;
+    let stream = body.into_data_stream().map(|r| r.map_err(std::io::Error::other));
+    let outcome = s.coordinator.put_chunk(&job, hash, len, stream).await?;
     let status = if outcome.written { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(serde_json::json!({ "hash": hash, "durable": true, "written": outcome.written }))).into_response())
 }
@@ -211,8 +231,10 @@ async fn get_chunk(
     let (job, hash) = path(p)?;
     job_of(&job)?;
     let hash: ChunkHash = hash.parse()?;
+    // A client that verifies every byte itself says so; ckptd then skips its own hash pass.
+    let verify = headers.get("x-ckpt-client-verifies").is_none_or(|v| v.as_bytes() != b"true");
     let _permit = s.coordinator.chunk_permit().await?;
-    let raw = s.coordinator.get_chunk(&job, hash).await?;
+    let raw = s.coordinator.get_chunk(&job, hash, verify).await?;
     let len = raw.len() as u64;
     let Some(range) = headers.get(header::RANGE) else {
         return Ok(([(header::CONTENT_TYPE, "application/octet-stream")], raw).into_response());

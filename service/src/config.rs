@@ -40,6 +40,22 @@ pub struct Config {
     pub shutdown_grace_s: u64,
     pub world_size_max: u32,
     pub tensors_per_rank_max: usize,
+    /// Chunk bytes held in memory: chunks being received, staged, or waiting for upload.
+    pub staging_memory_bytes_max: u64,
+    /// Chunk bytes staged on the local spill disk once memory is full.
+    pub staging_spill_bytes_max: u64,
+    /// Spill directory; defaults to `<data_dir>/spill`.
+    pub spill_dir: Option<PathBuf>,
+    /// Uploads to the object store in flight at once.
+    pub upload_concurrency: usize,
+    /// Upload pace in stored bytes per second; 0 means as fast as the store takes them.
+    pub upload_bytes_per_s: u64,
+    /// Staged chunks queued for upload (each also holds staging space).
+    pub upload_queue_max: usize,
+    /// zstd level for stored chunks; 0 stores every chunk raw.
+    pub compression_level: i32,
+    /// A chunk is stored compressed only if that saves at least this percentage.
+    pub compression_min_savings_pct: u32,
 }
 
 impl Default for Config {
@@ -61,6 +77,14 @@ impl Default for Config {
             shutdown_grace_s: 30,
             world_size_max: 65_536,
             tensors_per_rank_max: 100_000,
+            staging_memory_bytes_max: 1 << 30,
+            staging_spill_bytes_max: 8 << 30,
+            spill_dir: None,
+            upload_concurrency: 4,
+            upload_bytes_per_s: 0,
+            upload_queue_max: 65_536,
+            compression_level: 3,
+            compression_min_savings_pct: 10,
         }
     }
 }
@@ -79,6 +103,10 @@ impl Config {
     pub fn from_toml_file(path: &std::path::Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
         toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source: Box::new(source) })
+    }
+
+    pub fn spill_dir(&self) -> PathBuf {
+        self.spill_dir.clone().unwrap_or_else(|| self.data_dir.join("spill"))
     }
 
     pub fn limits(&self) -> Limits {
@@ -102,11 +130,25 @@ impl Config {
             ("missing_query_hashes_max", self.missing_query_hashes_max as u64),
             ("world_size_max", self.world_size_max as u64),
             ("tensors_per_rank_max", self.tensors_per_rank_max as u64),
+            ("upload_concurrency", self.upload_concurrency as u64),
+            ("upload_queue_max", self.upload_queue_max as u64),
         ];
         for (name, v) in positive {
             if v == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be positive")));
             }
+        }
+        if self.staging_memory_bytes_max.saturating_add(self.staging_spill_bytes_max) < self.chunk_bytes_max {
+            return Err(ConfigError::Invalid(
+                "staging_memory_bytes_max + staging_spill_bytes_max must hold at least one chunk_bytes_max chunk"
+                    .into(),
+            ));
+        }
+        if !(0..=22).contains(&self.compression_level) {
+            return Err(ConfigError::Invalid("compression_level must be 0 (off) to 22".into()));
+        }
+        if self.compression_min_savings_pct > 99 {
+            return Err(ConfigError::Invalid("compression_min_savings_pct must be at most 99".into()));
         }
         if self.chunk_bytes_max > 1 << 30 {
             return Err(ConfigError::Invalid("chunk_bytes_max must be at most 1 GiB".into()));

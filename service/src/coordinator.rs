@@ -5,9 +5,11 @@
 //!   async mutex, so requests for one save are serialised while saves proceed in parallel. The
 //!   journal copy in sled is written and flushed before any request that changed the state is
 //!   acked, so an acked shard index survives a crash of ckptd.
-//! * Commit: when the last rank's index arrives (or at start-up, for a journalled save that was
-//!   complete), every referenced chunk is checked durable, the save moves to `durable`, and the
-//!   manifest is created with a create-only put. "Already exists" reads the manifest back: the
+//! * Commit: a rank's index is accepted once every chunk it names is staged or durable. When
+//!   the last rank's index is in, the save is `staged`; the chunks not yet durable form its
+//!   pending set, which the upload queue's events drain. When the set is empty (at once, or
+//!   when the last upload lands, or at start-up) the save moves to `durable` and the manifest
+//!   is created with a create-only put. "Already exists" reads the manifest back: the
 //!   same bytes mean this save is committed (a retry, or a peer ckptd that committed the same
 //!   content); other bytes mean another writer won, and this save is aborted with a conflict.
 //! * Retries: store calls retry transient errors inside `Store`. A commit that still fails
@@ -19,7 +21,8 @@
 //!   index with the store and finishes or reports journalled saves.
 //! * Bounds: saves in flight (`saves_in_flight_max`), concurrent chunk requests
 //!   (`chunk_requests_max`, waited for at most `busy_wait_ms`), store fan-out per request
-//!   (`store_requests_max`), hashes per existence query (`missing_query_hashes_max`).
+//!   (`store_requests_max`), hashes per existence query (`missing_query_hashes_max`); chunk
+//!   bytes are bounded by the staging tier (see `staging.rs`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,22 +32,33 @@ use bytes::Bytes;
 use ckpt_core::{ChunkHash, ChunkHeader, Codec, Limits, Manifest, ManifestSummary, SavePhase, SaveState, ShardIndex};
 use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Config;
 use crate::error::{join_error, ServiceError};
 use crate::index::Index;
+use crate::staging::{Staging, StagingConfig, UploadEvent};
 use crate::store::{Store, StoreError};
 
 type SaveKey = (String, u64);
+
+/// An in-flight save: its state (journalled) and the chunks it still waits on (derived, rebuilt
+/// at start-up).
+struct Slot {
+    state: SaveState,
+    pending: std::collections::HashSet<ChunkHash>,
+}
+
+type SlotRef = Arc<Mutex<Slot>>;
 
 pub struct Coordinator {
     store: Store,
     index: Index,
     limits: Limits,
     config: Config,
-    saves: std::sync::Mutex<HashMap<SaveKey, Arc<Mutex<SaveState>>>>,
+    saves: std::sync::Mutex<HashMap<SaveKey, SlotRef>>,
     chunk_permits: Arc<Semaphore>,
+    staging: Arc<Staging>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -119,6 +133,7 @@ pub struct RecoveryReport {
     pub saves_committed: usize,
     pub saves_aborted: usize,
     pub saves_resumed: usize,
+    pub spilled_chunks_requeued: usize,
 }
 
 fn now_unix_ms() -> u64 {
@@ -128,7 +143,7 @@ fn now_unix_ms() -> u64 {
 /// Kills the process on the spot, as a crash test's injected fault. Only reachable through a
 /// fail point configured with the FAILPOINTS environment variable.
 #[allow(dead_code)]
-fn crash_now(point: &str) -> ! {
+pub(crate) fn crash_now(point: &str) -> ! {
     tracing::error!(point, "fail point: killing ckptd with SIGKILL");
     // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
     unsafe {
@@ -138,14 +153,83 @@ fn crash_now(point: &str) -> ! {
 }
 
 impl Coordinator {
-    pub fn new(store: Store, index: Index, config: Config) -> Coordinator {
-        Coordinator {
+    /// Creates the coordinator with its staging tier and starts the task that turns upload
+    /// events into commits. Call `recover` before serving.
+    pub fn start(store: Store, index: Index, config: Config) -> Arc<Coordinator> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let staging_cfg = StagingConfig {
+            memory_bytes_max: config.staging_memory_bytes_max,
+            spill_bytes_max: config.staging_spill_bytes_max,
+            spill_dir: config.spill_dir(),
+            upload_concurrency: config.upload_concurrency,
+            upload_bytes_per_s: config.upload_bytes_per_s,
+            upload_queue_max: config.upload_queue_max,
+            compression_level: config.compression_level,
+            compression_min_savings_pct: config.compression_min_savings_pct,
+            busy_wait: Duration::from_millis(config.busy_wait_ms),
+            chunk_bytes_max: config.chunk_bytes_max,
+        };
+        let staging = Staging::start(staging_cfg, store.clone(), index.clone(), tx);
+        let c = Arc::new(Coordinator {
             limits: config.limits(),
             chunk_permits: Arc::new(Semaphore::new(config.chunk_requests_max)),
             store,
             index,
             config,
             saves: std::sync::Mutex::new(HashMap::new()),
+            staging,
+        });
+        tokio::spawn(Self::upload_events(Arc::downgrade(&c), rx));
+        c
+    }
+
+    pub fn staging(&self) -> &Staging {
+        &self.staging
+    }
+
+    pub fn saves_in_flight(&self) -> usize {
+        self.saves.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    fn slots_of(&self, job: &str) -> Vec<SlotRef> {
+        let saves = self.saves.lock().unwrap_or_else(|e| e.into_inner());
+        saves.iter().filter(|((j, _), _)| j == job).map(|(_, s)| s.clone()).collect()
+    }
+
+    /// Turns upload outcomes into commits and aborts. Runs until the coordinator is dropped.
+    async fn upload_events(me: std::sync::Weak<Coordinator>, mut rx: mpsc::UnboundedReceiver<UploadEvent>) {
+        while let Some(ev) = rx.recv().await {
+            let Some(me) = me.upgrade() else { break };
+            match ev {
+                UploadEvent::Durable { job, hash } => {
+                    for slot in me.slots_of(&job) {
+                        let mut g = slot.lock().await;
+                        if g.state.phase == SavePhase::Staged && g.pending.remove(&hash) && g.pending.is_empty() {
+                            drop(g);
+                            let me = me.clone();
+                            tokio::spawn(async move {
+                                let mut g = slot.lock().await;
+                                if let Err(e) = me.commit(&mut g).await {
+                                    tracing::error!(job = g.state.job, step = g.state.step, error = %e, "commit failed");
+                                }
+                            });
+                        }
+                    }
+                }
+                UploadEvent::Failed { job, hash, reason } => {
+                    for slot in me.slots_of(&job) {
+                        let mut g = slot.lock().await;
+                        if !g.state.phase.is_final()
+                            && g.state.ranks.values().any(|r| r.chunk_hashes().any(|h| h == hash))
+                        {
+                            let why = format!("chunk {hash} could not be made durable: {reason}");
+                            if g.state.abort(why).is_ok() {
+                                let _ = me.journal(&g.state).await;
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -181,7 +265,15 @@ impl Coordinator {
 
     // ---- chunks ----------------------------------------------------------------------------
 
+    /// Staged (waiting for upload) or durable.
     async fn chunk_known(&self, job: &str, hash: ChunkHash) -> Result<bool, ServiceError> {
+        if self.staging.is_pending(job, &hash) {
+            return Ok(true);
+        }
+        self.chunk_durable(job, hash).await
+    }
+
+    async fn chunk_durable(&self, job: &str, hash: ChunkHash) -> Result<bool, ServiceError> {
         let j = job.to_string();
         if self.blocking(move |i| i.has_chunk(&j, &hash)).await? {
             return Ok(true);
@@ -195,8 +287,17 @@ impl Coordinator {
         Ok(false)
     }
 
-    /// Which of `hashes` the job does not have durable.
+    /// Which of `hashes` the job has neither staged nor durable.
     pub async fn missing_chunks(&self, job: &str, hashes: Vec<ChunkHash>) -> Result<Vec<ChunkHash>, ServiceError> {
+        self.filter_chunks(job, hashes, false).await
+    }
+
+    async fn filter_chunks(
+        &self,
+        job: &str,
+        hashes: Vec<ChunkHash>,
+        durable_only: bool,
+    ) -> Result<Vec<ChunkHash>, ServiceError> {
         if hashes.len() > self.config.missing_query_hashes_max {
             return Err(ServiceError::BadRequest(format!(
                 "{} hashes in one query, more than {}",
@@ -205,7 +306,11 @@ impl Coordinator {
             )));
         }
         let flags: Vec<(ChunkHash, bool)> = futures::stream::iter(hashes)
-            .map(|h| async move { self.chunk_known(job, h).await.map(|k| (h, k)) })
+            .map(|h| async move {
+                let known =
+                    if durable_only { self.chunk_durable(job, h).await } else { self.chunk_known(job, h).await };
+                known.map(|k| (h, k))
+            })
             .buffered(self.config.store_requests_max)
             .try_collect()
             .await?;
@@ -215,33 +320,39 @@ impl Coordinator {
         Ok(missing)
     }
 
-    /// Verifies `raw` against `hash` and makes it durable. Idempotent.
-    pub async fn put_chunk(&self, job: &str, hash: ChunkHash, raw: Bytes) -> Result<ChunkPutOutcome, ServiceError> {
-        if raw.is_empty() || raw.len() as u64 > self.config.chunk_bytes_max {
+    /// Receives a chunk of `len` bytes, verifies it against `hash`, and stages it for upload.
+    /// Idempotent: a chunk already staged or durable is drained and not stored again.
+    pub async fn put_chunk<S>(
+        &self,
+        job: &str,
+        hash: ChunkHash,
+        len: u64,
+        mut body: S,
+    ) -> Result<ChunkPutOutcome, ServiceError>
+    where
+        S: futures::Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
+    {
+        if len == 0 || len > self.config.chunk_bytes_max {
             return Err(ServiceError::BadRequest(format!(
-                "chunk is {} bytes, not in 1..={}",
-                raw.len(),
+                "chunk is {len} bytes, not in 1..={}",
                 self.config.chunk_bytes_max
             )));
         }
-        let j = job.to_string();
-        if self.blocking(move |i| i.has_chunk(&j, &hash)).await? {
+        if self.chunk_known(job, hash).await? {
+            // Read the body anyway so the connection stays usable for the client's next request.
+            while let Some(frame) = body.next().await {
+                frame?;
+            }
             return Ok(ChunkPutOutcome { written: false });
         }
-        let body = raw.clone();
-        tokio::task::spawn_blocking(move || hash.verify(&body)).await.map_err(join_error)??;
-        let header = ChunkHeader { codec: Codec::None, raw_len: raw.len() as u64, hash };
-        let stored_len = (raw.len() + ckpt_core::CHUNK_HEADER_BYTES) as u64;
-        self.store.put_chunk(job, &hash, Bytes::copy_from_slice(&header.encode()), raw).await?;
-        let j = job.to_string();
-        self.blocking(move |i| i.put_chunk(&j, &hash, stored_len)).await?;
-        fail::fail_point!("ckptd::chunk::after_put", |_| crash_now("ckptd::chunk::after_put"));
+        self.staging.stage(job, hash, len, body).await?;
         Ok(ChunkPutOutcome { written: true })
     }
 
     /// Reads a chunk back, decodes it and verifies its hash: ckptd never serves bytes it has
-    /// not verified.
-    pub async fn get_chunk(&self, job: &str, hash: ChunkHash) -> Result<Bytes, ServiceError> {
+    /// not verified, unless the caller says it verifies every byte itself (`verify = false`);
+    /// the header's address and length are checked either way.
+    pub async fn get_chunk(&self, job: &str, hash: ChunkHash, verify: bool) -> Result<Bytes, ServiceError> {
         let stored = match self.store.get_chunk(job, &hash).await {
             Ok(b) => b,
             Err(StoreError::NotFound(_)) => {
@@ -258,12 +369,20 @@ impl Coordinator {
             }
             let raw = match header.codec {
                 Codec::None => stored.slice(ckpt_core::CHUNK_HEADER_BYTES..),
-                Codec::Zstd => return Err(corrupt("zstd chunks are not supported by this ckptd".into())),
+                Codec::Zstd => {
+                    let out = zstd::bulk::decompress(payload, header.raw_len as usize)
+                        .map_err(|e| corrupt(format!("zstd payload does not decode: {e}")))?;
+                    if out.len() as u64 != header.raw_len {
+                        return Err(corrupt(format!("decodes to {} bytes, header says {}", out.len(), header.raw_len)));
+                    }
+                    Bytes::from(out)
+                }
             };
-            debug_assert_eq!(raw.len(), payload.len());
-            let actual = ChunkHash::of(&raw);
-            if actual != hash {
-                return Err(corrupt(format!("stored bytes hash to {actual}")));
+            if verify {
+                let actual = ChunkHash::of(&raw);
+                if actual != hash {
+                    return Err(corrupt(format!("stored bytes hash to {actual}")));
+                }
             }
             Ok(raw)
         })
@@ -273,7 +392,7 @@ impl Coordinator {
 
     // ---- saves -----------------------------------------------------------------------------
 
-    fn save_slot(&self, job: &str, step: u64) -> Option<Arc<Mutex<SaveState>>> {
+    fn save_slot(&self, job: &str, step: u64) -> Option<SlotRef> {
         self.saves.lock().unwrap_or_else(|e| e.into_inner()).get(&(job.to_string(), step)).cloned()
     }
 
@@ -311,22 +430,23 @@ impl Coordinator {
                 }
                 let created = req.created_unix_ms.unwrap_or_else(now_unix_ms);
                 let state = SaveState::open(job, step, req.world_size, created, req.metadata.clone(), &self.limits)?;
-                let slot = Arc::new(Mutex::new(state));
+                let slot = Arc::new(Mutex::new(Slot { state, pending: Default::default() }));
                 saves.insert((job.to_string(), step), slot.clone());
                 slot
             }
         };
-        let mut state = slot.lock().await;
-        if state.phase == SavePhase::Aborted {
+        let mut g = slot.lock().await;
+        if g.state.phase == SavePhase::Aborted {
             // A new open after an abort starts the save afresh (for example a trainer that rolled
             // back and reached this step again).
             let created = req.created_unix_ms.unwrap_or_else(now_unix_ms);
-            *state = SaveState::open(job, step, req.world_size, created, req.metadata.clone(), &self.limits)?;
+            g.state = SaveState::open(job, step, req.world_size, created, req.metadata.clone(), &self.limits)?;
+            g.pending.clear();
         } else {
-            state.reopen(req.world_size, req.metadata)?;
+            g.state.reopen(req.world_size, req.metadata)?;
         }
-        self.journal(&state).await?;
-        Ok(SaveStatus::of(&state))
+        self.journal(&g.state).await?;
+        Ok(SaveStatus::of(&g.state))
     }
 
     async fn journal(&self, state: &SaveState) -> Result<(), ServiceError> {
@@ -343,39 +463,50 @@ impl Coordinator {
         let slot = self
             .save_slot(job, step)
             .ok_or_else(|| ServiceError::NotFound(format!("no save {job}@{step} is open; open it first")))?;
-        let mut state = slot.lock().await;
-        if state.phase == SavePhase::Committed {
-            return Ok(SaveStatus::of(&state));
+        let mut g = slot.lock().await;
+        if g.state.phase == SavePhase::Committed {
+            return Ok(SaveStatus::of(&g.state));
         }
-        index.validate(state.world_size, &self.limits)?;
+        index.validate(g.state.world_size, &self.limits)?;
         let rank = index.rank;
         let hashes: Vec<ChunkHash> = index.chunk_hashes().collect();
         let missing = self.missing_chunks(job, hashes).await?;
         if let Some(first) = missing.first() {
             return Err(ServiceError::UnknownChunks { rank, count: missing.len(), first: *first });
         }
-        let outcome = state.accept_index(index, &self.limits)?;
+        let outcome = g.state.accept_index(index, &self.limits)?;
         if outcome == ckpt_core::save::IndexOutcome::New {
-            self.journal(&state).await?;
+            self.journal(&g.state).await?;
         }
-        if matches!(state.phase, SavePhase::Staged | SavePhase::Durable) {
-            self.commit(&mut state).await?;
+        if g.state.phase == SavePhase::Staged && outcome == ckpt_core::save::IndexOutcome::New {
+            g.pending = self.not_durable(&g.state).await?;
         }
-        Ok(SaveStatus::of(&state))
+        if matches!(g.state.phase, SavePhase::Staged | SavePhase::Durable) && g.pending.is_empty() {
+            self.commit(&mut g).await?;
+        }
+        Ok(SaveStatus::of(&g.state))
     }
 
-    /// Moves a complete save to committed. Called with the save's lock held.
-    async fn commit(&self, state: &mut SaveState) -> Result<(), ServiceError> {
+    /// The chunks of a save that are not durable yet. Called with the save's lock held, so an
+    /// upload that lands after this check finds the hash in the pending set and removes it.
+    async fn not_durable(&self, state: &SaveState) -> Result<std::collections::HashSet<ChunkHash>, ServiceError> {
+        let all: Vec<ChunkHash> = state.chunks().into_iter().collect();
+        Ok(self.filter_chunks(&state.job, all, true).await?.into_iter().collect())
+    }
+
+    /// Moves a save whose chunks are all durable to committed. Called with the save's lock held.
+    async fn commit(&self, slot: &mut Slot) -> Result<(), ServiceError> {
+        let state = &mut slot.state;
         let job = state.job.clone();
         let step = state.step;
         if state.phase == SavePhase::Staged {
-            let missing = self.missing_chunks(&job, state.chunks().into_iter().collect()).await?;
+            let missing = self.filter_chunks(&job, state.chunks().into_iter().collect(), true).await?;
             if !missing.is_empty() {
-                // Cannot happen while chunks are durable before indexes are accepted; refuse
-                // to commit rather than write a manifest over a hole.
+                // The pending set said otherwise: refuse to write a manifest over a hole.
+                slot.pending = missing.into_iter().collect();
                 return Err(ServiceError::Internal(format!(
-                    "{job}@{step}: {} referenced chunks are not durable",
-                    missing.len()
+                    "{job}@{step}: {} referenced chunks are not durable yet",
+                    slot.pending.len()
                 )));
             }
             state.mark_durable()?;
@@ -424,7 +555,7 @@ impl Coordinator {
 
     pub async fn save_status(&self, job: &str, step: u64) -> Result<SaveStatus, ServiceError> {
         if let Some(slot) = self.save_slot(job, step) {
-            return Ok(SaveStatus::of(&*slot.lock().await));
+            return Ok(SaveStatus::of(&slot.lock().await.state));
         }
         if let Some(m) = self.committed_summary(job, step).await? {
             return Ok(SaveStatus::committed(&m));
@@ -436,12 +567,12 @@ impl Coordinator {
         let slot = self
             .save_slot(job, step)
             .ok_or_else(|| ServiceError::NotFound(format!("no save {job}@{step} in flight")))?;
-        let mut state = slot.lock().await;
-        if state.phase != SavePhase::Aborted {
-            state.abort(reason.to_string())?;
-            self.journal(&state).await?;
+        let mut g = slot.lock().await;
+        if g.state.phase != SavePhase::Aborted {
+            g.state.abort(reason.to_string())?;
+            self.journal(&g.state).await?;
         }
-        Ok(SaveStatus::of(&state))
+        Ok(SaveStatus::of(&g.state))
     }
 
     // ---- committed checkpoints ---------------------------------------------------------------
@@ -478,7 +609,7 @@ impl Coordinator {
         };
         let mut in_flight = Vec::with_capacity(slots.len());
         for s in slots {
-            in_flight.push(SaveStatus::of(&*s.lock().await));
+            in_flight.push(SaveStatus::of(&s.lock().await.state));
         }
         in_flight.sort_by_key(|s| s.step);
         Ok(CheckpointList { job: job.into(), committed, in_flight })
@@ -617,17 +748,28 @@ impl Coordinator {
                 continue;
             }
             let resume = matches!(save.phase, SavePhase::Staged | SavePhase::Durable);
-            let slot = Arc::new(Mutex::new(save));
+            let pending =
+                if save.phase == SavePhase::Staged { self.not_durable(&save).await? } else { Default::default() };
+            let slot = Arc::new(Mutex::new(Slot { state: save, pending }));
             self.saves.lock().unwrap_or_else(|e| e.into_inner()).insert((job.clone(), step), slot.clone());
-            if resume {
-                let mut state = slot.lock().await;
-                match self.commit(&mut state).await {
+            let mut g = slot.lock().await;
+            if resume && g.pending.is_empty() {
+                match self.commit(&mut g).await {
                     Ok(()) => report.saves_resumed += 1,
                     Err(e) => tracing::error!(job, step, error = %e, "journalled save could not be committed"),
                 }
+            } else if resume {
+                tracing::info!(
+                    job,
+                    step,
+                    chunks = g.pending.len(),
+                    "journalled save waits for chunks to become durable"
+                );
             }
         }
         self.index.flush().await?;
+        // Re-queue spilled chunks last: their upload events find the save slots above.
+        report.spilled_chunks_requeued = self.staging.recover_spill(&self.index).await?;
         Ok(report)
     }
 }

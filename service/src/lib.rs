@@ -9,6 +9,7 @@ pub mod config;
 pub mod coordinator;
 pub mod error;
 pub mod index;
+pub mod staging;
 pub mod store;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,7 +35,7 @@ pub async fn serve(config: Config) -> Result<(), ServiceError> {
     let index = tokio::task::spawn_blocking(move || index::Index::open(&data_dir.join("index")))
         .await
         .map_err(error::join_error)??;
-    let coordinator = Coordinator::new(store.clone(), index.clone(), config.clone());
+    let coordinator = Coordinator::start(store.clone(), index.clone(), config.clone());
     let report = coordinator.recover().await?;
     tracing::info!(store = store.description(), ?report, "recovered");
 

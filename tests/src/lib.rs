@@ -98,19 +98,19 @@ pub fn spec(job: &str, step: u64, rank: u32, world: u32) -> SaveSpec {
     }
 }
 
-/// Saves every rank of a step concurrently and waits for the commit.
+/// Saves every rank of a step concurrently and waits for the commit; returns each rank's report.
 pub async fn save_step(
     client: &Client,
     job: &str,
     step: u64,
     states: &[Vec<Tensor>],
-) -> Result<(), ckpt_client::ClientError> {
+) -> Result<Vec<ckpt_client::SaveReport>, ckpt_client::ClientError> {
     let world = states.len() as u32;
     let futs = states.iter().enumerate().map(|(r, t)| {
         let s = spec(job, step, r as u32, world);
         async move { client.save(&s, t, Wait::Committed).await }
     });
-    futures::future::try_join_all(futs).await.map(|_| ())
+    futures::future::try_join_all(futs).await
 }
 
 /// Every file under `dir`, relative path → blake3 of its content.
@@ -168,4 +168,33 @@ pub async fn bounded<F: std::future::Future>(limit: Duration, f: F) -> F::Output
 
 pub fn daemon_log(d: &LocalDaemon) -> String {
     std::fs::read_to_string(&d.options().log_file).unwrap_or_default()
+}
+
+/// ckptd's `/v1/stats`.
+pub async fn stats(d: &LocalDaemon) -> serde_json::Value {
+    reqwest::get(format!("{}/v1/stats", d.url())).await.expect("stats").json().await.expect("stats json")
+}
+
+/// Waits until ckptd has no staged chunk left to upload.
+pub async fn wait_uploads_drained(d: &LocalDaemon) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = stats(d).await;
+        if s["staging"]["chunks_pending"].as_u64() == Some(0) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "uploads did not drain: {s}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Peak resident memory of a process, from /proc (VmHWM), in bytes.
+pub fn peak_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .expect("VmHWM in /proc status")
 }

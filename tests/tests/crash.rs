@@ -90,8 +90,10 @@ async fn sigkill_from_outside_mid_save_then_resume_without_resending() {
         let mut d = start_daemon(dir.path()).await;
         let states: Vec<_> = (0..WORLD).map(|r| rank_tensors(seed, r, WORLD, 8 << 20)).collect();
         let c = client(&d);
-        // Rank 0 finishes its part; rank 1 never starts: the save is half done.
-        c.save(&spec("job", 5, 0, WORLD), &states[0], ckpt_client::Wait::Accepted).await.unwrap();
+        // Rank 0 finishes its part; rank 1 never starts: the save is half done. Once ckptd
+        // reports nothing left to upload, rank 0's chunks are durable.
+        c.save(&spec("job", 5, 0, WORLD), &states[0], ckpt_client::Wait::Staged).await.unwrap();
+        wait_uploads_drained(&d).await;
         d.kill();
         d.restart().await.unwrap();
         let c = client(&d);
@@ -100,7 +102,7 @@ async fn sigkill_from_outside_mid_save_then_resume_without_resending() {
         assert_eq!(list.in_flight.len(), 1);
         assert_eq!(list.in_flight[0].ranks_received, 1, "rank 0's acked index survived the crash");
         // Rank 0's chunks are durable: its retry sends nothing.
-        let again = c.save(&spec("job", 5, 0, WORLD), &states[0], ckpt_client::Wait::Accepted).await.unwrap();
+        let again = c.save(&spec("job", 5, 0, WORLD), &states[0], ckpt_client::Wait::Staged).await.unwrap();
         assert_eq!(again.bytes_sent, 0, "durable chunks were sent again");
         c.save(&spec("job", 5, 1, WORLD), &states[1], ckpt_client::Wait::Committed).await.unwrap();
         for r in 0..WORLD {

@@ -25,7 +25,7 @@ async fn two_daemons_race_to_commit_the_same_step() {
 
         // Identical content through both: both succeed, one manifest.
         for c in [&ca, &cb] {
-            c.save(&spec("job", 1, 0, world), &states[0], Wait::Accepted).await.unwrap();
+            c.save(&spec("job", 1, 0, world), &states[0], Wait::Staged).await.unwrap();
         }
         let s1 = spec("job", 1, 1, world);
         let (ra, rb) =
@@ -41,8 +41,8 @@ async fn two_daemons_race_to_commit_the_same_step() {
         sa.metadata = serde_json::json!({ "writer": "a" });
         let mut sb = sa.clone();
         sb.metadata = serde_json::json!({ "writer": "b" });
-        ca.save(&sa, &states[0], Wait::Accepted).await.unwrap();
-        cb.save(&sb, &states[0], Wait::Accepted).await.unwrap();
+        ca.save(&sa, &states[0], Wait::Staged).await.unwrap();
+        cb.save(&sb, &states[0], Wait::Staged).await.unwrap();
         let (mut sa1, mut sb1) = (sa.clone(), sb.clone());
         sa1.rank = 1;
         sb1.rank = 1;

@@ -335,7 +335,7 @@ async fn save_all(
             created_unix_ms: None,
         };
         let tensors = states[r as usize].clone();
-        async move { client.save(&spec, &tensors, Wait::Accepted).await }
+        async move { client.save(&spec, &tensors, Wait::Staged).await }
     });
     let reports = futures::future::try_join_all(futs).await?;
     Ok((reports.iter().map(|r| r.bytes_sent).sum(), reports.iter().map(|r| r.bytes_total).sum()))

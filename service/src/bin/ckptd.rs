@@ -37,12 +37,35 @@ struct Args {
     /// Saves in flight at once.
     #[arg(long, env = "CKPTD_SAVES_IN_FLIGHT_MAX")]
     saves_in_flight_max: Option<usize>,
+    /// Chunk bytes held in memory (staging budget).
+    #[arg(long, env = "CKPTD_STAGING_MEMORY_BYTES_MAX")]
+    staging_memory_bytes_max: Option<u64>,
+    /// Chunk bytes staged on the spill disk.
+    #[arg(long, env = "CKPTD_STAGING_SPILL_BYTES_MAX")]
+    staging_spill_bytes_max: Option<u64>,
+    /// Upload pace in bytes per second (0: unlimited).
+    #[arg(long, env = "CKPTD_UPLOAD_BYTES_PER_S")]
+    upload_bytes_per_s: Option<u64>,
+    /// Uploads in flight.
+    #[arg(long, env = "CKPTD_UPLOAD_CONCURRENCY")]
+    upload_concurrency: Option<usize>,
+    /// zstd level (0: off).
+    #[arg(long, env = "CKPTD_COMPRESSION_LEVEL")]
+    compression_level: Option<i32>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
 }
 
 fn main() -> anyhow::Result<()> {
+    // Chunk buffers are megabytes; with glibc's adaptive threshold, freed ones would stay in the
+    // heap and RSS would drift above the staging budget. A fixed threshold maps every buffer of
+    // 1 MiB or more separately and returns it to the OS when it is freed.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes the allocator; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
     let args = Args::parse();
     let mut config = match &args.config {
         Some(p) => Config::from_toml_file(p)?,
@@ -68,6 +91,21 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(v) = args.saves_in_flight_max {
         config.saves_in_flight_max = v;
+    }
+    if let Some(v) = args.staging_memory_bytes_max {
+        config.staging_memory_bytes_max = v;
+    }
+    if let Some(v) = args.staging_spill_bytes_max {
+        config.staging_spill_bytes_max = v;
+    }
+    if let Some(v) = args.upload_bytes_per_s {
+        config.upload_bytes_per_s = v;
+    }
+    if let Some(v) = args.upload_concurrency {
+        config.upload_concurrency = v;
+    }
+    if let Some(v) = args.compression_level {
+        config.compression_level = v;
     }
     config.validate()?;
     if args.print_config {

@@ -1,0 +1,516 @@
+//! The staging tier and the upload queue: how ckptd absorbs a save burst at memory or local-disk
+//! speed and drains it to the object store at the pace the store can take.
+//!
+//! Design note.
+//! * Admission: a chunk upload first reserves its length from the memory budget
+//!   (`staging_memory_bytes_max`) and is then read into memory. When memory is full it is streamed
+//!   to the spill directory instead (`staging_spill_bytes_max`), hashing as it goes, so a spilled
+//!   chunk never occupies more than a network frame of memory. When both are full the request
+//!   waits up to `busy_wait_ms` for memory and is then refused with 503 + Retry-After. Every
+//!   chunk byte ckptd holds in memory is inside the budget; the rest is a fixed per-worker
+//!   allowance (see `memory_overhead_bytes`).
+//! * Staged → durable: each staged chunk is queued for upload. A dispatcher runs at most
+//!   `upload_concurrency` uploads, optionally paced to `upload_bytes_per_s`. Transient store
+//!   errors are retried with capped exponential backoff for as long as ckptd runs; a permanent
+//!   error fails the chunk, and the coordinator aborts every save that references it. Only
+//!   after the put returns is the chunk recorded durable and its staging space released.
+//! * Crash consistency: memory-staged chunks are lost with the process (their ack said
+//!   "staged", not "durable"; the client re-sends what `missing` reports). Spilled chunks are
+//!   fsync'd before the ack and named `<job>/<hash>` in the spill directory, which is itself the
+//!   journal of staged data: at start-up every spill file is re-verified and re-queued.
+//! * Compression: zstd per chunk at `compression_level` on a blocking thread. A 256 KiB sample is
+//!   compressed first; a chunk whose sample saves less than `compression_min_savings_pct` is stored
+//!   raw (fp32 weights barely compress), as is a chunk whose full compression saves too little.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use ckpt_core::{ChunkHash, ChunkHeader, Codec, CHUNK_HEADER_BYTES};
+use futures::{Stream, StreamExt};
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+use crate::error::{join_error, ServiceError};
+use crate::store::Store;
+
+const COMPRESSION_SAMPLE_BYTES: usize = 256 << 10;
+
+#[derive(Debug, Clone)]
+pub struct StagingConfig {
+    pub memory_bytes_max: u64,
+    pub spill_bytes_max: u64,
+    pub spill_dir: PathBuf,
+    pub upload_concurrency: usize,
+    pub upload_bytes_per_s: u64,
+    pub upload_queue_max: usize,
+    pub compression_level: i32,
+    pub compression_min_savings_pct: u32,
+    pub busy_wait: Duration,
+    pub chunk_bytes_max: u64,
+}
+
+/// Where a staged chunk's bytes are while it waits for upload.
+enum Held {
+    Memory(Bytes, OwnedSemaphorePermit),
+    Spill(PathBuf, Option<OwnedSemaphorePermit>),
+}
+
+pub struct Staged {
+    pub job: String,
+    pub hash: ChunkHash,
+    pub raw_len: u64,
+    held: Held,
+}
+
+/// What the upload queue tells the coordinator.
+#[derive(Debug)]
+pub enum UploadEvent {
+    Durable { job: String, hash: ChunkHash },
+    Failed { job: String, hash: ChunkHash, reason: String },
+}
+
+#[derive(Default, Serialize)]
+pub struct StagingStats {
+    pub memory_bytes: u64,
+    pub memory_bytes_max: u64,
+    pub spill_bytes: u64,
+    pub spill_bytes_max: u64,
+    pub chunks_pending: u64,
+    pub chunks_staged_memory: u64,
+    pub chunks_staged_spill: u64,
+    pub chunks_uploaded: u64,
+    pub raw_bytes_uploaded: u64,
+    pub stored_bytes_uploaded: u64,
+    pub chunks_compressed: u64,
+    pub busy_rejections: u64,
+    pub upload_retries: u64,
+    pub upload_failures: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    chunks_staged_memory: AtomicU64,
+    chunks_staged_spill: AtomicU64,
+    chunks_uploaded: AtomicU64,
+    raw_bytes_uploaded: AtomicU64,
+    stored_bytes_uploaded: AtomicU64,
+    chunks_compressed: AtomicU64,
+    busy_rejections: AtomicU64,
+    upload_retries: AtomicU64,
+    upload_failures: AtomicU64,
+}
+
+pub struct Staging {
+    cfg: StagingConfig,
+    memory: Arc<Semaphore>,
+    spill: Arc<Semaphore>,
+    queue: mpsc::Sender<Staged>,
+    pending: Mutex<HashSet<(String, ChunkHash)>>,
+    counters: Counters,
+}
+
+fn permits(bytes: u64) -> u32 {
+    // Chunks are at most 1 GiB (config validation), so this never saturates in practice.
+    bytes.min(u32::MAX as u64) as u32
+}
+
+impl Staging {
+    /// Creates the staging tier and starts the upload dispatcher. Upload outcomes are sent on
+    /// `events`.
+    pub fn start(
+        cfg: StagingConfig,
+        store: Store,
+        index: crate::index::Index,
+        events: mpsc::UnboundedSender<UploadEvent>,
+    ) -> Arc<Staging> {
+        let (tx, rx) = mpsc::channel(cfg.upload_queue_max.max(1));
+        let staging = Arc::new(Staging {
+            memory: Arc::new(Semaphore::new(cfg.memory_bytes_max as usize)),
+            spill: Arc::new(Semaphore::new(cfg.spill_bytes_max as usize)),
+            queue: tx,
+            pending: Mutex::new(HashSet::new()),
+            counters: Counters::default(),
+            cfg,
+        });
+        tokio::spawn(dispatch(staging.clone(), rx, store, index, events));
+        staging
+    }
+
+    /// The most memory ckptd uses for chunk data beyond `staging_memory_bytes_max`: each upload
+    /// worker may hold a spilled chunk it read back and a compressed copy.
+    pub fn memory_overhead_bytes(&self) -> u64 {
+        self.cfg.upload_concurrency as u64 * 2 * self.cfg.chunk_bytes_max
+    }
+
+    pub fn is_pending(&self, job: &str, hash: &ChunkHash) -> bool {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).contains(&(job.to_string(), *hash))
+    }
+
+    fn set_pending(&self, job: &str, hash: ChunkHash, on: bool) -> bool {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if on {
+            p.insert((job.to_string(), hash))
+        } else {
+            p.remove(&(job.to_string(), hash))
+        }
+    }
+
+    pub fn stats(&self) -> StagingStats {
+        let c = &self.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StagingStats {
+            memory_bytes: self.cfg.memory_bytes_max - self.memory.available_permits() as u64,
+            memory_bytes_max: self.cfg.memory_bytes_max,
+            spill_bytes: self.cfg.spill_bytes_max - self.spill.available_permits() as u64,
+            spill_bytes_max: self.cfg.spill_bytes_max,
+            chunks_pending: self.pending.lock().unwrap_or_else(|e| e.into_inner()).len() as u64,
+            chunks_staged_memory: l(&c.chunks_staged_memory),
+            chunks_staged_spill: l(&c.chunks_staged_spill),
+            chunks_uploaded: l(&c.chunks_uploaded),
+            raw_bytes_uploaded: l(&c.raw_bytes_uploaded),
+            stored_bytes_uploaded: l(&c.stored_bytes_uploaded),
+            chunks_compressed: l(&c.chunks_compressed),
+            busy_rejections: l(&c.busy_rejections),
+            upload_retries: l(&c.upload_retries),
+            upload_failures: l(&c.upload_failures),
+        }
+    }
+
+    fn spill_path(&self, job: &str, hash: &ChunkHash) -> PathBuf {
+        self.cfg.spill_dir.join(job).join(hash.to_hex())
+    }
+
+    /// Receives a chunk body of `len` bytes, verifies it against `hash`, and stages it.
+    /// Returns once the chunk is staged (in memory, or fsync'd on the spill disk).
+    pub async fn stage<S>(&self, job: &str, hash: ChunkHash, len: u64, body: S) -> Result<(), ServiceError>
+    where
+        S: Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
+    {
+        let n = permits(len);
+        let held = if let Ok(p) = self.memory.clone().try_acquire_many_owned(n) {
+            self.receive_to_memory(hash, len, body, p).await?
+        } else if let Ok(p) = self.spill.clone().try_acquire_many_owned(n) {
+            self.receive_to_spill(job, hash, len, body, p).await?
+        } else {
+            match tokio::time::timeout(self.cfg.busy_wait, self.memory.clone().acquire_many_owned(n)).await {
+                Ok(Ok(p)) => self.receive_to_memory(hash, len, body, p).await?,
+                _ => {
+                    self.counters.busy_rejections.fetch_add(1, Ordering::Relaxed);
+                    return Err(ServiceError::Busy(format!(
+                        "staging is full ({} MiB memory, {} MiB spill)",
+                        self.cfg.memory_bytes_max >> 20,
+                        self.cfg.spill_bytes_max >> 20
+                    )));
+                }
+            }
+        };
+        if !self.set_pending(job, hash, true) {
+            // A concurrent upload of the same chunk got here first; this copy is redundant.
+            if let Held::Spill(p, _) = &held {
+                let _ = tokio::fs::remove_file(p).await;
+            }
+            return Ok(());
+        }
+        let staged = Staged { job: job.to_string(), hash, raw_len: len, held };
+        if self.queue.send(staged).await.is_err() {
+            self.set_pending(job, hash, false);
+            return Err(ServiceError::Busy("upload queue closed (shutting down)".into()));
+        }
+        Ok(())
+    }
+
+    async fn receive_to_memory<S>(
+        &self,
+        hash: ChunkHash,
+        len: u64,
+        mut body: S,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<Held, ServiceError>
+    where
+        S: Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
+    {
+        let mut buf = BytesMut::with_capacity(len as usize);
+        while let Some(frame) = body.next().await {
+            let frame = frame?;
+            if buf.len() + frame.len() > len as usize {
+                return Err(ServiceError::BadRequest(format!("chunk body is longer than its Content-Length {len}")));
+            }
+            buf.extend_from_slice(&frame);
+        }
+        if buf.len() as u64 != len {
+            return Err(ServiceError::BadRequest(format!(
+                "chunk body is {} bytes, Content-Length said {len}",
+                buf.len()
+            )));
+        }
+        let data = buf.freeze();
+        let check = data.clone();
+        tokio::task::spawn_blocking(move || hash.verify(&check)).await.map_err(join_error)??;
+        self.counters.chunks_staged_memory.fetch_add(1, Ordering::Relaxed);
+        Ok(Held::Memory(data, permit))
+    }
+
+    async fn receive_to_spill<S>(
+        &self,
+        job: &str,
+        hash: ChunkHash,
+        len: u64,
+        mut body: S,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<Held, ServiceError>
+    where
+        S: Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
+    {
+        let path = self.spill_path(job, &hash);
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        tokio::fs::create_dir_all(&dir).await?;
+        // A unique temporary name: two uploads of the same chunk may race here.
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let tmp = dir.join(format!(".{}.{}.tmp", hash.to_hex(), SEQ.fetch_add(1, Ordering::Relaxed)));
+        let result = async {
+            let mut file = tokio::fs::File::create(&tmp).await?;
+            let mut hasher = blake3::Hasher::new();
+            let mut written = 0u64;
+            while let Some(frame) = body.next().await {
+                let frame = frame?;
+                written += frame.len() as u64;
+                if written > len {
+                    return Err(ServiceError::BadRequest(format!(
+                        "chunk body is longer than its Content-Length {len}"
+                    )));
+                }
+                hasher.update(&frame);
+                file.write_all(&frame).await?;
+            }
+            if written != len {
+                return Err(ServiceError::BadRequest(format!(
+                    "chunk body is {written} bytes, Content-Length said {len}"
+                )));
+            }
+            let actual = ChunkHash(*hasher.finalize().as_bytes());
+            if actual != hash {
+                return Err(ckpt_core::CoreError::HashMismatch { expected: hash, actual }.into());
+            }
+            file.sync_data().await?;
+            drop(file);
+            tokio::fs::rename(&tmp, &path).await?;
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
+        self.counters.chunks_staged_spill.fetch_add(1, Ordering::Relaxed);
+        Ok(Held::Spill(path, Some(permit)))
+    }
+
+    /// Re-queues the chunks a previous ckptd left in the spill directory. Files that fail
+    /// verification, and chunks already durable, are removed.
+    pub async fn recover_spill(&self, index: &crate::index::Index) -> Result<usize, ServiceError> {
+        let root = self.cfg.spill_dir.clone();
+        let idx = index.clone();
+        let found =
+            tokio::task::spawn_blocking(move || -> Result<Vec<(String, ChunkHash, PathBuf, u64)>, ServiceError> {
+                let mut out = Vec::new();
+                let Ok(jobs) = std::fs::read_dir(&root) else { return Ok(out) };
+                for job_dir in jobs.flatten() {
+                    let job = job_dir.file_name().to_string_lossy().into_owned();
+                    if ckpt_core::validate_job(&job).is_err() {
+                        continue;
+                    }
+                    for f in std::fs::read_dir(job_dir.path())?.flatten() {
+                        let name = f.file_name().to_string_lossy().into_owned();
+                        let path = f.path();
+                        let Ok(hash) = name.parse::<ChunkHash>() else {
+                            // Temporary files of uploads that never finished.
+                            let _ = std::fs::remove_file(&path);
+                            continue;
+                        };
+                        let data = std::fs::read(&path)?;
+                        if hash.verify(&data).is_err() || idx.has_chunk(&job, &hash)? {
+                            let _ = std::fs::remove_file(&path);
+                            continue;
+                        }
+                        out.push((job.clone(), hash, path, data.len() as u64));
+                    }
+                }
+                Ok(out)
+            })
+            .await
+            .map_err(join_error)??;
+        let n = found.len();
+        for (job, hash, path, len) in found {
+            let permit = self.spill.clone().try_acquire_many_owned(permits(len)).ok();
+            self.set_pending(&job, hash, true);
+            let staged = Staged { job, hash, raw_len: len, held: Held::Spill(path, permit) };
+            if self.queue.send(staged).await.is_err() {
+                return Err(ServiceError::Internal("upload queue closed during recovery".into()));
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// Paces uploads to a byte rate: each upload books its share of time on a shared timeline.
+struct Pacer {
+    bytes_per_s: u64,
+    next: tokio::sync::Mutex<Instant>,
+}
+
+impl Pacer {
+    async fn wait(&self, bytes: u64) {
+        if self.bytes_per_s == 0 {
+            return;
+        }
+        let slot = {
+            let mut next = self.next.lock().await;
+            let now = Instant::now();
+            let start = (*next).max(now);
+            *next = start + Duration::from_secs_f64(bytes as f64 / self.bytes_per_s as f64);
+            start
+        };
+        tokio::time::sleep_until(slot.into()).await;
+    }
+}
+
+async fn dispatch(
+    staging: Arc<Staging>,
+    mut rx: mpsc::Receiver<Staged>,
+    store: Store,
+    index: crate::index::Index,
+    events: mpsc::UnboundedSender<UploadEvent>,
+) {
+    let workers = Arc::new(Semaphore::new(staging.cfg.upload_concurrency.max(1)));
+    let pacer =
+        Arc::new(Pacer { bytes_per_s: staging.cfg.upload_bytes_per_s, next: tokio::sync::Mutex::new(Instant::now()) });
+    while let Some(staged) = rx.recv().await {
+        let Ok(worker) = workers.clone().acquire_owned().await else { break };
+        let (staging, store, index, events, pacer) =
+            (staging.clone(), store.clone(), index.clone(), events.clone(), pacer.clone());
+        tokio::spawn(async move {
+            let (job, hash) = (staged.job.clone(), staged.hash);
+            let event = match upload(&staging, &store, &index, &pacer, staged).await {
+                Ok(()) => UploadEvent::Durable { job: job.clone(), hash },
+                Err(e) => {
+                    staging.counters.upload_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(job, %hash, error = %e, "chunk upload failed permanently");
+                    UploadEvent::Failed { job: job.clone(), hash, reason: e.to_string() }
+                }
+            };
+            staging.set_pending(&job, hash, false);
+            let _ = events.send(event);
+            drop(worker);
+        });
+    }
+}
+
+/// Compresses when it pays: the sample decides whether to try at all.
+fn encode(raw: &Bytes, level: i32, min_savings_pct: u32) -> (Codec, Bytes) {
+    if level == 0 || raw.len() < 4096 {
+        return (Codec::None, raw.clone());
+    }
+    let worth = |original: usize, compressed: usize| {
+        (compressed as u64) * 100 <= original as u64 * (100 - min_savings_pct as u64)
+    };
+    let sample = &raw[..raw.len().min(COMPRESSION_SAMPLE_BYTES)];
+    match zstd::bulk::compress(sample, level) {
+        Ok(c) if worth(sample.len(), c.len()) => {}
+        _ => return (Codec::None, raw.clone()),
+    }
+    match zstd::bulk::compress(raw, level) {
+        Ok(c) if worth(raw.len(), c.len()) => (Codec::Zstd, Bytes::from(c)),
+        _ => (Codec::None, raw.clone()),
+    }
+}
+
+async fn upload(
+    staging: &Staging,
+    store: &Store,
+    index: &crate::index::Index,
+    pacer: &Pacer,
+    staged: Staged,
+) -> Result<(), ServiceError> {
+    let Staged { job, hash, raw_len, held } = staged;
+    let (raw, _permit_memory, _permit_spill, spill_path) = match held {
+        Held::Memory(b, p) => (b, Some(p), None, None),
+        Held::Spill(path, p) => {
+            let read_path = path.clone();
+            let data = tokio::task::spawn_blocking(move || -> Result<Bytes, ServiceError> {
+                let data = Bytes::from(std::fs::read(&read_path)?);
+                // The spill disk is outside the checked path: verify before it becomes durable.
+                hash.verify(&data)?;
+                Ok(data)
+            })
+            .await
+            .map_err(join_error)??;
+            (data, None, p, Some(path))
+        }
+    };
+    debug_assert_eq!(raw.len() as u64, raw_len);
+    let (level, min_savings) = (staging.cfg.compression_level, staging.cfg.compression_min_savings_pct);
+    let to_encode = raw.clone();
+    let (codec, payload) =
+        tokio::task::spawn_blocking(move || encode(&to_encode, level, min_savings)).await.map_err(join_error)?;
+    drop(raw);
+    let header = ChunkHeader { codec, raw_len, hash };
+    let stored_len = (payload.len() + CHUNK_HEADER_BYTES) as u64;
+    pacer.wait(stored_len).await;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match store.put_chunk(&job, &hash, Bytes::copy_from_slice(&header.encode()), payload.clone()).await {
+            Ok(()) => break,
+            Err(e) if e.is_permanent() => return Err(e.into()),
+            Err(e) => {
+                staging.counters.upload_retries.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(job, %hash, error = %e, retry_in_ms = delay.as_millis() as u64, "upload failed, will retry");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+    let (j, idx) = (job.clone(), index.clone());
+    tokio::task::spawn_blocking(move || idx.put_chunk(&j, &hash, stored_len)).await.map_err(join_error)??;
+    fail::fail_point!("ckptd::chunk::after_put", |_| crate::coordinator::crash_now("ckptd::chunk::after_put"));
+    let c = &staging.counters;
+    c.chunks_uploaded.fetch_add(1, Ordering::Relaxed);
+    c.raw_bytes_uploaded.fetch_add(raw_len, Ordering::Relaxed);
+    c.stored_bytes_uploaded.fetch_add(stored_len, Ordering::Relaxed);
+    if codec == Codec::Zstd {
+        c.chunks_compressed.fetch_add(1, Ordering::Relaxed);
+    }
+    if let Some(p) = spill_path {
+        let _ = tokio::fs::remove_file(p).await;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compression_only_when_it_pays() {
+        let zeros = Bytes::from(vec![0u8; 1 << 20]);
+        let (codec, payload) = encode(&zeros, 3, 10);
+        assert_eq!(codec, Codec::Zstd);
+        assert!(payload.len() < 1 << 16);
+        assert_eq!(zstd::bulk::decompress(&payload, 1 << 20).unwrap(), zeros.to_vec());
+        let mut noise = vec![0u8; 1 << 20];
+        let mut x = 0x9e3779b97f4a7c15u64;
+        for b in noise.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        let noise = Bytes::from(noise);
+        assert_eq!(encode(&noise, 3, 10).0, Codec::None, "random bytes are stored raw");
+        assert_eq!(encode(&zeros, 0, 10).0, Codec::None, "level 0 turns compression off");
+    }
+}
