@@ -16,7 +16,7 @@
 //!   after the put returns is the chunk recorded durable and its staging space released.
 //! * Crash consistency: memory-staged chunks are lost with the process (their ack said
 //!   "staged", not "durable"; the client re-sends what `missing` reports). Spilled chunks are
-//!   fsync'd before the ack and named `<job>/<hash>` in the spill directory, which is itself the
+//!   fsync'd before the ack and named `<job>/<hash>.<unique>` in the spill directory, which is the
 //!   journal of staged data: at start-up every spill file is re-verified and re-queued.
 //! * Compression: zstd per chunk at `compression_level` on a blocking thread. A 256 KiB sample is
 //!   compressed first; a chunk whose sample saves less than `compression_min_savings_pct` is stored
@@ -181,8 +181,18 @@ impl Staging {
         }
     }
 
-    fn spill_path(&self, job: &str, hash: &ChunkHash) -> PathBuf {
-        self.cfg.spill_dir.join(job).join(hash.to_hex())
+    /// Each spilled copy gets its own file, `<hash>.<unique>`: two ranks may upload the same
+    /// chunk at once, and the copy that loses the race must not remove the winner's file.
+    fn spill_paths(&self, job: &str, hash: &ChunkHash) -> (PathBuf, PathBuf) {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        static EPOCH: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
+        let epoch = EPOCH.get_or_init(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+        });
+        let unique = format!("{epoch}-{}", SEQ.fetch_add(1, Ordering::Relaxed));
+        let dir = self.cfg.spill_dir.join(job);
+        let hex = hash.to_hex();
+        (dir.join(format!(".{hex}.{unique}.tmp")), dir.join(format!("{hex}.{unique}")))
     }
 
     /// Receives a chunk body of `len` bytes, verifies it against `hash`, and stages it.
@@ -266,12 +276,9 @@ impl Staging {
     where
         S: Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
     {
-        let path = self.spill_path(job, &hash);
+        let (tmp, path) = self.spill_paths(job, &hash);
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         tokio::fs::create_dir_all(&dir).await?;
-        // A unique temporary name: two uploads of the same chunk may race here.
-        static SEQ: AtomicU64 = AtomicU64::new(0);
-        let tmp = dir.join(format!(".{}.{}.tmp", hash.to_hex(), SEQ.fetch_add(1, Ordering::Relaxed)));
         let result = async {
             let mut file = tokio::fs::File::create(&tmp).await?;
             let mut hasher = blake3::Hasher::new();
@@ -327,7 +334,7 @@ impl Staging {
                     for f in std::fs::read_dir(job_dir.path())?.flatten() {
                         let name = f.file_name().to_string_lossy().into_owned();
                         let path = f.path();
-                        let Ok(hash) = name.parse::<ChunkHash>() else {
+                        let Some(Ok(hash)) = name.split('.').next().map(str::parse::<ChunkHash>) else {
                             // Temporary files of uploads that never finished.
                             let _ = std::fs::remove_file(&path);
                             continue;
