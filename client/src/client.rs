@@ -273,13 +273,7 @@ impl Client {
             t.check()?;
         }
         let job = &spec.job;
-        let open = serde_json::json!({
-            "world_size": spec.world_size,
-            "metadata": spec.metadata,
-            "created_unix_ms": spec.created_unix_ms,
-        });
-        let status: SaveStatus =
-            self.send_json(reqwest::Method::PUT, &format!("/v1/jobs/{job}/saves/{}", spec.step), &open).await?;
+        let status = self.open_save(spec).await?;
         if status.phase == SavePhase::Committed {
             return Ok(SaveReport {
                 chunks_total: 0,
@@ -331,6 +325,17 @@ impl Client {
             status,
             elapsed_ms: started.elapsed().as_millis() as u64,
         })
+    }
+
+    /// Opens (or re-opens) the save `spec` belongs to. Idempotent.
+    pub async fn open_save(&self, spec: &SaveSpec) -> Result<SaveStatus, ClientError> {
+        validate_job(&spec.job)?;
+        let open = serde_json::json!({
+            "world_size": spec.world_size,
+            "metadata": spec.metadata,
+            "created_unix_ms": spec.created_unix_ms,
+        });
+        self.send_json(reqwest::Method::PUT, &format!("/v1/jobs/{}/saves/{}", spec.job, spec.step), &open).await
     }
 
     /// Cuts tensors into chunks and hashes them on blocking threads, all cores at once.
@@ -399,6 +404,12 @@ impl Client {
         self.request(reqwest::Method::PUT, &format!("/v1/jobs/{job}/chunks/{hash}"), Body::Bytes(data))
             .await
             .map(|_| ())
+    }
+
+    /// Sends one rank's shard index (its chunks must already be staged or durable). For
+    /// callers that stream their own chunks; `save` does this for you.
+    pub async fn put_shard_index(&self, job: &str, step: u64, index: &ShardIndex) -> Result<SaveStatus, ClientError> {
+        self.send_json(reqwest::Method::PUT, &format!("/v1/jobs/{job}/saves/{step}/ranks/{}", index.rank), index).await
     }
 
     pub async fn save_status(&self, job: &str, step: u64) -> Result<SaveStatus, ClientError> {

@@ -7,6 +7,7 @@
 //! before returning a byte of it.
 
 pub mod async_save;
+pub mod bench;
 pub mod client;
 pub mod error;
 pub mod local;

@@ -62,6 +62,27 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Benchmark a save burst through a private ckptd against this machine's limits (memcpy,
+    /// fsync'd write, read, blake3), all measured in the same run; prints one table.
+    Bench {
+        /// Directory on the disk to measure (store, spill and the raw-write file go here).
+        #[arg(long, default_value = "ckpt-bench")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 4)]
+        ranks: u32,
+        #[arg(long, default_value_t = 512)]
+        mib: u64,
+        /// ckptd's staging memory budget.
+        #[arg(long, default_value_t = 1024)]
+        staging_mib: u64,
+        #[arg(long, default_value_t = 4)]
+        chunk_mib: u64,
+        /// Also stream a burst of this many GiB and report ckptd's peak RSS (0: skip).
+        #[arg(long, default_value_t = 0)]
+        rss_burst_gib: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Start a private ckptd, save a multi-rank checkpoint, crash ckptd mid-save, restart it,
     /// finish the save, restore and verify, and show a corrupted chunk being caught.
     Demo {
@@ -263,6 +284,21 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
         }
         Cmd::Demo { ranks, mib: size, dir, seed } => return demo(ranks, size, dir, seed).await,
+        Cmd::Bench { dir, ranks, mib, staging_mib, chunk_mib, rss_burst_gib, seed } => {
+            if ranks == 0 || mib == 0 || chunk_mib == 0 {
+                bail!("--ranks, --mib and --chunk-mib must be positive");
+            }
+            ckpt_client::bench::run(ckpt_client::bench::BenchOptions {
+                dir,
+                ranks,
+                mib_per_rank: mib,
+                staging_mib,
+                chunk_mib,
+                rss_burst_gib,
+                seed,
+            })
+            .await?;
+        }
     }
     Ok(0)
 }

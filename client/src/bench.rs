@@ -1,0 +1,413 @@
+//! `ckpt bench`: the burst benchmark. Measures the machine's limits and ckpt against them in
+//! one run, and prints one table of figures, limits and ratios.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ckpt_core::chunk::chunk_ranges;
+use ckpt_core::{ChunkHash, ChunkRef, DType, ShardIndex, TensorEntry};
+use rand::{RngCore, SeedableRng};
+
+use crate::async_save::AsyncSaver;
+use crate::client::{Client, ClientOptions, SaveSpec, Wait};
+use crate::error::ClientError;
+use crate::local::{find_ckptd, DaemonOptions, LocalDaemon};
+use crate::tensor::Tensor;
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub dir: PathBuf,
+    pub ranks: u32,
+    pub mib_per_rank: u64,
+    pub staging_mib: u64,
+    pub chunk_mib: u64,
+    /// Also push a burst of this many GiB (streamed, not held by the benchmark) and report
+    /// ckptd's peak RSS for it; 0 skips it.
+    pub rss_burst_gib: u64,
+    pub seed: u64,
+}
+
+const MIB: u64 = 1 << 20;
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64().max(1e-9)
+}
+
+fn mibps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / MIB as f64 / secs(d)
+}
+
+/// Peak resident memory of a process (VmHWM), in bytes.
+pub fn peak_rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse::<u64>().ok()?;
+    Some(kb * 1024)
+}
+
+struct Row {
+    figure: String,
+    value: String,
+    limit: String,
+    ratio: Option<f64>,
+    target: String,
+    pass: Option<bool>,
+}
+
+fn random_rank(seed: u64, rank: u32, bytes: u64) -> Vec<u8> {
+    let mut v = vec![0u8; bytes as usize];
+    rand::rngs::StdRng::seed_from_u64(seed ^ ((rank as u64 + 1) << 40)).fill_bytes(&mut v);
+    v
+}
+
+/// The rank's state as fp32 tensors of 64 MiB (the last may be shorter).
+fn as_tensors(rank: u32, ranks: u32, data: &Bytes) -> Vec<Tensor> {
+    let piece = 64 * MIB;
+    chunk_ranges(data.len() as u64, piece)
+        .enumerate()
+        .map(|(i, r)| {
+            let elems = (r.end - r.start) / 4;
+            Tensor {
+                name: format!("layers.{i}.weight"),
+                dtype: DType::F32,
+                shape: vec![elems],
+                global_shape: vec![elems * ranks as u64],
+                offsets: vec![elems * rank as u64],
+                data: data.slice(r.start as usize..r.end as usize),
+            }
+        })
+        .collect()
+}
+
+fn limit_memcpy(sources: &[Bytes]) -> Duration {
+    let mut dsts: Vec<Vec<u8>> = sources.iter().map(|s| vec![1u8; s.len()]).collect();
+    std::thread::scope(|sc| {
+        let handles: Vec<_> = sources
+            .iter()
+            .zip(dsts.iter_mut())
+            .map(|(s, d)| {
+                sc.spawn(move || {
+                    let t = Instant::now();
+                    d.copy_from_slice(s);
+                    t.elapsed()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_default()).max().unwrap_or_default()
+    })
+}
+
+fn limit_write_read(dir: &Path, sources: &[Bytes]) -> std::io::Result<(Duration, Duration, u64)> {
+    let path = dir.join("raw-limit.bin");
+    let t = Instant::now();
+    let mut f = std::fs::File::create(&path)?;
+    let mut total = 0u64;
+    for s in sources {
+        for piece in s.chunks(4 * MIB as usize) {
+            f.write_all(piece)?;
+            total += piece.len() as u64;
+        }
+    }
+    f.sync_data()?;
+    drop(f);
+    let write = t.elapsed();
+    let t = Instant::now();
+    let mut f = std::fs::File::open(&path)?;
+    let mut buf = vec![0u8; 4 * MIB as usize];
+    while f.read(&mut buf)? > 0 {}
+    let read = t.elapsed();
+    std::fs::remove_file(&path)?;
+    Ok((write, read, total))
+}
+
+fn limit_blake3(sources: &[Bytes], chunk: u64) -> Duration {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let pieces: Vec<&[u8]> = sources.iter().flat_map(|s| s.chunks(chunk as usize)).collect();
+    let t = Instant::now();
+    std::thread::scope(|sc| {
+        for part in pieces.chunks(pieces.len().div_ceil(threads).max(1)) {
+            sc.spawn(move || {
+                for p in part {
+                    std::hint::black_box(blake3::hash(p));
+                }
+            });
+        }
+    });
+    t.elapsed()
+}
+
+async fn start(opts: &BenchOptions, sub: &str) -> Result<LocalDaemon, ClientError> {
+    let dir = opts.dir.join(sub);
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut d = DaemonOptions::in_dir(find_ckptd()?, &dir);
+    d.extra_args = vec![
+        "--staging-memory-bytes-max".into(),
+        (opts.staging_mib * MIB).to_string().into(),
+        "--chunk-bytes-max".into(),
+        (opts.chunk_mib.max(1) * MIB).to_string().into(),
+    ];
+    LocalDaemon::start(d).await
+}
+
+async fn stats(url: &str) -> serde_json::Value {
+    match reqwest::get(format!("{url}/v1/stats")).await {
+        Ok(r) => r.json().await.unwrap_or_default(),
+        Err(_) => serde_json::Value::Null,
+    }
+}
+
+pub async fn run(opts: BenchOptions) -> Result<(), ClientError> {
+    let io = |e: std::io::Error| ClientError::Internal(format!("benchmark i/o: {e}"));
+    std::fs::create_dir_all(&opts.dir).map_err(io)?;
+    let (n, per_rank) = (opts.ranks, opts.mib_per_rank * MIB);
+    let total = n as u64 * per_rank;
+    println!("ckpt bench: {n} ranks x {} MiB = {} MiB, staging {} MiB, chunks {} MiB, in {}", opts.mib_per_rank, total / MIB, opts.staging_mib, opts.chunk_mib, opts.dir.display());
+    let sources: Vec<Bytes> = (0..n).map(|r| Bytes::from(random_rank(opts.seed, r, per_rank))).collect();
+
+    // 1. The machine's limits, on the same bytes and the same disk.
+    let memcpy = limit_memcpy(&sources);
+    let (write, read, raw_bytes) = limit_write_read(&opts.dir, &sources).map_err(io)?;
+    let hash = limit_blake3(&sources, opts.chunk_mib * MIB);
+    let (write_bw, read_bw, hash_bw) = (mibps(raw_bytes, write), mibps(raw_bytes, read), mibps(total, hash));
+    println!("limits: memcpy per rank {:.3}s, fsync'd write {write_bw:.0} MiB/s, read {read_bw:.0} MiB/s, blake3 {hash_bw:.0} MiB/s", secs(memcpy));
+
+    // 2. The burst through ckptd.
+    let daemon = start(&opts, "run").await?;
+    let url = daemon.url();
+    let copts = ClientOptions { chunk_bytes: opts.chunk_mib * MIB, ..ClientOptions::default() };
+    let client = Client::new(&url, copts)?;
+    let savers: Vec<AsyncSaver> = (0..n).map(|_| AsyncSaver::new(client.clone(), per_rank as usize)).collect();
+    let states: Vec<Vec<Tensor>> = (0..n).map(|r| as_tensors(r, n, &sources[r as usize])).collect();
+    let spec = |step: u64, rank: u32| SaveSpec {
+        job: "bench".into(),
+        step,
+        rank,
+        world_size: n,
+        metadata: serde_json::json!({ "bench": true }),
+        rank_metadata: serde_json::Value::Null,
+        created_unix_ms: None,
+    };
+    let burst_start = Instant::now();
+    let tickets = futures::future::try_join_all(savers.iter().zip(states.iter()).enumerate().map(|(r, (saver, st))| {
+        let views: Vec<_> = st.iter().map(Tensor::view).collect();
+        let sp = spec(1, r as u32);
+        async move {
+            let t = Instant::now();
+            let ticket = saver.save(sp, &views, Wait::Staged).await?;
+            Ok::<_, ClientError>((t.elapsed(), ticket))
+        }
+    }))
+    .await?;
+    let stall = tickets.iter().map(|(d, _)| *d).max().unwrap_or_default();
+    let mut sent_full = 0;
+    for (_, t) in tickets {
+        sent_full += t.finish().await?.bytes_sent;
+    }
+    let staged = burst_start.elapsed();
+    client.wait_committed("bench", 1).await?;
+    let committed = burst_start.elapsed();
+    let stored_full = stats(&url).await["staging"]["stored_bytes_uploaded"].as_u64().unwrap_or(0);
+
+    let t = Instant::now();
+    let restored = futures::future::try_join_all((0..n).map(|r| client.load_rank("bench", 1, r))).await?;
+    let restore = t.elapsed();
+    for (r, back) in restored.iter().enumerate() {
+        if *back != states[r] {
+            return Err(ClientError::Internal(format!("rank {r} restored different bytes")));
+        }
+    }
+    drop(restored);
+
+    // 3. Incremental: 10% of each rank's chunks (rounded, evenly spaced) change.
+    let chunk = (opts.chunk_mib * MIB) as usize;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed + 1);
+    let mut chunks_changed = 0usize;
+    let mut chunks_all = 0usize;
+    let changed: Vec<Bytes> = sources
+        .iter()
+        .map(|s| {
+            let mut v = s.to_vec();
+            let count = v.len().div_ceil(chunk);
+            let picks = ((count as f64 * 0.1).round() as usize).max(1);
+            let chosen: std::collections::BTreeSet<usize> = (0..picks).map(|k| k * count / picks).collect();
+            chunks_changed += chosen.len();
+            chunks_all += count;
+            for (i, c) in v.chunks_mut(chunk).enumerate() {
+                if chosen.contains(&i) {
+                    rng.fill_bytes(c);
+                }
+            }
+            Bytes::from(v)
+        })
+        .collect();
+    println!("incremental: {chunks_changed} of {chunks_all} chunks changed ({:.1}%)", 100.0 * chunks_changed as f64 / chunks_all as f64);
+    let states2: Vec<Vec<Tensor>> = (0..n).map(|r| as_tensors(r, n, &changed[r as usize])).collect();
+    let mut sent_incr = 0;
+    let tickets = futures::future::try_join_all(savers.iter().zip(states2.iter()).enumerate().map(|(r, (saver, st))| {
+        let views: Vec<_> = st.iter().map(Tensor::view).collect();
+        let sp = spec(2, r as u32);
+        async move { saver.save(sp, &views, Wait::Committed).await }
+    }))
+    .await?;
+    for t in tickets {
+        sent_incr += t.finish().await?.bytes_sent;
+    }
+    let stored_incr = stats(&url).await["staging"]["stored_bytes_uploaded"].as_u64().unwrap_or(0) - stored_full;
+    let rss = daemon.pid().and_then(peak_rss_bytes).unwrap_or(0);
+    drop(daemon);
+    drop(savers);
+
+    let budget = opts.staging_mib * MIB;
+    let mut rows = vec![
+        Row {
+            figure: "trainer stall per save (max over ranks)".into(),
+            value: format!("{:.3} s", secs(stall)),
+            limit: format!("memcpy {:.3} s", secs(memcpy)),
+            ratio: Some(secs(stall) / secs(memcpy)),
+            target: "<= 1.2".into(),
+            pass: Some(secs(stall) <= 1.2 * secs(memcpy)),
+        },
+        Row {
+            figure: "all staged (acked)".into(),
+            value: format!("{:.2} s, {:.0} MiB/s", secs(staged), mibps(total, staged)),
+            limit: "-".into(),
+            ratio: None,
+            target: "-".into(),
+            pass: None,
+        },
+        Row {
+            figure: "committed (durable) throughput".into(),
+            value: format!("{:.0} MiB/s ({:.2} s)", mibps(total, committed), secs(committed)),
+            limit: format!("fsync'd write {write_bw:.0} MiB/s"),
+            ratio: Some(mibps(total, committed) / write_bw),
+            target: ">= 0.8".into(),
+            pass: Some(mibps(total, committed) >= 0.8 * write_bw),
+        },
+        {
+            let lim = read_bw.min(hash_bw);
+            Row {
+                figure: "restore + verify throughput".into(),
+                value: format!("{:.0} MiB/s ({:.2} s)", mibps(total, restore), secs(restore)),
+                limit: format!("min(read {read_bw:.0}, blake3 {hash_bw:.0}) MiB/s"),
+                ratio: Some(mibps(total, restore) / lim),
+                target: ">= 0.8".into(),
+                pass: Some(mibps(total, restore) >= 0.8 * lim),
+            }
+        },
+        Row {
+            figure: format!("ckptd peak RSS, {} MiB burst", total / MIB),
+            value: format!("{} MiB", rss / MIB),
+            limit: format!("budget {} MiB + 128", budget / MIB),
+            ratio: Some(rss as f64 / (budget + 128 * MIB) as f64),
+            target: "<= 1.0".into(),
+            pass: Some(rss <= budget + 128 * MIB),
+        },
+        Row {
+            figure: "incremental (10% changed): bytes sent".into(),
+            value: format!("{} MiB", sent_incr / MIB),
+            limit: format!("full save {} MiB", sent_full / MIB),
+            ratio: Some(sent_incr as f64 / sent_full.max(1) as f64),
+            target: "<= 0.11".into(),
+            pass: Some(sent_incr * 100 <= sent_full * 11),
+        },
+        Row {
+            figure: "incremental (10% changed): bytes stored".into(),
+            value: format!("{} MiB", stored_incr / MIB),
+            limit: format!("full save {} MiB", stored_full / MIB),
+            ratio: Some(stored_incr as f64 / stored_full.max(1) as f64),
+            target: "<= 0.11".into(),
+            pass: Some(stored_incr * 100 <= stored_full * 11),
+        },
+    ];
+
+    if opts.rss_burst_gib > 0 {
+        rows.push(rss_burst(&opts).await?);
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+/// Streams `rss_burst_gib` of distinct chunks from `ranks` concurrent ranks without holding
+/// them (chunks are generated as they are sent) and reports ckptd's peak RSS.
+async fn rss_burst(opts: &BenchOptions) -> Result<Row, ClientError> {
+    let daemon = start(opts, "rss").await?;
+    let client = Client::new(&daemon.url(), ClientOptions::default())?;
+    let (n, chunk) = (opts.ranks, opts.chunk_mib * MIB);
+    let per_rank = opts.rss_burst_gib * (1 << 30) / n as u64;
+    let chunks_per_rank = per_rank / chunk;
+    let t = Instant::now();
+    futures::future::try_join_all((0..n).map(|rank| {
+        let client = client.clone();
+        let seed = opts.seed;
+        async move {
+            client
+                .open_save(&SaveSpec {
+                    job: "rss".into(),
+                    step: 1,
+                    rank,
+                    world_size: n,
+                    metadata: serde_json::Value::Null,
+                    rank_metadata: serde_json::Value::Null,
+                    created_unix_ms: None,
+                })
+                .await?;
+            let refs = futures::StreamExt::buffered(
+                futures::stream::iter((0..chunks_per_rank).map(|i| {
+                    let client = client.clone();
+                    async move {
+                        let data = tokio::task::spawn_blocking(move || {
+                            let mut v = vec![0u8; chunk as usize];
+                            rand::rngs::StdRng::seed_from_u64(seed ^ ((rank as u64) << 48) ^ i).fill_bytes(&mut v);
+                            let h = ChunkHash::of(&v);
+                            (h, Bytes::from(v))
+                        })
+                        .await
+                        .map_err(|e| ClientError::Internal(e.to_string()))?;
+                        client.put_chunk("rss", data.0, data.1).await?;
+                        Ok::<_, ClientError>(ChunkRef { hash: data.0, len: chunk })
+                    }
+                })),
+                4,
+            );
+            let chunks: Vec<ChunkRef> = futures::TryStreamExt::try_collect(refs).await?;
+            let elems = chunks_per_rank * chunk;
+            let index = ShardIndex {
+                rank,
+                tensors: vec![TensorEntry { name: "state".into(), dtype: DType::U8, shape: vec![elems], global_shape: vec![elems * n as u64], offsets: vec![elems * rank as u64], chunks }],
+                metadata: serde_json::Value::Null,
+            };
+            client.put_shard_index("rss", 1, &index).await
+        }
+    }))
+    .await?;
+    client.wait_committed("rss", 1).await?;
+    let elapsed = t.elapsed();
+    let rss = daemon.pid().and_then(peak_rss_bytes).unwrap_or(0);
+    let budget = opts.staging_mib * MIB;
+    let total = chunks_per_rank * chunk * n as u64;
+    println!("rss burst: {} MiB committed in {:.1} s", total / MIB, secs(elapsed));
+    Ok(Row {
+        figure: format!("ckptd peak RSS, {} MiB streamed burst", total / MIB),
+        value: format!("{} MiB", rss / MIB),
+        limit: format!("budget {} MiB + 128", budget / MIB),
+        ratio: Some(rss as f64 / (budget + 128 * MIB) as f64),
+        target: "<= 1.0".into(),
+        pass: Some(rss <= budget + 128 * MIB),
+    })
+}
+
+fn print_table(rows: &[Row]) {
+    println!();
+    println!("| figure | measured | limit | ratio | target | |");
+    println!("|---|---|---|---|---|---|");
+    for r in rows {
+        let ratio = r.ratio.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
+        let pass = match r.pass {
+            Some(true) => "ok",
+            Some(false) => "MISSED",
+            None => "",
+        };
+        println!("| {} | {} | {} | {} | {} | {} |", r.figure, r.value, r.limit, ratio, r.target, pass);
+    }
+}
