@@ -42,7 +42,14 @@ fn mibps(bytes: u64, d: Duration) -> f64 {
 /// Peak resident memory of a process (VmHWM), in bytes.
 pub fn peak_rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse::<u64>().ok()?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()?;
     Some(kb * 1024)
 }
 
@@ -162,7 +169,14 @@ pub async fn run(opts: BenchOptions) -> Result<(), ClientError> {
     std::fs::create_dir_all(&opts.dir).map_err(io)?;
     let (n, per_rank) = (opts.ranks, opts.mib_per_rank * MIB);
     let total = n as u64 * per_rank;
-    println!("ckpt bench: {n} ranks x {} MiB = {} MiB, staging {} MiB, chunks {} MiB, in {}", opts.mib_per_rank, total / MIB, opts.staging_mib, opts.chunk_mib, opts.dir.display());
+    println!(
+        "ckpt bench: {n} ranks x {} MiB = {} MiB, staging {} MiB, chunks {} MiB, in {}",
+        opts.mib_per_rank,
+        total / MIB,
+        opts.staging_mib,
+        opts.chunk_mib,
+        opts.dir.display()
+    );
     let sources: Vec<Bytes> = (0..n).map(|r| Bytes::from(random_rank(opts.seed, r, per_rank))).collect();
 
     // 1. The machine's limits, on the same bytes and the same disk.
@@ -189,16 +203,17 @@ pub async fn run(opts: BenchOptions) -> Result<(), ClientError> {
         created_unix_ms: None,
     };
     let burst_start = Instant::now();
-    let tickets = futures::future::try_join_all(savers.iter().zip(states.iter()).enumerate().map(|(r, (saver, st))| {
-        let views: Vec<_> = st.iter().map(Tensor::view).collect();
-        let sp = spec(1, r as u32);
-        async move {
-            let t = Instant::now();
-            let ticket = saver.save(sp, &views, Wait::Staged).await?;
-            Ok::<_, ClientError>((t.elapsed(), ticket))
-        }
-    }))
-    .await?;
+    let tickets =
+        futures::future::try_join_all(savers.iter().zip(states.iter()).enumerate().map(|(r, (saver, st))| {
+            let views: Vec<_> = st.iter().map(Tensor::view).collect();
+            let sp = spec(1, r as u32);
+            async move {
+                let t = Instant::now();
+                let ticket = saver.save(sp, &views, Wait::Staged).await?;
+                Ok::<_, ClientError>((t.elapsed(), ticket))
+            }
+        }))
+        .await?;
     let stall = tickets.iter().map(|(d, _)| *d).max().unwrap_or_default();
     let mut sent_full = 0;
     for (_, t) in tickets {
@@ -241,15 +256,19 @@ pub async fn run(opts: BenchOptions) -> Result<(), ClientError> {
             Bytes::from(v)
         })
         .collect();
-    println!("incremental: {chunks_changed} of {chunks_all} chunks changed ({:.1}%)", 100.0 * chunks_changed as f64 / chunks_all as f64);
+    println!(
+        "incremental: {chunks_changed} of {chunks_all} chunks changed ({:.1}%)",
+        100.0 * chunks_changed as f64 / chunks_all as f64
+    );
     let states2: Vec<Vec<Tensor>> = (0..n).map(|r| as_tensors(r, n, &changed[r as usize])).collect();
     let mut sent_incr = 0;
-    let tickets = futures::future::try_join_all(savers.iter().zip(states2.iter()).enumerate().map(|(r, (saver, st))| {
-        let views: Vec<_> = st.iter().map(Tensor::view).collect();
-        let sp = spec(2, r as u32);
-        async move { saver.save(sp, &views, Wait::Committed).await }
-    }))
-    .await?;
+    let tickets =
+        futures::future::try_join_all(savers.iter().zip(states2.iter()).enumerate().map(|(r, (saver, st))| {
+            let views: Vec<_> = st.iter().map(Tensor::view).collect();
+            let sp = spec(2, r as u32);
+            async move { saver.save(sp, &views, Wait::Committed).await }
+        }))
+        .await?;
     for t in tickets {
         sent_incr += t.finish().await?.bytes_sent;
     }
@@ -374,7 +393,14 @@ async fn rss_burst(opts: &BenchOptions) -> Result<Row, ClientError> {
             let elems = chunks_per_rank * chunk;
             let index = ShardIndex {
                 rank,
-                tensors: vec![TensorEntry { name: "state".into(), dtype: DType::U8, shape: vec![elems], global_shape: vec![elems * n as u64], offsets: vec![elems * rank as u64], chunks }],
+                tensors: vec![TensorEntry {
+                    name: "state".into(),
+                    dtype: DType::U8,
+                    shape: vec![elems],
+                    global_shape: vec![elems * n as u64],
+                    offsets: vec![elems * rank as u64],
+                    chunks,
+                }],
                 metadata: serde_json::Value::Null,
             };
             client.put_shard_index("rss", 1, &index).await

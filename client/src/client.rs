@@ -524,7 +524,10 @@ impl Client {
         tokio::task::spawn_blocking(move || hash.verify(&data))
             .await
             .map_err(|e| ClientError::Internal(e.to_string()))?
-            .map_err(|e| corrupt(format!("bytes received do not match: {e}")))?;
+            .map_err(|e| match e {
+                ckpt_core::CoreError::HashMismatch { actual, .. } => corrupt(format!("bytes received hash to {actual}")),
+                other => corrupt(other.to_string()),
+            })?;
         Ok(bytes)
     }
 
