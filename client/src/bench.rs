@@ -27,6 +27,8 @@ pub struct BenchOptions {
     /// ckptd's peak RSS for it; 0 skips it.
     pub rss_burst_gib: u64,
     pub seed: u64,
+    /// Use the node-local path (handoff files, direct reads) instead of HTTP for chunk bytes.
+    pub node_local: bool,
 }
 
 const MIB: u64 = 1 << 20;
@@ -157,11 +159,20 @@ async fn start(opts: &BenchOptions, sub: &str) -> Result<LocalDaemon, ClientErro
     LocalDaemon::start(d).await
 }
 
-async fn stats(url: &str) -> serde_json::Value {
-    match reqwest::get(format!("{url}/v1/stats")).await {
-        Ok(r) => r.json().await.unwrap_or_default(),
-        Err(_) => serde_json::Value::Null,
+/// Bytes of all files under `dir`: what the store holds, whichever path wrote it.
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
     }
+    total
 }
 
 pub async fn run(opts: BenchOptions) -> Result<(), ClientError> {
@@ -170,11 +181,12 @@ pub async fn run(opts: BenchOptions) -> Result<(), ClientError> {
     let (n, per_rank) = (opts.ranks, opts.mib_per_rank * MIB);
     let total = n as u64 * per_rank;
     println!(
-        "ckpt bench: {n} ranks x {} MiB = {} MiB, staging {} MiB, chunks {} MiB, in {}",
+        "ckpt bench: {n} ranks x {} MiB = {} MiB, staging {} MiB, chunks {} MiB, transport {}, in {}",
         opts.mib_per_rank,
         total / MIB,
         opts.staging_mib,
         opts.chunk_mib,
+        if opts.node_local { "node-local" } else { "http" },
         opts.dir.display()
     );
     let sources: Vec<Bytes> = (0..n).map(|r| Bytes::from(random_rank(opts.seed, r, per_rank))).collect();
@@ -189,7 +201,8 @@ pub async fn run(opts: BenchOptions) -> Result<(), ClientError> {
     // 2. The burst through ckptd.
     let daemon = start(&opts, "run").await?;
     let url = daemon.url();
-    let copts = ClientOptions { chunk_bytes: opts.chunk_mib * MIB, ..ClientOptions::default() };
+    let copts =
+        ClientOptions { chunk_bytes: opts.chunk_mib * MIB, node_local: opts.node_local, ..ClientOptions::default() };
     let client = Client::new(&url, copts)?;
     let savers: Vec<AsyncSaver> = (0..n).map(|_| AsyncSaver::new(client.clone(), per_rank as usize)).collect();
     let states: Vec<Vec<Tensor>> = (0..n).map(|r| as_tensors(r, n, &sources[r as usize])).collect();
@@ -202,18 +215,34 @@ pub async fn run(opts: BenchOptions) -> Result<(), ClientError> {
         rank_metadata: serde_json::Value::Null,
         created_unix_ms: None,
     };
+    // Every rank calls save at the same instant on its own thread, as the memcpy reference's
+    // threads copy at once: the stall is compared under the same contention.
     let burst_start = Instant::now();
-    let tickets =
-        futures::future::try_join_all(savers.iter().zip(states.iter()).enumerate().map(|(r, (saver, st))| {
-            let views: Vec<_> = st.iter().map(Tensor::view).collect();
-            let sp = spec(1, r as u32);
-            async move {
-                let t = Instant::now();
-                let ticket = saver.save(sp, &views, Wait::Staged).await?;
-                Ok::<_, ClientError>((t.elapsed(), ticket))
-            }
-        }))
-        .await?;
+    let handle = tokio::runtime::Handle::current();
+    let barrier = std::sync::Barrier::new(n as usize);
+    let tickets = tokio::task::block_in_place(|| {
+        std::thread::scope(|sc| {
+            let threads: Vec<_> = savers
+                .iter()
+                .zip(states.iter())
+                .enumerate()
+                .map(|(r, (saver, st))| {
+                    let (handle, barrier, sp) = (handle.clone(), &barrier, spec(1, r as u32));
+                    sc.spawn(move || {
+                        let views: Vec<_> = st.iter().map(Tensor::view).collect();
+                        barrier.wait();
+                        let t = Instant::now();
+                        let ticket = handle.block_on(saver.save(sp, &views, Wait::Staged))?;
+                        Ok::<_, ClientError>((t.elapsed(), ticket))
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| t.join().unwrap_or_else(|_| Err(ClientError::Internal("rank thread panicked".into()))))
+                .collect::<Result<Vec<_>, _>>()
+        })
+    })?;
     let stall = tickets.iter().map(|(d, _)| *d).max().unwrap_or_default();
     let mut sent_full = 0;
     for (_, t) in tickets {
@@ -222,7 +251,8 @@ pub async fn run(opts: BenchOptions) -> Result<(), ClientError> {
     let staged = burst_start.elapsed();
     client.wait_committed("bench", 1).await?;
     let committed = burst_start.elapsed();
-    let stored_full = stats(&url).await["staging"]["stored_bytes_uploaded"].as_u64().unwrap_or(0);
+    let chunks_dir = opts.dir.join("run").join("store").join(ckpt_core::keys::chunks_prefix("bench"));
+    let stored_full = dir_bytes(&chunks_dir);
 
     let t = Instant::now();
     let restored = futures::future::try_join_all((0..n).map(|r| client.load_rank("bench", 1, r))).await?;
@@ -272,7 +302,7 @@ pub async fn run(opts: BenchOptions) -> Result<(), ClientError> {
     for t in tickets {
         sent_incr += t.finish().await?.bytes_sent;
     }
-    let stored_incr = stats(&url).await["staging"]["stored_bytes_uploaded"].as_u64().unwrap_or(0) - stored_full;
+    let stored_incr = dir_bytes(&chunks_dir) - stored_full;
     let rss = daemon.pid().and_then(peak_rss_bytes).unwrap_or(0);
     drop(daemon);
     drop(savers);
@@ -351,7 +381,8 @@ pub async fn run(opts: BenchOptions) -> Result<(), ClientError> {
 /// them (chunks are generated as they are sent) and reports ckptd's peak RSS.
 async fn rss_burst(opts: &BenchOptions) -> Result<Row, ClientError> {
     let daemon = start(opts, "rss").await?;
-    let client = Client::new(&daemon.url(), ClientOptions::default())?;
+    // HTTP on purpose: that is the path whose bytes ckptd stages in its own memory.
+    let client = Client::new(&daemon.url(), ClientOptions { node_local: false, ..ClientOptions::default() })?;
     let (n, chunk) = (opts.ranks, opts.chunk_mib * MIB);
     let per_rank = opts.rss_burst_gib * (1 << 30) / n as u64;
     let chunks_per_rank = per_rank / chunk;

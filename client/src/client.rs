@@ -42,6 +42,10 @@ pub struct ClientOptions {
     /// How long a request keeps retrying while ckptd answers "busy" (staging full): a burst
     /// waits for the store to drain rather than failing.
     pub busy_retry_for: Duration,
+    /// Use the node-local path when ckptd runs on this host (loopback URL): chunks are handed
+    /// over as files in ckptd's handoff directory, and read straight from a local-directory
+    /// store, every byte verified here. Falls back to HTTP whenever the path is not available.
+    pub node_local: bool,
 }
 
 impl Default for ClientOptions {
@@ -56,6 +60,7 @@ impl Default for ClientOptions {
             commit_timeout: Duration::from_secs(600),
             missing_batch_max: 10_000,
             busy_retry_for: Duration::from_secs(600),
+            node_local: true,
         }
     }
 }
@@ -147,11 +152,20 @@ struct ApiErrorInner {
     message: String,
 }
 
+/// What ckptd's `/v1/local` says, checked to be usable from this process.
+#[derive(Debug, Clone)]
+struct LocalPaths {
+    handoff_dir: Option<std::path::PathBuf>,
+    store_root: Option<std::path::PathBuf>,
+}
+
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
     base: String,
     opts: ClientOptions,
+    local: std::sync::Arc<tokio::sync::OnceCell<Option<LocalPaths>>>,
+    handoff_refused: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 enum Body {
@@ -167,7 +181,126 @@ impl Client {
             .pool_max_idle_per_host(opts.concurrency.max(1) * 2)
             .build()
             .map_err(|e| ClientError::Internal(format!("building the http client: {e}")))?;
-        Ok(Client { http, base: base_url.trim_end_matches('/').to_string(), opts })
+        Ok(Client {
+            http,
+            base: base_url.trim_end_matches('/').to_string(),
+            opts,
+            local: Default::default(),
+            handoff_refused: Default::default(),
+        })
+    }
+
+    /// The node-local paths, discovered once. None unless enabled, ckptd is on a loopback
+    /// address, and the directories it names are usable here.
+    async fn local_paths(&self) -> Option<&LocalPaths> {
+        if !self.opts.node_local {
+            return None;
+        }
+        self.local
+            .get_or_init(|| async {
+                let host = reqwest::Url::parse(&self.base).ok()?.host_str()?.to_string();
+                if !matches!(host.as_str(), "127.0.0.1" | "localhost" | "[::1]" | "::1") {
+                    return None;
+                }
+                #[derive(Deserialize)]
+                struct Local {
+                    handoff_dir: Option<std::path::PathBuf>,
+                    store_root: Option<std::path::PathBuf>,
+                }
+                let l: Local = self.get_json("/v1/local").await.ok()?;
+                let handoff_dir = l.handoff_dir.filter(|d| {
+                    let probe = d.join(format!("probe-{}", std::process::id()));
+                    let ok = std::fs::write(&probe, b"").is_ok();
+                    let _ = std::fs::remove_file(&probe);
+                    ok
+                });
+                let store_root = l.store_root.filter(|d| d.is_dir());
+                tracing::debug!(?handoff_dir, ?store_root, "node-local path");
+                Some(LocalPaths { handoff_dir, store_root })
+            })
+            .await
+            .as_ref()
+    }
+
+    /// Hands a chunk to ckptd as a file when the node-local path is available. Returns false
+    /// when it is not (the caller sends it over HTTP).
+    async fn handoff_chunk(&self, job: &str, hash: ChunkHash, data: &Bytes) -> Result<bool, ClientError> {
+        use std::sync::atomic::Ordering;
+        if self.handoff_refused.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let Some(dir) = self.local_paths().await.and_then(|l| l.handoff_dir.clone()) else { return Ok(false) };
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let name = format!("{hash}.{}.{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        let path = dir.join(&name);
+        let (p, d) = (path.clone(), data.clone());
+        let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::Write;
+            let header = ckpt_core::ChunkHeader { codec: ckpt_core::Codec::None, raw_len: d.len() as u64, hash };
+            let mut f = std::fs::File::create(&p)?;
+            f.write_all(&header.encode())?;
+            f.write_all(&d)
+        })
+        .await
+        .map_err(|e| ClientError::Internal(e.to_string()))?;
+        if let Err(e) = written {
+            tracing::debug!(error = %e, "handoff write failed; using HTTP");
+            let _ = std::fs::remove_file(&path);
+            return Ok(false);
+        }
+        let r: Result<serde_json::Value, _> = self
+            .send_json(
+                reqwest::Method::POST,
+                &format!("/v1/jobs/{job}/chunks/{hash}/adopt"),
+                &serde_json::json!({ "file": name }),
+            )
+            .await;
+        match r {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                if e.api_code() == Some("conflict") {
+                    // The store is not a local directory: stop trying for this client.
+                    self.handoff_refused.store(true, Ordering::Relaxed);
+                    return Ok(false);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads and verifies a chunk straight from a local-directory store. None when the path is
+    /// not available or the file is not there (the caller asks ckptd).
+    async fn read_local_chunk(&self, job: &str, step: u64, hash: ChunkHash) -> Result<Option<Bytes>, ClientError> {
+        let Some(root) = self.local_paths().await.and_then(|l| l.store_root.clone()) else { return Ok(None) };
+        let path = root.join(ckpt_core::keys::chunk_key(job, &hash));
+        let corrupt = |reason: String| ClientError::CorruptChunk { job: job.into(), step, hash, reason };
+        let read = tokio::task::spawn_blocking(move || -> Result<Option<Bytes>, String> {
+            let stored = match std::fs::read(&path) {
+                Ok(b) => Bytes::from(b),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(format!("reading {}: {e}", path.display())),
+            };
+            let (header, payload) = ckpt_core::ChunkHeader::decode(&stored).map_err(|e| e.to_string())?;
+            if header.hash != hash {
+                return Err(format!("header names chunk {}", header.hash));
+            }
+            let raw = match header.codec {
+                ckpt_core::Codec::None => stored.slice(ckpt_core::CHUNK_HEADER_BYTES..),
+                ckpt_core::Codec::Zstd => Bytes::from(
+                    zstd::bulk::decompress(payload, header.raw_len as usize)
+                        .map_err(|e| format!("zstd payload does not decode: {e}"))?,
+                ),
+            };
+            let actual = ChunkHash::of(&raw);
+            if actual != hash {
+                return Err(format!("stored bytes hash to {actual}"));
+            }
+            Ok(Some(raw))
+        })
+        .await
+        .map_err(|e| ClientError::Internal(e.to_string()))?;
+        read.map_err(corrupt)
     }
 
     pub fn options(&self) -> &ClientOptions {
@@ -400,7 +533,11 @@ impl Client {
         Ok(out)
     }
 
+    /// Sends one chunk: through the node-local path when available, else over HTTP.
     pub async fn put_chunk(&self, job: &str, hash: ChunkHash, data: Bytes) -> Result<(), ClientError> {
+        if self.handoff_chunk(job, hash, &data).await? {
+            return Ok(());
+        }
         self.request(reqwest::Method::PUT, &format!("/v1/jobs/{job}/chunks/{hash}"), Body::Bytes(data))
             .await
             .map(|_| ())
@@ -498,6 +635,9 @@ impl Client {
     /// Fetches one chunk and verifies it. ckptd's own verification failure and a mismatch on
     /// arrival are both reported as `CorruptChunk`.
     pub async fn fetch_chunk(&self, job: &str, step: u64, hash: ChunkHash) -> Result<Bytes, ClientError> {
+        if let Some(raw) = self.read_local_chunk(job, step, hash).await? {
+            return Ok(raw);
+        }
         let corrupt = |reason: String| ClientError::CorruptChunk { job: job.into(), step, hash, reason };
         let bytes =
             // This client verifies every byte below, so ckptd need not hash the chunk too.
@@ -525,7 +665,9 @@ impl Client {
             .await
             .map_err(|e| ClientError::Internal(e.to_string()))?
             .map_err(|e| match e {
-                ckpt_core::CoreError::HashMismatch { actual, .. } => corrupt(format!("bytes received hash to {actual}")),
+                ckpt_core::CoreError::HashMismatch { actual, .. } => {
+                    corrupt(format!("bytes received hash to {actual}"))
+                }
                 other => corrupt(other.to_string()),
             })?;
         Ok(bytes)

@@ -93,10 +93,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/jobs", get(list_jobs))
         .route("/v1/stats", get(stats))
+        .route("/v1/local", get(local_paths))
         .route("/v1/jobs/{job}/checkpoints", get(list_checkpoints))
         .route("/v1/jobs/{job}/checkpoints/{step}", get(get_manifest).delete(delete_checkpoint))
         .route("/v1/jobs/{job}/chunks/missing", post(missing_chunks).layer(DefaultBodyLimit::max(json_limit)))
         .route("/v1/jobs/{job}/chunks/{hash}", put(put_chunk).get(get_chunk))
+        .route("/v1/jobs/{job}/chunks/{hash}/adopt", post(adopt_chunk))
         .route("/v1/jobs/{job}/saves/{step}", put(open_save).get(save_status).delete(abort_save))
         .route(
             "/v1/jobs/{job}/saves/{step}/ranks/{rank}",
@@ -131,6 +133,30 @@ async fn stats(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "memory_overhead_bytes": staging.memory_overhead_bytes(),
         "saves_in_flight": s.coordinator.saves_in_flight(),
     }))
+}
+
+async fn local_paths(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    let (handoff, store_root) = s.coordinator.local_paths();
+    Json(serde_json::json!({ "handoff_dir": handoff, "store_root": store_root }))
+}
+
+#[derive(Deserialize)]
+struct AdoptRequest {
+    file: String,
+}
+
+async fn adopt_chunk(
+    State(s): State<Arc<AppState>>,
+    p: Result<Path<(String, String)>, PathRejection>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let (job, hash) = path(p)?;
+    job_of(&job)?;
+    let hash: ChunkHash = hash.parse()?;
+    let req: AdoptRequest = json_body(&body)?;
+    let _permit = s.coordinator.chunk_permit().await?;
+    let outcome = s.coordinator.adopt_chunk(&job, hash, &req.file).await?;
+    Ok(Json(serde_json::json!({ "hash": hash, "durable": true, "written": outcome.written })).into_response())
 }
 
 async fn list_jobs(State(s): State<Arc<AppState>>) -> ApiResult<Json<serde_json::Value>> {

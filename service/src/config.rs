@@ -56,6 +56,9 @@ pub struct Config {
     pub compression_level: i32,
     /// A chunk is stored compressed only if that saves at least this percentage.
     pub compression_min_savings_pct: u32,
+    /// Directory where clients on this host hand chunk files to ckptd (the node-local path);
+    /// defaults to `<data_dir>/handoff`. Only files directly inside it are accepted.
+    pub handoff_dir: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -85,6 +88,7 @@ impl Default for Config {
             upload_queue_max: 65_536,
             compression_level: 3,
             compression_min_savings_pct: 10,
+            handoff_dir: None,
         }
     }
 }
@@ -103,6 +107,10 @@ impl Config {
     pub fn from_toml_file(path: &std::path::Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
         toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source: Box::new(source) })
+    }
+
+    pub fn handoff_dir(&self) -> PathBuf {
+        self.handoff_dir.clone().unwrap_or_else(|| self.data_dir.join("handoff"))
     }
 
     pub fn spill_dir(&self) -> PathBuf {

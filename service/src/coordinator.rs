@@ -29,7 +29,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use ckpt_core::{ChunkHash, ChunkHeader, Codec, Limits, Manifest, ManifestSummary, SavePhase, SaveState, ShardIndex};
+use ckpt_core::{
+    ChunkHash, ChunkHeader, Codec, Limits, Manifest, ManifestSummary, SavePhase, SaveState, ShardIndex,
+    CHUNK_HEADER_BYTES,
+};
 use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit, Semaphore};
@@ -59,6 +62,9 @@ pub struct Coordinator {
     saves: std::sync::Mutex<HashMap<SaveKey, SlotRef>>,
     chunk_permits: Arc<Semaphore>,
     staging: Arc<Staging>,
+    /// Upload events for chunks made durable outside the upload queue (node-local adoption).
+    events: mpsc::UnboundedSender<UploadEvent>,
+    handoff_dir: std::path::PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -169,7 +175,8 @@ impl Coordinator {
             busy_wait: Duration::from_millis(config.busy_wait_ms),
             chunk_bytes_max: config.chunk_bytes_max,
         };
-        let staging = Staging::start(staging_cfg, store.clone(), index.clone(), tx);
+        let staging = Staging::start(staging_cfg, store.clone(), index.clone(), tx.clone());
+        let handoff_dir = config.handoff_dir();
         let c = Arc::new(Coordinator {
             limits: config.limits(),
             chunk_permits: Arc::new(Semaphore::new(config.chunk_requests_max)),
@@ -178,6 +185,8 @@ impl Coordinator {
             config,
             saves: std::sync::Mutex::new(HashMap::new()),
             staging,
+            events: tx,
+            handoff_dir,
         });
         tokio::spawn(Self::upload_events(Arc::downgrade(&c), rx));
         c
@@ -346,6 +355,59 @@ impl Coordinator {
             return Ok(ChunkPutOutcome { written: false });
         }
         self.staging.stage(job, hash, len, body).await?;
+        Ok(ChunkPutOutcome { written: true })
+    }
+
+    /// Where clients on this host may hand over chunk files, and the store's root if it is a
+    /// local directory they may read verified chunks from.
+    pub fn local_paths(&self) -> (std::path::PathBuf, Option<std::path::PathBuf>) {
+        (self.handoff_dir.clone(), self.store.local_root().map(|p| p.to_path_buf()))
+    }
+
+    /// The node-local path for uploads: `name` is a file the client wrote into the handoff
+    /// directory, already in stored chunk format. It is verified (header and hash) and, for a
+    /// local-directory store, renamed into place: durable on return, with no copy in ckptd.
+    pub async fn adopt_chunk(&self, job: &str, hash: ChunkHash, name: &str) -> Result<ChunkPutOutcome, ServiceError> {
+        if self.store.local_root().is_none() {
+            return Err(ServiceError::Conflict(
+                "the node-local path needs a local-directory store; send the chunk over HTTP".into(),
+            ));
+        }
+        if name.is_empty() || name.len() > 255 || name.contains(['/', '\\', '\0']) || name.starts_with('.') {
+            return Err(ServiceError::BadRequest(format!("handoff file name {name:?} is not a plain file name")));
+        }
+        let path = self.handoff_dir.join(name);
+        if self.chunk_durable(job, hash).await? {
+            let _ = tokio::fs::remove_file(&path).await;
+            return Ok(ChunkPutOutcome { written: false });
+        }
+        let (store, j, limit) = (self.store.clone(), job.to_string(), self.config.chunk_bytes_max);
+        let idx = self.index.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), ServiceError> {
+            let meta = std::fs::symlink_metadata(&path)
+                .map_err(|e| ServiceError::BadRequest(format!("handoff file {}: {e}", path.display())))?;
+            if !meta.file_type().is_file() {
+                return Err(ServiceError::BadRequest("handoff file is not a regular file".into()));
+            }
+            if meta.len() > limit + CHUNK_HEADER_BYTES as u64 {
+                return Err(ServiceError::BadRequest(format!(
+                    "handoff file is {} bytes, more than a chunk",
+                    meta.len()
+                )));
+            }
+            let stored = std::fs::read(&path)?;
+            let (header, payload) = ChunkHeader::decode(&stored)?;
+            if header.hash != hash || header.codec != Codec::None {
+                return Err(ServiceError::BadRequest("handoff file's header does not name this chunk as raw".into()));
+            }
+            hash.verify(payload)?;
+            store.adopt_local_chunk(&j, &hash, &path)?;
+            idx.put_chunk(&j, &hash, stored.len() as u64)?;
+            Ok(())
+        })
+        .await
+        .map_err(join_error)??;
+        let _ = self.events.send(UploadEvent::Durable { job: job.to_string(), hash });
         Ok(ChunkPutOutcome { written: true })
     }
 

@@ -31,6 +31,7 @@ pub async fn serve(config: Config) -> Result<(), ServiceError> {
         Duration::from_millis(config.store_retry_base_ms),
     )?;
     std::fs::create_dir_all(&config.data_dir)?;
+    std::fs::create_dir_all(config.handoff_dir())?;
     let data_dir = config.data_dir.clone();
     let index = tokio::task::spawn_blocking(move || index::Index::open(&data_dir.join("index")))
         .await

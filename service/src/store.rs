@@ -67,6 +67,8 @@ impl StoreError {
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
     description: String,
+    /// The root directory when the store is a local directory (enables the node-local path).
+    local_root: Option<std::path::PathBuf>,
     attempts_max: u32,
     retry_base: Duration,
 }
@@ -88,21 +90,44 @@ impl Store {
         } else {
             Some(std::path::PathBuf::from(location))
         };
-        let (inner, description): (Arc<dyn ObjectStore>, String) = match dir {
-            None => (Arc::new(InMemory::new()), "memory://".into()),
+        let (inner, description, local_root): (Arc<dyn ObjectStore>, String, _) = match dir {
+            None => (Arc::new(InMemory::new()), "memory://".into(), None),
             Some(dir) => {
                 std::fs::create_dir_all(&dir).map_err(|e| bad(format!("cannot create directory: {e}")))?;
                 let dir = dir.canonicalize().map_err(|e| bad(e.to_string()))?;
                 let fs = LocalFileSystem::new_with_prefix(&dir).map_err(|e| bad(e.to_string()))?.with_fsync(true);
-                (Arc::new(fs), format!("file://{}", dir.display()))
+                (Arc::new(fs), format!("file://{}", dir.display()), Some(dir))
             }
         };
-        Ok(Store { inner, description, attempts_max: attempts_max.max(1), retry_base })
+        Ok(Store { inner, description, local_root, attempts_max: attempts_max.max(1), retry_base })
     }
 
     /// The store as a canonical URL, recorded in the index so a changed store triggers a rebuild.
     pub fn description(&self) -> &str {
         &self.description
+    }
+
+    pub fn local_root(&self) -> Option<&std::path::Path> {
+        self.local_root.as_deref()
+    }
+
+    /// Node-local path: makes `file` (a complete stored chunk, header and payload, already
+    /// verified) the chunk object by renaming it into place — no copy. Same guarantees as the
+    /// local store's own put: file fsync'd, atomic rename, directory fsync'd. Blocking.
+    pub fn adopt_local_chunk(&self, job: &str, hash: &ChunkHash, file: &std::path::Path) -> Result<(), StoreError> {
+        let root = self.local_root.as_ref().ok_or_else(|| StoreError::Location {
+            location: self.description.clone(),
+            reason: "not a local directory".into(),
+        })?;
+        let dest = root.join(keys::chunk_key(job, hash));
+        let io =
+            |e: std::io::Error| StoreError::Other(object_store::Error::Generic { store: "local", source: Box::new(e) });
+        let dir = dest.parent().unwrap_or(root);
+        std::fs::create_dir_all(dir).map_err(io)?;
+        std::fs::File::open(file).and_then(|f| f.sync_all()).map_err(io)?;
+        std::fs::rename(file, &dest).map_err(io)?;
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        Ok(())
     }
 
     async fn retry<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, StoreError>

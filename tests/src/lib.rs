@@ -45,8 +45,15 @@ pub async fn start_daemon_with(opts: DaemonOptions) -> LocalDaemon {
     }
 }
 
+/// A client that talks HTTP only, so tests exercise ckptd's staging tier and upload queue.
 pub fn client(d: &LocalDaemon) -> Client {
-    let opts = ClientOptions { chunk_bytes: 1 << 20, ..ClientOptions::default() };
+    let opts = ClientOptions { chunk_bytes: 1 << 20, node_local: false, ..ClientOptions::default() };
+    Client::new(&d.url(), opts).expect("client")
+}
+
+/// A client that uses the node-local path (handoff files, direct verified reads) when it can.
+pub fn local_client(d: &LocalDaemon) -> Client {
+    let opts = ClientOptions { chunk_bytes: 1 << 20, node_local: true, ..ClientOptions::default() };
     Client::new(&d.url(), opts).expect("client")
 }
 
@@ -58,6 +65,7 @@ pub fn impatient_client(d: &LocalDaemon) -> Client {
         retry_base: Duration::from_millis(10),
         request_timeout: Duration::from_secs(20),
         commit_timeout: Duration::from_secs(20),
+        node_local: false,
         ..ClientOptions::default()
     };
     Client::new(&d.url(), opts).expect("client")

@@ -82,6 +82,9 @@ enum Cmd {
         rss_burst_gib: u64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// How chunk bytes travel: "local" (handoff files and direct reads, same host) or "http".
+        #[arg(long, default_value = "local", value_parser = ["local", "http"])]
+        transport: String,
     },
     /// Start a private ckptd, save a multi-rank checkpoint, crash ckptd mid-save, restart it,
     /// finish the save, restore and verify, and show a corrupted chunk being caught.
@@ -284,7 +287,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
         }
         Cmd::Demo { ranks, mib: size, dir, seed } => return demo(ranks, size, dir, seed).await,
-        Cmd::Bench { dir, ranks, mib, staging_mib, chunk_mib, rss_burst_gib, seed } => {
+        Cmd::Bench { dir, ranks, mib, staging_mib, chunk_mib, rss_burst_gib, seed, transport } => {
             if ranks == 0 || mib == 0 || chunk_mib == 0 {
                 bail!("--ranks, --mib and --chunk-mib must be positive");
             }
@@ -296,6 +299,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 chunk_mib,
                 rss_burst_gib,
                 seed,
+                node_local: transport == "local",
             })
             .await?;
         }
