@@ -6,6 +6,11 @@
 //! dedup and upload run in a background task over zero-copy slices of the buffer. When that
 //! task ends, the buffer is recycled for the next save. Host memory for async saves is
 //! therefore bounded by the capacity, not by the number of saves in flight.
+//!
+//! The background part runs on the saver's own small runtime whose threads are niced
+//! (`background_nice`, default 10): hashing, dedup queries and uploads yield the CPU to the
+//! trainer, whose next step should not pay for the last checkpoint. Dropping the saver cancels
+//! saves still in flight; call `SaveTicket::finish` first.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,6 +52,27 @@ pub struct AsyncSaver {
     client: Client,
     buffer: Arc<Mutex<Vec<u8>>>,
     capacity: usize,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for AsyncSaver {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Lowers the calling thread's priority. On Linux the nice value is per thread, and threads
+/// inherit it from their creator.
+fn nice_this_thread(nice: i32) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority on the calling thread (who = 0) has no memory-safety preconditions.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, nice);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = nice;
 }
 
 /// A save in progress. The stall is over when you hold one.
@@ -72,8 +98,25 @@ fn touched(capacity: usize) -> Vec<u8> {
 }
 
 impl AsyncSaver {
+    /// A saver whose background work runs at nice 10.
     pub fn new(client: Client, capacity_bytes: usize) -> AsyncSaver {
-        AsyncSaver { client, buffer: Arc::new(Mutex::new(touched(capacity_bytes))), capacity: capacity_bytes }
+        Self::with_background_nice(client, capacity_bytes, 10)
+    }
+
+    /// `background_nice` 0 keeps the background work at the caller's priority.
+    pub fn with_background_nice(client: Client, capacity_bytes: usize, background_nice: i32) -> AsyncSaver {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(16)
+            .thread_name("ckpt-save")
+            .on_thread_start(move || nice_this_thread(background_nice))
+            .enable_all()
+            .build()
+            .ok();
+        if runtime.is_none() {
+            tracing::warn!("cannot start the background save runtime; saves run on the caller's runtime");
+        }
+        AsyncSaver { client, buffer: Arc::new(Mutex::new(touched(capacity_bytes))), capacity: capacity_bytes, runtime }
     }
 
     pub fn capacity(&self) -> usize {
@@ -128,7 +171,7 @@ impl AsyncSaver {
             .collect();
         let client = self.client.clone();
         let capacity = self.capacity;
-        let handle = tokio::spawn(async move {
+        let work = async move {
             let result = client.save(&spec, &owned, wait).await;
             drop(owned);
             *guard = match frozen.try_into_mut() {
@@ -139,7 +182,11 @@ impl AsyncSaver {
                 }
             };
             result
-        });
+        };
+        let handle = match &self.runtime {
+            Some(rt) => rt.spawn(work),
+            None => tokio::spawn(work),
+        };
         Ok(SaveTicket { stall, waited, bytes: total as u64, handle })
     }
 }

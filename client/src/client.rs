@@ -269,6 +269,59 @@ impl Client {
         }
     }
 
+    /// Node-local restore of a whole tensor: every chunk's payload is read from the local store
+    /// straight into its place in the tensor and verified there, on all cores. None when the
+    /// path is unavailable or a chunk file is missing (the caller then reads through ckptd).
+    async fn read_local_tensor(
+        &self,
+        job: &str,
+        step: u64,
+        t: &TensorEntry,
+        len: u64,
+    ) -> Result<Option<Vec<u8>>, ClientError> {
+        let Some(root) = self.local_paths().await.and_then(|l| l.store_root.clone()) else { return Ok(None) };
+        let chunks: Vec<(ChunkHash, u64, std::path::PathBuf)> =
+            t.chunks.iter().map(|c| (c.hash, c.len, root.join(ckpt_core::keys::chunk_key(job, &c.hash)))).collect();
+        let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let result = tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>, (ChunkHash, String)> {
+            let mut buf = vec![0u8; len as usize];
+            let mut groups: Vec<Vec<(usize, &mut [u8])>> = (0..workers).map(|_| Vec::new()).collect();
+            let mut rest = &mut buf[..];
+            for (i, (_, clen, _)) in chunks.iter().enumerate() {
+                let (slice, tail) = std::mem::take(&mut rest).split_at_mut(*clen as usize);
+                groups[i % workers].push((i, slice));
+                rest = tail;
+            }
+            let outcomes: Vec<Result<(), LocalRead>> = std::thread::scope(|sc| {
+                let handles: Vec<_> = groups
+                    .into_iter()
+                    .map(|g| {
+                        let chunks = &chunks;
+                        sc.spawn(move || {
+                            for (i, slice) in g {
+                                let (hash, _, path) = &chunks[i];
+                                read_chunk_into(path, *hash, slice)?;
+                            }
+                            Ok(())
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap_or(Err(LocalRead::Missing))).collect()
+            });
+            for o in outcomes {
+                match o {
+                    Ok(()) => {}
+                    Err(LocalRead::Missing) => return Ok(None),
+                    Err(LocalRead::Corrupt(h, why)) => return Err((h, why)),
+                }
+            }
+            Ok(Some(buf))
+        })
+        .await
+        .map_err(|e| ClientError::Internal(e.to_string()))?;
+        result.map_err(|(hash, reason)| ClientError::CorruptChunk { job: job.into(), step, hash, reason })
+    }
+
     /// Reads and verifies a chunk straight from a local-directory store. None when the path is
     /// not available or the file is not there (the caller asks ckptd).
     async fn read_local_chunk(&self, job: &str, step: u64, hash: ChunkHash) -> Result<Option<Bytes>, ClientError> {
@@ -696,6 +749,18 @@ impl Client {
         let mut out = Vec::with_capacity(shard.tensors.len());
         for t in &shard.tensors {
             let len = t.byte_len().ok_or_else(|| ClientError::Protocol(format!("tensor {} is too large", t.name)))?;
+            if let Some(buf) = self.read_local_tensor(&m.job, m.step, t, len).await? {
+                progress(len);
+                out.push(Tensor {
+                    name: t.name.clone(),
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                    global_shape: t.global_shape.clone(),
+                    offsets: t.offsets.clone(),
+                    data: Bytes::from(buf),
+                });
+                continue;
+            }
             let mut buf = Vec::with_capacity(len as usize);
             let mut fetches = futures::stream::iter(t.chunks.iter().map(|c| self.fetch_chunk(&m.job, m.step, c.hash)))
                 .buffered(self.opts.concurrency.max(1));
@@ -778,4 +843,53 @@ impl Client {
             .await
             .map(|_| ())
     }
+}
+
+enum LocalRead {
+    Missing,
+    Corrupt(ChunkHash, String),
+}
+
+/// Reads one stored chunk into `out` (exactly its raw length) and verifies it there.
+fn read_chunk_into(path: &std::path::Path, hash: ChunkHash, out: &mut [u8]) -> Result<(), LocalRead> {
+    use std::io::Read;
+    let corrupt = |why: String| LocalRead::Corrupt(hash, why);
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(LocalRead::Missing),
+        Err(e) => return Err(corrupt(format!("reading {}: {e}", path.display()))),
+    };
+    let size = f.metadata().map_err(|e| corrupt(e.to_string()))?.len();
+    let mut head = [0u8; ckpt_core::CHUNK_HEADER_BYTES];
+    f.read_exact(&mut head).map_err(|_| corrupt("stored chunk is shorter than its header".into()))?;
+    let header = ckpt_core::ChunkHeader::decode_header(&head).map_err(|e| corrupt(e.to_string()))?;
+    if header.hash != hash || header.raw_len != out.len() as u64 {
+        return Err(corrupt(format!("header names chunk {} of {} bytes", header.hash, header.raw_len)));
+    }
+    let payload_len = size - ckpt_core::CHUNK_HEADER_BYTES as u64;
+    match header.codec {
+        ckpt_core::Codec::None => {
+            if payload_len != header.raw_len {
+                return Err(corrupt(format!(
+                    "payload is {payload_len} bytes, the header says {} (torn write)",
+                    header.raw_len
+                )));
+            }
+            f.read_exact(out).map_err(|e| corrupt(e.to_string()))?;
+        }
+        ckpt_core::Codec::Zstd => {
+            let mut payload = Vec::with_capacity(payload_len as usize);
+            f.read_to_end(&mut payload).map_err(|e| corrupt(e.to_string()))?;
+            let n = zstd::bulk::decompress_to_buffer(&payload, out)
+                .map_err(|e| corrupt(format!("zstd payload does not decode: {e}")))?;
+            if n != out.len() {
+                return Err(corrupt(format!("decodes to {n} bytes, the header says {}", out.len())));
+            }
+        }
+    }
+    let actual = ChunkHash::of(out);
+    if actual != hash {
+        return Err(corrupt(format!("stored bytes hash to {actual}")));
+    }
+    Ok(())
 }

@@ -25,6 +25,9 @@ pub struct DaemonOptions {
     pub extra_args: Vec<OsString>,
     pub envs: Vec<(String, String)>,
     pub start_timeout: Duration,
+    /// Nice value for ckptd (0: inherit). Running the service below the trainer's priority
+    /// keeps checkpoint work from slowing training steps on a shared host.
+    pub nice: i32,
 }
 
 impl DaemonOptions {
@@ -38,6 +41,7 @@ impl DaemonOptions {
             extra_args: Vec::new(),
             envs: Vec::new(),
             start_timeout: Duration::from_secs(60),
+            nice: 0,
         }
     }
 }
@@ -103,6 +107,19 @@ impl LocalDaemon {
             .env("NO_COLOR", "1");
         for (k, v) in &self.opts.envs {
             cmd.env(k, v);
+        }
+        #[cfg(target_os = "linux")]
+        if self.opts.nice != 0 {
+            use std::os::unix::process::CommandExt;
+            let nice = self.opts.nice;
+            // SAFETY: setpriority is async-signal-safe; it runs in the child before exec, so
+            // every thread ckptd starts inherits the value.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::setpriority(libc::PRIO_PROCESS, 0, nice);
+                    Ok(())
+                });
+            }
         }
         let mut child = cmd.spawn().map_err(|e| err(format!("starting {}: {e}", self.opts.exe.display())))?;
         let deadline = Instant::now() + self.opts.start_timeout;

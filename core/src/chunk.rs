@@ -62,8 +62,27 @@ impl ChunkHeader {
         out
     }
 
+    /// Parses a header alone (for readers that read the payload into place themselves; they
+    /// must check the payload length against `raw_len`).
+    pub fn decode_header(bytes: &[u8; CHUNK_HEADER_BYTES]) -> Result<ChunkHeader, CoreError> {
+        Self::parse(bytes)
+    }
+
     /// Parses the header at the start of a stored chunk and returns it with the payload.
     pub fn decode(stored: &[u8]) -> Result<(ChunkHeader, &[u8]), CoreError> {
+        let header = Self::parse(stored)?;
+        let payload = &stored[CHUNK_HEADER_BYTES..];
+        if header.codec == Codec::None && payload.len() as u64 != header.raw_len {
+            return Err(CoreError::InvalidChunk(format!(
+                "payload is {} bytes but the header says {} (truncated or torn write)",
+                payload.len(),
+                header.raw_len
+            )));
+        }
+        Ok((header, payload))
+    }
+
+    fn parse(stored: &[u8]) -> Result<ChunkHeader, CoreError> {
         if stored.len() < CHUNK_HEADER_BYTES {
             return Err(CoreError::InvalidChunk(format!(
                 "stored chunk is {} bytes, shorter than its {CHUNK_HEADER_BYTES}-byte header",
@@ -85,14 +104,7 @@ impl ChunkHeader {
         let raw_len = u64::from_le_bytes(len);
         let mut hash = [0u8; 32];
         hash.copy_from_slice(&stored[16..48]);
-        let payload = &stored[CHUNK_HEADER_BYTES..];
-        if codec == Codec::None && payload.len() as u64 != raw_len {
-            return Err(CoreError::InvalidChunk(format!(
-                "payload is {} bytes but the header says {raw_len} (truncated or torn write)",
-                payload.len()
-            )));
-        }
-        Ok((ChunkHeader { codec, raw_len, hash: ChunkHash(hash) }, payload))
+        Ok(ChunkHeader { codec, raw_len, hash: ChunkHash(hash) })
     }
 }
 

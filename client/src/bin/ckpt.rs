@@ -85,6 +85,10 @@ enum Cmd {
         /// How chunk bytes travel: "local" (handoff files and direct reads, same host) or "http".
         #[arg(long, default_value = "local", value_parser = ["local", "http"])]
         transport: String,
+        /// Nice value for checkpoint background work (ckptd and the savers' threads); 0 runs
+        /// it at the trainer's priority.
+        #[arg(long, default_value_t = 10)]
+        background_nice: i32,
     },
     /// Start a private ckptd, save a multi-rank checkpoint, crash ckptd mid-save, restart it,
     /// finish the save, restore and verify, and show a corrupted chunk being caught.
@@ -287,7 +291,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
         }
         Cmd::Demo { ranks, mib: size, dir, seed } => return demo(ranks, size, dir, seed).await,
-        Cmd::Bench { dir, ranks, mib, staging_mib, chunk_mib, rss_burst_gib, seed, transport } => {
+        Cmd::Bench { dir, ranks, mib, staging_mib, chunk_mib, rss_burst_gib, seed, transport, background_nice } => {
             if ranks == 0 || mib == 0 || chunk_mib == 0 {
                 bail!("--ranks, --mib and --chunk-mib must be positive");
             }
@@ -300,6 +304,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 rss_burst_gib,
                 seed,
                 node_local: transport == "local",
+                background_nice,
             })
             .await?;
         }
