@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ckpt_core::chunk::chunk_ranges;
-use ckpt_core::{
-    validate_job, ChunkHash, ChunkRef, Limits, Manifest, ManifestSummary, SavePhase, ShardIndex, TensorEntry,
-};
+use ckpt_core::{validate_job, ChunkHash, ChunkRef, Limits, Manifest, SavePhase, ShardIndex, TensorEntry};
 use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
+
+pub use ckpt_core::save::{CheckpointList, SaveStatus};
 
 use crate::error::ClientError;
 use crate::tensor::Tensor;
@@ -90,17 +90,6 @@ pub struct SaveSpec {
     pub created_unix_ms: Option<u64>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct SaveStatus {
-    pub job: String,
-    pub step: u64,
-    pub world_size: u32,
-    pub phase: SavePhase,
-    pub ranks_received: u32,
-    pub error: Option<String>,
-    pub manifest_hash: Option<String>,
-}
-
 #[derive(Debug, Clone, Serialize)]
 pub struct SaveReport {
     pub chunks_total: usize,
@@ -109,13 +98,6 @@ pub struct SaveReport {
     pub bytes_sent: u64,
     pub status: SaveStatus,
     pub elapsed_ms: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct CheckpointList {
-    pub job: String,
-    pub committed: Vec<ManifestSummary>,
-    pub in_flight: Vec<SaveStatus>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -324,36 +306,28 @@ impl Client {
 
     /// Reads and verifies a chunk straight from a local-directory store. None when the path is
     /// not available or the file is not there (the caller asks ckptd).
-    async fn read_local_chunk(&self, job: &str, step: u64, hash: ChunkHash) -> Result<Option<Bytes>, ClientError> {
+    async fn read_local_chunk(
+        &self,
+        job: &str,
+        step: u64,
+        hash: ChunkHash,
+        len: u64,
+    ) -> Result<Option<Bytes>, ClientError> {
         let Some(root) = self.local_paths().await.and_then(|l| l.store_root.clone()) else { return Ok(None) };
         let path = root.join(ckpt_core::keys::chunk_key(job, &hash));
-        let corrupt = |reason: String| ClientError::CorruptChunk { job: job.into(), step, hash, reason };
-        let read = tokio::task::spawn_blocking(move || -> Result<Option<Bytes>, String> {
-            let stored = match std::fs::read(&path) {
-                Ok(b) => Bytes::from(b),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(format!("reading {}: {e}", path.display())),
-            };
-            let (header, payload) = ckpt_core::ChunkHeader::decode(&stored).map_err(|e| e.to_string())?;
-            if header.hash != hash {
-                return Err(format!("header names chunk {}", header.hash));
-            }
-            let raw = match header.codec {
-                ckpt_core::Codec::None => stored.slice(ckpt_core::CHUNK_HEADER_BYTES..),
-                ckpt_core::Codec::Zstd => Bytes::from(
-                    zstd::bulk::decompress(payload, header.raw_len as usize)
-                        .map_err(|e| format!("zstd payload does not decode: {e}"))?,
-                ),
-            };
-            let actual = ChunkHash::of(&raw);
-            if actual != hash {
-                return Err(format!("stored bytes hash to {actual}"));
-            }
-            Ok(Some(raw))
+        let read = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; len as usize];
+            read_chunk_into(&path, hash, &mut buf).map(|()| Bytes::from(buf))
         })
         .await
         .map_err(|e| ClientError::Internal(e.to_string()))?;
-        read.map_err(corrupt)
+        match read {
+            Ok(b) => Ok(Some(b)),
+            Err(LocalRead::Missing) => Ok(None),
+            Err(LocalRead::Corrupt(_, reason)) => {
+                Err(ClientError::CorruptChunk { job: job.into(), step, hash, reason })
+            }
+        }
     }
 
     pub fn options(&self) -> &ClientOptions {
@@ -687,8 +661,8 @@ impl Client {
 
     /// Fetches one chunk and verifies it. ckptd's own verification failure and a mismatch on
     /// arrival are both reported as `CorruptChunk`.
-    pub async fn fetch_chunk(&self, job: &str, step: u64, hash: ChunkHash) -> Result<Bytes, ClientError> {
-        if let Some(raw) = self.read_local_chunk(job, step, hash).await? {
+    pub async fn fetch_chunk(&self, job: &str, step: u64, hash: ChunkHash, len: u64) -> Result<Bytes, ClientError> {
+        if let Some(raw) = self.read_local_chunk(job, step, hash, len).await? {
             return Ok(raw);
         }
         let corrupt = |reason: String| ClientError::CorruptChunk { job: job.into(), step, hash, reason };
@@ -762,8 +736,9 @@ impl Client {
                 continue;
             }
             let mut buf = Vec::with_capacity(len as usize);
-            let mut fetches = futures::stream::iter(t.chunks.iter().map(|c| self.fetch_chunk(&m.job, m.step, c.hash)))
-                .buffered(self.opts.concurrency.max(1));
+            let mut fetches =
+                futures::stream::iter(t.chunks.iter().map(|c| self.fetch_chunk(&m.job, m.step, c.hash, c.len)))
+                    .buffered(self.opts.concurrency.max(1));
             let mut i = 0;
             while let Some(chunk) = fetches.next().await {
                 let chunk = chunk?;
@@ -807,7 +782,7 @@ impl Client {
             }
         }
         let mut results = futures::stream::iter(
-            used_by.iter().map(|(h, (len, _))| async move { (*h, *len, self.fetch_chunk(job, step, *h).await) }),
+            used_by.iter().map(|(h, (len, _))| async move { (*h, *len, self.fetch_chunk(job, step, *h, *len).await) }),
         )
         .buffer_unordered(self.opts.concurrency.max(1));
         let mut report =

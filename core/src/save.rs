@@ -203,6 +203,52 @@ impl SaveState {
     }
 }
 
+/// What the service reports about a save; the same type on both ends of the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SaveStatus {
+    pub job: String,
+    pub step: u64,
+    pub world_size: u32,
+    pub phase: SavePhase,
+    pub ranks_received: u32,
+    pub error: Option<String>,
+    pub manifest_hash: Option<String>,
+}
+
+impl SaveStatus {
+    pub fn of(s: &SaveState) -> SaveStatus {
+        SaveStatus {
+            job: s.job.clone(),
+            step: s.step,
+            world_size: s.world_size,
+            phase: s.phase,
+            ranks_received: s.ranks.len() as u32,
+            error: s.error.clone(),
+            manifest_hash: s.manifest_hash.clone(),
+        }
+    }
+
+    pub fn committed(m: &crate::manifest::ManifestSummary) -> SaveStatus {
+        SaveStatus {
+            job: m.job.clone(),
+            step: m.step,
+            world_size: m.world_size,
+            phase: SavePhase::Committed,
+            ranks_received: m.world_size,
+            error: None,
+            manifest_hash: Some(m.hash.clone()),
+        }
+    }
+}
+
+/// A job's checkpoints: committed ones (oldest first) and saves in flight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointList {
+    pub job: String,
+    pub committed: Vec<crate::manifest::ManifestSummary>,
+    pub in_flight: Vec<SaveStatus>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

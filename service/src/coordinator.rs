@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+pub use ckpt_core::save::{CheckpointList, SaveStatus};
 use ckpt_core::{
     ChunkHash, ChunkHeader, Codec, Limits, Manifest, ManifestSummary, SavePhase, SaveState, ShardIndex,
     CHUNK_HEADER_BYTES,
@@ -77,50 +78,6 @@ pub struct OpenSave {
     /// writer builds byte-identical manifests.
     #[serde(default)]
     pub created_unix_ms: Option<u64>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct SaveStatus {
-    pub job: String,
-    pub step: u64,
-    pub world_size: u32,
-    pub phase: SavePhase,
-    pub ranks_received: u32,
-    pub error: Option<String>,
-    pub manifest_hash: Option<String>,
-}
-
-impl SaveStatus {
-    fn of(s: &SaveState) -> SaveStatus {
-        SaveStatus {
-            job: s.job.clone(),
-            step: s.step,
-            world_size: s.world_size,
-            phase: s.phase,
-            ranks_received: s.ranks.len() as u32,
-            error: s.error.clone(),
-            manifest_hash: s.manifest_hash.clone(),
-        }
-    }
-
-    fn committed(m: &ManifestSummary) -> SaveStatus {
-        SaveStatus {
-            job: m.job.clone(),
-            step: m.step,
-            world_size: m.world_size,
-            phase: SavePhase::Committed,
-            ranks_received: m.world_size,
-            error: None,
-            manifest_hash: Some(m.hash.clone()),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct CheckpointList {
-    pub job: String,
-    pub committed: Vec<ManifestSummary>,
-    pub in_flight: Vec<SaveStatus>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
