@@ -51,10 +51,9 @@ proptest! {
         let mut bad = bytes.clone();
         let i = pos.index(bad.len());
         bad[i] = byte;
-        match Manifest::from_bytes(&bad, &Limits::default()) {
-            // Accepted only if the content is unchanged (for example a whitespace byte).
-            Ok(back) => prop_assert_eq!(back, m),
-            Err(_) => {}
+        // Accepted only if the content is unchanged (for example a whitespace byte).
+        if let Ok(back) = Manifest::from_bytes(&bad, &Limits::default()) {
+            prop_assert_eq!(back, m);
         }
     }
 
