@@ -65,6 +65,8 @@ pub struct Coordinator {
     staging: Arc<Staging>,
     /// Upload events for chunks made durable outside the upload queue (node-local adoption).
     events: mpsc::UnboundedSender<UploadEvent>,
+    /// Recently aborted saves, for status queries; they no longer count as in flight.
+    aborted: std::sync::Mutex<std::collections::VecDeque<SaveStatus>>,
     handoff_dir: std::path::PathBuf,
 }
 
@@ -143,6 +145,7 @@ impl Coordinator {
             saves: std::sync::Mutex::new(HashMap::new()),
             staging,
             events: tx,
+            aborted: Default::default(),
             handoff_dir,
         });
         tokio::spawn(Self::upload_events(Arc::downgrade(&c), rx));
@@ -190,7 +193,9 @@ impl Coordinator {
                         {
                             let why = format!("chunk {hash} could not be made durable: {reason}");
                             if g.state.abort(why).is_ok() {
-                                let _ = me.journal(&g.state).await;
+                                if let Err(e) = me.retire_aborted(&g.state).await {
+                                    tracing::error!(job, error = %e, "cannot retire an aborted save");
+                                }
                             }
                         }
                     }
@@ -456,14 +461,13 @@ impl Coordinator {
         };
         let mut g = slot.lock().await;
         if g.state.phase == SavePhase::Aborted {
-            // A new open after an abort starts the save afresh (for example a trainer that rolled
-            // back and reached this step again).
-            let created = req.created_unix_ms.unwrap_or_else(now_unix_ms);
-            g.state = SaveState::open(job, step, req.world_size, created, req.metadata.clone(), &self.limits)?;
-            g.pending.clear();
-        } else {
-            g.state.reopen(req.world_size, req.metadata)?;
+            // The save was aborted and retired while this request waited for it; a new open
+            // starts it afresh in a new slot (for example a trainer that rolled back and
+            // reached this step again).
+            drop(g);
+            return Box::pin(self.open_save(job, step, req)).await;
         }
+        g.state.reopen(req.world_size, req.metadata)?;
         self.journal(&g.state).await?;
         Ok(SaveStatus::of(&g.state))
     }
@@ -543,7 +547,7 @@ impl Coordinator {
                     let reason = "another writer committed a different manifest for this step".to_string();
                     tracing::warn!(job, step, "commit conflict: {reason}");
                     state.abort(reason.clone())?;
-                    self.journal(state).await?;
+                    self.retire_aborted(state).await?;
                     return Err(ServiceError::Conflict(format!("{job}@{step}: {reason}")));
                 }
                 tracing::info!(job, step, "manifest already present with identical bytes; committed");
@@ -579,6 +583,9 @@ impl Coordinator {
         if let Some(m) = self.committed_summary(job, step).await? {
             return Ok(SaveStatus::committed(&m));
         }
+        if let Some(a) = self.recently_aborted(job, Some(step)).pop() {
+            return Ok(a);
+        }
         Err(ServiceError::NotFound(format!("no save {job}@{step}")))
     }
 
@@ -589,9 +596,33 @@ impl Coordinator {
         let mut g = slot.lock().await;
         if g.state.phase != SavePhase::Aborted {
             g.state.abort(reason.to_string())?;
-            self.journal(&g.state).await?;
+            self.retire_aborted(&g.state).await?;
         }
         Ok(SaveStatus::of(&g.state))
+    }
+
+    /// An aborted save leaves the in-flight set and the journal, so it no longer counts against
+    /// `saves_in_flight_max`; its status stays answerable from a bounded list of recent aborts.
+    /// Called with the save's lock held (or for a save not yet in the map, at start-up).
+    async fn retire_aborted(&self, state: &SaveState) -> Result<(), ServiceError> {
+        const ABORTED_KEPT: usize = 1024;
+        let (job, step) = (state.job.clone(), state.step);
+        self.blocking(move |i| i.remove_save(&job, step)).await?;
+        self.index.flush().await?;
+        self.saves.lock().unwrap_or_else(|e| e.into_inner()).remove(&(state.job.clone(), state.step));
+        let mut aborted = self.aborted.lock().unwrap_or_else(|e| e.into_inner());
+        aborted.retain(|s| !(s.job == state.job && s.step == state.step));
+        aborted.push_back(SaveStatus::of(state));
+        while aborted.len() > ABORTED_KEPT {
+            aborted.pop_front();
+        }
+        tracing::info!(job = state.job, step = state.step, reason = ?state.error, "save aborted");
+        Ok(())
+    }
+
+    fn recently_aborted(&self, job: &str, step: Option<u64>) -> Vec<SaveStatus> {
+        let aborted = self.aborted.lock().unwrap_or_else(|e| e.into_inner());
+        aborted.iter().filter(|s| s.job == job && step.is_none_or(|st| s.step == st)).cloned().collect()
     }
 
     // ---- committed checkpoints ---------------------------------------------------------------
@@ -630,6 +661,7 @@ impl Coordinator {
         for s in slots {
             in_flight.push(SaveStatus::of(&s.lock().await.state));
         }
+        in_flight.extend(self.recently_aborted(job, None));
         in_flight.sort_by_key(|s| s.step);
         Ok(CheckpointList { job: job.into(), committed, in_flight })
     }
@@ -754,12 +786,13 @@ impl Coordinator {
                     continue;
                 }
                 save.abort("another writer committed a different manifest for this step".into())?;
-                self.blocking({
-                    let s = save.clone();
-                    move |i| i.put_save(&s)
-                })
-                .await?;
+                self.retire_aborted(&save).await?;
                 report.saves_aborted += 1;
+                continue;
+            }
+            if save.phase == SavePhase::Aborted {
+                self.retire_aborted(&save).await?;
+                continue;
             }
             if save.phase == SavePhase::Committed {
                 let (j, s) = (job.clone(), step);

@@ -57,7 +57,7 @@ pub fn local_client(d: &LocalDaemon) -> Client {
     Client::new(&d.url(), opts).expect("client")
 }
 
-/// A client that gives up quickly when ckptd is gone (crash tests).
+/// A client that gives up quickly when ckptd is gone or busy (crash and limit tests).
 pub fn impatient_client(d: &LocalDaemon) -> Client {
     let opts = ClientOptions {
         chunk_bytes: 1 << 20,
@@ -65,6 +65,7 @@ pub fn impatient_client(d: &LocalDaemon) -> Client {
         retry_base: Duration::from_millis(10),
         request_timeout: Duration::from_secs(20),
         commit_timeout: Duration::from_secs(20),
+        busy_retry_for: Duration::ZERO,
         node_local: false,
         ..ClientOptions::default()
     };
