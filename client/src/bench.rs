@@ -66,6 +66,39 @@ struct Row {
     pass: Option<bool>,
 }
 
+enum Target {
+    AtMost(f64),
+    AtLeast(f64),
+}
+
+impl Row {
+    /// A figure with a target: the verdict is derived from the ratio, so the two cannot disagree.
+    fn checked(figure: impl Into<String>, value: String, limit: String, ratio: f64, target: Target) -> Row {
+        let (target, pass) = match target {
+            Target::AtMost(t) => (format!("<= {t}"), ratio <= t),
+            Target::AtLeast(t) => (format!(">= {t}"), ratio >= t),
+        };
+        Row { figure: figure.into(), value, limit, ratio: Some(ratio), target, pass: Some(pass) }
+    }
+
+    /// A figure shown for information, without a verdict.
+    fn info(figure: impl Into<String>, value: String, limit: String, ratio: Option<f64>, note: &str) -> Row {
+        Row { figure: figure.into(), value, limit, ratio, target: note.into(), pass: None }
+    }
+
+    /// ckptd's peak RSS against its staging budget plus the documented 128 MiB allowance.
+    fn rss(figure: String, rss: u64, budget: u64) -> Row {
+        let bound = budget + 128 * MIB;
+        Row::checked(
+            figure,
+            format!("{} MiB", rss / MIB),
+            format!("budget {} MiB + 128", budget / MIB),
+            rss as f64 / bound as f64,
+            Target::AtMost(1.0),
+        )
+    }
+}
+
 fn random_rank(seed: u64, rank: u32, bytes: u64) -> Vec<u8> {
     let mut v = vec![0u8; bytes as usize];
     rand::rngs::StdRng::seed_from_u64(seed ^ ((rank as u64 + 1) << 40)).fill_bytes(&mut v);
@@ -327,74 +360,58 @@ pub async fn run(opts: BenchOptions) -> Result<(), ClientError> {
     drop(savers);
 
     let budget = opts.staging_mib * MIB;
+    let lim = read_bw.min(hash_bw);
     let mut rows = vec![
-        Row {
-            figure: "trainer stall (all ranks saving at once)".into(),
-            value: format!("{:.3} s", secs(stall)),
-            limit: format!("memcpy of the same tensors, all ranks at once {:.3} s", secs(memcpy)),
-            ratio: Some(secs(stall) / secs(memcpy)),
-            target: "<= 1.2".into(),
-            pass: Some(secs(stall) <= 1.2 * secs(memcpy)),
-        },
-        Row {
-            figure: "trainer stall vs one contiguous memcpy per rank".into(),
-            value: format!("{:.3} s", secs(stall)),
-            limit: format!("contiguous memcpy {:.3} s", secs(memcpy_contiguous)),
-            ratio: Some(secs(stall) / secs(memcpy_contiguous)),
-            target: "(lower bound, for reference)".into(),
-            pass: None,
-        },
-        Row {
-            figure: "all staged (acked)".into(),
-            value: format!("{:.2} s, {:.0} MiB/s", secs(staged), mibps(total, staged)),
-            limit: "-".into(),
-            ratio: None,
-            target: "-".into(),
-            pass: None,
-        },
-        Row {
-            figure: "committed (durable) throughput".into(),
-            value: format!("{:.0} MiB/s ({:.2} s)", mibps(total, committed), secs(committed)),
-            limit: format!("fsync'd write {write_bw:.0} MiB/s"),
-            ratio: Some(mibps(total, committed) / write_bw),
-            target: ">= 0.8".into(),
-            pass: Some(mibps(total, committed) >= 0.8 * write_bw),
-        },
-        {
-            let lim = read_bw.min(hash_bw);
-            Row {
-                figure: "restore + verify throughput".into(),
-                value: format!("{:.0} MiB/s ({:.2} s)", mibps(total, restore), secs(restore)),
-                limit: format!("min(read {read_bw:.0}, blake3 {hash_bw:.0}) MiB/s"),
-                ratio: Some(mibps(total, restore) / lim),
-                target: ">= 0.8".into(),
-                pass: Some(mibps(total, restore) >= 0.8 * lim),
-            }
-        },
-        Row {
-            figure: format!("ckptd peak RSS, {} MiB burst", total / MIB),
-            value: format!("{} MiB", rss / MIB),
-            limit: format!("budget {} MiB + 128", budget / MIB),
-            ratio: Some(rss as f64 / (budget + 128 * MIB) as f64),
-            target: "<= 1.0".into(),
-            pass: Some(rss <= budget + 128 * MIB),
-        },
-        Row {
-            figure: "incremental (10% changed): bytes sent".into(),
-            value: format!("{} MiB", sent_incr / MIB),
-            limit: format!("full save {} MiB", sent_full / MIB),
-            ratio: Some(sent_incr as f64 / sent_full.max(1) as f64),
-            target: "<= 0.11".into(),
-            pass: Some(sent_incr * 100 <= sent_full * 11),
-        },
-        Row {
-            figure: "incremental (10% changed): bytes stored".into(),
-            value: format!("{} MiB", stored_incr / MIB),
-            limit: format!("full save {} MiB", stored_full / MIB),
-            ratio: Some(stored_incr as f64 / stored_full.max(1) as f64),
-            target: "<= 0.11".into(),
-            pass: Some(stored_incr * 100 <= stored_full * 11),
-        },
+        Row::checked(
+            "trainer stall (all ranks saving at once)",
+            format!("{:.3} s", secs(stall)),
+            format!("memcpy of the same tensors, all ranks at once {:.3} s", secs(memcpy)),
+            secs(stall) / secs(memcpy),
+            Target::AtMost(1.2),
+        ),
+        Row::info(
+            "trainer stall vs one contiguous memcpy per rank",
+            format!("{:.3} s", secs(stall)),
+            format!("contiguous memcpy {:.3} s", secs(memcpy_contiguous)),
+            Some(secs(stall) / secs(memcpy_contiguous)),
+            "(lower bound, for reference)",
+        ),
+        Row::info(
+            "all staged (acked)",
+            format!("{:.2} s, {:.0} MiB/s", secs(staged), mibps(total, staged)),
+            "-".into(),
+            None,
+            "-",
+        ),
+        Row::checked(
+            "committed (durable) throughput",
+            format!("{:.0} MiB/s ({:.2} s)", mibps(total, committed), secs(committed)),
+            format!("fsync'd write {write_bw:.0} MiB/s"),
+            mibps(total, committed) / write_bw,
+            Target::AtLeast(0.8),
+        ),
+        Row::checked(
+            "restore + verify throughput",
+            format!("{:.0} MiB/s ({:.2} s)", mibps(total, restore), secs(restore)),
+            format!("min(read {read_bw:.0}, blake3 {hash_bw:.0}) MiB/s"),
+            mibps(total, restore) / lim,
+            Target::AtLeast(0.8),
+        ),
+        Row::rss(format!("ckptd peak RSS, {} MiB burst", total / MIB), rss, budget),
+        Row::checked(
+            "incremental (10% changed): bytes sent",
+            format!("{} MiB", sent_incr / MIB),
+            format!("full save {} MiB", sent_full / MIB),
+            sent_incr as f64 / sent_full.max(1) as f64,
+            Target::AtMost(0.11),
+        ),
+        Row::checked(
+            "incremental (10% changed): bytes stored",
+            format!("{} MiB", stored_incr / MIB),
+            format!("full save {} MiB", stored_full / MIB),
+            stored_incr as f64 / stored_full.max(1) as f64,
+            Target::AtMost(0.11),
+        ),
     ];
 
     if opts.rss_burst_gib > 0 {
@@ -471,14 +488,7 @@ async fn rss_burst(opts: &BenchOptions) -> Result<Row, ClientError> {
     let budget = opts.staging_mib * MIB;
     let total = chunks_per_rank * chunk * n as u64;
     println!("rss burst: {} MiB committed in {:.1} s", total / MIB, secs(elapsed));
-    Ok(Row {
-        figure: format!("ckptd peak RSS, {} MiB streamed burst", total / MIB),
-        value: format!("{} MiB", rss / MIB),
-        limit: format!("budget {} MiB + 128", budget / MIB),
-        ratio: Some(rss as f64 / (budget + 128 * MIB) as f64),
-        target: "<= 1.0".into(),
-        pass: Some(rss <= budget + 128 * MIB),
-    })
+    Ok(Row::rss(format!("ckptd peak RSS, {} MiB streamed burst", total / MIB), rss, budget))
 }
 
 /// Starts every rank's save at the same instant, each on its own thread, and returns the time

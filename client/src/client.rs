@@ -725,14 +725,7 @@ impl Client {
             let len = t.byte_len().ok_or_else(|| ClientError::Protocol(format!("tensor {} is too large", t.name)))?;
             if let Some(buf) = self.read_local_tensor(&m.job, m.step, t, len).await? {
                 progress(len);
-                out.push(Tensor {
-                    name: t.name.clone(),
-                    dtype: t.dtype,
-                    shape: t.shape.clone(),
-                    global_shape: t.global_shape.clone(),
-                    offsets: t.offsets.clone(),
-                    data: Bytes::from(buf),
-                });
+                out.push(Tensor::from_entry(t, Bytes::from(buf)));
                 continue;
             }
             let mut buf = Vec::with_capacity(len as usize);
@@ -754,14 +747,7 @@ impl Client {
                 progress(expected);
                 i += 1;
             }
-            out.push(Tensor {
-                name: t.name.clone(),
-                dtype: t.dtype,
-                shape: t.shape.clone(),
-                global_shape: t.global_shape.clone(),
-                offsets: t.offsets.clone(),
-                data: Bytes::from(buf),
-            });
+            out.push(Tensor::from_entry(t, Bytes::from(buf)));
         }
         Ok(out)
     }

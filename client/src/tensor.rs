@@ -1,5 +1,5 @@
 use bytes::Bytes;
-use ckpt_core::DType;
+use ckpt_core::{DType, TensorEntry};
 
 use crate::error::ClientError;
 
@@ -21,6 +21,18 @@ impl Tensor {
     /// A tensor held whole by one rank.
     pub fn whole(name: impl Into<String>, dtype: DType, shape: Vec<u64>, data: Bytes) -> Tensor {
         Tensor { name: name.into(), dtype, offsets: vec![0; shape.len()], global_shape: shape.clone(), shape, data }
+    }
+
+    /// The tensor an index entry describes, holding `data` (already verified by the caller).
+    pub fn from_entry(entry: &TensorEntry, data: Bytes) -> Tensor {
+        Tensor {
+            name: entry.name.clone(),
+            dtype: entry.dtype,
+            shape: entry.shape.clone(),
+            global_shape: entry.global_shape.clone(),
+            offsets: entry.offsets.clone(),
+            data,
+        }
     }
 
     pub fn check(&self) -> Result<(), ClientError> {

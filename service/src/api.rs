@@ -84,10 +84,9 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    let cfg = state.coordinator_config();
     // Chunk bodies are bounded by their declared length (checked against chunk_bytes_max and
     // reserved from the staging budget before reading); JSON bodies by this limit.
-    let json_limit = cfg.1 as usize;
+    let json_limit = state.coordinator.json_body_bytes_max() as usize;
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -106,12 +105,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .fallback(|| async { ApiError(ServiceError::NotFound("no such endpoint".into())) })
         .with_state(state)
-}
-
-impl AppState {
-    fn coordinator_config(&self) -> (u64, u64) {
-        self.coordinator.limits_for_router()
-    }
 }
 
 async fn healthz() -> &'static str {

@@ -208,9 +208,9 @@ impl Coordinator {
         &self.store
     }
 
-    /// Body limits for the router: largest chunk, largest JSON document.
-    pub fn limits_for_router(&self) -> (u64, u64) {
-        (self.config.chunk_bytes_max, self.config.shard_index_bytes_max)
+    /// The largest JSON body (shard index, existence query) the API accepts.
+    pub fn json_body_bytes_max(&self) -> u64 {
+        self.config.shard_index_bytes_max
     }
 
     async fn blocking<T, F>(&self, f: F) -> Result<T, ServiceError>
