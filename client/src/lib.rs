@@ -11,6 +11,7 @@ pub mod bench;
 pub mod client;
 pub mod error;
 pub mod local;
+pub mod reshard;
 pub mod tensor;
 
 pub use async_save::{AsyncSaver, SaveTicket, TensorView};

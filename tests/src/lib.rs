@@ -31,6 +31,13 @@ pub fn ckpt_exe() -> PathBuf {
     p
 }
 
+/// The trainer's launcher binary, next to ckptd.
+pub fn ckpt_train_exe() -> PathBuf {
+    let p = ckptd_exe().with_file_name(format!("ckpt-train{}", std::env::consts::EXE_SUFFIX));
+    assert!(p.is_file(), "no ckpt-train binary at {} (cargo test --workspace builds it)", p.display());
+    p
+}
+
 pub async fn start_daemon(dir: &Path) -> LocalDaemon {
     start_daemon_with(DaemonOptions::in_dir(ckptd_exe(), dir)).await
 }

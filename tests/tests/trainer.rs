@@ -1,0 +1,214 @@
+//! The embedded trainer end to end: real rank processes, really killed, stopped and slowed,
+//! checkpointing through a real ckptd. The oracle is the blake3 of the final weights: a run
+//! that is interrupted and rolled back must end bit-identical to one that is not.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use ckpt_client::local::LocalDaemon;
+use ckpt_tests::{ckpt_train_exe, seed, start_daemon};
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+
+/// Flags shared by the tests: the default model on a smaller batch, so a step is quick.
+const QUICK: &[&str] =
+    &["--global-batch", "12", "--seq-len", "32", "--warmup", "4", "--anneal", "4", "--log-every", "0"];
+
+/// Runs `ckpt-train launch` against `d` and returns its goodput report. Panics with the
+/// launcher's output if it fails or outlives `limit`.
+fn launch(d: &LocalDaemon, dir: &Path, job: &str, args: &[&str], limit: Duration) -> Value {
+    let run_dir = dir.join(format!("run-{job}-{}", std::process::id()));
+    let json = run_dir.with_extension("json");
+    let mut child = Command::new(ckpt_train_exe())
+        .arg("launch")
+        .args(["--server", &d.url(), "--job", job])
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .arg("--json")
+        .arg(&json)
+        .args(QUICK)
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting ckpt-train");
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if child.try_wait().expect("waiting for ckpt-train").is_some() {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "ckpt-train ran past {limit:?}\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    let logs = || {
+        let mut s = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        for r in 0..4 {
+            if let Ok(l) = std::fs::read_to_string(run_dir.join(format!("rank{r}.log"))) {
+                s.push_str(&format!("\n--- rank {r} ---\n{}", &l[l.len().saturating_sub(3000)..]));
+            }
+        }
+        s
+    };
+    assert!(out.status.success(), "ckpt-train {args:?} failed:\n{}", logs());
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    eprintln!("{job}: {}", String::from_utf8_lossy(&out.stdout));
+    report
+}
+
+fn hash(r: &Value) -> &str {
+    r["final_weights_blake3"].as_str().expect("report has the final hash")
+}
+
+fn losses(r: &Value) -> Vec<(u64, f64)> {
+    r["losses"].as_array().unwrap().iter().map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap())).collect()
+}
+
+fn causes(r: &Value) -> Vec<String> {
+    r["interruptions"].as_array().unwrap().iter().map(|i| i["cause"].as_str().unwrap().to_string()).collect()
+}
+
+const MINUTES: Duration = Duration::from_secs(240);
+
+/// The trainer tests take turns: each runs several rank processes on a small machine, and the
+/// hang test's timing must not depend on its neighbours' load.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn turn() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_runs_end_bit_identical_to_an_uninterrupted_one() {
+    let _turn = turn();
+    let s = seed(20261129);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(s);
+    let dir = tempfile::tempdir().unwrap();
+    let d = start_daemon(dir.path()).await;
+    let base = ["--nproc", "2", "--steps", "16", "--ckpt-every", "4"];
+    let a = tokio::task::block_in_place(|| launch(&d, dir.path(), "clean-a", &base, MINUTES));
+    let b = tokio::task::block_in_place(|| launch(&d, dir.path(), "clean-b", &base, MINUTES));
+    assert_eq!(hash(&a), hash(&b), "two fault-free runs with one seed differ");
+    assert!(causes(&a).is_empty());
+
+    // SIGKILL at random steps and ranks, during a save (upload in flight) and during a commit
+    // (own index in, step not committed).
+    let kills = [
+        format!("kill@{}:{}", rng.random_range(0..2), rng.random_range(2..=7)),
+        format!("kill-save@{}:8", rng.random_range(0..2)),
+        format!("kill-commit@{}:12", rng.random_range(0..2)),
+        format!("kill@{}:{}", rng.random_range(0..2), rng.random_range(13..=16)),
+    ];
+    let mut args: Vec<&str> = base.to_vec();
+    for k in &kills {
+        args.extend(["--inject", k.as_str()]);
+    }
+    args.extend(["--max-restarts", "6"]);
+    let c = tokio::task::block_in_place(|| launch(&d, dir.path(), "killed", &args, MINUTES));
+    let got = causes(&c);
+    assert_eq!(got.len(), kills.len(), "seed {s}: every kill is an interruption: {got:?}");
+    assert!(got.iter().all(|c| c.contains("SIGKILL")), "seed {s}: {got:?}");
+    assert_eq!(hash(&c), hash(&a), "seed {s}: killed run {kills:?} ended with different weights");
+    assert_eq!(c["final_step"], 16);
+    assert!(c["steps_executed"].as_u64().unwrap() > 16, "rolled-back steps are executed again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_rank_is_caught_by_the_collective_timeout_and_a_slow_one_is_not() {
+    let _turn = turn();
+    let dir = tempfile::tempdir().unwrap();
+    let d = start_daemon(dir.path()).await;
+    let base = ["--nproc", "2", "--steps", "10", "--ckpt-every", "4"];
+    let timeout_ms: u64 = 2_000;
+    let t = timeout_ms.to_string();
+    let mut hang = base.to_vec();
+    hang.extend(["--collective-timeout-ms", &t, "--inject", "hang@1:6"]);
+    let h = tokio::task::block_in_place(|| launch(&d, dir.path(), "hung", &hang, MINUTES));
+    let ints = h["interruptions"].as_array().unwrap();
+    assert_eq!(ints.len(), 1, "{ints:?}");
+    let i = &ints[0];
+    let cause = i["cause"].as_str().unwrap();
+    assert!(cause.contains("collective timeout") && cause.contains("[1]"), "{cause}");
+    let detect = i["detection_ms"].as_u64().unwrap();
+    assert!(detect >= timeout_ms && detect < timeout_ms + 1_000, "hang detected after {detect} ms");
+    assert_eq!(i["resumed_from"], 4);
+    assert_eq!(h["final_step"], 10);
+
+    // A rank slower than usual but within the timeout is waited for, not restarted.
+    let mut slow = base.to_vec();
+    slow.extend(["--collective-timeout-ms", "5000", "--inject", "slow@1:6:1500"]);
+    let s = tokio::task::block_in_place(|| launch(&d, dir.path(), "slow", &slow, MINUTES));
+    assert!(causes(&s).is_empty(), "a slow rank caused a restart: {:?}", causes(&s));
+    let mut clean = base.to_vec();
+    clean.extend(["--collective-timeout-ms", "5000"]);
+    let c = tokio::task::block_in_place(|| launch(&d, dir.path(), "clean", &clean, MINUTES));
+    assert_eq!(hash(&s), hash(&c), "a slow step changed the result");
+    assert_eq!(hash(&h), hash(&c), "the hung run recovered to different weights");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn training_resumes_with_another_world_size_where_it_left_off() {
+    let _turn = turn();
+    let dir = tempfile::tempdir().unwrap();
+    let d = start_daemon(dir.path()).await;
+    let run = |nproc: &str, until: &str| {
+        let args = ["--nproc", nproc, "--steps", "24", "--until-step", until, "--ckpt-every", "4"];
+        tokio::task::block_in_place(|| launch(&d, dir.path(), "reshard", &args, MINUTES))
+    };
+    let four = run("4", "12");
+    let two = run("2", "18");
+    let three = run("3", "24");
+    let (l4, l2, l3) = (losses(&four), losses(&two), losses(&three));
+    assert_eq!(l4.first().unwrap().0, 1);
+    assert_eq!(l2.first().unwrap().0, 13, "4 → 2 resumed at {:?}", l2.first());
+    assert_eq!(l3.first().unwrap().0, 19, "2 → 3 resumed at {:?}", l3.first());
+    let initial = l4[0].1;
+    // A resumed run starts where the other stopped: much nearer the last loss than the initial one.
+    for (before, after, what) in [(&l4, &l2, "4 → 2"), (&l2, &l3, "2 → 3")] {
+        let last = before.last().unwrap().1;
+        let first = after.first().unwrap().1;
+        assert!(last < initial - 1.0, "{what}: loss barely fell before the switch ({initial} → {last})");
+        assert!(
+            first < last + 0.25 * (initial - last),
+            "{what}: loss jumped from {last} to {first} (initial {initial})"
+        );
+    }
+    assert!(l3.last().unwrap().1 < l4.last().unwrap().1, "training went on improving");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_recovers_and_its_loss_falls_well_below_the_initial_loss() {
+    let _turn = turn();
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("demo.json");
+    let out = tokio::task::block_in_place(|| {
+        Command::new(ckpt_train_exe())
+            .arg("demo")
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--json")
+            .arg(&json)
+            .current_dir(dir.path())
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap()
+    });
+    let text = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "demo failed:\n{text}");
+    let r: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let (first, last) = (r["loss_first"].as_f64().unwrap(), r["loss_last"].as_f64().unwrap());
+    assert!(last < 0.4 * first, "loss {first} → {last}\n{text}");
+    assert_eq!(causes(&r).len(), 2, "{text}");
+    assert!(r["averaged"].is_array(), "annealing checkpoints averaged: {text}");
+    assert!(text.contains("effective training time"), "{text}");
+}

@@ -1,0 +1,453 @@
+//! The elastic agent: starts the rank processes, watches them, and restarts the group from the
+//! newest committed, verified checkpoint when one fails.
+//!
+//! Design note. The launcher owns the collective hub (one per generation, on one port) and a
+//! child process per rank. A generation fails when a rank exits before the group's final
+//! barrier, or when the hub reports a collective timeout (the watchdog) or a protocol error.
+//! Then every rank of the generation is SIGKILLed (a stopped process dies too), saves left in
+//! flight are aborted (a redone step starts its save afresh, possibly with another world size),
+//! the newest committed checkpoint that verifies is chosen, and the next generation starts from
+//! it. Up to `max_restarts` times; every interruption is logged with its cause, when it was
+//! detected, the steps lost and the time to restart and restore.
+//!
+//! Injections (`--inject`) are handed to each generation; one that a rank has logged as fired
+//! is not handed on, so each fault happens once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ckpt_client::{Client, ClientOptions, SavePhase};
+use ckpt_trainer::collective::{serve_hub, HubConfig, HubEvent};
+use ckpt_trainer::config::{ModelConfig, Recipe};
+use ckpt_trainer::spec::{Injection, RunSpec};
+
+use crate::report::{Interruption, Report, StepTimes};
+
+#[derive(Debug, Clone)]
+pub struct LaunchOptions {
+    pub nproc: usize,
+    pub job: String,
+    pub server: String,
+    pub seed: u64,
+    pub model: ModelConfig,
+    pub recipe: Recipe,
+    pub ckpt_every: u64,
+    pub until_step: u64,
+    pub max_restarts: u32,
+    pub collective_timeout: Duration,
+    pub startup_timeout: Duration,
+    pub run_dir: PathBuf,
+    pub corpus_bytes: usize,
+    pub injections: Vec<Injection>,
+    pub threads_per_rank: usize,
+    /// Average the committed checkpoints of the annealing phase into `<job>-avg`.
+    pub average_anneal: bool,
+    pub log_every: u64,
+}
+
+struct Generation {
+    children: Vec<Child>,
+    hub_stop: Arc<AtomicBool>,
+    hub: std::thread::JoinHandle<()>,
+    events: mpsc::Receiver<HubEvent>,
+    spawned: Instant,
+}
+
+pub fn launch(opts: &LaunchOptions) -> Result<Report> {
+    let started = Instant::now();
+    opts.recipe.validate(opts.nproc).map_err(anyhow::Error::msg)?;
+    opts.model.validate().map_err(anyhow::Error::msg)?;
+    if opts.until_step == 0 || opts.until_step > opts.recipe.steps || opts.ckpt_every == 0 {
+        bail!("--until-step must be within 1..={} and --ckpt-every positive", opts.recipe.steps);
+    }
+    std::fs::create_dir_all(&opts.run_dir).with_context(|| format!("creating {}", opts.run_dir.display()))?;
+    clear_run_dir(&opts.run_dir)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let client = Client::new(&opts.server, ClientOptions::default())?;
+    rt.block_on(client.health()).with_context(|| format!("ckptd at {} is not answering", opts.server))?;
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding the collective hub")?;
+    let hub_addr = listener.local_addr()?.to_string();
+    let listener = Arc::new(listener);
+
+    let mut fired: BTreeSet<String> = BTreeSet::new();
+    let mut times = StepTimes::default();
+    let mut interruptions: Vec<Interruption> = Vec::new();
+    let mut losses: BTreeMap<u64, f32> = BTreeMap::new();
+    let mut generation = 0u64;
+    let mut last_detect: Option<(Instant, u64)> = None;
+    let final_step;
+    loop {
+        let resume = choose_resume(&rt, &client, &opts.job)?;
+        if let Some(s) = resume {
+            if s >= opts.until_step && generation == 0 {
+                println!("{}@{s} is already committed; nothing to train up to step {}", opts.job, opts.until_step);
+            }
+        }
+        let injections: Vec<Injection> =
+            opts.injections.iter().filter(|i| !fired.contains(&i.key())).cloned().collect();
+        let spec = RunSpec {
+            job: opts.job.clone(),
+            server: opts.server.clone(),
+            seed: opts.seed,
+            model: opts.model.clone(),
+            recipe: opts.recipe.clone(),
+            ckpt_every: opts.ckpt_every,
+            until_step: opts.until_step,
+            world: opts.nproc,
+            generation,
+            hub: hub_addr.clone(),
+            resume_step: resume,
+            rank_timeout_ms: (opts.collective_timeout * 3 + opts.startup_timeout).as_millis() as u64,
+            run_dir: opts.run_dir.clone(),
+            corpus_bytes: opts.corpus_bytes,
+            injections,
+        };
+        let g = spawn_generation(opts, &spec, listener.clone())?;
+        if let Some((detected, lost_from)) = last_detect.take() {
+            if let Some(i) = interruptions.last_mut() {
+                i.restart_ms = g.spawned.duration_since(detected).as_millis() as u64;
+                i.resumed_from = resume.unwrap_or(0);
+                i.steps_lost = lost_from.saturating_sub(resume.unwrap_or(0));
+            }
+        }
+        let outcome = watch(opts, g, generation, &mut times, &mut losses);
+        match outcome {
+            Outcome::Done { step } => {
+                final_step = step;
+                break;
+            }
+            Outcome::Failed { cause, detected, detection_ms, last_step } => {
+                fired.extend(read_fired(&opts.run_dir));
+                eprintln!("interruption in generation {generation}: {cause} (last step {last_step})");
+                interruptions.push(Interruption {
+                    generation,
+                    cause: cause.clone(),
+                    detected_at_s: detected.duration_since(started).as_secs_f64(),
+                    detection_ms,
+                    last_step,
+                    resumed_from: 0,
+                    steps_lost: 0,
+                    restart_ms: 0,
+                    restore_ms: None,
+                });
+                if interruptions.len() as u32 > opts.max_restarts {
+                    bail!(
+                        "giving up after {} interruptions (--max-restarts {})",
+                        interruptions.len(),
+                        opts.max_restarts
+                    );
+                }
+                last_detect = Some((detected, last_step));
+                generation += 1;
+            }
+        }
+    }
+    // An interruption's restore time is known once the generation after it is ready.
+    for i in &mut interruptions {
+        i.restore_ms = times.ready_ms(i.generation + 1);
+    }
+
+    let hash = final_hash(&rt, &client, &opts.job, final_step, &opts.model)?;
+    let trained = std::fs::read(opts.run_dir.join("final.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["weights_blake3"].as_str().map(String::from));
+    if let Some(t) = &trained {
+        if *t != hash {
+            bail!("the committed checkpoint {}@{final_step} hashes to {hash}, the trained weights to {t}", opts.job);
+        }
+    }
+    let averaged = if opts.average_anneal { average(&rt, &client, opts, final_step)? } else { None };
+    let wall = started.elapsed();
+    let report = Report::build(opts, wall, &times, interruptions, losses, final_step, hash, averaged)?;
+    Ok(report)
+}
+
+enum Outcome {
+    Done { step: u64 },
+    Failed { cause: String, detected: Instant, detection_ms: u64, last_step: u64 },
+}
+
+fn spawn_generation(opts: &LaunchOptions, spec: &RunSpec, listener: Arc<TcpListener>) -> Result<Generation> {
+    let spec_path = opts.run_dir.join(format!("generation-{}.json", spec.generation));
+    std::fs::write(&spec_path, serde_json::to_vec_pretty(spec)?)?;
+    let (tx, rx) = mpsc::channel();
+    let hub_stop = Arc::new(AtomicBool::new(false));
+    let cfg = HubConfig {
+        world: spec.world,
+        generation: spec.generation,
+        collective_timeout: opts.collective_timeout,
+        startup_timeout: opts.startup_timeout,
+        frame_elems_max: opts.model.param_count() + 1024,
+    };
+    let stop = hub_stop.clone();
+    let hub = std::thread::Builder::new()
+        .name(format!("hub-{}", spec.generation))
+        .spawn(move || serve_hub(&listener, cfg, tx, stop))?;
+    let exe = std::env::current_exe().context("locating ckpt-train")?;
+    let mut children = Vec::with_capacity(spec.world);
+    for rank in 0..spec.world {
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(opts.run_dir.join(format!("rank{rank}.log")))?;
+        let mut cmd = Command::new(&exe);
+        cmd.arg("worker")
+            .arg("--spec")
+            .arg(&spec_path)
+            .arg("--rank")
+            .arg(rank.to_string())
+            .env("RAYON_NUM_THREADS", opts.threads_per_rank.to_string())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        // SAFETY: prctl is async-signal-safe; it only asks the kernel to SIGKILL the child if
+        // the launcher dies, so no rank outlives its agent.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        children.push(cmd.spawn().with_context(|| format!("starting rank {rank}"))?);
+    }
+    Ok(Generation { children, hub_stop, hub, events: rx, spawned: Instant::now() })
+}
+
+fn watch(
+    opts: &LaunchOptions,
+    mut g: Generation,
+    generation: u64,
+    times: &mut StepTimes,
+    losses: &mut BTreeMap<u64, f32>,
+) -> Outcome {
+    let mut last_step = 0;
+    let mut last_progress = g.spawned;
+    let mut done_step = None;
+    let failure = loop {
+        let mut failure = None;
+        match g.events.recv_timeout(Duration::from_millis(20)) {
+            Ok(HubEvent::Ready { step, at, .. }) => {
+                times.ready(generation, step, at, g.spawned);
+                last_step = step;
+                last_progress = at;
+            }
+            Ok(HubEvent::StepDone { step, loss, at, .. }) => {
+                times.step_done(generation, step, at);
+                losses.insert(step, loss);
+                last_step = step;
+                last_progress = at;
+                if opts.log_every > 0 && (step % opts.log_every == 0 || step == 1) {
+                    println!("step {step:>5}  loss {loss:.4}  lr {:.2e}", opts.recipe.lr(step));
+                }
+            }
+            Ok(HubEvent::Done { step, .. }) => done_step = Some(step),
+            Ok(HubEvent::Timeout { what, missing, waited, .. }) => {
+                failure = Some((
+                    format!("collective timeout: {what} waited {} ms for ranks {missing:?}", waited.as_millis()),
+                    waited.as_millis() as u64,
+                ));
+            }
+            Ok(HubEvent::Failed { rank, reason, .. }) => {
+                // A rank that died closes its connection before the launcher sees it exit; give
+                // the exit a moment so the interruption is reported by its real cause.
+                std::thread::sleep(Duration::from_millis(200));
+                let exit = exited(&mut g.children, &opts.run_dir);
+                let cause = exit.unwrap_or_else(|| format!("collective failed on rank {rank:?}: {reason}"));
+                failure = Some((cause, last_progress.elapsed().as_millis() as u64));
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                if done_step.is_none() {
+                    failure = Some(("the collective hub stopped".into(), 0));
+                }
+            }
+        }
+        if failure.is_none() {
+            let all_exited = g.children.iter_mut().all(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if let Some(step) = done_step {
+                if all_exited {
+                    let bad = exited(&mut g.children, &opts.run_dir);
+                    match bad {
+                        None => {
+                            let _ = g.hub.join();
+                            return Outcome::Done { step };
+                        }
+                        Some(cause) => failure = Some((cause, 0)),
+                    }
+                }
+            } else if let Some(cause) = exited(&mut g.children, &opts.run_dir) {
+                failure = Some((cause, last_progress.elapsed().as_millis() as u64));
+            }
+        }
+        if let Some(f) = failure {
+            break f;
+        }
+    };
+    let detected = Instant::now();
+    for c in &mut g.children {
+        let _ = c.kill();
+    }
+    for c in &mut g.children {
+        let _ = c.wait();
+    }
+    g.hub_stop.store(true, Ordering::Relaxed);
+    let _ = g.hub.join();
+    Outcome::Failed { cause: failure.0, detected, detection_ms: failure.1, last_step }
+}
+
+/// The most telling failure among the ranks that have exited: a rank killed by a signal or
+/// failing by itself outranks one that failed only because a collective broke under it.
+fn exited(children: &mut [Child], run_dir: &Path) -> Option<String> {
+    use std::os::unix::process::ExitStatusExt;
+    let mut found: Vec<(u8, String)> = Vec::new();
+    for (rank, c) in children.iter_mut().enumerate() {
+        if let Ok(Some(status)) = c.try_wait() {
+            if status.success() {
+                continue;
+            }
+            found.push(match status.signal() {
+                Some(sig) => (0, format!("rank {rank} killed by signal {sig} ({})", signal_name(sig))),
+                None => match last_error(run_dir, rank) {
+                    Some(e) if e.contains("collective") => (2, format!("rank {rank} exited with {status}: {e}")),
+                    Some(e) => (1, format!("rank {rank} exited with {status}: {e}")),
+                    None => (1, format!("rank {rank} exited with {status}")),
+                },
+            });
+        }
+    }
+    found.into_iter().min_by_key(|f| f.0).map(|f| f.1)
+}
+
+/// The error a rank's log ends with, if any (its `Error:` line or its panic message).
+fn last_error(run_dir: &Path, rank: usize) -> Option<String> {
+    let text = std::fs::read_to_string(run_dir.join(format!("rank{rank}.log"))).ok()?;
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(200)..];
+    let at = tail.iter().rposition(|l| l.starts_with("Error:") || l.contains("panicked at"))?;
+    let line = tail[at];
+    Some(if line.starts_with("Error:") {
+        // anyhow prints the context first and the cause under "Caused by:".
+        let cause = tail[at..].iter().skip_while(|l| !l.starts_with("Caused by:")).nth(1).map(|c| c.trim());
+        match cause {
+            Some(c) => format!("{} ({})", line.trim_start_matches("Error:").trim(), c.trim_start_matches("0: ")),
+            None => line.trim_start_matches("Error:").trim().to_string(),
+        }
+    } else {
+        format!("panic: {}", tail.get(at + 1).map_or("", |l| l.trim()))
+    })
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGTERM => "SIGTERM",
+        _ => "signal",
+    }
+}
+
+/// Injections that ranks logged as fired, across every generation so far.
+fn read_fired(run_dir: &Path) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let Ok(dir) = std::fs::read_dir(run_dir) else { return out };
+    for e in dir.flatten() {
+        let name = e.file_name();
+        if !name.to_string_lossy().starts_with("events-rank") {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(e.path()) else { continue };
+        for line in text.lines() {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+                if v["kind"] == "inject" {
+                    if let Some(k) = v["injection"].as_str() {
+                        out.insert(k.to_string());
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Aborts saves left in flight, then returns the newest committed step that verifies.
+fn choose_resume(rt: &tokio::runtime::Runtime, client: &Client, job: &str) -> Result<Option<u64>> {
+    rt.block_on(async {
+        let list = client.list(job).await?;
+        for s in list.in_flight.iter().filter(|s| !matches!(s.phase, SavePhase::Aborted | SavePhase::Committed)) {
+            if let Err(e) = client.abort(job, s.step).await {
+                tracing::warn!(step = s.step, error = %e, "could not abort a save left in flight");
+            }
+        }
+        let list = client.list(job).await?;
+        for m in list.committed.iter().rev() {
+            let report = client.verify(job, m.step, |_| {}).await?;
+            if report.ok() {
+                return Ok(Some(m.step));
+            }
+            eprintln!(
+                "{job}@{} fails verification ({} bad chunks); trying the one before",
+                m.step,
+                report.corrupt.len()
+            );
+        }
+        Ok(None)
+    })
+}
+
+fn final_hash(
+    rt: &tokio::runtime::Runtime,
+    client: &Client,
+    job: &str,
+    step: u64,
+    model: &ModelConfig,
+) -> Result<String> {
+    rt.block_on(async {
+        let m = client.manifest(job, step).await?;
+        let (bytes, _) = client.load_rows(&m, "params", 0, model.param_count()).await?;
+        Ok(blake3::hash(&bytes).to_hex().to_string())
+    })
+}
+
+fn average(
+    rt: &tokio::runtime::Runtime,
+    client: &Client,
+    opts: &LaunchOptions,
+    final_step: u64,
+) -> Result<Option<(Vec<u64>, String)>> {
+    let from = opts.recipe.anneal_start();
+    let steps: Vec<u64> = rt
+        .block_on(client.list(&opts.job))?
+        .committed
+        .iter()
+        .map(|m| m.step)
+        .filter(|&s| s >= from && s <= final_step)
+        .collect();
+    if steps.len() < 2 {
+        eprintln!("fewer than two committed checkpoints in the annealing phase; nothing to average");
+        return Ok(None);
+    }
+    let out_job = format!("{}-avg", opts.job);
+    let step = rt.block_on(client.average_checkpoints(&opts.job, &steps, &["params"], &out_job))?;
+    let hash = final_hash(rt, client, &out_job, step, &opts.model)?;
+    Ok(Some((steps, hash)))
+}
+
+/// Removes what an earlier launch left in the run directory, so its events are not counted.
+fn clear_run_dir(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir)?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ours = name.starts_with("events-rank") || name.starts_with("generation-") || name == "final.json";
+        if ours {
+            std::fs::remove_file(e.path()).with_context(|| format!("removing {}", e.path().display()))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,266 @@
+//! `ckpt-train`: the embedded trainer's launcher (elastic agent), its rank processes, and the
+//! demo.
+
+mod launch;
+mod report;
+mod worker;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use ckpt_client::local::{find_ckptd, DaemonOptions, LocalDaemon};
+use ckpt_trainer::config::{state_bytes_per_rank, ModelConfig, Recipe};
+use ckpt_trainer::spec::Injection;
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "ckpt-train",
+    version,
+    about = "Train a small Llama 3 model on several ranks, checkpointing through ckptd"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start N rank processes and keep them training through failures.
+    Launch(Box<LaunchArgs>),
+    /// ckptd on a local directory, a two-rank run that loses a rank and a hang, and its goodput.
+    Demo {
+        /// Where the demo's ckptd keeps its store.
+        #[arg(long, default_value = "ckpt-data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value_t = 240)]
+        steps: u64,
+        #[arg(long, default_value_t = 2)]
+        nproc: usize,
+        /// Also write the goodput report here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Bytes of checkpoint state per rank for the named model shapes.
+    Sizes {
+        #[arg(long, default_value_t = 16_384)]
+        world: u64,
+    },
+    /// One rank (started by `launch`).
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        spec: PathBuf,
+        #[arg(long)]
+        rank: usize,
+    },
+}
+
+#[derive(Args, Clone)]
+struct LaunchArgs {
+    #[arg(long, default_value_t = 2)]
+    nproc: usize,
+    #[arg(long, default_value = "llama-tiny")]
+    job: String,
+    /// ckptd's URL; without it a ckptd is started on `--data-dir`.
+    #[arg(long)]
+    server: Option<String>,
+    #[arg(long, default_value = "ckpt-data")]
+    data_dir: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// tiny (trained here); 8b, 70b, 405b describe sizes only.
+    #[arg(long, default_value = "tiny")]
+    model: String,
+    /// Length of the schedule.
+    #[arg(long, default_value_t = 240)]
+    steps: u64,
+    /// Stop after this step (with a checkpoint), as if preempted; default: the whole schedule.
+    #[arg(long)]
+    until_step: Option<u64>,
+    #[arg(long, default_value_t = 20)]
+    ckpt_every: u64,
+    #[arg(long, default_value_t = 5)]
+    max_restarts: u32,
+    /// The watchdog: a collective waiting longer than this for a rank fails the group.
+    #[arg(long, default_value_t = 10_000)]
+    collective_timeout_ms: u64,
+    #[arg(long, default_value_t = 120_000)]
+    startup_timeout_ms: u64,
+    /// Where rank logs, events and the goodput report go; default `ckpt-runs/<job>`.
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 2_000_000)]
+    corpus_bytes: usize,
+    /// Fault to inject, once: KIND@RANK:STEP with KIND kill, kill-save, kill-commit, hang,
+    /// panic or nan, or slow@RANK:STEP:MS. Repeatable.
+    #[arg(long = "inject")]
+    injections: Vec<Injection>,
+    /// Compute threads per rank; default: the machine's cores shared among the ranks.
+    #[arg(long)]
+    threads_per_rank: Option<usize>,
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f32,
+    #[arg(long, default_value_t = 20)]
+    warmup: u64,
+    /// Steps at the end over which the learning rate falls linearly to zero.
+    #[arg(long, default_value_t = 40)]
+    anneal: u64,
+    /// Sequences per step over all ranks.
+    #[arg(long, default_value_t = 12)]
+    global_batch: usize,
+    #[arg(long, default_value_t = 64)]
+    seq_len: usize,
+    /// Average the annealing phase's checkpoints into `<job>-avg`.
+    #[arg(long)]
+    average: bool,
+    #[arg(long, default_value_t = 10)]
+    log_every: u64,
+    /// Also write the goodput report here (it is always written to the run directory).
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Worker { spec, rank } => {
+            let spec = worker::spec_from_file(&spec)?;
+            worker::run(&spec, rank).with_context(|| format!("rank {rank}"))
+        }
+        Cmd::Launch(args) => {
+            let report = run_launch(&args)?;
+            report.print();
+            Ok(())
+        }
+        Cmd::Demo { data_dir, steps, nproc, json } => {
+            let job = format!(
+                "demo-{}",
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+            );
+            let inject = vec![
+                format!("kill@{}:{}", nproc - 1, steps * 2 / 5 + 3).parse().map_err(anyhow::Error::msg)?,
+                format!("hang@0:{}", steps * 7 / 10 + 3).parse().map_err(anyhow::Error::msg)?,
+            ];
+            let args = LaunchArgs {
+                nproc,
+                job,
+                server: None,
+                data_dir,
+                seed: 1,
+                model: "tiny".into(),
+                steps,
+                until_step: None,
+                ckpt_every: 20,
+                max_restarts: 3,
+                collective_timeout_ms: 3_000,
+                startup_timeout_ms: 120_000,
+                run_dir: None,
+                corpus_bytes: 2_000_000,
+                injections: inject,
+                threads_per_rank: None,
+                lr: 3e-3,
+                warmup: 20,
+                anneal: 40,
+                global_batch: 12,
+                seq_len: 64,
+                average: true,
+                log_every: 20,
+                json,
+            };
+            println!(
+                "demo: {} ranks train a {}-parameter Llama for {steps} steps, checkpointing every 20 through ckptd;",
+                nproc,
+                ModelConfig::tiny().param_count()
+            );
+            println!(
+                "      rank {} is SIGKILLed and later rank 0 hangs (SIGSTOP); the launcher rolls back each time.",
+                nproc - 1
+            );
+            let report = run_launch(&args)?;
+            report.print();
+            Ok(())
+        }
+        Cmd::Sizes { world } => {
+            println!("{:<6} {:>16} {:>8} {:>22}", "model", "parameters", "ranks", "state bytes per rank");
+            for m in ["tiny", "8b", "70b", "405b"] {
+                let c = ModelConfig::named(m).context("unknown model")?;
+                let p = c.param_count();
+                println!("{:<6} {:>16} {:>8} {:>22}", m, p, world, state_bytes_per_rank(p, world));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn run_launch(args: &LaunchArgs) -> Result<report::Report> {
+    let model = ModelConfig::named(&args.model).with_context(|| format!("unknown model {:?}", args.model))?;
+    if model.name != "tiny" {
+        bail!("the {} shape is for sizing (`ckpt-train sizes`); only tiny trains here", model.name);
+    }
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let recipe = Recipe {
+        steps: args.steps,
+        lr_peak: args.lr,
+        lr_min: args.lr / 10.0,
+        warmup_steps: args.warmup.min(args.steps),
+        anneal_steps: args.anneal.min(args.steps),
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        grad_clip: 1.0,
+        global_batch: args.global_batch,
+        seq_len: args.seq_len,
+    };
+    let run_dir = args.run_dir.clone().unwrap_or_else(|| PathBuf::from("ckpt-runs").join(&args.job));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let mut daemon = None;
+    let server = match &args.server {
+        Some(s) => s.clone(),
+        None => {
+            let mut opts = DaemonOptions::in_dir(find_ckptd()?, &args.data_dir);
+            // The service yields the CPU to the ranks: checkpoint work must not slow training.
+            opts.nice = 10;
+            let d = rt.block_on(LocalDaemon::start(opts))?;
+            let url = d.url();
+            println!("ckptd on {url}, store in {}", args.data_dir.join("store").display());
+            daemon = Some(d);
+            url
+        }
+    };
+    let opts = launch::LaunchOptions {
+        nproc: args.nproc,
+        job: args.job.clone(),
+        server,
+        seed: args.seed,
+        model,
+        recipe,
+        ckpt_every: args.ckpt_every,
+        until_step: args.until_step.unwrap_or(args.steps),
+        max_restarts: args.max_restarts,
+        collective_timeout: Duration::from_millis(args.collective_timeout_ms),
+        startup_timeout: Duration::from_millis(args.startup_timeout_ms),
+        run_dir: run_dir.clone(),
+        corpus_bytes: args.corpus_bytes,
+        injections: args.injections.clone(),
+        threads_per_rank: args.threads_per_rank.unwrap_or((cores / args.nproc.max(1)).max(1)),
+        average_anneal: args.average,
+        log_every: args.log_every,
+    };
+    let report = launch::launch(&opts);
+    if let Some(mut d) = daemon {
+        rt.block_on(d.terminate(Duration::from_secs(10)));
+    }
+    let report = report?;
+    let json = serde_json::to_vec_pretty(&report)?;
+    std::fs::write(run_dir.join("goodput.json"), &json)?;
+    if let Some(p) = &args.json {
+        std::fs::write(p, &json).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(report)
+}

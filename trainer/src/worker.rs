@@ -1,0 +1,320 @@
+//! One rank process.
+//!
+//! Design note. A rank owns `owned_range(P, rank, world)` of the flat parameter vector and the
+//! AdamW moments for it (ZeRO): each step it computes the gradient of its share of the global
+//! batch on a full copy of the parameters, reduce-scatters gradients so it receives the sum
+//! for its own range, updates that range, and all-gathers the parameters back. Every K steps
+//! it hands its owned state (parameters, both moments) to the `AsyncSaver`, which copies it and
+//! saves it in the background; the sampler position, step and schedule go in the checkpoint's
+//! shared metadata. Restoring reads the owned rows from a committed checkpoint through
+//! `load_rows`, whatever world size wrote it, and verifies every chunk.
+//!
+//! Crash consistency: a rank writes nothing but checkpoints and its event log, so killing it at
+//! any point loses at most the steps since the last commit. A non-finite gradient norm stops the
+//! rank before the update, so non-finite state is never saved.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ckpt_client::{AsyncSaver, Client, ClientOptions, SaveTicket, TensorView, Wait};
+use ckpt_core::DType;
+use ckpt_trainer::collective::{Collective, HubClient, TAG_DONE, TAG_LOSS, TAG_READY};
+use ckpt_trainer::data::{corpus, Sampler, SamplerState};
+use ckpt_trainer::model::{init_params, param_ranges, Llama};
+use ckpt_trainer::optim::{clip_factor, owned_range, AdamW};
+use ckpt_trainer::spec::{InjectKind, Injection, RunSpec};
+use serde::{Deserialize, Serialize};
+
+#[cfg(target_endian = "big")]
+compile_error!("checkpoints store f32 little-endian; this trainer reinterprets memory in place");
+
+/// The checkpoint's shared metadata: everything besides the owned tensors that a restore needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainState {
+    pub step: u64,
+    pub sampler: SamplerState,
+    pub seed: u64,
+    pub param_count: u64,
+    pub model: ckpt_trainer::config::ModelConfig,
+    pub recipe: ckpt_trainer::config::Recipe,
+    /// The learning rate the next step will use (the schedule position, for humans).
+    pub next_lr: f32,
+}
+
+pub const TENSORS: [&str; 3] = ["params", "adam_m", "adam_v"];
+
+fn as_bytes(x: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and every bit pattern is a valid u8; the length covers exactly
+    // the same memory, and u8 has alignment 1.
+    unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), std::mem::size_of_val(x)) }
+}
+
+fn to_f32(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// Appends one JSON line per event to the rank's log; a line survives the process being killed
+/// right after it is written.
+struct Events {
+    file: File,
+    rank: usize,
+    generation: u64,
+}
+
+impl Events {
+    fn emit(&mut self, mut v: serde_json::Value) {
+        if let Some(o) = v.as_object_mut() {
+            o.insert("rank".into(), self.rank.into());
+            o.insert("generation".into(), self.generation.into());
+        }
+        let mut line = v.to_string();
+        line.push('\n');
+        if let Err(e) = self.file.write_all(line.as_bytes()) {
+            tracing::warn!(error = %e, "cannot write the event log");
+        }
+    }
+}
+
+struct PendingSave {
+    step: u64,
+    ticket: SaveTicket,
+}
+
+pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
+    let started = Instant::now();
+    let world = spec.world;
+    spec.recipe.validate(world).map_err(anyhow::Error::msg)?;
+    spec.model.validate().map_err(anyhow::Error::msg)?;
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(spec.run_dir.join(format!("events-rank{rank}.jsonl")))
+        .context("opening the event log")?;
+    let mut events = Events { file, rank, generation: spec.generation };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let client = Client::new(&spec.server, ClientOptions::default())?;
+
+    let p = spec.model.param_count() as usize;
+    let mine = owned_range(p, rank, world);
+    let mut comm =
+        HubClient::connect(&spec.hub, rank, world, spec.generation, Duration::from_millis(spec.rank_timeout_ms))
+            .context("joining the group")?;
+
+    let mut full: Vec<f32>;
+    let mut own: Vec<f32>;
+    let mut opt = AdamW::new(mine.clone(), &param_ranges(&spec.model));
+    let mut sampler;
+    let mut step;
+    match spec.resume_step {
+        None => {
+            full = init_params(&spec.model, spec.seed);
+            own = full[mine.clone()].to_vec();
+            sampler = Sampler::new(spec.seed);
+            step = 0;
+        }
+        Some(s) => {
+            let m = rt.block_on(client.manifest(&spec.job, s))?;
+            let state: TrainState = serde_json::from_value(m.metadata.get("trainer").cloned().unwrap_or_default())
+                .with_context(|| format!("{}@{s} has no trainer state", spec.job))?;
+            if state.model != spec.model || state.param_count != p as u64 || state.seed != spec.seed {
+                bail!("{}@{s} was written by a different model or seed; refusing to resume from it", spec.job);
+            }
+            let load = |name: &str| -> Result<Vec<f32>> {
+                let (bytes, shape) = rt.block_on(client.load_rows(&m, name, mine.start as u64, mine.len() as u64))?;
+                if shape != [p as u64] {
+                    bail!("{name} in {}@{s} has shape {shape:?}, expected [{p}]", spec.job);
+                }
+                Ok(to_f32(&bytes))
+            };
+            own = load("params")?;
+            opt.m = load("adam_m")?;
+            opt.v = load("adam_v")?;
+            full = vec![0.0; p];
+            comm.all_gather(&own, &mut full)?;
+            sampler = Sampler::restore(state.sampler);
+            step = state.step;
+        }
+    }
+    let model = Llama::new(&spec.model, &full, &ckpt_trainer::model::device()?)?;
+    let restore_ms = started.elapsed().as_millis() as u64;
+    comm.barrier(TAG_READY, step)?;
+    events.emit(
+        serde_json::json!({"kind": "ready", "step": step, "restore_ms": restore_ms, "resumed": spec.resume_step}),
+    );
+
+    let tokens = corpus(spec.seed, spec.corpus_bytes);
+    let recipe = &spec.recipe;
+    let share = recipe.global_batch / world;
+    let mut grad_own = vec![0.0f32; mine.len()];
+    let saver = AsyncSaver::new(client.clone(), 3 * 4 * mine.len());
+    let mut pending: Option<PendingSave> = None;
+    let fire = |events: &mut Events, inj: &Injection, note: &str| {
+        events.emit(serde_json::json!({"kind": "inject", "injection": inj.key(), "step": inj.step, "note": note}));
+    };
+    let injections: Vec<&Injection> = spec.injections.iter().filter(|i| i.rank == rank).collect();
+
+    while step < spec.until_step {
+        step += 1;
+        let mut poison = false;
+        for inj in injections.iter().filter(|i| i.step == step) {
+            match inj.kind {
+                InjectKind::Kill => {
+                    fire(&mut events, inj, "");
+                    raise(libc::SIGKILL);
+                }
+                InjectKind::Hang => {
+                    fire(&mut events, inj, "");
+                    raise(libc::SIGSTOP);
+                }
+                InjectKind::Slow(ms) => {
+                    fire(&mut events, inj, "");
+                    std::thread::sleep(Duration::from_millis(ms));
+                }
+                InjectKind::Panic => {
+                    fire(&mut events, inj, "");
+                    panic!("injected panic at step {step}");
+                }
+                InjectKind::Nan => {
+                    fire(&mut events, inj, "");
+                    poison = true;
+                }
+                InjectKind::KillSave | InjectKind::KillCommit => {}
+            }
+        }
+        let step_started = Instant::now();
+        let offsets = sampler.next_batch(tokens.len(), recipe.global_batch, recipe.seq_len);
+        let windows: Vec<Vec<u32>> = offsets[rank * share..(rank + 1) * share]
+            .iter()
+            .map(|&o| tokens[o..o + recipe.seq_len + 1].to_vec())
+            .collect();
+        let (loss, mut grad) = model.loss_and_grad(&windows)?;
+        if poison {
+            grad[0] = f32::NAN;
+        }
+        comm.reduce_scatter_sum(&grad, &mut grad_own)?;
+        let scale = 1.0 / world as f32;
+        let mut sq = [0.0f32];
+        for g in grad_own.iter_mut() {
+            *g *= scale;
+            sq[0] += *g * *g;
+        }
+        comm.all_reduce_sum(&mut sq, 0, step)?;
+        let norm = sq[0].sqrt();
+        if !norm.is_finite() {
+            events.emit(serde_json::json!({"kind": "nonfinite", "step": step}));
+            bail!("non-finite gradient norm at step {step}; stopping before the update so it is never saved");
+        }
+        opt.step(&mut own, &grad_own, step, recipe, clip_factor(norm, recipe.grad_clip));
+        comm.all_gather(&own, &mut full)?;
+        model.set_params(&full)?;
+        let mut l = [loss];
+        comm.all_reduce_sum(&mut l, TAG_LOSS, step)?;
+        let step_ms = step_started.elapsed().as_secs_f64() * 1e3;
+
+        if step % spec.ckpt_every == 0 || step == spec.until_step {
+            if let Some(prev) = pending.take() {
+                finish_save(&rt, &mut events, prev);
+            }
+            let state = TrainState {
+                step,
+                sampler: sampler.state(),
+                seed: spec.seed,
+                param_count: p as u64,
+                model: spec.model.clone(),
+                recipe: recipe.clone(),
+                next_lr: recipe.lr(step + 1),
+            };
+            let save_spec = ckpt_client::SaveSpec {
+                job: spec.job.clone(),
+                step,
+                rank: rank as u32,
+                world_size: world as u32,
+                metadata: serde_json::json!({ "trainer": state }),
+                rank_metadata: serde_json::json!({ "owned": [mine.start, mine.end] }),
+                created_unix_ms: None,
+            };
+            let kill_commit = injections.iter().find(|i| i.step == step && i.kind == InjectKind::KillCommit);
+            let kill_save = injections.iter().find(|i| i.step == step && i.kind == InjectKind::KillSave);
+            fn view<'a>(name: &'a str, data: &'a [f32], dims: &'a [[u64; 1]; 3]) -> TensorView<'a> {
+                TensorView {
+                    name,
+                    dtype: DType::F32,
+                    shape: &dims[0],
+                    global_shape: &dims[1],
+                    offsets: &dims[2],
+                    data: as_bytes(data),
+                }
+            }
+            let dims = [[mine.len() as u64], [p as u64], [mine.start as u64]];
+            let wait = if kill_commit.is_some() { Wait::Staged } else { Wait::Committed };
+            let views =
+                [view(TENSORS[0], &own, &dims), view(TENSORS[1], &opt.m, &dims), view(TENSORS[2], &opt.v, &dims)];
+            let ticket = rt.block_on(saver.save(save_spec, &views, wait))?;
+            events.emit(serde_json::json!({
+                "kind": "save", "step": step, "stall_ms": ticket.stall.as_secs_f64() * 1e3,
+                "waited_ms": ticket.waited.as_secs_f64() * 1e3, "bytes": ticket.bytes, "step_ms": step_ms,
+            }));
+            if let Some(inj) = kill_save {
+                fire(&mut events, inj, "upload in flight");
+                raise(libc::SIGKILL);
+            }
+            match kill_commit {
+                Some(inj) => {
+                    let report = rt.block_on(ticket.finish())?;
+                    fire(&mut events, inj, &format!("own index accepted; step {}", report.status.phase.name()));
+                    raise(libc::SIGKILL);
+                }
+                None => pending = Some(PendingSave { step, ticket }),
+            }
+        } else {
+            events.emit(serde_json::json!({"kind": "step", "step": step, "step_ms": step_ms}));
+        }
+    }
+    if let Some(prev) = pending.take() {
+        let step = prev.step;
+        if !finish_save(&rt, &mut events, prev) {
+            bail!("the final checkpoint (step {step}) did not commit");
+        }
+    }
+    if rank == 0 {
+        let hash = blake3::hash(as_bytes(&full));
+        let line = serde_json::json!({"step": step, "weights_blake3": hash.to_hex().to_string()});
+        std::fs::write(spec.run_dir.join("final.json"), line.to_string()).context("writing final.json")?;
+    }
+    comm.barrier(TAG_DONE, step)?;
+    Ok(())
+}
+
+/// Waits for a background save and logs how it ended. Returns whether it committed.
+fn finish_save(rt: &tokio::runtime::Runtime, events: &mut Events, prev: PendingSave) -> bool {
+    match rt.block_on(prev.ticket.finish()) {
+        Ok(r) => {
+            events.emit(serde_json::json!({
+                "kind": "committed", "step": prev.step, "save_ms": r.elapsed_ms,
+                "bytes_sent": r.bytes_sent, "bytes_total": r.bytes_total,
+            }));
+            true
+        }
+        Err(e) => {
+            // Training goes on: the next checkpoint is another chance, and the launcher only
+            // ever restores committed steps.
+            tracing::error!(step = prev.step, error = %e, "checkpoint failed");
+            events.emit(serde_json::json!({"kind": "save_failed", "step": prev.step, "error": e.to_string()}));
+            false
+        }
+    }
+}
+
+fn raise(sig: i32) {
+    // SAFETY: raise has no memory-safety preconditions.
+    unsafe {
+        libc::raise(sig);
+    }
+}
+
+pub fn spec_from_file(path: &std::path::Path) -> Result<RunSpec> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
+}
