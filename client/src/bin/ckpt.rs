@@ -62,6 +62,20 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Average f32 tensors over several committed checkpoints of a job (same layout) into a new
+    /// checkpoint, as the Llama 3 recipe averages its annealing phase.
+    Average {
+        job: String,
+        /// The steps to average, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        steps: Vec<u64>,
+        /// Tensors to average (others are not written), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "params")]
+        tensors: Vec<String>,
+        /// Job to write the average to, at the last step averaged; default `<job>-avg`.
+        #[arg(long)]
+        out: Option<String>,
+    },
     /// Benchmark a save burst through a private ckptd against this machine's limits (memcpy,
     /// fsync'd write, read, blake3), all measured in the same run; prints one table.
     Bench {
@@ -288,6 +302,18 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 print_json(&serde_json::json!({ "deleted": { "job": job, "step": step } }))?;
             } else {
                 println!("deleted {job}@{step} (its chunks stay until garbage collection)");
+            }
+        }
+        Cmd::Average { job, steps, tensors, out } => {
+            let out = out.unwrap_or_else(|| format!("{job}-avg"));
+            let names: Vec<&str> = tensors.iter().map(String::as_str).collect();
+            let step = client.average_checkpoints(&job, &steps, &names, &out).await?;
+            if cli.json {
+                print_json(
+                    &serde_json::json!({ "averaged": { "job": job, "steps": steps, "out": out, "step": step } }),
+                )?;
+            } else {
+                println!("averaged {job}@{steps:?} ({}) into {out}@{step}", tensors.join(", "));
             }
         }
         Cmd::Demo { ranks, mib: size, dir, seed } => return demo(ranks, size, dir, seed).await,

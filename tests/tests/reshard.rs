@@ -1,0 +1,108 @@
+//! Reading a checkpoint under another layout (`load_rows`) and averaging checkpoints, against a
+//! real ckptd. Chunks are deliberately smaller than a row and not aligned to rows, so ranges
+//! cut through chunks.
+
+use bytes::Bytes;
+use ckpt_client::{Client, ClientOptions, DType, Tensor};
+use ckpt_tests::{bounded, save_step, seed, start_daemon};
+use rand::{Rng, SeedableRng};
+use std::time::Duration;
+
+const COLS: u64 = 3;
+
+/// Rank slices of a `[rows, COLS]` f32 tensor whose element at (r, c) is `base + r * COLS + c`;
+/// `cuts` are the first rows of ranks 1.. .
+fn row_slices(name: &str, rows: u64, cuts: &[u64], base: f32) -> Vec<Vec<Tensor>> {
+    let mut bounds = vec![0];
+    bounds.extend_from_slice(cuts);
+    bounds.push(rows);
+    bounds
+        .windows(2)
+        .map(|w| {
+            let data: Vec<u8> = (w[0] * COLS..w[1] * COLS).flat_map(|i| (base + i as f32).to_le_bytes()).collect();
+            vec![Tensor {
+                name: name.into(),
+                dtype: DType::F32,
+                shape: vec![w[1] - w[0], COLS],
+                global_shape: vec![rows, COLS],
+                offsets: vec![w[0], 0],
+                data: Bytes::from(data),
+            }]
+        })
+        .collect()
+}
+
+fn floats(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_row_range_reads_back_from_any_layout() {
+    let s = seed(7);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(s);
+    let dir = tempfile::tempdir().unwrap();
+    let d = start_daemon(dir.path()).await;
+    // 20-byte chunks: rows are 12 bytes, so chunks straddle rows.
+    let client =
+        Client::new(&d.url(), ClientOptions { chunk_bytes: 20, node_local: false, ..Default::default() }).unwrap();
+    let rows = 17;
+    bounded(Duration::from_secs(60), save_step(&client, "rows", 1, &row_slices("w", rows, &[5, 6, 12], 0.0)))
+        .await
+        .unwrap();
+    let m = client.manifest("rows", 1).await.unwrap();
+    for _ in 0..40 {
+        let start = rng.random_range(0..rows);
+        let n = rng.random_range(0..=rows - start);
+        let (bytes, shape) = client.load_rows(&m, "w", start, n).await.unwrap();
+        let want: Vec<f32> = (start * COLS..(start + n) * COLS).map(|i| i as f32).collect();
+        assert_eq!(floats(&bytes), want, "seed {s}: rows {start}+{n}");
+        assert_eq!(shape, vec![rows, COLS]);
+    }
+    let err = client.load_rows(&m, "w", 10, 8).await.unwrap_err();
+    assert!(err.to_string().contains("outside"), "{err}");
+    let err = client.load_rows(&m, "nope", 0, 1).await.unwrap_err();
+    assert!(err.to_string().contains("not in rows@1"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layouts_with_gaps_are_refused_not_filled() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start_daemon(dir.path()).await;
+    let client = Client::new(&d.url(), ClientOptions { node_local: false, ..Default::default() }).unwrap();
+    let mut ranks = row_slices("w", 9, &[4], 0.0);
+    // Rank 1 claims rows 5.. of 9 but holds only 4 rows: row 4 is nobody's.
+    ranks[1][0].offsets = vec![5, 0];
+    ranks[1][0].global_shape = vec![9, COLS];
+    ranks[1][0].shape = vec![4, COLS];
+    ranks[1][0].data = ranks[1][0].data.slice(..(4 * COLS * 4) as usize);
+    bounded(Duration::from_secs(60), save_step(&client, "gap", 1, &ranks)).await.unwrap();
+    let m = client.manifest("gap", 1).await.unwrap();
+    let err = client.load_rows(&m, "w", 0, 2).await.unwrap_err();
+    assert!(err.to_string().contains("uncovered"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn averaging_is_the_elementwise_mean_saved_as_a_new_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start_daemon(dir.path()).await;
+    let client = Client::new(&d.url(), ClientOptions { node_local: false, ..Default::default() }).unwrap();
+    for (step, base) in [(10, 0.0f32), (20, 10.0), (30, 50.0)] {
+        let mut ranks = row_slices("params", 8, &[3], base);
+        for (r, t) in ranks.iter_mut().enumerate() {
+            t.push(Tensor::whole("other", DType::U8, vec![1], Bytes::from(vec![r as u8])));
+        }
+        bounded(Duration::from_secs(60), save_step(&client, "avg", step, &ranks)).await.unwrap();
+    }
+    let step = client.average_checkpoints("avg", &[10, 20, 30], &["params"], "avg-avg").await.unwrap();
+    assert_eq!(step, 30);
+    let m = client.manifest("avg-avg", 30).await.unwrap();
+    assert_eq!(m.world_size, 2);
+    let (bytes, _) = client.load_rows(&m, "params", 0, 8).await.unwrap();
+    let want: Vec<f32> = (0..8 * COLS).map(|i| i as f32 + 20.0).collect();
+    assert_eq!(floats(&bytes), want);
+    assert!(m.ranks.iter().all(|r| r.tensors.iter().all(|t| t.name == "params")), "only named tensors are written");
+    // A step with another world size cannot be averaged with these.
+    save_step(&client, "avg", 40, &row_slices("params", 8, &[2, 5], 0.0)).await.unwrap();
+    let err = client.average_checkpoints("avg", &[30, 40], &["params"], "avg-bad").await.unwrap_err();
+    assert!(err.to_string().contains("ranks"), "{err}");
+}
