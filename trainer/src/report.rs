@@ -86,6 +86,10 @@ pub struct Stalls {
     pub step_ms_mean: f64,
     /// Mean stall as a share of a mean training step.
     pub stall_pct_of_step: f64,
+    /// A plain copy of the same bytes (the physical floor), best of three, mean over ranks.
+    pub memcpy_ms: f64,
+    /// Mean stall over that floor.
+    pub stall_over_memcpy: f64,
     pub state_bytes_per_rank: u64,
 }
 
@@ -160,13 +164,15 @@ impl Report {
         }
         let s = &self.stalls;
         println!(
-            "  checkpoints                {} rank saves, stall mean {:.2} ms / max {:.2} ms ({:.2} % of a {:.0} ms step), {} KiB per rank",
+            "  checkpoints                {} rank saves of {} KiB; stall mean {:.2} ms, max {:.2} ms",
             s.checkpoints,
+            s.state_bytes_per_rank / 1024,
             s.stall_ms_mean,
             s.stall_ms_max,
-            s.stall_pct_of_step,
-            s.step_ms_mean,
-            s.state_bytes_per_rank / 1024
+        );
+        println!(
+            "  stall vs memcpy, vs a step {:.2}× a {:.2} ms copy of the same bytes; {:.2} % of a {:.0} ms step",
+            s.stall_over_memcpy, s.memcpy_ms, s.stall_pct_of_step, s.step_ms_mean
         );
         println!("  interruptions              {}", self.interruptions.len());
         for i in &self.interruptions {
@@ -192,6 +198,7 @@ impl Report {
 fn read_stalls(run_dir: &Path, params: u64, world: usize) -> Stalls {
     let mut stalls = Vec::new();
     let mut waited: f64 = 0.0;
+    let mut floors = Vec::new();
     let mut steps = Vec::new();
     if let Ok(dir) = std::fs::read_dir(run_dir) {
         for e in dir.flatten() {
@@ -205,6 +212,7 @@ fn read_stalls(run_dir: &Path, params: u64, world: usize) -> Stalls {
                 }
                 if v["kind"] == "save" {
                     stalls.push(v["stall_ms"].as_f64().unwrap_or(0.0));
+                    floors.extend(v["memcpy_ms"].as_f64());
                     waited = waited.max(v["waited_ms"].as_f64().unwrap_or(0.0));
                 }
             }
@@ -213,6 +221,7 @@ fn read_stalls(run_dir: &Path, params: u64, world: usize) -> Stalls {
     let mean = |xs: &[f64]| if xs.is_empty() { 0.0 } else { xs.iter().sum::<f64>() / xs.len() as f64 };
     let step_ms_mean = mean(&steps);
     let stall_ms_mean = mean(&stalls);
+    let memcpy_ms = mean(&floors);
     Stalls {
         checkpoints: stalls.len(),
         stall_ms_mean,
@@ -220,6 +229,8 @@ fn read_stalls(run_dir: &Path, params: u64, world: usize) -> Stalls {
         waited_ms_max: waited,
         step_ms_mean,
         stall_pct_of_step: if step_ms_mean > 0.0 { 100.0 * stall_ms_mean / step_ms_mean } else { 0.0 },
+        memcpy_ms,
+        stall_over_memcpy: if memcpy_ms > 0.0 { stall_ms_mean / memcpy_ms } else { 0.0 },
         state_bytes_per_rank: ckpt_trainer::config::state_bytes_per_rank(params, world as u64),
     }
 }
