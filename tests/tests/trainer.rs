@@ -209,6 +209,9 @@ async fn the_demo_recovers_and_its_loss_falls_well_below_the_initial_loss() {
     let (first, last) = (r["loss_first"].as_f64().unwrap(), r["loss_last"].as_f64().unwrap());
     assert!(last < 0.4 * first, "loss {first} → {last}\n{text}");
     assert_eq!(causes(&r).len(), 2, "{text}");
-    assert!(r["averaged"].is_array(), "annealing checkpoints averaged: {text}");
+    let eval = r["eval_loss"].as_f64().unwrap();
+    assert!(eval < 0.4 * first, "held-out loss {eval}: {text}");
+    let averaged = r["averaged"]["eval_loss"].as_f64().expect("annealing checkpoints averaged");
+    assert!(averaged < 0.4 * first, "averaged weights' held-out loss {averaged}: {text}");
     assert!(text.contains("effective training time"), "{text}");
 }

@@ -26,9 +26,11 @@ use anyhow::{bail, Context, Result};
 use ckpt_client::{Client, ClientOptions, SavePhase};
 use ckpt_trainer::collective::{serve_hub, HubConfig, HubEvent};
 use ckpt_trainer::config::{ModelConfig, Recipe};
+use ckpt_trainer::data::heldout_windows;
+use ckpt_trainer::model::Llama;
 use ckpt_trainer::spec::{Injection, RunSpec};
 
-use crate::report::{Interruption, Report, StepTimes};
+use crate::report::{Averaged, Interruption, Report, StepTimes};
 
 #[derive(Debug, Clone)]
 pub struct LaunchOptions {
@@ -154,7 +156,8 @@ pub fn launch(opts: &LaunchOptions) -> Result<Report> {
         i.restore_ms = times.ready_ms(i.generation + 1);
     }
 
-    let hash = final_hash(&rt, &client, &opts.job, final_step, &opts.model)?;
+    let params = load_params(&rt, &client, &opts.job, final_step, &opts.model)?;
+    let hash = blake3::hash(&params).to_hex().to_string();
     let trained = std::fs::read(opts.run_dir.join("final.json"))
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
@@ -164,9 +167,10 @@ pub fn launch(opts: &LaunchOptions) -> Result<Report> {
             bail!("the committed checkpoint {}@{final_step} hashes to {hash}, the trained weights to {t}", opts.job);
         }
     }
+    let eval_loss = Some(eval_loss(opts, &params)?);
     let averaged = if opts.average_anneal { average(&rt, &client, opts, final_step)? } else { None };
     let wall = started.elapsed();
-    let report = Report::build(opts, wall, &times, interruptions, losses, final_step, hash, averaged)?;
+    let report = Report::build(opts, wall, &times, interruptions, losses, final_step, hash, eval_loss, averaged)?;
     Ok(report)
 }
 
@@ -402,18 +406,27 @@ fn choose_resume(rt: &tokio::runtime::Runtime, client: &Client, job: &str) -> Re
     })
 }
 
-fn final_hash(
+/// The global parameter vector of a committed checkpoint (little-endian f32 bytes), verified.
+fn load_params(
     rt: &tokio::runtime::Runtime,
     client: &Client,
     job: &str,
     step: u64,
     model: &ModelConfig,
-) -> Result<String> {
+) -> Result<Vec<u8>> {
     rt.block_on(async {
         let m = client.manifest(job, step).await?;
         let (bytes, _) = client.load_rows(&m, "params", 0, model.param_count()).await?;
-        Ok(blake3::hash(&bytes).to_hex().to_string())
+        Ok(bytes)
     })
+}
+
+/// Mean loss of `params` on held-out windows.
+fn eval_loss(opts: &LaunchOptions, params: &[u8]) -> Result<f32> {
+    let flat: Vec<f32> = params.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let model = Llama::new(&opts.model, &flat, &candle_core::Device::Cpu)?;
+    let windows = heldout_windows(opts.seed, opts.recipe.seq_len, 32);
+    Ok(model.loss(&windows)?.to_scalar::<f32>()?)
 }
 
 fn average(
@@ -421,7 +434,7 @@ fn average(
     client: &Client,
     opts: &LaunchOptions,
     final_step: u64,
-) -> Result<Option<(Vec<u64>, String)>> {
+) -> Result<Option<Averaged>> {
     let from = opts.recipe.anneal_start();
     let steps: Vec<u64> = rt
         .block_on(client.list(&opts.job))?
@@ -436,8 +449,13 @@ fn average(
     }
     let out_job = format!("{}-avg", opts.job);
     let step = rt.block_on(client.average_checkpoints(&opts.job, &steps, &["params"], &out_job))?;
-    let hash = final_hash(rt, client, &out_job, step, &opts.model)?;
-    Ok(Some((steps, hash)))
+    let params = load_params(rt, client, &out_job, step, &opts.model)?;
+    Ok(Some(Averaged {
+        job: out_job,
+        steps,
+        weights_blake3: blake3::hash(&params).to_hex().to_string(),
+        eval_loss: eval_loss(opts, &params)?,
+    }))
 }
 
 /// Removes what an earlier launch left in the run directory, so its events are not counted.

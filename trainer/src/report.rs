@@ -93,6 +93,15 @@ pub struct Stalls {
     pub state_bytes_per_rank: u64,
 }
 
+/// The annealing phase's checkpoints averaged into one (the Llama 3 recipe).
+#[derive(Debug, Clone, Serialize)]
+pub struct Averaged {
+    pub job: String,
+    pub steps: Vec<u64>,
+    pub weights_blake3: String,
+    pub eval_loss: f32,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub job: String,
@@ -111,8 +120,9 @@ pub struct Report {
     /// (step, mean loss over ranks) of every step the final weights descend from.
     pub losses: Vec<(u64, f32)>,
     pub final_weights_blake3: String,
-    /// Checkpoints averaged into `<job>-avg`, and the averaged weights' blake3.
-    pub averaged: Option<(Vec<u64>, String)>,
+    /// Loss of the final weights on held-out windows.
+    pub eval_loss: Option<f32>,
+    pub averaged: Option<Averaged>,
 }
 
 impl Report {
@@ -125,7 +135,8 @@ impl Report {
         losses: BTreeMap<u64, f32>,
         final_step: u64,
         final_weights_blake3: String,
-        averaged: Option<(Vec<u64>, String)>,
+        eval_loss: Option<f32>,
+        averaged: Option<Averaged>,
     ) -> Result<Report> {
         let kept = times.kept();
         let productive: Duration = kept.values().sum();
@@ -148,6 +159,7 @@ impl Report {
             loss_last: losses.last().map(|l| l.1),
             losses,
             final_weights_blake3,
+            eval_loss,
             averaged,
         })
     }
@@ -189,8 +201,11 @@ impl Report {
             );
         }
         println!("  final weights blake3       {}", self.final_weights_blake3);
-        if let Some((steps, h)) = &self.averaged {
-            println!("  averaged {steps:?} → {h}");
+        if let Some(l) = self.eval_loss {
+            println!("  held-out loss, final       {l:.3}");
+        }
+        if let Some(a) = &self.averaged {
+            println!("  held-out loss, averaged    {:.3} (steps {:?} averaged into {})", a.eval_loss, a.steps, a.job);
         }
     }
 }
