@@ -82,15 +82,11 @@ const MINUTES: Duration = Duration::from_secs(240);
 
 /// The trainer tests take turns: each runs several rank processes on a small machine, and the
 /// hang test's timing must not depend on its neighbours' load.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn turn() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interrupted_runs_end_bit_identical_to_an_uninterrupted_one() {
-    let _turn = turn();
+    let _turn = ONE_AT_A_TIME.lock().await;
     let s = seed(20261129);
     let mut rng = rand::rngs::StdRng::seed_from_u64(s);
     let dir = tempfile::tempdir().unwrap();
@@ -125,7 +121,7 @@ async fn interrupted_runs_end_bit_identical_to_an_uninterrupted_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_rank_is_caught_by_the_collective_timeout_and_a_slow_one_is_not() {
-    let _turn = turn();
+    let _turn = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let d = start_daemon(dir.path()).await;
     let base = ["--nproc", "2", "--steps", "10", "--ckpt-every", "4"];
@@ -158,7 +154,7 @@ async fn a_hung_rank_is_caught_by_the_collective_timeout_and_a_slow_one_is_not()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn training_resumes_with_another_world_size_where_it_left_off() {
-    let _turn = turn();
+    let _turn = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let d = start_daemon(dir.path()).await;
     let run = |nproc: &str, until: &str| {
@@ -188,7 +184,7 @@ async fn training_resumes_with_another_world_size_where_it_left_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_recovers_and_its_loss_falls_well_below_the_initial_loss() {
-    let _turn = turn();
+    let _turn = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("demo.json");
     let out = tokio::task::block_in_place(|| {

@@ -76,7 +76,7 @@ pub fn corpus(seed: u64, bytes: usize) -> Vec<u32> {
 
 /// Fixed evaluation windows from a corpus the training stream never sees (another seed).
 pub fn heldout_windows(seed: u64, seq_len: usize, count: usize) -> Vec<Vec<u32>> {
-    let tokens = corpus(seed ^ 0x6865_6c64_6f75_74, (count + 1) * (seq_len + 1) * 2);
+    let tokens = corpus(seed ^ 0x0068_656c_646f_7574, (count + 1) * (seq_len + 1) * 2);
     (0..count).map(|i| tokens[i * (seq_len + 1)..(i + 1) * (seq_len + 1)].to_vec()).collect()
 }
 
