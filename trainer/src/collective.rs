@@ -7,8 +7,9 @@
 //! order, so a reduction gives the same bits on every run with the same world size.
 //!
 //! Timeouts are the analogue of the NCCL watchdog. The hub starts a round's clock when the
-//! first frame arrives; if the round is not complete within `collective_timeout` (or no round
-//! starts within it), the hub reports which ranks it is waiting for and stops. Writes back to
+//! first frame arrives; if the round is not complete within `collective_timeout`, the hub reports
+//! which ranks it is waiting for and stops. A longer `idle_timeout` catches the group making no
+//! progress at all (no round started), which a per-round clock cannot see. Writes back to
 //! a rank have the same timeout, so a rank that stopped reading cannot wedge the hub. Ranks
 //! wait longer than the hub (`rank_timeout`), so the launcher, not a rank, decides; the rank
 //! timeout only keeps an orphaned rank from waiting forever.
@@ -255,8 +256,11 @@ impl Collective for HubClient {
 pub struct HubConfig {
     pub world: usize,
     pub generation: u64,
-    /// How long a round may wait for its last rank (and how long before the first round starts).
+    /// How long a round may wait for its last rank once its first rank arrived.
     pub collective_timeout: Duration,
+    /// How long the group may go without starting a round (every rank stuck at once, for
+    /// example all waiting on storage); longer than a step plus a checkpoint wait.
+    pub idle_timeout: Duration,
     /// How long every rank has to connect (they load and restore state first).
     pub startup_timeout: Duration,
     pub frame_elems_max: u64,
@@ -364,8 +368,11 @@ fn run_rounds(
     let mut idle_since = Instant::now();
     let mut scratch = Vec::new();
     while !stop.load(Ordering::Relaxed) {
-        let since = round_started.unwrap_or(idle_since);
-        let left = cfg.collective_timeout.saturating_sub(since.elapsed());
+        let (since, limit) = match round_started {
+            Some(t) => (t, cfg.collective_timeout),
+            None => (idle_since, cfg.idle_timeout),
+        };
+        let left = limit.saturating_sub(since.elapsed());
         if left.is_zero() {
             let missing: Vec<usize> = (0..world).filter(|&r| pending[r].is_none()).collect();
             let what = match pending.iter().flatten().next() {
@@ -641,6 +648,7 @@ mod tests {
             world,
             generation: 7,
             collective_timeout: Duration::from_millis(timeout_ms),
+            idle_timeout: Duration::from_secs(30),
             startup_timeout: Duration::from_secs(10),
             frame_elems_max: 1 << 20,
         };

@@ -44,6 +44,7 @@ pub struct LaunchOptions {
     pub until_step: u64,
     pub max_restarts: u32,
     pub collective_timeout: Duration,
+    pub idle_timeout: Duration,
     pub startup_timeout: Duration,
     pub run_dir: PathBuf,
     pub corpus_bytes: usize,
@@ -52,6 +53,24 @@ pub struct LaunchOptions {
     /// Average the committed checkpoints of the annealing phase into `<job>-avg`.
     pub average_anneal: bool,
     pub log_every: u64,
+}
+
+impl LaunchOptions {
+    /// Everything that can be refused before any process starts.
+    pub fn validate(&self) -> Result<()> {
+        self.recipe.validate(self.nproc).map_err(anyhow::Error::msg)?;
+        self.model.validate().map_err(anyhow::Error::msg)?;
+        if self.until_step == 0 || self.until_step > self.recipe.steps || self.ckpt_every == 0 {
+            bail!("--until-step must be within 1..={} and --ckpt-every positive", self.recipe.steps);
+        }
+        if self.collective_timeout.is_zero() || self.idle_timeout.is_zero() || self.startup_timeout.is_zero() {
+            bail!("timeouts must be positive");
+        }
+        if self.threads_per_rank == 0 || self.corpus_bytes < (self.recipe.seq_len + 2) * 4 {
+            bail!("--threads-per-rank must be positive and the corpus several windows long");
+        }
+        Ok(())
+    }
 }
 
 struct Generation {
@@ -64,11 +83,7 @@ struct Generation {
 
 pub fn launch(opts: &LaunchOptions) -> Result<Report> {
     let started = Instant::now();
-    opts.recipe.validate(opts.nproc).map_err(anyhow::Error::msg)?;
-    opts.model.validate().map_err(anyhow::Error::msg)?;
-    if opts.until_step == 0 || opts.until_step > opts.recipe.steps || opts.ckpt_every == 0 {
-        bail!("--until-step must be within 1..={} and --ckpt-every positive", opts.recipe.steps);
-    }
+    opts.validate()?;
     std::fs::create_dir_all(&opts.run_dir).with_context(|| format!("creating {}", opts.run_dir.display()))?;
     clear_run_dir(&opts.run_dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -106,7 +121,8 @@ pub fn launch(opts: &LaunchOptions) -> Result<Report> {
             generation,
             hub: hub_addr.clone(),
             resume_step: resume,
-            rank_timeout_ms: (opts.collective_timeout * 3 + opts.startup_timeout).as_millis() as u64,
+            rank_timeout_ms: (opts.collective_timeout * 3 + opts.idle_timeout + opts.startup_timeout).as_millis()
+                as u64,
             run_dir: opts.run_dir.clone(),
             corpus_bytes: opts.corpus_bytes,
             injections,
@@ -188,6 +204,7 @@ fn spawn_generation(opts: &LaunchOptions, spec: &RunSpec, listener: Arc<TcpListe
         world: spec.world,
         generation: spec.generation,
         collective_timeout: opts.collective_timeout,
+        idle_timeout: opts.idle_timeout,
         startup_timeout: opts.startup_timeout,
         frame_elems_max: opts.model.param_count() + 1024,
     };
@@ -269,6 +286,9 @@ fn watch(
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 if done_step.is_none() {
                     failure = Some(("the collective hub stopped".into(), 0));
+                } else {
+                    // The hub is done; only the ranks' exits are left to wait for.
+                    std::thread::sleep(Duration::from_millis(20));
                 }
             }
         }

@@ -86,6 +86,10 @@ struct LaunchArgs {
     /// The watchdog: a collective waiting longer than this for a rank fails the group.
     #[arg(long, default_value_t = 10_000)]
     collective_timeout_ms: u64,
+    /// How long the whole group may go without starting a collective (every rank stuck).
+    #[arg(long, default_value_t = 120_000)]
+    idle_timeout_ms: u64,
+    /// How long ranks have to join the group (start-up and restore included).
     #[arg(long, default_value_t = 120_000)]
     startup_timeout_ms: u64,
     /// Where rank logs, events and the goodput report go; default `ckpt-runs/<job>`.
@@ -158,6 +162,7 @@ fn main() -> Result<()> {
                 ckpt_every: 20,
                 max_restarts: 3,
                 collective_timeout_ms: 3_000,
+                idle_timeout_ms: 120_000,
                 startup_timeout_ms: 120_000,
                 run_dir: None,
                 corpus_bytes: 2_000_000,
@@ -218,25 +223,10 @@ fn run_launch(args: &LaunchArgs) -> Result<report::Report> {
         seq_len: args.seq_len,
     };
     let run_dir = args.run_dir.clone().unwrap_or_else(|| PathBuf::from("ckpt-runs").join(&args.job));
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let mut daemon = None;
-    let server = match &args.server {
-        Some(s) => s.clone(),
-        None => {
-            let mut opts = DaemonOptions::in_dir(find_ckptd()?, &args.data_dir);
-            // The service yields the CPU to the ranks: checkpoint work must not slow training.
-            opts.nice = 10;
-            let d = rt.block_on(LocalDaemon::start(opts))?;
-            let url = d.url();
-            println!("ckptd on {url}, store in {}", args.data_dir.join("store").display());
-            daemon = Some(d);
-            url
-        }
-    };
-    let opts = launch::LaunchOptions {
+    let mut opts = launch::LaunchOptions {
         nproc: args.nproc,
         job: args.job.clone(),
-        server,
+        server: args.server.clone().unwrap_or_default(),
         seed: args.seed,
         model,
         recipe,
@@ -244,6 +234,7 @@ fn run_launch(args: &LaunchArgs) -> Result<report::Report> {
         until_step: args.until_step.unwrap_or(args.steps),
         max_restarts: args.max_restarts,
         collective_timeout: Duration::from_millis(args.collective_timeout_ms),
+        idle_timeout: Duration::from_millis(args.idle_timeout_ms),
         startup_timeout: Duration::from_millis(args.startup_timeout_ms),
         run_dir: run_dir.clone(),
         corpus_bytes: args.corpus_bytes,
@@ -252,6 +243,19 @@ fn run_launch(args: &LaunchArgs) -> Result<report::Report> {
         average_anneal: args.average,
         log_every: args.log_every,
     };
+    ckpt_core::validate_job(&opts.job)?;
+    opts.validate()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let mut daemon = None;
+    if args.server.is_none() {
+        let mut d = DaemonOptions::in_dir(find_ckptd()?, &args.data_dir);
+        // The service yields the CPU to the ranks: checkpoint work must not slow training.
+        d.nice = 10;
+        let d = rt.block_on(LocalDaemon::start(d))?;
+        opts.server = d.url();
+        println!("ckptd on {}, store in {}", opts.server, args.data_dir.join("store").display());
+        daemon = Some(d);
+    }
     let report = launch::launch(&opts);
     if let Some(mut d) = daemon {
         rt.block_on(d.terminate(Duration::from_secs(10)));
