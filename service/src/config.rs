@@ -26,6 +26,9 @@ pub struct Config {
     pub chunk_requests_max: usize,
     /// How long a request waits for a free slot before ckptd answers 503 with Retry-After.
     pub busy_wait_ms: u64,
+    /// How often ckptd retries the commit of a save whose chunks are all durable but whose
+    /// manifest write failed (the store's own retries exhausted).
+    pub commit_retry_ms: u64,
     /// Saves open (not yet committed or aborted) at once, over all jobs.
     pub saves_in_flight_max: usize,
     /// Object-store calls a single request may have in flight (existence checks fan out).
@@ -72,6 +75,7 @@ impl Default for Config {
             shard_index_bytes_max: 64 << 20,
             chunk_requests_max: 64,
             busy_wait_ms: 2_000,
+            commit_retry_ms: 1_000,
             saves_in_flight_max: 256,
             store_requests_max: 32,
             store_attempts_max: 5,
@@ -140,6 +144,7 @@ impl Config {
             ("tensors_per_rank_max", self.tensors_per_rank_max as u64),
             ("upload_concurrency", self.upload_concurrency as u64),
             ("upload_queue_max", self.upload_queue_max as u64),
+            ("commit_retry_ms", self.commit_retry_ms),
         ];
         for (name, v) in positive {
             if v == 0 {

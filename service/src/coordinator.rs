@@ -149,7 +149,36 @@ impl Coordinator {
             handoff_dir,
         });
         tokio::spawn(Self::upload_events(Arc::downgrade(&c), rx));
+        tokio::spawn(Self::retry_commits(Arc::downgrade(&c), Duration::from_millis(c.config.commit_retry_ms)));
         c
+    }
+
+    /// Retries the commit of saves that are ready (every rank in, every chunk durable) but have
+    /// no manifest, because the create failed with an error the store adapter's own retries did
+    /// not get past. Without this such a save would wait for a rank to re-send its index or for
+    /// a restart. Runs until the coordinator is dropped; skips saves another task holds.
+    async fn retry_commits(me: std::sync::Weak<Coordinator>, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(me) = me.upgrade() else { break };
+            let slots: Vec<SlotRef> = me.saves.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+            for slot in slots {
+                let Ok(mut g) = slot.try_lock() else { continue };
+                let ready = matches!(g.state.phase, SavePhase::Staged | SavePhase::Durable) && g.pending.is_empty();
+                if !ready {
+                    continue;
+                }
+                let (job, step) = (g.state.job.clone(), g.state.step);
+                match me.commit(&mut g).await {
+                    Ok(()) => tracing::info!(job, step, "commit retried in the background succeeded"),
+                    Err(e) => {
+                        tracing::warn!(job, step, error = %e, "background commit retry failed; trying again later")
+                    }
+                }
+            }
+        }
     }
 
     pub fn staging(&self) -> &Staging {
@@ -539,7 +568,13 @@ impl Coordinator {
         let previous = self.store.list_manifest_steps(&job).await?.into_iter().filter(|s| *s < step).max();
         let manifest = state.manifest(previous)?;
         let bytes = Bytes::from(manifest.to_bytes());
-        match self.store.create_manifest(&job, step, bytes.clone()).await {
+        let created = async {
+            fail::fail_point!("ckptd::commit::manifest_put", |_| Err(StoreError::Other(
+                object_store::Error::Generic { store: "failpoint", source: "injected transient failure".into() }
+            )));
+            self.store.create_manifest(&job, step, bytes.clone()).await
+        };
+        match created.await {
             Ok(()) => {}
             Err(StoreError::AlreadyExists(_)) => {
                 let existing = self.store.get_manifest(&job, step).await?;

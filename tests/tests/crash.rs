@@ -111,3 +111,42 @@ async fn sigkill_from_outside_mid_save_then_resume_without_resending() {
     })
     .await
 }
+
+/// A manifest create that keeps failing past the store adapter's retries leaves the save ready
+/// but uncommitted; ckptd retries the commit in the background, with no client action.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_manifest_write_is_retried_in_the_background() {
+    let seed = seed(0x5eed_0004);
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = DaemonOptions::in_dir(ckptd_exe(), dir.path());
+    // Fails the first two creates: the one when the last index arrives and the first retry.
+    opts.envs.push(("FAILPOINTS".into(), "ckptd::commit::manifest_put=2*return".into()));
+    let cfg = dir.path().join("ckptd.toml");
+    std::fs::write(&cfg, "commit_retry_ms = 200\n").unwrap();
+    opts.extra_args.extend(["--config".into(), cfg.into_os_string()]);
+    let d = start_daemon_with(opts).await;
+    let c = client(&d);
+    let state: Vec<_> = (0..WORLD).map(|r| rank_tensors(seed, r, WORLD, 1 << 20)).collect();
+    for (r, t) in state.iter().enumerate() {
+        // The last rank's index triggers the commit, which fails: the put itself reports it.
+        let _ = c.save(&spec("job", 1, r as u32, WORLD), t, ckpt_client::Wait::Staged).await;
+    }
+    let committed = bounded(Duration::from_secs(20), async {
+        loop {
+            if let Ok(s) = c.save_status("job", 1).await {
+                if s.phase == ckpt_client::SavePhase::Committed {
+                    return s;
+                }
+                assert_ne!(s.phase, ckpt_client::SavePhase::Aborted, "{s:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(committed.manifest_hash.is_some());
+    assert!(daemon_log(&d).contains("commit retried in the background succeeded"), "{}", daemon_log(&d));
+    for r in 0..WORLD {
+        assert!(c.load_rank("job", 1, r).await.unwrap() == state[r as usize]);
+    }
+    assert_manifests_complete(&dir.path().join("store"));
+}
