@@ -116,6 +116,22 @@ async fn interrupted_runs_end_bit_identical_to_an_uninterrupted_one() {
     assert!(got.iter().all(|c| c.contains("SIGKILL")), "seed {s}: {got:?}");
     assert_eq!(hash(&c), hash(&a), "seed {s}: killed run {kills:?} ended with different weights");
     assert_eq!(c["final_step"], 16);
+    // The kill during the commit landed after the rank's own index was accepted and before the
+    // step committed (the launcher makes the other ranks' saves wait for it).
+    let mut landed = Vec::new();
+    for run in std::fs::read_dir(dir.path()).unwrap().flatten() {
+        if !(run.file_name().to_string_lossy().starts_with("run-killed") && run.path().is_dir()) {
+            continue;
+        }
+        for e in std::fs::read_dir(run.path()).unwrap().flatten() {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            landed.extend(
+                text.lines().filter(|l| l.contains("\"inject\"") && l.contains("kill-commit")).map(String::from),
+            );
+        }
+    }
+    assert_eq!(landed.len(), 1, "seed {s}: {landed:?}");
+    assert!(landed[0].contains("own index accepted; step open"), "seed {s}: {}", landed[0]);
     assert!(c["steps_executed"].as_u64().unwrap() > 16, "rolled-back steps are executed again");
 }
 

@@ -45,7 +45,8 @@ pub enum InjectKind {
     Kill,
     /// SIGKILL just after the checkpoint of this step was copied, while its upload runs.
     KillSave,
-    /// SIGKILL once this rank's part of the checkpoint is accepted, before the step commits.
+    /// SIGKILL once this rank's part of the checkpoint is accepted, before the step commits (the
+    /// other ranks start their saves only after the victim's index is in).
     KillCommit,
     /// SIGSTOP at the start of the step (a hung rank; the collective timeout must catch it).
     Hang,

@@ -236,7 +236,15 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
                 rank_metadata: serde_json::json!({ "owned": [mine.start, mine.end] }),
                 created_unix_ms: None,
             };
-            let kill_commit = injections.iter().find(|i| i.step == step && i.kind == InjectKind::KillCommit);
+            // A kill during the commit must land while the step is uncommitted: the victim's index
+            // has to be in and not be the last. So at that step the other ranks start their saves
+            // only after the victim's index is accepted (a barrier the victim joins just before it
+            // dies); the step then commits, or not, without it.
+            let commit_victim = spec.injections.iter().find(|i| i.step == step && i.kind == InjectKind::KillCommit);
+            let kill_commit = commit_victim.filter(|i| i.rank == rank);
+            if commit_victim.is_some() && kill_commit.is_none() {
+                comm.barrier(0, step)?;
+            }
             let kill_save = injections.iter().find(|i| i.step == step && i.kind == InjectKind::KillSave);
             fn view<'a>(name: &'a str, data: &'a [f32], dims: &'a [[u64; 1]; 3]) -> TensorView<'a> {
                 TensorView {
@@ -269,6 +277,7 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
                 Some(inj) => {
                     let report = rt.block_on(ticket.finish())?;
                     fire(&mut events, inj, &format!("own index accepted; step {}", report.status.phase.name()));
+                    comm.barrier(0, step)?;
                     raise(libc::SIGKILL);
                 }
                 None => pending = Some(PendingSave { step, ticket }),
