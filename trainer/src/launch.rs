@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -25,29 +25,21 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use ckpt_client::{Client, ClientOptions, SavePhase};
 use ckpt_trainer::collective::{serve_hub, HubConfig, HubEvent};
-use ckpt_trainer::config::{ModelConfig, Recipe};
+use ckpt_trainer::config::ModelConfig;
 use ckpt_trainer::data::heldout_windows;
 use ckpt_trainer::model::Llama;
-use ckpt_trainer::spec::{Injection, RunSpec};
+use ckpt_trainer::spec::{Injection, RunConfig, RunSpec};
 
 use crate::report::{Averaged, Interruption, Report, StepTimes};
 
 #[derive(Debug, Clone)]
 pub struct LaunchOptions {
+    pub run: RunConfig,
     pub nproc: usize,
-    pub job: String,
-    pub server: String,
-    pub seed: u64,
-    pub model: ModelConfig,
-    pub recipe: Recipe,
-    pub ckpt_every: u64,
-    pub until_step: u64,
     pub max_restarts: u32,
     pub collective_timeout: Duration,
     pub idle_timeout: Duration,
     pub startup_timeout: Duration,
-    pub run_dir: PathBuf,
-    pub corpus_bytes: usize,
     pub injections: Vec<Injection>,
     pub threads_per_rank: usize,
     /// Average the committed checkpoints of the annealing phase into `<job>-avg`.
@@ -58,15 +50,15 @@ pub struct LaunchOptions {
 impl LaunchOptions {
     /// Everything that can be refused before any process starts.
     pub fn validate(&self) -> Result<()> {
-        self.recipe.validate(self.nproc).map_err(anyhow::Error::msg)?;
-        self.model.validate().map_err(anyhow::Error::msg)?;
-        if self.until_step == 0 || self.until_step > self.recipe.steps || self.ckpt_every == 0 {
-            bail!("--until-step must be within 1..={} and --ckpt-every positive", self.recipe.steps);
+        self.run.recipe.validate(self.nproc).map_err(anyhow::Error::msg)?;
+        self.run.model.validate().map_err(anyhow::Error::msg)?;
+        if self.run.until_step == 0 || self.run.until_step > self.run.recipe.steps || self.run.ckpt_every == 0 {
+            bail!("--until-step must be within 1..={} and --ckpt-every positive", self.run.recipe.steps);
         }
         if self.collective_timeout.is_zero() || self.idle_timeout.is_zero() || self.startup_timeout.is_zero() {
             bail!("timeouts must be positive");
         }
-        if self.threads_per_rank == 0 || self.corpus_bytes < (self.recipe.seq_len + 2) * 4 {
+        if self.threads_per_rank == 0 || self.run.corpus_bytes < (self.run.recipe.seq_len + 2) * 4 {
             bail!("--threads-per-rank must be positive and the corpus several windows long");
         }
         Ok(())
@@ -84,11 +76,11 @@ struct Generation {
 pub fn launch(opts: &LaunchOptions) -> Result<Report> {
     let started = Instant::now();
     opts.validate()?;
-    std::fs::create_dir_all(&opts.run_dir).with_context(|| format!("creating {}", opts.run_dir.display()))?;
-    clear_run_dir(&opts.run_dir)?;
+    std::fs::create_dir_all(&opts.run.run_dir).with_context(|| format!("creating {}", opts.run.run_dir.display()))?;
+    clear_run_dir(&opts.run.run_dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let client = Client::new(&opts.server, ClientOptions::default())?;
-    rt.block_on(client.health()).with_context(|| format!("ckptd at {} is not answering", opts.server))?;
+    let client = Client::new(&opts.run.server, ClientOptions::default())?;
+    rt.block_on(client.health()).with_context(|| format!("ckptd at {} is not answering", opts.run.server))?;
     let listener = TcpListener::bind("127.0.0.1:0").context("binding the collective hub")?;
     let hub_addr = listener.local_addr()?.to_string();
     let listener = Arc::new(listener);
@@ -101,30 +93,25 @@ pub fn launch(opts: &LaunchOptions) -> Result<Report> {
     let mut last_detect: Option<(Instant, u64)> = None;
     let final_step;
     loop {
-        let resume = choose_resume(&rt, &client, &opts.job)?;
+        let resume = choose_resume(&rt, &client, &opts.run.job)?;
         if let Some(s) = resume {
-            if s >= opts.until_step && generation == 0 {
-                println!("{}@{s} is already committed; nothing to train up to step {}", opts.job, opts.until_step);
+            if s >= opts.run.until_step && generation == 0 {
+                println!(
+                    "{}@{s} is already committed; nothing to train up to step {}",
+                    opts.run.job, opts.run.until_step
+                );
             }
         }
         let injections: Vec<Injection> =
             opts.injections.iter().filter(|i| !fired.contains(&i.key())).cloned().collect();
         let spec = RunSpec {
-            job: opts.job.clone(),
-            server: opts.server.clone(),
-            seed: opts.seed,
-            model: opts.model.clone(),
-            recipe: opts.recipe.clone(),
-            ckpt_every: opts.ckpt_every,
-            until_step: opts.until_step,
+            run: opts.run.clone(),
             world: opts.nproc,
             generation,
             hub: hub_addr.clone(),
             resume_step: resume,
             rank_timeout_ms: (opts.collective_timeout * 3 + opts.idle_timeout + opts.startup_timeout).as_millis()
                 as u64,
-            run_dir: opts.run_dir.clone(),
-            corpus_bytes: opts.corpus_bytes,
             injections,
         };
         let g = spawn_generation(opts, &spec, listener.clone())?;
@@ -142,7 +129,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<Report> {
                 break;
             }
             Outcome::Failed { cause, detected, detection_ms, last_step } => {
-                fired.extend(read_fired(&opts.run_dir));
+                fired.extend(read_fired(&opts.run.run_dir));
                 eprintln!("interruption in generation {generation}: {cause} (last step {last_step})");
                 interruptions.push(Interruption {
                     generation,
@@ -172,15 +159,18 @@ pub fn launch(opts: &LaunchOptions) -> Result<Report> {
         i.restore_ms = times.ready_ms(i.generation + 1);
     }
 
-    let params = load_params(&rt, &client, &opts.job, final_step, &opts.model)?;
+    let params = load_params(&rt, &client, &opts.run.job, final_step, &opts.run.model)?;
     let hash = blake3::hash(&params).to_hex().to_string();
-    let trained = std::fs::read(opts.run_dir.join("final.json"))
+    let trained = std::fs::read(opts.run.run_dir.join("final.json"))
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .and_then(|v| v["weights_blake3"].as_str().map(String::from));
     if let Some(t) = &trained {
         if *t != hash {
-            bail!("the committed checkpoint {}@{final_step} hashes to {hash}, the trained weights to {t}", opts.job);
+            bail!(
+                "the committed checkpoint {}@{final_step} hashes to {hash}, the trained weights to {t}",
+                opts.run.job
+            );
         }
     }
     let eval_loss = Some(eval_loss(opts, &params)?);
@@ -196,7 +186,7 @@ enum Outcome {
 }
 
 fn spawn_generation(opts: &LaunchOptions, spec: &RunSpec, listener: Arc<TcpListener>) -> Result<Generation> {
-    let spec_path = opts.run_dir.join(format!("generation-{}.json", spec.generation));
+    let spec_path = opts.run.run_dir.join(format!("generation-{}.json", spec.generation));
     std::fs::write(&spec_path, serde_json::to_vec_pretty(spec)?)?;
     let (tx, rx) = mpsc::channel();
     let hub_stop = Arc::new(AtomicBool::new(false));
@@ -206,7 +196,7 @@ fn spawn_generation(opts: &LaunchOptions, spec: &RunSpec, listener: Arc<TcpListe
         collective_timeout: opts.collective_timeout,
         idle_timeout: opts.idle_timeout,
         startup_timeout: opts.startup_timeout,
-        frame_elems_max: opts.model.param_count() + 1024,
+        frame_elems_max: opts.run.model.param_count() + 1024,
     };
     let stop = hub_stop.clone();
     let hub = std::thread::Builder::new()
@@ -215,8 +205,10 @@ fn spawn_generation(opts: &LaunchOptions, spec: &RunSpec, listener: Arc<TcpListe
     let exe = std::env::current_exe().context("locating ckpt-train")?;
     let mut children = Vec::with_capacity(spec.world);
     for rank in 0..spec.world {
-        let log =
-            std::fs::OpenOptions::new().create(true).append(true).open(opts.run_dir.join(format!("rank{rank}.log")))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(opts.run.run_dir.join(format!("rank{rank}.log")))?;
         let mut cmd = Command::new(&exe);
         cmd.arg("worker")
             .arg("--spec")
@@ -264,7 +256,7 @@ fn watch(
                 last_step = step;
                 last_progress = at;
                 if opts.log_every > 0 && (step % opts.log_every == 0 || step == 1) {
-                    println!("step {step:>5}  loss {loss:.4}  lr {:.2e}", opts.recipe.lr(step));
+                    println!("step {step:>5}  loss {loss:.4}  lr {:.2e}", opts.run.recipe.lr(step));
                 }
             }
             Ok(HubEvent::Done { step, .. }) => done_step = Some(step),
@@ -278,7 +270,7 @@ fn watch(
                 // A rank that died closes its connection before the launcher sees it exit; give
                 // the exit a moment so the interruption is reported by its real cause.
                 std::thread::sleep(Duration::from_millis(200));
-                let exit = exited(&mut g.children, &opts.run_dir);
+                let exit = exited(&mut g.children, &opts.run.run_dir);
                 let cause = exit.unwrap_or_else(|| format!("collective failed on rank {rank:?}: {reason}"));
                 failure = Some((cause, last_progress.elapsed().as_millis() as u64));
             }
@@ -296,7 +288,7 @@ fn watch(
             let all_exited = g.children.iter_mut().all(|c| matches!(c.try_wait(), Ok(Some(_))));
             if let Some(step) = done_step {
                 if all_exited {
-                    let bad = exited(&mut g.children, &opts.run_dir);
+                    let bad = exited(&mut g.children, &opts.run.run_dir);
                     match bad {
                         None => {
                             let _ = g.hub.join();
@@ -305,7 +297,7 @@ fn watch(
                         Some(cause) => failure = Some((cause, 0)),
                     }
                 }
-            } else if let Some(cause) = exited(&mut g.children, &opts.run_dir) {
+            } else if let Some(cause) = exited(&mut g.children, &opts.run.run_dir) {
                 failure = Some((cause, last_progress.elapsed().as_millis() as u64));
             }
         }
@@ -444,8 +436,8 @@ fn load_params(
 /// Mean loss of `params` on held-out windows.
 fn eval_loss(opts: &LaunchOptions, params: &[u8]) -> Result<f32> {
     let flat: Vec<f32> = params.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-    let model = Llama::new(&opts.model, &flat, &candle_core::Device::Cpu)?;
-    let windows = heldout_windows(opts.seed, opts.recipe.seq_len, 32);
+    let model = Llama::new(&opts.run.model, &flat, &candle_core::Device::Cpu)?;
+    let windows = heldout_windows(opts.run.seed, opts.run.recipe.seq_len, 32);
     Ok(model.loss(&windows)?.to_scalar::<f32>()?)
 }
 
@@ -455,9 +447,9 @@ fn average(
     opts: &LaunchOptions,
     final_step: u64,
 ) -> Result<Option<Averaged>> {
-    let from = opts.recipe.anneal_start();
+    let from = opts.run.recipe.anneal_start();
     let steps: Vec<u64> = rt
-        .block_on(client.list(&opts.job))?
+        .block_on(client.list(&opts.run.job))?
         .committed
         .iter()
         .map(|m| m.step)
@@ -467,9 +459,9 @@ fn average(
         eprintln!("fewer than two committed checkpoints in the annealing phase; nothing to average");
         return Ok(None);
     }
-    let out_job = format!("{}-avg", opts.job);
-    let step = rt.block_on(client.average_checkpoints(&opts.job, &steps, &["params"], &out_job))?;
-    let params = load_params(rt, client, &out_job, step, &opts.model)?;
+    let out_job = format!("{}-avg", opts.run.job);
+    let step = rt.block_on(client.average_checkpoints(&opts.run.job, &steps, &["params"], &out_job))?;
+    let params = load_params(rt, client, &out_job, step, &opts.run.model)?;
     Ok(Some(Averaged {
         job: out_job,
         steps,

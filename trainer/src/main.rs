@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use ckpt_client::local::{find_ckptd, DaemonOptions, LocalDaemon};
 use ckpt_trainer::config::{state_bytes_per_rank, ModelConfig, Recipe};
-use ckpt_trainer::spec::Injection;
+use ckpt_trainer::spec::{Injection, RunConfig};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
@@ -224,26 +224,28 @@ fn run_launch(args: &LaunchArgs) -> Result<report::Report> {
     };
     let run_dir = args.run_dir.clone().unwrap_or_else(|| PathBuf::from("ckpt-runs").join(&args.job));
     let mut opts = launch::LaunchOptions {
+        run: RunConfig {
+            job: args.job.clone(),
+            server: args.server.clone().unwrap_or_default(),
+            seed: args.seed,
+            model,
+            recipe,
+            ckpt_every: args.ckpt_every,
+            until_step: args.until_step.unwrap_or(args.steps),
+            run_dir: run_dir.clone(),
+            corpus_bytes: args.corpus_bytes,
+        },
         nproc: args.nproc,
-        job: args.job.clone(),
-        server: args.server.clone().unwrap_or_default(),
-        seed: args.seed,
-        model,
-        recipe,
-        ckpt_every: args.ckpt_every,
-        until_step: args.until_step.unwrap_or(args.steps),
         max_restarts: args.max_restarts,
         collective_timeout: Duration::from_millis(args.collective_timeout_ms),
         idle_timeout: Duration::from_millis(args.idle_timeout_ms),
         startup_timeout: Duration::from_millis(args.startup_timeout_ms),
-        run_dir: run_dir.clone(),
-        corpus_bytes: args.corpus_bytes,
         injections: args.injections.clone(),
         threads_per_rank: args.threads_per_rank.unwrap_or((cores / args.nproc.max(1)).max(1)),
         average_anneal: args.average,
         log_every: args.log_every,
     };
-    ckpt_core::validate_job(&opts.job)?;
+    ckpt_core::validate_job(&opts.run.job)?;
     opts.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let mut daemon = None;
@@ -252,8 +254,8 @@ fn run_launch(args: &LaunchArgs) -> Result<report::Report> {
         // The service yields the CPU to the ranks: checkpoint work must not slow training.
         d.nice = 10;
         let d = rt.block_on(LocalDaemon::start(d))?;
-        opts.server = d.url();
-        println!("ckptd on {}, store in {}", opts.server, args.data_dir.join("store").display());
+        opts.run.server = d.url();
+        println!("ckptd on {}, store in {}", opts.run.server, args.data_dir.join("store").display());
         daemon = Some(d);
     }
     let report = launch::launch(&opts);

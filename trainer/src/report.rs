@@ -141,12 +141,12 @@ impl Report {
         let kept = times.kept();
         let productive: Duration = kept.values().sum();
         let wall_s = wall.as_secs_f64();
-        let stalls = read_stalls(&opts.run_dir, opts.model.param_count(), opts.nproc);
+        let stalls = read_stalls(&opts.run.run_dir, opts.run.model.param_count(), opts.nproc);
         let losses: Vec<(u64, f32)> = losses.into_iter().collect();
         Ok(Report {
-            job: opts.job.clone(),
-            model: opts.model.name.clone(),
-            params: opts.model.param_count(),
+            job: opts.run.job.clone(),
+            model: opts.run.model.name.clone(),
+            params: opts.run.model.param_count(),
             world: opts.nproc,
             final_step,
             steps_executed: times.executed(),

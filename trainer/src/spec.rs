@@ -7,8 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ModelConfig, Recipe};
 
+/// What every generation of a run shares.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RunSpec {
+pub struct RunConfig {
     pub job: String,
     pub server: String,
     pub seed: u64,
@@ -17,15 +18,22 @@ pub struct RunSpec {
     pub ckpt_every: u64,
     /// The run stops (with a checkpoint) after this step; at most `recipe.steps`.
     pub until_step: u64,
+    /// Rank logs, event logs, generation specs and the goodput report.
+    pub run_dir: PathBuf,
+    pub corpus_bytes: usize,
+}
+
+/// One generation's instructions to its ranks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunSpec {
+    pub run: RunConfig,
     pub world: usize,
     pub generation: u64,
     pub hub: String,
     /// The committed checkpoint to restore, or None to start from the seed.
     pub resume_step: Option<u64>,
-    /// How long a rank waits on the hub before giving up (longer than the hub's own timeout).
+    /// How long a rank waits on the hub before giving up (longer than the hub's own timeouts).
     pub rank_timeout_ms: u64,
-    pub run_dir: PathBuf,
-    pub corpus_bytes: usize,
     pub injections: Vec<Injection>,
 }
 

@@ -85,18 +85,18 @@ struct PendingSave {
 pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
     let started = Instant::now();
     let world = spec.world;
-    spec.recipe.validate(world).map_err(anyhow::Error::msg)?;
-    spec.model.validate().map_err(anyhow::Error::msg)?;
+    spec.run.recipe.validate(world).map_err(anyhow::Error::msg)?;
+    spec.run.model.validate().map_err(anyhow::Error::msg)?;
     let file = OpenOptions::new()
         .create(true)
         .append(true)
-        .open(spec.run_dir.join(format!("events-rank{rank}.jsonl")))
+        .open(spec.run.run_dir.join(format!("events-rank{rank}.jsonl")))
         .context("opening the event log")?;
     let mut events = Events { file, rank, generation: spec.generation };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let client = Client::new(&spec.server, ClientOptions::default())?;
+    let client = Client::new(&spec.run.server, ClientOptions::default())?;
 
-    let p = spec.model.param_count() as usize;
+    let p = spec.run.model.param_count() as usize;
     let mine = owned_range(p, rank, world);
     let mut comm =
         HubClient::connect(&spec.hub, rank, world, spec.generation, Duration::from_millis(spec.rank_timeout_ms))
@@ -104,27 +104,27 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
 
     let mut full: Vec<f32>;
     let mut own: Vec<f32>;
-    let mut opt = AdamW::new(mine.clone(), &param_ranges(&spec.model));
+    let mut opt = AdamW::new(mine.clone(), &param_ranges(&spec.run.model));
     let mut sampler;
     let mut step;
     match spec.resume_step {
         None => {
-            full = init_params(&spec.model, spec.seed);
+            full = init_params(&spec.run.model, spec.run.seed);
             own = full[mine.clone()].to_vec();
-            sampler = Sampler::new(spec.seed);
+            sampler = Sampler::new(spec.run.seed);
             step = 0;
         }
         Some(s) => {
-            let m = rt.block_on(client.manifest(&spec.job, s))?;
+            let m = rt.block_on(client.manifest(&spec.run.job, s))?;
             let state: TrainState = serde_json::from_value(m.metadata.get("trainer").cloned().unwrap_or_default())
-                .with_context(|| format!("{}@{s} has no trainer state", spec.job))?;
-            if state.model != spec.model || state.param_count != p as u64 || state.seed != spec.seed {
-                bail!("{}@{s} was written by a different model or seed; refusing to resume from it", spec.job);
+                .with_context(|| format!("{}@{s} has no trainer state", spec.run.job))?;
+            if state.model != spec.run.model || state.param_count != p as u64 || state.seed != spec.run.seed {
+                bail!("{}@{s} was written by a different model or seed; refusing to resume from it", spec.run.job);
             }
             let load = |name: &str| -> Result<Vec<f32>> {
                 let (bytes, shape) = rt.block_on(client.load_rows(&m, name, mine.start as u64, mine.len() as u64))?;
                 if shape != [p as u64] {
-                    bail!("{name} in {}@{s} has shape {shape:?}, expected [{p}]", spec.job);
+                    bail!("{name} in {}@{s} has shape {shape:?}, expected [{p}]", spec.run.job);
                 }
                 Ok(to_f32(&bytes))
             };
@@ -137,15 +137,15 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
             step = state.step;
         }
     }
-    let model = Llama::new(&spec.model, &full, &ckpt_trainer::model::device()?)?;
+    let model = Llama::new(&spec.run.model, &full, &ckpt_trainer::model::device()?)?;
     let restore_ms = started.elapsed().as_millis() as u64;
     comm.barrier(TAG_READY, step)?;
     events.emit(
         serde_json::json!({"kind": "ready", "step": step, "restore_ms": restore_ms, "resumed": spec.resume_step}),
     );
 
-    let tokens = corpus(spec.seed, spec.corpus_bytes);
-    let recipe = &spec.recipe;
+    let tokens = corpus(spec.run.seed, spec.run.corpus_bytes);
+    let recipe = &spec.run.recipe;
     let share = recipe.global_batch / world;
     let mut grad_own = vec![0.0f32; mine.len()];
     let saver = AsyncSaver::new(client.clone(), 3 * 4 * mine.len());
@@ -156,7 +156,7 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
     };
     let injections: Vec<&Injection> = spec.injections.iter().filter(|i| i.rank == rank).collect();
 
-    while step < spec.until_step {
+    while step < spec.run.until_step {
         step += 1;
         let mut poison = false;
         for inj in injections.iter().filter(|i| i.step == step) {
@@ -214,21 +214,21 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
         comm.all_reduce_sum(&mut l, TAG_LOSS, step)?;
         let step_ms = step_started.elapsed().as_secs_f64() * 1e3;
 
-        if step % spec.ckpt_every == 0 || step == spec.until_step {
+        if step % spec.run.ckpt_every == 0 || step == spec.run.until_step {
             if let Some(prev) = pending.take() {
                 finish_save(&rt, &mut events, prev);
             }
             let state = TrainState {
                 step,
                 sampler: sampler.state(),
-                seed: spec.seed,
+                seed: spec.run.seed,
                 param_count: p as u64,
-                model: spec.model.clone(),
+                model: spec.run.model.clone(),
                 recipe: recipe.clone(),
                 next_lr: recipe.lr(step + 1),
             };
             let save_spec = ckpt_client::SaveSpec {
-                job: spec.job.clone(),
+                job: spec.run.job.clone(),
                 step,
                 rank: rank as u32,
                 world_size: world as u32,
@@ -295,7 +295,7 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
     if rank == 0 {
         let hash = blake3::hash(as_bytes(&full));
         let line = serde_json::json!({"step": step, "weights_blake3": hash.to_hex().to_string()});
-        std::fs::write(spec.run_dir.join("final.json"), line.to_string()).context("writing final.json")?;
+        std::fs::write(spec.run.run_dir.join("final.json"), line.to_string()).context("writing final.json")?;
     }
     comm.barrier(TAG_DONE, step)?;
     Ok(())
