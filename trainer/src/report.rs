@@ -91,6 +91,9 @@ pub struct Stalls {
     /// Mean stall over that floor.
     pub stall_over_memcpy: f64,
     pub state_bytes_per_rank: u64,
+    /// (step, longest stall over the ranks in ms) for every checkpoint taken, in step order; a
+    /// step saved again after a rollback shows its last save.
+    pub per_checkpoint: Vec<(u64, f64)>,
 }
 
 /// The annealing phase's checkpoints averaged into one (the Llama 3 recipe).
@@ -214,6 +217,7 @@ fn read_stalls(run_dir: &Path, params: u64, world: usize) -> Stalls {
     let mut stalls = Vec::new();
     let mut waited: f64 = 0.0;
     let mut floors = Vec::new();
+    let mut per_save: BTreeMap<(u64, u64), f64> = BTreeMap::new();
     let mut steps = Vec::new();
     if let Ok(dir) = std::fs::read_dir(run_dir) {
         for e in dir.flatten() {
@@ -226,7 +230,11 @@ fn read_stalls(run_dir: &Path, params: u64, world: usize) -> Stalls {
                     steps.push(ms);
                 }
                 if v["kind"] == "save" {
-                    stalls.push(v["stall_ms"].as_f64().unwrap_or(0.0));
+                    let ms = v["stall_ms"].as_f64().unwrap_or(0.0);
+                    let key = (v["step"].as_u64().unwrap_or(0), v["generation"].as_u64().unwrap_or(0));
+                    let e = per_save.entry(key).or_insert(0.0f64);
+                    *e = e.max(ms);
+                    stalls.push(ms);
                     floors.extend(v["memcpy_ms"].as_f64());
                     waited = waited.max(v["waited_ms"].as_f64().unwrap_or(0.0));
                 }
@@ -247,5 +255,12 @@ fn read_stalls(run_dir: &Path, params: u64, world: usize) -> Stalls {
         memcpy_ms,
         stall_over_memcpy: if memcpy_ms > 0.0 { stall_ms_mean / memcpy_ms } else { 0.0 },
         state_bytes_per_rank: ckpt_trainer::config::state_bytes_per_rank(params, world as u64),
+        // Keyed by (step, generation), so the last generation's save of a step wins.
+        per_checkpoint: per_save
+            .into_iter()
+            .map(|((step, _), ms)| (step, ms))
+            .collect::<BTreeMap<_, _>>()
+            .into_iter()
+            .collect(),
     }
 }
