@@ -18,6 +18,18 @@ const QUICK: &[&str] =
 /// Runs `ckpt-train launch` against `d` and returns its goodput report. Panics with the
 /// launcher's output if it fails or outlives `limit`.
 fn launch(d: &LocalDaemon, dir: &Path, job: &str, args: &[&str], limit: Duration) -> Value {
+    launch_during(d, dir, job, args, limit, |_| {})
+}
+
+/// As `launch`, running `during(run_dir)` while the launcher runs.
+fn launch_during(
+    d: &LocalDaemon,
+    dir: &Path,
+    job: &str,
+    args: &[&str],
+    limit: Duration,
+    during: impl FnOnce(&Path),
+) -> Value {
     let run_dir = dir.join(format!("run-{job}-{}", std::process::id()));
     let json = run_dir.with_extension("json");
     let mut child = Command::new(ckpt_train_exe())
@@ -35,6 +47,7 @@ fn launch(d: &LocalDaemon, dir: &Path, job: &str, args: &[&str], limit: Duration
         .spawn()
         .expect("starting ckpt-train");
     let deadline = std::time::Instant::now() + limit;
+    during(&run_dir);
     loop {
         if child.try_wait().expect("waiting for ckpt-train").is_some() {
             break;
@@ -117,7 +130,7 @@ async fn interrupted_runs_end_bit_identical_to_an_uninterrupted_one() {
     assert_eq!(hash(&c), hash(&a), "seed {s}: killed run {kills:?} ended with different weights");
     assert_eq!(c["final_step"], 16);
     // The kill during the commit landed after the rank's own index was accepted and before the
-    // step committed (the launcher makes the other ranks' saves wait for it).
+    // step committed (the other ranks start their saves only once the victim's index is in).
     let mut landed = Vec::new();
     for run in std::fs::read_dir(dir.path()).unwrap().flatten() {
         if !(run.file_name().to_string_lossy().starts_with("run-killed") && run.path().is_dir()) {
@@ -133,6 +146,38 @@ async fn interrupted_runs_end_bit_identical_to_an_uninterrupted_one() {
     assert_eq!(landed.len(), 1, "seed {s}: {landed:?}");
     assert!(landed[0].contains("own index accepted; step open"), "seed {s}: {}", landed[0]);
     assert!(c["steps_executed"].as_u64().unwrap() > 16, "rolled-back steps are executed again");
+
+    // And a SIGKILL from outside, at whatever instruction rank 1 is executing once it has logged
+    // a seeded random step: inside a collective, a save's background upload, anywhere.
+    let after = rng.random_range(3..=13u64);
+    let mut ext: Vec<&str> = base.to_vec();
+    ext.extend(["--max-restarts", "2"]);
+    let e = tokio::task::block_in_place(|| {
+        launch_during(&d, dir.path(), "external", &ext, MINUTES, |run_dir| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            loop {
+                assert!(std::time::Instant::now() < deadline, "seed {s}: rank 1 never reached step {after}");
+                let log = std::fs::read_to_string(run_dir.join("events-rank1.jsonl")).unwrap_or_default();
+                let reached = log
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                    .filter_map(|v| v["step"].as_u64())
+                    .max()
+                    .unwrap_or(0);
+                if reached >= after {
+                    let pid: i32 = std::fs::read_to_string(run_dir.join("rank1.pid")).unwrap().trim().parse().unwrap();
+                    // SAFETY: kill(2) has no memory-safety preconditions.
+                    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "seed {s}: rank 1 (pid {pid}) is gone");
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    });
+    let got = causes(&e);
+    assert_eq!(got.len(), 1, "seed {s}: killed after step {after}: {got:?}");
+    assert!(got[0].contains("rank 1 killed by signal 9"), "seed {s}: {got:?}");
+    assert_eq!(hash(&e), hash(&a), "seed {s}: killed from outside after step {after}, ended with different weights");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -227,7 +227,10 @@ fn spawn_generation(opts: &LaunchOptions, spec: &RunSpec, listener: Arc<TcpListe
                 Ok(())
             });
         }
-        children.push(cmd.spawn().with_context(|| format!("starting rank {rank}"))?);
+        let child = cmd.spawn().with_context(|| format!("starting rank {rank}"))?;
+        // For operators and fault injection from outside: which process is rank r right now.
+        std::fs::write(opts.run.run_dir.join(format!("rank{rank}.pid")), child.id().to_string())?;
+        children.push(child);
     }
     Ok(Generation { children, hub_stop, hub, events: rx, spawned: Instant::now() })
 }
