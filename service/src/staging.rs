@@ -245,19 +245,13 @@ impl Staging {
         S: Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
     {
         let mut buf = BytesMut::with_capacity(len as usize);
+        let mut received = BodyLength::new(len);
         while let Some(frame) = body.next().await {
             let frame = frame?;
-            if buf.len() + frame.len() > len as usize {
-                return Err(ServiceError::BadRequest(format!("chunk body is longer than its Content-Length {len}")));
-            }
+            received.add(frame.len())?;
             buf.extend_from_slice(&frame);
         }
-        if buf.len() as u64 != len {
-            return Err(ServiceError::BadRequest(format!(
-                "chunk body is {} bytes, Content-Length said {len}",
-                buf.len()
-            )));
-        }
+        received.complete()?;
         let data = buf.freeze();
         let check = data.clone();
         tokio::task::spawn_blocking(move || hash.verify(&check)).await.map_err(join_error)??;
@@ -282,23 +276,14 @@ impl Staging {
         let result = async {
             let mut file = tokio::fs::File::create(&tmp).await?;
             let mut hasher = blake3::Hasher::new();
-            let mut written = 0u64;
+            let mut written = BodyLength::new(len);
             while let Some(frame) = body.next().await {
                 let frame = frame?;
-                written += frame.len() as u64;
-                if written > len {
-                    return Err(ServiceError::BadRequest(format!(
-                        "chunk body is longer than its Content-Length {len}"
-                    )));
-                }
+                written.add(frame.len())?;
                 hasher.update(&frame);
                 file.write_all(&frame).await?;
             }
-            if written != len {
-                return Err(ServiceError::BadRequest(format!(
-                    "chunk body is {written} bytes, Content-Length said {len}"
-                )));
-            }
+            written.complete()?;
             let actual = ChunkHash(*hasher.finalize().as_bytes());
             if actual != hash {
                 return Err(ckpt_core::CoreError::HashMismatch { expected: hash, actual }.into());
@@ -495,6 +480,40 @@ async fn upload(
         let _ = tokio::fs::remove_file(p).await;
     }
     Ok(())
+}
+
+/// Counts a chunk body's bytes against its Content-Length, so a body that is longer is refused
+/// before its excess is held and one that is shorter is refused at its end.
+struct BodyLength {
+    expected: u64,
+    received: u64,
+}
+
+impl BodyLength {
+    fn new(expected: u64) -> BodyLength {
+        BodyLength { expected, received: 0 }
+    }
+
+    fn add(&mut self, frame_len: usize) -> Result<(), ServiceError> {
+        self.received += frame_len as u64;
+        if self.received > self.expected {
+            return Err(ServiceError::BadRequest(format!(
+                "chunk body is longer than its Content-Length {}",
+                self.expected
+            )));
+        }
+        Ok(())
+    }
+
+    fn complete(&self) -> Result<(), ServiceError> {
+        if self.received != self.expected {
+            return Err(ServiceError::BadRequest(format!(
+                "chunk body is {} bytes, Content-Length said {}",
+                self.received, self.expected
+            )));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
