@@ -145,7 +145,7 @@ fn read_header(r: &mut impl Read) -> Result<Header> {
 fn read_payload(r: &mut impl Read, elems: usize, scratch: &mut Vec<u8>) -> Result<Vec<f32>> {
     scratch.resize(elems * 4, 0);
     r.read_exact(scratch)?;
-    Ok(scratch.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    Ok(crate::f32s_from_le(scratch))
 }
 
 fn read_error_text(r: &mut impl Read, len: u64) -> Result<String> {

@@ -22,10 +22,6 @@ pub fn encode(text: &str) -> Vec<u32> {
     text.bytes().map(u32::from).collect()
 }
 
-pub fn decode(tokens: &[u32]) -> String {
-    tokens.iter().map(|&t| if t == BOS { '|' } else { char::from(t as u8) }).collect()
-}
-
 const NAMES: &[&str] = &["ada", "bo", "cy", "dee", "eli", "fay", "gus", "hal", "ivy", "jo", "kai", "lu"];
 const THINGS: &[&str] = &["apples", "books", "coins", "shells", "stones", "cards", "pens", "keys"];
 const NUMBERS: &[&str] = &["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"];

@@ -30,7 +30,7 @@ use ckpt_trainer::data::heldout_windows;
 use ckpt_trainer::model::Llama;
 use ckpt_trainer::spec::{Injection, RunConfig, RunSpec};
 
-use crate::report::{Averaged, Interruption, Report, StepTimes};
+use crate::report::{is_events_file, read_events, Averaged, Interruption, Report, StepTimes};
 
 #[derive(Debug, Clone)]
 pub struct LaunchOptions {
@@ -176,7 +176,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<Report> {
     let eval_loss = Some(eval_loss(opts, &params)?);
     let averaged = if opts.average_anneal { average(&rt, &client, opts, final_step)? } else { None };
     let wall = started.elapsed();
-    let report = Report::build(opts, wall, &times, interruptions, losses, final_step, hash, eval_loss, averaged)?;
+    let report = Report::build(opts, wall, &times, interruptions, losses, final_step, hash, eval_loss, averaged);
     Ok(report)
 }
 
@@ -375,25 +375,11 @@ fn signal_name(sig: i32) -> &'static str {
 
 /// Injections that ranks logged as fired, across every generation so far.
 fn read_fired(run_dir: &Path) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    let Ok(dir) = std::fs::read_dir(run_dir) else { return out };
-    for e in dir.flatten() {
-        let name = e.file_name();
-        if !name.to_string_lossy().starts_with("events-rank") {
-            continue;
-        }
-        let Ok(text) = std::fs::read_to_string(e.path()) else { continue };
-        for line in text.lines() {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
-                if v["kind"] == "inject" {
-                    if let Some(k) = v["injection"].as_str() {
-                        out.insert(k.to_string());
-                    }
-                }
-            }
-        }
-    }
-    out
+    read_events(run_dir)
+        .iter()
+        .filter(|v| v["kind"] == "inject")
+        .filter_map(|v| v["injection"].as_str().map(String::from))
+        .collect()
 }
 
 /// Aborts saves left in flight, then returns the newest committed step that verifies.
@@ -438,8 +424,7 @@ fn load_params(
 
 /// Mean loss of `params` on held-out windows.
 fn eval_loss(opts: &LaunchOptions, params: &[u8]) -> Result<f32> {
-    let flat: Vec<f32> = params.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-    let model = Llama::new(&opts.run.model, &flat, &candle_core::Device::Cpu)?;
+    let model = Llama::new(&opts.run.model, &ckpt_trainer::f32s_from_le(params), &candle_core::Device::Cpu)?;
     let windows = heldout_windows(opts.run.seed, opts.run.recipe.seq_len, 32);
     Ok(model.loss(&windows)?.to_scalar::<f32>()?)
 }
@@ -477,7 +462,7 @@ fn average(
 fn clear_run_dir(dir: &Path) -> Result<()> {
     for e in std::fs::read_dir(dir)?.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let ours = name.starts_with("events-rank") || name.starts_with("generation-") || name == "final.json";
+        let ours = is_events_file(&name) || name.starts_with("generation-") || name == "final.json";
         if ours {
             std::fs::remove_file(e.path()).with_context(|| format!("removing {}", e.path().display()))?;
         }

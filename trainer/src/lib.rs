@@ -8,3 +8,9 @@ pub mod data;
 pub mod model;
 pub mod optim;
 pub mod spec;
+
+/// Little-endian f32 values of `bytes` (the checkpoint and wire format); a trailing partial
+/// value is ignored.
+pub fn f32s_from_le(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}

@@ -8,7 +8,7 @@
 //! one seed start bit-identical. Everything is built from candle primitives that have
 //! backward passes (its fused softmax, RMSNorm and rope kernels do not).
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{Device, Tensor, Var, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -275,8 +275,6 @@ pub fn device() -> Result<Device> {
     }
     Ok(Device::Cpu)
 }
-
-pub const PARAM_DTYPE: DType = DType::F32;
 
 #[cfg(test)]
 mod tests {

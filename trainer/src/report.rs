@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
 use serde::Serialize;
 
 use crate::launch::LaunchOptions;
@@ -140,13 +139,13 @@ impl Report {
         final_weights_blake3: String,
         eval_loss: Option<f32>,
         averaged: Option<Averaged>,
-    ) -> Result<Report> {
+    ) -> Report {
         let kept = times.kept();
         let productive: Duration = kept.values().sum();
         let wall_s = wall.as_secs_f64();
         let stalls = read_stalls(&opts.run.run_dir, opts.run.model.param_count(), opts.nproc);
         let losses: Vec<(u64, f32)> = losses.into_iter().collect();
-        Ok(Report {
+        Report {
             job: opts.run.job.clone(),
             model: opts.run.model.name.clone(),
             params: opts.run.model.param_count(),
@@ -164,7 +163,7 @@ impl Report {
             final_weights_blake3,
             eval_loss,
             averaged,
-        })
+        }
     }
 
     pub fn print(&self) {
@@ -213,32 +212,49 @@ impl Report {
     }
 }
 
+const EVENTS_PREFIX: &str = "events-rank";
+
+/// Where rank `rank` logs its events.
+pub fn events_path(run_dir: &Path, rank: usize) -> std::path::PathBuf {
+    run_dir.join(format!("{EVENTS_PREFIX}{rank}.jsonl"))
+}
+
+pub fn is_events_file(name: &str) -> bool {
+    name.starts_with(EVENTS_PREFIX)
+}
+
+/// Every event every rank logged in `run_dir`, across generations; unreadable lines are skipped.
+pub fn read_events(run_dir: &Path) -> Vec<serde_json::Value> {
+    let Ok(dir) = std::fs::read_dir(run_dir) else { return Vec::new() };
+    let mut out = Vec::new();
+    for e in dir.flatten() {
+        if !is_events_file(&e.file_name().to_string_lossy()) {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(e.path()) else { continue };
+        out.extend(text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()));
+    }
+    out
+}
+
 fn read_stalls(run_dir: &Path, params: u64, world: usize) -> Stalls {
     let mut stalls = Vec::new();
     let mut waited: f64 = 0.0;
     let mut floors = Vec::new();
     let mut per_save: BTreeMap<(u64, u64), f64> = BTreeMap::new();
     let mut steps = Vec::new();
-    if let Ok(dir) = std::fs::read_dir(run_dir) {
-        for e in dir.flatten() {
-            if !e.file_name().to_string_lossy().starts_with("events-rank") {
-                continue;
-            }
-            let Ok(text) = std::fs::read_to_string(e.path()) else { continue };
-            for v in text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
-                if let Some(ms) = v["step_ms"].as_f64() {
-                    steps.push(ms);
-                }
-                if v["kind"] == "save" {
-                    let ms = v["stall_ms"].as_f64().unwrap_or(0.0);
-                    let key = (v["step"].as_u64().unwrap_or(0), v["generation"].as_u64().unwrap_or(0));
-                    let e = per_save.entry(key).or_insert(0.0f64);
-                    *e = e.max(ms);
-                    stalls.push(ms);
-                    floors.extend(v["memcpy_ms"].as_f64());
-                    waited = waited.max(v["waited_ms"].as_f64().unwrap_or(0.0));
-                }
-            }
+    for v in read_events(run_dir) {
+        if let Some(ms) = v["step_ms"].as_f64() {
+            steps.push(ms);
+        }
+        if v["kind"] == "save" {
+            let ms = v["stall_ms"].as_f64().unwrap_or(0.0);
+            let key = (v["step"].as_u64().unwrap_or(0), v["generation"].as_u64().unwrap_or(0));
+            let e = per_save.entry(key).or_insert(0.0f64);
+            *e = e.max(ms);
+            stalls.push(ms);
+            floors.extend(v["memcpy_ms"].as_f64());
+            waited = waited.max(v["waited_ms"].as_f64().unwrap_or(0.0));
         }
     }
     let mean = |xs: &[f64]| if xs.is_empty() { 0.0 } else { xs.iter().sum::<f64>() / xs.len() as f64 };

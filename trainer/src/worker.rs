@@ -51,10 +51,6 @@ fn as_bytes(x: &[f32]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), std::mem::size_of_val(x)) }
 }
 
-fn to_f32(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-}
-
 /// Appends one JSON line per event to the rank's log; a line survives the process being killed
 /// right after it is written.
 struct Events {
@@ -90,7 +86,7 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
     let file = OpenOptions::new()
         .create(true)
         .append(true)
-        .open(spec.run.run_dir.join(format!("events-rank{rank}.jsonl")))
+        .open(crate::report::events_path(&spec.run.run_dir, rank))
         .context("opening the event log")?;
     let mut events = Events { file, rank, generation: spec.generation };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -126,7 +122,7 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
                 if shape != [p as u64] {
                     bail!("{name} in {}@{s} has shape {shape:?}, expected [{p}]", spec.run.job);
                 }
-                Ok(to_f32(&bytes))
+                Ok(ckpt_trainer::f32s_from_le(&bytes))
             };
             own = load("params")?;
             opt.m = load("adam_m")?;
