@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ckpt_core::chunk::chunk_ranges;
-use ckpt_core::{validate_job, ChunkHash, ChunkRef, Limits, Manifest, SavePhase, ShardIndex, TensorEntry};
+use ckpt_core::{validate_job, ChunkHash, ChunkRef, SavePhase, ShardIndex, TensorEntry};
 use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
@@ -150,7 +150,7 @@ pub struct Client {
     handoff_refused: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
-enum Body {
+pub(crate) enum Body {
     Empty,
     Json(Vec<u8>),
     Bytes(Bytes),
@@ -370,7 +370,7 @@ impl Client {
     }
 
     /// One request with retries on transient failures.
-    async fn request(&self, method: reqwest::Method, path: &str, body: Body) -> Result<Bytes, ClientError> {
+    pub(crate) async fn request(&self, method: reqwest::Method, path: &str, body: Body) -> Result<Bytes, ClientError> {
         self.request_with(method, path, body, &[]).await
     }
 
@@ -633,32 +633,6 @@ impl Client {
         Ok(self.list(job).await?.committed.last().map(|m| m.step))
     }
 
-    /// A committed manifest, checked against its own hash and against the job and step asked for.
-    pub async fn manifest(&self, job: &str, step: u64) -> Result<Manifest, ClientError> {
-        validate_job(job)?;
-        let bytes =
-            self.request(reqwest::Method::GET, &format!("/v1/jobs/{job}/checkpoints/{step}"), Body::Empty).await?;
-        let limits = Limits {
-            world_size_max: u32::MAX,
-            tensors_per_rank_max: usize::MAX,
-            chunk_bytes_max: u64::MAX,
-            ..Limits::default()
-        };
-        let m = Manifest::from_bytes(&bytes, &limits).map_err(|e| ClientError::CorruptManifest {
-            job: job.into(),
-            step,
-            reason: e.to_string(),
-        })?;
-        if m.job != job || m.step != step {
-            return Err(ClientError::CorruptManifest {
-                job: job.into(),
-                step,
-                reason: format!("manifest is for {}@{}", m.job, m.step),
-            });
-        }
-        Ok(m)
-    }
-
     /// Fetches one chunk and verifies it. ckptd's own verification failure and a mismatch on
     /// arrival are both reported as `CorruptChunk`.
     pub async fn fetch_chunk(&self, job: &str, step: u64, hash: ChunkHash, len: u64) -> Result<Bytes, ClientError> {
@@ -700,37 +674,34 @@ impl Client {
         Ok(bytes)
     }
 
-    /// Reads rank `rank`'s tensors of a committed checkpoint, every chunk verified.
+    /// Reads rank `rank`'s tensors of a committed checkpoint, every chunk verified. Reads the
+    /// root and this rank's index object, nothing of the other ranks.
     pub async fn load_rank(&self, job: &str, step: u64, rank: u32) -> Result<Vec<Tensor>, ClientError> {
-        let m = self.manifest(job, step).await?;
-        self.load_rank_from(&m, rank, |_| {}).await
+        let cp = self.checkpoint(job, step).await?;
+        let shard = self.shard_index(&cp, rank).await?;
+        self.load_shard(job, step, &shard, |_| {}).await
     }
 
-    /// As `load_rank`, from a manifest already fetched; `progress` is called with each
+    /// The tensors of one rank's shard index of `job`@`step`; `progress` is called with each
     /// chunk's length as it is verified.
-    pub async fn load_rank_from(
+    pub async fn load_shard(
         &self,
-        m: &Manifest,
-        rank: u32,
+        job: &str,
+        step: u64,
+        shard: &ShardIndex,
         progress: impl Fn(u64),
     ) -> Result<Vec<Tensor>, ClientError> {
-        let shard = m.ranks.get(rank as usize).ok_or_else(|| ClientError::NoSuchRank {
-            job: m.job.clone(),
-            step: m.step,
-            rank,
-            world_size: m.world_size,
-        })?;
         let mut out = Vec::with_capacity(shard.tensors.len());
         for t in &shard.tensors {
             let len = t.byte_len().ok_or_else(|| ClientError::Protocol(format!("tensor {} is too large", t.name)))?;
-            if let Some(buf) = self.read_local_tensor(&m.job, m.step, t, len).await? {
+            if let Some(buf) = self.read_local_tensor(job, step, t, len).await? {
                 progress(len);
                 out.push(Tensor::from_entry(t, Bytes::from(buf)));
                 continue;
             }
             let mut buf = Vec::with_capacity(len as usize);
             let mut fetches =
-                futures::stream::iter(t.chunks.iter().map(|c| self.fetch_chunk(&m.job, m.step, c.hash, c.len)))
+                futures::stream::iter(t.chunks.iter().map(|c| self.fetch_chunk(job, step, c.hash, c.len)))
                     .buffered(self.opts.concurrency.max(1));
             let mut i = 0;
             while let Some(chunk) = fetches.next().await {

@@ -8,6 +8,7 @@
 
 pub mod async_save;
 pub mod bench;
+pub mod checkpoint;
 pub mod client;
 pub mod error;
 pub mod local;
@@ -15,6 +16,7 @@ pub mod reshard;
 pub mod tensor;
 
 pub use async_save::{AsyncSaver, SaveTicket, TensorView};
+pub use checkpoint::Checkpoint;
 pub use client::{Client, ClientOptions, SaveReport, SaveSpec, VerifyReport, Wait};
 pub use error::ClientError;
 pub use tensor::Tensor;

@@ -2,17 +2,19 @@
 //!
 //! Resharding: a tensor saved as row slices (dimension 0) by any number of ranks can be read
 //! back as any row range; the range is assembled from the overlapping slices of whichever
-//! ranks hold them, fetching only the chunks that cover it, each verified. Gaps and overlaps
-//! in the saved layout are errors, never silently filled.
+//! ranks hold them, reading only those ranks' index objects (the root's layout names them) and
+//! only the chunks that cover the range, each verified. Gaps and overlaps in the saved layout
+//! are errors, never silently filled.
 //!
 //! Averaging (the Llama 3 recipe averages the checkpoints of its annealing phase): element-wise
 //! mean of f32 tensors over several committed checkpoints of one job with one layout, summed in
 //! step order so the result is reproducible, saved as a new checkpoint.
 
 use bytes::Bytes;
-use ckpt_core::{DType, Manifest, TensorEntry};
+use ckpt_core::{DType, ShardIndex, TensorEntry};
 use futures::{StreamExt, TryStreamExt};
 
+use crate::checkpoint::Checkpoint;
 use crate::client::{Client, SaveSpec, Wait};
 use crate::error::ClientError;
 use crate::tensor::Tensor;
@@ -24,63 +26,83 @@ struct Piece<'a> {
     rows: u64,
 }
 
-fn row_pieces<'a>(m: &'a Manifest, name: &str) -> Result<(Vec<Piece<'a>>, u64, u64), ClientError> {
-    let mut pieces = Vec::new();
-    let mut global: Option<&[u64]> = None;
+/// Checks from the root's layout alone that the saved slices of `name` tile its rows with no gap
+/// and no overlap. Returns the tensor's rows and the bytes of one row.
+fn check_layout(cp: &Checkpoint, name: &str) -> Result<(u64, u64), ClientError> {
     let bad = |reason: String| ClientError::InvalidTensor { name: name.to_string(), reason };
-    for shard in &m.ranks {
-        for t in shard.tensors.iter().filter(|t| t.name == name) {
-            if t.shape.is_empty() || t.shape.len() != t.global_shape.len() || t.offsets.len() != t.shape.len() {
-                return Err(bad(format!("rank {} saved it without a global layout", shard.rank)));
-            }
-            if t.shape[1..] != t.global_shape[1..] || t.offsets[1..].iter().any(|&o| o != 0) {
-                return Err(bad(format!("rank {} saved a slice that is not a row range", shard.rank)));
-            }
-            match global {
-                Some(g) if g != t.global_shape.as_slice() => {
-                    return Err(bad(format!("ranks disagree on the global shape ({g:?} and {:?})", t.global_shape)))
-                }
-                _ => global = Some(&t.global_shape),
-            }
-            pieces.push(Piece { entry: t, first_row: t.offsets[0], rows: t.shape[0] });
-        }
-    }
-    let g = global.ok_or_else(|| bad(format!("not in {}@{}", m.job, m.step)))?;
-    let dtype = pieces[0].entry.dtype;
-    if pieces.iter().any(|p| p.entry.dtype != dtype) {
-        return Err(bad("ranks saved it with different dtypes".into()));
-    }
-    let row_bytes = g[1..].iter().product::<u64>() * dtype.size_bytes();
-    pieces.sort_by_key(|p| p.first_row);
+    let t = cp.root.tensor(name).ok_or_else(|| bad(format!("not in {}@{}", cp.job(), cp.step())))?;
+    let Some((&total_rows, rest)) = t.global_shape.split_first() else {
+        return Err(bad("saved without a global layout".into()));
+    };
+    let mut slices: Vec<std::ops::Range<u64>> =
+        t.runs.iter().flat_map(|run| (0..run.ranks()).map(move |i| run.rows_of(i))).collect();
+    slices.sort_by_key(|r| r.start);
     let mut next = 0;
-    for p in &pieces {
-        if p.first_row != next {
-            return Err(bad(format!("saved slices leave rows {next}..{} uncovered or overlap", p.first_row)));
+    for r in &slices {
+        if r.start != next {
+            return Err(bad(format!("saved slices leave rows {next}..{} uncovered or overlap", r.start)));
         }
-        next += p.rows;
+        next = r.end;
     }
-    if next != g[0] {
-        return Err(bad(format!("saved slices cover {next} of {} rows", g[0])));
+    if next != total_rows {
+        return Err(bad(format!("saved slices cover {next} of {total_rows} rows")));
     }
-    Ok((pieces, g[0], row_bytes))
+    Ok((total_rows, rest.iter().product::<u64>() * t.dtype.size_bytes()))
+}
+
+/// The pieces of `name` in the fetched indexes, each checked against the layout the root gives.
+fn row_pieces<'a>(cp: &Checkpoint, shards: &'a [ShardIndex], name: &str) -> Result<Vec<Piece<'a>>, ClientError> {
+    let bad = |reason: String| ClientError::InvalidTensor { name: name.to_string(), reason };
+    let layout = cp.root.tensor(name).ok_or_else(|| bad(format!("not in {}@{}", cp.job(), cp.step())))?;
+    let mut pieces = Vec::new();
+    for shard in shards {
+        let t = shard
+            .tensors
+            .iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| bad(format!("the root says rank {} holds it, its index does not", shard.rank)))?;
+        if t.shape.is_empty() || t.shape.len() != t.global_shape.len() || t.offsets.len() != t.shape.len() {
+            return Err(bad(format!("rank {} saved it without a global layout", shard.rank)));
+        }
+        if t.shape[1..] != t.global_shape[1..] || t.offsets[1..].iter().any(|&o| o != 0) {
+            return Err(bad(format!("rank {} saved a slice that is not a row range", shard.rank)));
+        }
+        if t.global_shape != layout.global_shape || t.dtype != layout.dtype {
+            return Err(bad(format!("rank {}'s index disagrees with the root on its type or shape", shard.rank)));
+        }
+        let rows = t.offsets[0]..t.offsets[0] + t.shape[0];
+        if !layout.says(shard.rank, &rows) {
+            return Err(bad(format!("rank {}'s index disagrees with the root's layout", shard.rank)));
+        }
+        pieces.push(Piece { entry: t, first_row: rows.start, rows: t.shape[0] });
+    }
+    pieces.sort_by_key(|p| p.first_row);
+    Ok(pieces)
 }
 
 impl Client {
     /// Rows `start..start + rows` of tensor `name` from a committed checkpoint, whatever world
-    /// size wrote it. Returns the bytes (row-major) and the tensor's global shape.
+    /// size wrote it. Reads only the index objects of the ranks holding those rows (the root's
+    /// layout names them) and only the chunks covering them. Returns the bytes (row-major) and
+    /// the tensor's global shape.
     pub async fn load_rows(
         &self,
-        m: &Manifest,
+        cp: &Checkpoint,
         name: &str,
         start: u64,
         rows: u64,
     ) -> Result<(Vec<u8>, Vec<u64>), ClientError> {
-        let (pieces, total_rows, row_bytes) = row_pieces(m, name)?;
+        let (total_rows, row_bytes) = check_layout(cp, name)?;
         let end = start.checked_add(rows).filter(|&e| e <= total_rows).ok_or_else(|| ClientError::InvalidTensor {
             name: name.to_string(),
             reason: format!("rows {start}+{rows} are outside its {total_rows} rows"),
         })?;
-        let global_shape = pieces[0].entry.global_shape.clone();
+        let layout = cp.root.tensor(name).ok_or_else(|| ClientError::Protocol(format!("{name} left the layout")))?;
+        let global_shape = layout.global_shape.clone();
+        let ranks = layout.ranks_overlapping(&(start..end));
+        let shards = self.shard_indexes(cp, &ranks).await?;
+        let pieces = row_pieces(cp, &shards, name)?;
+        let (job, step) = (cp.job(), cp.step());
         let mut out = vec![0u8; (rows * row_bytes) as usize];
         // (chunk, byte range wanted inside the chunk, where it goes in `out`)
         let mut wanted = Vec::new();
@@ -104,7 +126,7 @@ impl Client {
         }
         let fetched: Vec<_> = futures::stream::iter(wanted)
             .map(|(hash, len, range, dest)| async move {
-                let data = self.fetch_chunk(&m.job, m.step, hash, len).await?;
+                let data = self.fetch_chunk(job, step, hash, len).await?;
                 if data.len() as u64 != len {
                     return Err(ClientError::Protocol(format!(
                         "chunk {hash} is {} bytes, the index says {len}",
@@ -152,7 +174,7 @@ impl Client {
         for rank in 0..world {
             let mut sums: Vec<(TensorEntry, Vec<f32>)> = Vec::new();
             for m in &manifests {
-                let tensors = self.load_rank_from(m, rank, |_| {}).await?;
+                let tensors = self.load_shard(&m.job, m.step, &m.ranks[rank as usize], |_| {}).await?;
                 for (i, t) in tensors.iter().filter(|t| names.contains(&t.name.as_str())).enumerate() {
                     if t.dtype != DType::F32 {
                         return Err(ClientError::InvalidTensor {

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! jobs/<job>/chunks/<hh>/<hash>          a chunk, content-addressed, shared by every step and rank of the job
-//! jobs/<job>/manifests/<step:020>.json   a committed checkpoint (zero-padded so listings sort by step)
+//! jobs/<job>/manifests/<step:020>.json   a committed checkpoint's root (zero-padded so listings sort by step)
+//! jobs/<job>/indexes/<hh>/<hash>.json    a rank's shard index, content-addressed, named by the roots
 //! ```
 
 use crate::hash::ChunkHash;
@@ -28,6 +29,11 @@ pub fn manifest_key(job: &str, step: u64) -> String {
     format!("{JOBS_PREFIX}/{job}/manifests/{step:020}.json")
 }
 
+pub fn index_key(job: &str, hash: &ChunkHash) -> String {
+    let hex = hash.to_hex();
+    format!("{JOBS_PREFIX}/{job}/indexes/{}/{hex}.json", &hex[..2])
+}
+
 pub fn manifests_prefix(job: &str) -> String {
     format!("{JOBS_PREFIX}/{job}/manifests")
 }
@@ -38,6 +44,7 @@ pub fn manifests_prefix(job: &str) -> String {
 pub enum ParsedKey {
     Chunk { job: String, hash: ChunkHash },
     Manifest { job: String, step: u64 },
+    Index { job: String, hash: ChunkHash },
 }
 
 pub fn parse_key(key: &str) -> Option<ParsedKey> {
@@ -47,6 +54,12 @@ pub fn parse_key(key: &str) -> Option<ParsedKey> {
             validate_job(job).ok()?;
             let hash: ChunkHash = hex.parse().ok()?;
             (hex.get(..2) == Some(*hh)).then(|| ParsedKey::Chunk { job: job.to_string(), hash })
+        }
+        [JOBS_PREFIX, job, "indexes", hh, file] => {
+            validate_job(job).ok()?;
+            let hex = file.strip_suffix(".json")?;
+            let hash: ChunkHash = hex.parse().ok()?;
+            (hex.get(..2) == Some(*hh)).then(|| ParsedKey::Index { job: job.to_string(), hash })
         }
         [JOBS_PREFIX, job, "manifests", file] => {
             validate_job(job).ok()?;
@@ -71,6 +84,7 @@ mod tests {
         assert_eq!(parse_key(&chunk_key("j", &h)), Some(ParsedKey::Chunk { job: "j".into(), hash: h }));
         assert_eq!(parse_key(&manifest_key("j", 42)), Some(ParsedKey::Manifest { job: "j".into(), step: 42 }));
         assert_eq!(manifest_key("j", 42), "jobs/j/manifests/00000000000000000042.json");
+        assert_eq!(parse_key(&index_key("j", &h)), Some(ParsedKey::Index { job: "j".into(), hash: h }));
         assert_eq!(manifest_key("j", u64::MAX).len(), manifest_key("j", 0).len());
     }
 
@@ -81,6 +95,8 @@ mod tests {
             format!("jobs/j/chunks/zz/{h}"),
             format!("jobs/j/chunks/{}/{h}#1", &h[..2]),
             "jobs/j/manifests/42.json".to_string(),
+            format!("jobs/j/indexes/{}/{h}", &h[..2]),
+            format!("jobs/j/indexes/zz/{h}.json"),
             "jobs/j/manifests/00000000000000000042.json#3".to_string(),
             "jobs/../manifests/00000000000000000042.json".to_string(),
             "other/thing".to_string(),

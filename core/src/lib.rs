@@ -6,6 +6,7 @@
 //! this crate, so what one writes the other reads with the same code.
 
 pub mod chunk;
+pub mod commit;
 pub mod error;
 pub mod hash;
 pub mod keys;
@@ -15,6 +16,7 @@ pub mod shard;
 pub mod validate;
 
 pub use chunk::{ChunkHeader, Codec, CHUNK_HEADER_BYTES};
+pub use commit::{CommitObject, IndexRef, Root, ROOT_FORMAT_VERSION};
 pub use error::CoreError;
 pub use hash::ChunkHash;
 pub use manifest::{Manifest, ManifestSummary, MANIFEST_FORMAT_VERSION};

@@ -1,11 +1,12 @@
-//! The manifest: the one object whose creation commits a checkpoint.
+//! The whole checkpoint in one value: every rank's shard index with the checkpoint's fields.
 //!
-//! It is written last, with a create-only put, after every chunk it references is durable. Its
-//! bytes are a deterministic function of its content (struct fields serialise in declaration
-//! order, maps are sorted), so two writers that commit the same save produce the same bytes and
-//! a retried create can tell "already committed by me" from "another writer won" by comparing
-//! bytes. The `hash` field is blake3 of the serialisation with `hash` empty; readers check it,
-//! so a damaged manifest is reported instead of being half-trusted.
+//! Two uses. It is the version-1 commit object (one manifest holding every index inline, written
+//! by earlier ckptd releases), parsed and checked here so old stores stay readable. And it is the
+//! full view of a version-2 checkpoint (`Manifest::assemble`, a root plus every index object) for
+//! tools that need every rank: verify, show, average. Restores of one rank do not build it.
+//!
+//! Version-1 bytes are a deterministic function of the content (fields in declaration order,
+//! sorted maps); `hash` is blake3 of the serialisation with `hash` empty, and readers check it.
 
 use std::collections::BTreeSet;
 
@@ -117,6 +118,25 @@ impl Manifest {
             return Err(CoreError::InvalidManifest("previous committed step is not before this step".into()));
         }
         Ok(())
+    }
+
+    /// The full view of a version-2 checkpoint: its root and every rank's index, in rank order.
+    /// `hash` is the root's.
+    pub fn assemble(root: &crate::commit::Root, ranks: Vec<ShardIndex>) -> Result<Manifest, CoreError> {
+        let m = Manifest {
+            format: root.format.clone(),
+            version: root.version,
+            job: root.job.clone(),
+            step: root.step,
+            world_size: root.world_size,
+            created_unix_ms: root.created_unix_ms,
+            previous_committed_step: root.previous_committed_step,
+            metadata: root.metadata.clone(),
+            ranks,
+            hash: root.hash.clone(),
+        };
+        m.check_structure(&Limits { world_size_max: u32::MAX, ..Limits::default() })?;
+        Ok(m)
     }
 
     /// Every distinct chunk the checkpoint references.

@@ -7,18 +7,21 @@
 //!
 //! * A rank's shard index is accepted only while the save is open, and a second copy of the same
 //!   rank's index is accepted only if identical, so a client may retry any request.
-//! * The manifest is built only in `durable`, so a manifest never references a chunk that is
-//!   not durable (the service checks durability before calling `mark_durable`).
+//! * The root (the commit object) is built only in `durable`, so it never references a chunk
+//!   that is not durable (the service checks durability before calling `mark_durable`).
+//! * The root's bytes depend only on what the ranks sent and on what was fixed at open
+//!   (creation time, previous committed step), so every writer of the save builds the same bytes.
+//! * Journal: the service stores the save's fields (`ranks` is not serialised) and each rank's
+//!   index under its own key, so accepting an index costs O(1) journal bytes, not O(world size).
 //! * `committed` and `aborted` are final. A save is never committed twice: the state is the
 //!   journal entry, and the create-only manifest put is the arbiter between processes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::commit::{index_object, IndexRef, Root, RootFields};
 use crate::error::CoreError;
-use crate::hash::ChunkHash;
-use crate::manifest::Manifest;
 use crate::shard::ShardIndex;
 use crate::validate::{validate_job, validate_world_size, Limits};
 
@@ -62,8 +65,21 @@ pub struct SaveState {
     pub step: u64,
     pub world_size: u32,
     pub created_unix_ms: u64,
+    /// The newest step committed before this save opened, fixed then so the root is a pure
+    /// function of the save.
+    #[serde(default)]
+    pub previous_committed_step: Option<u64>,
     pub metadata: serde_json::Value,
+    /// Journalled per rank by the service, not with the save's fields; read from older
+    /// journals that held them inline.
+    #[serde(default, skip_serializing)]
     pub ranks: BTreeMap<u32, ShardIndex>,
+    /// Each received index's object reference (derived from `ranks`).
+    #[serde(skip)]
+    pub refs: BTreeMap<u32, IndexRef>,
+    /// Chunk references in the received indexes (derived from `ranks`).
+    #[serde(skip)]
+    pub chunk_refs: u64,
     pub phase: SavePhase,
     /// Why the save was aborted.
     pub error: Option<String>,
@@ -84,22 +100,52 @@ impl SaveState {
         step: u64,
         world_size: u32,
         created_unix_ms: u64,
+        previous_committed_step: Option<u64>,
         metadata: serde_json::Value,
         limits: &Limits,
     ) -> Result<SaveState, CoreError> {
         validate_job(job)?;
         validate_world_size(world_size, limits)?;
+        if previous_committed_step.is_some_and(|p| p >= step) {
+            return Err(CoreError::Conflict {
+                job: job.into(),
+                step,
+                reason: "the previous committed step is not before this step".into(),
+            });
+        }
         Ok(SaveState {
             job: job.into(),
             step,
             world_size,
             created_unix_ms,
+            previous_committed_step,
             metadata,
             ranks: BTreeMap::new(),
+            refs: BTreeMap::new(),
+            chunk_refs: 0,
             phase: SavePhase::Open,
             error: None,
             manifest_hash: None,
         })
+    }
+
+    /// The save's fields without its ranks' indexes: what the journal keeps under the save's
+    /// own key (each rank's index has its own).
+    pub fn clone_fields(&self) -> SaveState {
+        SaveState {
+            job: self.job.clone(),
+            step: self.step,
+            world_size: self.world_size,
+            created_unix_ms: self.created_unix_ms,
+            previous_committed_step: self.previous_committed_step,
+            metadata: self.metadata.clone(),
+            ranks: BTreeMap::new(),
+            refs: BTreeMap::new(),
+            chunk_refs: 0,
+            phase: self.phase,
+            error: self.error.clone(),
+            manifest_hash: self.manifest_hash.clone(),
+        }
     }
 
     fn conflict(&self, reason: String) -> CoreError {
@@ -135,11 +181,33 @@ impl SaveState {
         if self.phase != SavePhase::Open {
             return Err(self.conflict(format!("save is {}, it takes no new shard index", self.phase.name())));
         }
-        self.ranks.insert(index.rank, index);
+        self.insert_rank(index);
         if self.all_ranks_in() {
             self.transition(SavePhase::Staged)?;
         }
         Ok(IndexOutcome::New)
+    }
+
+    fn insert_rank(&mut self, index: ShardIndex) {
+        self.refs.insert(index.rank, index_object(&index).1);
+        self.chunk_refs += index.tensors.iter().map(|t| t.chunks.len() as u64).sum::<u64>();
+        self.ranks.insert(index.rank, index);
+    }
+
+    /// Restores the indexes journalled for this save after a restart. A crash between a rank's
+    /// journal entry and the save's own can leave every rank in while the save says open; that
+    /// save is staged.
+    pub fn restore_ranks(&mut self, ranks: impl IntoIterator<Item = ShardIndex>) -> Result<(), CoreError> {
+        for index in ranks {
+            if index.rank >= self.world_size {
+                return Err(CoreError::RankOutOfRange { rank: index.rank, world_size: self.world_size });
+            }
+            self.insert_rank(index);
+        }
+        if self.phase == SavePhase::Open && self.all_ranks_in() {
+            self.transition(SavePhase::Staged)?;
+        }
+        Ok(())
     }
 
     pub fn all_ranks_in(&self) -> bool {
@@ -150,28 +218,33 @@ impl SaveState {
         (0..self.world_size).filter(|r| !self.ranks.contains_key(r)).collect()
     }
 
-    /// Every distinct chunk referenced by the indexes received so far.
-    pub fn chunks(&self) -> BTreeSet<ChunkHash> {
-        self.ranks.values().flat_map(|r| r.chunk_hashes()).collect()
-    }
-
     /// The caller has checked that every chunk in `chunks()` is durable.
     pub fn mark_durable(&mut self) -> Result<(), CoreError> {
         self.transition(SavePhase::Durable)
     }
 
-    pub fn manifest(&self, previous_committed_step: Option<u64>) -> Result<Manifest, CoreError> {
+    /// The commit object. Only in `durable`: every chunk it names is durable.
+    pub fn root(&self) -> Result<Root, CoreError> {
         if self.phase != SavePhase::Durable {
             return Err(self.invalid(SavePhase::Committed));
         }
-        Manifest::new(
-            &self.job,
-            self.step,
-            self.world_size,
-            self.created_unix_ms,
-            previous_committed_step,
-            self.metadata.clone(),
-            self.ranks.values().cloned().collect(),
+        self.build_root()
+    }
+
+    /// The root this save commits as, in any phase once every rank is in; recovery compares it
+    /// with a root found in the store.
+    pub fn build_root(&self) -> Result<Root, CoreError> {
+        let fields = RootFields {
+            job: &self.job,
+            step: self.step,
+            world_size: self.world_size,
+            created_unix_ms: self.created_unix_ms,
+            previous_committed_step: self.previous_committed_step,
+            metadata: &self.metadata,
+        };
+        Root::build(
+            fields,
+            self.ranks.values().map(|i| (i, self.refs.get(&i.rank).copied().unwrap_or_else(|| index_object(i).1))),
         )
     }
 
@@ -261,19 +334,25 @@ mod tests {
     #[test]
     fn happy_path() {
         let l = Limits::default();
-        let mut s = SaveState::open("j", 5, 2, 1, serde_json::Value::Null, &l).unwrap();
+        let mut s = SaveState::open("j", 5, 2, 1, None, serde_json::Value::Null, &l).unwrap();
         assert_eq!(s.accept_index(index(1), &l).unwrap(), IndexOutcome::New);
         assert_eq!(s.phase, SavePhase::Open);
         assert_eq!(s.missing_ranks(), vec![0]);
-        assert!(s.manifest(None).is_err(), "no manifest before durable");
+        assert!(s.root().is_err(), "no root before durable");
         assert_eq!(s.accept_index(index(1), &l).unwrap(), IndexOutcome::Duplicate);
         s.accept_index(index(0), &l).unwrap();
         assert_eq!(s.phase, SavePhase::Staged);
-        assert_eq!(s.chunks().len(), 4, "identical chunks are one chunk");
-        assert!(s.manifest(None).is_err(), "no manifest before durable");
+        assert_eq!(s.chunk_refs, 6);
+        assert!(s.root().is_err(), "no root before durable");
         s.mark_durable().unwrap();
-        let m = s.manifest(Some(3)).unwrap();
+        let m = s.root().unwrap();
         assert_eq!(m.ranks.len(), 2);
+        assert_eq!(m.chunks, 4, "identical chunks are one chunk");
+        // The journal holds the fields without the ranks; restoring the ranks gives the same root.
+        let mut back: SaveState = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
+        assert!(back.ranks.is_empty());
+        back.restore_ranks(s.ranks.values().cloned()).unwrap();
+        assert_eq!(back.root().unwrap().to_bytes(), m.to_bytes());
         s.mark_committed(m.hash.clone()).unwrap();
         assert!(s.abort("late".into()).is_err(), "committed is final");
         assert!(s.mark_durable().is_err());
@@ -282,7 +361,7 @@ mod tests {
     #[test]
     fn conflicts_and_bad_input() {
         let l = Limits::default();
-        let mut s = SaveState::open("j", 5, 2, 1, serde_json::json!({"a": 1}), &l).unwrap();
+        let mut s = SaveState::open("j", 5, 2, 1, None, serde_json::json!({"a": 1}), &l).unwrap();
         assert!(s.reopen(3, serde_json::Value::Null).is_err(), "world size differs");
         assert!(s.reopen(2, serde_json::json!({"a": 2})).is_err(), "metadata differs");
         s.reopen(2, serde_json::Value::Null).unwrap();
@@ -294,8 +373,8 @@ mod tests {
         assert!(matches!(s.accept_index(other, &l), Err(CoreError::Conflict { .. })));
         s.abort("operator".into()).unwrap();
         assert!(s.accept_index(index(1), &l).is_err(), "aborted takes nothing");
-        assert!(SaveState::open("j", 1, 0, 0, serde_json::Value::Null, &l).is_err());
-        assert!(SaveState::open("../x", 1, 1, 0, serde_json::Value::Null, &l).is_err());
+        assert!(SaveState::open("j", 1, 0, 0, None, serde_json::Value::Null, &l).is_err());
+        assert!(SaveState::open("../x", 1, 1, 0, None, serde_json::Value::Null, &l).is_err());
     }
 
     #[test]

@@ -63,7 +63,7 @@ proptest! {
     #[test]
     fn save_state_machine_model(world in 1u32..5, ops in prop::collection::vec((0u8..6, 0u32..6, any::<u8>()), 1..40)) {
         let limits = Limits::default();
-        let mut s = SaveState::open("job", 1, world, 0, serde_json::Value::Null, &limits).unwrap();
+        let mut s = SaveState::open("job", 1, world, 0, None, serde_json::Value::Null, &limits).unwrap();
         let mut accepted: std::collections::BTreeMap<u32, ShardIndex> = Default::default();
         for (op, rank, seed) in ops {
             let before = s.phase;
@@ -84,7 +84,7 @@ proptest! {
                     prop_assert_eq!(ok, before == SavePhase::Staged);
                 }
                 3 => {
-                    let built = s.manifest(None);
+                    let built = s.root();
                     prop_assert_eq!(built.is_ok(), before == SavePhase::Durable);
                     if let Ok(m) = built {
                         prop_assert_eq!(m.ranks.len() as u32, world);

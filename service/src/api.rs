@@ -95,6 +95,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/local", get(local_paths))
         .route("/v1/jobs/{job}/checkpoints", get(list_checkpoints))
         .route("/v1/jobs/{job}/checkpoints/{step}", get(get_manifest).delete(delete_checkpoint))
+        .route("/v1/jobs/{job}/indexes/{hash}", get(get_index_object))
         .route("/v1/jobs/{job}/chunks/missing", post(missing_chunks).layer(DefaultBodyLimit::max(json_limit)))
         .route("/v1/jobs/{job}/chunks/{hash}", put(put_chunk).get(get_chunk))
         .route("/v1/jobs/{job}/chunks/{hash}/adopt", post(adopt_chunk))
@@ -125,6 +126,8 @@ async fn stats(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "staging": staging.stats(),
         "memory_overhead_bytes": staging.memory_overhead_bytes(),
         "saves_in_flight": s.coordinator.saves_in_flight(),
+        "chunk_refs_in_flight": s.coordinator.chunk_refs_in_flight(),
+        "journal_flushes": s.coordinator.journal_flushes(),
     }))
 }
 
@@ -149,7 +152,8 @@ async fn adopt_chunk(
     let req: AdoptRequest = json_body(&body)?;
     let _permit = s.coordinator.chunk_permit().await?;
     let outcome = s.coordinator.adopt_chunk(&job, hash, &req.file).await?;
-    Ok(Json(serde_json::json!({ "hash": hash, "durable": true, "written": outcome.written })).into_response())
+    Ok(Json(serde_json::json!({ "hash": hash, "durable": outcome.durable, "written": outcome.written }))
+        .into_response())
 }
 
 async fn list_jobs(State(s): State<Arc<AppState>>) -> ApiResult<Json<serde_json::Value>> {
@@ -180,6 +184,17 @@ async fn get_manifest(
     job_of(&job)?;
     let step = resolve_step(&s, &job, &step).await?;
     let bytes = s.coordinator.manifest_bytes(&job, step).await?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response())
+}
+
+async fn get_index_object(
+    State(s): State<Arc<AppState>>,
+    p: Result<Path<(String, String)>, PathRejection>,
+) -> ApiResult<Response> {
+    let (job, hash) = path(p)?;
+    job_of(&job)?;
+    let hash: ChunkHash = hash.parse()?;
+    let bytes = s.coordinator.index_object_bytes(&job, hash).await?;
     Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response())
 }
 
@@ -239,7 +254,8 @@ async fn put_chunk(
     let stream = body.into_data_stream().map(|r| r.map_err(std::io::Error::other));
     let outcome = s.coordinator.put_chunk(&job, hash, len, stream).await?;
     let status = if outcome.written { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(serde_json::json!({ "hash": hash, "durable": true, "written": outcome.written }))).into_response())
+    Ok((status, Json(serde_json::json!({ "hash": hash, "durable": outcome.durable, "written": outcome.written })))
+        .into_response())
 }
 
 async fn get_chunk(

@@ -31,6 +31,15 @@ pub struct Config {
     pub commit_retry_ms: u64,
     /// Saves open (not yet committed or aborted) at once, over all jobs.
     pub saves_in_flight_max: usize,
+    /// Chunk references one save may hold over all its ranks' indexes (a 405B checkpoint in
+    /// 4 MiB chunks holds about 1.5 M).
+    pub save_chunk_refs_max: u64,
+    /// Chunk references all saves in flight may hold together: bounds the memory of the indexes
+    /// ckptd keeps for them (about 100 bytes a reference).
+    pub in_flight_chunk_refs_max: u64,
+    /// A save in flight that makes no progress (no open, no index, no chunk of it made durable)
+    /// for this long is aborted and frees its slot: its ranks died or were never started.
+    pub save_idle_abort_ms: u64,
     /// Object-store calls a single request may have in flight (existence checks fan out).
     pub store_requests_max: usize,
     /// Attempts for a store call that fails with a transient error.
@@ -77,6 +86,9 @@ impl Default for Config {
             busy_wait_ms: 2_000,
             commit_retry_ms: 1_000,
             saves_in_flight_max: 256,
+            save_chunk_refs_max: 2_000_000,
+            in_flight_chunk_refs_max: 4_000_000,
+            save_idle_abort_ms: 900_000,
             store_requests_max: 32,
             store_attempts_max: 5,
             store_retry_base_ms: 50,
@@ -145,6 +157,9 @@ impl Config {
             ("upload_concurrency", self.upload_concurrency as u64),
             ("upload_queue_max", self.upload_queue_max as u64),
             ("commit_retry_ms", self.commit_retry_ms),
+            ("save_chunk_refs_max", self.save_chunk_refs_max),
+            ("in_flight_chunk_refs_max", self.in_flight_chunk_refs_max),
+            ("save_idle_abort_ms", self.save_idle_abort_ms),
         ];
         for (name, v) in positive {
             if v == 0 {

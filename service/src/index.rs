@@ -1,21 +1,27 @@
 //! The local index and journal, in sled.
 //!
 //! Design note.
-//! * What it holds: which chunks of each job are known durable, a copy of every committed
-//!   manifest (for listings and fast reads), and the journal of in-flight saves.
+//! * What it holds: which chunks of each job are known durable (with their raw length), a copy
+//!   of every committed root (for listings and fast reads), and the journal of in-flight saves:
+//!   each save's fields under one key and each rank's shard index under its own, so accepting an
+//!   index writes O(1) bytes whatever the world size.
 //! * Consistency: the object store is the source of truth; this index is a cache of it plus the
 //!   journal. Chunks are recorded only after their put returned; manifests only after their
 //!   create returned. A chunk the index does not know is looked up in the store before anyone
 //!   is told it is missing, so a lagging index costs a re-check, never a wrong answer.
 //! * Crash consistency: sled syncs in the background, so the journal is flushed before a request
-//!   that changed it is acked. Chunk records are not flushed per put (the store answers for
+//!   that changed it is acked. Flushes are grouped: a caller whose writes a flush already in
+//!   progress cannot cover waits for the next one, and one flush serves every caller that
+//!   wrote before it started, so thousands of concurrent index puts share a handful of syncs. Chunk records are not flushed per put (the store answers for
 //!   them after a crash). On start, `Coordinator::recover` reconciles the index with the store:
 //!   a missing or foreign index is rebuilt from the store's listings.
 //! * All methods block; async callers run them on blocking threads.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-use ckpt_core::{ChunkHash, SaveState};
+use ckpt_core::{ChunkHash, SaveState, ShardIndex};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
@@ -31,7 +37,31 @@ pub struct Index {
     chunks: sled::Tree,
     manifests: sled::Tree,
     saves: sled::Tree,
+    save_ranks: sled::Tree,
+    flushes: Arc<GroupFlush>,
 }
+
+/// Group commit of sled flushes (see the design note).
+#[derive(Default)]
+struct GroupFlush {
+    /// Counts callers that asked for a flush; a flush covers every ticket issued before it began.
+    tickets: AtomicU64,
+    /// The highest ticket a completed flush covers.
+    covered: AtomicU64,
+    /// Held while a flush runs.
+    running: tokio::sync::Mutex<()>,
+    flushes: AtomicU64,
+}
+
+/// A durable chunk as the index knows it. `raw_len` is unknown for records rebuilt from a
+/// listing (the listing gives the stored size only); callers read the chunk's header then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkRecord {
+    pub stored_len: u64,
+    pub raw_len: Option<u64>,
+}
+
+const RAW_LEN_UNKNOWN: u64 = u64::MAX;
 
 const STORE_KEY: &[u8] = b"store";
 
@@ -54,6 +84,12 @@ fn split_step_key(key: &[u8]) -> Option<(String, u64)> {
     Some((job, u64::from_be_bytes(step)))
 }
 
+fn rank_key(job: &str, step: u64, rank: u32) -> Vec<u8> {
+    let mut k = job_key(job, &step.to_be_bytes());
+    k.extend_from_slice(&rank.to_be_bytes());
+    k
+}
+
 impl Index {
     pub fn open(dir: &Path) -> Result<Index, IndexError> {
         let db = sled::Config::new().path(dir).open()?;
@@ -61,13 +97,32 @@ impl Index {
             chunks: db.open_tree("chunks")?,
             manifests: db.open_tree("manifests")?,
             saves: db.open_tree("saves")?,
+            save_ranks: db.open_tree("save_ranks")?,
+            flushes: Arc::new(GroupFlush::default()),
             db,
         })
     }
 
+    /// Makes every write this caller made before the call durable, sharing the sync with
+    /// concurrent callers.
     pub async fn flush(&self) -> Result<(), IndexError> {
+        let g = &self.flushes;
+        let ticket = g.tickets.fetch_add(1, Ordering::SeqCst) + 1;
+        let _running = g.running.lock().await;
+        if g.covered.load(Ordering::SeqCst) >= ticket {
+            return Ok(());
+        }
+        // Every ticket issued so far belongs to a caller that finished its writes before taking it.
+        let covers = g.tickets.load(Ordering::SeqCst);
         self.db.flush_async().await?;
+        g.flushes.fetch_add(1, Ordering::Relaxed);
+        g.covered.fetch_max(covers, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Syncs done since start-up (for stats and the scale benchmark).
+    pub fn flush_count(&self) -> u64 {
+        self.flushes.flushes.load(Ordering::Relaxed)
     }
 
     /// The store this index describes, if it was ever reconciled with one.
@@ -85,6 +140,7 @@ impl Index {
         self.chunks.clear()?;
         self.manifests.clear()?;
         self.saves.clear()?;
+        self.save_ranks.clear()?;
         self.db.remove(STORE_KEY)?;
         Ok(())
     }
@@ -93,9 +149,27 @@ impl Index {
         Ok(self.chunks.contains_key(job_key(job, &hash.0))?)
     }
 
-    pub fn put_chunk(&self, job: &str, hash: &ChunkHash, stored_len: u64) -> Result<(), IndexError> {
-        self.chunks.insert(job_key(job, &hash.0), &stored_len.to_le_bytes())?;
+    pub fn put_chunk(
+        &self,
+        job: &str,
+        hash: &ChunkHash,
+        stored_len: u64,
+        raw_len: Option<u64>,
+    ) -> Result<(), IndexError> {
+        let mut v = [0u8; 16];
+        v[..8].copy_from_slice(&stored_len.to_le_bytes());
+        v[8..].copy_from_slice(&raw_len.unwrap_or(RAW_LEN_UNKNOWN).to_le_bytes());
+        self.chunks.insert(job_key(job, &hash.0), &v)?;
         Ok(())
+    }
+
+    pub fn get_chunk(&self, job: &str, hash: &ChunkHash) -> Result<Option<ChunkRecord>, IndexError> {
+        let Some(v) = self.chunks.get(job_key(job, &hash.0))? else { return Ok(None) };
+        let word = |at: usize| v.get(at..at + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+        // Records written before raw lengths were kept hold the stored length alone.
+        let stored_len = word(0).unwrap_or(0);
+        let raw_len = word(8).filter(|&r| r != RAW_LEN_UNKNOWN);
+        Ok(Some(ChunkRecord { stored_len, raw_len }))
     }
 
     pub fn chunk_count(&self, job: &str) -> usize {
@@ -128,6 +202,15 @@ impl Index {
         Ok(steps)
     }
 
+    /// The newest committed step of `job` before `step`.
+    pub fn committed_before(&self, job: &str, step: u64) -> Result<Option<u64>, IndexError> {
+        let range = job_key(job, &0u64.to_be_bytes())..job_key(job, &step.to_be_bytes());
+        match self.manifests.range(range).next_back() {
+            Some(kv) => Ok(split_step_key(&kv?.0).map(|(_, s)| s)),
+            None => Ok(None),
+        }
+    }
+
     /// Every (job, step) with a manifest in the index.
     pub fn all_manifests(&self) -> Result<Vec<(String, u64)>, IndexError> {
         let mut out = Vec::new();
@@ -153,6 +236,7 @@ impl Index {
         Ok(jobs.into_iter().collect())
     }
 
+    /// Journals a save's fields (its ranks' indexes are journalled one by one with `put_save_rank`).
     pub fn put_save(&self, save: &SaveState) -> Result<(), IndexError> {
         let bytes = serde_json::to_vec(save)
             .map_err(|e| IndexError::Damaged { key: format!("{}@{}", save.job, save.step), reason: e.to_string() })?;
@@ -160,28 +244,40 @@ impl Index {
         Ok(())
     }
 
-    pub fn remove_save(&self, job: &str, step: u64) -> Result<(), IndexError> {
-        self.saves.remove(job_key(job, &step.to_be_bytes()))?;
+    pub fn put_save_rank(&self, job: &str, step: u64, index: &ShardIndex) -> Result<(), IndexError> {
+        let bytes = serde_json::to_vec(index).map_err(|e| IndexError::Damaged {
+            key: format!("{job}@{step} rank {}", index.rank),
+            reason: e.to_string(),
+        })?;
+        self.save_ranks.insert(rank_key(job, step, index.rank), bytes)?;
         Ok(())
     }
 
-    pub fn get_save(&self, job: &str, step: u64) -> Result<Option<SaveState>, IndexError> {
-        match self.saves.get(job_key(job, &step.to_be_bytes()))? {
-            None => Ok(None),
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|e| IndexError::Damaged { key: format!("{job}@{step}"), reason: e.to_string() }),
+    /// Forgets a save and its ranks' indexes. O(world size), once per save.
+    pub fn remove_save(&self, job: &str, step: u64) -> Result<(), IndexError> {
+        self.saves.remove(job_key(job, &step.to_be_bytes()))?;
+        let mut batch = sled::Batch::default();
+        for kv in self.save_ranks.scan_prefix(job_key(job, &step.to_be_bytes())) {
+            batch.remove(kv?.0);
         }
+        self.save_ranks.apply_batch(batch)?;
+        Ok(())
     }
 
+    /// Every journalled save with the indexes of the ranks it received.
     pub fn all_saves(&self) -> Result<Vec<SaveState>, IndexError> {
         let mut out = Vec::new();
         for kv in self.saves.iter() {
             let (k, v) = kv?;
-            let save: SaveState = serde_json::from_slice(&v).map_err(|e| IndexError::Damaged {
-                key: String::from_utf8_lossy(&k).into_owned(),
-                reason: e.to_string(),
-            })?;
+            let damaged =
+                |reason: String| IndexError::Damaged { key: String::from_utf8_lossy(&k).into_owned(), reason };
+            let mut save: SaveState = serde_json::from_slice(&v).map_err(|e| damaged(e.to_string()))?;
+            let mut ranks = Vec::new();
+            for kv in self.save_ranks.scan_prefix(job_key(&save.job, &save.step.to_be_bytes())) {
+                let (_, v) = kv?;
+                ranks.push(serde_json::from_slice::<ShardIndex>(&v).map_err(|e| damaged(e.to_string()))?);
+            }
+            save.restore_ranks(ranks).map_err(|e| damaged(e.to_string()))?;
             out.push(save);
         }
         Ok(out)
@@ -198,7 +294,7 @@ mod tests {
         let h = ChunkHash::of(b"a");
         {
             let idx = Index::open(dir.path()).unwrap();
-            idx.put_chunk("j", &h, 10).unwrap();
+            idx.put_chunk("j", &h, 10, Some(4)).unwrap();
             for step in [300u64, 2, 10] {
                 idx.put_manifest("j", step, b"{}").unwrap();
             }
@@ -207,6 +303,10 @@ mod tests {
         }
         let idx = Index::open(dir.path()).unwrap();
         assert!(idx.has_chunk("j", &h).unwrap());
+        assert_eq!(idx.get_chunk("j", &h).unwrap(), Some(ChunkRecord { stored_len: 10, raw_len: Some(4) }));
+        assert_eq!(idx.committed_before("j", 10).unwrap(), Some(2));
+        assert_eq!(idx.committed_before("j", 2).unwrap(), None);
+        assert_eq!(idx.committed_before("j", 1000).unwrap(), Some(300));
         assert!(!idx.has_chunk("j2", &h).unwrap(), "chunks are per job");
         assert_eq!(idx.manifest_steps("j").unwrap(), vec![2, 10, 300]);
         assert_eq!(idx.jobs().unwrap(), vec!["j".to_string(), "j2".to_string()]);

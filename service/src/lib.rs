@@ -2,13 +2,17 @@
 //!
 //! Ranks hand ckptd their shards over HTTP; ckptd verifies every chunk against its content
 //! address, makes it durable in an object store, and commits a step by creating its manifest
-//! once every rank's shard index is in. See ARCHITECTURE.md for the data path and invariants.
+//! once every rank's shard index is in (a small root naming one index object per rank). See ARCHITECTURE.md for the data path and invariants.
 
 pub mod api;
+mod commit;
 pub mod config;
 pub mod coordinator;
 pub mod error;
 pub mod index;
+mod intake;
+mod reads;
+mod recovery;
 pub mod staging;
 pub mod store;
 

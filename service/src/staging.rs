@@ -22,7 +22,7 @@
 //!   compressed first; a chunk whose sample saves less than `compression_min_savings_pct` is stored
 //!   raw (fp32 weights barely compress), as is a chunk whose full compression saves too little.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -110,7 +110,8 @@ pub struct Staging {
     memory: Arc<Semaphore>,
     spill: Arc<Semaphore>,
     queue: mpsc::Sender<Staged>,
-    pending: Mutex<HashSet<(String, ChunkHash)>>,
+    /// Chunks staged and not yet durable, with their raw length.
+    pending: Mutex<HashMap<(String, ChunkHash), u64>>,
     counters: Counters,
 }
 
@@ -133,7 +134,7 @@ impl Staging {
             memory: Arc::new(Semaphore::new(cfg.memory_bytes_max as usize)),
             spill: Arc::new(Semaphore::new(cfg.spill_bytes_max as usize)),
             queue: tx,
-            pending: Mutex::new(HashSet::new()),
+            pending: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             cfg,
         });
@@ -147,16 +148,24 @@ impl Staging {
         self.cfg.upload_concurrency as u64 * 2 * self.cfg.chunk_bytes_max
     }
 
-    pub fn is_pending(&self, job: &str, hash: &ChunkHash) -> bool {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).contains(&(job.to_string(), *hash))
+    /// The raw length of a chunk that is staged and not yet durable.
+    pub fn pending_raw_len(&self, job: &str, hash: &ChunkHash) -> Option<u64> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).get(&(job.to_string(), *hash)).copied()
     }
 
-    fn set_pending(&self, job: &str, hash: ChunkHash, on: bool) -> bool {
+    /// Marks a chunk staged (`Some(raw length)`) or no longer staged (`None`); false when that
+    /// changed nothing.
+    fn set_pending(&self, job: &str, hash: ChunkHash, raw_len: Option<u64>) -> bool {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if on {
-            p.insert((job.to_string(), hash))
-        } else {
-            p.remove(&(job.to_string(), hash))
+        match raw_len {
+            Some(len) => match p.entry((job.to_string(), hash)) {
+                std::collections::hash_map::Entry::Occupied(_) => false,
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(len);
+                    true
+                }
+            },
+            None => p.remove(&(job.to_string(), hash)).is_some(),
         }
     }
 
@@ -219,7 +228,7 @@ impl Staging {
                 }
             }
         };
-        if !self.set_pending(job, hash, true) {
+        if !self.set_pending(job, hash, Some(len)) {
             // A concurrent upload of the same chunk got here first; this copy is redundant.
             if let Held::Spill(p, _) = &held {
                 let _ = tokio::fs::remove_file(p).await;
@@ -228,7 +237,7 @@ impl Staging {
         }
         let staged = Staged { job: job.to_string(), hash, raw_len: len, held };
         if self.queue.send(staged).await.is_err() {
-            self.set_pending(job, hash, false);
+            self.set_pending(job, hash, None);
             return Err(ServiceError::Busy("upload queue closed (shutting down)".into()));
         }
         Ok(())
@@ -339,7 +348,7 @@ impl Staging {
         let n = found.len();
         for (job, hash, path, len) in found {
             let permit = self.spill.clone().try_acquire_many_owned(permits(len)).ok();
-            self.set_pending(&job, hash, true);
+            self.set_pending(&job, hash, Some(len));
             let staged = Staged { job, hash, raw_len: len, held: Held::Spill(path, permit) };
             if self.queue.send(staged).await.is_err() {
                 return Err(ServiceError::Internal("upload queue closed during recovery".into()));
@@ -395,7 +404,7 @@ async fn dispatch(
                     UploadEvent::Failed { job: job.clone(), hash, reason: e.to_string() }
                 }
             };
-            staging.set_pending(&job, hash, false);
+            staging.set_pending(&job, hash, None);
             let _ = events.send(event);
             drop(worker);
         });
@@ -467,7 +476,9 @@ async fn upload(
         }
     }
     let (j, idx) = (job.clone(), index.clone());
-    tokio::task::spawn_blocking(move || idx.put_chunk(&j, &hash, stored_len)).await.map_err(join_error)??;
+    tokio::task::spawn_blocking(move || idx.put_chunk(&j, &hash, stored_len, Some(raw_len)))
+        .await
+        .map_err(join_error)??;
     fail::fail_point!("ckptd::chunk::after_put", |_| crate::coordinator::crash_now("ckptd::chunk::after_put"));
     let c = &staging.counters;
     c.chunks_uploaded.fetch_add(1, Ordering::Relaxed);

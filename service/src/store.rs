@@ -181,6 +181,51 @@ impl Store {
         }
     }
 
+    /// The raw length named by a stored chunk's header, read with a ranged get of the header
+    /// alone; `None` when the chunk is not stored.
+    pub async fn chunk_raw_len(&self, job: &str, hash: &ChunkHash) -> Result<Option<u64>, StoreError> {
+        let path = Path::from(keys::chunk_key(job, hash));
+        let head = match self
+            .retry("get_chunk_header", || self.inner.get_range(&path, 0..ckpt_core::CHUNK_HEADER_BYTES as u64))
+            .await
+        {
+            Ok(b) => b,
+            Err(StoreError::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let head: &[u8; ckpt_core::CHUNK_HEADER_BYTES] = head.as_ref().try_into().map_err(|_| {
+            StoreError::Other(object_store::Error::Generic {
+                store: "ckpt",
+                source: format!("chunk {hash} is shorter than its header").into(),
+            })
+        })?;
+        let header = ckpt_core::ChunkHeader::decode_header(head).map_err(|e| {
+            StoreError::Other(object_store::Error::Generic {
+                store: "ckpt",
+                source: format!("chunk {hash}: {e}").into(),
+            })
+        })?;
+        if header.hash != *hash {
+            return Err(StoreError::Other(object_store::Error::Generic {
+                store: "ckpt",
+                source: format!("chunk {hash}: its header names chunk {}", header.hash).into(),
+            }));
+        }
+        Ok(Some(header.raw_len))
+    }
+
+    /// A rank's index object. Content-addressed, so a rewrite writes the same bytes and a plain
+    /// put is idempotent; the local store fsyncs it (and any directory it creates) before returning.
+    pub async fn put_index_object(&self, job: &str, hash: &ChunkHash, bytes: Bytes) -> Result<(), StoreError> {
+        let path = Path::from(keys::index_key(job, hash));
+        self.retry("put_index", || self.inner.put(&path, bytes.clone().into())).await.map(|_| ())
+    }
+
+    pub async fn get_index_object(&self, job: &str, hash: &ChunkHash) -> Result<Bytes, StoreError> {
+        let path = Path::from(keys::index_key(job, hash));
+        self.retry("get_index", || async { self.inner.get(&path).await?.bytes().await }).await
+    }
+
     /// The commit point: create the manifest only if no manifest exists for the step.
     pub async fn create_manifest(&self, job: &str, step: u64, bytes: Bytes) -> Result<(), StoreError> {
         let path = Path::from(keys::manifest_key(job, step));

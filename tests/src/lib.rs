@@ -8,8 +8,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use ckpt_client::local::{find_ckptd, DaemonOptions, LocalDaemon};
 use ckpt_client::{Client, ClientOptions, DType, SaveSpec, Tensor, Wait};
+use ckpt_core::commit::parse_index_object;
 use ckpt_core::keys::{parse_key, ParsedKey};
-use ckpt_core::{Limits, Manifest};
+use ckpt_core::{CommitObject, Limits, Manifest};
 use rand::{RngCore, SeedableRng};
 
 /// The seed for a test: `CKPT_TEST_SEED` if set, else a fixed default. Printed so a failure
@@ -148,27 +149,48 @@ pub fn snapshot(dir: &Path) -> BTreeMap<String, String> {
     out
 }
 
-/// The manifests in a store directory, parsed and checked.
+/// The committed checkpoints in a store directory, read the way an operator would: each root
+/// (or version-1 manifest) parsed and checked, and every index object it names read from the
+/// store and checked against it. Panics, naming the file, on anything missing or damaged.
 pub fn stored_manifests(store: &Path) -> Vec<Manifest> {
     let mut out = Vec::new();
     for rel in snapshot(store).keys() {
-        if let Some(ParsedKey::Manifest { .. }) = parse_key(rel) {
-            let bytes = std::fs::read(store.join(rel)).expect("read manifest");
-            out.push(
-                Manifest::from_bytes(&bytes, &Limits::default()).unwrap_or_else(|e| panic!("manifest {rel}: {e}")),
-            );
+        if let Some(ParsedKey::Manifest { job, step }) = parse_key(rel) {
+            let bytes = std::fs::read(store.join(rel)).expect("read root");
+            let root = match CommitObject::parse(&bytes, &Limits::default()) {
+                Ok(CommitObject::Root(root)) => root,
+                Ok(CommitObject::V1(m)) => {
+                    out.push(m);
+                    continue;
+                }
+                Err(e) => panic!("root {rel}: {e}"),
+            };
+            let ranks = root
+                .ranks
+                .iter()
+                .enumerate()
+                .map(|(rank, r)| {
+                    let key = ckpt_core::keys::index_key(&job, &r.hash);
+                    let b = std::fs::read(store.join(&key))
+                        .unwrap_or_else(|e| panic!("{job}@{step}: index object of rank {rank} ({key}): {e}"));
+                    parse_index_object(&b, r, rank as u32, root.world_size, &Limits::default())
+                        .unwrap_or_else(|e| panic!("{job}@{step}: {e}"))
+                })
+                .collect();
+            out.push(Manifest::assemble(&root, ranks).unwrap_or_else(|e| panic!("{job}@{step}: {e}")));
         }
     }
     out.sort_by_key(|m| (m.job.clone(), m.step));
     out
 }
 
-/// Asserts the store-level invariant: every chunk a manifest references is in the store.
+/// Asserts the store-level invariant: every index object and every chunk a root references is
+/// in the store.
 pub fn assert_manifests_complete(store: &Path) {
     for m in stored_manifests(store) {
         for h in m.chunk_set() {
             let key = ckpt_core::keys::chunk_key(&m.job, &h);
-            assert!(store.join(&key).is_file(), "manifest {}@{} references missing chunk {h}", m.job, m.step);
+            assert!(store.join(&key).is_file(), "checkpoint {}@{} references missing chunk {h}", m.job, m.step);
         }
     }
 }

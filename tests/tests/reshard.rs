@@ -49,7 +49,7 @@ async fn any_row_range_reads_back_from_any_layout() {
     bounded(Duration::from_secs(60), save_step(&client, "rows", 1, &row_slices("w", rows, &[5, 6, 12], 0.0)))
         .await
         .unwrap();
-    let m = client.manifest("rows", 1).await.unwrap();
+    let m = client.checkpoint("rows", 1).await.unwrap();
     for _ in 0..40 {
         let start = rng.random_range(0..rows);
         let n = rng.random_range(0..=rows - start);
@@ -76,7 +76,7 @@ async fn layouts_with_gaps_are_refused_not_filled() {
     ranks[1][0].shape = vec![4, COLS];
     ranks[1][0].data = ranks[1][0].data.slice(..(4 * COLS * 4) as usize);
     bounded(Duration::from_secs(60), save_step(&client, "gap", 1, &ranks)).await.unwrap();
-    let m = client.manifest("gap", 1).await.unwrap();
+    let m = client.checkpoint("gap", 1).await.unwrap();
     let err = client.load_rows(&m, "w", 0, 2).await.unwrap_err();
     assert!(err.to_string().contains("uncovered"), "{err}");
 }
@@ -97,7 +97,8 @@ async fn averaging_is_the_elementwise_mean_saved_as_a_new_checkpoint() {
     assert_eq!(step, 30);
     let m = client.manifest("avg-avg", 30).await.unwrap();
     assert_eq!(m.world_size, 2);
-    let (bytes, _) = client.load_rows(&m, "params", 0, 8).await.unwrap();
+    let cp = client.checkpoint("avg-avg", 30).await.unwrap();
+    let (bytes, _) = client.load_rows(&cp, "params", 0, 8).await.unwrap();
     let want: Vec<f32> = (0..8 * COLS).map(|i| i as f32 + 20.0).collect();
     assert_eq!(floats(&bytes), want);
     assert!(m.ranks.iter().all(|r| r.tensors.iter().all(|t| t.name == "params")), "only named tensors are written");

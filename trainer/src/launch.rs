@@ -416,8 +416,8 @@ fn load_params(
     model: &ModelConfig,
 ) -> Result<Vec<u8>> {
     rt.block_on(async {
-        let m = client.manifest(job, step).await?;
-        let (bytes, _) = client.load_rows(&m, "params", 0, model.param_count()).await?;
+        let cp = client.checkpoint(job, step).await?;
+        let (bytes, _) = client.load_rows(&cp, "params", 0, model.param_count()).await?;
         Ok(bytes)
     })
 }

@@ -111,8 +111,8 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
             step = 0;
         }
         Some(s) => {
-            let m = rt.block_on(client.manifest(&spec.run.job, s))?;
-            let state: TrainState = serde_json::from_value(m.metadata.get("trainer").cloned().unwrap_or_default())
+            let m = rt.block_on(client.checkpoint(&spec.run.job, s))?;
+            let state: TrainState = serde_json::from_value(m.metadata().get("trainer").cloned().unwrap_or_default())
                 .with_context(|| format!("{}@{s} has no trainer state", spec.run.job))?;
             if state.model != spec.run.model || state.param_count != p as u64 || state.seed != spec.run.seed {
                 bail!("{}@{s} was written by a different model or seed; refusing to resume from it", spec.run.job);

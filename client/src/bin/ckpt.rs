@@ -278,10 +278,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Cmd::Restore { job, step, rank, out } => {
             let step = resolve_step(&client, &job, &step).await?;
-            let m = client.manifest(&job, step).await?;
-            let total = m.ranks.get(rank as usize).map(|r| r.byte_len()).unwrap_or(0);
-            let pb = progress(total, cli.json, &format!("restore {job}@{step} rank {rank}"));
-            let tensors = client.load_rank_from(&m, rank, |n| pb.inc(n)).await?;
+            // The root and this rank's index object; nothing of the other ranks is read.
+            let cp = client.checkpoint(&job, step).await?;
+            let shard = client.shard_index(&cp, rank).await?;
+            let pb = progress(shard.byte_len(), cli.json, &format!("restore {job}@{step} rank {rank}"));
+            let tensors = client.load_shard(&job, step, &shard, |n| pb.inc(n)).await?;
             pb.finish_and_clear();
             let written = write_tensors(&out, &tensors)?;
             if cli.json {

@@ -1,0 +1,413 @@
+//! The commit protocol: a save from open to committed.
+//!
+//! ```text
+//! open ── index per rank (chunks staged or durable, lengths match) ──▶ staged
+//!      ── every chunk durable, every rank's index object written ──▶ durable
+//!      ── root created with a create-only put ──▶ committed
+//! ```
+//!
+//! Design note.
+//! * Commit object: a small root naming one content-addressed index object per rank
+//!   (ckpt-core `commit.rs`). A rank's index object is written once every chunk it lists is
+//!   durable — at its index put when they already are (the node-local path), when the last of
+//!   them lands (upload events), or at commit for any left — and never on staged chunks. Every
+//!   index object is in the store before the root is created; the root's create-only put is
+//!   the single commit point.
+//! * Determinism: the root's bytes depend only on the ranks' indexes and on the creation time
+//!   and previous committed step fixed and journalled at open. "Already exists" is answered by
+//!   reading the root back: same bytes mean this save is committed (a retry after a lost
+//!   acknowledgement, or another ckptd committing the same save); different bytes mean another
+//!   writer won, and this save is aborted with a conflict.
+//! * Journal: at open the save's fields, at each index put that rank's index (O(1) per put),
+//!   at each phase change the fields again; each is flushed (group commit, see `index.rs`)
+//!   before the request is acked, so an acked index survives a crash of ckptd.
+//! * Validation: an index is accepted only if every chunk it names is staged or durable with
+//!   the raw length the index states; an index for a committed step is accepted only if it is
+//!   the committed one (else 409); per save and over all saves the chunk references held are
+//!   bounded (`save_chunk_refs_max`, `in_flight_chunk_refs_max`).
+//! * Retries and cancellation: store calls retry transient errors inside `Store`. A root
+//!   create that still fails leaves the save ready; the maintenance task retries it every
+//!   `commit_retry_ms`. A save that makes no progress for `save_idle_abort_ms` is aborted.
+//! * Crash consistency: chunks are put before they are recorded; index objects before the
+//!   root; the root last. At any crash point the store holds either no root for the step or a
+//!   complete checkpoint. `recovery.rs` finishes or reports journalled saves.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use ckpt_core::commit::index_object;
+use ckpt_core::save::IndexOutcome;
+use ckpt_core::{ChunkHash, CommitObject, ManifestSummary, SavePhase, SaveState, ShardIndex};
+use futures::{StreamExt, TryStreamExt};
+
+use crate::coordinator::{now_unix_ms, Coordinator, OpenSave, SaveStatus, Slot, SlotRef};
+use crate::error::ServiceError;
+use crate::intake::Known;
+use crate::store::StoreError;
+
+impl Coordinator {
+    /// The committed commit object of a step, from the index's copy.
+    pub(crate) async fn committed_object(&self, job: &str, step: u64) -> Result<Option<CommitObject>, ServiceError> {
+        let j = job.to_string();
+        let Some(bytes) = self.blocking(move |i| i.get_manifest(&j, step)).await? else {
+            return Ok(None);
+        };
+        let limits = self.limits;
+        let parsed = tokio::task::spawn_blocking(move || CommitObject::parse(&bytes, &limits))
+            .await
+            .map_err(crate::error::join_error)?;
+        parsed.map(Some).map_err(|e| ServiceError::CorruptManifest { job: job.into(), step, reason: e.to_string() })
+    }
+
+    pub(crate) async fn committed_summary(
+        &self,
+        job: &str,
+        step: u64,
+    ) -> Result<Option<ManifestSummary>, ServiceError> {
+        Ok(self.committed_object(job, step).await?.map(|c| c.summary()))
+    }
+
+    pub async fn open_save(&self, job: &str, step: u64, req: OpenSave) -> Result<SaveStatus, ServiceError> {
+        if let Some(m) = self.committed_summary(job, step).await? {
+            if m.world_size != req.world_size {
+                return Err(ServiceError::Conflict(format!(
+                    "{job}@{step} is committed with world size {}, not {}",
+                    m.world_size, req.world_size
+                )));
+            }
+            return Ok(SaveStatus::committed(&m));
+        }
+        let (slot, created) = match self.save_slot(job, step) {
+            Some(s) => (s, false),
+            None => {
+                let j = job.to_string();
+                let previous = self.blocking(move |i| i.committed_before(&j, step)).await?;
+                let created_ms = req.created_unix_ms.unwrap_or_else(now_unix_ms);
+                let state = SaveState::open(
+                    job,
+                    step,
+                    req.world_size,
+                    created_ms,
+                    previous,
+                    req.metadata.clone(),
+                    &self.limits,
+                )?;
+                let mut saves = self.saves.lock().unwrap_or_else(|e| e.into_inner());
+                // Another open of the same save may have raced past the lookup above.
+                if let Some(s) = saves.get(&(job.to_string(), step)) {
+                    (s.clone(), false)
+                } else {
+                    if saves.len() >= self.config.saves_in_flight_max {
+                        return Err(ServiceError::Busy(format!(
+                            "{} saves in flight, the configured maximum",
+                            saves.len()
+                        )));
+                    }
+                    let slot = Arc::new(tokio::sync::Mutex::new(Slot::new(state)));
+                    saves.insert((job.to_string(), step), slot.clone());
+                    (slot, true)
+                }
+            }
+        };
+        let mut g = slot.lock().await;
+        if g.state.phase == SavePhase::Aborted {
+            // The save was aborted and retired while this request waited for it; a new open
+            // starts it afresh in a new slot (for example a trainer that rolled back and
+            // reached this step again).
+            drop(g);
+            return Box::pin(self.open_save(job, step, req)).await;
+        }
+        let before = g.state.metadata.clone();
+        g.state.reopen(req.world_size, req.metadata)?;
+        g.last_progress = Instant::now();
+        if created || g.state.metadata != before {
+            self.journal(&g.state, None).await?;
+        }
+        Ok(SaveStatus::of(&g.state))
+    }
+
+    /// Journals the save's fields and, when given, one rank's index; flushed before returning.
+    async fn journal(&self, state: &SaveState, rank: Option<&ShardIndex>) -> Result<(), ServiceError> {
+        let (header, index) = (state.clone_fields(), rank.cloned());
+        self.blocking(move |i| {
+            if let Some(index) = &index {
+                i.put_save_rank(&header.job, header.step, index)?;
+            }
+            i.put_save(&header)
+        })
+        .await?;
+        self.index.flush().await?;
+        Ok(())
+    }
+
+    pub async fn put_shard_index(&self, job: &str, step: u64, index: ShardIndex) -> Result<SaveStatus, ServiceError> {
+        if let Some(committed) = self.committed_object(job, step).await? {
+            return self.compare_with_committed(&committed, &index);
+        }
+        let slot = self
+            .save_slot(job, step)
+            .ok_or_else(|| ServiceError::NotFound(format!("no save {job}@{step} is open; open it first")))?;
+        let mut g = slot.lock().await;
+        if g.state.phase.is_final() {
+            drop(g);
+            return match self.committed_object(job, step).await? {
+                Some(c) => self.compare_with_committed(&c, &index),
+                None => Err(ServiceError::Conflict(format!("save {job}@{step} was aborted"))),
+            };
+        }
+        index.validate(g.state.world_size, &self.limits)?;
+        let rank = index.rank;
+        if g.state.ranks.get(&rank) == Some(&index) {
+            // A retry of an accepted index: nothing to check or journal again.
+            return self.after_index(&mut g).await;
+        }
+        let refs: u64 = index.tensors.iter().map(|t| t.chunks.len() as u64).sum();
+        if g.state.chunk_refs + refs > self.config.save_chunk_refs_max {
+            return Err(ServiceError::BadRequest(format!(
+                "save {job}@{step} would hold {} chunk references, more than save_chunk_refs_max {}",
+                g.state.chunk_refs + refs,
+                self.config.save_chunk_refs_max
+            )));
+        }
+        if self.chunk_refs_in_flight.load(Ordering::Relaxed) + refs > self.config.in_flight_chunk_refs_max {
+            return Err(ServiceError::Busy(format!(
+                "saves in flight hold {} chunk references; in_flight_chunk_refs_max is {}",
+                self.chunk_refs_in_flight.load(Ordering::Relaxed),
+                self.config.in_flight_chunk_refs_max
+            )));
+        }
+        let not_durable = self.check_chunks(job, &index).await?;
+        let accepted = index.clone();
+        if g.state.accept_index(index, &self.limits)? == IndexOutcome::New {
+            self.chunk_refs_in_flight.fetch_add(refs, Ordering::Relaxed);
+            self.journal(&g.state, Some(&accepted)).await?;
+            g.add_pending(rank, not_durable);
+            g.last_progress = Instant::now();
+            if g.rank_complete(rank) {
+                // Every chunk of this rank is durable already (the node-local path): write its
+                // index object now, so the commit has nothing left to do for it.
+                self.write_index_objects(&mut g, vec![rank]).await?;
+            }
+        }
+        self.after_index(&mut g).await
+    }
+
+    async fn after_index(&self, g: &mut Slot) -> Result<SaveStatus, ServiceError> {
+        if g.ready() {
+            self.commit(g).await?;
+        }
+        Ok(SaveStatus::of(&g.state))
+    }
+
+    /// Checks that every chunk `index` names is staged or durable with the raw length the index
+    /// states. Returns the chunks not durable yet.
+    async fn check_chunks(&self, job: &str, index: &ShardIndex) -> Result<Vec<ChunkHash>, ServiceError> {
+        let mut refs: Vec<(ChunkHash, u64)> =
+            index.tensors.iter().flat_map(|t| t.chunks.iter().map(|c| (c.hash, c.len))).collect();
+        refs.sort_unstable();
+        refs.dedup();
+        if let Some(w) = refs.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(ServiceError::BadRequest(format!(
+                "rank {}'s index names chunk {} with two lengths",
+                index.rank, w[0].0
+            )));
+        }
+        let hashes: Vec<ChunkHash> = refs.iter().map(|r| r.0).collect();
+        let known = self.lookup(job, &hashes, true).await?;
+        let mut missing = Vec::new();
+        let mut not_durable = Vec::new();
+        for ((hash, len), k) in refs.iter().zip(known) {
+            let raw_len = match k {
+                Known::Missing => {
+                    missing.push(*hash);
+                    continue;
+                }
+                Known::Staged { raw_len } => {
+                    not_durable.push(*hash);
+                    Some(raw_len)
+                }
+                Known::Durable { raw_len } => raw_len,
+            };
+            if let Some(actual) = raw_len.filter(|a| a != len) {
+                return Err(ServiceError::BadRequest(format!(
+                    "rank {}'s index says chunk {hash} is {len} bytes; the stored chunk is {actual} bytes",
+                    index.rank
+                )));
+            }
+        }
+        if let Some(first) = missing.first() {
+            return Err(ServiceError::UnknownChunks { rank: index.rank, count: missing.len(), first: *first });
+        }
+        Ok(not_durable)
+    }
+
+    /// An index re-sent for a committed step is fine only if it is the committed one.
+    fn compare_with_committed(&self, c: &CommitObject, index: &ShardIndex) -> Result<SaveStatus, ServiceError> {
+        let summary = c.summary();
+        let same = match c {
+            CommitObject::Root(r) => {
+                r.ranks.get(index.rank as usize).is_some_and(|committed| *committed == index_object(index).1)
+            }
+            CommitObject::V1(m) => m.ranks.get(index.rank as usize) == Some(index),
+        };
+        if !same {
+            return Err(ServiceError::Conflict(format!(
+                "{}@{} is committed with a different index for rank {}",
+                summary.job, summary.step, index.rank
+            )));
+        }
+        Ok(SaveStatus::committed(&summary))
+    }
+
+    /// Writes the index objects of `ranks` (each rank's chunks must all be durable), at most
+    /// `store_requests_max` at a time, and records them as written. Serialises a bounded batch
+    /// at a time, so the bytes held stay small whatever the world size.
+    async fn write_index_objects(&self, g: &mut Slot, ranks: Vec<u32>) -> Result<(), ServiceError> {
+        let job: Arc<str> = g.state.job.as_str().into();
+        let width = self.config.store_requests_max;
+        for batch in ranks.chunks(width * 4) {
+            let objects: Vec<(u32, ChunkHash, Bytes)> = batch
+                .iter()
+                .filter_map(|r| g.state.ranks.get(r))
+                .map(|index| {
+                    let (bytes, r) = index_object(index);
+                    (index.rank, r.hash, Bytes::from(bytes))
+                })
+                .collect();
+            let store = self.store.clone();
+            let job = job.clone();
+            let written: Vec<u32> = futures::stream::iter(objects)
+                .map(move |(rank, hash, bytes)| {
+                    let (store, job) = (store.clone(), job.clone());
+                    async move { store.put_index_object(&job, &hash, bytes).await.map(|_| rank) }
+                })
+                .buffer_unordered(width)
+                .try_collect()
+                .await?;
+            g.written.extend(written);
+        }
+        Ok(())
+    }
+
+    /// Writes one rank's index object in the background, once the last of its chunks landed.
+    /// A failure is only logged: the commit writes whatever is left.
+    pub(crate) fn spawn_index_object_write(self: Arc<Self>, slot: SlotRef, g: &Slot, rank: u32) {
+        let Some(index) = g.state.ranks.get(&rank) else { return };
+        let (bytes, r) = index_object(index);
+        let job = g.state.job.clone();
+        tokio::spawn(async move {
+            match self.store.put_index_object(&job, &r.hash, Bytes::from(bytes)).await {
+                Ok(()) => {
+                    slot.lock().await.written.insert(rank);
+                }
+                Err(e) => tracing::warn!(job, rank, error = %e, "index object write failed; the commit retries it"),
+            }
+        });
+    }
+
+    /// Moves a ready save (every rank in, every chunk durable) to committed. Called with the
+    /// save's lock held.
+    pub(crate) async fn commit(&self, slot: &mut Slot) -> Result<(), ServiceError> {
+        let (job, step) = (slot.state.job.clone(), slot.state.step);
+        if slot.state.phase == SavePhase::Staged {
+            if !slot.pending.is_empty() {
+                return Err(ServiceError::Internal(format!(
+                    "{job}@{step}: {} referenced chunks are not durable yet",
+                    slot.pending.len()
+                )));
+            }
+            slot.state.mark_durable()?;
+            self.journal(&slot.state, None).await?;
+        }
+        let left: Vec<u32> = slot.state.ranks.keys().filter(|r| !slot.written.contains(r)).copied().collect();
+        self.write_index_objects(slot, left).await?;
+        if slot.written.len() != slot.state.world_size as usize {
+            return Err(ServiceError::Internal(format!("{job}@{step}: index objects missing before the root")));
+        }
+        fail::fail_point!("ckptd::commit::before_manifest", |_| crate::coordinator::crash_now(
+            "ckptd::commit::before_manifest"
+        ));
+        let root = slot.state.root()?;
+        let bytes = Bytes::from(root.to_bytes());
+        let created = async {
+            fail::fail_point!("ckptd::commit::manifest_put", |_| Err(StoreError::Other(
+                object_store::Error::Generic { store: "failpoint", source: "injected transient failure".into() }
+            )));
+            let r = self.store.create_manifest(&job, step, bytes.clone()).await;
+            // The root was written but the answer is lost, as a dropped connection would lose it.
+            fail::fail_point!("ckptd::commit::root_ack_lost", r.is_ok(), |_| Err(StoreError::Other(
+                object_store::Error::Generic { store: "failpoint", source: "injected lost acknowledgement".into() }
+            )));
+            r
+        };
+        match created.await {
+            Ok(()) => {}
+            Err(StoreError::AlreadyExists(_)) => {
+                let existing = self.store.get_manifest(&job, step).await?;
+                if existing != bytes {
+                    let reason = "another writer committed a different checkpoint for this step".to_string();
+                    tracing::warn!(job, step, "commit conflict: {reason}");
+                    slot.state.abort(reason.clone())?;
+                    self.retire_aborted(&slot.state).await?;
+                    return Err(ServiceError::Conflict(format!("{job}@{step}: {reason}")));
+                }
+                tracing::info!(job, step, "root already present with identical bytes; committed");
+            }
+            Err(e) => {
+                tracing::warn!(job, step, error = %e, "root create failed; the save stays ready for a retry");
+                return Err(e.into());
+            }
+        }
+        fail::fail_point!("ckptd::commit::after_manifest", |_| crate::coordinator::crash_now(
+            "ckptd::commit::after_manifest"
+        ));
+        self.finish_commit(&mut slot.state, root.hash.clone(), bytes.to_vec()).await?;
+        tracing::info!(job, step, world_size = slot.state.world_size, hash = %root.hash, "committed");
+        Ok(())
+    }
+
+    pub(crate) async fn finish_commit(
+        &self,
+        state: &mut SaveState,
+        hash: String,
+        bytes: Vec<u8>,
+    ) -> Result<(), ServiceError> {
+        state.mark_committed(hash)?;
+        let (job, step) = (state.job.clone(), state.step);
+        self.blocking(move |i| {
+            i.put_manifest(&job, step, &bytes)?;
+            i.remove_save(&job, step)
+        })
+        .await?;
+        self.index.flush().await?;
+        self.untrack_slot(state);
+        Ok(())
+    }
+
+    pub async fn save_status(&self, job: &str, step: u64) -> Result<SaveStatus, ServiceError> {
+        if let Some(slot) = self.save_slot(job, step) {
+            return Ok(SaveStatus::of(&slot.lock().await.state));
+        }
+        if let Some(m) = self.committed_summary(job, step).await? {
+            return Ok(SaveStatus::committed(&m));
+        }
+        if let Some(a) = self.recently_aborted(job, Some(step)).pop() {
+            return Ok(a);
+        }
+        Err(ServiceError::NotFound(format!("no save {job}@{step}")))
+    }
+
+    pub async fn abort_save(&self, job: &str, step: u64, reason: &str) -> Result<SaveStatus, ServiceError> {
+        let slot = self
+            .save_slot(job, step)
+            .ok_or_else(|| ServiceError::NotFound(format!("no save {job}@{step} in flight")))?;
+        let mut g = slot.lock().await;
+        if g.state.phase != SavePhase::Aborted {
+            g.state.abort(reason.to_string())?;
+            self.retire_aborted(&g.state).await?;
+        }
+        Ok(SaveStatus::of(&g.state))
+    }
+}

@@ -1,0 +1,196 @@
+//! Chunks in: uploads over HTTP into the staging tier, node-local adoption of handoff files, and
+//! the lookups that say whether a job has a chunk and how long it is.
+//!
+//! Design note.
+//! * Consistency: a chunk is `staged` while the staging tier holds it and `durable` once its
+//!   store put returned and the index recorded it (the index records after the put, and the
+//!   staging tier forgets the chunk after the index records it, so a lookup that misses the
+//!   staging tier finds the index entry). The index lags the store after a crash or when a
+//!   peer wrote the chunk, so a chunk the index does not know is looked up in the store (its
+//!   48-byte header, which also gives its raw length) before anyone is told it is missing.
+//! * Cost: a lookup of n hashes is one pass over the staging set, one blocking index batch,
+//!   and store reads only for what the index does not know, `store_requests_max` at a time.
+//!   The per-request cap `missing_query_hashes_max` applies to the API's existence query only;
+//!   a shard index is bounded by its body size (`shard_index_bytes_max`).
+//! * Answers are truthful: a chunk put answers `durable: false` for a chunk only staged.
+
+use bytes::Bytes;
+use ckpt_core::{ChunkHash, ChunkHeader, Codec, CHUNK_HEADER_BYTES};
+use futures::{StreamExt, TryStreamExt};
+
+use crate::coordinator::{ChunkPutOutcome, Coordinator};
+use crate::error::{join_error, ServiceError};
+use crate::staging::UploadEvent;
+
+/// What a job holds of a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Known {
+    Missing,
+    Staged {
+        raw_len: u64,
+    },
+    /// `raw_len` is None when only the stored size is on record and the header was not read.
+    Durable {
+        raw_len: Option<u64>,
+    },
+}
+
+impl Coordinator {
+    /// Looks up each of `hashes` (see the design note). With `need_len`, a durable chunk whose
+    /// raw length the index lacks has its header read, so `Durable` carries the length.
+    pub(crate) async fn lookup(
+        &self,
+        job: &str,
+        hashes: &[ChunkHash],
+        need_len: bool,
+    ) -> Result<Vec<Known>, ServiceError> {
+        let mut out: Vec<Known> = hashes
+            .iter()
+            .map(|h| match self.staging.pending_raw_len(job, h) {
+                Some(raw_len) => Known::Staged { raw_len },
+                None => Known::Missing,
+            })
+            .collect();
+        let unstaged: Vec<(usize, ChunkHash)> =
+            out.iter().enumerate().filter(|(_, k)| **k == Known::Missing).map(|(i, _)| (i, hashes[i])).collect();
+        let j = job.to_string();
+        let records = self
+            .blocking(move |idx| {
+                unstaged.into_iter().map(|(i, h)| Ok((i, h, idx.get_chunk(&j, &h)?))).collect::<Result<Vec<_>, _>>()
+            })
+            .await?;
+        let mut ask_store = Vec::new();
+        for (i, h, rec) in records {
+            match rec {
+                Some(r) if r.raw_len.is_some() || !need_len => out[i] = Known::Durable { raw_len: r.raw_len },
+                _ => ask_store.push((i, h)),
+            }
+        }
+        if ask_store.is_empty() {
+            return Ok(out);
+        }
+        let (store, j): (_, std::sync::Arc<str>) = (self.store.clone(), job.into());
+        let found: Vec<(usize, ChunkHash, Option<u64>)> = futures::stream::iter(ask_store)
+            .map(move |(i, h)| {
+                let (store, j) = (store.clone(), j.clone());
+                async move { store.chunk_raw_len(&j, &h).await.map(|len| (i, h, len)) }
+            })
+            .buffer_unordered(self.config.store_requests_max)
+            .try_collect()
+            .await?;
+        let mut record = Vec::new();
+        for (i, h, len) in found {
+            if let Some(len) = len {
+                out[i] = Known::Durable { raw_len: Some(len) };
+                record.push((h, len));
+            }
+        }
+        if !record.is_empty() {
+            let j = job.to_string();
+            // The stored size is not needed by any reader; 0 marks it unknown.
+            self.blocking(move |idx| record.iter().try_for_each(|(h, len)| idx.put_chunk(&j, h, 0, Some(*len))))
+                .await?;
+        }
+        Ok(out)
+    }
+
+    /// Which of `hashes` the job has neither staged nor durable.
+    pub async fn missing_chunks(&self, job: &str, hashes: Vec<ChunkHash>) -> Result<Vec<ChunkHash>, ServiceError> {
+        if hashes.len() > self.config.missing_query_hashes_max {
+            return Err(ServiceError::BadRequest(format!(
+                "{} hashes in one query, more than {}",
+                hashes.len(),
+                self.config.missing_query_hashes_max
+            )));
+        }
+        let known = self.lookup(job, &hashes, false).await?;
+        let mut missing: Vec<ChunkHash> =
+            hashes.iter().zip(known).filter(|(_, k)| *k == Known::Missing).map(|(h, _)| *h).collect();
+        missing.sort();
+        missing.dedup();
+        Ok(missing)
+    }
+
+    /// Receives a chunk of `len` bytes, verifies it against `hash`, and stages it for upload.
+    /// Idempotent: a chunk already staged or durable is drained and not stored again.
+    pub async fn put_chunk<S>(
+        &self,
+        job: &str,
+        hash: ChunkHash,
+        len: u64,
+        mut body: S,
+    ) -> Result<ChunkPutOutcome, ServiceError>
+    where
+        S: futures::Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
+    {
+        if len == 0 || len > self.config.chunk_bytes_max {
+            return Err(ServiceError::BadRequest(format!(
+                "chunk is {len} bytes, not in 1..={}",
+                self.config.chunk_bytes_max
+            )));
+        }
+        let known = self.lookup(job, &[hash], false).await?[0];
+        if known != Known::Missing {
+            // Read the body anyway so the connection stays usable for the client's next request.
+            while let Some(frame) = body.next().await {
+                frame?;
+            }
+            return Ok(ChunkPutOutcome { written: false, durable: matches!(known, Known::Durable { .. }) });
+        }
+        self.staging.stage(job, hash, len, body).await?;
+        Ok(ChunkPutOutcome { written: true, durable: false })
+    }
+
+    /// Where clients on this host may hand over chunk files, and the store's root if it is a
+    /// local directory they may read verified chunks from.
+    pub fn local_paths(&self) -> (std::path::PathBuf, Option<std::path::PathBuf>) {
+        (self.handoff_dir.clone(), self.store.local_root().map(|p| p.to_path_buf()))
+    }
+
+    /// The node-local path for uploads: `name` is a file the client wrote into the handoff
+    /// directory, already in stored chunk format. It is verified (header and hash) and, for a
+    /// local-directory store, renamed into place: durable on return, with no copy in ckptd.
+    pub async fn adopt_chunk(&self, job: &str, hash: ChunkHash, name: &str) -> Result<ChunkPutOutcome, ServiceError> {
+        if self.store.local_root().is_none() {
+            return Err(ServiceError::Conflict(
+                "the node-local path needs a local-directory store; send the chunk over HTTP".into(),
+            ));
+        }
+        if name.is_empty() || name.len() > 255 || name.contains(['/', '\\', '\0']) || name.starts_with('.') {
+            return Err(ServiceError::BadRequest(format!("handoff file name {name:?} is not a plain file name")));
+        }
+        let path = self.handoff_dir.join(name);
+        if matches!(self.lookup(job, &[hash], false).await?[0], Known::Durable { .. }) {
+            let _ = tokio::fs::remove_file(&path).await;
+            return Ok(ChunkPutOutcome { written: false, durable: true });
+        }
+        let (store, j, limit) = (self.store.clone(), job.to_string(), self.config.chunk_bytes_max);
+        let idx = self.index.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), ServiceError> {
+            let meta = std::fs::symlink_metadata(&path)
+                .map_err(|e| ServiceError::BadRequest(format!("handoff file {}: {e}", path.display())))?;
+            if !meta.file_type().is_file() {
+                return Err(ServiceError::BadRequest("handoff file is not a regular file".into()));
+            }
+            if meta.len() > limit + CHUNK_HEADER_BYTES as u64 {
+                return Err(ServiceError::BadRequest(format!(
+                    "handoff file is {} bytes, more than a chunk",
+                    meta.len()
+                )));
+            }
+            let stored = std::fs::read(&path)?;
+            let (header, payload) = ChunkHeader::decode(&stored)?;
+            if header.hash != hash || header.codec != Codec::None {
+                return Err(ServiceError::BadRequest("handoff file's header does not name this chunk as raw".into()));
+            }
+            hash.verify(payload)?;
+            store.adopt_local_chunk(&j, &hash, &path)?;
+            idx.put_chunk(&j, &hash, stored.len() as u64, Some(header.raw_len))?;
+            Ok(())
+        })
+        .await
+        .map_err(join_error)??;
+        let _ = self.events.send(UploadEvent::Durable { job: job.to_string(), hash });
+        Ok(ChunkPutOutcome { written: true, durable: true })
+    }
+}

@@ -1,0 +1,144 @@
+//! Start-up: reconcile the index with the store, then finish or report journalled saves.
+//!
+//! Design note.
+//! * The store is the source of truth. An index that is missing or describes another store is
+//!   rebuilt from the store's listings (roots and chunks); roots added or removed behind the
+//!   index's back are picked up.
+//! * A journalled save whose step has a root in the store is committed if that root is the one
+//!   the journal builds (same bytes; for a version-1 manifest, the same content) and aborted as
+//!   a conflict otherwise. Any other journalled save gets its slot back with its pending chunks
+//!   recomputed rank by rank; a ready one commits now, the others wait for their ranks (chunks
+//!   staged only in memory died with the process; clients re-send what `missing` reports).
+//! * Spilled chunks are re-queued last, so their upload events find the slots.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use ckpt_core::{CommitObject, SavePhase};
+
+use crate::coordinator::{Coordinator, RecoveryReport, Slot};
+use crate::error::ServiceError;
+use crate::intake::Known;
+
+impl Coordinator {
+    /// Runs before ckptd serves requests.
+    pub async fn recover(&self) -> Result<RecoveryReport, ServiceError> {
+        let mut report = RecoveryReport::default();
+        let described = self.blocking(|i| i.store_description()).await?;
+        let store_desc = self.store.description().to_string();
+        if described.as_deref() != Some(store_desc.as_str()) {
+            if described.is_some() {
+                tracing::warn!(was = ?described, now = store_desc, "index describes another store; rebuilding");
+            }
+            self.blocking(|i| i.clear()).await?;
+            report.rebuilt = true;
+        }
+        let jobs = self.store.list_jobs().await?;
+        let mut in_store = BTreeSet::new();
+        for job in &jobs {
+            for step in self.store.list_manifest_steps(job).await? {
+                in_store.insert((job.clone(), step));
+            }
+            if report.rebuilt {
+                let chunks = self.store.list_chunks(job).await?;
+                report.chunks_indexed += chunks.len();
+                let j = job.clone();
+                self.blocking(move |i| chunks.iter().try_for_each(|(h, len)| i.put_chunk(&j, h, *len, None))).await?;
+            }
+        }
+        let in_index: BTreeSet<(String, u64)> = self.blocking(|i| i.all_manifests()).await?.into_iter().collect();
+        for (job, step) in in_store.difference(&in_index) {
+            let bytes = self.store.get_manifest(job, *step).await?;
+            if let Err(e) = CommitObject::parse(&bytes, &self.limits) {
+                tracing::error!(job, step, error = %e, "root in the store is damaged; not indexed");
+                continue;
+            }
+            let (j, s) = (job.clone(), *step);
+            self.blocking(move |i| i.put_manifest(&j, s, &bytes)).await?;
+            report.manifests_added += 1;
+        }
+        for (job, step) in in_index.difference(&in_store) {
+            let (j, s) = (job.clone(), *step);
+            self.blocking(move |i| i.remove_manifest(&j, s)).await?;
+            report.manifests_dropped += 1;
+        }
+        if report.rebuilt {
+            self.blocking(move |i| i.set_store_description(&store_desc)).await?;
+        }
+        self.index.flush().await?;
+
+        for mut save in self.blocking(|i| i.all_saves()).await? {
+            let (job, step) = (save.job.clone(), save.step);
+            if save.phase == SavePhase::Aborted {
+                self.retire_aborted(&save).await?;
+                continue;
+            }
+            if save.phase == SavePhase::Committed {
+                let (j, s) = (job.clone(), step);
+                self.blocking(move |i| i.remove_save(&j, s)).await?;
+                continue;
+            }
+            if in_store.contains(&(job.clone(), step)) {
+                let stored = self.store.get_manifest(&job, step).await?;
+                let same = match CommitObject::parse(&stored, &self.limits) {
+                    Ok(CommitObject::Root(_)) => {
+                        save.all_ranks_in() && save.build_root().is_ok_and(|b| b.to_bytes() == stored)
+                    }
+                    Ok(CommitObject::V1(m)) => {
+                        m.world_size == save.world_size
+                            && m.metadata == save.metadata
+                            && m.created_unix_ms == save.created_unix_ms
+                            && m.ranks.iter().eq(save.ranks.values())
+                    }
+                    Err(_) => false,
+                };
+                if same {
+                    let hash = match CommitObject::parse(&stored, &self.limits).map_err(ServiceError::Core)? {
+                        CommitObject::Root(r) => r.hash,
+                        CommitObject::V1(m) => m.hash,
+                    };
+                    if save.phase == SavePhase::Staged {
+                        save.mark_durable()?;
+                    }
+                    self.finish_commit(&mut save, hash, stored.to_vec()).await?;
+                    report.saves_committed += 1;
+                    tracing::info!(job, step, "journalled save found committed in the store");
+                    continue;
+                }
+                save.abort("another writer committed a different checkpoint for this step".into())?;
+                self.retire_aborted(&save).await?;
+                report.saves_aborted += 1;
+                continue;
+            }
+            let mut slot = Slot::new(save);
+            let ranks: Vec<u32> = slot.state.ranks.keys().copied().collect();
+            for rank in ranks {
+                let hashes: Vec<_> = slot.state.ranks[&rank].chunk_hashes().collect();
+                let known = self.lookup(&job, &hashes, false).await?;
+                let pending =
+                    hashes.iter().zip(known).filter(|(_, k)| !matches!(k, Known::Durable { .. })).map(|(h, _)| *h);
+                slot.add_pending(rank, pending.collect::<Vec<_>>());
+            }
+            let chunk_refs = slot.state.chunk_refs;
+            let slot = Arc::new(tokio::sync::Mutex::new(slot));
+            self.track_slot((job.clone(), step), chunk_refs, slot.clone());
+            let mut g = slot.lock().await;
+            if g.ready() {
+                match self.commit(&mut g).await {
+                    Ok(()) => report.saves_resumed += 1,
+                    Err(e) => tracing::error!(job, step, error = %e, "journalled save could not be committed"),
+                }
+            } else if matches!(g.state.phase, SavePhase::Staged | SavePhase::Durable) {
+                tracing::info!(
+                    job,
+                    step,
+                    chunks = g.pending.len(),
+                    "journalled save waits for chunks to become durable"
+                );
+            }
+        }
+        self.index.flush().await?;
+        report.spilled_chunks_requeued = self.staging.recover_spill(&self.index).await?;
+        Ok(report)
+    }
+}
