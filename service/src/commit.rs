@@ -38,7 +38,6 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use ckpt_core::commit::index_object;
-use ckpt_core::save::IndexOutcome;
 use ckpt_core::{ChunkHash, CommitObject, ManifestSummary, SavePhase, SaveState, ShardIndex};
 use futures::{StreamExt, TryStreamExt};
 
@@ -142,6 +141,9 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Accepts one rank's index. The save's lock is held only for the in-memory update and the
+    /// journal write; the chunk lookups come before it and the journal sync after it, so
+    /// thousands of ranks' puts proceed together and share syncs (see the design note).
     pub async fn put_shard_index(&self, job: &str, step: u64, index: ShardIndex) -> Result<SaveStatus, ServiceError> {
         if let Some(committed) = self.committed_object(job, step).await? {
             return self.compare_with_committed(&committed, &index);
@@ -149,54 +151,110 @@ impl Coordinator {
         let slot = self
             .save_slot(job, step)
             .ok_or_else(|| ServiceError::NotFound(format!("no save {job}@{step} is open; open it first")))?;
-        let mut g = slot.lock().await;
-        if g.state.phase.is_final() {
-            drop(g);
-            return match self.committed_object(job, step).await? {
-                Some(c) => self.compare_with_committed(&c, &index),
-                None => Err(ServiceError::Conflict(format!("save {job}@{step} was aborted"))),
-            };
-        }
-        index.validate(g.state.world_size, &self.limits)?;
         let rank = index.rank;
-        if g.state.ranks.get(&rank) == Some(&index) {
+        let (world_size, retry) = {
+            let g = slot.lock().await;
+            (g.state.world_size, g.state.ranks.get(&rank) == Some(&index))
+        };
+        if retry {
             // A retry of an accepted index: nothing to check or journal again.
-            return self.after_index(&mut g).await;
+            return self.settle(job, step, &slot).await;
         }
+        index.validate(world_size, &self.limits)?;
         let refs: u64 = index.tensors.iter().map(|t| t.chunks.len() as u64).sum();
-        if g.state.chunk_refs + refs > self.config.save_chunk_refs_max {
-            return Err(ServiceError::BadRequest(format!(
-                "save {job}@{step} would hold {} chunk references, more than save_chunk_refs_max {}",
-                g.state.chunk_refs + refs,
-                self.config.save_chunk_refs_max
-            )));
-        }
-        if self.chunk_refs_in_flight.load(Ordering::Relaxed) + refs > self.config.in_flight_chunk_refs_max {
-            return Err(ServiceError::Busy(format!(
-                "saves in flight hold {} chunk references; in_flight_chunk_refs_max is {}",
-                self.chunk_refs_in_flight.load(Ordering::Relaxed),
-                self.config.in_flight_chunk_refs_max
-            )));
-        }
         let not_durable = self.check_chunks(job, &index).await?;
         let accepted = index.clone();
-        if g.state.accept_index(index, &self.limits)? == IndexOutcome::New {
+        let (header, complete) = {
+            let mut g = slot.lock().await;
+            if g.state.phase.is_final() {
+                drop(g);
+                return match self.committed_object(job, step).await? {
+                    Some(c) => self.compare_with_committed(&c, &index),
+                    None => Err(ServiceError::Conflict(format!("save {job}@{step} was aborted"))),
+                };
+            }
+            if g.state.ranks.get(&rank) == Some(&index) {
+                drop(g);
+                return self.settle(job, step, &slot).await;
+            }
+            if g.state.chunk_refs + refs > self.config.save_chunk_refs_max {
+                return Err(ServiceError::BadRequest(format!(
+                    "save {job}@{step} would hold {} chunk references, more than save_chunk_refs_max {}",
+                    g.state.chunk_refs + refs,
+                    self.config.save_chunk_refs_max
+                )));
+            }
+            let held = self.chunk_refs_in_flight.load(Ordering::Relaxed);
+            if held + refs > self.config.in_flight_chunk_refs_max {
+                return Err(ServiceError::Busy(format!(
+                    "saves in flight hold {held} chunk references; in_flight_chunk_refs_max is {}",
+                    self.config.in_flight_chunk_refs_max
+                )));
+            }
+            // A chunk staged at the lookup may have landed since, and its upload event found no
+            // pending entry: only what is still staged now stays pending.
+            let pending = self.still_staged(job, not_durable, rank).await?;
+            g.state.accept_index(index, &self.limits)?;
             self.chunk_refs_in_flight.fetch_add(refs, Ordering::Relaxed);
-            self.journal(&g.state, Some(&accepted)).await?;
-            g.add_pending(rank, not_durable);
+            g.add_pending(rank, pending);
             g.last_progress = Instant::now();
-            if g.rank_complete(rank) {
-                // Every chunk of this rank is durable already (the node-local path): write its
-                // index object now, so the commit has nothing left to do for it.
+            let header = g.state.clone_fields();
+            let (journal_header, journal_rank) = (header.clone(), accepted);
+            self.blocking(move |i| {
+                i.put_save_rank(&journal_header.job, journal_header.step, &journal_rank)?;
+                i.put_save(&journal_header)
+            })
+            .await?;
+            (header, g.rank_complete(rank))
+        };
+        self.index.flush().await?;
+        if complete {
+            // Every chunk of this rank is durable already (the node-local path): write its
+            // index object now, so the commit has nothing left to do for it.
+            let mut g = slot.lock().await;
+            if !g.state.phase.is_final() && !g.written.contains(&rank) {
                 self.write_index_objects(&mut g, vec![rank]).await?;
             }
         }
-        self.after_index(&mut g).await
+        debug_assert_eq!((header.job.as_str(), header.step), (job, step));
+        self.settle(job, step, &slot).await
     }
 
-    async fn after_index(&self, g: &mut Slot) -> Result<SaveStatus, ServiceError> {
+    /// Of `hashes`, the ones the staging tier still holds; the others must be durable by now
+    /// (the index records a chunk before the staging tier lets go of it), else the upload failed
+    /// and the rank must send the chunk again.
+    async fn still_staged(&self, job: &str, hashes: Vec<ChunkHash>, rank: u32) -> Result<Vec<ChunkHash>, ServiceError> {
+        let (staged, landed): (Vec<ChunkHash>, Vec<ChunkHash>) =
+            hashes.into_iter().partition(|h| self.staging.pending_raw_len(job, h).is_some());
+        if landed.is_empty() {
+            return Ok(staged);
+        }
+        let j = job.to_string();
+        let lost: Vec<ChunkHash> = self
+            .blocking(move |i| {
+                landed.into_iter().filter_map(|h| i.has_chunk(&j, &h).map(|d| (!d).then_some(h)).transpose()).collect()
+            })
+            .await?;
+        if let Some(first) = lost.first() {
+            return Err(ServiceError::UnknownChunks { rank, count: lost.len(), first: *first });
+        }
+        Ok(staged)
+    }
+
+    /// Commits the save if it is ready, and answers its status.
+    async fn settle(&self, job: &str, step: u64, slot: &SlotRef) -> Result<SaveStatus, ServiceError> {
+        let mut g = slot.lock().await;
         if g.ready() {
-            self.commit(g).await?;
+            self.commit(&mut g).await?;
+        }
+        if g.state.phase == SavePhase::Committed {
+            return Ok(SaveStatus::of(&g.state));
+        }
+        if g.state.phase == SavePhase::Aborted {
+            return Err(ServiceError::Conflict(format!(
+                "save {job}@{step} was aborted: {}",
+                g.state.error.clone().unwrap_or_default()
+            )));
         }
         Ok(SaveStatus::of(&g.state))
     }
