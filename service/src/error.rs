@@ -1,5 +1,6 @@
 use ckpt_core::{ChunkHash, CoreError};
 
+use crate::durable::DurableError;
 use crate::index::IndexError;
 use crate::store::StoreError;
 
@@ -29,6 +30,9 @@ pub enum ServiceError {
     Index(#[from] IndexError),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Durable(#[from] DurableError),
+
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -58,7 +62,7 @@ impl ServiceError {
             ServiceError::CorruptManifest { .. } => "manifest_corrupt",
             ServiceError::Store(_) => "store_error",
             ServiceError::Index(_) => "index_error",
-            ServiceError::Io(_) => "io_error",
+            ServiceError::Io(_) | ServiceError::Durable(_) => "io_error",
             ServiceError::Internal(_) => "internal",
         }
     }

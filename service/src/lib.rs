@@ -7,6 +7,7 @@
 pub mod api;
 pub mod config;
 pub mod coordinator;
+pub mod durable;
 pub mod error;
 pub mod index;
 pub mod staging;
@@ -30,8 +31,8 @@ pub async fn serve(config: Config) -> Result<(), ServiceError> {
         config.store_attempts_max,
         Duration::from_millis(config.store_retry_base_ms),
     )?;
-    std::fs::create_dir_all(&config.data_dir)?;
-    std::fs::create_dir_all(config.handoff_dir())?;
+    durable::ensure_dir(&config.data_dir)?;
+    durable::ensure_dir(&config.handoff_dir())?;
     let data_dir = config.data_dir.clone();
     let index = tokio::task::spawn_blocking(move || index::Index::open(&data_dir.join("index")))
         .await

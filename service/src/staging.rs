@@ -17,7 +17,9 @@
 //! * Crash consistency: memory-staged chunks are lost with the process (their ack said
 //!   "staged", not "durable"; the client re-sends what `missing` reports). Spilled chunks are
 //!   fsync'd before the ack and named `<job>/<hash>.<unique>` in the spill directory, which is the
-//!   journal of staged data: at start-up every spill file is re-verified and re-queued.
+//!   journal of staged data: at start-up every spill file is re-verified and re-queued. The file
+//!   is fsync'd, renamed into place and its directory fsync'd (`durable.rs`) before the ack.
+//!   Recovery only reads and removes spill files; a removal lost in a crash is redone next time.
 //! * Compression: zstd per chunk at `compression_level` on a blocking thread. A 256 KiB sample is
 //!   compressed first; a chunk whose sample saves less than `compression_min_savings_pct` is stored
 //!   raw (fp32 weights barely compress), as is a chunk whose full compression saves too little.
@@ -35,6 +37,7 @@ use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
+use crate::durable;
 use crate::error::{join_error, ServiceError};
 use crate::store::Store;
 
@@ -272,7 +275,7 @@ impl Staging {
     {
         let (tmp, path) = self.spill_paths(job, &hash);
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        tokio::fs::create_dir_all(&dir).await?;
+        tokio::task::spawn_blocking(move || durable::ensure_dir(&dir)).await.map_err(join_error)??;
         let result = async {
             let mut file = tokio::fs::File::create(&tmp).await?;
             let mut hasher = blake3::Hasher::new();
@@ -290,7 +293,9 @@ impl Staging {
             }
             file.sync_data().await?;
             drop(file);
-            tokio::fs::rename(&tmp, &path).await?;
+            // The ack says the chunk survives a restart: the name must be durable too.
+            let (from, to) = (tmp.clone(), path.clone());
+            tokio::task::spawn_blocking(move || durable::rename_into_place(&from, &to)).await.map_err(join_error)??;
             Ok(())
         }
         .await;

@@ -93,7 +93,7 @@ impl Store {
         let (inner, description, local_root): (Arc<dyn ObjectStore>, String, _) = match dir {
             None => (Arc::new(InMemory::new()), "memory://".into(), None),
             Some(dir) => {
-                std::fs::create_dir_all(&dir).map_err(|e| bad(format!("cannot create directory: {e}")))?;
+                crate::durable::ensure_dir(&dir).map_err(|e| bad(e.to_string()))?;
                 let dir = dir.canonicalize().map_err(|e| bad(e.to_string()))?;
                 let fs = LocalFileSystem::new_with_prefix(&dir).map_err(|e| bad(e.to_string()))?.with_fsync(true);
                 (Arc::new(fs), format!("file://{}", dir.display()), Some(dir))
@@ -113,7 +113,8 @@ impl Store {
 
     /// Node-local path: makes `file` (a complete stored chunk, header and payload, already
     /// verified) the chunk object by renaming it into place — no copy. Same guarantees as the
-    /// local store's own put: file fsync'd, atomic rename, directory fsync'd. Blocking.
+    /// local store's own put: file fsync'd, atomic rename, directories fsync'd (`durable.rs`).
+    /// Blocking.
     pub fn adopt_local_chunk(&self, job: &str, hash: &ChunkHash, file: &std::path::Path) -> Result<(), StoreError> {
         let root = self.local_root.as_ref().ok_or_else(|| StoreError::Location {
             location: self.description.clone(),
@@ -122,12 +123,8 @@ impl Store {
         let dest = root.join(keys::chunk_key(job, hash));
         let io =
             |e: std::io::Error| StoreError::Other(object_store::Error::Generic { store: "local", source: Box::new(e) });
-        let dir = dest.parent().unwrap_or(root);
-        std::fs::create_dir_all(dir).map_err(io)?;
         std::fs::File::open(file).and_then(|f| f.sync_all()).map_err(io)?;
-        std::fs::rename(file, &dest).map_err(io)?;
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-        Ok(())
+        crate::durable::rename_into_place(file, &dest).map_err(|e| io(e.into()))
     }
 
     async fn retry<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, StoreError>
