@@ -41,6 +41,7 @@ impl ApiError {
                 _ => StatusCode::BAD_REQUEST,
             },
             ServiceError::BadRequest(_) | ServiceError::UnknownChunks { .. } => StatusCode::BAD_REQUEST,
+            ServiceError::Adopt(e) if e.is_refusal() => StatusCode::BAD_REQUEST,
             ServiceError::NotFound(_) | ServiceError::Store(StoreError::NotFound(_)) => StatusCode::NOT_FOUND,
             ServiceError::Conflict(_) => StatusCode::CONFLICT,
             ServiceError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,

@@ -356,8 +356,9 @@ impl Coordinator {
     }
 
     /// The node-local path for uploads: `name` is a file the client wrote into the handoff
-    /// directory, already in stored chunk format. It is verified (header and hash) and, for a
-    /// local-directory store, renamed into place: durable on return, with no copy in ckptd.
+    /// directory, already in stored chunk format. It is verified (header and hash) through one
+    /// fd and, for a local-directory store, renamed into place (copied when the handoff
+    /// directory is on another filesystem): durable on return. See `adopt.rs`.
     pub async fn adopt_chunk(&self, job: &str, hash: ChunkHash, name: &str) -> Result<ChunkPutOutcome, ServiceError> {
         if self.store.local_root().is_none() {
             return Err(ServiceError::Conflict(
@@ -372,28 +373,17 @@ impl Coordinator {
             let _ = tokio::fs::remove_file(&path).await;
             return Ok(ChunkPutOutcome { written: false });
         }
-        let (store, j, limit) = (self.store.clone(), job.to_string(), self.config.chunk_bytes_max);
-        let idx = self.index.clone();
+        let Some(dest) = self.store.local_chunk_path(job, &hash) else {
+            return Err(ServiceError::Internal("local store without a root".into()));
+        };
+        let stored_bytes_max = self.config.chunk_bytes_max + CHUNK_HEADER_BYTES as u64;
+        let (j, idx) = (job.to_string(), self.index.clone());
         tokio::task::spawn_blocking(move || -> Result<(), ServiceError> {
-            let meta = std::fs::symlink_metadata(&path)
-                .map_err(|e| ServiceError::BadRequest(format!("handoff file {}: {e}", path.display())))?;
-            if !meta.file_type().is_file() {
-                return Err(ServiceError::BadRequest("handoff file is not a regular file".into()));
+            let adopted = crate::adopt::adopt(&path, &dest, hash, stored_bytes_max)?;
+            if adopted.copied {
+                tracing::debug!(job = j, %hash, "handoff directory is on another filesystem; chunk copied");
             }
-            if meta.len() > limit + CHUNK_HEADER_BYTES as u64 {
-                return Err(ServiceError::BadRequest(format!(
-                    "handoff file is {} bytes, more than a chunk",
-                    meta.len()
-                )));
-            }
-            let stored = std::fs::read(&path)?;
-            let (header, payload) = ChunkHeader::decode(&stored)?;
-            if header.hash != hash || header.codec != Codec::None {
-                return Err(ServiceError::BadRequest("handoff file's header does not name this chunk as raw".into()));
-            }
-            hash.verify(payload)?;
-            store.adopt_local_chunk(&j, &hash, &path)?;
-            idx.put_chunk(&j, &hash, stored.len() as u64)?;
+            idx.put_chunk(&j, &hash, adopted.stored_len)?;
             Ok(())
         })
         .await

@@ -1,5 +1,6 @@
 use ckpt_core::{ChunkHash, CoreError};
 
+use crate::adopt::AdoptError;
 use crate::durable::DurableError;
 use crate::index::IndexError;
 use crate::store::StoreError;
@@ -32,6 +33,8 @@ pub enum ServiceError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Durable(#[from] DurableError),
+    #[error(transparent)]
+    Adopt(#[from] AdoptError),
 
     #[error("internal: {0}")]
     Internal(String),
@@ -63,6 +66,7 @@ impl ServiceError {
             ServiceError::Store(_) => "store_error",
             ServiceError::Index(_) => "index_error",
             ServiceError::Io(_) | ServiceError::Durable(_) => "io_error",
+            ServiceError::Adopt(e) => e.code(),
             ServiceError::Internal(_) => "internal",
         }
     }

@@ -4,6 +4,7 @@
 //! address, makes it durable in an object store, and commits a step by creating its manifest
 //! once every rank's shard index is in. See ARCHITECTURE.md for the data path and invariants.
 
+pub mod adopt;
 pub mod api;
 pub mod config;
 pub mod coordinator;

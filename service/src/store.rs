@@ -111,20 +111,10 @@ impl Store {
         self.local_root.as_deref()
     }
 
-    /// Node-local path: makes `file` (a complete stored chunk, header and payload, already
-    /// verified) the chunk object by renaming it into place — no copy. Same guarantees as the
-    /// local store's own put: file fsync'd, atomic rename, directories fsync'd (`durable.rs`).
-    /// Blocking.
-    pub fn adopt_local_chunk(&self, job: &str, hash: &ChunkHash, file: &std::path::Path) -> Result<(), StoreError> {
-        let root = self.local_root.as_ref().ok_or_else(|| StoreError::Location {
-            location: self.description.clone(),
-            reason: "not a local directory".into(),
-        })?;
-        let dest = root.join(keys::chunk_key(job, hash));
-        let io =
-            |e: std::io::Error| StoreError::Other(object_store::Error::Generic { store: "local", source: Box::new(e) });
-        std::fs::File::open(file).and_then(|f| f.sync_all()).map_err(io)?;
-        crate::durable::rename_into_place(file, &dest).map_err(|e| io(e.into()))
+    /// Where chunk `hash` of `job` lives when the store is a local directory (the node-local
+    /// path writes it there through `adopt.rs`, with the same guarantees as the store's own put).
+    pub fn local_chunk_path(&self, job: &str, hash: &ChunkHash) -> Option<std::path::PathBuf> {
+        self.local_root.as_ref().map(|root| root.join(keys::chunk_key(job, hash)))
     }
 
     async fn retry<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, StoreError>
