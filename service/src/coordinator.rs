@@ -20,7 +20,8 @@
 //!   store holds either no manifest for the step or a complete one. `recover` reconciles the
 //!   index with the store and finishes or reports journalled saves.
 //! * Bounds: saves in flight (`saves_in_flight_max`), concurrent chunk requests
-//!   (`chunk_requests_max`, waited for at most `busy_wait_ms`), store fan-out per request
+//!   (`chunk_requests_max`, waited for at most `busy_wait_ms`, and lost by a request whose body
+//!   sends nothing for `body_progress_timeout_ms`), store fan-out per request
 //!   (`store_requests_max`), hashes per existence query (`missing_query_hashes_max`); chunk
 //!   bytes are bounded by the staging tier (see `staging.rs`).
 
@@ -84,8 +85,20 @@ pub struct OpenSave {
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 pub struct ChunkPutOutcome {
-    /// False when the chunk was already durable and nothing was written.
+    /// False when the chunk was already staged or durable and nothing was written.
     pub written: bool,
+    pub state: ChunkState,
+}
+
+/// Where a chunk stands once a put or adopt returns. Only `Durable` survives a crash of ckptd
+/// for certain (a spilled staged chunk usually does too; see ARCHITECTURE.md).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ChunkState {
+    /// In the staging tier, waiting for its upload to the store.
+    Staged,
+    /// In the store.
+    Durable,
 }
 
 /// What start-up found and did, for the log and for tests.
@@ -237,6 +250,11 @@ impl Coordinator {
         &self.store
     }
 
+    /// How long a request body may send nothing before it is dropped.
+    pub fn body_progress_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.body_progress_timeout_ms)
+    }
+
     /// The largest JSON body (shard index, existence query) the API accepts.
     pub fn json_body_bytes_max(&self) -> u64 {
         self.config.shard_index_bytes_max
@@ -321,7 +339,9 @@ impl Coordinator {
     }
 
     /// Receives a chunk of `len` bytes, verifies it against `hash`, and stages it for upload.
-    /// Idempotent: a chunk already staged or durable is drained and not stored again.
+    /// Idempotent: a chunk already staged or durable is drained and not stored again. A body
+    /// that stalls fails with `BodyStalled` (the HTTP layer times out every frame), which drops
+    /// the caller's chunk slot and this chunk's staging space.
     pub async fn put_chunk<S>(
         &self,
         job: &str,
@@ -330,7 +350,7 @@ impl Coordinator {
         mut body: S,
     ) -> Result<ChunkPutOutcome, ServiceError>
     where
-        S: futures::Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
+        S: futures::Stream<Item = Result<Bytes, ServiceError>> + Unpin + Send,
     {
         if len == 0 || len > self.config.chunk_bytes_max {
             return Err(ServiceError::BadRequest(format!(
@@ -338,15 +358,22 @@ impl Coordinator {
                 self.config.chunk_bytes_max
             )));
         }
-        if self.chunk_known(job, hash).await? {
+        let known = if self.staging.is_pending(job, &hash) {
+            Some(ChunkState::Staged)
+        } else if self.chunk_durable(job, hash).await? {
+            Some(ChunkState::Durable)
+        } else {
+            None
+        };
+        if let Some(state) = known {
             // Read the body anyway so the connection stays usable for the client's next request.
             while let Some(frame) = body.next().await {
                 frame?;
             }
-            return Ok(ChunkPutOutcome { written: false });
+            return Ok(ChunkPutOutcome { written: false, state });
         }
         self.staging.stage(job, hash, len, body).await?;
-        Ok(ChunkPutOutcome { written: true })
+        Ok(ChunkPutOutcome { written: true, state: ChunkState::Staged })
     }
 
     /// Where clients on this host may hand over chunk files, and the store's root if it is a
@@ -371,7 +398,7 @@ impl Coordinator {
         let path = self.handoff_dir.join(name);
         if self.chunk_durable(job, hash).await? {
             let _ = tokio::fs::remove_file(&path).await;
-            return Ok(ChunkPutOutcome { written: false });
+            return Ok(ChunkPutOutcome { written: false, state: ChunkState::Durable });
         }
         let Some(dest) = self.store.local_chunk_path(job, &hash) else {
             return Err(ServiceError::Internal("local store without a root".into()));
@@ -389,7 +416,7 @@ impl Coordinator {
         .await
         .map_err(join_error)??;
         let _ = self.events.send(UploadEvent::Durable { job: job.to_string(), hash });
-        Ok(ChunkPutOutcome { written: true })
+        Ok(ChunkPutOutcome { written: true, state: ChunkState::Durable })
     }
 
     /// Reads a chunk back, decodes it and verifies its hash: ckptd never serves bytes it has

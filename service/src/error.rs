@@ -21,6 +21,10 @@ pub enum ServiceError {
     Conflict(String),
     #[error("ckptd is busy: {0}")]
     Busy(String),
+    #[error("request body sent nothing for {idle_ms} ms; dropped")]
+    BodyStalled { idle_ms: u64 },
+    #[error("request body too large: {0}")]
+    TooLarge(String),
     #[error("chunk {hash} of job {job} is corrupt in the store: {reason}")]
     CorruptChunk { job: String, hash: ChunkHash, reason: String },
     #[error("manifest of {job}@{step} is corrupt in the store: {reason}")]
@@ -61,6 +65,8 @@ impl ServiceError {
             ServiceError::UnknownChunks { .. } => "unknown_chunks",
             ServiceError::Conflict(_) => "conflict",
             ServiceError::Busy(_) => "busy",
+            ServiceError::BodyStalled { .. } => "body_stalled",
+            ServiceError::TooLarge(_) => "too_large",
             ServiceError::CorruptChunk { .. } => "chunk_corrupt",
             ServiceError::CorruptManifest { .. } => "manifest_corrupt",
             ServiceError::Store(_) => "store_error",

@@ -6,7 +6,9 @@
 //!   (`staging_memory_bytes_max`) and is then read into memory. When memory is full it is streamed
 //!   to the spill directory instead (`staging_spill_bytes_max`), hashing as it goes, so a spilled
 //!   chunk never occupies more than a network frame of memory. When both are full the request
-//!   waits up to `busy_wait_ms` for memory and is then refused with 503 + Retry-After. Every
+//!   waits up to `busy_wait_ms` for memory and is then refused with 503 + Retry-After. A body
+//!   that stops sending (no frame for `body_progress_timeout_ms`, enforced by the HTTP layer)
+//!   fails the receive, which releases the reservation and removes the spill file. Every
 //!   chunk byte ckptd holds in memory is inside the budget; the rest is a fixed per-worker
 //!   allowance (see `memory_overhead_bytes`).
 //! * Staged → durable: each staged chunk is queued for upload. A dispatcher runs at most
@@ -199,10 +201,12 @@ impl Staging {
     }
 
     /// Receives a chunk body of `len` bytes, verifies it against `hash`, and stages it.
-    /// Returns once the chunk is staged (in memory, or fsync'd on the spill disk).
+    /// Returns once the chunk is staged (in memory, or fsync'd on the spill disk). A body error
+    /// (a stalled client's `BodyStalled` included) releases what was reserved: the memory
+    /// permits are dropped and a spill file is removed.
     pub async fn stage<S>(&self, job: &str, hash: ChunkHash, len: u64, body: S) -> Result<(), ServiceError>
     where
-        S: Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
+        S: Stream<Item = Result<Bytes, ServiceError>> + Unpin + Send,
     {
         let n = permits(len);
         let held = if let Ok(p) = self.memory.clone().try_acquire_many_owned(n) {
@@ -245,7 +249,7 @@ impl Staging {
         permit: OwnedSemaphorePermit,
     ) -> Result<Held, ServiceError>
     where
-        S: Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
+        S: Stream<Item = Result<Bytes, ServiceError>> + Unpin + Send,
     {
         let mut buf = BytesMut::with_capacity(len as usize);
         let mut received = BodyLength::new(len);
@@ -271,7 +275,7 @@ impl Staging {
         permit: OwnedSemaphorePermit,
     ) -> Result<Held, ServiceError>
     where
-        S: Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
+        S: Stream<Item = Result<Bytes, ServiceError>> + Unpin + Send,
     {
         let (tmp, path) = self.spill_paths(job, &hash);
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();

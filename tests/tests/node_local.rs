@@ -126,7 +126,7 @@ async fn bad_handoffs_are_refused_and_store_nothing() {
         // And the well-formed one is adopted once it has a single name.
         std::fs::remove_file(dir.path().join("alias")).unwrap();
         let (status, body) = adopt(hash, "good".into()).await;
-        assert_eq!(status, 200, "{body}");
+        assert_eq!((status, body["state"].as_str()), (200, Some("durable")), "{body}");
         assert!(chunk_path(&store, "job", &hash).is_file());
         assert!(!handoff.join("good").exists(), "an adopted file leaves the handoff directory");
     })
