@@ -29,11 +29,13 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// Worth retrying the same request: ckptd unreachable, busy, or failing transiently.
+    /// Worth retrying the same request: ckptd unreachable, busy, or failing transiently. A 408
+    /// means ckptd dropped a request whose body stopped arriving (a rank stopped mid-upload and
+    /// resumed): sending it again is the cure.
     pub fn is_transient(&self) -> bool {
         match self {
             ClientError::Transport { .. } => true,
-            ClientError::Api { status, .. } => matches!(status, 502..=504),
+            ClientError::Api { status, .. } => matches!(status, 408 | 502..=504),
             _ => false,
         }
     }

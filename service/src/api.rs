@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::rejection::PathRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -14,6 +14,7 @@ use axum::{Json, Router};
 use ckpt_core::{parse_step, validate_job, ChunkHash, CoreError, ShardIndex};
 use futures::StreamExt;
 use serde::Deserialize;
+use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::coordinator::{Coordinator, OpenSave};
 use crate::error::ServiceError;
@@ -41,9 +42,12 @@ impl ApiError {
                 _ => StatusCode::BAD_REQUEST,
             },
             ServiceError::BadRequest(_) | ServiceError::UnknownChunks { .. } => StatusCode::BAD_REQUEST,
+            ServiceError::Adopt(e) if e.is_refusal() => StatusCode::BAD_REQUEST,
             ServiceError::NotFound(_) | ServiceError::Store(StoreError::NotFound(_)) => StatusCode::NOT_FOUND,
             ServiceError::Conflict(_) => StatusCode::CONFLICT,
             ServiceError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ServiceError::BodyStalled { .. } => StatusCode::REQUEST_TIMEOUT,
+            ServiceError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ServiceError::Store(e) if !e.is_permanent() => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -79,14 +83,38 @@ fn job_of(job: &str) -> ApiResult<()> {
     validate_job(job).map_err(ApiError::from)
 }
 
-fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
-    serde_json::from_slice(body).map_err(|e| ApiError(ServiceError::BadRequest(format!("bad json body: {e}"))))
+/// A JSON body: a stalled one is `BodyStalled` (408), one that cannot be read or parsed is a
+/// 4xx with the usual JSON error.
+fn json_body<T: serde::de::DeserializeOwned>(s: &AppState, body: Result<Bytes, BytesRejection>) -> ApiResult<T> {
+    let body = body.map_err(|e| match stalled(&e, s) {
+        Some(stall) => ApiError(stall),
+        None if e.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError(ServiceError::TooLarge(e.body_text())),
+        None => ApiError(ServiceError::BadRequest(format!("cannot read the body: {}", e.body_text()))),
+    })?;
+    serde_json::from_slice(&body).map_err(|e| ApiError(ServiceError::BadRequest(format!("bad json body: {e}"))))
+}
+
+/// `BodyStalled` when `e` comes from the body progress timeout (`RequestBodyTimeoutLayer`).
+fn stalled(e: &(dyn std::error::Error + 'static), s: &AppState) -> Option<ServiceError> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.is::<tower_http::timeout::TimeoutError>() {
+            let idle_ms = s.coordinator.body_progress_timeout().as_millis() as u64;
+            return Some(ServiceError::BodyStalled { idle_ms });
+        }
+        cause = c.source();
+    }
+    None
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
     // Chunk bodies are bounded by their declared length (checked against chunk_bytes_max and
     // reserved from the staging budget before reading); JSON bodies by this limit.
     let json_limit = state.coordinator.json_body_bytes_max() as usize;
+    // Every body must make progress: a client that sends headers and then nothing would
+    // otherwise hold its chunk slot and staging reservation for as long as it keeps the
+    // connection open. The timer runs only while a handler waits for the next frame.
+    let body_timeout = RequestBodyTimeoutLayer::new(state.coordinator.body_progress_timeout());
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -105,6 +133,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             put(put_shard_index).layer(DefaultBodyLimit::max(json_limit)),
         )
         .fallback(|| async { ApiError(ServiceError::NotFound("no such endpoint".into())) })
+        .layer(body_timeout)
         .with_state(state)
 }
 
@@ -144,16 +173,15 @@ struct AdoptRequest {
 async fn adopt_chunk(
     State(s): State<Arc<AppState>>,
     p: Result<Path<(String, String)>, PathRejection>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let (job, hash) = path(p)?;
     job_of(&job)?;
     let hash: ChunkHash = hash.parse()?;
-    let req: AdoptRequest = json_body(&body)?;
+    let req: AdoptRequest = json_body(&s, body)?;
     let _permit = s.coordinator.chunk_permit().await?;
     let outcome = s.coordinator.adopt_chunk(&job, hash, &req.file).await?;
-    Ok(Json(serde_json::json!({ "hash": hash, "durable": outcome.durable, "written": outcome.written }))
-        .into_response())
+    Ok(Json(serde_json::json!({ "hash": hash, "state": outcome.state, "written": outcome.written })).into_response())
 }
 
 async fn list_jobs(State(s): State<Arc<AppState>>) -> ApiResult<Json<serde_json::Value>> {
@@ -225,11 +253,11 @@ struct MissingQuery {
 async fn missing_chunks(
     State(s): State<Arc<AppState>>,
     p: Result<Path<String>, PathRejection>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let job = path(p)?;
     job_of(&job)?;
-    let q: MissingQuery = json_body(&body)?;
+    let q: MissingQuery = json_body(&s, body)?;
     let hashes = q.hashes.iter().map(|h| h.parse::<ChunkHash>()).collect::<Result<Vec<_>, _>>()?;
     let missing = s.coordinator.missing_chunks(&job, hashes).await?;
     Ok(Json(serde_json::json!({ "missing": missing })).into_response())
@@ -251,11 +279,15 @@ async fn put_chunk(
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| ServiceError::BadRequest("chunk uploads need a Content-Length".into()))?;
     let _permit = s.coordinator.chunk_permit().await?;
-    let stream = body.into_data_stream().map(|r| r.map_err(std::io::Error::other));
+    let stream = body
+        .into_data_stream()
+        .map(|r| r.map_err(|e| stalled(&e, &s).unwrap_or_else(|| ServiceError::Io(std::io::Error::other(e)))));
     let outcome = s.coordinator.put_chunk(&job, hash, len, stream).await?;
     let status = if outcome.written { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(serde_json::json!({ "hash": hash, "durable": outcome.durable, "written": outcome.written })))
-        .into_response())
+    // `state` says what the ack promises: "staged" (in ckptd's staging tier, uploaded later)
+    // or "durable" (already in the store).
+    let answer = serde_json::json!({ "hash": hash, "state": outcome.state, "written": outcome.written });
+    Ok((status, Json(answer)).into_response())
 }
 
 async fn get_chunk(
@@ -307,12 +339,12 @@ async fn get_chunk(
 async fn open_save(
     State(s): State<Arc<AppState>>,
     p: Result<Path<(String, String)>, PathRejection>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let (job, step) = path(p)?;
     job_of(&job)?;
     let step = parse_step(&step)?;
-    let req: OpenSave = json_body(&body)?;
+    let req: OpenSave = json_body(&s, body)?;
     Ok(Json(s.coordinator.open_save(&job, step, req).await?).into_response())
 }
 
@@ -339,14 +371,14 @@ async fn abort_save(
 async fn put_shard_index(
     State(s): State<Arc<AppState>>,
     p: Result<Path<(String, String, String)>, PathRejection>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let (job, step, rank) = path(p)?;
     job_of(&job)?;
     let step = parse_step(&step)?;
     let rank: u32 =
         rank.parse().map_err(|_| ServiceError::BadRequest(format!("rank {rank:?} is not a non-negative integer")))?;
-    let index: ShardIndex = json_body(&body)?;
+    let index: ShardIndex = json_body(&s, body)?;
     if index.rank != rank {
         return Err(ApiError(ServiceError::BadRequest(format!(
             "path names rank {rank} but the index is rank {}",

@@ -26,6 +26,12 @@ pub struct Config {
     pub chunk_requests_max: usize,
     /// How long a request waits for a free slot before ckptd answers 503 with Retry-After.
     pub busy_wait_ms: u64,
+    /// A request body that delivers no bytes for this long is dropped (408): a stalled client
+    /// must not keep its chunk slot and staging space.
+    pub body_progress_timeout_ms: u64,
+    /// A connection that has not sent a complete request head this long after it opened (or
+    /// after its previous request) is closed.
+    pub header_read_timeout_ms: u64,
     /// How often ckptd retries the commit of a save whose chunks are all durable but whose
     /// manifest write failed (the store's own retries exhausted).
     pub commit_retry_ms: u64,
@@ -84,6 +90,8 @@ impl Default for Config {
             shard_index_bytes_max: 64 << 20,
             chunk_requests_max: 64,
             busy_wait_ms: 2_000,
+            body_progress_timeout_ms: 10_000,
+            header_read_timeout_ms: 10_000,
             commit_retry_ms: 1_000,
             saves_in_flight_max: 256,
             save_chunk_refs_max: 2_000_000,
@@ -160,6 +168,8 @@ impl Config {
             ("save_chunk_refs_max", self.save_chunk_refs_max),
             ("in_flight_chunk_refs_max", self.in_flight_chunk_refs_max),
             ("save_idle_abort_ms", self.save_idle_abort_ms),
+            ("body_progress_timeout_ms", self.body_progress_timeout_ms),
+            ("header_read_timeout_ms", self.header_read_timeout_ms),
         ];
         for (name, v) in positive {
             if v == 0 {
@@ -202,6 +212,12 @@ mod tests {
         assert!(Config::from_toml_file(&p).is_err());
         let zero = Config { chunk_requests_max: 0, ..Config::default() };
         assert!(zero.validate().is_err());
+        for zero in [
+            Config { body_progress_timeout_ms: 0, ..Config::default() },
+            Config { header_read_timeout_ms: 0, ..Config::default() },
+        ] {
+            assert!(zero.validate().unwrap_err().to_string().contains("_timeout_ms must be positive"));
+        }
         Config::default().validate().unwrap();
     }
 }

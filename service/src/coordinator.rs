@@ -14,8 +14,9 @@
 //!   failed and aborts saves that made no progress for `save_idle_abort_ms`.
 //! * Bounds: saves in flight (`saves_in_flight_max`), chunk references per save
 //!   (`save_chunk_refs_max`) and over all saves (`in_flight_chunk_refs_max`), concurrent chunk
-//!   requests (`chunk_requests_max`, waited for at most `busy_wait_ms`), store fan-out per
-//!   request (`store_requests_max`), hashes per existence query (`missing_query_hashes_max`);
+//!   requests (`chunk_requests_max`, waited for at most `busy_wait_ms`, and lost by a request
+//!   whose body sends nothing for `body_progress_timeout_ms`), store fan-out per request
+//!   (`store_requests_max`), hashes per existence query (`missing_query_hashes_max`);
 //!   chunk bytes are bounded by the staging tier (see `staging.rs`).
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -133,9 +134,18 @@ pub struct OpenSave {
 pub struct ChunkPutOutcome {
     /// False when the chunk was already staged or durable and nothing was written.
     pub written: bool,
-    /// True when the chunk is durable in the store as the answer is sent; false when it is only
-    /// staged (the upload queue makes it durable later).
-    pub durable: bool,
+    pub state: ChunkState,
+}
+
+/// Where a chunk stands once a put or adopt returns. Only `Durable` survives a crash of ckptd
+/// for certain (a spilled staged chunk usually does too; see ARCHITECTURE.md).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ChunkState {
+    /// In the staging tier, waiting for its upload to the store.
+    Staged,
+    /// In the store.
+    Durable,
 }
 
 /// What start-up found and did, for the log and for tests.
@@ -338,6 +348,11 @@ impl Coordinator {
                 .chunk_refs_in_flight
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(state.chunk_refs)));
         }
+    }
+
+    /// How long a request body may send nothing before it is dropped.
+    pub fn body_progress_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.body_progress_timeout_ms)
     }
 
     /// The largest JSON body (shard index, existence query) the API accepts.

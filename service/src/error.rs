@@ -1,5 +1,7 @@
 use ckpt_core::{ChunkHash, CoreError};
 
+use crate::adopt::AdoptError;
+use crate::durable::DurableError;
 use crate::index::IndexError;
 use crate::store::StoreError;
 
@@ -19,6 +21,10 @@ pub enum ServiceError {
     Conflict(String),
     #[error("ckptd is busy: {0}")]
     Busy(String),
+    #[error("request body sent nothing for {idle_ms} ms; dropped")]
+    BodyStalled { idle_ms: u64 },
+    #[error("request body too large: {0}")]
+    TooLarge(String),
     #[error("chunk {hash} of job {job} is corrupt in the store: {reason}")]
     CorruptChunk { job: String, hash: ChunkHash, reason: String },
     #[error("manifest of {job}@{step} is corrupt in the store: {reason}")]
@@ -29,6 +35,11 @@ pub enum ServiceError {
     Index(#[from] IndexError),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Durable(#[from] DurableError),
+    #[error(transparent)]
+    Adopt(#[from] AdoptError),
+
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -54,11 +65,14 @@ impl ServiceError {
             ServiceError::UnknownChunks { .. } => "unknown_chunks",
             ServiceError::Conflict(_) => "conflict",
             ServiceError::Busy(_) => "busy",
+            ServiceError::BodyStalled { .. } => "body_stalled",
+            ServiceError::TooLarge(_) => "too_large",
             ServiceError::CorruptChunk { .. } => "chunk_corrupt",
             ServiceError::CorruptManifest { .. } => "manifest_corrupt",
             ServiceError::Store(_) => "store_error",
             ServiceError::Index(_) => "index_error",
-            ServiceError::Io(_) => "io_error",
+            ServiceError::Io(_) | ServiceError::Durable(_) => "io_error",
+            ServiceError::Adopt(e) => e.code(),
             ServiceError::Internal(_) => "internal",
         }
     }

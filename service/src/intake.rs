@@ -15,10 +15,10 @@
 //! * Answers are truthful: a chunk put answers `durable: false` for a chunk only staged.
 
 use bytes::Bytes;
-use ckpt_core::{ChunkHash, ChunkHeader, Codec, CHUNK_HEADER_BYTES};
+use ckpt_core::{ChunkHash, CHUNK_HEADER_BYTES};
 use futures::{StreamExt, TryStreamExt};
 
-use crate::coordinator::{ChunkPutOutcome, Coordinator};
+use crate::coordinator::{ChunkPutOutcome, ChunkState, Coordinator};
 use crate::error::{join_error, ServiceError};
 use crate::staging::UploadEvent;
 
@@ -112,7 +112,9 @@ impl Coordinator {
     }
 
     /// Receives a chunk of `len` bytes, verifies it against `hash`, and stages it for upload.
-    /// Idempotent: a chunk already staged or durable is drained and not stored again.
+    /// Idempotent: a chunk already staged or durable is drained and not stored again. A body
+    /// that stalls fails with `BodyStalled` (the HTTP layer times out every frame), which drops
+    /// the caller's chunk slot and this chunk's staging space.
     pub async fn put_chunk<S>(
         &self,
         job: &str,
@@ -121,7 +123,7 @@ impl Coordinator {
         mut body: S,
     ) -> Result<ChunkPutOutcome, ServiceError>
     where
-        S: futures::Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
+        S: futures::Stream<Item = Result<Bytes, ServiceError>> + Unpin + Send,
     {
         if len == 0 || len > self.config.chunk_bytes_max {
             return Err(ServiceError::BadRequest(format!(
@@ -135,10 +137,11 @@ impl Coordinator {
             while let Some(frame) = body.next().await {
                 frame?;
             }
-            return Ok(ChunkPutOutcome { written: false, durable: matches!(known, Known::Durable { .. }) });
+            let state = if matches!(known, Known::Durable { .. }) { ChunkState::Durable } else { ChunkState::Staged };
+            return Ok(ChunkPutOutcome { written: false, state });
         }
         self.staging.stage(job, hash, len, body).await?;
-        Ok(ChunkPutOutcome { written: true, durable: false })
+        Ok(ChunkPutOutcome { written: true, state: ChunkState::Staged })
     }
 
     /// Where clients on this host may hand over chunk files, and the store's root if it is a
@@ -148,8 +151,9 @@ impl Coordinator {
     }
 
     /// The node-local path for uploads: `name` is a file the client wrote into the handoff
-    /// directory, already in stored chunk format. It is verified (header and hash) and, for a
-    /// local-directory store, renamed into place: durable on return, with no copy in ckptd.
+    /// directory, already in stored chunk format. It is verified (header and hash) through one
+    /// fd and, for a local-directory store, renamed into place (copied when the handoff
+    /// directory is on another filesystem): durable on return. See `adopt.rs`.
     pub async fn adopt_chunk(&self, job: &str, hash: ChunkHash, name: &str) -> Result<ChunkPutOutcome, ServiceError> {
         if self.store.local_root().is_none() {
             return Err(ServiceError::Conflict(
@@ -162,35 +166,26 @@ impl Coordinator {
         let path = self.handoff_dir.join(name);
         if matches!(self.lookup(job, &[hash], false).await?[0], Known::Durable { .. }) {
             let _ = tokio::fs::remove_file(&path).await;
-            return Ok(ChunkPutOutcome { written: false, durable: true });
+            return Ok(ChunkPutOutcome { written: false, state: ChunkState::Durable });
         }
-        let (store, j, limit) = (self.store.clone(), job.to_string(), self.config.chunk_bytes_max);
-        let idx = self.index.clone();
+        let Some(dest) = self.store.local_chunk_path(job, &hash) else {
+            return Err(ServiceError::Internal("local store without a root".into()));
+        };
+        let stored_bytes_max = self.config.chunk_bytes_max + CHUNK_HEADER_BYTES as u64;
+        let (j, idx) = (job.to_string(), self.index.clone());
         tokio::task::spawn_blocking(move || -> Result<(), ServiceError> {
-            let meta = std::fs::symlink_metadata(&path)
-                .map_err(|e| ServiceError::BadRequest(format!("handoff file {}: {e}", path.display())))?;
-            if !meta.file_type().is_file() {
-                return Err(ServiceError::BadRequest("handoff file is not a regular file".into()));
+            let adopted = crate::adopt::adopt(&path, &dest, hash, stored_bytes_max)?;
+            if adopted.copied {
+                tracing::debug!(job = j, %hash, "handoff directory is on another filesystem; chunk copied");
             }
-            if meta.len() > limit + CHUNK_HEADER_BYTES as u64 {
-                return Err(ServiceError::BadRequest(format!(
-                    "handoff file is {} bytes, more than a chunk",
-                    meta.len()
-                )));
-            }
-            let stored = std::fs::read(&path)?;
-            let (header, payload) = ChunkHeader::decode(&stored)?;
-            if header.hash != hash || header.codec != Codec::None {
-                return Err(ServiceError::BadRequest("handoff file's header does not name this chunk as raw".into()));
-            }
-            hash.verify(payload)?;
-            store.adopt_local_chunk(&j, &hash, &path)?;
-            idx.put_chunk(&j, &hash, stored.len() as u64, Some(header.raw_len))?;
+            // Adopt takes raw chunks only, so the raw length is the payload's.
+            let raw_len = adopted.stored_len.saturating_sub(CHUNK_HEADER_BYTES as u64);
+            idx.put_chunk(&j, &hash, adopted.stored_len, Some(raw_len))?;
             Ok(())
         })
         .await
         .map_err(join_error)??;
         let _ = self.events.send(UploadEvent::Durable { job: job.to_string(), hash });
-        Ok(ChunkPutOutcome { written: true, durable: true })
+        Ok(ChunkPutOutcome { written: true, state: ChunkState::Durable })
     }
 }

@@ -4,10 +4,12 @@
 //! address, makes it durable in an object store, and commits a step by creating its manifest
 //! once every rank's shard index is in (a small root naming one index object per rank). See ARCHITECTURE.md for the data path and invariants.
 
+pub mod adopt;
 pub mod api;
 mod commit;
 pub mod config;
 pub mod coordinator;
+pub mod durable;
 pub mod error;
 pub mod index;
 mod intake;
@@ -34,8 +36,8 @@ pub async fn serve(config: Config) -> Result<(), ServiceError> {
         config.store_attempts_max,
         Duration::from_millis(config.store_retry_base_ms),
     )?;
-    std::fs::create_dir_all(&config.data_dir)?;
-    std::fs::create_dir_all(config.handoff_dir())?;
+    durable::ensure_dir(&config.data_dir)?;
+    durable::ensure_dir(&config.handoff_dir())?;
     let data_dir = config.data_dir.clone();
     let index = tokio::task::spawn_blocking(move || index::Index::open(&data_dir.join("index")))
         .await
@@ -56,26 +58,60 @@ pub async fn serve(config: Config) -> Result<(), ServiceError> {
     }
     tracing::info!(%addr, "ckptd listening");
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let shutdown_state = state.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown_signal().await;
-        shutdown_state.shutting_down.store(true, Ordering::Relaxed);
-        let _ = stop_tx.send(true);
-        tracing::info!("shutdown requested; finishing in-flight requests");
-    });
     let grace = Duration::from_secs(config.shutdown_grace_s);
-    let mut stop_rx2 = stop_rx.clone();
-    tokio::select! {
-        r = server => r?,
-        _ = async move {
-            let _ = stop_rx2.wait_for(|s| *s).await;
-            tokio::time::sleep(grace).await;
-        } => tracing::warn!(grace_s = config.shutdown_grace_s, "grace period over; dropping remaining requests"),
-    }
+    let header_read_timeout = Duration::from_millis(config.header_read_timeout_ms);
+    let shutdown = async move {
+        shutdown_signal().await;
+        state.shutting_down.store(true, Ordering::Relaxed);
+        tracing::info!("shutdown requested; finishing in-flight requests");
+    };
+    http_serve(listener, app, header_read_timeout, grace, shutdown).await;
     index.flush().await?;
     tracing::info!("ckptd stopped");
     Ok(())
+}
+
+/// Serves HTTP/1 on `listener` until `shutdown` completes, then stops accepting and gives the
+/// open connections `grace` to finish their requests. axum::serve cannot set a header read
+/// timeout, so connections are served with hyper's own builder: a client that opens
+/// connections and sends half a request head would otherwise hold a connection and a task
+/// each, forever.
+async fn http_serve(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    header_read_timeout: Duration,
+    grace: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_read_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!(grace_s = grace.as_secs(), "grace period over; dropping remaining requests");
+    }
 }
 
 async fn shutdown_signal() {

@@ -6,7 +6,9 @@
 //!   (`staging_memory_bytes_max`) and is then read into memory. When memory is full it is streamed
 //!   to the spill directory instead (`staging_spill_bytes_max`), hashing as it goes, so a spilled
 //!   chunk never occupies more than a network frame of memory. When both are full the request
-//!   waits up to `busy_wait_ms` for memory and is then refused with 503 + Retry-After. Every
+//!   waits up to `busy_wait_ms` for memory and is then refused with 503 + Retry-After. A body
+//!   that stops sending (no frame for `body_progress_timeout_ms`, enforced by the HTTP layer)
+//!   fails the receive, which releases the reservation and removes the spill file. Every
 //!   chunk byte ckptd holds in memory is inside the budget; the rest is a fixed per-worker
 //!   allowance (see `memory_overhead_bytes`).
 //! * Staged → durable: each staged chunk is queued for upload. A dispatcher runs at most
@@ -17,7 +19,9 @@
 //! * Crash consistency: memory-staged chunks are lost with the process (their ack said
 //!   "staged", not "durable"; the client re-sends what `missing` reports). Spilled chunks are
 //!   fsync'd before the ack and named `<job>/<hash>.<unique>` in the spill directory, which is the
-//!   journal of staged data: at start-up every spill file is re-verified and re-queued.
+//!   journal of staged data: at start-up every spill file is re-verified and re-queued. The file
+//!   is fsync'd, renamed into place and its directory fsync'd (`durable.rs`) before the ack.
+//!   Recovery only reads and removes spill files; a removal lost in a crash is redone next time.
 //! * Compression: zstd per chunk at `compression_level` on a blocking thread. A 256 KiB sample is
 //!   compressed first; a chunk whose sample saves less than `compression_min_savings_pct` is stored
 //!   raw (fp32 weights barely compress), as is a chunk whose full compression saves too little.
@@ -35,6 +39,7 @@ use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
+use crate::durable;
 use crate::error::{join_error, ServiceError};
 use crate::store::Store;
 
@@ -205,10 +210,12 @@ impl Staging {
     }
 
     /// Receives a chunk body of `len` bytes, verifies it against `hash`, and stages it.
-    /// Returns once the chunk is staged (in memory, or fsync'd on the spill disk).
+    /// Returns once the chunk is staged (in memory, or fsync'd on the spill disk). A body error
+    /// (a stalled client's `BodyStalled` included) releases what was reserved: the memory
+    /// permits are dropped and a spill file is removed.
     pub async fn stage<S>(&self, job: &str, hash: ChunkHash, len: u64, body: S) -> Result<(), ServiceError>
     where
-        S: Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
+        S: Stream<Item = Result<Bytes, ServiceError>> + Unpin + Send,
     {
         let n = permits(len);
         let held = if let Ok(p) = self.memory.clone().try_acquire_many_owned(n) {
@@ -251,7 +258,7 @@ impl Staging {
         permit: OwnedSemaphorePermit,
     ) -> Result<Held, ServiceError>
     where
-        S: Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
+        S: Stream<Item = Result<Bytes, ServiceError>> + Unpin + Send,
     {
         let mut buf = BytesMut::with_capacity(len as usize);
         let mut received = BodyLength::new(len);
@@ -277,11 +284,11 @@ impl Staging {
         permit: OwnedSemaphorePermit,
     ) -> Result<Held, ServiceError>
     where
-        S: Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
+        S: Stream<Item = Result<Bytes, ServiceError>> + Unpin + Send,
     {
         let (tmp, path) = self.spill_paths(job, &hash);
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        tokio::fs::create_dir_all(&dir).await?;
+        tokio::task::spawn_blocking(move || durable::ensure_dir(&dir)).await.map_err(join_error)??;
         let result = async {
             let mut file = tokio::fs::File::create(&tmp).await?;
             let mut hasher = blake3::Hasher::new();
@@ -299,7 +306,9 @@ impl Staging {
             }
             file.sync_data().await?;
             drop(file);
-            tokio::fs::rename(&tmp, &path).await?;
+            // The ack says the chunk survives a restart: the name must be durable too.
+            let (from, to) = (tmp.clone(), path.clone());
+            tokio::task::spawn_blocking(move || durable::rename_into_place(&from, &to)).await.map_err(join_error)??;
             Ok(())
         }
         .await;

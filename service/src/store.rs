@@ -93,7 +93,7 @@ impl Store {
         let (inner, description, local_root): (Arc<dyn ObjectStore>, String, _) = match dir {
             None => (Arc::new(InMemory::new()), "memory://".into(), None),
             Some(dir) => {
-                std::fs::create_dir_all(&dir).map_err(|e| bad(format!("cannot create directory: {e}")))?;
+                crate::durable::ensure_dir(&dir).map_err(|e| bad(e.to_string()))?;
                 let dir = dir.canonicalize().map_err(|e| bad(e.to_string()))?;
                 let fs = LocalFileSystem::new_with_prefix(&dir).map_err(|e| bad(e.to_string()))?.with_fsync(true);
                 (Arc::new(fs), format!("file://{}", dir.display()), Some(dir))
@@ -111,23 +111,10 @@ impl Store {
         self.local_root.as_deref()
     }
 
-    /// Node-local path: makes `file` (a complete stored chunk, header and payload, already
-    /// verified) the chunk object by renaming it into place — no copy. Same guarantees as the
-    /// local store's own put: file fsync'd, atomic rename, directory fsync'd. Blocking.
-    pub fn adopt_local_chunk(&self, job: &str, hash: &ChunkHash, file: &std::path::Path) -> Result<(), StoreError> {
-        let root = self.local_root.as_ref().ok_or_else(|| StoreError::Location {
-            location: self.description.clone(),
-            reason: "not a local directory".into(),
-        })?;
-        let dest = root.join(keys::chunk_key(job, hash));
-        let io =
-            |e: std::io::Error| StoreError::Other(object_store::Error::Generic { store: "local", source: Box::new(e) });
-        let dir = dest.parent().unwrap_or(root);
-        std::fs::create_dir_all(dir).map_err(io)?;
-        std::fs::File::open(file).and_then(|f| f.sync_all()).map_err(io)?;
-        std::fs::rename(file, &dest).map_err(io)?;
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-        Ok(())
+    /// Where chunk `hash` of `job` lives when the store is a local directory (the node-local
+    /// path writes it there through `adopt.rs`, with the same guarantees as the store's own put).
+    pub fn local_chunk_path(&self, job: &str, hash: &ChunkHash) -> Option<std::path::PathBuf> {
+        self.local_root.as_ref().map(|root| root.join(keys::chunk_key(job, hash)))
     }
 
     async fn retry<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, StoreError>

@@ -13,6 +13,16 @@ fn print_config_shows_defaults_and_precedence() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("listen = \"127.0.0.1:7070\""), "{text}");
     assert!(text.contains("chunk_requests_max = 64"), "{text}");
+    assert!(text.contains("body_progress_timeout_ms = 10000"), "{text}");
+    assert!(text.contains("header_read_timeout_ms = 10000"), "{text}");
+    let out = ckptd()
+        .args(["--body-progress-timeout-ms", "1500", "--print-config"])
+        .env("CKPTD_HEADER_READ_TIMEOUT_MS", "2500")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("body_progress_timeout_ms = 1500"), "{text}");
+    assert!(text.contains("header_read_timeout_ms = 2500"), "{text}");
 
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("ckptd.toml");

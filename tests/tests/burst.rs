@@ -245,3 +245,50 @@ async fn async_save_stalls_only_for_the_copy_and_reuses_its_buffer() {
     })
     .await
 }
+
+/// A chunk put's answer says what it promises: `staged` for a chunk in the staging tier (not
+/// yet in the store), `durable` only once the chunk is in the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunk_put_answers_say_staged_until_the_chunk_is_durable() {
+    bounded(Duration::from_secs(120), async {
+        let dir = tempfile::tempdir().unwrap();
+        // A pace of 1 byte/s: the first upload goes at once, the next waits for hours.
+        let d = start_daemon_with(opts_with(dir.path(), &[("--upload-bytes-per-s", "1".into())])).await;
+        let http = reqwest::Client::new();
+        let put = |data: Vec<u8>| {
+            let hash = ckpt_core::ChunkHash::of(&data);
+            let r = http.put(format!("{}/v1/jobs/job/chunks/{hash}", d.url())).body(data).send();
+            async move {
+                let r = r.await.unwrap();
+                (r.status().as_u16(), r.json::<serde_json::Value>().await.unwrap())
+            }
+        };
+        let (a, b) = (vec![1u8; 4096], vec![2u8; 4096]);
+        let (status, body) = put(a.clone()).await;
+        assert_eq!(
+            (status, body["state"].as_str(), body["written"].as_bool()),
+            (201, Some("staged"), Some(true)),
+            "{body}"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while stats(&d).await["staging"]["chunks_uploaded"].as_u64() != Some(1) {
+            assert!(std::time::Instant::now() < deadline, "the first chunk never became durable");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (status, body) = put(b.clone()).await;
+        assert_eq!((status, body["state"].as_str()), (201, Some("staged")), "{body}");
+        let (status, body) = put(b).await;
+        assert_eq!(
+            (status, body["state"].as_str(), body["written"].as_bool()),
+            (200, Some("staged"), Some(false)),
+            "a chunk waiting for upload is not durable: {body}"
+        );
+        let (status, body) = put(a).await;
+        assert_eq!(
+            (status, body["state"].as_str(), body["written"].as_bool()),
+            (200, Some("durable"), Some(false)),
+            "{body}"
+        );
+    })
+    .await
+}

@@ -34,6 +34,12 @@ struct Args {
     /// Chunk transfers served at once.
     #[arg(long, env = "CKPTD_CHUNK_REQUESTS_MAX")]
     chunk_requests_max: Option<usize>,
+    /// Drop a request body that sends nothing for this long (ms).
+    #[arg(long, env = "CKPTD_BODY_PROGRESS_TIMEOUT_MS")]
+    body_progress_timeout_ms: Option<u64>,
+    /// Close a connection whose request head is not complete within this long (ms).
+    #[arg(long, env = "CKPTD_HEADER_READ_TIMEOUT_MS")]
+    header_read_timeout_ms: Option<u64>,
     /// Saves in flight at once.
     #[arg(long, env = "CKPTD_SAVES_IN_FLIGHT_MAX")]
     saves_in_flight_max: Option<usize>,
@@ -88,6 +94,12 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(v) = args.chunk_requests_max {
         config.chunk_requests_max = v;
+    }
+    if let Some(v) = args.body_progress_timeout_ms {
+        config.body_progress_timeout_ms = v;
+    }
+    if let Some(v) = args.header_read_timeout_ms {
+        config.header_read_timeout_ms = v;
     }
     if let Some(v) = args.saves_in_flight_max {
         config.saves_in_flight_max = v;

@@ -1,0 +1,242 @@
+//! Durable files: the one place where ckptd makes bytes on a local disk survive a power cut.
+//!
+//! Design note.
+//! * What durable means: a file's bytes are on disk after `fsync` of the file; its name is on
+//!   disk only after `fsync` of the directory holding the entry. A directory created on the way
+//!   is itself an entry in its parent, so every directory this module creates is fsync'd, and so
+//!   is the parent it was created in, up to the first directory that already existed. Without
+//!   that, a chunk renamed into a fresh `chunks/<hh>/` directory can vanish after a power cut
+//!   although its own directory was fsync'd, because `chunks/` never recorded `<hh>`.
+//! * Concurrency: two threads may create the same directory at once. The one that loses the
+//!   race (`AlreadyExists`) still fsyncs the parent: otherwise it could return, and ack a chunk,
+//!   before the winner's fsync of the parent has happened.
+//! * Temporary files are named `.<name>.<pid>-<seq>.tmp` next to their destination, so they are
+//!   on the destination's filesystem (the rename is atomic) and parsers of store keys and spill
+//!   names ignore them. A crash can leave one behind; it is garbage, never data.
+//! * Everything here blocks: call it from `spawn_blocking`.
+//! * Used by the node-local adopt (`adopt.rs`), the spill files of the staging tier
+//!   (`staging.rs`) and the directories they need. Chunk puts to the store go through
+//!   object_store's local backend, which does the same (fsync of files and new directories).
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DurableError {
+    #[error("cannot create directory {}: {source}", .path.display())]
+    CreateDir { path: PathBuf, source: io::Error },
+    #[error("cannot fsync {}: {source}", .path.display())]
+    Sync { path: PathBuf, source: io::Error },
+    #[error("cannot write {}: {source}", .path.display())]
+    Write { path: PathBuf, source: io::Error },
+    #[error("cannot rename {} to {}: {source}", .from.display(), .to.display())]
+    Rename { from: PathBuf, to: PathBuf, source: io::Error },
+    #[error("{} has no parent directory", .path.display())]
+    NoParent { path: PathBuf },
+}
+
+impl DurableError {
+    pub fn io(&self) -> Option<&io::Error> {
+        match self {
+            DurableError::CreateDir { source, .. }
+            | DurableError::Sync { source, .. }
+            | DurableError::Write { source, .. }
+            | DurableError::Rename { source, .. } => Some(source),
+            DurableError::NoParent { .. } => None,
+        }
+    }
+
+    /// A rename between two filesystems: the caller has to copy instead.
+    pub fn is_cross_device(&self) -> bool {
+        matches!(self, DurableError::Rename { source, .. } if source.raw_os_error() == Some(libc::EXDEV))
+    }
+}
+
+impl From<DurableError> for io::Error {
+    fn from(e: DurableError) -> io::Error {
+        let kind = e.io().map(io::Error::kind).unwrap_or(io::ErrorKind::Other);
+        io::Error::new(kind, e)
+    }
+}
+
+/// fsync of a directory: makes the entries created, renamed or removed in it durable.
+pub fn sync_dir(dir: &Path) -> Result<(), DurableError> {
+    #[cfg(test)]
+    tests::SYNCED_DIRS.with(|s| s.borrow_mut().push(dir.to_path_buf()));
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|source| DurableError::Sync { path: dir.into(), source })
+}
+
+/// Creates `dir` and every missing ancestor, durably: each directory that was missing is
+/// fsync'd, and so is the directory it was created in. A no-op (no fsync) when `dir` exists.
+pub fn ensure_dir(dir: &Path) -> Result<(), DurableError> {
+    // The missing directories, deepest first, found before creating any.
+    let mut missing = Vec::new();
+    let mut d = dir;
+    loop {
+        match std::fs::metadata(d) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => {
+                return Err(DurableError::CreateDir {
+                    path: d.into(),
+                    source: io::Error::new(io::ErrorKind::AlreadyExists, "exists and is not a directory"),
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                missing.push(d);
+                match d.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => d = p,
+                    // A relative path's first component: its parent is the working directory.
+                    _ => break,
+                }
+            }
+            Err(source) => return Err(DurableError::CreateDir { path: d.into(), source }),
+        }
+    }
+    for d in missing.iter().rev() {
+        match std::fs::create_dir(d) {
+            Ok(()) => {}
+            // Created concurrently: its creator may not have fsync'd the parent yet, so the
+            // parent is fsync'd below regardless.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => {}
+            Err(source) => return Err(DurableError::CreateDir { path: d.to_path_buf(), source }),
+        }
+        sync_dir(d)?;
+        sync_dir(parent_dir(d))?;
+    }
+    Ok(())
+}
+
+/// The directory holding `path`; "." for a bare file name.
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Renames `from` (a file whose bytes the caller already fsync'd) to `to`, creating `to`'s
+/// directory durably if needed, and fsyncs `to`'s directory: on return the file is durable
+/// under its new name. An existing `to` is replaced atomically. Fails with
+/// [`DurableError::is_cross_device`] when `from` is on another filesystem.
+pub fn rename_into_place(from: &Path, to: &Path) -> Result<(), DurableError> {
+    let dir = to.parent().ok_or_else(|| DurableError::NoParent { path: to.into() })?;
+    ensure_dir(dir)?;
+    std::fs::rename(from, to).map_err(|source| DurableError::Rename { from: from.into(), to: to.into(), source })?;
+    sync_dir(parent_dir(to))
+}
+
+/// A fresh temporary path next to `dest` (same directory, so same filesystem).
+pub fn temp_path(dest: &Path) -> PathBuf {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let unique = format!("{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+    parent_dir(dest).join(format!(".{name}.{unique}.tmp"))
+}
+
+/// Writes a new file at `dest` through one fd: `fill` writes the bytes into a temporary file
+/// next to `dest`, which is fsync'd and renamed into place, and `dest`'s directory (and every
+/// directory created for it) is fsync'd. `dest` never holds a partial file; on error the
+/// temporary file is removed.
+pub fn write_new<T>(dest: &Path, fill: impl FnOnce(&mut File) -> io::Result<T>) -> Result<T, DurableError> {
+    let dir = dest.parent().ok_or_else(|| DurableError::NoParent { path: dest.into() })?;
+    ensure_dir(dir)?;
+    let tmp = temp_path(dest);
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|source| DurableError::Write { path: tmp.clone(), source })?;
+        let out = fill(&mut f).map_err(|source| DurableError::Write { path: tmp.clone(), source })?;
+        f.sync_all().map_err(|source| DurableError::Sync { path: tmp.clone(), source })?;
+        drop(f);
+        rename_into_place(&tmp, dest)?;
+        Ok(out)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    thread_local! {
+        /// Every directory `sync_dir` fsync'd on this thread, in order.
+        pub(super) static SYNCED_DIRS: std::cell::RefCell<Vec<PathBuf>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    fn synced_dirs() -> std::collections::BTreeSet<PathBuf> {
+        SYNCED_DIRS.with(|s| s.borrow_mut().drain(..).collect())
+    }
+
+    #[test]
+    fn every_created_directory_and_its_parent_are_fsynced() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        synced_dirs();
+        ensure_dir(&r.join("a/b/c")).unwrap();
+        let expected: std::collections::BTreeSet<PathBuf> =
+            [r.to_path_buf(), r.join("a"), r.join("a/b"), r.join("a/b/c")].into_iter().collect();
+        assert_eq!(synced_dirs(), expected, "the first existing directory gained an entry too");
+        ensure_dir(&r.join("a/b/c")).unwrap();
+        assert!(synced_dirs().is_empty(), "an existing directory needs no fsync");
+        std::fs::write(r.join("f"), b"x").unwrap();
+        rename_into_place(&r.join("f"), &r.join("a/d/f")).unwrap();
+        let expected: std::collections::BTreeSet<PathBuf> = [r.join("a"), r.join("a/d")].into_iter().collect();
+        assert_eq!(synced_dirs(), expected, "the destination directory holds the new entry");
+    }
+
+    #[test]
+    fn ensure_dir_creates_the_missing_chain_and_nothing_else() {
+        let root = tempfile::tempdir().unwrap();
+        let leaf = root.path().join("a/b/c");
+        ensure_dir(&leaf).unwrap();
+        assert!(leaf.is_dir());
+        ensure_dir(&leaf).unwrap();
+        std::fs::write(root.path().join("file"), b"x").unwrap();
+        let e = ensure_dir(&root.path().join("file/sub")).unwrap_err();
+        assert!(matches!(e, DurableError::CreateDir { .. }), "{e}");
+        assert!(e.to_string().contains("file"), "the message names the path: {e}");
+    }
+
+    #[test]
+    fn write_new_replaces_atomically_and_leaves_no_temporary_file() {
+        let root = tempfile::tempdir().unwrap();
+        let dest = root.path().join("x/y/chunk");
+        write_new(&dest, |f| f.write_all(b"one")).unwrap();
+        write_new(&dest, |f| f.write_all(b"two")).unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"two");
+        let failed = write_new(&dest, |f| {
+            f.write_all(b"partial")?;
+            Err::<(), _>(io::Error::other("source broke"))
+        });
+        assert!(failed.unwrap_err().to_string().contains("source broke"));
+        assert_eq!(std::fs::read(&dest).unwrap(), b"two", "a failed write leaves the old file");
+        let names: Vec<_> =
+            std::fs::read_dir(dest.parent().unwrap()).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("chunk")], "temporary files left behind");
+    }
+
+    #[test]
+    fn rename_across_filesystems_is_reported_as_such() {
+        // /dev/shm is a tmpfs on Linux; without it there is no second filesystem to try.
+        let shm = Path::new("/dev/shm");
+        let Ok(other) = tempfile::tempdir_in(shm) else {
+            panic!("this test needs a writable /dev/shm (a tmpfs) to rename across filesystems");
+        };
+        let here = tempfile::tempdir().unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let (a, b) = (std::fs::metadata(other.path()).unwrap().dev(), std::fs::metadata(here.path()).unwrap().dev());
+        assert_ne!(a, b, "/dev/shm and the temporary directory are one filesystem; the test would prove nothing");
+        let from = other.path().join("f");
+        std::fs::write(&from, b"x").unwrap();
+        let e = rename_into_place(&from, &here.path().join("d/f")).unwrap_err();
+        assert!(e.is_cross_device(), "{e}");
+    }
+}
