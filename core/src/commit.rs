@@ -165,6 +165,9 @@ pub struct Root {
     pub hash: String,
 }
 
+/// A tensor's type, global shape and (rank, rows) slices, gathered while a root is built.
+type Slices<'a> = (DType, &'a [u64], Vec<(u32, Range<u64>)>);
+
 /// What the caller knows about a save when it builds its root.
 pub struct RootFields<'a> {
     pub job: &'a str,
@@ -185,7 +188,7 @@ impl Root {
         let mut refs = Vec::with_capacity(f.world_size as usize);
         let mut bytes = 0u64;
         let mut distinct = std::collections::HashSet::new();
-        let mut slices: BTreeMap<&str, (DType, &[u64], Vec<(u32, Range<u64>)>)> = BTreeMap::new();
+        let mut slices: BTreeMap<&str, Slices<'_>> = BTreeMap::new();
         for (index, r) in ranks {
             if index.rank as usize != refs.len() {
                 return Err(CoreError::InvalidManifest(format!("index of rank {} out of order", index.rank)));
