@@ -151,7 +151,14 @@ fn adopt_with_hook(
     if actual != hash {
         return Err(AdoptError::Chunk { path, source: CoreError::HashMismatch { expected: hash, actual } });
     }
-    file.sync_data().map_err(|source| DurableError::Sync { path: path.clone(), source })?;
+    let skip_fsync: bool = (|| {
+        // Test-only switch (power-loss audit): adopt the file without syncing its bytes.
+        fail::fail_point!("adopt::skip_fsync", |_| true);
+        false
+    })();
+    if !skip_fsync {
+        file.sync_data().map_err(|source| DurableError::Sync { path: path.clone(), source })?;
+    }
 
     before_rename();
 

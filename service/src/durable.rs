@@ -94,6 +94,11 @@ pub fn ensure_dir(dir: &Path) -> Result<(), DurableError> {
             Err(source) => return Err(DurableError::CreateDir { path: d.into(), source }),
         }
     }
+    // Test-only switch (power-loss audit): leave new directories unsynced.
+    let skip_fsync: bool = (|| {
+        fail::fail_point!("durable::skip_new_dir_fsync", |_| true);
+        false
+    })();
     for d in missing.iter().rev() {
         match std::fs::create_dir(d) {
             Ok(()) => {}
@@ -101,6 +106,9 @@ pub fn ensure_dir(dir: &Path) -> Result<(), DurableError> {
             // parent is fsync'd below regardless.
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => {}
             Err(source) => return Err(DurableError::CreateDir { path: d.to_path_buf(), source }),
+        }
+        if skip_fsync {
+            continue;
         }
         sync_dir(d)?;
         sync_dir(parent_dir(d))?;
@@ -124,6 +132,8 @@ pub fn rename_into_place(from: &Path, to: &Path) -> Result<(), DurableError> {
     let dir = to.parent().ok_or_else(|| DurableError::NoParent { path: to.into() })?;
     ensure_dir(dir)?;
     std::fs::rename(from, to).map_err(|source| DurableError::Rename { from: from.into(), to: to.into(), source })?;
+    // Test-only switch (power-loss audit): leave the renamed entry unsynced.
+    fail::fail_point!("durable::skip_rename_dir_fsync", |_| Ok(()));
     sync_dir(parent_dir(to))
 }
 
@@ -150,7 +160,14 @@ pub fn write_new<T>(dest: &Path, fill: impl FnOnce(&mut File) -> io::Result<T>) 
             .open(&tmp)
             .map_err(|source| DurableError::Write { path: tmp.clone(), source })?;
         let out = fill(&mut f).map_err(|source| DurableError::Write { path: tmp.clone(), source })?;
-        f.sync_all().map_err(|source| DurableError::Sync { path: tmp.clone(), source })?;
+        // Test-only switch (power-loss audit): leave the new file's bytes unsynced.
+        let skip: bool = (|| {
+            fail::fail_point!("durable::skip_file_fsync", |_| true);
+            false
+        })();
+        if !skip {
+            f.sync_all().map_err(|source| DurableError::Sync { path: tmp.clone(), source })?;
+        }
         drop(f);
         rename_into_place(&tmp, dest)?;
         Ok(out)

@@ -304,7 +304,14 @@ impl Staging {
             if actual != hash {
                 return Err(ckpt_core::CoreError::HashMismatch { expected: hash, actual }.into());
             }
-            file.sync_data().await?;
+            let skip_fsync: bool = (|| {
+                // Test-only switch (power-loss audit): ack a spilled chunk without syncing it.
+                fail::fail_point!("staging::skip_spill_fsync", |_| true);
+                false
+            })();
+            if !skip_fsync {
+                file.sync_data().await?;
+            }
             drop(file);
             // The ack says the chunk survives a restart: the name must be durable too.
             let (from, to) = (tmp.clone(), path.clone());

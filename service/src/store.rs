@@ -95,7 +95,12 @@ impl Store {
             Some(dir) => {
                 crate::durable::ensure_dir(&dir).map_err(|e| bad(e.to_string()))?;
                 let dir = dir.canonicalize().map_err(|e| bad(e.to_string()))?;
-                let fs = LocalFileSystem::new_with_prefix(&dir).map_err(|e| bad(e.to_string()))?.with_fsync(true);
+                // Test-only switch (power-loss audit): a local store that does not fsync.
+                let fsync: bool = (|| {
+                    fail::fail_point!("store::skip_fsync", |_| false);
+                    true
+                })();
+                let fs = LocalFileSystem::new_with_prefix(&dir).map_err(|e| bad(e.to_string()))?.with_fsync(fsync);
                 (Arc::new(fs), format!("file://{}", dir.display()), Some(dir))
             }
         };

@@ -1,6 +1,8 @@
 //! Shared harness for the workspace-level tests: real ckptd processes on loopback, seeded
 //! random tensors, and helpers that look at the store directory the way an operator would.
 
+pub mod fsync_audit;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -1,0 +1,122 @@
+//! Durability against a power cut, not only a SIGKILL (which keeps the page cache): ckptd runs
+//! under strace, saves go through every path that makes bytes durable (HTTP uploads staged in
+//! memory and on the spill disk, node-local adopt by rename, node-local adopt by copy across
+//! filesystems), ckptd is SIGKILLed right after the last ack, and `fsync_audit` replays the
+//! trace: at every root creation, every spilled chunk's upload and at the end, nothing promised
+//! may be volatile. Then each fsync site is switched off in turn (a test-only fail point) and
+//! the audit must name what it left volatile: the test can fail.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::time::Duration;
+
+use ckpt_client::local::DaemonOptions;
+use ckpt_tests::fsync_audit::{audit, Layout};
+use ckpt_tests::*;
+
+const TRACED: &str = "openat,open,creat,mkdir,mkdirat,rename,renameat,renameat2,link,linkat,unlink,unlinkat,\
+write,pwrite64,writev,pwritev,pwritev2,ftruncate,fallocate,copy_file_range,fsync,fdatasync";
+
+fn strace() -> std::path::PathBuf {
+    let found = std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("strace")).find(|p| p.is_file()));
+    found.unwrap_or_else(|| {
+        panic!("this test needs strace (apt-get install strace; .ci/run installs it): it audits ckptd's fsyncs")
+    })
+}
+
+/// Which paths a run takes: over HTTP (memory and spill) and node-local, or node-local with
+/// the handoff directory on another filesystem (adopt copies).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Paths {
+    HttpAndAdopt,
+    AdoptAcrossFilesystems,
+}
+
+/// Runs the saves under strace with `failpoint` armed and returns the audit's findings.
+async fn traced_saves(paths: Paths, failpoint: Option<&str>) -> Vec<String> {
+    let strace = strace();
+    let dir = tempfile::tempdir().unwrap();
+    let top = dir.path().canonicalize().unwrap();
+    let trace = top.join("trace");
+    let wrapper = top.join("ckptd-traced");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec {} -f -qq -y -s 0 -e trace={TRACED} -o {} -- {} \"$@\"\n",
+            strace.display(),
+            trace.display(),
+            ckptd_exe().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut o = DaemonOptions::in_dir(wrapper, &top);
+    if let Some(fp) = failpoint {
+        o.envs.push(("FAILPOINTS".into(), format!("{fp}=return")));
+    }
+    // A small memory budget sends some chunks of the HTTP save to the spill disk.
+    let mut cfg = "staging_memory_bytes_max = 1048576\nupload_concurrency = 2\n".to_string();
+    let shm = tempfile::tempdir_in("/dev/shm").expect("a writable /dev/shm (tmpfs) as a second filesystem");
+    let mut handoff = top.join("state/handoff");
+    if paths == Paths::AdoptAcrossFilesystems {
+        handoff = shm.path().join("handoff");
+        let (a, b) = (std::fs::metadata(&top).unwrap().dev(), std::fs::metadata(shm.path()).unwrap().dev());
+        assert_ne!(a, b, "/dev/shm and the test directory are one filesystem here; the copy path cannot be reached");
+        cfg += &format!("handoff_dir = {:?}\n", handoff.to_str().unwrap());
+    }
+    std::fs::write(top.join("ckptd.toml"), cfg).unwrap();
+    o.extra_args = vec!["--config".into(), top.join("ckptd.toml").into_os_string()];
+    let mut d = start_daemon_with(o).await;
+    let seed = seed(0x5eed_0808);
+    let states = |s: u64| (0..2).map(|r| rank_tensors(s, r, 2, 3 << 20)).collect::<Vec<_>>();
+    if paths == Paths::HttpAndAdopt {
+        save_step(&client(&d), "job", 1, &states(seed)).await.unwrap();
+        let s = stats(&d).await;
+        assert!(s["staging"]["chunks_staged_spill"].as_u64() > Some(0), "no chunk went to the spill disk: {s}");
+        assert!(s["staging"]["chunks_staged_memory"].as_u64() > Some(0), "no chunk was staged in memory: {s}");
+    }
+    save_step(&local_client(&d), "job", 2, &states(seed + 1)).await.unwrap();
+    // SIGKILL ckptd (strace's child) at once: nothing after the last ack may fix a missing sync.
+    let strace_pid = d.pid().expect("ckptd under strace is running");
+    let children = std::fs::read_to_string(format!("/proc/{strace_pid}/task/{strace_pid}/children")).unwrap();
+    let ckptd_pid: i32 = children.split_whitespace().next().and_then(|p| p.parse().ok()).expect("ckptd's pid");
+    // SAFETY: kill(2) on a child process we started; no memory is involved.
+    unsafe {
+        libc::kill(ckptd_pid, libc::SIGKILL);
+    }
+    d.wait_exit(Duration::from_secs(30)).await.expect("strace ends with its tracee");
+    let text = std::fs::read_to_string(&trace).unwrap();
+    assert!(text.contains("fsync("), "the trace holds no fsync at all; is strace working?");
+    let store = top.join("store");
+    let spill = top.join("state/spill");
+    let found = audit(&text, &Layout { top: &top, store: &store, spill: &spill, foreign: &handoff });
+    // The store is whole after the kill too (as a SIGKILL-only test would see it).
+    assert_manifests_complete(Path::new(&store));
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_acked_save_is_fsynced_and_each_fsync_site_is_needed() {
+    bounded(Duration::from_secs(900), async {
+        for paths in [Paths::HttpAndAdopt, Paths::AdoptAcrossFilesystems] {
+            let found = traced_saves(paths, None).await;
+            assert!(found.is_empty(), "{paths:?}: volatile at a durability promise:\n{}", found.join("\n"));
+        }
+        // Each site switched off alone must be caught, on the path that uses it.
+        let sites = [
+            (Paths::HttpAndAdopt, "store::skip_fsync"),
+            (Paths::HttpAndAdopt, "staging::skip_spill_fsync"),
+            (Paths::HttpAndAdopt, "durable::skip_rename_dir_fsync"),
+            (Paths::HttpAndAdopt, "durable::skip_new_dir_fsync"),
+            (Paths::HttpAndAdopt, "adopt::skip_fsync"),
+            (Paths::AdoptAcrossFilesystems, "durable::skip_file_fsync"),
+        ];
+        for (paths, site) in sites {
+            let found = traced_saves(paths, Some(site)).await;
+            assert!(!found.is_empty(), "with {site} switched off the audit found nothing: it cannot see that fsync");
+            eprintln!("{site}: {} findings, first: {}", found.len(), found[0]);
+        }
+    })
+    .await
+}
