@@ -8,6 +8,7 @@
 
 pub mod async_save;
 pub mod bench;
+pub mod bench_scale;
 pub mod checkpoint;
 pub mod client;
 pub mod error;

@@ -157,6 +157,7 @@ async fn stats(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "saves_in_flight": s.coordinator.saves_in_flight(),
         "chunk_refs_in_flight": s.coordinator.chunk_refs_in_flight(),
         "journal_flushes": s.coordinator.journal_flushes(),
+        "last_commit_after_last_index_us": s.coordinator.last_commit_after_last_index_us(),
     }))
 }
 

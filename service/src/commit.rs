@@ -195,6 +195,9 @@ impl Coordinator {
             // pending entry: only what is still staged now stays pending.
             let pending = self.still_staged(job, not_durable, rank).await?;
             g.state.accept_index(index, &self.limits)?;
+            if g.state.all_ranks_in() {
+                g.all_in_at = Some(Instant::now());
+            }
             self.chunk_refs_in_flight.fetch_add(refs, Ordering::Relaxed);
             g.add_pending(rank, pending);
             g.last_progress = Instant::now();
@@ -205,16 +208,15 @@ impl Coordinator {
                 i.put_save(&journal_header)
             })
             .await?;
-            (header, g.rank_complete(rank))
+            // Every chunk of this rank is durable already (the node-local path, or uploads
+            // that finished first): its index object is written below, outside the lock.
+            let object = g.rank_complete(rank).then(|| g.state.ranks.get(&rank).map(index_object)).flatten();
+            (header, object)
         };
         self.index.flush().await?;
-        if complete {
-            // Every chunk of this rank is durable already (the node-local path): write its
-            // index object now, so the commit has nothing left to do for it.
-            let mut g = slot.lock().await;
-            if !g.state.phase.is_final() && !g.written.contains(&rank) {
-                self.write_index_objects(&mut g, vec![rank]).await?;
-            }
+        if let Some((bytes, r)) = complete {
+            self.store.put_index_object(job, &r.hash, Bytes::from(bytes)).await?;
+            slot.lock().await.written.insert(rank);
         }
         debug_assert_eq!((header.job.as_str(), header.step), (job, step));
         self.settle(job, step, &slot).await
@@ -422,7 +424,17 @@ impl Coordinator {
             "ckptd::commit::after_manifest"
         ));
         self.finish_commit(&mut slot.state, root.hash.clone(), bytes.to_vec()).await?;
-        tracing::info!(job, step, world_size = slot.state.world_size, hash = %root.hash, "committed");
+        let after_last_index_us = slot.all_in_at.map_or(0, |t| t.elapsed().as_micros() as u64);
+        self.last_commit_after_last_index_us.store(after_last_index_us, Ordering::Relaxed);
+        tracing::info!(
+            job,
+            step,
+            world_size = slot.state.world_size,
+            hash = %root.hash,
+            root_bytes = bytes.len(),
+            after_last_index_us,
+            "committed"
+        );
         Ok(())
     }
 

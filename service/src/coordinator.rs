@@ -48,6 +48,8 @@ pub(crate) struct Slot {
     /// Ranks whose index object is in the store.
     pub(crate) written: HashSet<u32>,
     pub(crate) last_progress: Instant,
+    /// When the last rank's index was accepted (commit latency is measured from here).
+    pub(crate) all_in_at: Option<Instant>,
 }
 
 impl Slot {
@@ -58,6 +60,7 @@ impl Slot {
             rank_pending: HashMap::new(),
             written: HashSet::new(),
             last_progress: Instant::now(),
+            all_in_at: None,
         }
     }
 
@@ -116,6 +119,8 @@ pub struct Coordinator {
     pub(crate) handoff_dir: std::path::PathBuf,
     /// Chunk references held by all saves in flight.
     pub(crate) chunk_refs_in_flight: AtomicU64,
+    /// Microseconds from the last rank's index to the root of the most recent commit.
+    pub(crate) last_commit_after_last_index_us: AtomicU64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -208,6 +213,7 @@ impl Coordinator {
             aborted: Default::default(),
             handoff_dir,
             chunk_refs_in_flight: AtomicU64::new(0),
+            last_commit_after_last_index_us: AtomicU64::new(0),
         });
         tokio::spawn(Self::upload_events(Arc::downgrade(&c), rx));
         tokio::spawn(Self::maintain(Arc::downgrade(&c), Duration::from_millis(c.config.commit_retry_ms)));
@@ -318,6 +324,11 @@ impl Coordinator {
 
     pub fn chunk_refs_in_flight(&self) -> u64 {
         self.chunk_refs_in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Microseconds from the last rank's index to the root, for the most recent commit.
+    pub fn last_commit_after_last_index_us(&self) -> u64 {
+        self.last_commit_after_last_index_us.load(Ordering::Relaxed)
     }
 
     /// Journal syncs since start-up (one sync serves many concurrent requests).

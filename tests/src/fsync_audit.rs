@@ -71,11 +71,7 @@ fn path_args(args: &str) -> Vec<PathBuf> {
                 let Some(end) = after.find('"') else { break };
                 let s = &after[..end];
                 let p = Path::new(s);
-                out.push(if p.is_absolute() {
-                    p.to_path_buf()
-                } else {
-                    base.clone().unwrap_or_default().join(p)
-                });
+                out.push(if p.is_absolute() { p.to_path_buf() } else { base.clone().unwrap_or_default().join(p) });
                 rest = &after[end + 1..];
             }
             (_, Some(a)) => {

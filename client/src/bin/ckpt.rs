@@ -104,6 +104,33 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         background_nice: i32,
     },
+    /// Benchmark the commit path at a 405B job's rank and chunk counts with tiny real chunks:
+    /// index-put latency with every rank's put in flight at once, time from the last index to
+    /// the commit, ckptd's peak RSS, root bytes, metadata a rank reads to restore; one private
+    /// ckptd per world size, fsync'd local store. Prints one table.
+    BenchScale {
+        /// Directory for the stores (each removed after its run).
+        #[arg(long, default_value = "ckpt-bench-scale")]
+        dir: PathBuf,
+        /// World sizes to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1024,4096,16384")]
+        worlds: Vec<u32>,
+        /// Row-sliced tensors in each rank's index.
+        #[arg(long, default_value_t = 3)]
+        tensors: u32,
+        /// Chunk references per tensor (3 x 32 per rank is a 405B rank's ~96 at 16,384 ranks).
+        #[arg(long, default_value_t = 32)]
+        chunks_per_tensor: u32,
+        /// Also save this many distinct chunks through the ordinary save path (1500000 for a
+        /// 405B checkpoint in 4 MiB chunks; 0 skips it).
+        #[arg(long, default_value_t = 0)]
+        distinct_chunks: u64,
+        /// Ranks for the distinct-chunk save.
+        #[arg(long, default_value_t = 64)]
+        distinct_ranks: u32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Start a private ckptd, save a multi-rank checkpoint, crash ckptd mid-save, restart it,
     /// finish the save, restore and verify, and show a corrupted chunk being caught.
     Demo {
@@ -334,6 +361,26 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 background_nice,
             })
             .await?;
+        }
+        Cmd::BenchScale { dir, worlds, tensors, chunks_per_tensor, distinct_chunks, distinct_ranks, seed } => {
+            if worlds.is_empty() || worlds.contains(&0) || tensors == 0 || chunks_per_tensor == 0 {
+                bail!("--worlds, --tensors and --chunks-per-tensor must be positive");
+            }
+            let opts = ckpt_client::bench_scale::ScaleOptions {
+                dir,
+                worlds,
+                tensors,
+                chunks_per_tensor,
+                distinct_chunks,
+                distinct_ranks,
+                seed,
+            };
+            let report = ckpt_client::bench_scale::run(opts).await?;
+            if cli.json {
+                print_json(&report)?;
+            } else {
+                ckpt_client::bench_scale::print(&report);
+            }
         }
     }
     Ok(0)
