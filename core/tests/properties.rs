@@ -1,9 +1,11 @@
 //! Property tests of the formats and the save state machine. proptest prints the failing case
 //! and saves its seed under proptest-regressions/ so a failure replays.
 
+use ckpt_core::commit::{index_object, parse_index_object, RootFields};
 use ckpt_core::save::IndexOutcome;
 use ckpt_core::{
-    ChunkHash, ChunkHeader, ChunkRef, Codec, DType, Limits, Manifest, SavePhase, SaveState, ShardIndex, TensorEntry,
+    ChunkHash, ChunkHeader, ChunkRef, Codec, DType, Limits, Manifest, Root, SavePhase, SaveState, ShardIndex,
+    TensorEntry,
 };
 use proptest::prelude::*;
 
@@ -39,6 +41,32 @@ proptest! {
         // A damaged header never decodes to the same header.
         if let Ok(back) = ChunkHeader::decode_header(&bad) {
             prop_assert_ne!(back, h);
+        }
+    }
+
+    #[test]
+    fn a_damaged_root_or_index_object_is_never_accepted_with_other_content(world in 1u32..6, tensors in 1usize..4, seed in any::<u8>(), pos in any::<prop::sample::Index>(), byte in any::<u8>()) {
+        let ranks: Vec<_> = (0..world).map(|r| shard(r, seed.wrapping_add(r as u8), tensors)).collect();
+        let meta = serde_json::json!({"lr": 0.5});
+        let fields = RootFields { job: "job", step: 7, world_size: world, created_unix_ms: 123, previous_committed_step: Some(3), metadata: &meta };
+        let root = Root::build(fields, ranks.iter().map(|i| (i, index_object(i).1))).unwrap();
+        let bytes = root.to_bytes();
+        prop_assert_eq!(&Root::from_bytes(&bytes, &Limits::default()).unwrap(), &root);
+        let mut bad = bytes.clone();
+        let i = pos.index(bad.len());
+        bad[i] = byte;
+        if let Ok(back) = Root::from_bytes(&bad, &Limits::default()) {
+            prop_assert_eq!(back, root.clone());
+        }
+        // An index object is checked against the address the root gives.
+        let r = (seed as u32) % world;
+        let (obj, reference) = index_object(&ranks[r as usize]);
+        prop_assert_eq!(reference, root.ranks[r as usize]);
+        let mut bad = obj.clone();
+        let i = pos.index(bad.len());
+        bad[i] = byte;
+        if let Ok(back) = parse_index_object(&bad, &reference, r, world, &Limits::default()) {
+            prop_assert_eq!(back, ranks[r as usize].clone());
         }
     }
 
