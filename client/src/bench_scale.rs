@@ -272,6 +272,8 @@ async fn one_world(opts: &ScaleOptions, world: u32) -> Result<WorldRow, ClientEr
         return Err(ClientError::Protocol("the committed root is not the one read back".into()));
     }
     drop(d);
+    // The store goes; ckptd's log stays, for the commit's own timings.
+    let _ = std::fs::rename(dir.join("ckptd.log"), opts.dir.join(format!("ckptd-world-{world}.log")));
     let _ = std::fs::remove_dir_all(&dir);
     Ok(row)
 }

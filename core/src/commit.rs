@@ -75,18 +75,31 @@ pub struct TensorLayout {
 }
 
 impl TensorLayout {
-    /// Ranks whose slice of this tensor overlaps `rows` of dimension 0, ascending.
+    /// Ranks whose slice of this tensor overlaps `rows` of dimension 0, ascending; of ranks
+    /// holding the same rows (replicas, byte-identical by the save rule in `layout.rs`) only the
+    /// lowest.
     pub fn ranks_overlapping(&self, rows: &Range<u64>) -> Vec<u32> {
-        let mut out = Vec::new();
+        let mut found: Vec<(u64, u64, u32)> = Vec::new();
         for run in &self.runs {
             for i in 0..run.ranks() {
                 let r = run.rows_of(i);
                 if r.start < rows.end && rows.start < r.end {
-                    out.push(run.first_rank() + i);
+                    found.push((r.start, r.end, run.first_rank() + i));
                 }
             }
         }
+        found.sort_unstable();
+        found.dedup_by_key(|(start, end, _)| (*start, *end));
+        let mut out: Vec<u32> = found.into_iter().map(|(_, _, rank)| rank).collect();
         out.sort_unstable();
+        out
+    }
+
+    /// Distinct row ranges held, sorted by start (replicas counted once).
+    pub fn row_ranges(&self) -> Vec<Range<u64>> {
+        let mut out: Vec<Range<u64>> =
+            self.runs.iter().flat_map(|run| (0..run.ranks()).map(move |i| run.rows_of(i))).collect();
+        out.sort_by_key(|r| (r.start, r.end));
         out.dedup();
         out
     }
@@ -470,6 +483,9 @@ mod tests {
     fn replicas_are_a_run_with_stride_zero() {
         let s: Vec<(u32, Range<u64>)> = (0..6).map(|r| (r, 0..4)).collect();
         assert_eq!(runs_of(&s), vec![RowRun(0, 6, 0, 4, 0)]);
+        let t = TensorLayout { name: "w".into(), dtype: DType::U8, global_shape: vec![4], runs: runs_of(&s) };
+        assert_eq!(t.ranks_overlapping(&(1..2)), vec![0], "one replica is read");
+        assert_eq!(t.row_ranges(), vec![0..4]);
         let irregular = vec![(0, 0..4), (1, 10..14), (2, 12..16)];
         assert_eq!(runs_of(&irregular).len(), 2);
     }

@@ -10,6 +10,7 @@ pub mod commit;
 pub mod error;
 pub mod hash;
 pub mod keys;
+pub mod layout;
 pub mod manifest;
 pub mod save;
 pub mod shard;

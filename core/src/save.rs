@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::commit::{index_object, IndexRef, Root, RootFields};
 use crate::error::CoreError;
+use crate::layout::SliceMap;
 use crate::shard::ShardIndex;
 use crate::validate::{validate_job, validate_world_size, Limits};
 
@@ -80,6 +81,9 @@ pub struct SaveState {
     /// Chunk references in the received indexes (derived from `ranks`).
     #[serde(skip)]
     pub chunk_refs: u64,
+    /// The slices received so far, for the overlap rule (derived from `ranks`).
+    #[serde(skip)]
+    slices: SliceMap,
     pub phase: SavePhase,
     /// Why the save was aborted.
     pub error: Option<String>,
@@ -123,6 +127,7 @@ impl SaveState {
             ranks: BTreeMap::new(),
             refs: BTreeMap::new(),
             chunk_refs: 0,
+            slices: SliceMap::default(),
             phase: SavePhase::Open,
             error: None,
             manifest_hash: None,
@@ -142,6 +147,7 @@ impl SaveState {
             ranks: BTreeMap::new(),
             refs: BTreeMap::new(),
             chunk_refs: 0,
+            slices: SliceMap::default(),
             phase: self.phase,
             error: self.error.clone(),
             manifest_hash: self.manifest_hash.clone(),
@@ -170,6 +176,18 @@ impl SaveState {
     }
 
     pub fn accept_index(&mut self, index: ShardIndex, limits: &Limits) -> Result<IndexOutcome, CoreError> {
+        let r = index_object(&index).1;
+        self.accept_index_with(index, r, limits)
+    }
+
+    /// As `accept_index`, with the index object's reference already computed by the caller
+    /// (`commit::index_object`), so a service can serialise outside its lock.
+    pub fn accept_index_with(
+        &mut self,
+        index: ShardIndex,
+        object: IndexRef,
+        limits: &Limits,
+    ) -> Result<IndexOutcome, CoreError> {
         index.validate(self.world_size, limits)?;
         if let Some(held) = self.ranks.get(&index.rank) {
             return if *held == index {
@@ -181,15 +199,17 @@ impl SaveState {
         if self.phase != SavePhase::Open {
             return Err(self.conflict(format!("save is {}, it takes no new shard index", self.phase.name())));
         }
-        self.insert_rank(index);
+        self.slices.check(&index)?;
+        self.insert_rank(index, Some(object));
         if self.all_ranks_in() {
             self.transition(SavePhase::Staged)?;
         }
         Ok(IndexOutcome::New)
     }
 
-    fn insert_rank(&mut self, index: ShardIndex) {
-        self.refs.insert(index.rank, index_object(&index).1);
+    fn insert_rank(&mut self, index: ShardIndex, object: Option<IndexRef>) {
+        self.slices.insert(&index);
+        self.refs.insert(index.rank, object.unwrap_or_else(|| index_object(&index).1));
         self.chunk_refs += index.tensors.iter().map(|t| t.chunks.len() as u64).sum::<u64>();
         self.ranks.insert(index.rank, index);
     }
@@ -202,7 +222,7 @@ impl SaveState {
             if index.rank >= self.world_size {
                 return Err(CoreError::RankOutOfRange { rank: index.rank, world_size: self.world_size });
             }
-            self.insert_rank(index);
+            self.insert_rank(index, None);
         }
         if self.phase == SavePhase::Open && self.all_ranks_in() {
             self.transition(SavePhase::Staged)?;
@@ -328,7 +348,28 @@ mod tests {
     use crate::shard::tests::tensor;
 
     fn index(rank: u32) -> ShardIndex {
-        ShardIndex { rank, tensors: vec![tensor("w", &[rank as u8; 10], 4)], metadata: serde_json::Value::Null }
+        // Each rank its own tensor: ranks saving one whole tensor must save identical bytes.
+        ShardIndex {
+            rank,
+            tensors: vec![tensor(&format!("w{rank}"), &[rank as u8; 10], 4)],
+            metadata: serde_json::Value::Null,
+        }
+    }
+
+    #[test]
+    fn overlapping_slices_must_be_identical_replicas() {
+        let l = Limits::default();
+        let mut s = SaveState::open("j", 5, 3, 1, None, serde_json::Value::Null, &l).unwrap();
+        let whole = |rank, fill: u8| ShardIndex {
+            rank,
+            tensors: vec![tensor("w", &[fill; 10], 4)],
+            metadata: serde_json::Value::Null,
+        };
+        s.accept_index(whole(0, 1), &l).unwrap();
+        s.accept_index(whole(1, 1), &l).unwrap();
+        let err = s.accept_index(whole(2, 2), &l).unwrap_err();
+        assert!(err.to_string().contains("replicas must be identical"), "{err}");
+        assert_eq!(s.ranks.len(), 2, "a refused index is not kept");
     }
 
     #[test]

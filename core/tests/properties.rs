@@ -24,7 +24,7 @@ fn shard(rank: u32, seed: u8, tensors: usize) -> ShardIndex {
     ShardIndex {
         rank,
         tensors: (0..tensors)
-            .map(|i| tensor(format!("t{i}"), vec![seed.wrapping_add(i as u8); 10 + i * 7], 4))
+            .map(|i| tensor(format!("r{rank}.t{i}"), vec![seed.wrapping_add(i as u8); 10 + i * 7], 4))
             .collect(),
         metadata: serde_json::json!({ "seed": seed }),
     }

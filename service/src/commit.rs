@@ -39,7 +39,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use ckpt_core::commit::index_object;
 use ckpt_core::{ChunkHash, CommitObject, ManifestSummary, SavePhase, SaveState, ShardIndex};
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 
 use crate::coordinator::{now_unix_ms, Coordinator, OpenSave, SaveStatus, Slot, SlotRef};
 use crate::error::ServiceError;
@@ -122,21 +122,15 @@ impl Coordinator {
         g.state.reopen(req.world_size, req.metadata)?;
         g.last_progress = Instant::now();
         if created || g.state.metadata != before {
-            self.journal(&g.state, None).await?;
+            self.journal(&g.state).await?;
         }
         Ok(SaveStatus::of(&g.state))
     }
 
-    /// Journals the save's fields and, when given, one rank's index; flushed before returning.
-    async fn journal(&self, state: &SaveState, rank: Option<&ShardIndex>) -> Result<(), ServiceError> {
-        let (header, index) = (state.clone_fields(), rank.cloned());
-        self.blocking(move |i| {
-            if let Some(index) = &index {
-                i.put_save_rank(&header.job, header.step, index)?;
-            }
-            i.put_save(&header)
-        })
-        .await?;
+    /// Journals the save's fields (not its ranks'); flushed before returning.
+    async fn journal(&self, state: &SaveState) -> Result<(), ServiceError> {
+        let header = state.clone_fields();
+        self.blocking(move |i| i.put_save(&header)).await?;
         self.index.flush().await?;
         Ok(())
     }
@@ -163,8 +157,10 @@ impl Coordinator {
         index.validate(world_size, &self.limits)?;
         let refs: u64 = index.tensors.iter().map(|t| t.chunks.len() as u64).sum();
         let not_durable = self.check_chunks(job, &index).await?;
-        let accepted = index.clone();
-        let (header, complete) = {
+        // The index object's bytes are also the journal entry: serialised once, outside the lock.
+        let (object_bytes, object_ref) = index_object(&index);
+        let object_bytes = Bytes::from(object_bytes);
+        let complete = {
             let mut g = slot.lock().await;
             if g.state.phase.is_final() {
                 drop(g);
@@ -194,31 +190,33 @@ impl Coordinator {
             // A chunk staged at the lookup may have landed since, and its upload event found no
             // pending entry: only what is still staged now stays pending.
             let pending = self.still_staged(job, not_durable, rank).await?;
-            g.state.accept_index(index, &self.limits)?;
-            if g.state.all_ranks_in() {
+            g.state.accept_index_with(index, object_ref, &self.limits)?;
+            // The save's own journal entry changes only when its phase does (the last rank in).
+            let header = g.state.all_ranks_in().then(|| g.state.clone_fields());
+            if header.is_some() {
                 g.all_in_at = Some(Instant::now());
             }
             self.chunk_refs_in_flight.fetch_add(refs, Ordering::Relaxed);
             g.add_pending(rank, pending);
             g.last_progress = Instant::now();
-            let header = g.state.clone_fields();
-            let (journal_header, journal_rank) = (header.clone(), accepted);
+            let (j, journal_bytes) = (job.to_string(), object_bytes.clone());
             self.blocking(move |i| {
-                i.put_save_rank(&journal_header.job, journal_header.step, &journal_rank)?;
-                i.put_save(&journal_header)
+                i.put_save_rank(&j, step, rank, &journal_bytes)?;
+                header.map_or(Ok(()), |h| i.put_save(&h))
             })
             .await?;
             // Every chunk of this rank is durable already (the node-local path, or uploads
             // that finished first): its index object is written below, outside the lock.
-            let object = g.rank_complete(rank).then(|| g.state.ranks.get(&rank).map(index_object)).flatten();
-            (header, object)
+            g.rank_complete(rank).then(|| g.index_objects.clone())
         };
         self.index.flush().await?;
-        if let Some((bytes, r)) = complete {
-            self.store.put_index_object(job, &r.hash, Bytes::from(bytes)).await?;
-            slot.lock().await.written.insert(rank);
+        if let Some(objects) = complete {
+            if objects.begin(rank) {
+                let put = self.store.put_index_object(job, &object_ref.hash, object_bytes).await;
+                objects.finish(rank, put.is_ok());
+                put?;
+            }
         }
-        debug_assert_eq!((header.job.as_str(), header.step), (job, step));
         self.settle(job, step, &slot).await
     }
 
@@ -321,48 +319,68 @@ impl Coordinator {
         Ok(SaveStatus::committed(&summary))
     }
 
-    /// Writes the index objects of `ranks` (each rank's chunks must all be durable), at most
-    /// `store_requests_max` at a time, and records them as written. Serialises a bounded batch
-    /// at a time, so the bytes held stay small whatever the world size.
-    async fn write_index_objects(&self, g: &mut Slot, ranks: Vec<u32>) -> Result<(), ServiceError> {
+    /// Writes every index object not written yet (each rank's chunks must all be durable), at
+    /// most `store_requests_max` at a time, and waits for writes other tasks have in flight.
+    /// Serialises a bounded batch at a time, so the bytes held stay small whatever the world size.
+    async fn write_index_objects(&self, g: &Slot) -> Result<(), ServiceError> {
         let job: Arc<str> = g.state.job.as_str().into();
         let width = self.config.store_requests_max;
-        for batch in ranks.chunks(width * 4) {
-            let objects: Vec<(u32, ChunkHash, Bytes)> = batch
-                .iter()
-                .filter_map(|r| g.state.ranks.get(r))
-                .map(|index| {
-                    let (bytes, r) = index_object(index);
-                    (index.rank, r.hash, Bytes::from(bytes))
-                })
-                .collect();
-            let store = self.store.clone();
-            let job = job.clone();
-            let written: Vec<u32> = futures::stream::iter(objects)
-                .map(move |(rank, hash, bytes)| {
-                    let (store, job) = (store.clone(), job.clone());
-                    async move { store.put_index_object(&job, &hash, bytes).await.map(|_| rank) }
-                })
-                .buffer_unordered(width)
-                .try_collect()
-                .await?;
-            g.written.extend(written);
+        let objects = g.index_objects.clone();
+        loop {
+            let claimed: Vec<u32> = g.state.ranks.keys().copied().filter(|r| objects.begin(*r)).collect();
+            for batch in claimed.chunks(width * 4) {
+                let items: Vec<(u32, ChunkHash, Bytes)> = batch
+                    .iter()
+                    .filter_map(|r| g.state.ranks.get(r))
+                    .map(|index| {
+                        let (bytes, r) = index_object(index);
+                        (index.rank, r.hash, Bytes::from(bytes))
+                    })
+                    .collect();
+                let (store, job, objects) = (self.store.clone(), job.clone(), objects.clone());
+                let results: Vec<Result<(), StoreError>> = futures::stream::iter(items)
+                    .map(move |(rank, hash, bytes)| {
+                        let (store, job, objects) = (store.clone(), job.clone(), objects.clone());
+                        async move {
+                            let put = store.put_index_object(&job, &hash, bytes).await;
+                            objects.finish(rank, put.is_ok());
+                            put
+                        }
+                    })
+                    .buffer_unordered(width)
+                    .collect()
+                    .await;
+                results.into_iter().collect::<Result<Vec<()>, _>>()?;
+            }
+            match objects.counts() {
+                (written, _) if written == g.state.world_size as usize => return Ok(()),
+                (_, 0) => {
+                    return Err(ServiceError::Internal(format!(
+                        "{}@{}: index objects missing before the root",
+                        g.state.job, g.state.step
+                    )))
+                }
+                // Writes started by index puts are still in flight: wait for them.
+                _ => objects.changed(std::time::Duration::from_millis(50)).await,
+            }
         }
-        Ok(())
     }
 
     /// Writes one rank's index object in the background, once the last of its chunks landed.
     /// A failure is only logged: the commit writes whatever is left.
-    pub(crate) fn spawn_index_object_write(self: Arc<Self>, slot: SlotRef, g: &Slot, rank: u32) {
+    pub(crate) fn spawn_index_object_write(self: Arc<Self>, g: &Slot, rank: u32) {
         let Some(index) = g.state.ranks.get(&rank) else { return };
+        let objects = g.index_objects.clone();
+        if !objects.begin(rank) {
+            return;
+        }
         let (bytes, r) = index_object(index);
         let job = g.state.job.clone();
         tokio::spawn(async move {
-            match self.store.put_index_object(&job, &r.hash, Bytes::from(bytes)).await {
-                Ok(()) => {
-                    slot.lock().await.written.insert(rank);
-                }
-                Err(e) => tracing::warn!(job, rank, error = %e, "index object write failed; the commit retries it"),
+            let put = self.store.put_index_object(&job, &r.hash, Bytes::from(bytes)).await;
+            objects.finish(rank, put.is_ok());
+            if let Err(e) = put {
+                tracing::warn!(job, rank, error = %e, "index object write failed; the commit retries it");
             }
         });
     }
@@ -379,18 +397,19 @@ impl Coordinator {
                 )));
             }
             slot.state.mark_durable()?;
-            self.journal(&slot.state, None).await?;
+            self.journal(&slot.state).await?;
         }
-        let left: Vec<u32> = slot.state.ranks.keys().filter(|r| !slot.written.contains(r)).copied().collect();
-        self.write_index_objects(slot, left).await?;
-        if slot.written.len() != slot.state.world_size as usize {
-            return Err(ServiceError::Internal(format!("{job}@{step}: index objects missing before the root")));
-        }
+        let started = Instant::now();
+        let index_objects_at_commit = slot.state.world_size as usize - slot.index_objects.counts().0;
+        self.write_index_objects(slot).await?;
+        let index_objects_ms = started.elapsed().as_millis() as u64;
         fail::fail_point!("ckptd::commit::before_manifest", |_| crate::coordinator::crash_now(
             "ckptd::commit::before_manifest"
         ));
+        let started = Instant::now();
         let root = slot.state.root()?;
         let bytes = Bytes::from(root.to_bytes());
+        let root_build_ms = started.elapsed().as_millis() as u64;
         let created = async {
             fail::fail_point!("ckptd::commit::manifest_put", |_| Err(StoreError::Other(
                 object_store::Error::Generic { store: "failpoint", source: "injected transient failure".into() }
@@ -433,6 +452,9 @@ impl Coordinator {
             hash = %root.hash,
             root_bytes = bytes.len(),
             after_last_index_us,
+            index_objects_at_commit,
+            index_objects_ms,
+            root_build_ms,
             "committed"
         );
         Ok(())

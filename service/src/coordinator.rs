@@ -45,8 +45,8 @@ pub(crate) struct Slot {
     pub(crate) pending: HashMap<ChunkHash, Vec<u32>>,
     /// Per rank, how many of its distinct chunks are in `pending`.
     pub(crate) rank_pending: HashMap<u32, u32>,
-    /// Ranks whose index object is in the store.
-    pub(crate) written: HashSet<u32>,
+    /// Ranks whose index object is in the store or on its way; shared outside the save's lock.
+    pub(crate) index_objects: Arc<IndexObjects>,
     pub(crate) last_progress: Instant,
     /// When the last rank's index was accepted (commit latency is measured from here).
     pub(crate) all_in_at: Option<Instant>,
@@ -58,7 +58,7 @@ impl Slot {
             state,
             pending: HashMap::new(),
             rank_pending: HashMap::new(),
-            written: HashSet::new(),
+            index_objects: Arc::default(),
             last_progress: Instant::now(),
             all_in_at: None,
         }
@@ -103,6 +103,48 @@ impl Slot {
 }
 
 pub(crate) type SlotRef = Arc<Mutex<Slot>>;
+
+/// Which ranks' index objects are written, and which are being written. Kept outside the save's
+/// async lock: thousands of index puts finish their writes while others queue for the lock, and
+/// the commit waits for writes in flight instead of repeating them.
+#[derive(Default)]
+pub(crate) struct IndexObjects {
+    state: std::sync::Mutex<(HashSet<u32>, HashSet<u32>)>,
+    changed: tokio::sync::Notify,
+}
+
+impl IndexObjects {
+    /// Claims the write of `rank`'s object; false when it is written or being written.
+    pub(crate) fn begin(&self, rank: u32) -> bool {
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if g.0.contains(&rank) || g.1.contains(&rank) {
+            return false;
+        }
+        g.1.insert(rank)
+    }
+
+    pub(crate) fn finish(&self, rank: u32, ok: bool) {
+        {
+            let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            g.1.remove(&rank);
+            if ok {
+                g.0.insert(rank);
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// (written, being written)
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        let g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        (g.0.len(), g.1.len())
+    }
+
+    /// Waits until some write finishes, or `limit` passes.
+    pub(crate) async fn changed(&self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, self.changed.notified()).await;
+    }
+}
 
 pub struct Coordinator {
     pub(crate) store: Store,
@@ -276,7 +318,7 @@ impl Coordinator {
                         let Some(complete) = g.chunk_durable(&hash) else { continue };
                         g.last_progress = Instant::now();
                         for rank in complete {
-                            me.clone().spawn_index_object_write(slot.clone(), &g, rank);
+                            me.clone().spawn_index_object_write(&g, rank);
                         }
                         if g.ready() {
                             drop(g);

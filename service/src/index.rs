@@ -244,12 +244,9 @@ impl Index {
         Ok(())
     }
 
-    pub fn put_save_rank(&self, job: &str, step: u64, index: &ShardIndex) -> Result<(), IndexError> {
-        let bytes = serde_json::to_vec(index).map_err(|e| IndexError::Damaged {
-            key: format!("{job}@{step} rank {}", index.rank),
-            reason: e.to_string(),
-        })?;
-        self.save_ranks.insert(rank_key(job, step, index.rank), bytes)?;
+    /// Journals one rank's index as its serialised bytes (the index object's bytes).
+    pub fn put_save_rank(&self, job: &str, step: u64, rank: u32, bytes: &[u8]) -> Result<(), IndexError> {
+        self.save_ranks.insert(rank_key(job, step, rank), bytes)?;
         Ok(())
     }
 

@@ -187,7 +187,13 @@ async fn compressed_and_uncompressed_chunks_restore_identically() {
             .map(|r| {
                 let mut t = rank_tensors(seed, r, 2, 4 * MIB);
                 let smooth: Vec<u8> = (0..4 * MIB as usize).map(|i| ((i / 4096) % 7) as u8 + r as u8).collect();
-                t.push(Tensor::whole("smooth", ckpt_client::DType::U8, vec![smooth.len() as u64], smooth.into()));
+                // Each rank's own tensor (a whole tensor saved by several ranks must be identical).
+                t.push(Tensor::whole(
+                    format!("smooth.{r}"),
+                    ckpt_client::DType::U8,
+                    vec![smooth.len() as u64],
+                    smooth.into(),
+                ));
                 t
             })
             .collect();
@@ -208,7 +214,8 @@ async fn compressed_and_uncompressed_chunks_restore_identically() {
         let mut next = states.clone();
         for (r, s) in next.iter_mut().enumerate() {
             let smooth: Vec<u8> = (0..4 * MIB as usize).map(|i| ((i / 512) % 5) as u8 + r as u8).collect();
-            s[3] = Tensor::whole("smooth", ckpt_client::DType::U8, vec![smooth.len() as u64], smooth.into());
+            s[3] =
+                Tensor::whole(format!("smooth.{r}"), ckpt_client::DType::U8, vec![smooth.len() as u64], smooth.into());
         }
         save_step(&client(&d), "job", 2, &next).await.unwrap();
         assert_eq!(stats(&d).await["staging"]["chunks_compressed"].as_u64(), Some(0));

@@ -241,7 +241,16 @@ async fn concurrent_index_puts_share_journal_syncs() {
         let c = client(&d);
         const WORLD: u32 = 512;
         let states: Vec<Vec<Tensor>> = (0..WORLD)
-            .map(|r| vec![Tensor::whole("w", DType::U8, vec![8], Bytes::from(format!("rank{r:04}").into_bytes()))])
+            .map(|r| {
+                vec![Tensor {
+                    name: "w".into(),
+                    dtype: DType::U8,
+                    shape: vec![8],
+                    global_shape: vec![8 * WORLD as u64],
+                    offsets: vec![8 * r as u64],
+                    data: Bytes::from(format!("rank{r:04}").into_bytes()),
+                }]
+            })
             .collect();
         let before = stats(&d).await["journal_flushes"].as_u64().unwrap();
         save_step(&c, "wide", 1, &states).await.unwrap();

@@ -89,7 +89,7 @@ async fn averaging_is_the_elementwise_mean_saved_as_a_new_checkpoint() {
     for (step, base) in [(10, 0.0f32), (20, 10.0), (30, 50.0)] {
         let mut ranks = row_slices("params", 8, &[3], base);
         for (r, t) in ranks.iter_mut().enumerate() {
-            t.push(Tensor::whole("other", DType::U8, vec![1], Bytes::from(vec![r as u8])));
+            t.push(Tensor::whole(format!("other.{r}"), DType::U8, vec![1], Bytes::from(vec![r as u8])));
         }
         bounded(Duration::from_secs(60), save_step(&client, "avg", step, &ranks)).await.unwrap();
     }
