@@ -56,6 +56,8 @@ pub struct Config {
     pub missing_query_hashes_max: usize,
     /// Seconds in-flight requests get to finish after SIGTERM.
     pub shutdown_grace_s: u64,
+    /// Memory sled may use for its page cache (the index and journal).
+    pub index_cache_bytes_max: u64,
     pub world_size_max: u32,
     pub tensors_per_rank_max: usize,
     /// Chunk bytes held in memory: chunks being received, staged, or waiting for upload.
@@ -102,6 +104,7 @@ impl Default for Config {
             store_retry_base_ms: 50,
             missing_query_hashes_max: 100_000,
             shutdown_grace_s: 30,
+            index_cache_bytes_max: 256 << 20,
             world_size_max: 65_536,
             tensors_per_rank_max: 100_000,
             staging_memory_bytes_max: 1 << 30,
@@ -168,6 +171,7 @@ impl Config {
             ("save_chunk_refs_max", self.save_chunk_refs_max),
             ("in_flight_chunk_refs_max", self.in_flight_chunk_refs_max),
             ("save_idle_abort_ms", self.save_idle_abort_ms),
+            ("index_cache_bytes_max", self.index_cache_bytes_max),
             ("body_progress_timeout_ms", self.body_progress_timeout_ms),
             ("header_read_timeout_ms", self.header_read_timeout_ms),
         ];

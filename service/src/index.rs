@@ -91,8 +91,9 @@ fn rank_key(job: &str, step: u64, rank: u32) -> Vec<u8> {
 }
 
 impl Index {
-    pub fn open(dir: &Path) -> Result<Index, IndexError> {
-        let db = sled::Config::new().path(dir).open()?;
+    /// Opens (or creates) the index in `dir`; sled's page cache holds at most `cache_bytes`.
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Index, IndexError> {
+        let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).open()?;
         Ok(Index {
             chunks: db.open_tree("chunks")?,
             manifests: db.open_tree("manifests")?,
@@ -290,7 +291,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let h = ChunkHash::of(b"a");
         {
-            let idx = Index::open(dir.path()).unwrap();
+            let idx = Index::open(dir.path(), 1 << 20).unwrap();
             idx.put_chunk("j", &h, 10, Some(4)).unwrap();
             for step in [300u64, 2, 10] {
                 idx.put_manifest("j", step, b"{}").unwrap();
@@ -298,7 +299,7 @@ mod tests {
             idx.put_manifest("j2", 1, b"{}").unwrap();
             idx.db.flush().unwrap();
         }
-        let idx = Index::open(dir.path()).unwrap();
+        let idx = Index::open(dir.path(), 1 << 20).unwrap();
         assert!(idx.has_chunk("j", &h).unwrap());
         assert_eq!(idx.get_chunk("j", &h).unwrap(), Some(ChunkRecord { stored_len: 10, raw_len: Some(4) }));
         assert_eq!(idx.committed_before("j", 10).unwrap(), Some(2));

@@ -39,7 +39,8 @@ pub async fn serve(config: Config) -> Result<(), ServiceError> {
     durable::ensure_dir(&config.data_dir)?;
     durable::ensure_dir(&config.handoff_dir())?;
     let data_dir = config.data_dir.clone();
-    let index = tokio::task::spawn_blocking(move || index::Index::open(&data_dir.join("index")))
+    let cache_bytes = config.index_cache_bytes_max;
+    let index = tokio::task::spawn_blocking(move || index::Index::open(&data_dir.join("index"), cache_bytes))
         .await
         .map_err(error::join_error)??;
     let coordinator = Coordinator::start(store.clone(), index.clone(), config.clone());
