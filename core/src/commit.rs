@@ -33,8 +33,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::CoreError;
 use crate::hash::ChunkHash;
 use crate::manifest::{Manifest, ManifestSummary, MANIFEST_FORMAT};
+use crate::seal::{check_common, check_seal, seal, Sealed};
 use crate::shard::{DType, ShardIndex};
-use crate::validate::{validate_job, validate_world_size, Limits};
+use crate::validate::Limits;
 
 pub const ROOT_FORMAT: &str = "ckpt.root";
 pub const ROOT_FORMAT_VERSION: u32 = 2;
@@ -181,6 +182,12 @@ pub struct Root {
 /// A tensor's type, global shape and (rank, rows) slices, gathered while a root is built.
 type Slices<'a> = (DType, &'a [u64], Vec<(u32, Range<u64>)>);
 
+impl Sealed for Root {
+    fn hash_field(&mut self) -> &mut String {
+        &mut self.hash
+    }
+}
+
 /// What the caller knows about a save when it builds its root.
 pub struct RootFields<'a> {
     pub job: &'a str,
@@ -245,7 +252,7 @@ impl Root {
             hash: String::new(),
         };
         root.check_structure(&Limits { world_size_max: u32::MAX, ..Limits::default() })?;
-        root.hash = root.compute_hash();
+        root.hash = seal(&root);
         Ok(root)
     }
 
@@ -266,12 +273,6 @@ impl Root {
         Ok(root)
     }
 
-    fn compute_hash(&self) -> String {
-        let mut unsealed = self.clone();
-        unsealed.hash.clear();
-        blake3::hash(&serde_json::to_vec(&unsealed).unwrap_or_default()).to_hex().to_string()
-    }
-
     pub fn to_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
     }
@@ -283,27 +284,14 @@ impl Root {
         if r.format != ROOT_FORMAT || r.version != ROOT_FORMAT_VERSION {
             return Err(CoreError::InvalidManifest(format!("format {:?} version {}", r.format, r.version)));
         }
-        let expected = r.compute_hash();
-        if r.hash != expected {
-            return Err(CoreError::InvalidManifest(format!("hash is {} but content hashes to {expected}", r.hash)));
-        }
+        check_seal(&r)?;
         r.check_structure(limits)?;
         Ok(r)
     }
 
     fn check_structure(&self, limits: &Limits) -> Result<(), CoreError> {
-        validate_job(&self.job)?;
-        validate_world_size(self.world_size, limits)?;
-        if self.ranks.len() != self.world_size as usize {
-            return Err(CoreError::InvalidManifest(format!(
-                "{} index objects for world size {}",
-                self.ranks.len(),
-                self.world_size
-            )));
-        }
-        if self.previous_committed_step.is_some_and(|p| p >= self.step) {
-            return Err(CoreError::InvalidManifest("previous committed step is not before this step".into()));
-        }
+        let (prev, step) = (self.previous_committed_step, self.step);
+        check_common(&self.job, self.world_size, self.ranks.len(), "index objects", prev, step, limits)?;
         let mut names = BTreeSet::new();
         for t in &self.tensors {
             if !names.insert(t.name.as_str()) {

@@ -13,6 +13,7 @@ pub mod keys;
 pub mod layout;
 pub mod manifest;
 pub mod save;
+mod seal;
 pub mod shard;
 pub mod validate;
 

@@ -14,8 +14,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::CoreError;
 use crate::hash::ChunkHash;
+use crate::seal::{check_common, check_seal, seal, Sealed};
 use crate::shard::ShardIndex;
-use crate::validate::{validate_job, validate_world_size, Limits};
+use crate::validate::Limits;
 
 pub const MANIFEST_FORMAT: &str = "ckpt.manifest";
 pub const MANIFEST_FORMAT_VERSION: u32 = 1;
@@ -36,6 +37,12 @@ pub struct Manifest {
     pub ranks: Vec<ShardIndex>,
     /// blake3 of this manifest serialised with `hash` set to "".
     pub hash: String,
+}
+
+impl Sealed for Manifest {
+    fn hash_field(&mut self) -> &mut String {
+        &mut self.hash
+    }
 }
 
 impl Manifest {
@@ -63,16 +70,8 @@ impl Manifest {
             hash: String::new(),
         };
         m.check_structure(&Limits { world_size_max: u32::MAX, ..Limits::default() })?;
-        m.hash = m.compute_hash();
+        m.hash = seal(&m);
         Ok(m)
-    }
-
-    fn compute_hash(&self) -> String {
-        let mut unsealed = self.clone();
-        unsealed.hash.clear();
-        // Serialising plain structs, strings and serde_json values cannot fail.
-        let bytes = serde_json::to_vec(&unsealed).unwrap_or_default();
-        blake3::hash(&bytes).to_hex().to_string()
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -90,32 +89,19 @@ impl Manifest {
         if m.version != MANIFEST_FORMAT_VERSION {
             return Err(CoreError::InvalidManifest(format!("unsupported version {}", m.version)));
         }
-        let expected = m.compute_hash();
-        if m.hash != expected {
-            return Err(CoreError::InvalidManifest(format!("hash is {} but content hashes to {expected}", m.hash)));
-        }
+        check_seal(&m)?;
         m.check_structure(limits)?;
         Ok(m)
     }
 
     fn check_structure(&self, limits: &Limits) -> Result<(), CoreError> {
-        validate_job(&self.job)?;
-        validate_world_size(self.world_size, limits)?;
-        if self.ranks.len() != self.world_size as usize {
-            return Err(CoreError::InvalidManifest(format!(
-                "{} shard indexes for world size {}",
-                self.ranks.len(),
-                self.world_size
-            )));
-        }
+        let (prev, step) = (self.previous_committed_step, self.step);
+        check_common(&self.job, self.world_size, self.ranks.len(), "shard indexes", prev, step, limits)?;
         for (i, r) in self.ranks.iter().enumerate() {
             if r.rank as usize != i {
                 return Err(CoreError::InvalidManifest(format!("shard index {i} is for rank {}", r.rank)));
             }
             r.validate(self.world_size, limits)?;
-        }
-        if self.previous_committed_step.is_some_and(|p| p >= self.step) {
-            return Err(CoreError::InvalidManifest("previous committed step is not before this step".into()));
         }
         Ok(())
     }
