@@ -43,6 +43,11 @@ fn chunk_digest(t: &TensorEntry) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
+/// A slice with a zero dimension holds no element, so it overlaps nothing.
+fn is_empty(t: &TensorEntry) -> bool {
+    t.shape.contains(&0)
+}
+
 fn overlaps(a_off: &[u64], a_shape: &[u64], b_off: &[u64], b_shape: &[u64]) -> bool {
     a_off
         .iter()
@@ -54,7 +59,7 @@ fn overlaps(a_off: &[u64], a_shape: &[u64], b_off: &[u64], b_shape: &[u64]) -> b
 impl SliceMap {
     /// Checks `index` against the slices accepted so far, without recording it.
     pub fn check(&self, index: &ShardIndex) -> Result<(), CoreError> {
-        for t in &index.tensors {
+        for t in index.tensors.iter().filter(|t| !is_empty(t)) {
             let Some(known) = self.tensors.get(&t.name) else { continue };
             let bad = |m: String| CoreError::InvalidShardIndex(format!("rank {}: tensor {:?} {m}", index.rank, t.name));
             if known.dtype != Some(t.dtype) || known.global_shape != t.global_shape {
@@ -93,7 +98,7 @@ impl SliceMap {
 
     /// Records an accepted index's slices.
     pub fn insert(&mut self, index: &ShardIndex) {
-        for t in &index.tensors {
+        for t in index.tensors.iter().filter(|t| !is_empty(t)) {
             let e = self.tensors.entry(t.name.clone()).or_default();
             if e.dtype.is_none() {
                 e.dtype = Some(t.dtype);
@@ -156,6 +161,12 @@ mod tests {
             c.insert(&i);
         }
         assert!(c.check(&slice(2, "c", vec![4, 1], vec![4, 2], vec![8, 4], 0)).is_err());
+        // An empty slice takes no room: a full slice at the same offsets is still checked.
+        let mut e = SliceMap::default();
+        e.insert(&slice(0, "w", vec![0, 0], vec![0, 4], vec![40, 4], 0));
+        e.insert(&slice(1, "w", vec![0, 0], vec![10, 4], vec![40, 4], 1));
+        assert!(e.check(&slice(2, "w", vec![5, 0], vec![10, 4], vec![40, 4], 1)).is_err());
+        assert!(e.check(&slice(2, "w", vec![0, 0], vec![10, 4], vec![40, 4], 9)).is_err());
         // Scalars saved whole by every rank are replicas.
         let mut s = SliceMap::default();
         let whole = |r| slice(r, "step", vec![], vec![], vec![], 7);

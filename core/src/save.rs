@@ -188,9 +188,22 @@ impl SaveState {
         object: IndexRef,
         limits: &Limits,
     ) -> Result<IndexOutcome, CoreError> {
+        if self.check_index(&index, limits)? == IndexOutcome::Duplicate {
+            return Ok(IndexOutcome::Duplicate);
+        }
+        self.insert_rank(index, Some(object));
+        if self.all_ranks_in() {
+            self.transition(SavePhase::Staged)?;
+        }
+        Ok(IndexOutcome::New)
+    }
+
+    /// Whether `accept_index` would take `index` (and as what), changing nothing: a service
+    /// journals an index between this check and accepting it.
+    pub fn check_index(&self, index: &ShardIndex, limits: &Limits) -> Result<IndexOutcome, CoreError> {
         index.validate(self.world_size, limits)?;
         if let Some(held) = self.ranks.get(&index.rank) {
-            return if *held == index {
+            return if held == index {
                 Ok(IndexOutcome::Duplicate)
             } else {
                 Err(self.conflict(format!("rank {} already sent a different shard index", index.rank)))
@@ -199,11 +212,7 @@ impl SaveState {
         if self.phase != SavePhase::Open {
             return Err(self.conflict(format!("save is {}, it takes no new shard index", self.phase.name())));
         }
-        self.slices.check(&index)?;
-        self.insert_rank(index, Some(object));
-        if self.all_ranks_in() {
-            self.transition(SavePhase::Staged)?;
-        }
+        self.slices.check(index)?;
         Ok(IndexOutcome::New)
     }
 

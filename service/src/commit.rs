@@ -65,7 +65,17 @@ impl Coordinator {
         job: &str,
         step: u64,
     ) -> Result<Option<ManifestSummary>, ServiceError> {
-        Ok(self.committed_object(job, step).await?.map(|c| c.summary()))
+        let key = (job.to_string(), step);
+        if let Some(s) = self.summaries.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(Some(s.clone()));
+        }
+        let Some(summary) = self.committed_object(job, step).await?.map(|c| c.summary()) else { return Ok(None) };
+        let mut cache = self.summaries.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= crate::coordinator::SUMMARIES_KEPT {
+            cache.clear();
+        }
+        cache.insert(key, summary.clone());
+        Ok(Some(summary))
     }
 
     pub async fn open_save(&self, job: &str, step: u64, req: OpenSave) -> Result<SaveStatus, ServiceError> {
@@ -121,8 +131,19 @@ impl Coordinator {
         let before = g.state.metadata.clone();
         g.state.reopen(req.world_size, req.metadata)?;
         g.last_progress = Instant::now();
-        if created || g.state.metadata != before {
-            self.journal(&g.state).await?;
+        if created || !g.journalled || g.state.metadata != before {
+            // A save opened afresh may reuse the key of an aborted one: its ranks go first.
+            let fresh = created;
+            let (job_s, header) = (job.to_string(), g.state.clone_fields());
+            self.blocking(move |i| {
+                if fresh {
+                    i.remove_save(&job_s, step)?;
+                }
+                i.put_save(&header)
+            })
+            .await?;
+            self.index.flush().await?;
+            g.journalled = true;
         }
         Ok(SaveStatus::of(&g.state))
     }
@@ -151,7 +172,9 @@ impl Coordinator {
             (g.state.world_size, g.state.ranks.get(&rank) == Some(&index))
         };
         if retry {
-            // A retry of an accepted index: nothing to check or journal again.
+            // A retry of an accepted index: nothing to check or journal again, but the answer
+            // must not precede the journal sync the first attempt may not have seen through.
+            self.index.flush().await?;
             return self.settle(job, step, &slot).await;
         }
         index.validate(world_size, &self.limits)?;
@@ -171,6 +194,7 @@ impl Coordinator {
             }
             if g.state.ranks.get(&rank) == Some(&index) {
                 drop(g);
+                self.index.flush().await?;
                 return self.settle(job, step, &slot).await;
             }
             if g.state.chunk_refs + refs > self.config.save_chunk_refs_max {
@@ -190,30 +214,41 @@ impl Coordinator {
             // A chunk staged at the lookup may have landed since, and its upload event found no
             // pending entry: only what is still staged now stays pending.
             let pending = self.still_staged(job, not_durable, rank).await?;
-            g.state.accept_index_with(index, object_ref, &self.limits)?;
-            // The save's own journal entry changes only when its phase does (the last rank in).
-            let header = g.state.all_ranks_in().then(|| g.state.clone_fields());
-            if header.is_some() {
-                g.all_in_at = Some(Instant::now());
-            }
-            self.chunk_refs_in_flight.fetch_add(refs, Ordering::Relaxed);
-            g.add_pending(rank, pending);
-            g.last_progress = Instant::now();
+            // Checked, then journalled, then applied: a failed journal write changes nothing.
+            g.state.check_index(&index, &self.limits)?;
+            let completes = g.state.ranks.len() + 1 == g.state.world_size as usize;
+            // The save's own journal entry changes only when its phase does (the last rank in),
+            // or was never written (its opener's request failed or was cancelled).
+            let header = (completes || !g.journalled).then(|| {
+                let mut h = g.state.clone_fields();
+                if completes {
+                    h.phase = SavePhase::Staged;
+                }
+                h
+            });
             let (j, journal_bytes) = (job.to_string(), object_bytes.clone());
             self.blocking(move |i| {
                 i.put_save_rank(&j, step, rank, &journal_bytes)?;
                 header.map_or(Ok(()), |h| i.put_save(&h))
             })
             .await?;
+            g.journalled = true;
+            g.state.accept_index_with(index, object_ref, &self.limits)?;
+            if g.state.all_ranks_in() {
+                g.all_in_at = Some(Instant::now());
+            }
+            self.chunk_refs_in_flight.fetch_add(refs, Ordering::Relaxed);
+            g.add_pending(rank, pending);
+            g.last_progress = Instant::now();
             // Every chunk of this rank is durable already (the node-local path, or uploads
             // that finished first): its index object is written below, outside the lock.
             g.rank_complete(rank).then(|| g.index_objects.clone())
         };
         self.index.flush().await?;
         if let Some(objects) = complete {
-            if objects.begin(rank) {
+            if let Some(claim) = objects.begin(rank) {
                 let put = self.store.put_index_object(job, &object_ref.hash, object_bytes).await;
-                objects.finish(rank, put.is_ok());
+                claim.finish(put.is_ok());
                 put?;
             }
         }
@@ -326,24 +361,28 @@ impl Coordinator {
         let job: Arc<str> = g.state.job.as_str().into();
         let width = self.config.store_requests_max;
         let objects = g.index_objects.clone();
+        // Writes started by index puts get this long to finish; then the commit gives up its
+        // lock and the maintenance task tries again.
+        let deadline = Instant::now() + std::time::Duration::from_secs(60);
         loop {
-            let claimed: Vec<u32> = g.state.ranks.keys().copied().filter(|r| objects.begin(*r)).collect();
-            for batch in claimed.chunks(width * 4) {
-                let items: Vec<(u32, ChunkHash, Bytes)> = batch
+            let ranks: Vec<u32> = g.state.ranks.keys().copied().filter(|r| !objects.is_written(*r)).collect();
+            for batch in ranks.chunks(width * 4) {
+                let items: Vec<_> = batch
                     .iter()
                     .filter_map(|r| g.state.ranks.get(r))
-                    .map(|index| {
+                    .filter_map(|index| {
+                        let claim = objects.begin(index.rank)?;
                         let (bytes, r) = index_object(index);
-                        (index.rank, r.hash, Bytes::from(bytes))
+                        Some((claim, r.hash, Bytes::from(bytes)))
                     })
                     .collect();
-                let (store, job, objects) = (self.store.clone(), job.clone(), objects.clone());
+                let (store, job) = (self.store.clone(), job.clone());
                 let results: Vec<Result<(), StoreError>> = futures::stream::iter(items)
-                    .map(move |(rank, hash, bytes)| {
-                        let (store, job, objects) = (store.clone(), job.clone(), objects.clone());
+                    .map(move |(claim, hash, bytes)| {
+                        let (store, job) = (store.clone(), job.clone());
                         async move {
                             let put = store.put_index_object(&job, &hash, bytes).await;
-                            objects.finish(rank, put.is_ok());
+                            claim.finish(put.is_ok());
                             put
                         }
                     })
@@ -354,12 +393,14 @@ impl Coordinator {
             }
             match objects.counts() {
                 (written, _) if written == g.state.world_size as usize => return Ok(()),
-                (_, 0) => {
+                _ if Instant::now() >= deadline => {
                     return Err(ServiceError::Internal(format!(
-                        "{}@{}: index objects missing before the root",
+                        "{}@{}: index objects not all written after 60 s",
                         g.state.job, g.state.step
                     )))
                 }
+                // A write another task started failed or was dropped: claim it again.
+                (_, 0) => continue,
                 // Writes started by index puts are still in flight: wait for them.
                 _ => objects.changed(std::time::Duration::from_millis(50)).await,
             }
@@ -370,15 +411,12 @@ impl Coordinator {
     /// A failure is only logged: the commit writes whatever is left.
     pub(crate) fn spawn_index_object_write(self: Arc<Self>, g: &Slot, rank: u32) {
         let Some(index) = g.state.ranks.get(&rank) else { return };
-        let objects = g.index_objects.clone();
-        if !objects.begin(rank) {
-            return;
-        }
+        let Some(claim) = g.index_objects.begin(rank) else { return };
         let (bytes, r) = index_object(index);
         let job = g.state.job.clone();
         tokio::spawn(async move {
             let put = self.store.put_index_object(&job, &r.hash, Bytes::from(bytes)).await;
-            objects.finish(rank, put.is_ok());
+            claim.finish(put.is_ok());
             if let Err(e) = put {
                 tracing::warn!(job, rank, error = %e, "index object write failed; the commit retries it");
             }
@@ -467,6 +505,8 @@ impl Coordinator {
         bytes: Vec<u8>,
     ) -> Result<(), ServiceError> {
         state.mark_committed(hash)?;
+        // Out of the in-flight set first: a failure below must not leave a final save there.
+        self.untrack_slot(state);
         let (job, step) = (state.job.clone(), state.step);
         self.blocking(move |i| {
             i.put_manifest(&job, step, &bytes)?;
@@ -474,7 +514,6 @@ impl Coordinator {
         })
         .await?;
         self.index.flush().await?;
-        self.untrack_slot(state);
         Ok(())
     }
 

@@ -48,6 +48,9 @@ pub(crate) struct Slot {
     /// Ranks whose index object is in the store or on its way; shared outside the save's lock.
     pub(crate) index_objects: Arc<IndexObjects>,
     pub(crate) last_progress: Instant,
+    /// Whether the save's own journal entry (its fields) is written; every holder of the lock
+    /// that finds it false writes it before acknowledging anything.
+    pub(crate) journalled: bool,
     /// When the last rank's index was accepted (commit latency is measured from here).
     pub(crate) all_in_at: Option<Instant>,
 }
@@ -60,6 +63,7 @@ impl Slot {
             rank_pending: HashMap::new(),
             index_objects: Arc::default(),
             last_progress: Instant::now(),
+            journalled: false,
             all_in_at: None,
         }
     }
@@ -114,16 +118,19 @@ pub(crate) struct IndexObjects {
 }
 
 impl IndexObjects {
-    /// Claims the write of `rank`'s object; false when it is written or being written.
-    pub(crate) fn begin(&self, rank: u32) -> bool {
+    /// Claims the write of `rank`'s object; None when it is written or being written. The claim
+    /// is released as failed if it is dropped unfinished (a cancelled request), so nobody waits
+    /// for a write that will never end.
+    pub(crate) fn begin(self: &Arc<Self>, rank: u32) -> Option<IndexObjectClaim> {
         let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if g.0.contains(&rank) || g.1.contains(&rank) {
-            return false;
+            return None;
         }
-        g.1.insert(rank)
+        g.1.insert(rank);
+        Some(IndexObjectClaim { objects: self.clone(), rank, done: false })
     }
 
-    pub(crate) fn finish(&self, rank: u32, ok: bool) {
+    fn finish(&self, rank: u32, ok: bool) {
         {
             let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
             g.1.remove(&rank);
@@ -140,9 +147,35 @@ impl IndexObjects {
         (g.0.len(), g.1.len())
     }
 
+    pub(crate) fn is_written(&self, rank: u32) -> bool {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0.contains(&rank)
+    }
+
     /// Waits until some write finishes, or `limit` passes.
     pub(crate) async fn changed(&self, limit: Duration) {
         let _ = tokio::time::timeout(limit, self.changed.notified()).await;
+    }
+}
+
+/// A claimed index-object write; see `IndexObjects::begin`.
+pub(crate) struct IndexObjectClaim {
+    objects: Arc<IndexObjects>,
+    rank: u32,
+    done: bool,
+}
+
+impl IndexObjectClaim {
+    pub(crate) fn finish(mut self, ok: bool) {
+        self.done = true;
+        self.objects.finish(self.rank, ok);
+    }
+}
+
+impl Drop for IndexObjectClaim {
+    fn drop(&mut self) {
+        if !self.done {
+            self.objects.finish(self.rank, false);
+        }
     }
 }
 
@@ -163,7 +196,12 @@ pub struct Coordinator {
     pub(crate) chunk_refs_in_flight: AtomicU64,
     /// Microseconds from the last rank's index to the root of the most recent commit.
     pub(crate) last_commit_after_last_index_us: AtomicU64,
+    /// Summaries of committed roots already parsed (a root is about 90 bytes a rank; status
+    /// polls after a commit must not parse it again each time). Bounded by `SUMMARIES_KEPT`.
+    pub(crate) summaries: std::sync::Mutex<HashMap<SaveKey, ckpt_core::ManifestSummary>>,
 }
+
+pub(crate) const SUMMARIES_KEPT: usize = 4096;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct OpenSave {
@@ -256,6 +294,7 @@ impl Coordinator {
             handoff_dir,
             chunk_refs_in_flight: AtomicU64::new(0),
             last_commit_after_last_index_us: AtomicU64::new(0),
+            summaries: Default::default(),
         });
         tokio::spawn(Self::upload_events(Arc::downgrade(&c), rx));
         tokio::spawn(Self::maintain(Arc::downgrade(&c), Duration::from_millis(c.config.commit_retry_ms)));
@@ -338,7 +377,9 @@ impl Coordinator {
                 UploadEvent::Failed { job, hash, reason } => {
                     for slot in me.slots_of(&job) {
                         let mut g = slot.lock().await;
-                        if !g.state.phase.is_final() && g.pending.contains_key(&hash) {
+                        // A chunk staged again since (its rank re-sent it) is not lost.
+                        let restaged = me.staging.pending_raw_len(&job, &hash).is_some();
+                        if !g.state.phase.is_final() && g.pending.contains_key(&hash) && !restaged {
                             let why = format!("chunk {hash} could not be made durable: {reason}");
                             if g.state.abort(why).is_ok() {
                                 if let Err(e) = me.retire_aborted(&g.state).await {
@@ -439,10 +480,11 @@ impl Coordinator {
     /// Called with the save's lock held (or for a save not yet in the map, at start-up).
     pub(crate) async fn retire_aborted(&self, state: &SaveState) -> Result<(), ServiceError> {
         const ABORTED_KEPT: usize = 1024;
+        // Out of the in-flight set first: a failure below must not leave a final save there.
+        self.untrack_slot(state);
         let (job, step) = (state.job.clone(), state.step);
         self.blocking(move |i| i.remove_save(&job, step)).await?;
         self.index.flush().await?;
-        self.untrack_slot(state);
         let mut aborted = self.aborted.lock().unwrap_or_else(|e| e.into_inner());
         aborted.retain(|s| !(s.job == state.job && s.step == state.step));
         aborted.push_back(SaveStatus::of(state));

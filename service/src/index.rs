@@ -251,15 +251,34 @@ impl Index {
         Ok(())
     }
 
-    /// Forgets a save and its ranks' indexes. O(world size), once per save.
+    /// Forgets a save and its ranks' indexes. O(world size), once per save. The ranks go
+    /// first: a crash in between leaves a save that lost ranks (its clients re-send them), never
+    /// ranks without a save that a later save of the same step would inherit.
     pub fn remove_save(&self, job: &str, step: u64) -> Result<(), IndexError> {
-        self.saves.remove(job_key(job, &step.to_be_bytes()))?;
         let mut batch = sled::Batch::default();
         for kv in self.save_ranks.scan_prefix(job_key(job, &step.to_be_bytes())) {
             batch.remove(kv?.0);
         }
         self.save_ranks.apply_batch(batch)?;
+        self.saves.remove(job_key(job, &step.to_be_bytes()))?;
         Ok(())
+    }
+
+    /// Removes journalled ranks whose save has no entry (left by a crash inside an older
+    /// `remove_save`). Start-up only: O(journalled ranks).
+    pub fn remove_orphan_ranks(&self) -> Result<usize, IndexError> {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for kv in self.save_ranks.iter() {
+            let (k, _) = kv?;
+            let save_key = k.get(..k.len().saturating_sub(4)).unwrap_or_default();
+            if !self.saves.contains_key(save_key)? {
+                batch.remove(k);
+                n += 1;
+            }
+        }
+        self.save_ranks.apply_batch(batch)?;
+        Ok(n)
     }
 
     /// Every journalled save with the indexes of the ranks it received.
@@ -273,7 +292,17 @@ impl Index {
             let mut ranks = Vec::new();
             for kv in self.save_ranks.scan_prefix(job_key(&save.job, &save.step.to_be_bytes())) {
                 let (_, v) = kv?;
-                ranks.push(serde_json::from_slice::<ShardIndex>(&v).map_err(|e| damaged(e.to_string()))?);
+                let index = serde_json::from_slice::<ShardIndex>(&v).map_err(|e| damaged(e.to_string()))?;
+                if index.rank < save.world_size {
+                    ranks.push(index);
+                } else {
+                    tracing::warn!(
+                        job = save.job,
+                        step = save.step,
+                        rank = index.rank,
+                        "journalled rank outside the save's world; dropped"
+                    );
+                }
             }
             save.restore_ranks(ranks).map_err(|e| damaged(e.to_string()))?;
             out.push(save);

@@ -121,6 +121,7 @@ impl Coordinator {
             )));
         }
         self.store.delete_manifest(job, step).await?;
+        self.summaries.lock().unwrap_or_else(|e| e.into_inner()).remove(&(job.to_string(), step));
         let j = job.to_string();
         self.blocking(move |i| i.remove_manifest(&j, step)).await?;
         self.index.flush().await?;

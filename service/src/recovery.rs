@@ -67,6 +67,10 @@ impl Coordinator {
         }
         self.index.flush().await?;
 
+        let orphans = self.blocking(|i| i.remove_orphan_ranks()).await?;
+        if orphans > 0 {
+            tracing::warn!(orphans, "journalled ranks without a save removed");
+        }
         for mut save in self.blocking(|i| i.all_saves()).await? {
             let (job, step) = (save.job.clone(), save.step);
             if save.phase == SavePhase::Aborted {
