@@ -28,7 +28,7 @@ struct Cli {
 enum Cmd {
     /// List jobs, or the checkpoints of a job (committed and in flight).
     Ls { job: Option<String> },
-    /// Show a checkpoint's manifest: ranks, tensors, sizes.
+    /// Show a checkpoint: its root and every rank's index (ranks, tensors, sizes).
     Show {
         job: String,
         /// A step number or "latest".
@@ -249,7 +249,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     m.previous_committed_step.map(|p| p.to_string()).unwrap_or("-".into())
                 );
                 println!("  data              {:.1} MiB in {} distinct chunks", mib(s.bytes), s.chunks);
-                println!("  manifest hash     {}", m.hash);
+                println!("  root hash         {} (format {})", m.hash, m.version);
                 println!("  metadata          {}", m.metadata);
                 for r in &m.ranks {
                     println!("  rank {}: {} tensors, {:.1} MiB", r.rank, r.tensors.len(), mib(r.byte_len()));
@@ -537,7 +537,7 @@ async fn demo(ranks: u32, size_mib: u64, dir: Option<PathBuf>, seed: u64) -> any
     let (resent, total) = save_all(&client, job, 200, &states, 0..ranks, ranks).await?;
     let status = client.wait_committed(job, 200).await?;
     println!(
-        "6. all ranks retried step 200 ({:.0} of {:.0} MiB re-sent, the rest was durable); step 200 {} (manifest {})",
+        "6. all ranks retried step 200 ({:.0} of {:.0} MiB re-sent, the rest was durable); step 200 {} (root {})",
         mib(resent),
         mib(total),
         status.phase.name(),
