@@ -130,7 +130,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/jobs/{job}/saves/{step}", put(open_save).get(save_status).delete(abort_save))
         .route(
             "/v1/jobs/{job}/saves/{step}/ranks/{rank}",
-            put(put_shard_index).layer(DefaultBodyLimit::max(json_limit)),
+            put(put_shard_index)
+                .layer(DefaultBodyLimit::max(json_limit))
+                .layer(axum::middleware::from_fn_with_state(state.clone(), index_permit)),
         )
         .fallback(|| async { ApiError(ServiceError::NotFound("no such endpoint".into())) })
         .layer(body_timeout)
@@ -367,6 +369,19 @@ async fn abort_save(
     job_of(&job)?;
     let step = parse_step(&step)?;
     Ok(Json(s.coordinator.abort_save(&job, step, "aborted by a client").await?).into_response())
+}
+
+/// Index puts in flight are bounded (`index_requests_max`): the permit is taken before the body
+/// is read, so thousands of ranks sending at once hold at most that many bodies in memory.
+async fn index_permit(
+    State(s): State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match s.coordinator.index_permit().await {
+        Ok(_permit) => next.run(req).await,
+        Err(e) => ApiError(e).into_response(),
+    }
 }
 
 async fn put_shard_index(

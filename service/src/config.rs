@@ -24,6 +24,9 @@ pub struct Config {
     pub shard_index_bytes_max: u64,
     /// Chunk uploads and downloads served at once; more wait up to `busy_wait_ms`, then get 503.
     pub chunk_requests_max: usize,
+    /// Shard-index puts served at once (each holds its body, up to `shard_index_bytes_max`);
+    /// more wait up to `busy_wait_ms`, then get 503.
+    pub index_requests_max: usize,
     /// How long a request waits for a free slot before ckptd answers 503 with Retry-After.
     pub busy_wait_ms: u64,
     /// A request body that delivers no bytes for this long is dropped (408): a stalled client
@@ -91,6 +94,7 @@ impl Default for Config {
             chunk_bytes_max: 64 << 20,
             shard_index_bytes_max: 64 << 20,
             chunk_requests_max: 64,
+            index_requests_max: 1024,
             busy_wait_ms: 2_000,
             body_progress_timeout_ms: 10_000,
             header_read_timeout_ms: 10_000,
@@ -159,6 +163,7 @@ impl Config {
             ("chunk_bytes_max", self.chunk_bytes_max),
             ("shard_index_bytes_max", self.shard_index_bytes_max),
             ("chunk_requests_max", self.chunk_requests_max as u64),
+            ("index_requests_max", self.index_requests_max as u64),
             ("saves_in_flight_max", self.saves_in_flight_max as u64),
             ("store_requests_max", self.store_requests_max as u64),
             ("store_attempts_max", self.store_attempts_max as u64),

@@ -12,7 +12,8 @@
 //! * Background: upload events (chunks made durable or failed) are turned into index-object
 //!   writes, commits and aborts; a periodic task retries commits of ready saves whose root write
 //!   failed and aborts saves that made no progress for `save_idle_abort_ms`.
-//! * Bounds: saves in flight (`saves_in_flight_max`), chunk references per save
+//! * Bounds: saves in flight (`saves_in_flight_max`), shard-index requests served at once
+//!   (`index_requests_max`, taken before the body is read), chunk references per save
 //!   (`save_chunk_refs_max`) and over all saves (`in_flight_chunk_refs_max`), concurrent chunk
 //!   requests (`chunk_requests_max`, waited for at most `busy_wait_ms`, and lost by a request
 //!   whose body sends nothing for `body_progress_timeout_ms`), store fan-out per request
@@ -186,6 +187,7 @@ pub struct Coordinator {
     pub(crate) config: Config,
     pub(crate) saves: std::sync::Mutex<HashMap<SaveKey, SlotRef>>,
     pub(crate) chunk_permits: Arc<Semaphore>,
+    pub(crate) index_permits: Arc<Semaphore>,
     pub(crate) staging: Arc<Staging>,
     /// Upload events for chunks made durable outside the upload queue (node-local adoption).
     pub(crate) events: mpsc::UnboundedSender<UploadEvent>,
@@ -284,6 +286,7 @@ impl Coordinator {
         let c = Arc::new(Coordinator {
             limits: config.limits(),
             chunk_permits: Arc::new(Semaphore::new(config.chunk_requests_max)),
+            index_permits: Arc::new(Semaphore::new(config.index_requests_max)),
             store,
             index,
             config,
@@ -471,6 +474,18 @@ impl Coordinator {
             Ok(Err(_)) => Err(ServiceError::Busy("shutting down".into())),
             Err(_) => {
                 Err(ServiceError::Busy(format!("{} chunk transfers in progress", self.config.chunk_requests_max)))
+            }
+        }
+    }
+
+    /// A slot for a shard-index request, or `Busy` once `busy_wait_ms` has passed without one.
+    pub async fn index_permit(&self) -> Result<OwnedSemaphorePermit, ServiceError> {
+        let wait = Duration::from_millis(self.config.busy_wait_ms);
+        match tokio::time::timeout(wait, self.index_permits.clone().acquire_owned()).await {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(_)) => Err(ServiceError::Busy("shutting down".into())),
+            Err(_) => {
+                Err(ServiceError::Busy(format!("{} shard-index requests in progress", self.config.index_requests_max)))
             }
         }
     }

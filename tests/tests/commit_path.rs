@@ -232,12 +232,15 @@ async fn a_store_written_by_the_previous_format_restores() {
     .await
 }
 
-/// Index puts of a wide save are O(1) each and share journal syncs: 512 ranks, all at once.
+/// Index puts of a wide save are O(1) each and share journal syncs: 512 ranks, all at once,
+/// through 64 index-request slots (the rest wait for one, or are told to retry).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_index_puts_share_journal_syncs() {
     bounded(Duration::from_secs(120), async {
         let dir = tempfile::tempdir().unwrap();
-        let d = start_daemon(dir.path()).await;
+        let mut o = DaemonOptions::in_dir(ckptd_exe(), dir.path());
+        o.extra_args = config(dir.path(), "index_requests_max = 64\n");
+        let d = start_daemon_with(o).await;
         let c = client(&d);
         const WORLD: u32 = 512;
         let states: Vec<Vec<Tensor>> = (0..WORLD)
