@@ -468,25 +468,25 @@ impl Coordinator {
 
     /// A slot for a chunk transfer, or `Busy` once `busy_wait_ms` has passed without one.
     pub async fn chunk_permit(&self) -> Result<OwnedSemaphorePermit, ServiceError> {
-        let wait = Duration::from_millis(self.config.busy_wait_ms);
-        match tokio::time::timeout(wait, self.chunk_permits.clone().acquire_owned()).await {
-            Ok(Ok(p)) => Ok(p),
-            Ok(Err(_)) => Err(ServiceError::Busy("shutting down".into())),
-            Err(_) => {
-                Err(ServiceError::Busy(format!("{} chunk transfers in progress", self.config.chunk_requests_max)))
-            }
-        }
+        self.permit(&self.chunk_permits, self.config.chunk_requests_max, "chunk transfers").await
     }
 
     /// A slot for a shard-index request, or `Busy` once `busy_wait_ms` has passed without one.
     pub async fn index_permit(&self) -> Result<OwnedSemaphorePermit, ServiceError> {
+        self.permit(&self.index_permits, self.config.index_requests_max, "shard-index requests").await
+    }
+
+    async fn permit(
+        &self,
+        slots: &Arc<Semaphore>,
+        max: usize,
+        what: &str,
+    ) -> Result<OwnedSemaphorePermit, ServiceError> {
         let wait = Duration::from_millis(self.config.busy_wait_ms);
-        match tokio::time::timeout(wait, self.index_permits.clone().acquire_owned()).await {
+        match tokio::time::timeout(wait, slots.clone().acquire_owned()).await {
             Ok(Ok(p)) => Ok(p),
             Ok(Err(_)) => Err(ServiceError::Busy("shutting down".into())),
-            Err(_) => {
-                Err(ServiceError::Busy(format!("{} shard-index requests in progress", self.config.index_requests_max)))
-            }
+            Err(_) => Err(ServiceError::Busy(format!("{max} {what} in progress"))),
         }
     }
 

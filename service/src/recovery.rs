@@ -84,23 +84,19 @@ impl Coordinator {
             }
             if in_store.contains(&(job.clone(), step)) {
                 let stored = self.store.get_manifest(&job, step).await?;
+                // The stored root's hash when it is the one this journalled save commits as.
                 let same = match CommitObject::parse(&stored, &self.limits) {
-                    Ok(CommitObject::Root(_)) => {
-                        save.all_ranks_in() && save.build_root().is_ok_and(|b| b.to_bytes() == stored)
-                    }
-                    Ok(CommitObject::V1(m)) => {
-                        m.world_size == save.world_size
-                            && m.metadata == save.metadata
-                            && m.created_unix_ms == save.created_unix_ms
-                            && m.ranks.iter().eq(save.ranks.values())
-                    }
-                    Err(_) => false,
+                    Ok(CommitObject::Root(r)) => (save.all_ranks_in()
+                        && save.build_root().is_ok_and(|b| b.to_bytes() == stored))
+                    .then_some(r.hash),
+                    Ok(CommitObject::V1(m)) => (m.world_size == save.world_size
+                        && m.metadata == save.metadata
+                        && m.created_unix_ms == save.created_unix_ms
+                        && m.ranks.iter().eq(save.ranks.values()))
+                    .then_some(m.hash),
+                    Err(_) => None,
                 };
-                if same {
-                    let hash = match CommitObject::parse(&stored, &self.limits).map_err(ServiceError::Core)? {
-                        CommitObject::Root(r) => r.hash,
-                        CommitObject::V1(m) => m.hash,
-                    };
+                if let Some(hash) = same {
                     if save.phase == SavePhase::Staged {
                         save.mark_durable()?;
                     }
