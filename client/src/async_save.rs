@@ -1,14 +1,17 @@
 //! Asynchronous save: the trainer's stall is one copy into a reused staging buffer.
 //!
 //! Design note. `AsyncSaver` owns one buffer of fixed capacity, allocated and touched once so
-//! the copy never page-faults. `save` waits for the buffer (only if the previous save still
+//! the copy never page-faults. It also remembers the last save's layout and chunk hashes: the
+//! copy compares each chunk with the bytes already in the buffer first, skips the copy of an
+//! unchanged one and reuses its hash, so an incremental save hashes only what changed (the
+//! compare reads what the copy would have written, so the stall stays one copy's cost). `save` waits for the buffer (only if the previous save still
 //! holds it, and reports how long), copies the caller's tensors into it, and returns; hashing,
 //! dedup and upload run in a background task over zero-copy slices of the buffer. When that
 //! task ends, the buffer is recycled for the next save. Host memory for async saves is
 //! therefore bounded by the capacity, not by the number of saves in flight.
 //!
 //! The background part runs on the saver's own small runtime whose threads are niced
-//! (`background_nice`, default 10): hashing, dedup queries and uploads yield the CPU to the
+//! (`background_nice`, default 19): hashing, dedup queries and uploads yield the CPU to the
 //! trainer, whose next step should not pay for the last checkpoint. Dropping the saver cancels
 //! saves still in flight; call `SaveTicket::finish` first.
 
@@ -48,9 +51,28 @@ impl Tensor {
     }
 }
 
+/// The staging buffer and what the last save left in it.
+#[derive(Default)]
+struct Staging {
+    buf: Vec<u8>,
+    last: Option<Last>,
+}
+
+#[derive(PartialEq, Eq)]
+struct Layout {
+    chunk_bytes: u64,
+    tensors: Vec<(String, usize)>,
+}
+
+/// The layout of the last save and the hash of each of its chunks, in order.
+struct Last {
+    layout: Layout,
+    hashes: Vec<ckpt_core::ChunkHash>,
+}
+
 pub struct AsyncSaver {
     client: Client,
-    buffer: Arc<Mutex<Vec<u8>>>,
+    buffer: Arc<Mutex<Staging>>,
     capacity: usize,
     runtime: Option<tokio::runtime::Runtime>,
 }
@@ -62,6 +84,12 @@ impl Drop for AsyncSaver {
         }
     }
 }
+
+/// The nice value of checkpoint background work. Nice is a weight per thread, and a save
+/// runs several background threads per rank (hashing, handoff, ckptd's own): at nice 10 those
+/// together took a third of the cores from two ranks' steps on the 2-core bench machine (step
+/// time +76%), at 19 a tenth (BENCHMARKS.md).
+pub const BACKGROUND_NICE: i32 = 19;
 
 /// Lowers the calling thread's priority. On Linux the nice value is per thread, and threads
 /// inherit it from their creator.
@@ -82,10 +110,22 @@ pub struct SaveTicket {
     /// Time spent waiting for the previous save to release the buffer, before the copy.
     pub waited: Duration,
     pub bytes: u64,
+    released: Arc<std::sync::atomic::AtomicBool>,
     handle: JoinHandle<Result<SaveReport, ClientError>>,
 }
 
 impl SaveTicket {
+    /// Whether ckptd holds every byte of this save and the staging buffer is free for the next
+    /// one (or the save failed): a save started now does not wait for the buffer.
+    pub fn buffer_released(&self) -> bool {
+        self.released.load(std::sync::atomic::Ordering::Acquire) || self.handle.is_finished()
+    }
+
+    /// Whether the background part has ended (committed, staged or failed, as `finish` will say).
+    pub fn is_done(&self) -> bool {
+        self.handle.is_finished()
+    }
+
     /// Waits for the background part of the save (as chosen by its `Wait`).
     pub async fn finish(self) -> Result<SaveReport, ClientError> {
         self.handle.await.map_err(|e| ClientError::Internal(format!("save task failed: {e}")))?
@@ -98,15 +138,17 @@ fn touched(capacity: usize) -> Vec<u8> {
 }
 
 impl AsyncSaver {
-    /// A saver whose background work runs at nice 10.
+    /// A saver whose background work runs at nice [`BACKGROUND_NICE`].
     pub fn new(client: Client, capacity_bytes: usize) -> AsyncSaver {
-        Self::with_background_nice(client, capacity_bytes, 10)
+        Self::with_background_nice(client, capacity_bytes, BACKGROUND_NICE)
     }
 
     /// `background_nice` 0 keeps the background work at the caller's priority.
     pub fn with_background_nice(client: Client, capacity_bytes: usize, background_nice: i32) -> AsyncSaver {
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            // Few threads: nice is a weight per thread, so every extra background thread takes
+            // another share of the cores from training steps.
+            .worker_threads(1)
             .max_blocking_threads(16)
             .thread_name("ckpt-save")
             .on_thread_start(move || nice_this_thread(background_nice))
@@ -116,7 +158,13 @@ impl AsyncSaver {
         if runtime.is_none() {
             tracing::warn!("cannot start the background save runtime; saves run on the caller's runtime");
         }
-        AsyncSaver { client, buffer: Arc::new(Mutex::new(touched(capacity_bytes))), capacity: capacity_bytes, runtime }
+        // Its own connection pool: a connection opened on the caller's runtime is driven only
+        // while the caller is inside that runtime, so a save reusing one would wait for the
+        // caller's next `block_on` (it made saves after a restore take a whole checkpoint
+        // interval in the demo).
+        let client = client.detached().unwrap_or(client);
+        let staging = Staging { buf: touched(capacity_bytes), last: None };
+        AsyncSaver { client, buffer: Arc::new(Mutex::new(staging)), capacity: capacity_bytes, runtime }
     }
 
     pub fn capacity(&self) -> usize {
@@ -143,14 +191,32 @@ impl AsyncSaver {
         let waited = asked.elapsed();
 
         let started = Instant::now();
-        let mut buf = std::mem::take(&mut *guard);
+        let Staging { mut buf, last } = std::mem::take(&mut *guard);
         if buf.len() < self.capacity {
             buf = touched(self.capacity);
         }
+        let chunk = self.client.options().chunk_bytes;
+        let layout = Layout {
+            chunk_bytes: chunk,
+            tensors: tensors.iter().map(|t| (t.name.to_string(), t.data.len())).collect(),
+        };
+        // The buffer still holds the last save's bytes: a chunk identical to its bytes there is
+        // not copied (it is already in place) and keeps the hash it had.
+        let last = last.filter(|l| l.layout == layout);
+        let mut known = Vec::new();
         let mut ranges = Vec::with_capacity(tensors.len());
         let mut at = 0;
         for t in tensors {
-            buf[at..at + t.data.len()].copy_from_slice(t.data);
+            for r in ckpt_core::chunk::chunk_ranges(t.data.len() as u64, chunk) {
+                let (src, dst) =
+                    (&t.data[r.start as usize..r.end as usize], at + r.start as usize..at + r.end as usize);
+                let same =
+                    last.as_ref().and_then(|l| l.hashes.get(known.len()).copied()).filter(|_| buf[dst.clone()] == *src);
+                if same.is_none() {
+                    buf[dst].copy_from_slice(src);
+                }
+                known.push(same);
+            }
             ranges.push(at..at + t.data.len());
             at += t.data.len();
         }
@@ -171,22 +237,41 @@ impl AsyncSaver {
             .collect();
         let client = self.client.clone();
         let capacity = self.capacity;
+        let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let release = released.clone();
         let work = async move {
-            let result = client.save(&spec, &owned, wait).await;
+            // The buffer is released as soon as ckptd holds every byte (staged or durable) and
+            // this rank's index: the next save need not wait for this one's commit.
+            let result = client.save_known(&spec, &owned, Wait::Staged, &known).await;
             drop(owned);
             *guard = match frozen.try_into_mut() {
-                Ok(m) => Vec::from(m),
+                // The hashes describe the buffer's bytes only if every chunk was hashed.
+                Ok(m) => Staging {
+                    buf: Vec::from(m),
+                    last: result
+                        .as_ref()
+                        .ok()
+                        .filter(|(_, h)| h.len() == known.len())
+                        .map(|(_, h)| Last { layout, hashes: h.clone() }),
+                },
                 Err(_) => {
                     tracing::warn!("staging buffer still shared after a save; allocating a fresh one");
-                    touched(capacity)
+                    Staging { buf: touched(capacity), last: None }
                 }
             };
-            result
+            drop(guard);
+            release.store(true, std::sync::atomic::Ordering::Release);
+            let mut report = result?.0;
+            if wait == Wait::Committed && report.status.phase != ckpt_core::SavePhase::Committed {
+                report.status = client.wait_committed(&spec.job, spec.step).await?;
+            }
+            report.elapsed_ms = asked.elapsed().as_millis() as u64;
+            Ok(report)
         };
         let handle = match &self.runtime {
             Some(rt) => rt.spawn(work),
             None => tokio::spawn(work),
         };
-        Ok(SaveTicket { stall, waited, bytes: total as u64, handle })
+        Ok(SaveTicket { stall, waited, bytes: total as u64, released, handle })
     }
 }

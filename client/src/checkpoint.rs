@@ -12,8 +12,9 @@ use ckpt_core::commit::parse_index_object;
 use ckpt_core::{CommitObject, Limits, Manifest, Root, ShardIndex};
 use futures::{StreamExt, TryStreamExt};
 
-use crate::client::{Body, Client};
+use crate::client::Client;
 use crate::error::ClientError;
+use crate::http::Body;
 
 /// A committed checkpoint as a reader first sees it: its root. A version-1 manifest carries its
 /// indexes inline.

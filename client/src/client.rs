@@ -1,12 +1,13 @@
-//! The HTTP client for ckptd.
+//! The client: save, restore and verify orchestration over two transports.
 //!
 //! Design note.
-//! * Retries: every request is retried on transient failures (ckptd unreachable, 502/503/504,
-//!   which includes ckptd's "busy" answer) with exponential backoff, up to `attempts_max`. Every
-//!   request of the protocol is idempotent (chunk puts are content-addressed, opens and shard
-//!   indexes are accepted again when identical), so a retry after a lost answer is safe.
-//! * Verification: chunks are verified against their address after download, whatever ckptd
-//!   checked; manifests are checked against their own hash. No unverified byte is returned.
+//! * Transports: chunk bytes go through the node-local path (`node_local.rs`: files in ckptd's
+//!   handoff directory, direct reads from a local-directory store) when ckptd is on this host,
+//!   and over HTTP (`http.rs`, which also carries every other request, with retries) otherwise
+//!   or whenever the node-local path declines. The orchestration here does not care which.
+//! * Verification: chunks are verified against their address after they are read, whatever
+//!   ckptd checked; manifests are checked against their own hash. No unverified byte is
+//!   returned.
 //! * Bounds: chunk uploads and downloads in flight per call (`concurrency`), hashes per existence
 //!   query (`missing_batch_max`), time waited for a commit (`commit_timeout`).
 
@@ -22,6 +23,9 @@ use serde::{Deserialize, Serialize};
 pub use ckpt_core::save::{CheckpointList, SaveStatus};
 
 use crate::error::ClientError;
+use crate::http::{Body, Http, RetryPolicy};
+use crate::node_local::NodeLocal;
+use crate::restore::{whole_tensor_reads, Read};
 use crate::tensor::Tensor;
 
 #[derive(Debug, Clone)]
@@ -46,6 +50,9 @@ pub struct ClientOptions {
     /// over as files in ckptd's handoff directory, and read straight from a local-directory
     /// store, every byte verified here. Falls back to HTTP whenever the path is not available.
     pub node_local: bool,
+    /// How the node-local path encodes chunks before handing them over (ckptd encodes what
+    /// arrives over HTTP with its own settings). Level 0 hands chunks over raw.
+    pub encode: ckpt_core::codec::EncodeOptions,
 }
 
 impl Default for ClientOptions {
@@ -61,6 +68,7 @@ impl Default for ClientOptions {
             missing_batch_max: 10_000,
             busy_retry_for: Duration::from_secs(600),
             node_local: true,
+            encode: ckpt_core::codec::EncodeOptions::default(),
         }
     }
 }
@@ -100,6 +108,12 @@ pub struct SaveReport {
     pub elapsed_ms: u64,
 }
 
+/// Chunks hashed, asked about and sent as one batch of a save's pipeline.
+const SAVE_BATCH_CHUNKS: usize = 64;
+
+/// Bytes read at once by `verify` (the buffer it holds).
+const VERIFY_BATCH_BYTES: u64 = 256 << 20;
+
 #[derive(Debug, Clone, Serialize)]
 pub struct CorruptChunk {
     pub hash: ChunkHash,
@@ -123,211 +137,30 @@ impl VerifyReport {
     }
 }
 
-#[derive(Deserialize)]
-struct ApiErrorBody {
-    error: ApiErrorInner,
-}
-
-#[derive(Deserialize)]
-struct ApiErrorInner {
-    code: String,
-    message: String,
-}
-
-/// What ckptd's `/v1/local` says, checked to be usable from this process.
-#[derive(Debug, Clone)]
-struct LocalPaths {
-    handoff_dir: Option<std::path::PathBuf>,
-    store_root: Option<std::path::PathBuf>,
-}
-
 #[derive(Clone)]
 pub struct Client {
-    http: reqwest::Client,
-    base: String,
-    opts: ClientOptions,
-    local: std::sync::Arc<tokio::sync::OnceCell<Option<LocalPaths>>>,
-    handoff_refused: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-pub(crate) enum Body {
-    Empty,
-    Json(Vec<u8>),
-    Bytes(Bytes),
+    pub(crate) http: Http,
+    pub(crate) opts: ClientOptions,
+    pub(crate) node_local: std::sync::Arc<NodeLocal>,
 }
 
 impl Client {
     pub fn new(base_url: &str, opts: ClientOptions) -> Result<Client, ClientError> {
-        let http = reqwest::Client::builder()
-            .timeout(opts.request_timeout)
-            .pool_max_idle_per_host(opts.concurrency.max(1) * 2)
-            .build()
-            .map_err(|e| ClientError::Internal(format!("building the http client: {e}")))?;
-        Ok(Client {
-            http,
-            base: base_url.trim_end_matches('/').to_string(),
-            opts,
-            local: Default::default(),
-            handoff_refused: Default::default(),
-        })
+        let retry = RetryPolicy {
+            attempts_max: opts.attempts_max,
+            base: opts.retry_base,
+            max: opts.retry_max,
+            busy_retry_for: opts.busy_retry_for,
+        };
+        let http = Http::new(base_url, opts.request_timeout, opts.concurrency.max(1) * 2, retry)?;
+        let node_local = NodeLocal::new(opts.node_local, opts.encode);
+        Ok(Client { http, opts, node_local: std::sync::Arc::new(node_local) })
     }
 
-    /// The node-local paths, discovered once. None unless enabled, ckptd is on a loopback
-    /// address, and the directories it names are usable here.
-    async fn local_paths(&self) -> Option<&LocalPaths> {
-        if !self.opts.node_local {
-            return None;
-        }
-        self.local
-            .get_or_init(|| async {
-                let host = reqwest::Url::parse(&self.base).ok()?.host_str()?.to_string();
-                if !matches!(host.as_str(), "127.0.0.1" | "localhost" | "[::1]" | "::1") {
-                    return None;
-                }
-                #[derive(Deserialize)]
-                struct Local {
-                    handoff_dir: Option<std::path::PathBuf>,
-                    store_root: Option<std::path::PathBuf>,
-                }
-                let l: Local = self.get_json("/v1/local").await.ok()?;
-                let handoff_dir = l.handoff_dir.filter(|d| {
-                    let probe = d.join(format!("probe-{}", std::process::id()));
-                    let ok = std::fs::write(&probe, b"").is_ok();
-                    let _ = std::fs::remove_file(&probe);
-                    ok
-                });
-                let store_root = l.store_root.filter(|d| d.is_dir());
-                tracing::debug!(?handoff_dir, ?store_root, "node-local path");
-                Some(LocalPaths { handoff_dir, store_root })
-            })
-            .await
-            .as_ref()
-    }
-
-    /// Hands a chunk to ckptd as a file when the node-local path is available. Returns false
-    /// when it is not (the caller sends it over HTTP).
-    async fn handoff_chunk(&self, job: &str, hash: ChunkHash, data: &Bytes) -> Result<bool, ClientError> {
-        use std::sync::atomic::Ordering;
-        if self.handoff_refused.load(Ordering::Relaxed) {
-            return Ok(false);
-        }
-        let Some(dir) = self.local_paths().await.and_then(|l| l.handoff_dir.clone()) else { return Ok(false) };
-        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let name = format!("{hash}.{}.{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
-        let path = dir.join(&name);
-        let (p, d) = (path.clone(), data.clone());
-        let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            use std::io::Write;
-            let header = ckpt_core::ChunkHeader { codec: ckpt_core::Codec::None, raw_len: d.len() as u64, hash };
-            let mut f = std::fs::File::create(&p)?;
-            f.write_all(&header.encode())?;
-            f.write_all(&d)
-        })
-        .await
-        .map_err(|e| ClientError::Internal(e.to_string()))?;
-        if let Err(e) = written {
-            tracing::debug!(error = %e, "handoff write failed; using HTTP");
-            let _ = std::fs::remove_file(&path);
-            return Ok(false);
-        }
-        let r: Result<serde_json::Value, _> = self
-            .send_json(
-                reqwest::Method::POST,
-                &format!("/v1/jobs/{job}/chunks/{hash}/adopt"),
-                &serde_json::json!({ "file": name }),
-            )
-            .await;
-        match r {
-            Ok(_) => Ok(true),
-            Err(e) => {
-                let _ = std::fs::remove_file(&path);
-                if e.api_code() == Some("conflict") {
-                    // The store is not a local directory: stop trying for this client.
-                    self.handoff_refused.store(true, Ordering::Relaxed);
-                    return Ok(false);
-                }
-                Err(e)
-            }
-        }
-    }
-
-    /// Node-local restore of a whole tensor: every chunk's payload is read from the local store
-    /// straight into its place in the tensor and verified there, on all cores. None when the
-    /// path is unavailable or a chunk file is missing (the caller then reads through ckptd).
-    async fn read_local_tensor(
-        &self,
-        job: &str,
-        step: u64,
-        t: &TensorEntry,
-        len: u64,
-    ) -> Result<Option<Vec<u8>>, ClientError> {
-        let Some(root) = self.local_paths().await.and_then(|l| l.store_root.clone()) else { return Ok(None) };
-        let chunks: Vec<(ChunkHash, u64, std::path::PathBuf)> =
-            t.chunks.iter().map(|c| (c.hash, c.len, root.join(ckpt_core::keys::chunk_key(job, &c.hash)))).collect();
-        let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-        let result = tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>, (ChunkHash, String)> {
-            let mut buf = vec![0u8; len as usize];
-            let mut groups: Vec<Vec<(usize, &mut [u8])>> = (0..workers).map(|_| Vec::new()).collect();
-            let mut rest = &mut buf[..];
-            for (i, (_, clen, _)) in chunks.iter().enumerate() {
-                let (slice, tail) = std::mem::take(&mut rest).split_at_mut(*clen as usize);
-                groups[i % workers].push((i, slice));
-                rest = tail;
-            }
-            let outcomes: Vec<Result<(), LocalRead>> = std::thread::scope(|sc| {
-                let handles: Vec<_> = groups
-                    .into_iter()
-                    .map(|g| {
-                        let chunks = &chunks;
-                        sc.spawn(move || {
-                            for (i, slice) in g {
-                                let (hash, _, path) = &chunks[i];
-                                read_chunk_into(path, *hash, slice)?;
-                            }
-                            Ok(())
-                        })
-                    })
-                    .collect();
-                handles.into_iter().map(|h| h.join().unwrap_or(Err(LocalRead::Missing))).collect()
-            });
-            for o in outcomes {
-                match o {
-                    Ok(()) => {}
-                    Err(LocalRead::Missing) => return Ok(None),
-                    Err(LocalRead::Corrupt(h, why)) => return Err((h, why)),
-                }
-            }
-            Ok(Some(buf))
-        })
-        .await
-        .map_err(|e| ClientError::Internal(e.to_string()))?;
-        result.map_err(|(hash, reason)| ClientError::CorruptChunk { job: job.into(), step, hash, reason })
-    }
-
-    /// Reads and verifies a chunk straight from a local-directory store. None when the path is
-    /// not available or the file is not there (the caller asks ckptd).
-    async fn read_local_chunk(
-        &self,
-        job: &str,
-        step: u64,
-        hash: ChunkHash,
-        len: u64,
-    ) -> Result<Option<Bytes>, ClientError> {
-        let Some(root) = self.local_paths().await.and_then(|l| l.store_root.clone()) else { return Ok(None) };
-        let path = root.join(ckpt_core::keys::chunk_key(job, &hash));
-        let read = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; len as usize];
-            read_chunk_into(&path, hash, &mut buf).map(|()| Bytes::from(buf))
-        })
-        .await
-        .map_err(|e| ClientError::Internal(e.to_string()))?;
-        match read {
-            Ok(b) => Ok(Some(b)),
-            Err(LocalRead::Missing) => Ok(None),
-            Err(LocalRead::Corrupt(_, reason)) => {
-                Err(ClientError::CorruptChunk { job: job.into(), step, hash, reason })
-            }
-        }
+    /// The same client with its own connection pool and node-local discovery, for use on
+    /// another runtime (connections belong to the runtime that opened them).
+    pub fn detached(&self) -> Result<Client, ClientError> {
+        Client::new(self.http.base(), self.opts.clone())
     }
 
     pub fn options(&self) -> &ClientOptions {
@@ -335,76 +168,15 @@ impl Client {
     }
 
     pub fn base_url(&self) -> &str {
-        &self.base
+        self.http.base()
     }
 
-    async fn request_once(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: &Body,
-        headers: &[(&str, &str)],
-    ) -> Result<Bytes, ClientError> {
-        let url = format!("{}{}", self.base, path);
-        let mut req = self.http.request(method, &url);
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        req = match body {
-            Body::Empty => req,
-            Body::Json(b) => req.header("content-type", "application/json").body(b.clone()),
-            Body::Bytes(b) => req.header("content-type", "application/octet-stream").body(b.clone()),
-        };
-        let transport = |source| ClientError::Transport { url: url.clone(), source };
-        let resp = req.send().await.map_err(transport)?;
-        let status = resp.status();
-        let bytes = resp.bytes().await.map_err(transport)?;
-        if status.is_success() {
-            return Ok(bytes);
-        }
-        let (code, message) = match serde_json::from_slice::<ApiErrorBody>(&bytes) {
-            Ok(b) => (b.error.code, b.error.message),
-            Err(_) => ("http_error".to_string(), String::from_utf8_lossy(&bytes).chars().take(500).collect()),
-        };
-        Err(ClientError::Api { status: status.as_u16(), code, message })
-    }
-
-    /// One request with retries on transient failures.
     pub(crate) async fn request(&self, method: reqwest::Method, path: &str, body: Body) -> Result<Bytes, ClientError> {
-        self.request_with(method, path, body, &[]).await
+        self.http.request(method, path, body).await
     }
 
-    async fn request_with(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Body,
-        headers: &[(&str, &str)],
-    ) -> Result<Bytes, ClientError> {
-        let mut delay = self.opts.retry_base;
-        let mut attempt = 1;
-        let busy_deadline = Instant::now() + self.opts.busy_retry_for;
-        loop {
-            match self.request_once(method.clone(), path, &body, headers).await {
-                Err(e) if e.api_code() == Some("busy") && Instant::now() < busy_deadline => {
-                    tracing::debug!(path, "ckptd busy, backing off");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(1));
-                }
-                Err(e) if e.is_transient() && attempt < self.opts.attempts_max => {
-                    tracing::debug!(path, attempt, error = %e, "transient failure, retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(self.opts.retry_max);
-                    attempt += 1;
-                }
-                other => return other,
-            }
-        }
-    }
-
-    async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        let bytes = self.request(reqwest::Method::GET, path, Body::Empty).await?;
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(format!("{path}: {e}")))
+    pub(crate) async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.http.get_json(path).await
     }
 
     async fn send_json<T: serde::de::DeserializeOwned>(
@@ -413,13 +185,11 @@ impl Client {
         path: &str,
         body: &impl Serialize,
     ) -> Result<T, ClientError> {
-        let body = serde_json::to_vec(body).map_err(|e| ClientError::Internal(e.to_string()))?;
-        let bytes = self.request(method, path, Body::Json(body)).await?;
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(format!("{path}: {e}")))
+        self.http.send_json(method, path, body).await
     }
 
     pub async fn health(&self) -> Result<(), ClientError> {
-        self.request_once(reqwest::Method::GET, "/readyz", &Body::Empty, &[]).await.map(|_| ())
+        self.http.request_once(reqwest::Method::GET, "/readyz").await
     }
 
     // ---- saving ------------------------------------------------------------------------------
@@ -427,6 +197,19 @@ impl Client {
     /// Saves one rank's tensors as part of step `spec.step`. Safe to call again after any
     /// failure: what ckptd already has is not sent twice.
     pub async fn save(&self, spec: &SaveSpec, tensors: &[Tensor], wait: Wait) -> Result<SaveReport, ClientError> {
+        self.save_known(spec, tensors, wait, &[]).await.map(|(r, _)| r)
+    }
+
+    /// `save` where `known[i]`, when given, is the hash of the `i`-th chunk (in tensor order),
+    /// already known to the caller (the async saver knows which chunks did not change since
+    /// its last save); those are not hashed again. Returns every chunk's hash in that order.
+    pub(crate) async fn save_known(
+        &self,
+        spec: &SaveSpec,
+        tensors: &[Tensor],
+        wait: Wait,
+        known: &[Option<ChunkHash>],
+    ) -> Result<(SaveReport, Vec<ChunkHash>), ClientError> {
         let started = Instant::now();
         validate_job(&spec.job)?;
         for t in tensors {
@@ -435,34 +218,112 @@ impl Client {
         let job = &spec.job;
         let status = self.open_save(spec).await?;
         if status.phase == SavePhase::Committed {
-            return Ok(SaveReport {
+            let report = SaveReport {
                 chunks_total: 0,
                 chunks_sent: 0,
                 bytes_total: 0,
                 bytes_sent: 0,
                 status,
                 elapsed_ms: started.elapsed().as_millis() as u64,
-            });
+            };
+            return Ok((report, Vec::new()));
         }
 
-        let (index, chunks) = self.chunk_and_hash(spec.rank, tensors, spec.rank_metadata.clone()).await?;
-        let bytes_total = chunks.iter().map(|(_, b)| b.len() as u64).sum();
-        let chunks_total = chunks.len();
-        let mut unique: BTreeMap<ChunkHash, Bytes> = BTreeMap::new();
-        for (h, b) in chunks {
-            unique.entry(h).or_insert(b);
+        // A pipeline: chunks are hashed on blocking threads, asked about in batches, and the
+        // missing ones sent, with the next batch hashing while the last one uploads.
+        let mut pieces = Vec::new();
+        for (ti, t) in tensors.iter().enumerate() {
+            for r in chunk_ranges(t.data.len() as u64, self.opts.chunk_bytes) {
+                let i = pieces.len();
+                pieces.push((ti, t.data.slice(r.start as usize..r.end as usize), known.get(i).copied().flatten()));
+            }
         }
-        let missing = self.missing(job, unique.keys().copied().collect()).await?;
-        let bytes_sent: u64 = missing.iter().filter_map(|h| unique.get(h)).map(|b| b.len() as u64).sum();
-        let chunks_sent = missing.len();
-        futures::stream::iter(missing)
-            .map(|h| {
-                let data = unique.get(&h).cloned().unwrap_or_default();
-                async move { self.put_chunk(job, h, data).await }
+        let chunks_total = pieces.len();
+        let bytes_total: u64 = pieces.iter().map(|(_, b, _)| b.len() as u64).sum();
+        let hash_workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) * 2;
+        let hashed = futures::stream::iter(pieces)
+            .map(|(ti, b, known)| async move {
+                if let Some(h) = known {
+                    return Ok((ti, h, b));
+                }
+                tokio::task::spawn_blocking(move || (ti, ChunkHash::of(&b), b))
+                    .await
+                    .map_err(|e| ClientError::Internal(format!("hashing task failed: {e}")))
             })
-            .buffer_unordered(self.opts.concurrency.max(1))
-            .try_collect::<Vec<()>>()
+            .buffered(hash_workers);
+        let sent: std::sync::Mutex<HashSet<ChunkHash>> = Default::default();
+        let batches: Vec<Vec<(usize, ChunkHash, u64, u64)>> = hashed
+            .try_chunks(SAVE_BATCH_CHUNKS)
+            .map_err(|e| e.1)
+            .map_ok(|batch| {
+                let sent = &sent;
+                async move {
+                    // Each distinct hash is asked about and sent once per save.
+                    let mut fresh: BTreeMap<ChunkHash, (Bytes, Option<u8>)> = BTreeMap::new();
+                    {
+                        let sent = sent.lock().unwrap_or_else(|e| e.into_inner());
+                        for (ti, h, b) in &batch {
+                            if !sent.contains(h) {
+                                fresh.entry(*h).or_insert((b.clone(), ckpt_core::codec::width_for(tensors[*ti].dtype)));
+                            }
+                        }
+                    }
+                    let missing = if fresh.is_empty() {
+                        Vec::new()
+                    } else {
+                        self.missing(job, fresh.keys().copied().collect()).await?
+                    };
+                    sent.lock().unwrap_or_else(|e| e.into_inner()).extend(fresh.keys().copied());
+                    let sent_bytes: Vec<(ChunkHash, u64)> =
+                        missing.iter().filter_map(|h| fresh.get(h).map(|(b, _)| (*h, b.len() as u64))).collect();
+                    futures::stream::iter(missing)
+                        .map(|h| {
+                            let (data, width) = fresh.get(&h).cloned().unwrap_or_default();
+                            async move { self.put_chunk_typed(job, h, data, width).await }
+                        })
+                        .buffer_unordered(self.opts.concurrency.max(1))
+                        .try_collect::<Vec<()>>()
+                        .await?;
+                    Ok::<_, ClientError>(
+                        batch
+                            .into_iter()
+                            .map(|(ti, h, b)| {
+                                let sent_len = sent_bytes.iter().find(|(s, _)| *s == h).map_or(0, |(_, l)| *l);
+                                (ti, h, b.len() as u64, sent_len)
+                            })
+                            .collect(),
+                    )
+                }
+            })
+            .try_buffered(2)
+            .try_collect()
             .await?;
+        let mut index = ShardIndex {
+            rank: spec.rank,
+            tensors: tensors
+                .iter()
+                .map(|t| TensorEntry {
+                    name: t.name.clone(),
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                    global_shape: t.global_shape.clone(),
+                    offsets: t.offsets.clone(),
+                    chunks: Vec::new(),
+                })
+                .collect(),
+            metadata: spec.rank_metadata.clone(),
+        };
+        let (mut chunks_sent, mut bytes_sent) = (0, 0);
+        let mut hashes = Vec::with_capacity(chunks_total);
+        let mut counted = HashSet::new();
+        for (ti, h, len, sent_len) in batches.into_iter().flatten() {
+            index.tensors[ti].chunks.push(ChunkRef { hash: h, len });
+            hashes.push(h);
+            if sent_len > 0 && counted.insert(h) {
+                chunks_sent += 1;
+                bytes_sent += sent_len;
+            }
+        }
 
         let mut status: SaveStatus = self
             .send_json(reqwest::Method::PUT, &format!("/v1/jobs/{job}/saves/{}/ranks/{}", spec.step, spec.rank), &index)
@@ -477,14 +338,15 @@ impl Client {
                 reason: status.error.unwrap_or_default(),
             });
         }
-        Ok(SaveReport {
+        let report = SaveReport {
             chunks_total,
             chunks_sent,
             bytes_total,
             bytes_sent,
             status,
             elapsed_ms: started.elapsed().as_millis() as u64,
-        })
+        };
+        Ok((report, hashes))
     }
 
     /// Opens (or re-opens) the save `spec` belongs to. Idempotent.
@@ -496,48 +358,6 @@ impl Client {
             "created_unix_ms": spec.created_unix_ms,
         });
         self.send_json(reqwest::Method::PUT, &format!("/v1/jobs/{}/saves/{}", spec.job, spec.step), &open).await
-    }
-
-    /// Cuts tensors into chunks and hashes them on blocking threads, all cores at once.
-    async fn chunk_and_hash(
-        &self,
-        rank: u32,
-        tensors: &[Tensor],
-        metadata: serde_json::Value,
-    ) -> Result<(ShardIndex, Vec<(ChunkHash, Bytes)>), ClientError> {
-        let mut pieces = Vec::new();
-        for (ti, t) in tensors.iter().enumerate() {
-            for r in chunk_ranges(t.data.len() as u64, self.opts.chunk_bytes) {
-                pieces.push((ti, t.data.slice(r.start as usize..r.end as usize)));
-            }
-        }
-        let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) * 2;
-        let hashed: Vec<(usize, ChunkHash, Bytes)> = futures::stream::iter(pieces)
-            .map(|(ti, b)| async move {
-                tokio::task::spawn_blocking(move || (ti, ChunkHash::of(&b), b))
-                    .await
-                    .map_err(|e| ClientError::Internal(format!("hashing task failed: {e}")))
-            })
-            .buffered(workers)
-            .try_collect()
-            .await?;
-        let mut entries: Vec<TensorEntry> = tensors
-            .iter()
-            .map(|t| TensorEntry {
-                name: t.name.clone(),
-                dtype: t.dtype,
-                shape: t.shape.clone(),
-                global_shape: t.global_shape.clone(),
-                offsets: t.offsets.clone(),
-                chunks: Vec::new(),
-            })
-            .collect();
-        let mut chunks = Vec::with_capacity(hashed.len());
-        for (ti, h, b) in hashed {
-            entries[ti].chunks.push(ChunkRef { hash: h, len: b.len() as u64 });
-            chunks.push((h, b));
-        }
-        Ok((ShardIndex { rank, tensors: entries, metadata }, chunks))
     }
 
     /// Which of `hashes` the job lacks, asked in bounded batches.
@@ -562,12 +382,22 @@ impl Client {
 
     /// Sends one chunk: through the node-local path when available, else over HTTP.
     pub async fn put_chunk(&self, job: &str, hash: ChunkHash, data: Bytes) -> Result<(), ClientError> {
-        if self.handoff_chunk(job, hash, &data).await? {
+        self.put_chunk_typed(job, hash, data, None).await
+    }
+
+    /// `put_chunk` knowing the element width of the tensor the chunk is cut from (the
+    /// node-local path's codec groups bytes by it).
+    async fn put_chunk_typed(
+        &self,
+        job: &str,
+        hash: ChunkHash,
+        data: Bytes,
+        width: Option<u8>,
+    ) -> Result<(), ClientError> {
+        if self.node_local.put_chunk(&self.http, job, hash, &data, width).await? {
             return Ok(());
         }
-        self.request(reqwest::Method::PUT, &format!("/v1/jobs/{job}/chunks/{hash}"), Body::Bytes(data))
-            .await
-            .map(|_| ())
+        self.http.put_chunk(job, hash, data).await
     }
 
     /// Sends one rank's shard index (its chunks must already be staged or durable). For
@@ -633,45 +463,13 @@ impl Client {
         Ok(self.list(job).await?.committed.last().map(|m| m.step))
     }
 
-    /// Fetches one chunk and verifies it. ckptd's own verification failure and a mismatch on
-    /// arrival are both reported as `CorruptChunk`.
+    /// Fetches one chunk of `len` raw bytes and verifies it. ckptd's own verification failure
+    /// and a mismatch on arrival are both reported as `CorruptChunk`.
     pub async fn fetch_chunk(&self, job: &str, step: u64, hash: ChunkHash, len: u64) -> Result<Bytes, ClientError> {
-        if let Some(raw) = self.read_local_chunk(job, step, hash, len).await? {
-            return Ok(raw);
-        }
-        let corrupt = |reason: String| ClientError::CorruptChunk { job: job.into(), step, hash, reason };
-        let bytes =
-            // This client verifies every byte below, so ckptd need not hash the chunk too.
-            match self
-                .request_with(
-                    reqwest::Method::GET,
-                    &format!("/v1/jobs/{job}/chunks/{hash}"),
-                    Body::Empty,
-                    &[("x-ckpt-client-verifies", "true")],
-                )
-                .await
-            {
-                Ok(b) => b,
-                Err(ClientError::Api { code, message, .. }) if code == "chunk_corrupt" => {
-                    let detail = message.split_once("corrupt in the store: ").map_or(message.as_str(), |(_, d)| d);
-                    return Err(corrupt(format!("ckptd found it corrupt in the store ({detail})")));
-                }
-                Err(ClientError::Api { code, .. }) if code == "not_found" => {
-                    return Err(corrupt("missing from the store".into()))
-                }
-                Err(e) => return Err(e),
-            };
-        let data = bytes.clone();
-        tokio::task::spawn_blocking(move || hash.verify(&data))
-            .await
-            .map_err(|e| ClientError::Internal(e.to_string()))?
-            .map_err(|e| match e {
-                ckpt_core::CoreError::HashMismatch { actual, .. } => {
-                    corrupt(format!("bytes received hash to {actual}"))
-                }
-                other => corrupt(other.to_string()),
-            })?;
-        Ok(bytes)
+        let mut buf = vec![0u8; len as usize];
+        let read = Read { hash, len, within: 0..len as usize, dest: &mut buf };
+        self.read_all(job, step, vec![read]).await?;
+        Ok(Bytes::from(buf))
     }
 
     /// Reads rank `rank`'s tensors of a committed checkpoint, every chunk verified. Reads the
@@ -682,8 +480,9 @@ impl Client {
         self.load_shard(job, step, &shard, |_| {}).await
     }
 
-    /// The tensors of one rank's shard index of `job`@`step`; `progress` is called with each
-    /// chunk's length as it is verified.
+    /// The tensors of one rank's shard index of `job`@`step`, in new buffers; `progress` is
+    /// called with each tensor's length once it is verified. See
+    /// [`Client::restore_shard_into`] to restore into buffers you own.
     pub async fn load_shard(
         &self,
         job: &str,
@@ -691,36 +490,25 @@ impl Client {
         shard: &ShardIndex,
         progress: impl Fn(u64),
     ) -> Result<Vec<Tensor>, ClientError> {
-        let mut out = Vec::with_capacity(shard.tensors.len());
+        let mut bufs = Vec::with_capacity(shard.tensors.len());
         for t in &shard.tensors {
             let len = t.byte_len().ok_or_else(|| ClientError::Protocol(format!("tensor {} is too large", t.name)))?;
-            if let Some(buf) = self.read_local_tensor(job, step, t, len).await? {
-                progress(len);
-                out.push(Tensor::from_entry(t, Bytes::from(buf)));
-                continue;
-            }
-            let mut buf = Vec::with_capacity(len as usize);
-            let mut fetches =
-                futures::stream::iter(t.chunks.iter().map(|c| self.fetch_chunk(job, step, c.hash, c.len)))
-                    .buffered(self.opts.concurrency.max(1));
-            let mut i = 0;
-            while let Some(chunk) = fetches.next().await {
-                let chunk = chunk?;
-                let expected = t.chunks[i].len;
-                if chunk.len() as u64 != expected {
-                    return Err(ClientError::Protocol(format!(
-                        "chunk {} is {} bytes, the index says {expected}",
-                        t.chunks[i].hash,
-                        chunk.len()
-                    )));
-                }
-                buf.extend_from_slice(&chunk);
-                progress(expected);
-                i += 1;
-            }
-            out.push(Tensor::from_entry(t, Bytes::from(buf)));
+            bufs.push(vec![0u8; len as usize]);
         }
-        Ok(out)
+        let mut reads = Vec::new();
+        for (t, buf) in shard.tensors.iter().zip(bufs.iter_mut()) {
+            whole_tensor_reads(&t.name, &t.chunks, buf, &mut reads)?;
+        }
+        self.read_all(job, step, reads).await?;
+        Ok(shard
+            .tensors
+            .iter()
+            .zip(bufs)
+            .map(|(t, buf)| {
+                progress(buf.len() as u64);
+                Tensor::from_entry(t, Bytes::from(buf))
+            })
+            .collect())
     }
 
     /// Re-reads and re-hashes every distinct chunk of a checkpoint, and reports every bad one
@@ -738,32 +526,52 @@ impl Client {
                 }
             }
         }
-        let mut results = futures::stream::iter(
-            used_by.iter().map(|(h, (len, _))| async move { (*h, *len, self.fetch_chunk(job, step, *h, *len).await) }),
-        )
-        .buffer_unordered(self.opts.concurrency.max(1));
         let mut report =
             VerifyReport { job: job.into(), step, chunks_checked: 0, bytes_checked: 0, corrupt: Vec::new() };
-        let mut seen = HashSet::new();
-        while let Some((h, len, r)) = results.next().await {
-            seen.insert(h);
-            report.chunks_checked += 1;
-            match r {
-                Ok(b) if b.len() as u64 == len => report.bytes_checked += len,
-                Ok(b) => report.corrupt.push(CorruptChunk {
-                    hash: h,
-                    used_by: used_by[&h].1.clone(),
-                    reason: format!("chunk is {} bytes, the index says {len}", b.len()),
-                }),
-                Err(ClientError::CorruptChunk { reason, .. }) => {
-                    report.corrupt.push(CorruptChunk { hash: h, used_by: used_by[&h].1.clone(), reason })
-                }
-                Err(e) => return Err(e),
+        // Distinct chunks in batches of at most VERIFY_BATCH_BYTES, read into one reused buffer.
+        let all: Vec<(ChunkHash, u64)> = used_by.iter().map(|(h, (len, _))| (*h, *len)).collect();
+        let mut buffer = Vec::new();
+        let mut at = 0;
+        while at < all.len() {
+            let mut end = at;
+            let mut bytes = 0u64;
+            while end < all.len() && (end == at || bytes + all[end].1 <= VERIFY_BATCH_BYTES) {
+                bytes += all[end].1;
+                end += 1;
             }
-            progress(len);
+            buffer.resize(bytes as usize, 0);
+            let mut reads = Vec::with_capacity(end - at);
+            let mut rest = &mut buffer[..];
+            for &(hash, len) in &all[at..end] {
+                let (dest, tail) = std::mem::take(&mut rest).split_at_mut(len as usize);
+                reads.push(Read { hash, len, within: 0..len as usize, dest });
+                rest = tail;
+            }
+            let (_, failures) = self.read_each(job, step, reads, false).await?;
+            let mut failed = HashSet::new();
+            for (h, e) in failures {
+                match e {
+                    ClientError::CorruptChunk { reason, .. } => {
+                        failed.insert(h);
+                        report.corrupt.push(CorruptChunk { hash: h, used_by: used_by[&h].1.clone(), reason })
+                    }
+                    ClientError::Protocol(reason) => {
+                        failed.insert(h);
+                        report.corrupt.push(CorruptChunk { hash: h, used_by: used_by[&h].1.clone(), reason })
+                    }
+                    other => return Err(other),
+                }
+            }
+            for &(h, len) in &all[at..end] {
+                report.chunks_checked += 1;
+                if !failed.contains(&h) {
+                    report.bytes_checked += len;
+                }
+                progress(len);
+            }
+            at = end;
         }
         report.corrupt.sort_by_key(|c| c.hash);
-        debug_assert_eq!(seen.len(), used_by.len());
         Ok(report)
     }
 
@@ -775,53 +583,4 @@ impl Client {
             .await
             .map(|_| ())
     }
-}
-
-enum LocalRead {
-    Missing,
-    Corrupt(ChunkHash, String),
-}
-
-/// Reads one stored chunk into `out` (exactly its raw length) and verifies it there.
-fn read_chunk_into(path: &std::path::Path, hash: ChunkHash, out: &mut [u8]) -> Result<(), LocalRead> {
-    use std::io::Read;
-    let corrupt = |why: String| LocalRead::Corrupt(hash, why);
-    let mut f = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(LocalRead::Missing),
-        Err(e) => return Err(corrupt(format!("reading {}: {e}", path.display()))),
-    };
-    let size = f.metadata().map_err(|e| corrupt(e.to_string()))?.len();
-    let mut head = [0u8; ckpt_core::CHUNK_HEADER_BYTES];
-    f.read_exact(&mut head).map_err(|_| corrupt("stored chunk is shorter than its header".into()))?;
-    let header = ckpt_core::ChunkHeader::decode_header(&head).map_err(|e| corrupt(e.to_string()))?;
-    if header.hash != hash || header.raw_len != out.len() as u64 {
-        return Err(corrupt(format!("header names chunk {} of {} bytes", header.hash, header.raw_len)));
-    }
-    let payload_len = size - ckpt_core::CHUNK_HEADER_BYTES as u64;
-    match header.codec {
-        ckpt_core::Codec::None => {
-            if payload_len != header.raw_len {
-                return Err(corrupt(format!(
-                    "payload is {payload_len} bytes, the header says {} (torn write)",
-                    header.raw_len
-                )));
-            }
-            f.read_exact(out).map_err(|e| corrupt(e.to_string()))?;
-        }
-        ckpt_core::Codec::Zstd => {
-            let mut payload = Vec::with_capacity(payload_len as usize);
-            f.read_to_end(&mut payload).map_err(|e| corrupt(e.to_string()))?;
-            let n = zstd::bulk::decompress_to_buffer(&payload, out)
-                .map_err(|e| corrupt(format!("zstd payload does not decode: {e}")))?;
-            if n != out.len() {
-                return Err(corrupt(format!("decodes to {n} bytes, the header says {}", out.len())));
-            }
-        }
-    }
-    let actual = ChunkHash::of(out);
-    if actual != hash {
-        return Err(corrupt(format!("stored bytes hash to {actual}")));
-    }
-    Ok(())
 }

@@ -7,19 +7,21 @@
 //! before returning a byte of it.
 
 pub mod async_save;
-pub mod bench;
-pub mod bench_scale;
 pub mod checkpoint;
 pub mod client;
+pub mod daemon;
 pub mod error;
-pub mod local;
+mod http;
+mod node_local;
 pub mod reshard;
+pub mod restore;
 pub mod tensor;
 
 pub use async_save::{AsyncSaver, SaveTicket, TensorView};
 pub use checkpoint::Checkpoint;
 pub use client::{Client, ClientOptions, SaveReport, SaveSpec, VerifyReport, Wait};
 pub use error::ClientError;
+pub use restore::{RestoreReport, RestoreTarget};
 pub use tensor::Tensor;
 
 pub use ckpt_core::{DType, Manifest, ManifestSummary, SavePhase};

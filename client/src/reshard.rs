@@ -12,12 +12,19 @@
 
 use bytes::Bytes;
 use ckpt_core::{DType, ShardIndex, TensorEntry};
-use futures::{StreamExt, TryStreamExt};
 
 use crate::checkpoint::Checkpoint;
 use crate::client::{Client, SaveSpec, Wait};
 use crate::error::ClientError;
 use crate::tensor::Tensor;
+
+/// A chunk read planned for a row range: bytes `within` of chunk `hash` go to `dest_at`.
+pub(crate) struct PlannedRead {
+    pub hash: ckpt_core::ChunkHash,
+    pub len: u64,
+    pub within: std::ops::Range<usize>,
+    pub dest_at: usize,
+}
 
 /// One rank's piece of a row-sliced tensor.
 struct Piece<'a> {
@@ -80,9 +87,8 @@ fn row_pieces<'a>(cp: &Checkpoint, shards: &'a [ShardIndex], name: &str) -> Resu
 
 impl Client {
     /// Rows `start..start + rows` of tensor `name` from a committed checkpoint, whatever world
-    /// size wrote it. Reads only the index objects of the ranks holding those rows (the root's
-    /// layout names them) and only the chunks covering them. Returns the bytes (row-major) and
-    /// the tensor's global shape.
+    /// size wrote it. Returns the bytes (row-major) and the tensor's global shape. See
+    /// [`Client::load_rows_into`] to read into a buffer you own.
     pub async fn load_rows(
         &self,
         cp: &Checkpoint,
@@ -90,26 +96,50 @@ impl Client {
         start: u64,
         rows: u64,
     ) -> Result<(Vec<u8>, Vec<u64>), ClientError> {
-        let (total_rows, row_bytes) = check_layout(cp, name)?;
-        let end = start.checked_add(rows).filter(|&e| e <= total_rows).ok_or_else(|| ClientError::InvalidTensor {
+        let (_, row_bytes) = check_layout(cp, name)?;
+        let len = rows.checked_mul(row_bytes).ok_or_else(|| ClientError::InvalidTensor {
             name: name.to_string(),
-            reason: format!("rows {start}+{rows} are outside its {total_rows} rows"),
+            reason: format!("{rows} rows are too many"),
         })?;
+        let mut out = vec![0u8; len as usize];
+        self.load_rows_into(cp, name, start, &mut out).await?;
+        let global_shape = cp.root.tensor(name).map(|t| t.global_shape.clone()).unwrap_or_default();
+        Ok((out, global_shape))
+    }
+
+    /// The reads that assemble `len` bytes of rows from row `start` of `name`, in order: each
+    /// names a chunk, the part of it wanted, and where that part goes.
+    pub(crate) async fn plan_rows(
+        &self,
+        cp: &Checkpoint,
+        name: &str,
+        start: u64,
+        len: u64,
+    ) -> Result<Vec<PlannedRead>, ClientError> {
+        let (total_rows, row_bytes) = check_layout(cp, name)?;
+        let bad = |reason: String| ClientError::InvalidTensor { name: name.to_string(), reason };
+        if row_bytes == 0 || len % row_bytes != 0 {
+            return Err(bad(format!("the buffer is {len} bytes, not a whole number of {row_bytes}-byte rows")));
+        }
+        let rows = len / row_bytes;
+        let end = start
+            .checked_add(rows)
+            .filter(|&e| e <= total_rows)
+            .ok_or_else(|| bad(format!("rows {start}+{rows} are outside its {total_rows} rows")))?;
         let layout = cp.root.tensor(name).ok_or_else(|| ClientError::Protocol(format!("{name} left the layout")))?;
-        let global_shape = layout.global_shape.clone();
         let ranks = layout.ranks_overlapping(&(start..end));
         let shards = self.shard_indexes(cp, &ranks).await?;
         let pieces = row_pieces(cp, &shards, name)?;
-        let (job, step) = (cp.job(), cp.step());
-        let mut out = vec![0u8; (rows * row_bytes) as usize];
-        // (chunk, byte range wanted inside the chunk, where it goes in `out`)
-        let mut wanted = Vec::new();
+        let mut plan = Vec::new();
+        // Replicas hold the same rows: the first piece covering a row wins.
+        let mut next_row = start;
         for p in &pieces {
-            let lo = start.max(p.first_row);
+            let lo = next_row.max(p.first_row);
             let hi = end.min(p.first_row + p.rows);
-            if lo >= hi {
+            if lo >= hi || lo != next_row {
                 continue;
             }
+            next_row = hi;
             let (want_lo, want_hi) = ((lo - p.first_row) * row_bytes, (hi - p.first_row) * row_bytes);
             let mut at = 0u64;
             for c in &p.entry.chunks {
@@ -117,29 +147,20 @@ impl Client {
                 at = c_hi;
                 let (a, b) = (want_lo.max(c_lo), want_hi.min(c_hi));
                 if a < b {
-                    let dest = (lo - start) * row_bytes + (a - want_lo);
-                    wanted.push((c.hash, c.len, (a - c_lo) as usize..(b - c_lo) as usize, dest as usize));
+                    let dest_at = ((lo - start) * row_bytes + (a - want_lo)) as usize;
+                    plan.push(PlannedRead {
+                        hash: c.hash,
+                        len: c.len,
+                        within: (a - c_lo) as usize..(b - c_lo) as usize,
+                        dest_at,
+                    });
                 }
             }
         }
-        let fetched: Vec<_> = futures::stream::iter(wanted)
-            .map(|(hash, len, range, dest)| async move {
-                let data = self.fetch_chunk(job, step, hash, len).await?;
-                if data.len() as u64 != len {
-                    return Err(ClientError::Protocol(format!(
-                        "chunk {hash} is {} bytes, the index says {len}",
-                        data.len()
-                    )));
-                }
-                Ok::<_, ClientError>((data, range, dest))
-            })
-            .buffered(self.options().concurrency.max(1))
-            .try_collect()
-            .await?;
-        for (data, range, dest) in fetched {
-            out[dest..dest + range.len()].copy_from_slice(&data[range]);
+        if next_row != end {
+            return Err(bad(format!("rows {next_row}..{end} are in no rank's index")));
         }
-        Ok((out, global_shape))
+        Ok(plan)
     }
 
     /// Averages f32 tensors `names` over the committed checkpoints `steps` of `job` (same world

@@ -3,7 +3,7 @@
 //! ```text
 //! 0..4    magic "CKC1"
 //! 4       format version (1)
-//! 5       codec (0 = none, 1 = zstd)
+//! 5       codec (0 = none, 1 = zstd, 2 = byte-grouped planes; see `codec.rs`)
 //! 6..8    reserved, zero
 //! 8..16   raw length, u64 little-endian (length before the codec)
 //! 16..48  blake3 of the raw bytes (the chunk's address)
@@ -25,6 +25,8 @@ pub const CHUNK_HEADER_BYTES: usize = 48;
 pub enum Codec {
     None,
     Zstd,
+    /// Byte planes of fixed-width elements, each stored zstd-compressed or raw.
+    Grouped,
 }
 
 impl Codec {
@@ -32,6 +34,7 @@ impl Codec {
         match self {
             Codec::None => 0,
             Codec::Zstd => 1,
+            Codec::Grouped => 2,
         }
     }
 
@@ -39,6 +42,7 @@ impl Codec {
         match b {
             0 => Ok(Codec::None),
             1 => Ok(Codec::Zstd),
+            2 => Ok(Codec::Grouped),
             other => Err(CoreError::InvalidChunk(format!("unknown codec {other}"))),
         }
     }

@@ -6,6 +6,7 @@
 //! this crate, so what one writes the other reads with the same code.
 
 pub mod chunk;
+pub mod codec;
 pub mod commit;
 pub mod error;
 pub mod hash;

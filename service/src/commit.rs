@@ -505,14 +505,18 @@ impl Coordinator {
         bytes: Vec<u8>,
     ) -> Result<(), ServiceError> {
         state.mark_committed(hash)?;
-        // Out of the in-flight set first: a failure below must not leave a final save there.
-        self.untrack_slot(state);
         let (job, step) = (state.job.clone(), state.step);
-        self.blocking(move |i| {
-            i.put_manifest(&job, step, &bytes)?;
-            i.remove_save(&job, step)
-        })
-        .await?;
+        let recorded = self
+            .blocking(move |i| {
+                i.put_manifest(&job, step, &bytes)?;
+                i.remove_save(&job, step)
+            })
+            .await;
+        // Out of the in-flight set whatever happened (a final save must not stay there), but
+        // only once the index knows the commit: a status query in between must find one or
+        // the other, never neither.
+        self.untrack_slot(state);
+        recorded?;
         self.index.flush().await?;
         Ok(())
     }

@@ -194,6 +194,8 @@ pub struct Coordinator {
     /// Recently aborted saves, for status queries; they no longer count as in flight.
     pub(crate) aborted: std::sync::Mutex<VecDeque<SaveStatus>>,
     pub(crate) handoff_dir: std::path::PathBuf,
+    /// The group sync of a local-directory store's filesystem (node-local adopts share it).
+    pub(crate) fs_sync: Option<Arc<crate::durable::FsSync>>,
     /// Chunk references held by all saves in flight.
     pub(crate) chunk_refs_in_flight: AtomicU64,
     /// Microseconds from the last rank's index to the root of the most recent commit.
@@ -283,7 +285,15 @@ impl Coordinator {
         };
         let staging = Staging::start(staging_cfg, store.clone(), index.clone(), tx.clone());
         let handoff_dir = config.handoff_dir();
+        let fs_sync = store.local_root().and_then(|root| match crate::durable::FsSync::open(root) {
+            Ok(f) => Some(Arc::new(f)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open the store's root for group syncs; node-local adopts are refused");
+                None
+            }
+        });
         let c = Arc::new(Coordinator {
+            fs_sync,
             limits: config.limits(),
             chunk_permits: Arc::new(Semaphore::new(config.chunk_requests_max)),
             index_permits: Arc::new(Semaphore::new(config.index_requests_max)),

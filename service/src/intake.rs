@@ -172,15 +172,18 @@ impl Coordinator {
             return Err(ServiceError::Internal("local store without a root".into()));
         };
         let stored_bytes_max = self.config.chunk_bytes_max + CHUNK_HEADER_BYTES as u64;
+        let Some(fs) = self.fs_sync.clone() else {
+            return Err(ServiceError::Conflict(
+                "the store's filesystem cannot be synced here; send the chunk over HTTP".into(),
+            ));
+        };
         let (j, idx) = (job.to_string(), self.index.clone());
         tokio::task::spawn_blocking(move || -> Result<(), ServiceError> {
-            let adopted = crate::adopt::adopt(&path, &dest, hash, stored_bytes_max)?;
+            let adopted = crate::adopt::adopt(&path, &dest, hash, stored_bytes_max, &fs)?;
             if adopted.copied {
                 tracing::debug!(job = j, %hash, "handoff directory is on another filesystem; chunk copied");
             }
-            // Adopt takes raw chunks only, so the raw length is the payload's.
-            let raw_len = adopted.stored_len.saturating_sub(CHUNK_HEADER_BYTES as u64);
-            idx.put_chunk(&j, &hash, adopted.stored_len, Some(raw_len))?;
+            idx.put_chunk(&j, &hash, adopted.stored_len, Some(adopted.raw_len))?;
             Ok(())
         })
         .await

@@ -132,19 +132,15 @@ impl Coordinator {
         let job = job.to_string();
         tokio::task::spawn_blocking(move || {
             let corrupt = |reason: String| ServiceError::CorruptChunk { job: job.clone(), hash, reason };
-            let (header, payload) = ChunkHeader::decode(&stored).map_err(|e| corrupt(e.to_string()))?;
+            let (header, _) = ChunkHeader::decode(&stored).map_err(|e| corrupt(e.to_string()))?;
             if header.hash != hash {
                 return Err(corrupt(format!("header names chunk {}", header.hash)));
             }
             let raw = match header.codec {
                 Codec::None => stored.slice(ckpt_core::CHUNK_HEADER_BYTES..),
-                Codec::Zstd => {
-                    let out = zstd::bulk::decompress(payload, header.raw_len as usize)
-                        .map_err(|e| corrupt(format!("zstd payload does not decode: {e}")))?;
-                    if out.len() as u64 != header.raw_len {
-                        return Err(corrupt(format!("decodes to {} bytes, header says {}", out.len(), header.raw_len)));
-                    }
-                    Bytes::from(out)
+                _ => {
+                    let raw = ckpt_core::codec::decode_stored(&stored, &hash).map_err(|e| corrupt(e.to_string()))?;
+                    return Ok(Bytes::from(raw));
                 }
             };
             if verify {

@@ -25,10 +25,15 @@ use ckpt_core::keys::{parse_key, ParsedKey};
 /// One traced syscall that changes or syncs the file system.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Op {
-    Create { path: PathBuf, truncate: bool },
+    Create {
+        path: PathBuf,
+        truncate: bool,
+    },
     OpenRead(PathBuf),
     Write(PathBuf),
     Fsync(PathBuf),
+    /// syncfs: every byte and entry on the filesystem (the traces here stay on one).
+    SyncFs,
     Mkdir(PathBuf),
     Rename(PathBuf, PathBuf),
     Link(PathBuf, PathBuf),
@@ -121,6 +126,7 @@ fn parse(call: &str) -> Option<Op> {
             first_fd_path(second).map(Op::Write)
         }
         "fsync" | "fdatasync" => first_fd_path(args).map(Op::Fsync),
+        "syncfs" => Some(Op::SyncFs),
         "mkdir" | "mkdirat" => path_args(args).into_iter().next().map(Op::Mkdir),
         "rename" | "renameat" | "renameat2" => {
             let p = path_args(args);
@@ -183,6 +189,10 @@ impl Volatile {
                 if let Some(i) = self.inode_of.get(p) {
                     self.dirty_data.remove(i);
                 }
+            }
+            Op::SyncFs => {
+                self.dirty_entries.clear();
+                self.dirty_data.clear();
             }
             Op::Mkdir(p) => self.touch_entry(p),
             Op::Rename(a, b) => {
@@ -367,6 +377,8 @@ mod tests {
             Some(Op::Rename("/t/d/a".into(), "/t/b".into()))
         );
         assert_eq!(parse("fsync(7</t/d/x (deleted)>) = 0"), Some(Op::Fsync("/t/d/x".into())));
+        assert_eq!(parse("syncfs(9</t/store>) = 0"), Some(Op::SyncFs));
+        assert_eq!(parse("syncfs(9</t/store>) = -1 EIO (Input/output error)"), None, "a failed syncfs syncs nothing");
         assert_eq!(parse("mkdir(\"/t/a\", 0777)          = 0"), Some(Op::Mkdir("/t/a".into())));
     }
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
-use ckpt_client::local::{find_ckptd, DaemonOptions, LocalDaemon};
+use ckpt_client::daemon::{find_ckptd, DaemonOptions, LocalDaemon};
 use ckpt_client::{Client, ClientOptions, DType, SaveSpec, Tensor, Wait};
 use ckpt_core::commit::parse_index_object;
 use ckpt_core::keys::{parse_key, ParsedKey};
@@ -230,11 +230,5 @@ pub async fn wait_uploads_drained(d: &LocalDaemon) {
 
 /// Peak resident memory of a process, from /proc (VmHWM), in bytes.
 pub fn peak_rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .expect("VmHWM in /proc status")
+    ckpt_client::daemon::peak_rss_bytes(pid).expect("VmHWM in /proc status")
 }

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use ckpt_client::local::DaemonOptions;
+use ckpt_client::daemon::DaemonOptions;
 use ckpt_client::{Client, ClientError, ClientOptions, DType, SavePhase, Tensor, Wait};
 use ckpt_core::{ChunkHash, ChunkRef, ShardIndex, TensorEntry};
 use ckpt_tests::*;

@@ -8,7 +8,7 @@
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
-use ckpt_client::local::DaemonOptions;
+use ckpt_client::daemon::DaemonOptions;
 use ckpt_tests::*;
 
 const WORLD: u32 = 2;

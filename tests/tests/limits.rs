@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use ckpt_client::local::DaemonOptions;
+use ckpt_client::daemon::DaemonOptions;
 use ckpt_client::SavePhase;
 use ckpt_tests::*;
 

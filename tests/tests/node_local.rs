@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use ckpt_client::local::DaemonOptions;
+use ckpt_client::daemon::DaemonOptions;
 use ckpt_client::ClientError;
 use ckpt_tests::*;
 
@@ -134,7 +134,7 @@ async fn bad_handoffs_are_refused_and_store_nothing() {
 }
 
 /// The chunks of `job` ckptd reports missing among `hash` (hex).
-async fn lc_missing(d: &ckpt_client::local::LocalDaemon, hash: ckpt_core::ChunkHash) -> Vec<String> {
+async fn lc_missing(d: &ckpt_client::daemon::LocalDaemon, hash: ckpt_core::ChunkHash) -> Vec<String> {
     let url = format!("{}/v1/jobs/job/chunks/missing", d.url());
     let body = serde_json::json!({ "hashes": [hash.to_hex()] });
     let r: serde_json::Value = reqwest::Client::new().post(url).json(&body).send().await.unwrap().json().await.unwrap();

@@ -10,11 +10,11 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::Duration;
 
-use ckpt_client::local::DaemonOptions;
+use ckpt_client::daemon::DaemonOptions;
 use ckpt_tests::fsync_audit::{audit, Layout};
 use ckpt_tests::*;
 
-const TRACED: &str = "openat,open,creat,mkdir,mkdirat,rename,renameat,renameat2,link,linkat,unlink,unlinkat,\
+const TRACED: &str = "openat,open,creat,syncfs,mkdir,mkdirat,rename,renameat,renameat2,link,linkat,unlink,unlinkat,\
 write,pwrite64,writev,pwritev,pwritev2,ftruncate,fallocate,copy_file_range,fsync,fdatasync";
 
 fn strace() -> std::path::PathBuf {

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use ckpt_client::local::{DaemonOptions, LocalDaemon};
+use ckpt_client::daemon::{DaemonOptions, LocalDaemon};
 use ckpt_tests::*;
 use rand::{RngCore, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

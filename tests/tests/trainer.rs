@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use ckpt_client::local::LocalDaemon;
+use ckpt_client::daemon::LocalDaemon;
 use ckpt_tests::{ckpt_train_exe, seed, start_daemon};
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
@@ -189,7 +189,9 @@ async fn a_hung_rank_is_caught_by_the_collective_timeout_and_a_slow_one_is_not()
     let timeout_ms: u64 = 2_000;
     let t = timeout_ms.to_string();
     let mut hang = base.to_vec();
-    hang.extend(["--collective-timeout-ms", &t, "--inject", "hang@1:6"]);
+    // Three steps after the step-4 checkpoint, so its background save has committed by then
+    // even on a loaded machine, and the group resumes from it.
+    hang.extend(["--collective-timeout-ms", &t, "--inject", "hang@1:8"]);
     let h = tokio::task::block_in_place(|| launch(&d, dir.path(), "hung", &hang, MINUTES));
     let ints = h["interruptions"].as_array().unwrap();
     assert_eq!(ints.len(), 1, "{ints:?}");

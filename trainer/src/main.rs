@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use ckpt_client::local::{find_ckptd, DaemonOptions, LocalDaemon};
+use ckpt_client::daemon::{find_ckptd, DaemonOptions, LocalDaemon};
 use ckpt_trainer::config::{state_bytes_per_rank, ModelConfig, Recipe};
 use ckpt_trainer::spec::{Injection, RunConfig};
 use clap::{Args, Parser, Subcommand};
@@ -252,7 +252,7 @@ fn run_launch(args: &LaunchArgs) -> Result<report::Report> {
     if args.server.is_none() {
         let mut d = DaemonOptions::in_dir(find_ckptd()?, &args.data_dir);
         // The service yields the CPU to the ranks: checkpoint work must not slow training.
-        d.nice = 10;
+        d.nice = ckpt_client::async_save::BACKGROUND_NICE;
         let d = rt.block_on(LocalDaemon::start(d))?;
         opts.run.server = d.url();
         println!("ckptd on {}, store in {}", opts.run.server, args.data_dir.join("store").display());

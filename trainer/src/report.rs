@@ -82,6 +82,17 @@ pub struct Stalls {
     pub stall_ms_max: f64,
     /// Time a save waited for the previous one to release the staging buffer.
     pub waited_ms_max: f64,
+    /// Every wait a rank had for a checkpoint: the previous save's commit, the staging buffer,
+    /// and the copy; mean and max over rank saves.
+    pub wait_ms_mean: f64,
+    pub wait_ms_max: f64,
+    /// Mean total wait over the copy floor.
+    pub wait_over_memcpy: f64,
+    /// Mean step time with background save work in flight, and without.
+    pub step_ms_in_flight: Option<f64>,
+    pub step_ms_idle: Option<f64>,
+    /// The largest peak RSS of a rank process (from the ranks that finished).
+    pub rank_peak_rss_bytes: Option<u64>,
     pub step_ms_mean: f64,
     /// Mean stall as a share of a mean training step.
     pub stall_pct_of_step: f64,
@@ -188,6 +199,19 @@ impl Report {
             "  stall vs memcpy, vs a step {:.2}× a {:.2} ms copy of the same bytes; {:.2} % of a {:.0} ms step",
             s.stall_over_memcpy, s.memcpy_ms, s.stall_pct_of_step, s.step_ms_mean
         );
+        println!(
+            "  trainer wait per checkpoint mean {:.2} ms, max {:.2} ms ({:.2}× the copy): previous save, buffer and copy",
+            s.wait_ms_mean, s.wait_ms_max, s.wait_over_memcpy
+        );
+        if let (Some(b), Some(i)) = (s.step_ms_in_flight, s.step_ms_idle) {
+            println!(
+                "  step time                  {b:.1} ms with a save in flight, {i:.1} ms without ({:+.1} %)",
+                100.0 * (b / i - 1.0)
+            );
+        }
+        if let Some(r) = s.rank_peak_rss_bytes {
+            println!("  rank peak RSS              {} MiB (largest rank process)", r >> 20);
+        }
         println!("  interruptions              {}", self.interruptions.len());
         for i in &self.interruptions {
             println!(
@@ -243,9 +267,22 @@ fn read_stalls(run_dir: &Path, params: u64, world: usize) -> Stalls {
     let mut floors = Vec::new();
     let mut per_save: BTreeMap<(u64, u64), f64> = BTreeMap::new();
     let mut steps = Vec::new();
+    let (mut busy, mut idle, mut waits) = (Vec::new(), Vec::new(), Vec::new());
+    let mut rss: Option<u64> = None;
     for v in read_events(run_dir) {
         if let Some(ms) = v["step_ms"].as_f64() {
             steps.push(ms);
+            match v["in_flight"].as_bool() {
+                Some(true) => busy.push(ms),
+                Some(false) => idle.push(ms),
+                None => {}
+            }
+        }
+        if let Some(b) = v["peak_rss_bytes"].as_u64() {
+            rss = Some(rss.unwrap_or(0).max(b));
+        }
+        if let Some(ms) = v["wait_ms"].as_f64() {
+            waits.push(ms);
         }
         if v["kind"] == "save" {
             let ms = v["stall_ms"].as_f64().unwrap_or(0.0);
@@ -261,7 +298,14 @@ fn read_stalls(run_dir: &Path, params: u64, world: usize) -> Stalls {
     let step_ms_mean = mean(&steps);
     let stall_ms_mean = mean(&stalls);
     let memcpy_ms = mean(&floors);
+    let wait_ms_mean = mean(&waits);
     Stalls {
+        wait_ms_mean,
+        wait_ms_max: waits.iter().copied().fold(0.0, f64::max),
+        wait_over_memcpy: if memcpy_ms > 0.0 { wait_ms_mean / memcpy_ms } else { 0.0 },
+        step_ms_in_flight: (!busy.is_empty()).then(|| mean(&busy)),
+        step_ms_idle: (!idle.is_empty()).then(|| mean(&idle)),
+        rank_peak_rss_bytes: rss,
         checkpoints: stalls.len(),
         stall_ms_mean,
         stall_ms_max: stalls.iter().copied().fold(0.0, f64::max),

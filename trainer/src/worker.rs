@@ -45,10 +45,22 @@ pub struct TrainState {
 
 pub const TENSORS: [&str; 3] = ["params", "adam_m", "adam_v"];
 
+/// Saves whose commit a rank has not waited for yet; one more waits for the oldest.
+const SAVES_IN_FLIGHT_MAX: usize = 2;
+
 fn as_bytes(x: &[f32]) -> &[u8] {
     // SAFETY: f32 has no padding and every bit pattern is a valid u8; the length covers exactly
     // the same memory, and u8 has alignment 1.
     unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), std::mem::size_of_val(x)) }
+}
+
+/// The bytes of `x`, to restore into. The checkpoint stores little-endian f32, which is the
+/// memory layout only on little-endian hosts.
+fn as_bytes_mut(x: &mut [f32]) -> &mut [u8] {
+    const _: () = assert!(cfg!(target_endian = "little"), "restoring in place assumes a little-endian host");
+    // SAFETY: as `as_bytes`; additionally every bit pattern is a valid f32, so any bytes
+    // written through the view leave valid floats.
+    unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(x)) }
 }
 
 /// Appends one JSON line per event to the rank's log; a line survives the process being killed
@@ -89,7 +101,9 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
         .open(crate::report::events_path(&spec.run.run_dir, rank))
         .context("opening the event log")?;
     let mut events = Events { file, rank, generation: spec.generation };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // Multi-threaded (one worker): restores run their reads on worker threads, and connections
+    // opened here keep being driven while the rank computes.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let client = Client::new(&spec.run.server, ClientOptions::default())?;
 
     let p = spec.run.model.param_count() as usize;
@@ -117,16 +131,19 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
             if state.model != spec.run.model || state.param_count != p as u64 || state.seed != spec.run.seed {
                 bail!("{}@{s} was written by a different model or seed; refusing to resume from it", spec.run.job);
             }
-            let load = |name: &str| -> Result<Vec<f32>> {
-                let (bytes, shape) = rt.block_on(client.load_rows(&m, name, mine.start as u64, mine.len() as u64))?;
+            // Straight into the rank's own parameter and optimizer buffers, verified there.
+            let load = |name: &str, into: &mut [f32]| -> Result<()> {
+                let shape = m.root.tensor(name).map(|t| t.global_shape.clone()).unwrap_or_default();
                 if shape != [p as u64] {
                     bail!("{name} in {}@{s} has shape {shape:?}, expected [{p}]", spec.run.job);
                 }
-                Ok(ckpt_trainer::f32s_from_le(&bytes))
+                rt.block_on(client.load_rows_into(&m, name, mine.start as u64, as_bytes_mut(into)))?;
+                Ok(())
             };
-            own = load("params")?;
-            opt.m = load("adam_m")?;
-            opt.v = load("adam_v")?;
+            own = vec![0.0; mine.len()];
+            load("params", &mut own)?;
+            load("adam_m", &mut opt.m)?;
+            load("adam_v", &mut opt.v)?;
             full = vec![0.0; p];
             comm.all_gather(&own, &mut full)?;
             sampler = Sampler::restore(state.sampler);
@@ -145,7 +162,10 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
     let share = recipe.global_batch / world;
     let mut grad_own = vec![0.0f32; mine.len()];
     let saver = AsyncSaver::new(client.clone(), 3 * 4 * mine.len());
-    let mut pending: Option<PendingSave> = None;
+    // Saves whose commit is still awaited, oldest first. A save needs only the staging buffer,
+    // which the previous one releases once ckptd holds its bytes: the trainer does not wait for
+    // a commit unless more than `SAVES_IN_FLIGHT_MAX` are outstanding.
+    let mut pending: std::collections::VecDeque<PendingSave> = Default::default();
     let mut floor_buf = vec![1.0f32; 3 * mine.len()];
     let fire = |events: &mut Events, inj: &Injection, note: &str| {
         events.emit(serde_json::json!({"kind": "inject", "injection": inj.key(), "step": inj.step, "note": note}));
@@ -210,10 +230,23 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
         comm.all_reduce_sum(&mut l, TAG_LOSS, step)?;
         let step_ms = step_started.elapsed().as_secs_f64() * 1e3;
 
-        if step % spec.run.ckpt_every == 0 || step == spec.run.until_step {
-            if let Some(prev) = pending.take() {
-                finish_save(&rt, &mut events, prev);
+        // Whether background save work ran during this step (its time is compared with steps
+        // without, to show what checkpointing costs the steps themselves).
+        let in_flight = pending.iter().any(|p| !p.ticket.is_done());
+        while pending.front().is_some_and(|p| p.ticket.is_done()) {
+            if let Some(done) = pending.pop_front() {
+                finish_save(&rt, &mut events, done);
             }
+        }
+        if step % spec.run.ckpt_every == 0 || step == spec.run.until_step {
+            // A wait the trainer really has when saves pile up: the oldest must commit first.
+            let prev_started = Instant::now();
+            while pending.len() >= SAVES_IN_FLIGHT_MAX {
+                if let Some(oldest) = pending.pop_front() {
+                    finish_save(&rt, &mut events, oldest);
+                }
+            }
+            let prev_wait = prev_started.elapsed();
             let state = TrainState {
                 step,
                 sampler: sampler.state(),
@@ -260,10 +293,12 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
             // The physical floor of this stall, measured right after it on the same bytes: a plain
             // copy of the three slices into a buffer that is already paged in.
             let floor_ms = memcpy_ms(&[&own, &opt.m, &opt.v], &mut floor_buf);
+            let wait = prev_wait + ticket.waited + ticket.stall;
             events.emit(serde_json::json!({
                 "kind": "save", "step": step, "stall_ms": ticket.stall.as_secs_f64() * 1e3,
-                "waited_ms": ticket.waited.as_secs_f64() * 1e3, "bytes": ticket.bytes, "step_ms": step_ms,
-                "memcpy_ms": floor_ms,
+                "waited_ms": ticket.waited.as_secs_f64() * 1e3, "prev_wait_ms": prev_wait.as_secs_f64() * 1e3,
+                "wait_ms": wait.as_secs_f64() * 1e3, "bytes": ticket.bytes, "step_ms": step_ms,
+                "memcpy_ms": floor_ms, "in_flight": in_flight,
             }));
             if let Some(inj) = kill_save {
                 fire(&mut events, inj, "upload in flight");
@@ -276,15 +311,15 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
                     comm.barrier(0, step)?;
                     raise(libc::SIGKILL);
                 }
-                None => pending = Some(PendingSave { step, ticket }),
+                None => pending.push_back(PendingSave { step, ticket }),
             }
         } else {
-            events.emit(serde_json::json!({"kind": "step", "step": step, "step_ms": step_ms}));
+            events.emit(serde_json::json!({"kind": "step", "step": step, "step_ms": step_ms, "in_flight": in_flight}));
         }
     }
-    if let Some(prev) = pending.take() {
-        let step = prev.step;
-        if !finish_save(&rt, &mut events, prev) {
+    while let Some(prev) = pending.pop_front() {
+        let (step, last) = (prev.step, pending.is_empty());
+        if !finish_save(&rt, &mut events, prev) && last {
             bail!("the final checkpoint (step {step}) did not commit");
         }
     }
@@ -294,6 +329,7 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
         std::fs::write(spec.run.run_dir.join("final.json"), line.to_string()).context("writing final.json")?;
     }
     comm.barrier(TAG_DONE, step)?;
+    events.emit(serde_json::json!({"kind": "done", "step": step, "peak_rss_bytes": ckpt_client::daemon::peak_rss_bytes(std::process::id())}));
     Ok(())
 }
 

@@ -20,10 +20,8 @@ use ckpt_core::{ChunkHash, ChunkRef, DType, ShardIndex, TensorEntry};
 use futures::{StreamExt, TryStreamExt};
 
 use crate::bench::peak_rss_bytes;
-use crate::client::{Client, ClientOptions, SaveSpec, Wait};
-use crate::error::ClientError;
-use crate::local::{find_ckptd, DaemonOptions, LocalDaemon};
-use crate::tensor::Tensor;
+use ckpt_client::daemon::{find_ckptd, DaemonOptions, LocalDaemon};
+use ckpt_client::{Client, ClientError, ClientOptions, SaveSpec, Tensor, Wait};
 
 #[derive(Debug, Clone)]
 pub struct ScaleOptions {

@@ -1,11 +1,14 @@
 //! The `ckpt` command line: inspect, verify, restore and delete checkpoints, and run the demo.
 
+mod bench;
+mod bench_scale;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use ckpt_client::local::{find_ckptd, DaemonOptions, LocalDaemon};
+use ckpt_client::daemon::{find_ckptd, DaemonOptions, LocalDaemon};
 use ckpt_client::{Client, ClientOptions, DType, SaveSpec, Tensor, VerifyReport, Wait};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -76,24 +79,26 @@ enum Cmd {
         #[arg(long)]
         out: Option<String>,
     },
-    /// Benchmark a save burst through a private ckptd against this machine's limits (memcpy,
-    /// fsync'd write, read, blake3), all measured in the same run; prints one table.
+    /// Benchmark saves and restores through a private ckptd against this machine's limits for
+    /// the same bytes (memcpy, sequential fsync'd write, read + blake3 warm and with direct
+    /// I/O), interleaved and repeated; prints one table of medians with their spread.
     Bench {
         /// Directory on the disk to measure (store, spill and the raw-write file go here).
         #[arg(long, default_value = "ckpt-bench")]
         dir: PathBuf,
+        /// Ranks saving at once (threads of this process, each with its own saver).
         #[arg(long, default_value_t = 4)]
         ranks: u32,
+        /// State per rank, in MiB.
         #[arg(long, default_value_t = 512)]
         mib: u64,
         /// ckptd's staging memory budget.
         #[arg(long, default_value_t = 1024)]
         staging_mib: u64,
+        /// Chunk size in MiB.
         #[arg(long, default_value_t = 4)]
         chunk_mib: u64,
-        /// Also stream a burst of this many GiB and report ckptd's peak RSS (0: skip).
-        #[arg(long, default_value_t = 0)]
-        rss_burst_gib: u64,
+        /// Seed of the generated state.
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// How chunk bytes travel: "local" (handoff files and direct reads, same host) or "http".
@@ -101,8 +106,17 @@ enum Cmd {
         transport: String,
         /// Nice value for checkpoint background work (ckptd and the savers' threads); 0 runs
         /// it at the trainer's priority.
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = ckpt_client::async_save::BACKGROUND_NICE)]
         background_nice: i32,
+        /// Runs of every limit and every ckpt figure (interleaved); the table gives medians.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        /// The state saved: random bytes, or fp32 shaped like a trained checkpoint.
+        #[arg(long, value_enum, default_value_t = bench::Data::Random)]
+        data: bench::Data,
+        /// Also stream a burst of this many GiB over HTTP and report ckptd's peak RSS (0: skip).
+        #[arg(long, default_value_t = 0)]
+        rss_burst_gib: u64,
     },
     /// Benchmark the commit path at a 405B job's rank and chunk counts with tiny real chunks:
     /// index-put latency with every rank's put in flight at once, time from the last index to
@@ -345,20 +359,35 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
         }
         Cmd::Demo { ranks, mib: size, dir, seed } => return demo(ranks, size, dir, seed).await,
-        Cmd::Bench { dir, ranks, mib, staging_mib, chunk_mib, rss_burst_gib, seed, transport, background_nice } => {
-            if ranks == 0 || mib == 0 || chunk_mib == 0 {
-                bail!("--ranks, --mib and --chunk-mib must be positive");
+        Cmd::Bench {
+            dir,
+            ranks,
+            mib,
+            staging_mib,
+            chunk_mib,
+            seed,
+            transport,
+            background_nice,
+            repeat,
+            data,
+            rss_burst_gib,
+        } => {
+            if ranks == 0 || mib == 0 || chunk_mib == 0 || repeat == 0 {
+                bail!("--ranks, --mib, --chunk-mib and --repeat must be positive");
             }
-            ckpt_client::bench::run(ckpt_client::bench::BenchOptions {
+            bench::run(bench::BenchOptions {
                 dir,
                 ranks,
                 mib_per_rank: mib,
                 staging_mib,
                 chunk_mib,
-                rss_burst_gib,
                 seed,
                 node_local: transport == "local",
                 background_nice,
+                repeat,
+                data,
+                json: cli.json,
+                rss_burst_gib,
             })
             .await?;
         }
@@ -366,7 +395,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             if worlds.is_empty() || worlds.contains(&0) || tensors == 0 || chunks_per_tensor == 0 {
                 bail!("--worlds, --tensors and --chunks-per-tensor must be positive");
             }
-            let opts = ckpt_client::bench_scale::ScaleOptions {
+            let opts = bench_scale::ScaleOptions {
                 dir,
                 worlds,
                 tensors,
@@ -375,11 +404,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 distinct_ranks,
                 seed,
             };
-            let report = ckpt_client::bench_scale::run(opts).await?;
+            let report = bench_scale::run(opts).await?;
             if cli.json {
                 print_json(&report)?;
             } else {
-                ckpt_client::bench_scale::print(&report);
+                bench_scale::print(&report);
             }
         }
     }

@@ -220,3 +220,10 @@ impl Drop for LocalDaemon {
         self.kill();
     }
 }
+
+/// Peak resident memory (VmHWM) of process `pid`, in bytes; None where /proc does not say.
+pub fn peak_rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim();
+    kb.parse::<u64>().ok().map(|kb| kb * 1024)
+}

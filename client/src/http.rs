@@ -1,0 +1,233 @@
+//! The HTTP transport: every request to ckptd, with retries, and chunk bytes over HTTP.
+//!
+//! Design note.
+//! * Retries: a request is retried on transient failures (ckptd unreachable, 408, 502/503/504,
+//!   which includes ckptd's "busy" answer) with exponential backoff, up to `attempts_max`; a
+//!   "busy" answer is waited out for up to `busy_retry_for`, so a burst waits for the store to
+//!   drain rather than failing. Every request of the protocol is idempotent (chunk puts are
+//!   content-addressed, opens and shard indexes are accepted again when identical), so a retry
+//!   after a lost answer is safe.
+//! * Chunk reads stream the body straight into the caller's buffer (no per-chunk allocation
+//!   here) and count it against the expected length as it arrives; the caller verifies.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ckpt_core::ChunkHash;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ClientError;
+
+#[derive(Debug, Clone)]
+pub(crate) struct RetryPolicy {
+    pub attempts_max: u32,
+    pub base: Duration,
+    pub max: Duration,
+    pub busy_retry_for: Duration,
+}
+
+pub(crate) enum Body {
+    Empty,
+    Json(Vec<u8>),
+    Bytes(Bytes),
+}
+
+#[derive(Deserialize)]
+struct ApiErrorBody {
+    error: ApiErrorInner,
+}
+
+#[derive(Deserialize)]
+struct ApiErrorInner {
+    code: String,
+    message: String,
+}
+
+#[derive(Clone)]
+pub(crate) struct Http {
+    client: reqwest::Client,
+    base: String,
+    retry: RetryPolicy,
+}
+
+impl Http {
+    pub fn new(
+        base_url: &str,
+        timeout: Duration,
+        idle_per_host: usize,
+        retry: RetryPolicy,
+    ) -> Result<Http, ClientError> {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .pool_max_idle_per_host(idle_per_host)
+            .build()
+            .map_err(|e| ClientError::Internal(format!("building the http client: {e}")))?;
+        Ok(Http { client, base: base_url.trim_end_matches('/').to_string(), retry })
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    async fn send_once(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &Body,
+        headers: &[(&str, &str)],
+    ) -> Result<reqwest::Response, ClientError> {
+        let url = format!("{}{}", self.base, path);
+        let mut req = self.client.request(method, &url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req = match body {
+            Body::Empty => req,
+            Body::Json(b) => req.header("content-type", "application/json").body(b.clone()),
+            Body::Bytes(b) => req.header("content-type", "application/octet-stream").body(b.clone()),
+        };
+        let resp = req.send().await.map_err(|source| ClientError::Transport { url: url.clone(), source })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|source| ClientError::Transport { url, source })?;
+        let (code, message) = match serde_json::from_slice::<ApiErrorBody>(&bytes) {
+            Ok(b) => (b.error.code, b.error.message),
+            Err(_) => ("http_error".to_string(), String::from_utf8_lossy(&bytes).chars().take(500).collect()),
+        };
+        Err(ClientError::Api { status: status.as_u16(), code, message })
+    }
+
+    pub async fn request(&self, method: reqwest::Method, path: &str, body: Body) -> Result<Bytes, ClientError> {
+        self.request_with(method, path, body, &[]).await
+    }
+
+    /// One request, retried on transient failures (see the module note), its body read whole.
+    pub async fn request_with(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Body,
+        headers: &[(&str, &str)],
+    ) -> Result<Bytes, ClientError> {
+        let url = format!("{}{}", self.base, path);
+        let mut backoff = Backoff::new(&self.retry);
+        loop {
+            let outcome = match self.send_once(method.clone(), path, &body, headers).await {
+                Ok(resp) => resp.bytes().await.map_err(|source| ClientError::Transport { url: url.clone(), source }),
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Err(e) if backoff.retry(&e, path).await => {}
+                other => return other,
+            }
+        }
+    }
+
+    /// A single attempt, for health checks that must answer now.
+    pub async fn request_once(&self, method: reqwest::Method, path: &str) -> Result<(), ClientError> {
+        self.send_once(method, path, &Body::Empty, &[]).await.map(|_| ())
+    }
+
+    pub async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let bytes = self.request(reqwest::Method::GET, path, Body::Empty).await?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(format!("{path}: {e}")))
+    }
+
+    pub async fn send_json<T: serde::de::DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &impl Serialize,
+    ) -> Result<T, ClientError> {
+        let body = serde_json::to_vec(body).map_err(|e| ClientError::Internal(e.to_string()))?;
+        let bytes = self.request(method, path, Body::Json(body)).await?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(format!("{path}: {e}")))
+    }
+
+    pub async fn put_chunk(&self, job: &str, hash: ChunkHash, data: Bytes) -> Result<(), ClientError> {
+        self.request(reqwest::Method::PUT, &format!("/v1/jobs/{job}/chunks/{hash}"), Body::Bytes(data))
+            .await
+            .map(|_| ())
+    }
+
+    /// Streams chunk `hash`'s raw bytes into `out` (exactly its length). ckptd does not hash it
+    /// again: the caller verifies every byte. A body of another length is a protocol error.
+    pub async fn read_chunk_into(&self, job: &str, hash: ChunkHash, out: &mut [u8]) -> Result<(), ClientError> {
+        let path = format!("/v1/jobs/{job}/chunks/{hash}");
+        let url = format!("{}{}", self.base, path);
+        let headers = [("x-ckpt-client-verifies", "true")];
+        let mut backoff = Backoff::new(&self.retry);
+        loop {
+            let outcome = match self.send_once(reqwest::Method::GET, &path, &Body::Empty, &headers).await {
+                Ok(resp) => stream_into(resp, &url, hash, out).await,
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Err(e) if backoff.retry(&e, &path).await => {}
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Copies a response body into `out` frame by frame, refusing a body of another length.
+async fn stream_into(
+    mut resp: reqwest::Response,
+    url: &str,
+    hash: ChunkHash,
+    out: &mut [u8],
+) -> Result<(), ClientError> {
+    let mut at = 0usize;
+    while let Some(frame) =
+        resp.chunk().await.map_err(|source| ClientError::Transport { url: url.to_string(), source })?
+    {
+        let end = at + frame.len();
+        if end > out.len() {
+            return Err(ClientError::Protocol(format!(
+                "chunk {hash} is longer than the {} bytes the index says",
+                out.len()
+            )));
+        }
+        out[at..end].copy_from_slice(&frame);
+        at = end;
+    }
+    if at != out.len() {
+        return Err(ClientError::Protocol(format!("chunk {hash} is {at} bytes, the index says {}", out.len())));
+    }
+    Ok(())
+}
+
+/// The one retry policy of the client: exponential backoff on transient failures up to
+/// `attempts_max`, and "busy" answers waited out for up to `busy_retry_for`.
+struct Backoff<'a> {
+    policy: &'a RetryPolicy,
+    delay: Duration,
+    attempt: u32,
+    busy_deadline: Instant,
+}
+
+impl<'a> Backoff<'a> {
+    fn new(policy: &'a RetryPolicy) -> Backoff<'a> {
+        Backoff { policy, delay: policy.base, attempt: 1, busy_deadline: Instant::now() + policy.busy_retry_for }
+    }
+
+    /// Whether to try again after `e`; sleeps first when so.
+    async fn retry(&mut self, e: &ClientError, path: &str) -> bool {
+        if e.api_code() == Some("busy") && Instant::now() < self.busy_deadline {
+            tracing::debug!(path, "ckptd busy, backing off");
+            tokio::time::sleep(self.delay).await;
+            self.delay = (self.delay * 2).min(Duration::from_secs(1));
+            return true;
+        }
+        if e.is_transient() && self.attempt < self.policy.attempts_max {
+            tracing::debug!(path, attempt = self.attempt, error = %e, "transient failure, retrying");
+            tokio::time::sleep(self.delay).await;
+            self.delay = (self.delay * 2).min(self.policy.max);
+            self.attempt += 1;
+            return true;
+        }
+        false
+    }
+}

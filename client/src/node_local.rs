@@ -1,0 +1,184 @@
+//! The node-local transport: chunk bytes through the filesystem when ckptd runs on this host.
+//!
+//! Design note.
+//! * Discovery, once per client: only for a loopback URL, ckptd's `/v1/local` names its handoff
+//!   directory and, for a local-directory store, the store's root; each is used only if this
+//!   process can write (handoff) or read (store) it.
+//! * Saving: a chunk is encoded with the core codec (byte-grouped planes for floating-point
+//!   tensors when that pays) and written as a stored chunk file into the handoff directory; ckptd
+//!   verifies it and renames it into the store. If ckptd refuses the path (its store is not a
+//!   local directory), this client stops trying and uses HTTP.
+//! * Reading: a chunk file is read from the store root straight into the caller's buffer,
+//!   decoded there if encoded, and verified there. A missing file means "ask ckptd".
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use bytes::Bytes;
+use ckpt_core::codec::EncodeOptions;
+use ckpt_core::{ChunkHash, ChunkHeader, Codec};
+use serde::Deserialize;
+
+use crate::error::ClientError;
+use crate::http::Http;
+
+#[derive(Debug, Clone)]
+struct LocalPaths {
+    handoff_dir: Option<PathBuf>,
+    store_root: Option<PathBuf>,
+}
+
+pub(crate) struct NodeLocal {
+    enabled: bool,
+    encode: EncodeOptions,
+    paths: tokio::sync::OnceCell<Option<LocalPaths>>,
+    handoff_refused: AtomicBool,
+}
+
+/// Why a chunk could not be read from the local store.
+pub(crate) enum LocalRead {
+    /// Not here (or the path is unavailable): ask ckptd.
+    Missing,
+    Corrupt(String),
+}
+
+impl NodeLocal {
+    pub fn new(enabled: bool, encode: EncodeOptions) -> NodeLocal {
+        NodeLocal { enabled, encode, paths: Default::default(), handoff_refused: AtomicBool::new(false) }
+    }
+
+    async fn paths(&self, http: &Http) -> Option<&LocalPaths> {
+        if !self.enabled {
+            return None;
+        }
+        self.paths
+            .get_or_init(|| async {
+                let host = reqwest::Url::parse(http.base()).ok()?.host_str()?.to_string();
+                if !matches!(host.as_str(), "127.0.0.1" | "localhost" | "[::1]" | "::1") {
+                    return None;
+                }
+                #[derive(Deserialize)]
+                struct Local {
+                    handoff_dir: Option<PathBuf>,
+                    store_root: Option<PathBuf>,
+                }
+                let l: Local = http.get_json("/v1/local").await.ok()?;
+                let handoff_dir = l.handoff_dir.filter(|d| {
+                    let probe = d.join(format!("probe-{}", std::process::id()));
+                    let ok = std::fs::write(&probe, b"").is_ok();
+                    let _ = std::fs::remove_file(&probe);
+                    ok
+                });
+                let store_root = l.store_root.filter(|d| d.is_dir());
+                tracing::debug!(?handoff_dir, ?store_root, "node-local path");
+                Some(LocalPaths { handoff_dir, store_root })
+            })
+            .await
+            .as_ref()
+    }
+
+    /// The local store's root, if chunks can be read from it directly.
+    pub async fn store_root(&self, http: &Http) -> Option<PathBuf> {
+        self.paths(http).await.and_then(|l| l.store_root.clone())
+    }
+
+    /// Hands a chunk to ckptd as a file. Ok(false) when the path is not available (the caller
+    /// sends it over HTTP).
+    pub async fn put_chunk(
+        &self,
+        http: &Http,
+        job: &str,
+        hash: ChunkHash,
+        data: &Bytes,
+        width: Option<u8>,
+    ) -> Result<bool, ClientError> {
+        if self.handoff_refused.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let Some(dir) = self.paths(http).await.and_then(|l| l.handoff_dir.clone()) else { return Ok(false) };
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let name = format!("{hash}.{}.{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        let path = dir.join(&name);
+        let (p, d, opts) = (path.clone(), data.clone(), EncodeOptions { width_hint: width, ..self.encode });
+        let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::Write;
+            let (codec, encoded) = ckpt_core::codec::encode(&d, &opts);
+            let header = ChunkHeader { codec, raw_len: d.len() as u64, hash };
+            let mut f = std::fs::File::create(&p)?;
+            f.write_all(&header.encode())?;
+            f.write_all(encoded.as_deref().unwrap_or(&d))
+        })
+        .await
+        .map_err(|e| ClientError::Internal(e.to_string()))?;
+        if let Err(e) = written {
+            tracing::debug!(error = %e, "handoff write failed; using HTTP");
+            let _ = std::fs::remove_file(&path);
+            return Ok(false);
+        }
+        let r: Result<serde_json::Value, _> = http
+            .send_json(
+                reqwest::Method::POST,
+                &format!("/v1/jobs/{job}/chunks/{hash}/adopt"),
+                &serde_json::json!({ "file": name }),
+            )
+            .await;
+        match r {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                if e.api_code() == Some("conflict") {
+                    // The store is not a local directory: stop trying for this client.
+                    self.handoff_refused.store(true, Ordering::Relaxed);
+                    return Ok(false);
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Reads one stored chunk file into `out` (exactly its raw length), decoding it in place if
+/// encoded, and verifies it there. Blocking. `scratch` holds an encoded payload between reads.
+pub(crate) fn read_chunk_into(
+    path: &Path,
+    hash: ChunkHash,
+    out: &mut [u8],
+    scratch: &mut Vec<u8>,
+) -> Result<(), LocalRead> {
+    use std::io::Read;
+    let corrupt = |why: String| LocalRead::Corrupt(why);
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(LocalRead::Missing),
+        Err(e) => return Err(corrupt(format!("reading {}: {e}", path.display()))),
+    };
+    let size = f.metadata().map_err(|e| corrupt(e.to_string()))?.len();
+    let mut head = [0u8; ckpt_core::CHUNK_HEADER_BYTES];
+    f.read_exact(&mut head).map_err(|_| corrupt("stored chunk is shorter than its header".into()))?;
+    let header = ChunkHeader::decode_header(&head).map_err(|e| corrupt(e.to_string()))?;
+    if header.hash != hash || header.raw_len != out.len() as u64 {
+        return Err(corrupt(format!("header names chunk {} of {} bytes", header.hash, header.raw_len)));
+    }
+    let payload_len = size - ckpt_core::CHUNK_HEADER_BYTES as u64;
+    if header.codec == Codec::None {
+        if payload_len != header.raw_len {
+            return Err(corrupt(format!(
+                "payload is {payload_len} bytes, the header says {} (torn write)",
+                header.raw_len
+            )));
+        }
+        f.read_exact(out).map_err(|e| corrupt(e.to_string()))?;
+    } else {
+        if payload_len > out.len() as u64 + (1 << 20) {
+            return Err(corrupt(format!("an encoded payload of {payload_len} bytes for {} raw bytes", out.len())));
+        }
+        scratch.clear();
+        f.read_to_end(scratch).map_err(|e| corrupt(e.to_string()))?;
+        ckpt_core::codec::decode_into(&header, scratch, out).map_err(|e| corrupt(e.to_string()))?;
+    }
+    let actual = ChunkHash::of(out);
+    if actual != hash {
+        return Err(corrupt(format!("stored bytes hash to {actual}")));
+    }
+    Ok(())
+}

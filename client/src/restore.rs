@@ -1,0 +1,279 @@
+//! Restore into the caller's memory: every chunk is read once, straight into its place in a
+//! buffer the caller owns, and verified there.
+//!
+//! Design note.
+//! * Plan, then read: a restore is first turned into a list of reads, each one chunk into one
+//!   disjoint piece of a target buffer (a chunk only partly wanted, at the edges of a row
+//!   range, is read into a per-worker scratch buffer and the wanted part copied). Sizes are
+//!   checked while planning, before a byte is read: a target of the wrong size is refused.
+//! * Workers: a fixed number of threads (the cores, or the client's `concurrency` when that is
+//!   larger, since reads wait on the disk or the network) take reads from a shared list. Each reads
+//!   from the node-local store when it can, else over HTTP (streamed into place), then hashes
+//!   the bytes where they landed. The read-ahead is therefore the workers: no chunk is buffered
+//!   beyond the one each worker holds, and memory beyond the targets is one scratch buffer per
+//!   worker.
+//! * The calling task is moved off the async runtime's worker (`block_in_place`) while the
+//!   threads run; HTTP reads run on the runtime through its handle. A current-thread runtime
+//!   cannot do this and gets a clear error.
+//! * All or nothing: the first failure stops the other workers at their next chunk and is
+//!   returned; a target is only reported restored when the whole call succeeded. After an
+//!   error the targets hold unspecified bytes.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use ckpt_core::{ChunkHash, ShardIndex};
+use serde::Serialize;
+
+use crate::checkpoint::Checkpoint;
+use crate::client::Client;
+use crate::error::ClientError;
+use crate::node_local::{read_chunk_into, LocalRead};
+
+/// A tensor's destination: `data` must be exactly the tensor's bytes (row-major, its dtype's
+/// little-endian encoding).
+pub struct RestoreTarget<'a> {
+    pub name: &'a str,
+    pub data: &'a mut [u8],
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RestoreReport {
+    pub tensors: usize,
+    pub chunks: usize,
+    pub bytes: u64,
+    /// Chunks read from the node-local store (the rest came over HTTP).
+    pub chunks_local: usize,
+    pub elapsed_ms: u64,
+}
+
+/// One read: chunk `hash` of `len` raw bytes, of which `within` lands in `dest`.
+pub(crate) struct Read<'a> {
+    pub hash: ChunkHash,
+    pub len: u64,
+    pub within: Range<usize>,
+    pub dest: &'a mut [u8],
+}
+
+/// Splits `buf` into the whole-chunk reads of a tensor's chunk list.
+pub(crate) fn whole_tensor_reads<'a>(
+    name: &str,
+    chunks: &[ckpt_core::ChunkRef],
+    buf: &'a mut [u8],
+    reads: &mut Vec<Read<'a>>,
+) -> Result<(), ClientError> {
+    let total: u64 = chunks.iter().map(|c| c.len).sum();
+    if total != buf.len() as u64 {
+        return Err(ClientError::InvalidTensor {
+            name: name.to_string(),
+            reason: format!("the buffer is {} bytes, the checkpoint holds {total}", buf.len()),
+        });
+    }
+    let mut rest = buf;
+    for c in chunks {
+        let (dest, tail) = std::mem::take(&mut rest).split_at_mut(c.len as usize);
+        reads.push(Read { hash: c.hash, len: c.len, within: 0..c.len as usize, dest });
+        rest = tail;
+    }
+    Ok(())
+}
+
+impl Client {
+    /// Restores rank `rank`'s tensors of `job`@`step` into `targets` (any subset of the rank's
+    /// tensors, each buffer exactly the tensor's size), every chunk verified where it lands.
+    /// Reads the root and this rank's index object only.
+    pub async fn restore_rank_into(
+        &self,
+        job: &str,
+        step: u64,
+        rank: u32,
+        targets: &mut [RestoreTarget<'_>],
+    ) -> Result<RestoreReport, ClientError> {
+        let cp = self.checkpoint(job, step).await?;
+        let shard = self.shard_index(&cp, rank).await?;
+        self.restore_shard_into(job, step, &shard, targets).await
+    }
+
+    /// [`Client::restore_rank_into`] for a shard index the caller already holds.
+    pub async fn restore_shard_into(
+        &self,
+        job: &str,
+        step: u64,
+        shard: &ShardIndex,
+        targets: &mut [RestoreTarget<'_>],
+    ) -> Result<RestoreReport, ClientError> {
+        let mut reads = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for t in targets.iter_mut() {
+            if !seen.insert(t.name) {
+                return Err(ClientError::InvalidTensor { name: t.name.into(), reason: "named twice".into() });
+            }
+            let entry = shard.tensors.iter().find(|e| e.name == t.name).ok_or_else(|| ClientError::InvalidTensor {
+                name: t.name.to_string(),
+                reason: format!("rank {} of {job}@{step} has no such tensor", shard.rank),
+            })?;
+            whole_tensor_reads(t.name, &entry.chunks, t.data, &mut reads)?;
+        }
+        let mut report = self.read_all(job, step, reads).await?;
+        report.tensors = targets.len();
+        Ok(report)
+    }
+
+    /// Reads every planned chunk into place on the worker threads, stopping at the first
+    /// failure; see the module note.
+    pub(crate) async fn read_all(
+        &self,
+        job: &str,
+        step: u64,
+        reads: Vec<Read<'_>>,
+    ) -> Result<RestoreReport, ClientError> {
+        let (report, mut failures) = self.read_each(job, step, reads, true).await?;
+        match failures.pop() {
+            Some((_, e)) => Err(e),
+            None => Ok(report),
+        }
+    }
+
+    /// Reads every planned chunk into place; with `stop_at_first` false, every read is tried and
+    /// each failure is returned with its chunk (verification reports them all).
+    pub(crate) async fn read_each(
+        &self,
+        job: &str,
+        step: u64,
+        reads: Vec<Read<'_>>,
+        stop_at_first: bool,
+    ) -> Result<(RestoreReport, Vec<(ChunkHash, ClientError)>), ClientError> {
+        let started = Instant::now();
+        let handle = tokio::runtime::Handle::current();
+        if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread {
+            return Err(ClientError::Internal(
+                "restoring into buffers needs a multi-threaded tokio runtime (the reads run on worker threads)".into(),
+            ));
+        }
+        let local_root = self.node_local.store_root(&self.http).await;
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        // Reads wait on the disk or the network as well as on the cores: `concurrency` reads
+        // in flight keep a cold disk busy while others are hashed.
+        let workers = cores.max(self.opts.concurrency).min(reads.len()).max(1);
+        let (chunks, bytes) = (reads.len(), reads.iter().map(|r| r.within.len() as u64).sum::<u64>());
+        let scratch_len = reads.iter().filter(|r| r.within.len() as u64 != r.len).map(|r| r.len).max().unwrap_or(0);
+        let queue = Mutex::new(reads);
+        let failed = AtomicBool::new(false);
+        let failures: Mutex<Vec<(ChunkHash, ClientError)>> = Mutex::new(Vec::new());
+        let local_count = AtomicU64::new(0);
+        let work = || {
+            let _runtime = handle.enter();
+            let mut scratch = vec![0u8; scratch_len as usize];
+            let mut encoded = Vec::new();
+            loop {
+                if failed.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Some(read) = queue.lock().unwrap_or_else(|e| e.into_inner()).pop() else { return };
+                let whole = read.within.len() as u64 == read.len;
+                let Read { hash, len, within, dest } = read;
+                let buf: &mut [u8] = if whole { dest } else { &mut scratch[..len as usize] };
+                let outcome = self.read_one(job, step, hash, buf, local_root.as_deref(), &mut encoded, &handle);
+                match outcome {
+                    Ok(local) => {
+                        if local {
+                            local_count.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if !whole {
+                            dest.copy_from_slice(&scratch[within]);
+                        }
+                    }
+                    Err(e) => {
+                        failures.lock().unwrap_or_else(|e| e.into_inner()).push((hash, e));
+                        if stop_at_first {
+                            failed.store(true, Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        tokio::task::block_in_place(|| {
+            std::thread::scope(|sc| {
+                for _ in 0..workers {
+                    sc.spawn(work);
+                }
+            })
+        });
+        let report = RestoreReport {
+            tensors: 0,
+            chunks,
+            bytes,
+            chunks_local: local_count.into_inner() as usize,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        };
+        Ok((report, failures.into_inner().unwrap_or_else(|e| e.into_inner())))
+    }
+
+    /// One chunk into `out`, verified: from the local store if it is there, else over HTTP.
+    /// Returns whether it was read locally. Blocking.
+    #[allow(clippy::too_many_arguments)]
+    fn read_one(
+        &self,
+        job: &str,
+        step: u64,
+        hash: ChunkHash,
+        out: &mut [u8],
+        local_root: Option<&std::path::Path>,
+        encoded: &mut Vec<u8>,
+        handle: &tokio::runtime::Handle,
+    ) -> Result<bool, ClientError> {
+        let corrupt = |reason: String| ClientError::CorruptChunk { job: job.into(), step, hash, reason };
+        if let Some(root) = local_root {
+            match read_chunk_into(&root.join(ckpt_core::keys::chunk_key(job, &hash)), hash, out, encoded) {
+                Ok(()) => return Ok(true),
+                Err(LocalRead::Corrupt(reason)) => return Err(corrupt(reason)),
+                Err(LocalRead::Missing) => {}
+            }
+        }
+        match handle.block_on(self.http.read_chunk_into(job, hash, out)) {
+            Ok(()) => {}
+            Err(ClientError::Api { code, message, .. }) if code == "chunk_corrupt" => {
+                let detail = message.split_once("corrupt in the store: ").map_or(message.as_str(), |(_, d)| d);
+                return Err(corrupt(format!("ckptd found it corrupt in the store ({detail})")));
+            }
+            Err(ClientError::Api { code, .. }) if code == "not_found" => {
+                return Err(corrupt("missing from the store".into()))
+            }
+            Err(e) => return Err(e),
+        }
+        let actual = ChunkHash::of(out);
+        if actual != hash {
+            return Err(corrupt(format!("bytes received hash to {actual}")));
+        }
+        Ok(false)
+    }
+
+    /// Rows `start..start + out.len() / row_bytes` of tensor `name` of a committed checkpoint,
+    /// whatever world size wrote it, into `out` (exactly the rows' bytes). Reads only the index
+    /// objects of the ranks holding those rows and only the chunks covering them.
+    pub async fn load_rows_into(
+        &self,
+        cp: &Checkpoint,
+        name: &str,
+        start: u64,
+        out: &mut [u8],
+    ) -> Result<RestoreReport, ClientError> {
+        let plan = self.plan_rows(cp, name, start, out.len() as u64).await?;
+        let mut reads = Vec::with_capacity(plan.len());
+        let mut rest = out;
+        let mut at = 0usize;
+        for p in plan {
+            debug_assert_eq!(p.dest_at, at);
+            let (dest, tail) = std::mem::take(&mut rest).split_at_mut(p.within.len());
+            at += p.within.len();
+            reads.push(Read { hash: p.hash, len: p.len, within: p.within, dest });
+            rest = tail;
+        }
+        let mut report = self.read_all(cp.job(), cp.step(), reads).await?;
+        report.tensors = 1;
+        Ok(report)
+    }
+}
