@@ -463,6 +463,8 @@ struct Figures {
     step_busy: Samples,
     slowdown: Samples,
     ckptd_rss: Samples,
+    allocs_save: Samples,
+    allocs_restore: Samples,
     self_rss: Samples,
 }
 
@@ -549,12 +551,15 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
         let memcpy = limit_memcpy(&sources, &mut bufs);
         f.memcpy.push(secs(memcpy));
         let burst = Instant::now();
+        let allocs = crate::allocations();
         let (stall, tickets) = timed_saves(&savers, &states, 1, Wait::Committed)?;
-        let mut sent_full = 0;
+        let (mut sent_full, mut chunks_full) = (0, 0);
         for t in tickets {
-            sent_full += t.finish().await?.bytes_sent;
+            let r = t.finish().await?;
+            (sent_full, chunks_full) = (sent_full + r.bytes_sent, chunks_full + r.chunks_sent);
         }
         let committed = burst.elapsed();
+        f.allocs_save.push((crate::allocations() - allocs) as f64 / chunks_full.max(1) as f64);
         f.stall.push(secs(stall));
         f.stall_ratio.push(secs(stall) / secs(memcpy));
         f.committed.push(mibps(total, committed));
@@ -564,7 +569,9 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
         f.stored_ratio.push(stored_full as f64 / total as f64);
 
         // Restores: warm (just written), then with the store's pages dropped.
+        let allocs = crate::allocations();
         let warm = restore_all(&client, 1, &states, &mut bufs).await?;
+        f.allocs_restore.push((crate::allocations() - allocs) as f64 / chunks_full.max(1) as f64);
         for (r, b) in bufs.iter().enumerate() {
             if b[..] != sources[r][..] {
                 bail!("rank {r} restored different bytes");
@@ -586,7 +593,7 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
         save_bytes = (sent_full, stored_full);
 
         // The trainer's side: steps with and without a save in flight, every wait counted.
-        let trainer = trainer_side(&savers, &mut bufs, n).await?;
+        let trainer = trainer_side(&savers, &mut bufs, n, committed).await?;
         f.wait_total.push(trainer.wait_total);
         f.wait_prev.push(trainer.wait_prev);
         f.interval.push(trainer.interval_steps);
@@ -627,7 +634,7 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
             Target::AtMost(1.2),
         ),
         row(
-            "total trainer wait per checkpoint (buffer + copy + previous save), saves back to back",
+            "total trainer wait per checkpoint (earlier commit + buffer + copy), saves in a row",
             f.wait_total.show("s", 3),
             format!("memcpy {}", f.memcpy.show("s", 3)),
             &f.wait_ratio,
@@ -641,7 +648,7 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
             Target::Info,
         ),
         row(
-            "  checkpoint interval when back to back",
+            "  checkpoint interval (2x the idle save's time, at most 300 steps)",
             format!("{} steps of {}", f.interval.show("", 0), f.step_base.show("ms", 1)),
             "-".into(),
             &Samples::default(),
@@ -716,6 +723,13 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
             format!("staging budget {} MiB + 128", opts.staging_mib),
             &Samples(burst_rss.into_iter().map(|r| r / (opts.staging_mib + 128) as f64).collect()),
             Target::AtMost(1.0),
+        ),
+        row(
+            &format!("client heap allocations per chunk ({})", if opts.node_local { "node-local" } else { "http" }),
+            format!("save {}, restore {}", f.allocs_save.show("", 1), f.allocs_restore.show("", 1)),
+            "-".into(),
+            &Samples::default(),
+            Target::Info,
         ),
         row(
             "bench process peak RSS (all ranks' state, sources, savers)",
@@ -807,13 +821,14 @@ struct TrainerSide {
     step_busy: f64,
 }
 
-/// Each rank thread trains (synthetic steps) and checkpoints back to back: the next checkpoint
-/// comes at the first step after the previous save released the staging buffer (ckptd holds
-/// its bytes), without waiting for its commit; at most two saves are awaited, as in the
-/// trainer, so a third waits for the oldest commit (counted). Returns the median total wait per
-/// checkpoint (previous save, buffer, copy), the median interval in steps, and the median step
-/// times with and without a save in flight.
-async fn trainer_side(savers: &[AsyncSaver], bufs: &mut [Vec<u8>], n: u32) -> Result<TrainerSide> {
+/// Each rank thread trains (synthetic steps) and checkpoints every `interval` steps: twice the
+/// time the idle burst took to commit (capped at 300 steps), so saves follow each other with
+/// little slack. A save needs only the staging buffer, which the previous save releases when
+/// ckptd holds its bytes; at most two saves are awaited, as in the trainer, so a third waits for
+/// the oldest commit. Every wait is counted. Returns the median total wait per checkpoint
+/// (earlier commit, buffer, copy), the interval, and the median step times with and without a
+/// save in flight.
+async fn trainer_side(savers: &[AsyncSaver], bufs: &mut [Vec<u8>], n: u32, full_save: Duration) -> Result<TrainerSide> {
     let handle = tokio::runtime::Handle::current();
     let cells: Vec<std::sync::Mutex<&mut Vec<u8>>> = bufs.iter_mut().map(std::sync::Mutex::new).collect();
     let per_rank = tokio::task::block_in_place(|| {
@@ -821,9 +836,10 @@ async fn trainer_side(savers: &[AsyncSaver], bufs: &mut [Vec<u8>], n: u32) -> Re
             let mut state = cells[r].lock().unwrap();
             let mut work = vec![1.0f32; 64 << 10];
             let base: Vec<f64> = (0..10).map(|_| secs(synthetic_step(&mut work))).collect();
+            let interval = ((2.0 * secs(full_save) / median(&base)).ceil() as usize).clamp(1, 300);
             let mut trace = RankTrace { idle: base, ..RankTrace::default() };
             let mut pending: std::collections::VecDeque<ckpt_client::SaveTicket> = Default::default();
-            for c in 0..4u64 {
+            for c in 0..3u64 {
                 // The update before a checkpoint: every chunk changes, so each save is full.
                 for x in state.iter_mut().step_by(1 << 20) {
                     *x = x.wrapping_add(1);
@@ -840,17 +856,15 @@ async fn trainer_side(savers: &[AsyncSaver], bufs: &mut [Vec<u8>], n: u32) -> Re
                 let ticket = handle.block_on(savers[r].save(spec(10 + c, r as u32, n), &views, Wait::Committed))?;
                 trace.waits.push(secs(prev) + secs(ticket.waited) + secs(ticket.stall));
                 trace.prev_waits.push(secs(prev));
-                let mut steps = 0;
-                while steps == 0 || !ticket.buffer_released() {
+                for _ in 0..interval {
                     let d = secs(synthetic_step(&mut work));
                     if pending.iter().chain(std::iter::once(&ticket)).all(|t| t.is_done()) {
                         trace.idle.push(d);
                     } else {
                         trace.busy.push(d);
                     }
-                    steps += 1;
                 }
-                trace.intervals.push(steps as f64);
+                trace.intervals.push(interval as f64);
                 pending.push_back(ticket);
             }
             while let Some(p) = pending.pop_front() {
