@@ -407,19 +407,27 @@ fn timed_saves(
 
 /// Restores every rank into `bufs` at once; returns the wall time.
 async fn restore_all(client: &Client, step: u64, states: &[Vec<Tensor>], bufs: &mut [Vec<u8>]) -> Result<Duration> {
-    let t = Instant::now();
-    let futs = states.iter().zip(bufs.iter_mut()).enumerate().map(|(r, (st, buf))| {
-        let mut targets = Vec::with_capacity(st.len());
-        let mut rest = &mut buf[..];
-        for t in st {
-            let (head, tail) = std::mem::take(&mut rest).split_at_mut(t.data.len());
-            targets.push(RestoreTarget { name: &t.name, data: head });
-            rest = tail;
-        }
-        async move { client.restore_rank_into("bench", step, r as u32, &mut targets).await }
+    // Each rank restores on its own thread, as rank processes do: a restore occupies its
+    // caller while its workers run, so ranks joined in one task would restore one by one.
+    let handle = tokio::runtime::Handle::current();
+    let cells: Vec<std::sync::Mutex<&mut Vec<u8>>> = bufs.iter_mut().map(std::sync::Mutex::new).collect();
+    let (d, results) = tokio::task::block_in_place(|| {
+        all_at_once(states.len(), |r| {
+            let mut buf = cells[r].lock().unwrap();
+            let mut targets = Vec::with_capacity(states[r].len());
+            let mut rest = &mut buf[..];
+            for t in &states[r] {
+                let (head, tail) = std::mem::take(&mut rest).split_at_mut(t.data.len());
+                targets.push(RestoreTarget { name: &t.name, data: head });
+                rest = tail;
+            }
+            handle.block_on(client.restore_rank_into("bench", step, r as u32, &mut targets))
+        })
     });
-    futures::future::try_join_all(futs).await?;
-    Ok(t.elapsed())
+    for r in results {
+        r?;
+    }
+    Ok(d)
 }
 
 /// A training step's arithmetic over `work`: a fixed amount of single-threaded compute on a
