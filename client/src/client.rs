@@ -540,13 +540,9 @@ impl Client {
                 end += 1;
             }
             buffer.resize(bytes as usize, 0);
-            let mut reads = Vec::with_capacity(end - at);
-            let mut rest = &mut buffer[..];
-            for &(hash, len) in &all[at..end] {
-                let (dest, tail) = std::mem::take(&mut rest).split_at_mut(len as usize);
-                reads.push(Read { hash, len, within: 0..len as usize, dest });
-                rest = tail;
-            }
+            let batch: Vec<ChunkRef> = all[at..end].iter().map(|&(hash, len)| ChunkRef { hash, len }).collect();
+            let mut reads = Vec::with_capacity(batch.len());
+            whole_tensor_reads("verify batch", &batch, &mut buffer, &mut reads)?;
             let (_, failures) = self.read_each(job, step, reads, false).await?;
             let mut failed = HashSet::new();
             for (h, e) in failures {
