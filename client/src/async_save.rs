@@ -54,8 +54,89 @@ impl Tensor {
 /// The staging buffer and what the last save left in it.
 #[derive(Default)]
 struct Staging {
-    buf: Vec<u8>,
+    buf: Buf,
     last: Option<Last>,
+}
+
+/// The staging buffer's memory: a memfd shared with ckptd when this host's ckptd takes
+/// segments (chunks are then handed over by offset, with no copy into the page cache), else
+/// ordinary heap memory.
+enum Buf {
+    Heap(Vec<u8>),
+    Shared(Arc<SharedBuf>),
+}
+
+impl Default for Buf {
+    fn default() -> Self {
+        Buf::Heap(Vec::new())
+    }
+}
+
+struct SharedBuf {
+    map: memmap2::MmapMut,
+    file: std::fs::File,
+    /// Registered with ckptd at the first save (`None` inside: ckptd declined).
+    registered: tokio::sync::OnceCell<Option<crate::node_local::Registered>>,
+}
+
+/// Lends the shared buffer to `Bytes` slices for the background part of a save.
+struct SharedOwner(Arc<SharedBuf>);
+
+impl AsRef<[u8]> for SharedOwner {
+    fn as_ref(&self) -> &[u8] {
+        &self.0.map
+    }
+}
+
+impl Buf {
+    fn len(&self) -> usize {
+        match self {
+            Buf::Heap(v) => v.len(),
+            Buf::Shared(s) => s.map.len(),
+        }
+    }
+
+    /// Whether nothing else holds the buffer (a shared one may still be lent to slices).
+    fn is_free(&self) -> bool {
+        match self {
+            Buf::Heap(_) => true,
+            Buf::Shared(s) => Arc::strong_count(s) == 1,
+        }
+    }
+
+    /// The bytes to copy into; `None` if a shared buffer is still lent out.
+    fn as_mut_slice(&mut self) -> Option<&mut [u8]> {
+        match self {
+            Buf::Heap(v) => Some(&mut v[..]),
+            Buf::Shared(s) => Arc::get_mut(s).map(|s| &mut s.map[..]),
+        }
+    }
+
+    /// A memfd of `capacity` bytes, mapped and touched, or heap memory if that fails.
+    fn allocate(capacity: usize, shared: bool) -> Buf {
+        if shared && capacity > 0 {
+            match SharedBuf::create(capacity) {
+                Ok(s) => return Buf::Shared(Arc::new(s)),
+                Err(e) => tracing::debug!(error = %e, "no shared staging buffer; using heap memory"),
+            }
+        }
+        Buf::Heap(touched(capacity))
+    }
+}
+
+impl SharedBuf {
+    fn create(capacity: usize) -> std::io::Result<SharedBuf> {
+        let fd = nix::sys::memfd::memfd_create(c"ckpt-staging", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .map_err(std::io::Error::from)?;
+        let file = std::fs::File::from(fd);
+        file.set_len(capacity as u64)?;
+        // SAFETY: the memfd is private to this process until it is passed to ckptd, which only
+        // reads it with pread; nothing else resizes it while mapped.
+        let mut map = unsafe { memmap2::MmapMut::map_mut(&file)? };
+        // Writing every page now moves the page faults out of the trainer's stall.
+        map.fill(1);
+        Ok(SharedBuf { map, file, registered: Default::default() })
+    }
 }
 
 #[derive(PartialEq, Eq)]
@@ -163,7 +244,7 @@ impl AsyncSaver {
         // caller's next `block_on` (it made saves after a restore take a whole checkpoint
         // interval in the demo).
         let client = client.detached().unwrap_or(client);
-        let staging = Staging { buf: touched(capacity_bytes), last: None };
+        let staging = Staging { buf: Buf::allocate(capacity_bytes, client.options().node_local), last: None };
         AsyncSaver { client, buffer: Arc::new(Mutex::new(staging)), capacity: capacity_bytes, runtime }
     }
 
@@ -192,8 +273,8 @@ impl AsyncSaver {
 
         let started = Instant::now();
         let Staging { mut buf, last } = std::mem::take(&mut *guard);
-        if buf.len() < self.capacity {
-            buf = touched(self.capacity);
+        if buf.len() < self.capacity || buf.as_mut_slice().is_none() {
+            buf = Buf::allocate(self.capacity, self.client.options().node_local);
         }
         let chunk = self.client.options().chunk_bytes;
         let layout = Layout {
@@ -206,14 +287,19 @@ impl AsyncSaver {
         let mut known = Vec::new();
         let mut ranges = Vec::with_capacity(tensors.len());
         let mut at = 0;
+        let Some(bytes) = buf.as_mut_slice() else {
+            return Err(ClientError::Internal("staging buffer still lent out".into()));
+        };
         for t in tensors {
             for r in ckpt_core::chunk::chunk_ranges(t.data.len() as u64, chunk) {
                 let (src, dst) =
                     (&t.data[r.start as usize..r.end as usize], at + r.start as usize..at + r.end as usize);
-                let same =
-                    last.as_ref().and_then(|l| l.hashes.get(known.len()).copied()).filter(|_| buf[dst.clone()] == *src);
+                let same = last
+                    .as_ref()
+                    .and_then(|l| l.hashes.get(known.len()).copied())
+                    .filter(|_| bytes[dst.clone()] == *src);
                 if same.is_none() {
-                    buf[dst].copy_from_slice(src);
+                    bytes[dst].copy_from_slice(src);
                 }
                 known.push(same);
             }
@@ -222,7 +308,10 @@ impl AsyncSaver {
         }
         let stall = started.elapsed();
 
-        let frozen = Bytes::from(buf);
+        let (frozen, shared) = match buf {
+            Buf::Heap(v) => (Bytes::from(v), None),
+            Buf::Shared(s) => (Bytes::from_owner(SharedOwner(s.clone())), Some(s)),
+        };
         let owned: Vec<Tensor> = tensors
             .iter()
             .zip(ranges)
@@ -242,21 +331,37 @@ impl AsyncSaver {
         let work = async move {
             // The buffer is released as soon as ckptd holds every byte (staged or durable) and
             // this rank's index: the next save need not wait for this one's commit.
-            let result = client.save_known(&spec, &owned, Wait::Staged, &known).await;
+            let registered = match &shared {
+                Some(s) => s.registered.get_or_init(|| client.register_segment(&s.file)).await.as_ref(),
+                None => None,
+            };
+            let segment = shared.as_ref().zip(registered).map(|(s, r)| crate::node_local::SegmentView {
+                token: &r.token,
+                base: s.map.as_ptr() as usize,
+                len: s.map.len(),
+            });
+            let result = client.save_known(&spec, &owned, Wait::Staged, &known, segment).await;
             drop(owned);
-            *guard = match frozen.try_into_mut() {
+            let buf = match shared {
+                None => frozen.try_into_mut().ok().map(|m| Buf::Heap(Vec::from(m))),
+                Some(s) => {
+                    drop(frozen);
+                    Some(Buf::Shared(s))
+                }
+            };
+            *guard = match buf {
                 // The hashes describe the buffer's bytes only if every chunk was hashed.
-                Ok(m) => Staging {
-                    buf: Vec::from(m),
+                Some(buf) if buf.is_free() => Staging {
+                    buf,
                     last: result
                         .as_ref()
                         .ok()
                         .filter(|(_, h)| h.len() == known.len())
                         .map(|(_, h)| Last { layout, hashes: h.clone() }),
                 },
-                Err(_) => {
+                _ => {
                     tracing::warn!("staging buffer still shared after a save; allocating a fresh one");
-                    Staging { buf: touched(capacity), last: None }
+                    Staging { buf: Buf::allocate(capacity, client.options().node_local), last: None }
                 }
             };
             drop(guard);

@@ -163,6 +163,11 @@ impl Client {
         Client::new(self.http.base(), self.opts.clone())
     }
 
+    /// Registers an `AsyncSaver`'s shared staging buffer with ckptd (see `node_local.rs`).
+    pub(crate) async fn register_segment(&self, file: &std::fs::File) -> Option<crate::node_local::Registered> {
+        self.node_local.register_segment(&self.http, file).await
+    }
+
     pub fn options(&self) -> &ClientOptions {
         &self.opts
     }
@@ -197,7 +202,7 @@ impl Client {
     /// Saves one rank's tensors as part of step `spec.step`. Safe to call again after any
     /// failure: what ckptd already has is not sent twice.
     pub async fn save(&self, spec: &SaveSpec, tensors: &[Tensor], wait: Wait) -> Result<SaveReport, ClientError> {
-        self.save_known(spec, tensors, wait, &[]).await.map(|(r, _)| r)
+        self.save_known(spec, tensors, wait, &[], None).await.map(|(r, _)| r)
     }
 
     /// `save` where `known[i]`, when given, is the hash of the `i`-th chunk (in tensor order),
@@ -209,6 +214,7 @@ impl Client {
         tensors: &[Tensor],
         wait: Wait,
         known: &[Option<ChunkHash>],
+        segment: Option<crate::node_local::SegmentView<'_>>,
     ) -> Result<(SaveReport, Vec<ChunkHash>), ClientError> {
         let started = Instant::now();
         validate_job(&spec.job)?;
@@ -279,7 +285,7 @@ impl Client {
                     futures::stream::iter(missing)
                         .map(|h| {
                             let (data, width) = fresh.get(&h).cloned().unwrap_or_default();
-                            async move { self.put_chunk_typed(job, h, data, width).await }
+                            async move { self.put_chunk_typed(job, h, data, width, segment).await }
                         })
                         .buffer_unordered(self.opts.concurrency.max(1))
                         .try_collect::<Vec<()>>()
@@ -382,18 +388,25 @@ impl Client {
 
     /// Sends one chunk: through the node-local path when available, else over HTTP.
     pub async fn put_chunk(&self, job: &str, hash: ChunkHash, data: Bytes) -> Result<(), ClientError> {
-        self.put_chunk_typed(job, hash, data, None).await
+        self.put_chunk_typed(job, hash, data, None, None).await
     }
 
     /// `put_chunk` knowing the element width of the tensor the chunk is cut from (the
-    /// node-local path's codec groups bytes by it).
+    /// node-local path's codec groups bytes by it) and, for an `AsyncSaver`'s shared staging
+    /// buffer, the segment ckptd can copy it from.
     async fn put_chunk_typed(
         &self,
         job: &str,
         hash: ChunkHash,
         data: Bytes,
         width: Option<u8>,
+        segment: Option<crate::node_local::SegmentView<'_>>,
     ) -> Result<(), ClientError> {
+        if let Some(seg) = segment {
+            if self.node_local.put_segment_chunk(&self.http, job, hash, &data, width, seg).await? {
+                return Ok(());
+            }
+        }
         if self.node_local.put_chunk(&self.http, job, hash, &data, width).await? {
             return Ok(());
         }

@@ -26,6 +26,31 @@ use crate::http::Http;
 struct LocalPaths {
     handoff_dir: Option<PathBuf>,
     store_root: Option<PathBuf>,
+    segment_socket: Option<PathBuf>,
+}
+
+/// A shared-memory segment ckptd knows: chunks inside it are handed over by offset. ckptd
+/// forgets the segment when `conn` closes.
+pub(crate) struct Registered {
+    pub token: String,
+    _conn: std::os::unix::net::UnixStream,
+}
+
+/// Where a save's chunk bytes lie in a registered segment.
+#[derive(Clone, Copy)]
+pub(crate) struct SegmentView<'a> {
+    pub token: &'a str,
+    /// Address and length of the segment's mapping in this process.
+    pub base: usize,
+    pub len: usize,
+}
+
+impl SegmentView<'_> {
+    /// The offset of `data` in the segment, if it lies wholly inside it.
+    fn offset_of(&self, data: &[u8]) -> Option<u64> {
+        let at = (data.as_ptr() as usize).checked_sub(self.base)?;
+        (at + data.len() <= self.len).then_some(at as u64)
+    }
 }
 
 pub(crate) struct NodeLocal {
@@ -61,6 +86,8 @@ impl NodeLocal {
                 struct Local {
                     handoff_dir: Option<PathBuf>,
                     store_root: Option<PathBuf>,
+                    #[serde(default)]
+                    segment_socket: Option<PathBuf>,
                 }
                 let l: Local = http.get_json("/v1/local").await.ok()?;
                 let handoff_dir = l.handoff_dir.filter(|d| {
@@ -70,8 +97,8 @@ impl NodeLocal {
                     ok
                 });
                 let store_root = l.store_root.filter(|d| d.is_dir());
-                tracing::debug!(?handoff_dir, ?store_root, "node-local path");
-                Some(LocalPaths { handoff_dir, store_root })
+                tracing::debug!(?handoff_dir, ?store_root, segment_socket = ?l.segment_socket, "node-local path");
+                Some(LocalPaths { handoff_dir, store_root, segment_socket: l.segment_socket })
             })
             .await
             .as_ref()
@@ -80,6 +107,50 @@ impl NodeLocal {
     /// The local store's root, if chunks can be read from it directly.
     pub async fn store_root(&self, http: &Http) -> Option<PathBuf> {
         self.paths(http).await.and_then(|l| l.store_root.clone())
+    }
+
+    /// Registers the memfd `file` with ckptd as a shared-memory segment; `None` when ckptd
+    /// offers no segment socket or refuses (the saver then hands over files).
+    pub async fn register_segment(&self, http: &Http, file: &std::fs::File) -> Option<Registered> {
+        let socket = self.paths(http).await?.segment_socket.clone()?;
+        let file = file.try_clone().ok()?;
+        let registered = tokio::task::spawn_blocking(move || register_blocking(&socket, &file)).await.ok()?;
+        match registered {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::debug!(error = %e, "segment registration refused; using handoff files");
+                None
+            }
+        }
+    }
+
+    /// Hands a chunk lying in a registered segment to ckptd by its offset. Ok(false) when the
+    /// chunk is not in the segment or ckptd refuses the path (the caller uses another one).
+    pub async fn put_segment_chunk(
+        &self,
+        http: &Http,
+        job: &str,
+        hash: ChunkHash,
+        data: &Bytes,
+        width: Option<u8>,
+        seg: SegmentView<'_>,
+    ) -> Result<bool, ClientError> {
+        let Some(offset) = seg.offset_of(data) else { return Ok(false) };
+        let body = serde_json::json!({
+            "segment": seg.token, "offset": offset, "len": data.len(), "width": width, "level": self.encode.level,
+        });
+        let r: Result<serde_json::Value, _> =
+            http.send_json(reqwest::Method::POST, &format!("/v1/jobs/{job}/chunks/{hash}/adopt"), &body).await;
+        match r {
+            Ok(_) => Ok(true),
+            // Refused (a closed segment, a store that is not a local directory): the caller
+            // sends these bytes another way. A hash mismatch is refused there too.
+            Err(e) if e.api_code().is_some() => {
+                tracing::debug!(error = %e, "segment adopt refused; using another path");
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Hands a chunk to ckptd as a file. Ok(false) when the path is not available (the caller
@@ -181,4 +252,32 @@ pub(crate) fn read_chunk_into(
         return Err(corrupt(format!("stored bytes hash to {actual}")));
     }
     Ok(())
+}
+
+/// Connects to ckptd's segment socket, sends one byte with `file` attached and reads the
+/// token line. Blocking, bounded by socket timeouts.
+fn register_blocking(socket: &Path, file: &std::fs::File) -> std::io::Result<Registered> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::io::BufRead;
+    use std::os::fd::AsRawFd;
+    let conn = std::os::unix::net::UnixStream::connect(socket)?;
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    conn.set_write_timeout(Some(std::time::Duration::from_secs(10)))?;
+    let fds = [file.as_raw_fd()];
+    sendmsg::<()>(
+        conn.as_raw_fd(),
+        &[std::io::IoSlice::new(b"s")],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(std::io::Error::from)?;
+    let mut line = String::new();
+    std::io::BufReader::new(&conn).read_line(&mut line)?;
+    let token = line.trim();
+    if token.len() != 32 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(std::io::Error::other(format!("ckptd answered {token:?}")));
+    }
+    conn.set_read_timeout(None)?;
+    Ok(Registered { token: token.to_string(), _conn: conn })
 }

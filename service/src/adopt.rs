@@ -64,6 +64,10 @@ pub enum AdoptError {
     Swapped { path: PathBuf },
     #[error("cannot read handoff file {}: {source}", .path.display())]
     Read { path: PathBuf, source: io::Error },
+    #[error("shared-memory segment: {0}")]
+    Segment(String),
+    #[error("the segment's bytes hash to {actual}, not {expected}")]
+    SegmentMismatch { expected: ChunkHash, actual: ChunkHash },
     #[error(transparent)]
     Durable(#[from] DurableError),
 }
@@ -76,7 +80,9 @@ impl AdoptError {
 
     pub fn code(&self) -> &'static str {
         match self {
-            AdoptError::Chunk { source: CoreError::HashMismatch { .. }, .. } => "hash_mismatch",
+            AdoptError::Chunk { source: CoreError::HashMismatch { .. }, .. } | AdoptError::SegmentMismatch { .. } => {
+                "hash_mismatch"
+            }
             AdoptError::Chunk { .. } => "invalid_chunk",
             AdoptError::Read { .. } | AdoptError::Durable(_) => "io_error",
             _ => "handoff_refused",
@@ -183,6 +189,7 @@ fn adopt_with_hook(
     before_rename();
 
     let dir = dest.parent().ok_or_else(|| DurableError::NoParent { path: dest.into() })?;
+    // Durably: the copy path below (another filesystem) has no group sync to cover it.
     durable::ensure_dir(dir)?;
     let tmp = durable::temp_path(dest);
     match std::fs::rename(handoff, &tmp) {

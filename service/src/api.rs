@@ -19,6 +19,7 @@ use tower_http::timeout::RequestBodyTimeoutLayer;
 use crate::coordinator::{Coordinator, OpenSave};
 use crate::error::ServiceError;
 use crate::store::StoreError;
+use crate::AdoptSource;
 
 pub struct AppState {
     pub coordinator: Arc<Coordinator>,
@@ -155,6 +156,7 @@ async fn stats(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let staging = s.coordinator.staging();
     Json(serde_json::json!({
         "staging": staging.stats(),
+        "segments": s.coordinator.segments.stats(),
         "memory_overhead_bytes": staging.memory_overhead_bytes(),
         "saves_in_flight": s.coordinator.saves_in_flight(),
         "chunk_refs_in_flight": s.coordinator.chunk_refs_in_flight(),
@@ -165,12 +167,23 @@ async fn stats(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
 
 async fn local_paths(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let (handoff, store_root) = s.coordinator.local_paths();
-    Json(serde_json::json!({ "handoff_dir": handoff, "store_root": store_root }))
+    let segment_socket = s.coordinator.segment_socket();
+    Json(serde_json::json!({ "handoff_dir": handoff, "store_root": store_root, "segment_socket": segment_socket }))
 }
 
+/// A handoff file by name, or raw bytes in a registered shared-memory segment.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct AdoptRequest {
-    file: String,
+    file: Option<String>,
+    segment: Option<String>,
+    #[serde(default)]
+    offset: u64,
+    #[serde(default)]
+    len: u64,
+    width: Option<u8>,
+    #[serde(default)]
+    level: i32,
 }
 
 async fn adopt_chunk(
@@ -183,7 +196,14 @@ async fn adopt_chunk(
     let hash: ChunkHash = hash.parse()?;
     let req: AdoptRequest = json_body(&s, body)?;
     let _permit = s.coordinator.chunk_permit().await?;
-    let outcome = s.coordinator.adopt_chunk(&job, hash, &req.file).await?;
+    let source = match (req.file, req.segment) {
+        (Some(name), None) => AdoptSource::File(name),
+        (None, Some(token)) => {
+            AdoptSource::Segment { token, offset: req.offset, len: req.len, width: req.width, level: req.level }
+        }
+        _ => return Err(ServiceError::BadRequest("an adopt names either a file or a segment".into()).into()),
+    };
+    let outcome = s.coordinator.adopt_chunk(&job, hash, source).await?;
     Ok(Json(serde_json::json!({ "hash": hash, "state": outcome.state, "written": outcome.written })).into_response())
 }
 

@@ -82,6 +82,9 @@ pub struct Config {
     /// Directory where clients on this host hand chunk files to ckptd (the node-local path);
     /// defaults to `<data_dir>/handoff`. Only files directly inside it are accepted.
     pub handoff_dir: Option<PathBuf>,
+    /// Shared-memory segments registered at once (clients on this host pass their staging
+    /// buffers to ckptd through `<data_dir>/segments.sock`); 0 turns the path off.
+    pub segments_max: usize,
 }
 
 impl Default for Config {
@@ -120,6 +123,7 @@ impl Default for Config {
             compression_level: 3,
             compression_min_savings_pct: 10,
             handoff_dir: None,
+            segments_max: 256,
         }
     }
 }

@@ -196,6 +196,10 @@ pub struct Coordinator {
     pub(crate) handoff_dir: std::path::PathBuf,
     /// The group sync of a local-directory store's filesystem (node-local adopts share it).
     pub(crate) fs_sync: Option<Arc<crate::durable::FsSync>>,
+    /// Clients' shared-memory staging buffers (the zero-copy node-local path).
+    pub(crate) segments: Arc<crate::segments::Segments>,
+    /// Where clients register segments, once `serve` has bound it.
+    pub(crate) segment_socket: std::sync::OnceLock<std::path::PathBuf>,
     /// Chunk references held by all saves in flight.
     pub(crate) chunk_refs_in_flight: AtomicU64,
     /// Microseconds from the last rank's index to the root of the most recent commit.
@@ -292,8 +296,11 @@ impl Coordinator {
                 None
             }
         });
+        let segments = Arc::new(crate::segments::Segments::new(config.segments_max, config.chunk_requests_max));
         let c = Arc::new(Coordinator {
             fs_sync,
+            segments,
+            segment_socket: Default::default(),
             limits: config.limits(),
             chunk_permits: Arc::new(Semaphore::new(config.chunk_requests_max)),
             index_permits: Arc::new(Semaphore::new(config.index_requests_max)),

@@ -150,22 +150,50 @@ impl Coordinator {
         (self.handoff_dir.clone(), self.store.local_root().map(|p| p.to_path_buf()))
     }
 
-    /// The node-local path for uploads: `name` is a file the client wrote into the handoff
-    /// directory, already in stored chunk format. It is verified (header and hash) through one
-    /// fd and, for a local-directory store, renamed into place (copied when the handoff
-    /// directory is on another filesystem): durable on return. See `adopt.rs`.
-    pub async fn adopt_chunk(&self, job: &str, hash: ChunkHash, name: &str) -> Result<ChunkPutOutcome, ServiceError> {
+    /// Where clients on this host register shared-memory segments, if the path is on.
+    pub fn segment_socket(&self) -> Option<std::path::PathBuf> {
+        self.segment_socket.get().cloned()
+    }
+
+    /// The node-local path for uploads, for a local-directory store: a stored chunk file the
+    /// client wrote into the handoff directory (verified through one fd and renamed into place,
+    /// or copied when the handoff directory is on another filesystem; see `adopt.rs`), or raw
+    /// bytes in a registered shared-memory segment (copied out, verified, encoded and written
+    /// with direct I/O; see `segments.rs`). Durable on return.
+    pub async fn adopt_chunk(
+        &self,
+        job: &str,
+        hash: ChunkHash,
+        source: AdoptSource,
+    ) -> Result<ChunkPutOutcome, ServiceError> {
         if self.store.local_root().is_none() {
             return Err(ServiceError::Conflict(
                 "the node-local path needs a local-directory store; send the chunk over HTTP".into(),
             ));
         }
-        if name.is_empty() || name.len() > 255 || name.contains(['/', '\\', '\0']) || name.starts_with('.') {
-            return Err(ServiceError::BadRequest(format!("handoff file name {name:?} is not a plain file name")));
-        }
-        let path = self.handoff_dir.join(name);
+        let handoff = match &source {
+            AdoptSource::File(name) => {
+                if name.is_empty() || name.len() > 255 || name.contains(['/', '\\', '\0']) || name.starts_with('.') {
+                    return Err(ServiceError::BadRequest(format!(
+                        "handoff file name {name:?} is not a plain file name"
+                    )));
+                }
+                Some(self.handoff_dir.join(name))
+            }
+            AdoptSource::Segment { len, .. } => {
+                if *len == 0 || *len > self.config.chunk_bytes_max {
+                    return Err(ServiceError::BadRequest(format!(
+                        "a chunk of {len} bytes; chunks are 1 to {} bytes",
+                        self.config.chunk_bytes_max
+                    )));
+                }
+                None
+            }
+        };
         if matches!(self.lookup(job, &[hash], false).await?[0], Known::Durable { .. }) {
-            let _ = tokio::fs::remove_file(&path).await;
+            if let Some(path) = &handoff {
+                let _ = tokio::fs::remove_file(path).await;
+            }
             return Ok(ChunkPutOutcome { written: false, state: ChunkState::Durable });
         }
         let Some(dest) = self.store.local_chunk_path(job, &hash) else {
@@ -178,8 +206,29 @@ impl Coordinator {
             ));
         };
         let (j, idx) = (job.to_string(), self.index.clone());
+        let work: Box<dyn FnOnce() -> Result<crate::adopt::Adopted, crate::adopt::AdoptError> + Send> = match source {
+            AdoptSource::File(_) => {
+                let path = handoff.unwrap_or_default();
+                Box::new(move || crate::adopt::adopt(&path, &dest, hash, stored_bytes_max, &fs))
+            }
+            AdoptSource::Segment { token, offset, len, width, level } => {
+                let Some(seg) = self.segments.get(&token) else {
+                    return Err(crate::adopt::AdoptError::Segment(
+                        "no such segment (closed or never registered)".into(),
+                    )
+                    .into());
+                };
+                let encode = ckpt_core::codec::EncodeOptions {
+                    level: level.clamp(0, self.config.compression_level),
+                    min_savings_pct: self.config.compression_min_savings_pct,
+                    width_hint: width,
+                };
+                let segments = self.segments.clone();
+                Box::new(move || crate::segments::store_chunk(&segments, &seg, offset, len, hash, &dest, &fs, &encode))
+            }
+        };
         tokio::task::spawn_blocking(move || -> Result<(), ServiceError> {
-            let adopted = crate::adopt::adopt(&path, &dest, hash, stored_bytes_max, &fs)?;
+            let adopted = work()?;
             if adopted.copied {
                 tracing::debug!(job = j, %hash, "handoff directory is on another filesystem; chunk copied");
             }
@@ -191,4 +240,13 @@ impl Coordinator {
         let _ = self.events.send(UploadEvent::Durable { job: job.to_string(), hash });
         Ok(ChunkPutOutcome { written: true, state: ChunkState::Durable })
     }
+}
+
+/// What a node-local adopt hands over.
+pub enum AdoptSource {
+    /// A stored chunk file in the handoff directory, by name.
+    File(String),
+    /// `len` raw bytes at `offset` of the registered segment `token`, to be stored encoded as
+    /// the core codec decides (`width` of the tensor's elements, zstd `level` at most ckptd's).
+    Segment { token: String, offset: u64, len: u64, width: Option<u8>, level: i32 },
 }

@@ -15,6 +15,7 @@ pub mod index;
 mod intake;
 mod reads;
 mod recovery;
+pub mod segments;
 pub mod staging;
 pub mod store;
 
@@ -25,6 +26,7 @@ use std::time::Duration;
 pub use config::Config;
 pub use coordinator::Coordinator;
 pub use error::ServiceError;
+pub use intake::AdoptSource;
 
 /// Opens the store and the index, recovers, serves until SIGTERM or Ctrl-C, and shuts down
 /// gracefully: no new connections, in-flight requests get `shutdown_grace_s`, the index is
@@ -46,6 +48,11 @@ pub async fn serve(config: Config) -> Result<(), ServiceError> {
     let coordinator = Coordinator::start(store.clone(), index.clone(), config.clone());
     let report = coordinator.recover().await?;
     tracing::info!(store = store.description(), ?report, "recovered");
+    if config.segments_max > 0 && store.local_root().is_some() {
+        if let Some(p) = segments::listen(&config.data_dir.join("segments.sock"), coordinator.segments.clone()) {
+            let _ = coordinator.segment_socket.set(p);
+        }
+    }
 
     let listener = tokio::net::TcpListener::bind(&config.listen).await?;
     let addr = listener.local_addr()?;

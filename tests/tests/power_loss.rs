@@ -1,7 +1,7 @@
 //! Durability against a power cut, not only a SIGKILL (which keeps the page cache): ckptd runs
 //! under strace, saves go through every path that makes bytes durable (HTTP uploads staged in
 //! memory and on the spill disk, node-local adopt by rename, node-local adopt by copy across
-//! filesystems), ckptd is SIGKILLed right after the last ack, and `fsync_audit` replays the
+//! filesystems, an `AsyncSaver`'s shared-memory segment written with direct I/O), ckptd is SIGKILLed right after the last ack, and `fsync_audit` replays the
 //! trace: at every root creation, every spilled chunk's upload and at the end, nothing promised
 //! may be volatile. Then each fsync site is switched off in turn (a test-only fail point) and
 //! the audit must name what it left volatile: the test can fail.
@@ -25,12 +25,14 @@ fn strace() -> std::path::PathBuf {
     })
 }
 
-/// Which paths a run takes: over HTTP (memory and spill) and node-local, or node-local with
-/// the handoff directory on another filesystem (adopt copies).
+/// Which paths a run takes: over HTTP (memory and spill) and node-local, node-local with the
+/// handoff directory on another filesystem (adopt copies), or `AsyncSaver`s whose staging
+/// buffers are shared-memory segments.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Paths {
     HttpAndAdopt,
     AdoptAcrossFilesystems,
+    Segments,
 }
 
 /// Runs the saves under strace with `failpoint` armed and returns the audit's findings.
@@ -76,7 +78,23 @@ async fn traced_saves(paths: Paths, failpoint: Option<&str>) -> Vec<String> {
         assert!(s["staging"]["chunks_staged_spill"].as_u64() > Some(0), "no chunk went to the spill disk: {s}");
         assert!(s["staging"]["chunks_staged_memory"].as_u64() > Some(0), "no chunk was staged in memory: {s}");
     }
-    save_step(&local_client(&d), "job", 2, &states(seed + 1)).await.unwrap();
+    if paths == Paths::Segments {
+        let lc = local_client(&d);
+        let st = states(seed + 2);
+        let savers: Vec<_> = (0..2).map(|_| ckpt_client::AsyncSaver::new(lc.clone(), 4 << 20)).collect();
+        let mut tickets = Vec::new();
+        for (r, s) in savers.iter().enumerate() {
+            let views: Vec<_> = st[r].iter().map(|t| t.view()).collect();
+            tickets.push(s.save(spec("job", 3, r as u32, 2), &views, ckpt_client::Wait::Committed).await.unwrap());
+        }
+        for t in tickets {
+            t.finish().await.unwrap();
+        }
+        let s = stats(&d).await;
+        assert!(s["segments"]["chunks_stored"].as_u64() > Some(0), "no chunk came through a segment: {s}");
+    } else {
+        save_step(&local_client(&d), "job", 2, &states(seed + 1)).await.unwrap();
+    }
     // SIGKILL ckptd (strace's child) at once: nothing after the last ack may fix a missing sync.
     let strace_pid = d.pid().expect("ckptd under strace is running");
     let children = std::fs::read_to_string(format!("/proc/{strace_pid}/task/{strace_pid}/children")).unwrap();
@@ -99,7 +117,7 @@ async fn traced_saves(paths: Paths, failpoint: Option<&str>) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_acked_save_is_fsynced_and_each_fsync_site_is_needed() {
     bounded(Duration::from_secs(900), async {
-        for paths in [Paths::HttpAndAdopt, Paths::AdoptAcrossFilesystems] {
+        for paths in [Paths::HttpAndAdopt, Paths::AdoptAcrossFilesystems, Paths::Segments] {
             let found = traced_saves(paths, None).await;
             assert!(found.is_empty(), "{paths:?}: volatile at a durability promise:\n{}", found.join("\n"));
         }
@@ -111,6 +129,7 @@ async fn every_acked_save_is_fsynced_and_each_fsync_site_is_needed() {
             (Paths::HttpAndAdopt, "durable::skip_new_dir_fsync"),
             (Paths::HttpAndAdopt, "adopt::skip_fsync"),
             (Paths::AdoptAcrossFilesystems, "durable::skip_file_fsync"),
+            (Paths::Segments, "durable::skip_file_fsync"),
         ];
         for (paths, site) in sites {
             let found = traced_saves(paths, Some(site)).await;
