@@ -10,6 +10,10 @@
 //! task ends, the buffer is recycled for the next save. Host memory for async saves is
 //! therefore bounded by the capacity, not by the number of saves in flight.
 //!
+//! On ckptd's host the buffer is a memfd registered with ckptd once (a shared-memory segment,
+//! see ckptd's `segments.rs`): changed chunks are then handed over by offset, and ckptd copies,
+//! names and stores them; this process neither hashes them nor writes them anywhere.
+//!
 //! The background part runs on the saver's own small runtime whose threads are niced
 //! (`background_nice`, default 19): hashing, dedup queries and uploads yield the CPU to the
 //! trainer, whose next step should not pay for the last checkpoint. Dropping the saver cancels

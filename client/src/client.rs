@@ -236,7 +236,9 @@ impl Client {
         }
 
         // A pipeline: chunks are hashed on blocking threads, asked about in batches, and the
-        // missing ones sent, with the next batch hashing while the last one uploads.
+        // missing ones sent, with the next batch hashing while the last one uploads. A chunk in
+        // a registered shared-memory segment skips all that: ckptd copies it out, names it, and
+        // stores it unless the job has it (`sent` below: `Some(bytes written)`).
         let mut pieces = Vec::new();
         for (ti, t) in tensors.iter().enumerate() {
             for r in chunk_ranges(t.data.len() as u64, self.opts.chunk_bytes) {
@@ -247,16 +249,27 @@ impl Client {
         let chunks_total = pieces.len();
         let bytes_total: u64 = pieces.iter().map(|(_, b, _)| b.len() as u64).sum();
         let hash_workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) * 2;
+        let in_flight =
+            if segment.is_some() { hash_workers.max(self.opts.concurrency.max(1) * 2) } else { hash_workers };
         let hashed = futures::stream::iter(pieces)
             .map(|(ti, b, known)| async move {
                 if let Some(h) = known {
-                    return Ok((ti, h, b));
+                    return Ok((ti, h, b, None));
                 }
-                tokio::task::spawn_blocking(move || (ti, ChunkHash::of(&b), b))
+                if let Some(seg) = segment {
+                    let width = ckpt_core::codec::width_for(tensors[ti].dtype);
+                    if let Some((h, written)) =
+                        self.node_local.put_segment_unnamed(&self.http, job, &b, width, seg).await?
+                    {
+                        let sent = if written { b.len() as u64 } else { 0 };
+                        return Ok((ti, h, b, Some(sent)));
+                    }
+                }
+                tokio::task::spawn_blocking(move || (ti, ChunkHash::of(&b), b, None))
                     .await
                     .map_err(|e| ClientError::Internal(format!("hashing task failed: {e}")))
             })
-            .buffered(hash_workers);
+            .buffered(in_flight);
         let sent: std::sync::Mutex<HashSet<ChunkHash>> = Default::default();
         let batches: Vec<Vec<(usize, ChunkHash, u64, u64)>> = hashed
             .try_chunks(SAVE_BATCH_CHUNKS)
@@ -268,7 +281,7 @@ impl Client {
                     let mut fresh: BTreeMap<ChunkHash, (Bytes, Option<u8>)> = BTreeMap::new();
                     {
                         let sent = sent.lock().unwrap_or_else(|e| e.into_inner());
-                        for (ti, h, b) in &batch {
+                        for (ti, h, b, _) in batch.iter().filter(|c| c.3.is_none()) {
                             if !sent.contains(h) {
                                 fresh.entry(*h).or_insert((b.clone(), ckpt_core::codec::width_for(tensors[*ti].dtype)));
                             }
@@ -293,8 +306,9 @@ impl Client {
                     Ok::<_, ClientError>(
                         batch
                             .into_iter()
-                            .map(|(ti, h, b)| {
-                                let sent_len = sent_bytes.iter().find(|(s, _)| *s == h).map_or(0, |(_, l)| *l);
+                            .map(|(ti, h, b, by_segment)| {
+                                let sent_len = by_segment
+                                    .unwrap_or_else(|| sent_bytes.iter().find(|(s, _)| *s == h).map_or(0, |(_, l)| *l));
                                 (ti, h, b.len() as u64, sent_len)
                             })
                             .collect(),

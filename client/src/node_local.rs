@@ -124,6 +124,39 @@ impl NodeLocal {
         }
     }
 
+    /// Hands a chunk lying in a registered segment to ckptd by its offset, unnamed: ckptd
+    /// hashes its own copy and answers the address and whether it wrote the chunk (false: the
+    /// job had it). Ok(None) when the chunk is not in the segment or ckptd refuses the path
+    /// (the caller hashes it and uses another one).
+    pub async fn put_segment_unnamed(
+        &self,
+        http: &Http,
+        job: &str,
+        data: &Bytes,
+        width: Option<u8>,
+        seg: SegmentView<'_>,
+    ) -> Result<Option<(ChunkHash, bool)>, ClientError> {
+        #[derive(Deserialize)]
+        struct Adopted {
+            hash: ChunkHash,
+            written: bool,
+        }
+        let Some(offset) = seg.offset_of(data) else { return Ok(None) };
+        let body = serde_json::json!({
+            "segment": seg.token, "offset": offset, "len": data.len(), "width": width, "level": self.encode.level,
+        });
+        let r: Result<Adopted, _> =
+            http.send_json(reqwest::Method::POST, &format!("/v1/jobs/{job}/chunks/adopt"), &body).await;
+        match r {
+            Ok(a) => Ok(Some((a.hash, a.written))),
+            Err(e) if e.api_code().is_some() => {
+                tracing::debug!(error = %e, "segment adopt refused; using another path");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Hands a chunk lying in a registered segment to ckptd by its offset. Ok(false) when the
     /// chunk is not in the segment or ckptd refuses the path (the caller uses another one).
     pub async fn put_segment_chunk(

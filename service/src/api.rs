@@ -19,7 +19,7 @@ use tower_http::timeout::RequestBodyTimeoutLayer;
 use crate::coordinator::{Coordinator, OpenSave};
 use crate::error::ServiceError;
 use crate::store::StoreError;
-use crate::AdoptSource;
+use crate::{AdoptSource, SegmentChunk};
 
 pub struct AppState {
     pub coordinator: Arc<Coordinator>,
@@ -128,6 +128,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/jobs/{job}/chunks/missing", post(missing_chunks).layer(DefaultBodyLimit::max(json_limit)))
         .route("/v1/jobs/{job}/chunks/{hash}", put(put_chunk).get(get_chunk))
         .route("/v1/jobs/{job}/chunks/{hash}/adopt", post(adopt_chunk))
+        .route("/v1/jobs/{job}/chunks/adopt", post(adopt_segment_chunk))
         .route("/v1/jobs/{job}/saves/{step}", put(open_save).get(save_status).delete(abort_save))
         .route(
             "/v1/jobs/{job}/saves/{step}/ranks/{rank}",
@@ -186,6 +187,21 @@ struct AdoptRequest {
     level: i32,
 }
 
+/// `POST /v1/jobs/{job}/chunks/adopt`: bytes of a registered segment that ckptd names (the
+/// client skips hashing them); answers the chunk's address.
+async fn adopt_segment_chunk(
+    State(s): State<Arc<AppState>>,
+    p: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let job = path(p)?;
+    job_of(&job)?;
+    let req: SegmentChunk = json_body(&s, body)?;
+    let _permit = s.coordinator.chunk_permit().await?;
+    let (hash, outcome) = s.coordinator.adopt_segment(&job, None, req).await?;
+    Ok(Json(serde_json::json!({ "hash": hash, "state": outcome.state, "written": outcome.written })).into_response())
+}
+
 async fn adopt_chunk(
     State(s): State<Arc<AppState>>,
     p: Result<Path<(String, String)>, PathRejection>,
@@ -198,9 +214,13 @@ async fn adopt_chunk(
     let _permit = s.coordinator.chunk_permit().await?;
     let source = match (req.file, req.segment) {
         (Some(name), None) => AdoptSource::File(name),
-        (None, Some(token)) => {
-            AdoptSource::Segment { token, offset: req.offset, len: req.len, width: req.width, level: req.level }
-        }
+        (None, Some(token)) => AdoptSource::Segment(SegmentChunk {
+            token,
+            offset: req.offset,
+            len: req.len,
+            width: req.width,
+            level: req.level,
+        }),
         _ => return Err(ServiceError::BadRequest("an adopt names either a file or a segment".into()).into()),
     };
     let outcome = s.coordinator.adopt_chunk(&job, hash, source).await?;

@@ -158,77 +158,32 @@ impl Coordinator {
     /// The node-local path for uploads, for a local-directory store: a stored chunk file the
     /// client wrote into the handoff directory (verified through one fd and renamed into place,
     /// or copied when the handoff directory is on another filesystem; see `adopt.rs`), or raw
-    /// bytes in a registered shared-memory segment (copied out, verified, encoded and written
-    /// with direct I/O; see `segments.rs`). Durable on return.
+    /// bytes in a registered shared-memory segment (see [`Self::adopt_segment`]). Durable on
+    /// return.
     pub async fn adopt_chunk(
         &self,
         job: &str,
         hash: ChunkHash,
         source: AdoptSource,
     ) -> Result<ChunkPutOutcome, ServiceError> {
-        if self.store.local_root().is_none() {
-            return Err(ServiceError::Conflict(
-                "the node-local path needs a local-directory store; send the chunk over HTTP".into(),
-            ));
-        }
-        let handoff = match &source {
-            AdoptSource::File(name) => {
-                if name.is_empty() || name.len() > 255 || name.contains(['/', '\\', '\0']) || name.starts_with('.') {
-                    return Err(ServiceError::BadRequest(format!(
-                        "handoff file name {name:?} is not a plain file name"
-                    )));
-                }
-                Some(self.handoff_dir.join(name))
-            }
-            AdoptSource::Segment { len, .. } => {
-                if *len == 0 || *len > self.config.chunk_bytes_max {
-                    return Err(ServiceError::BadRequest(format!(
-                        "a chunk of {len} bytes; chunks are 1 to {} bytes",
-                        self.config.chunk_bytes_max
-                    )));
-                }
-                None
-            }
+        let name = match source {
+            AdoptSource::File(name) => name,
+            AdoptSource::Segment(seg) => return Ok(self.adopt_segment(job, Some(hash), seg).await?.1),
         };
+        let fs = self.local_fs()?;
+        if name.is_empty() || name.len() > 255 || name.contains(['/', '\\', '\0']) || name.starts_with('.') {
+            return Err(ServiceError::BadRequest(format!("handoff file name {name:?} is not a plain file name")));
+        }
+        let path = self.handoff_dir.join(name);
         if matches!(self.lookup(job, &[hash], false).await?[0], Known::Durable { .. }) {
-            if let Some(path) = &handoff {
-                let _ = tokio::fs::remove_file(path).await;
-            }
+            let _ = tokio::fs::remove_file(&path).await;
             return Ok(ChunkPutOutcome { written: false, state: ChunkState::Durable });
         }
-        let Some(dest) = self.store.local_chunk_path(job, &hash) else {
-            return Err(ServiceError::Internal("local store without a root".into()));
-        };
+        let dest = self.local_dest(job, &hash)?;
         let stored_bytes_max = self.config.chunk_bytes_max + CHUNK_HEADER_BYTES as u64;
-        let Some(fs) = self.fs_sync.clone() else {
-            return Err(ServiceError::Conflict(
-                "the store's filesystem cannot be synced here; send the chunk over HTTP".into(),
-            ));
-        };
         let (j, idx) = (job.to_string(), self.index.clone());
-        let work: Box<dyn FnOnce() -> Result<crate::adopt::Adopted, crate::adopt::AdoptError> + Send> = match source {
-            AdoptSource::File(_) => {
-                let path = handoff.unwrap_or_default();
-                Box::new(move || crate::adopt::adopt(&path, &dest, hash, stored_bytes_max, &fs))
-            }
-            AdoptSource::Segment { token, offset, len, width, level } => {
-                let Some(seg) = self.segments.get(&token) else {
-                    return Err(crate::adopt::AdoptError::Segment(
-                        "no such segment (closed or never registered)".into(),
-                    )
-                    .into());
-                };
-                let encode = ckpt_core::codec::EncodeOptions {
-                    level: level.clamp(0, self.config.compression_level),
-                    min_savings_pct: self.config.compression_min_savings_pct,
-                    width_hint: width,
-                };
-                let segments = self.segments.clone();
-                Box::new(move || crate::segments::store_chunk(&segments, &seg, offset, len, hash, &dest, &fs, &encode))
-            }
-        };
         tokio::task::spawn_blocking(move || -> Result<(), ServiceError> {
-            let adopted = work()?;
+            let adopted = crate::adopt::adopt(&path, &dest, hash, stored_bytes_max, &fs)?;
             if adopted.copied {
                 tracing::debug!(job = j, %hash, "handoff directory is on another filesystem; chunk copied");
             }
@@ -240,13 +195,106 @@ impl Coordinator {
         let _ = self.events.send(UploadEvent::Durable { job: job.to_string(), hash });
         Ok(ChunkPutOutcome { written: true, state: ChunkState::Durable })
     }
+
+    /// Raw bytes from a registered shared-memory segment: copied out into a private aligned
+    /// buffer, hashed there (and checked against `expected` when the client named the chunk;
+    /// otherwise ckptd names it), stored unless the job already has it, encoded as the core
+    /// codec decides and written with direct I/O (see `segments.rs`). Durable on return;
+    /// returns the chunk's address.
+    pub async fn adopt_segment(
+        &self,
+        job: &str,
+        expected: Option<ChunkHash>,
+        req: SegmentChunk,
+    ) -> Result<(ChunkHash, ChunkPutOutcome), ServiceError> {
+        let fs = self.local_fs()?;
+        if req.len == 0 || req.len > self.config.chunk_bytes_max {
+            return Err(ServiceError::BadRequest(format!(
+                "a chunk of {} bytes; chunks are 1 to {} bytes",
+                req.len, self.config.chunk_bytes_max
+            )));
+        }
+        let Some(seg) = self.segments.get(&req.token) else {
+            return Err(crate::adopt::AdoptError::Segment("no such segment (closed or never registered)".into()).into());
+        };
+        let stored = ChunkPutOutcome { written: false, state: ChunkState::Durable };
+        if let Some(hash) = expected {
+            if matches!(self.lookup(job, &[hash], false).await?[0], Known::Durable { .. }) {
+                return Ok((hash, stored));
+            }
+        }
+        let segments = self.segments.clone();
+        let (offset, len) = (req.offset, req.len);
+        let copied =
+            tokio::task::spawn_blocking(move || crate::segments::copy_chunk(&segments, &seg, offset, len, expected))
+                .await
+                .map_err(join_error)??;
+        let hash = copied.hash;
+        if expected.is_none() && matches!(self.lookup(job, &[hash], false).await?[0], Known::Durable { .. }) {
+            self.segments.discard(copied);
+            return Ok((hash, stored));
+        }
+        let dest = match self.local_dest(job, &hash) {
+            Ok(d) => d,
+            Err(e) => {
+                self.segments.discard(copied);
+                return Err(e);
+            }
+        };
+        let encode = ckpt_core::codec::EncodeOptions {
+            level: req.level.clamp(0, self.config.compression_level),
+            min_savings_pct: self.config.compression_min_savings_pct,
+            width_hint: req.width,
+        };
+        let (segments, j, idx) = (self.segments.clone(), job.to_string(), self.index.clone());
+        tokio::task::spawn_blocking(move || -> Result<(), ServiceError> {
+            let adopted = crate::segments::write_chunk(&segments, copied, &dest, &fs, &encode)?;
+            idx.put_chunk(&j, &hash, adopted.stored_len, Some(adopted.raw_len))?;
+            Ok(())
+        })
+        .await
+        .map_err(join_error)??;
+        let _ = self.events.send(UploadEvent::Durable { job: job.to_string(), hash });
+        Ok((hash, ChunkPutOutcome { written: true, state: ChunkState::Durable }))
+    }
+
+    /// The group sync of a local-directory store, or why the node-local path is refused.
+    fn local_fs(&self) -> Result<std::sync::Arc<crate::durable::FsSync>, ServiceError> {
+        if self.store.local_root().is_none() {
+            return Err(ServiceError::Conflict(
+                "the node-local path needs a local-directory store; send the chunk over HTTP".into(),
+            ));
+        }
+        self.fs_sync.clone().ok_or_else(|| {
+            ServiceError::Conflict("the store's filesystem cannot be synced here; send the chunk over HTTP".into())
+        })
+    }
+
+    fn local_dest(&self, job: &str, hash: &ChunkHash) -> Result<std::path::PathBuf, ServiceError> {
+        self.store
+            .local_chunk_path(job, hash)
+            .ok_or_else(|| ServiceError::Internal("local store without a root".into()))
+    }
 }
 
 /// What a node-local adopt hands over.
 pub enum AdoptSource {
     /// A stored chunk file in the handoff directory, by name.
     File(String),
-    /// `len` raw bytes at `offset` of the registered segment `token`, to be stored encoded as
-    /// the core codec decides (`width` of the tensor's elements, zstd `level` at most ckptd's).
-    Segment { token: String, offset: u64, len: u64, width: Option<u8>, level: i32 },
+    Segment(SegmentChunk),
+}
+
+/// `len` raw bytes at `offset` of the registered segment `token`, to be stored encoded as the
+/// core codec decides (`width` of the tensor's elements, zstd `level` at most ckptd's).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SegmentChunk {
+    #[serde(rename = "segment")]
+    pub token: String,
+    pub offset: u64,
+    pub len: u64,
+    #[serde(default)]
+    pub width: Option<u8>,
+    #[serde(default)]
+    pub level: i32,
 }

@@ -26,7 +26,7 @@ use std::time::Duration;
 pub use config::Config;
 pub use coordinator::Coordinator;
 pub use error::ServiceError;
-pub use intake::AdoptSource;
+pub use intake::{AdoptSource, SegmentChunk};
 
 /// Opens the store and the index, recovers, serves until SIGTERM or Ctrl-C, and shuts down
 /// gracefully: no new connections, in-flight requests get `shutdown_grace_s`, the index is

@@ -35,6 +35,10 @@ use crate::adopt::{AdoptError, Adopted};
 use crate::durable::FsSync;
 
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Buffers made ready when a segment registers: about the chunk requests one host's savers
+/// keep in flight, sized for the clients' default chunk.
+const PREWARM_BUFFERS: usize = 32;
+const PREWARM_CHUNK_BYTES: usize = 4 << 20;
 /// Alignment of `O_DIRECT` buffers, offsets and lengths: the largest logical block size in
 /// common use, a multiple of what any local filesystem asks.
 pub const DIRECT_ALIGN: usize = 4096;
@@ -102,6 +106,23 @@ impl Segments {
         }
     }
 
+    /// Fills the pool with touched buffers for chunks of up to `PREWARM_CHUNK_BYTES`, up to
+    /// `PREWARM_BUFFERS` of them, so a segment's first save does not fault in fresh memory per
+    /// chunk (on the bench VM first-touch faults took a sixth of ckptd's CPU in a first save).
+    fn prewarm(&self) {
+        let want = PREWARM_BUFFERS.min(self.buffers_max);
+        let len = CHUNK_HEADER_BYTES + PREWARM_CHUNK_BYTES;
+        let have = {
+            let pool = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
+            pool.iter().filter(|b| b.capacity() >= len).count()
+        };
+        for _ in have..want {
+            let mut b = AlignedBuf::new(len);
+            b.as_mut_slice().fill(0);
+            self.give_back(b);
+        }
+    }
+
     pub fn give_back(&self, buf: AlignedBuf) {
         let mut pool = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
         if pool.len() < self.buffers_max {
@@ -134,56 +155,88 @@ impl AlignedBuf {
     }
 }
 
-/// Copies `len` bytes at `offset` of `seg` into an aligned buffer, checks they hash to `hash`,
-/// encodes them as `encode` decides and writes the stored chunk durably at `dest` (direct
-/// I/O, group-synced: see `durable::write_new_grouped`). Blocking.
-#[allow(clippy::too_many_arguments)]
-pub fn store_chunk(
+/// A chunk copied out of a segment, in an aligned buffer with room for its header: the
+/// private copy that is verified, encoded and written.
+pub struct CopiedChunk {
+    buf: AlignedBuf,
+    len: usize,
+    pub hash: ChunkHash,
+}
+
+/// Copies `len` bytes at `offset` of `seg` into a pooled aligned buffer and hashes the copy;
+/// when the client named the chunk (`expected`), the copy must hash to that. Give the result
+/// to [`write_chunk`] or back with [`Segments::discard`]. Blocking.
+pub fn copy_chunk(
     segments: &Segments,
     seg: &Segment,
     offset: u64,
     len: u64,
-    hash: ChunkHash,
+    expected: Option<ChunkHash>,
+) -> Result<CopiedChunk, AdoptError> {
+    use std::os::unix::fs::FileExt;
+    let (h, raw_len) = (CHUNK_HEADER_BYTES, len as usize);
+    let mut buf = segments.buffer(h + raw_len);
+    let image = buf.as_mut_slice();
+    let read = seg.file.read_exact_at(&mut image[h..h + raw_len], offset).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => AdoptError::Segment(format!(
+            "it holds fewer than {} bytes (offset {offset} + {len})",
+            offset.saturating_add(len)
+        )),
+        _ => AdoptError::Segment(format!("cannot read it: {e}")),
+    });
+    let checked = read.and_then(|()| {
+        let actual = ChunkHash::of(&image[h..h + raw_len]);
+        match expected {
+            Some(hash) if hash != actual => Err(AdoptError::SegmentMismatch { expected: hash, actual }),
+            _ => Ok(actual),
+        }
+    });
+    match checked {
+        Ok(hash) => Ok(CopiedChunk { buf, len: raw_len, hash }),
+        Err(e) => {
+            segments.give_back(buf);
+            Err(e)
+        }
+    }
+}
+
+impl Segments {
+    /// Returns a copied chunk's buffer to the pool without writing it (already stored).
+    pub fn discard(&self, chunk: CopiedChunk) {
+        self.give_back(chunk.buf);
+    }
+}
+
+/// Encodes a copied chunk as `encode` decides and writes the stored chunk durably at `dest`
+/// (direct I/O, group-synced: see `durable::write_new_grouped`). Blocking.
+pub fn write_chunk(
+    segments: &Segments,
+    chunk: CopiedChunk,
     dest: &Path,
     fs: &FsSync,
     encode: &EncodeOptions,
 ) -> Result<Adopted, AdoptError> {
-    use std::os::unix::fs::FileExt;
+    let CopiedChunk { mut buf, len: raw_len, hash } = chunk;
     let h = CHUNK_HEADER_BYTES;
-    let raw_len = len as usize;
-    let mut buf = segments.buffer(h + raw_len);
-    let result = (|| {
-        let image = buf.as_mut_slice();
-        seg.file.read_exact_at(&mut image[h..h + raw_len], offset).map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => AdoptError::Segment(format!(
-                "it holds fewer than {} bytes (offset {offset} + {len})",
-                offset.saturating_add(len)
-            )),
-            _ => AdoptError::Segment(format!("cannot read it: {e}")),
-        })?;
-        let actual = ChunkHash::of(&image[h..h + raw_len]);
-        if actual != hash {
-            return Err(AdoptError::SegmentMismatch { expected: hash, actual });
+    let image = buf.as_mut_slice();
+    let (codec, encoded) = ckpt_core::codec::encode(&image[h..h + raw_len], encode);
+    let payload_len = match encoded {
+        Some(e) => {
+            image[h..h + e.len()].copy_from_slice(&e);
+            e.len()
         }
-        let (codec, encoded) = ckpt_core::codec::encode(&image[h..h + raw_len], encode);
-        let payload_len = match encoded {
-            Some(e) => {
-                image[h..h + e.len()].copy_from_slice(&e);
-                e.len()
-            }
-            None => raw_len,
-        };
-        image[..h].copy_from_slice(&ChunkHeader { codec, raw_len: len, hash }.encode());
-        let total = h + payload_len;
-        // The tail of the last block is written and then cut off: no stale bytes on the way.
-        let padded = total.next_multiple_of(DIRECT_ALIGN);
-        image[total..padded].fill(0);
-        crate::durable::write_new_grouped(dest, image, total as u64, DIRECT_ALIGN, fs)?;
-        segments.stored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(Adopted { stored_len: total as u64, raw_len: len, copied: false })
-    })();
+        None => raw_len,
+    };
+    image[..h].copy_from_slice(&ChunkHeader { codec, raw_len: raw_len as u64, hash }.encode());
+    let total = h + payload_len;
+    // The tail of the last block is written and then cut off: no stale bytes on the way.
+    let padded = total.next_multiple_of(DIRECT_ALIGN);
+    image[total..padded].fill(0);
+    let written = crate::durable::write_new_grouped(dest, image, total as u64, DIRECT_ALIGN, fs);
     segments.give_back(buf);
-    result
+    written?;
+    segments.stored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(Adopted { stored_len: total as u64, raw_len: raw_len as u64, copied: false })
 }
 
 /// Binds the registration socket at `path` (a stale socket file from an earlier run is
@@ -248,6 +301,9 @@ async fn serve_registration(stream: tokio::net::UnixStream, segments: Arc<Segmen
         let _ = s.write_all(b"error: segments_max reached\n").await;
         return Ok(());
     };
+    let warm = segments.clone();
+    // Before the answer: the client's first chunks then find the buffers ready.
+    tokio::task::spawn_blocking(move || warm.prewarm()).await.map_err(std::io::Error::other)?;
     let mut s = stream;
     let answer = format!("{token}\n");
     let served = async {

@@ -146,6 +146,32 @@ async fn hostile_segments_and_adopts_are_refused_and_store_nothing() {
         ckpt_core::codec::decode_verified_into(&header, &stored[ckpt_core::CHUNK_HEADER_BYTES..], &hash, &mut raw)
             .unwrap();
         assert_eq!(raw, payload);
+        // Unnamed: ckptd names the chunk from its own copy, and stores a chunk once.
+        let unnamed = |body: serde_json::Value| {
+            let http = http.clone();
+            let url = format!("{}/v1/jobs/job/chunks/adopt", d.url());
+            async move {
+                let r = http.post(url).json(&body).send().await.unwrap();
+                (r.status().as_u16(), r.json::<serde_json::Value>().await.unwrap())
+            }
+        };
+        let head = ckpt_core::ChunkHash::of(&payload[..4000]);
+        for written in [true, false] {
+            let (status, answer) = unnamed(serde_json::json!({ "segment": token, "offset": 0, "len": 4000 })).await;
+            assert_eq!(status, 200, "{answer}");
+            assert_eq!(answer["hash"].as_str(), Some(head.to_hex().as_str()), "{answer}");
+            assert_eq!(answer["written"].as_bool(), Some(written), "{answer}");
+        }
+        assert!(chunk_path(&store, "job", &head).is_file());
+        for (body, code) in [
+            (serde_json::json!({ "segment": token, "offset": 4990, "len": 100 }), "handoff_refused"),
+            (serde_json::json!({ "segment": "f".repeat(32), "offset": 0, "len": 10 }), "handoff_refused"),
+            (serde_json::json!({ "segment": token, "offset": 0, "len": 0 }), "bad_request"),
+            (serde_json::json!({ "segment": token, "offset": 0 }), "bad_request"),
+        ] {
+            let (status, answer) = unnamed(body.clone()).await;
+            assert_eq!((status, answer["error"]["code"].as_str()), (400, Some(code)), "{body}: {answer}");
+        }
         // Closing the connection ends the segment.
         drop(conn);
         let mut left = u64::MAX;
