@@ -79,9 +79,8 @@ impl Default for Buf {
 struct SharedBuf {
     map: memmap2::MmapMut,
     file: std::fs::File,
-    /// Registered with ckptd when the saver starts, or at the first save (`None` inside: ckptd
-    /// declined). Tied to this memfd: a new buffer registers again.
-    registered: Arc<tokio::sync::OnceCell<Option<crate::node_local::Registered>>>,
+    /// Registered with ckptd at the first save (`None` inside: ckptd declined).
+    registered: tokio::sync::OnceCell<Option<crate::node_local::Registered>>,
 }
 
 /// Lends the shared buffer to `Bytes` slices for the background part of a save.
@@ -250,47 +249,7 @@ impl AsyncSaver {
         // interval in the demo).
         let client = client.detached().unwrap_or(client);
         let staging = Staging { buf: Buf::allocate(capacity_bytes, client.options().node_local), last: None };
-        // Register the shared buffer now, so the first save can already stream its chunks.
-        if let (Buf::Shared(s), Some(rt)) = (&staging.buf, &runtime) {
-            if let Ok(file) = s.file.try_clone() {
-                let (cell, c) = (s.registered.clone(), client.clone());
-                rt.spawn(async move {
-                    cell.get_or_init(|| c.register_segment(&file)).await;
-                });
-            }
-        }
         AsyncSaver { client, buffer: Arc::new(Mutex::new(staging)), capacity: capacity_bytes, runtime }
-    }
-
-    /// When the buffer is a registered segment: a task that stores each chunk the copy loop
-    /// announces (index, offset, length, element width) while the copy goes on, and yields what
-    /// ckptd answered for each (`None`: refused, the save's own path sends it).
-    #[allow(clippy::type_complexity)]
-    fn stream_chunks(
-        &self,
-        job: &str,
-        token: String,
-    ) -> Option<(
-        tokio::sync::mpsc::UnboundedSender<(usize, u64, u64, Option<u8>)>,
-        JoinHandle<Vec<(usize, u64, Option<(ckpt_core::ChunkHash, bool)>)>>,
-    )> {
-        use futures::StreamExt;
-        let rt = self.runtime.as_ref()?;
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<(usize, u64, u64, Option<u8>)>();
-        let (client, job) = (self.client.clone(), job.to_string());
-        let in_flight = client.options().concurrency.max(1) * 2;
-        let handle = rt.spawn(async move {
-            let (client, job, token) = (&client, &job, &token);
-            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) })
-                .map(|(i, offset, len, width)| async move {
-                    let r = client.put_segment_at(job, token, offset, len, width).await.ok().flatten();
-                    (i, len, r)
-                })
-                .buffer_unordered(in_flight)
-                .collect::<Vec<_>>()
-                .await
-        });
-        Some((tx, handle))
     }
 
     pub fn capacity(&self) -> usize {
@@ -332,13 +291,6 @@ impl AsyncSaver {
         let mut known = Vec::new();
         let mut ranges = Vec::with_capacity(tensors.len());
         let mut at = 0;
-        // Chunks of a registered segment go to ckptd while the rest is still being copied: the
-        // save's background part overlaps the stall instead of starting after it.
-        let token = match &buf {
-            Buf::Shared(s) => s.registered.get().and_then(|r| r.as_ref()).map(|r| r.token.clone()),
-            Buf::Heap(_) => None,
-        };
-        let streaming = token.and_then(|t| self.stream_chunks(&spec.job, t));
         let Some(bytes) = buf.as_mut_slice() else {
             return Err(ClientError::Internal("staging buffer still lent out".into()));
         };
@@ -351,11 +303,7 @@ impl AsyncSaver {
                     .and_then(|l| l.hashes.get(known.len()).copied())
                     .filter(|_| bytes[dst.clone()] == *src);
                 if same.is_none() {
-                    bytes[dst.clone()].copy_from_slice(src);
-                    if let Some((tx, _)) = &streaming {
-                        let width = ckpt_core::codec::width_for(t.dtype);
-                        let _ = tx.send((known.len(), dst.start as u64, src.len() as u64, width));
-                    }
+                    bytes[dst].copy_from_slice(src);
                 }
                 known.push(same);
             }
@@ -363,10 +311,6 @@ impl AsyncSaver {
             at += t.data.len();
         }
         let stall = started.elapsed();
-        let streamed = streaming.map(|(tx, handle)| {
-            drop(tx);
-            handle
-        });
 
         let (frozen, shared) = match buf {
             Buf::Heap(v) => (Bytes::from(v), None),
@@ -400,20 +344,6 @@ impl AsyncSaver {
                 base: s.map.as_ptr() as usize,
                 len: s.map.len(),
             });
-            // Chunks stored while the copy ran are known now; the rest (refused, or no
-            // segment) go through the save's own path.
-            let mut known = known;
-            let (mut streamed_chunks, mut streamed_bytes) = (0usize, 0u64);
-            if let Some(handle) = streamed {
-                for (i, len, r) in handle.await.unwrap_or_default() {
-                    if let Some((hash, written)) = r {
-                        known[i] = Some(hash);
-                        if written {
-                            (streamed_chunks, streamed_bytes) = (streamed_chunks + 1, streamed_bytes + len);
-                        }
-                    }
-                }
-            }
             let result = client.save_known(&spec, &owned, Wait::Staged, &known, segment).await;
             drop(owned);
             let buf = match shared {
@@ -441,8 +371,6 @@ impl AsyncSaver {
             drop(guard);
             release.store(true, std::sync::atomic::Ordering::Release);
             let mut report = result?.0;
-            report.chunks_sent += streamed_chunks;
-            report.bytes_sent += streamed_bytes;
             if wait == Wait::Committed && report.status.phase != ckpt_core::SavePhase::Committed {
                 report.status = client.wait_committed(&spec.job, spec.step).await?;
             }

@@ -163,19 +163,6 @@ impl Client {
         Client::new(self.http.base(), self.opts.clone())
     }
 
-    /// Stores `len` bytes at `offset` of the registered segment `token` as a chunk of `job`,
-    /// named by ckptd; `None` if ckptd refused (the caller sends it another way).
-    pub(crate) async fn put_segment_at(
-        &self,
-        job: &str,
-        token: &str,
-        offset: u64,
-        len: u64,
-        width: Option<u8>,
-    ) -> Result<Option<(ChunkHash, bool)>, ClientError> {
-        self.node_local.put_segment_at(&self.http, job, token, offset, len, width).await
-    }
-
     /// Registers an `AsyncSaver`'s shared staging buffer with ckptd (see `node_local.rs`).
     pub(crate) async fn register_segment(&self, file: &std::fs::File) -> Option<crate::node_local::Registered> {
         self.node_local.register_segment(&self.http, file).await

@@ -136,27 +136,14 @@ impl NodeLocal {
         width: Option<u8>,
         seg: SegmentView<'_>,
     ) -> Result<Option<(ChunkHash, bool)>, ClientError> {
-        let Some(offset) = seg.offset_of(data) else { return Ok(None) };
-        self.put_segment_at(http, job, seg.token, offset, data.len() as u64, width).await
-    }
-
-    /// `put_segment_unnamed` by offset and length in the segment `token`.
-    pub async fn put_segment_at(
-        &self,
-        http: &Http,
-        job: &str,
-        token: &str,
-        offset: u64,
-        len: u64,
-        width: Option<u8>,
-    ) -> Result<Option<(ChunkHash, bool)>, ClientError> {
         #[derive(Deserialize)]
         struct Adopted {
             hash: ChunkHash,
             written: bool,
         }
+        let Some(offset) = seg.offset_of(data) else { return Ok(None) };
         let body = serde_json::json!({
-            "segment": token, "offset": offset, "len": len, "width": width, "level": self.encode.level,
+            "segment": seg.token, "offset": offset, "len": data.len(), "width": width, "level": self.encode.level,
         });
         let r: Result<Adopted, _> =
             http.send_json(reqwest::Method::POST, &format!("/v1/jobs/{job}/chunks/adopt"), &body).await;
