@@ -383,15 +383,11 @@ fn drop_cache(dir: &Path) {
 }
 
 /// Reads every file once so a following read finds it in the page cache: ckptd writes chunks
-/// with direct I/O, so a store just written is not cached. Whole-piece reads, as the limit's
-/// warming and the restore itself do: the page cache's folio sizes follow the read sizes, and
-/// small reads leave small folios that every later read pays for.
+/// with direct I/O, so a store just written is not cached.
 fn warm_cache(dir: &Path) {
-    use std::io::Read;
-    let mut buf = vec![0u8; PIECE + 4096];
     for p in files_under(dir) {
         if let Ok(mut f) = std::fs::File::open(&p) {
-            while matches!(f.read(&mut buf), Ok(n) if n > 0) {}
+            let _ = std::io::copy(&mut f, &mut std::io::sink());
         }
     }
 }
