@@ -197,8 +197,8 @@ async fn adopt_segment_chunk(
     let job = path(p)?;
     job_of(&job)?;
     let req: SegmentChunk = json_body(&s, body)?;
-    let _permit = s.coordinator.chunk_permit().await?;
-    let (hash, outcome) = s.coordinator.adopt_segment(&job, None, req).await?;
+    let permit = s.coordinator.chunk_permit().await?;
+    let (hash, outcome) = s.coordinator.adopt_segment(&job, None, req, permit).await?;
     Ok(Json(serde_json::json!({ "hash": hash, "state": outcome.state, "written": outcome.written })).into_response())
 }
 
@@ -211,7 +211,7 @@ async fn adopt_chunk(
     job_of(&job)?;
     let hash: ChunkHash = hash.parse()?;
     let req: AdoptRequest = json_body(&s, body)?;
-    let _permit = s.coordinator.chunk_permit().await?;
+    let permit = s.coordinator.chunk_permit().await?;
     let source = match (req.file, req.segment) {
         (Some(name), None) => AdoptSource::File(name),
         (None, Some(token)) => AdoptSource::Segment(SegmentChunk {
@@ -223,7 +223,7 @@ async fn adopt_chunk(
         }),
         _ => return Err(ServiceError::BadRequest("an adopt names either a file or a segment".into()).into()),
     };
-    let outcome = s.coordinator.adopt_chunk(&job, hash, source).await?;
+    let outcome = s.coordinator.adopt_chunk(&job, hash, source, permit).await?;
     Ok(Json(serde_json::json!({ "hash": hash, "state": outcome.state, "written": outcome.written })).into_response())
 }
 

@@ -21,6 +21,7 @@ use futures::{StreamExt, TryStreamExt};
 use crate::coordinator::{ChunkPutOutcome, ChunkState, Coordinator};
 use crate::error::{join_error, ServiceError};
 use crate::staging::UploadEvent;
+use tokio::sync::OwnedSemaphorePermit;
 
 /// What a job holds of a chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,10 +166,11 @@ impl Coordinator {
         job: &str,
         hash: ChunkHash,
         source: AdoptSource,
+        permit: OwnedSemaphorePermit,
     ) -> Result<ChunkPutOutcome, ServiceError> {
         let name = match source {
             AdoptSource::File(name) => name,
-            AdoptSource::Segment(seg) => return Ok(self.adopt_segment(job, Some(hash), seg).await?.1),
+            AdoptSource::Segment(seg) => return Ok(self.adopt_segment(job, Some(hash), seg, permit).await?.1),
         };
         let fs = self.local_fs()?;
         if name.is_empty() || name.len() > 255 || name.contains(['/', '\\', '\0']) || name.starts_with('.') {
@@ -177,12 +179,16 @@ impl Coordinator {
         let path = self.handoff_dir.join(name);
         if matches!(self.lookup(job, &[hash], false).await?[0], Known::Durable { .. }) {
             let _ = tokio::fs::remove_file(&path).await;
+            settle(fs).await?;
             return Ok(ChunkPutOutcome { written: false, state: ChunkState::Durable });
         }
         let dest = self.local_dest(job, &hash)?;
         let stored_bytes_max = self.config.chunk_bytes_max + CHUNK_HEADER_BYTES as u64;
         let (j, idx) = (job.to_string(), self.index.clone());
         tokio::task::spawn_blocking(move || -> Result<(), ServiceError> {
+            // The slot is held by the work, not by the request: a client that hangs up does not
+            // free it while its chunk is still being adopted.
+            let _permit = permit;
             let adopted = crate::adopt::adopt(&path, &dest, hash, stored_bytes_max, &fs)?;
             if adopted.copied {
                 tracing::debug!(job = j, %hash, "handoff directory is on another filesystem; chunk copied");
@@ -206,6 +212,7 @@ impl Coordinator {
         job: &str,
         expected: Option<ChunkHash>,
         req: SegmentChunk,
+        permit: OwnedSemaphorePermit,
     ) -> Result<(ChunkHash, ChunkPutOutcome), ServiceError> {
         let fs = self.local_fs()?;
         if req.len == 0 || req.len > self.config.chunk_bytes_max {
@@ -220,18 +227,23 @@ impl Coordinator {
         let stored = ChunkPutOutcome { written: false, state: ChunkState::Durable };
         if let Some(hash) = expected {
             if matches!(self.lookup(job, &[hash], false).await?[0], Known::Durable { .. }) {
+                settle(fs).await?;
                 return Ok((hash, stored));
             }
         }
         let segments = self.segments.clone();
         let (offset, len) = (req.offset, req.len);
-        let copied =
-            tokio::task::spawn_blocking(move || crate::segments::copy_chunk(&segments, &seg, offset, len, expected))
-                .await
-                .map_err(join_error)??;
+        // The slot travels with the blocking work (see `adopt_chunk`).
+        let (permit, copied) = tokio::task::spawn_blocking(move || {
+            (permit, crate::segments::copy_chunk(&segments, &seg, offset, len, expected))
+        })
+        .await
+        .map_err(join_error)?;
+        let copied = copied?;
         let hash = copied.hash;
         if expected.is_none() && matches!(self.lookup(job, &[hash], false).await?[0], Known::Durable { .. }) {
             self.segments.discard(copied);
+            settle(fs).await?;
             return Ok((hash, stored));
         }
         let dest = match self.local_dest(job, &hash) {
@@ -248,6 +260,7 @@ impl Coordinator {
         };
         let (segments, j, idx) = (self.segments.clone(), job.to_string(), self.index.clone());
         tokio::task::spawn_blocking(move || -> Result<(), ServiceError> {
+            let _permit = permit;
             let adopted = crate::segments::write_chunk(&segments, copied, &dest, &fs, &encode)?;
             idx.put_chunk(&j, &hash, adopted.stored_len, Some(adopted.raw_len))?;
             Ok(())
@@ -275,6 +288,14 @@ impl Coordinator {
             .local_chunk_path(job, hash)
             .ok_or_else(|| ServiceError::Internal("local store without a root".into()))
     }
+}
+
+/// Makes sure a chunk found in the local store is durable before an adopt answers for it: the
+/// store check also sees a file another adopt has renamed onto its key but not yet synced (one
+/// group sync, shared with every adopt waiting).
+async fn settle(fs: std::sync::Arc<crate::durable::FsSync>) -> Result<(), ServiceError> {
+    tokio::task::spawn_blocking(move || fs.sync()).await.map_err(join_error)??;
+    Ok(())
 }
 
 /// What a node-local adopt hands over.

@@ -55,11 +55,20 @@ pub struct Segments {
     max: usize,
     buffers: Mutex<Vec<AlignedBuf>>,
     buffers_max: usize,
+    /// A prewarm is running: registrations at the same moment must not each fill the pool.
+    warming: std::sync::atomic::AtomicBool,
 }
 
 impl Segments {
     pub fn new(max: usize, buffers_max: usize) -> Segments {
-        Segments { map: Default::default(), stored: Default::default(), max, buffers: Default::default(), buffers_max }
+        Segments {
+            map: Default::default(),
+            stored: Default::default(),
+            max,
+            buffers: Default::default(),
+            buffers_max,
+            warming: Default::default(),
+        }
     }
 
     pub fn get(&self, token: &str) -> Option<Arc<Segment>> {
@@ -110,6 +119,10 @@ impl Segments {
     /// `PREWARM_BUFFERS` of them, so a segment's first save does not fault in fresh memory per
     /// chunk (on the bench VM first-touch faults took a sixth of ckptd's CPU in a first save).
     fn prewarm(&self) {
+        use std::sync::atomic::Ordering;
+        if self.warming.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let want = PREWARM_BUFFERS.min(self.buffers_max);
         let len = CHUNK_HEADER_BYTES + PREWARM_CHUNK_BYTES;
         let have = {
@@ -121,9 +134,16 @@ impl Segments {
             b.as_mut_slice().fill(0);
             self.give_back(b);
         }
+        self.warming.store(false, Ordering::Release);
     }
 
+    /// Keeps `buf` for reuse, if the pool has room and `buf` is of the default chunk size or
+    /// smaller (larger chunks are rare; keeping their buffers would hold up to
+    /// `chunk_requests_max` × `chunk_bytes_max` for good).
     pub fn give_back(&self, buf: AlignedBuf) {
+        if buf.capacity() > (CHUNK_HEADER_BYTES + PREWARM_CHUNK_BYTES).next_multiple_of(DIRECT_ALIGN) {
+            return;
+        }
         let mut pool = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
         if pool.len() < self.buffers_max {
             pool.push(buf);
@@ -303,7 +323,10 @@ async fn serve_registration(stream: tokio::net::UnixStream, segments: Arc<Segmen
     };
     let warm = segments.clone();
     // Before the answer: the client's first chunks then find the buffers ready.
-    tokio::task::spawn_blocking(move || warm.prewarm()).await.map_err(std::io::Error::other)?;
+    if let Err(e) = tokio::task::spawn_blocking(move || warm.prewarm()).await {
+        segments.remove(&token);
+        return Err(std::io::Error::other(e));
+    }
     let mut s = stream;
     let answer = format!("{token}\n");
     let served = async {
@@ -327,7 +350,10 @@ async fn receive_fd(stream: &tokio::net::UnixStream) -> std::io::Result<OwnedFd>
         let got = stream.try_io(tokio::io::Interest::READABLE, || {
             let mut byte = [0u8; 1];
             let mut iov = [std::io::IoSliceMut::new(&mut byte)];
-            let mut space = nix::cmsg_space!([RawFd; 1]);
+            // Room for every fd one message can carry (SCM_MAX_FD): a truncated message would
+            // leave fds in this process that nothing here owns. All of them are closed below
+            // except the first.
+            let mut space = nix::cmsg_space!([RawFd; 253]);
             let msg = recvmsg::<()>(stream.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
                 .map_err(std::io::Error::from)?;
             let mut fds = Vec::new();

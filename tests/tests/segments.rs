@@ -131,6 +131,31 @@ async fn hostile_segments_and_adopts_are_refused_and_store_nothing() {
             assert_eq!((status, answer["error"]["code"].as_str()), (400, Some(code)), "{body}: {answer}");
         }
         assert_eq!(snapshot(&store), before, "refused adopts changed the store");
+        // Several fds in one message: ckptd keeps none of them (a truncated message would have
+        // left the extra fds open in ckptd, one leak per attempt).
+        let pid = d.pid().expect("ckptd's pid");
+        let open_fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+        let before = open_fds();
+        for _ in 0..20 {
+            use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+            let (a, b, c) = (memfd(b"a"), memfd(b"b"), memfd(b"c"));
+            let conn = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let fds = [a.as_raw_fd(), b.as_raw_fd(), c.as_raw_fd()];
+            let msg = [std::io::IoSlice::new(b"s")];
+            sendmsg::<()>(conn.as_raw_fd(), &msg, &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None).unwrap();
+            let mut line = String::new();
+            BufReader::new(&conn).read_line(&mut line).unwrap();
+        }
+        let mut after = usize::MAX;
+        for _ in 0..100 {
+            after = open_fds();
+            if after <= before + 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(after <= before + 2, "ckptd holds {after} fds after 20 multi-fd registrations, {before} before");
         // A file that is not a memfd is refused at registration.
         let plain = std::fs::File::create(dir.path().join("plain")).unwrap();
         let (_c, answer) = register(&socket, &plain);
