@@ -142,23 +142,15 @@ impl NodeLocal {
             written: bool,
         }
         let Some(offset) = seg.offset_of(data) else { return Ok(None) };
-        let body = serde_json::json!({
-            "segment": seg.token, "offset": offset, "len": data.len(), "width": width, "level": self.encode.level,
-        });
-        let r: Result<Adopted, _> =
-            http.send_json(reqwest::Method::POST, &format!("/v1/jobs/{job}/chunks/adopt"), &body).await;
-        match r {
-            Ok(a) => Ok(Some((a.hash, a.written))),
-            Err(e) if e.api_code().is_some() => {
-                tracing::debug!(error = %e, "segment adopt refused; using another path");
-                Ok(None)
-            }
-            Err(e) => Err(e),
-        }
+        let body = self.segment_body(seg.token, offset, data.len() as u64, width);
+        let adopted: Option<Adopted> = post_segment(http, &format!("/v1/jobs/{job}/chunks/adopt"), &body).await?;
+        Ok(adopted.map(|a| (a.hash, a.written)))
     }
 
-    /// Hands a chunk lying in a registered segment to ckptd by its offset. Ok(false) when the
-    /// chunk is not in the segment or ckptd refuses the path (the caller uses another one).
+    /// Hands a chunk lying in a registered segment to ckptd by its offset, naming it (ckptd
+    /// checks the address): for chunks whose hash the saver already knows but ckptd lacks.
+    /// Ok(false) when the chunk is not in the segment or ckptd refuses the path (the caller
+    /// uses another one).
     pub async fn put_segment_chunk(
         &self,
         http: &Http,
@@ -169,21 +161,14 @@ impl NodeLocal {
         seg: SegmentView<'_>,
     ) -> Result<bool, ClientError> {
         let Some(offset) = seg.offset_of(data) else { return Ok(false) };
-        let body = serde_json::json!({
-            "segment": seg.token, "offset": offset, "len": data.len(), "width": width, "level": self.encode.level,
-        });
-        let r: Result<serde_json::Value, _> =
-            http.send_json(reqwest::Method::POST, &format!("/v1/jobs/{job}/chunks/{hash}/adopt"), &body).await;
-        match r {
-            Ok(_) => Ok(true),
-            // Refused (a closed segment, a store that is not a local directory): the caller
-            // sends these bytes another way. A hash mismatch is refused there too.
-            Err(e) if e.api_code().is_some() => {
-                tracing::debug!(error = %e, "segment adopt refused; using another path");
-                Ok(false)
-            }
-            Err(e) => Err(e),
-        }
+        let body = self.segment_body(seg.token, offset, data.len() as u64, width);
+        let adopted: Option<serde_json::Value> =
+            post_segment(http, &format!("/v1/jobs/{job}/chunks/{hash}/adopt"), &body).await?;
+        Ok(adopted.is_some())
+    }
+
+    fn segment_body(&self, token: &str, offset: u64, len: u64, width: Option<u8>) -> serde_json::Value {
+        serde_json::json!({ "segment": token, "offset": offset, "len": len, "width": width, "level": self.encode.level })
     }
 
     /// Hands a chunk to ckptd as a file. Ok(false) when the path is not available (the caller
@@ -313,4 +298,21 @@ fn register_blocking(socket: &Path, file: &std::fs::File) -> std::io::Result<Reg
     }
     conn.set_read_timeout(None)?;
     Ok(Registered { token: token.to_string(), _conn: conn })
+}
+
+/// Sends a segment adopt. Ok(None) when ckptd refuses it (a closed segment, a store that is not
+/// a local directory, a hash mismatch): the caller sends the bytes another way.
+async fn post_segment<T: serde::de::DeserializeOwned>(
+    http: &Http,
+    path: &str,
+    body: &serde_json::Value,
+) -> Result<Option<T>, ClientError> {
+    match http.send_json(reqwest::Method::POST, path, body).await {
+        Ok(answer) => Ok(Some(answer)),
+        Err(e) if e.api_code().is_some() => {
+            tracing::debug!(error = %e, "segment adopt refused; using another path");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }

@@ -34,6 +34,20 @@ fn register(socket: &std::path::Path, file: &std::fs::File) -> (std::os::unix::n
     (conn, line.trim().to_string())
 }
 
+/// Segments ckptd still holds, polled for up to 5 s until none is left (a closed connection
+/// is noticed asynchronously).
+async fn registered_after_a_while(d: &ckpt_client::daemon::LocalDaemon) -> u64 {
+    let mut left = u64::MAX;
+    for _ in 0..100 {
+        left = stats(d).await["segments"]["registered"].as_u64().unwrap();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    left
+}
+
 fn memfd(bytes: &[u8]) -> std::fs::File {
     use std::io::Write;
     let fd = nix::sys::memfd::memfd_create(c"test-segment", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
@@ -81,15 +95,7 @@ async fn async_saver_hands_chunks_over_shared_memory() {
             }
         }
         drop(savers);
-        let mut left = u64::MAX;
-        for _ in 0..100 {
-            left = stats(&d).await["segments"]["registered"].as_u64().unwrap();
-            if left == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert_eq!(left, 0, "segments outlived their savers");
+        assert_eq!(registered_after_a_while(&d).await, 0, "segments outlived their savers");
     })
     .await
 }
@@ -199,15 +205,7 @@ async fn hostile_segments_and_adopts_are_refused_and_store_nothing() {
         }
         // Closing the connection ends the segment.
         drop(conn);
-        let mut left = u64::MAX;
-        for _ in 0..100 {
-            left = stats(&d).await["segments"]["registered"].as_u64().unwrap();
-            if left == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert_eq!(left, 0, "a closed segment is still registered");
+        assert_eq!(registered_after_a_while(&d).await, 0, "a closed segment is still registered");
         let tail = ckpt_core::ChunkHash::of(&payload[1..]);
         let (status, answer) = adopt(tail, serde_json::json!({ "segment": token, "offset": 1, "len": 4999 })).await;
         assert_eq!((status, answer["error"]["code"].as_str()), (400, Some("handoff_refused")), "{answer}");
