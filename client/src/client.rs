@@ -1,10 +1,11 @@
 //! The client: save, restore and verify orchestration over two transports.
 //!
 //! Design note.
-//! * Transports: chunk bytes go through the node-local path (`node_local.rs`: files in ckptd's
-//!   handoff directory, direct reads from a local-directory store) when ckptd is on this host,
-//!   and over HTTP (`http.rs`, which also carries every other request, with retries) otherwise
-//!   or whenever the node-local path declines. The orchestration here does not care which.
+//! * Transports (`transport.rs`): chunk bytes go through the node-local transport
+//!   (`node_local.rs`: files in ckptd's handoff directory, direct reads from a local-directory
+//!   store) when ckptd is on this host, and over HTTP (`http.rs`, which also carries every other
+//!   request, with retries) otherwise or whenever the node-local one declines. The orchestration
+//!   here asks them in order and does not care which carried a chunk.
 //! * Verification: chunks are verified against their address after they are read, whatever
 //!   ckptd checked; manifests are checked against their own hash. No unverified byte is
 //!   returned.
@@ -12,6 +13,7 @@
 //!   query (`missing_batch_max`), time waited for a commit (`commit_timeout`).
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -27,6 +29,7 @@ use crate::http::{Body, Http, RetryPolicy};
 use crate::node_local::NodeLocal;
 use crate::restore::{whole_tensor_reads, Read};
 use crate::tensor::Tensor;
+use crate::transport::{Outcome, Transport};
 
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -141,7 +144,9 @@ impl VerifyReport {
 pub struct Client {
     pub(crate) http: Http,
     pub(crate) opts: ClientOptions,
-    pub(crate) node_local: std::sync::Arc<NodeLocal>,
+    pub(crate) node_local: Arc<NodeLocal>,
+    /// In order of preference; HTTP, last, never declines.
+    pub(crate) transports: Vec<Arc<dyn Transport>>,
 }
 
 impl Client {
@@ -153,8 +158,13 @@ impl Client {
             busy_retry_for: opts.busy_retry_for,
         };
         let http = Http::new(base_url, opts.request_timeout, opts.concurrency.max(1) * 2, retry)?;
-        let node_local = NodeLocal::new(opts.node_local, opts.encode);
-        Ok(Client { http, opts, node_local: std::sync::Arc::new(node_local) })
+        let node_local = Arc::new(NodeLocal::new(http.clone(), opts.node_local, opts.encode));
+        let mut transports: Vec<Arc<dyn Transport>> = Vec::new();
+        if opts.node_local {
+            transports.push(node_local.clone());
+        }
+        transports.push(Arc::new(http.clone()));
+        Ok(Client { http, opts, node_local, transports })
     }
 
     /// The same client with its own connection pool and node-local discovery, for use on
@@ -165,7 +175,7 @@ impl Client {
 
     /// Registers an `AsyncSaver`'s shared staging buffer with ckptd (see `node_local.rs`).
     pub(crate) async fn register_segment(&self, file: &std::fs::File) -> Option<crate::node_local::Registered> {
-        self.node_local.register_segment(&self.http, file).await
+        self.node_local.register_segment(file).await
     }
 
     pub fn options(&self) -> &ClientOptions {
@@ -258,9 +268,7 @@ impl Client {
                 }
                 if let Some(seg) = segment {
                     let width = ckpt_core::codec::width_for(tensors[ti].dtype);
-                    if let Some((h, written)) =
-                        self.node_local.put_segment_unnamed(&self.http, job, &b, width, seg).await?
-                    {
+                    if let Some((h, written)) = self.node_local.put_segment_unnamed(job, &b, width, seg).await? {
                         let sent = if written { b.len() as u64 } else { 0 };
                         return Ok((ti, h, b, Some(sent)));
                     }
@@ -400,7 +408,7 @@ impl Client {
         Ok(out)
     }
 
-    /// Sends one chunk: through the node-local path when available, else over HTTP.
+    /// Sends one chunk: through the first transport that carries it (node-local, then HTTP).
     pub async fn put_chunk(&self, job: &str, hash: ChunkHash, data: Bytes) -> Result<(), ClientError> {
         self.put_chunk_typed(job, hash, data, None, None).await
     }
@@ -417,14 +425,16 @@ impl Client {
         segment: Option<crate::node_local::SegmentView<'_>>,
     ) -> Result<(), ClientError> {
         if let Some(seg) = segment {
-            if self.node_local.put_segment_chunk(&self.http, job, hash, &data, width, seg).await? {
+            if self.node_local.put_segment_chunk(job, hash, &data, width, seg).await? {
                 return Ok(());
             }
         }
-        if self.node_local.put_chunk(&self.http, job, hash, &data, width).await? {
-            return Ok(());
+        for t in &self.transports {
+            if t.put(job, hash, &data, width).await? == Outcome::Carried {
+                return Ok(());
+            }
         }
-        self.http.put_chunk(job, hash, data).await
+        Err(ClientError::Internal(format!("no transport carried chunk {hash}")))
     }
 
     /// Sends one rank's shard index (its chunks must already be staged or durable). For

@@ -17,6 +17,8 @@ use ckpt_core::ChunkHash;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ClientError;
+use crate::transport::{verified, Outcome, ReadFailure, Transport};
+use futures::future::BoxFuture;
 
 #[derive(Debug, Clone)]
 pub(crate) struct RetryPolicy {
@@ -168,6 +170,50 @@ impl Http {
                 Err(e) if backoff.retry(&e, &path).await => {}
                 other => return other,
             }
+        }
+    }
+}
+
+/// HTTP carries every chunk: it is the last transport and never declines.
+impl Transport for Http {
+    fn is_local(&self) -> bool {
+        false
+    }
+
+    fn prepare(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
+    fn put<'a>(
+        &'a self,
+        job: &'a str,
+        hash: ChunkHash,
+        data: &'a Bytes,
+        _width: Option<u8>,
+    ) -> BoxFuture<'a, Result<Outcome, ClientError>> {
+        Box::pin(async move { self.put_chunk(job, hash, data.clone()).await.map(|()| Outcome::Carried) })
+    }
+
+    fn read_into(
+        &self,
+        job: &str,
+        hash: ChunkHash,
+        out: &mut [u8],
+        _scratch: &mut Vec<u8>,
+    ) -> Result<Outcome, ReadFailure> {
+        let handle = tokio::runtime::Handle::try_current().map_err(|e| {
+            ReadFailure::Failed(ClientError::Internal(format!("an HTTP read outside the runtime: {e}")))
+        })?;
+        match handle.block_on(self.read_chunk_into(job, hash, out)) {
+            Ok(()) => verified(hash, out, "bytes received"),
+            Err(ClientError::Api { code, message, .. }) if code == "chunk_corrupt" => {
+                let detail = message.split_once("corrupt in the store: ").map_or(message.as_str(), |(_, d)| d);
+                Err(ReadFailure::Corrupt(format!("ckptd found it corrupt in the store ({detail})")))
+            }
+            Err(ClientError::Api { code, .. }) if code == "not_found" => {
+                Err(ReadFailure::Corrupt("missing from the store".into()))
+            }
+            Err(e) => Err(ReadFailure::Failed(e)),
         }
     }
 }

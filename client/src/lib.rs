@@ -16,6 +16,7 @@ mod node_local;
 pub mod reshard;
 pub mod restore;
 pub mod tensor;
+mod transport;
 
 pub use async_save::{AsyncSaver, SaveTicket, TensorView};
 pub use checkpoint::Checkpoint;

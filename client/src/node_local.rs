@@ -1,4 +1,5 @@
-//! The node-local transport: chunk bytes through the filesystem when ckptd runs on this host.
+//! The node-local transport (see `transport.rs`): chunk bytes through the filesystem when ckptd
+//! runs on this host, and an `AsyncSaver`'s shared-memory segment.
 //!
 //! Design note.
 //! * Discovery, once per client: only for a loopback URL, ckptd's `/v1/local` names its handoff
@@ -21,6 +22,8 @@ use serde::Deserialize;
 
 use crate::error::ClientError;
 use crate::http::Http;
+use crate::transport::{verified, Outcome, ReadFailure, Transport};
+use futures::future::BoxFuture;
 
 #[derive(Debug, Clone)]
 struct LocalPaths {
@@ -54,6 +57,7 @@ impl SegmentView<'_> {
 }
 
 pub(crate) struct NodeLocal {
+    http: Http,
     enabled: bool,
     encode: EncodeOptions,
     paths: tokio::sync::OnceCell<Option<LocalPaths>>,
@@ -61,18 +65,19 @@ pub(crate) struct NodeLocal {
 }
 
 /// Why a chunk could not be read from the local store.
-pub(crate) enum LocalRead {
+enum LocalRead {
     /// Not here (or the path is unavailable): ask ckptd.
     Missing,
     Corrupt(String),
 }
 
 impl NodeLocal {
-    pub fn new(enabled: bool, encode: EncodeOptions) -> NodeLocal {
-        NodeLocal { enabled, encode, paths: Default::default(), handoff_refused: AtomicBool::new(false) }
+    pub fn new(http: Http, enabled: bool, encode: EncodeOptions) -> NodeLocal {
+        NodeLocal { http, enabled, encode, paths: Default::default(), handoff_refused: AtomicBool::new(false) }
     }
 
-    async fn paths(&self, http: &Http) -> Option<&LocalPaths> {
+    async fn paths(&self) -> Option<&LocalPaths> {
+        let http = &self.http;
         if !self.enabled {
             return None;
         }
@@ -104,15 +109,10 @@ impl NodeLocal {
             .as_ref()
     }
 
-    /// The local store's root, if chunks can be read from it directly.
-    pub async fn store_root(&self, http: &Http) -> Option<PathBuf> {
-        self.paths(http).await.and_then(|l| l.store_root.clone())
-    }
-
     /// Registers the memfd `file` with ckptd as a shared-memory segment; `None` when ckptd
     /// offers no segment socket or refuses (the saver then hands over files).
-    pub async fn register_segment(&self, http: &Http, file: &std::fs::File) -> Option<Registered> {
-        let socket = self.paths(http).await?.segment_socket.clone()?;
+    pub async fn register_segment(&self, file: &std::fs::File) -> Option<Registered> {
+        let socket = self.paths().await?.segment_socket.clone()?;
         let file = file.try_clone().ok()?;
         let registered = tokio::task::spawn_blocking(move || register_blocking(&socket, &file)).await.ok()?;
         match registered {
@@ -130,7 +130,6 @@ impl NodeLocal {
     /// (the caller hashes it and uses another one).
     pub async fn put_segment_unnamed(
         &self,
-        http: &Http,
         job: &str,
         data: &Bytes,
         width: Option<u8>,
@@ -143,7 +142,7 @@ impl NodeLocal {
         }
         let Some(offset) = seg.offset_of(data) else { return Ok(None) };
         let body = self.segment_body(seg.token, offset, data.len() as u64, width);
-        let adopted: Option<Adopted> = post_segment(http, &format!("/v1/jobs/{job}/chunks/adopt"), &body).await?;
+        let adopted: Option<Adopted> = post_segment(&self.http, &format!("/v1/jobs/{job}/chunks/adopt"), &body).await?;
         Ok(adopted.map(|a| (a.hash, a.written)))
     }
 
@@ -153,7 +152,6 @@ impl NodeLocal {
     /// uses another one).
     pub async fn put_segment_chunk(
         &self,
-        http: &Http,
         job: &str,
         hash: ChunkHash,
         data: &Bytes,
@@ -163,7 +161,7 @@ impl NodeLocal {
         let Some(offset) = seg.offset_of(data) else { return Ok(false) };
         let body = self.segment_body(seg.token, offset, data.len() as u64, width);
         let adopted: Option<serde_json::Value> =
-            post_segment(http, &format!("/v1/jobs/{job}/chunks/{hash}/adopt"), &body).await?;
+            post_segment(&self.http, &format!("/v1/jobs/{job}/chunks/{hash}/adopt"), &body).await?;
         Ok(adopted.is_some())
     }
 
@@ -173,18 +171,11 @@ impl NodeLocal {
 
     /// Hands a chunk to ckptd as a file. Ok(false) when the path is not available (the caller
     /// sends it over HTTP).
-    pub async fn put_chunk(
-        &self,
-        http: &Http,
-        job: &str,
-        hash: ChunkHash,
-        data: &Bytes,
-        width: Option<u8>,
-    ) -> Result<bool, ClientError> {
+    async fn handoff(&self, job: &str, hash: ChunkHash, data: &Bytes, width: Option<u8>) -> Result<bool, ClientError> {
         if self.handoff_refused.load(Ordering::Relaxed) {
             return Ok(false);
         }
-        let Some(dir) = self.paths(http).await.and_then(|l| l.handoff_dir.clone()) else { return Ok(false) };
+        let Some(dir) = self.paths().await.and_then(|l| l.handoff_dir.clone()) else { return Ok(false) };
         static SEQ: AtomicU64 = AtomicU64::new(0);
         let name = format!("{hash}.{}.{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
         let path = dir.join(&name);
@@ -204,7 +195,8 @@ impl NodeLocal {
             let _ = std::fs::remove_file(&path);
             return Ok(false);
         }
-        let r: Result<serde_json::Value, _> = http
+        let r: Result<serde_json::Value, _> = self
+            .http
             .send_json(
                 reqwest::Method::POST,
                 &format!("/v1/jobs/{job}/chunks/{hash}/adopt"),
@@ -226,14 +218,54 @@ impl NodeLocal {
     }
 }
 
+/// Hands chunks over as files in ckptd's handoff directory and reads them straight from its
+/// local-directory store; declines whatever the host or the store does not allow.
+impl Transport for NodeLocal {
+    fn is_local(&self) -> bool {
+        true
+    }
+
+    fn prepare(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {
+            self.paths().await;
+        })
+    }
+
+    fn put<'a>(
+        &'a self,
+        job: &'a str,
+        hash: ChunkHash,
+        data: &'a Bytes,
+        width: Option<u8>,
+    ) -> BoxFuture<'a, Result<Outcome, ClientError>> {
+        Box::pin(async move {
+            let carried = self.handoff(job, hash, data, width).await?;
+            Ok(if carried { Outcome::Carried } else { Outcome::Declined })
+        })
+    }
+
+    fn read_into(
+        &self,
+        job: &str,
+        hash: ChunkHash,
+        out: &mut [u8],
+        scratch: &mut Vec<u8>,
+    ) -> Result<Outcome, ReadFailure> {
+        // Discovery is `prepare`'s job; before it (or without a readable store) reads decline.
+        let Some(root) = self.paths.get().and_then(|p| p.as_ref()).and_then(|l| l.store_root.as_deref()) else {
+            return Ok(Outcome::Declined);
+        };
+        match read_chunk_into(&root.join(ckpt_core::keys::chunk_key(job, &hash)), hash, out, scratch) {
+            Ok(()) => verified(hash, out, "stored bytes"),
+            Err(LocalRead::Missing) => Ok(Outcome::Declined),
+            Err(LocalRead::Corrupt(reason)) => Err(ReadFailure::Corrupt(reason)),
+        }
+    }
+}
+
 /// Reads one stored chunk file into `out` (exactly its raw length), decoding it in place if
-/// encoded, and verifies it there. Blocking. `scratch` holds an encoded payload between reads.
-pub(crate) fn read_chunk_into(
-    path: &Path,
-    hash: ChunkHash,
-    out: &mut [u8],
-    scratch: &mut Vec<u8>,
-) -> Result<(), LocalRead> {
+/// encoded; the caller verifies it there. Blocking. `scratch` holds an encoded payload between reads.
+fn read_chunk_into(path: &Path, hash: ChunkHash, out: &mut [u8], scratch: &mut Vec<u8>) -> Result<(), LocalRead> {
     use std::io::Read;
     let corrupt = |why: String| LocalRead::Corrupt(why);
     let mut f = match std::fs::File::open(path) {
@@ -264,10 +296,6 @@ pub(crate) fn read_chunk_into(
         scratch.clear();
         f.read_to_end(scratch).map_err(|e| corrupt(e.to_string()))?;
         ckpt_core::codec::decode_into(&header, scratch, out).map_err(|e| corrupt(e.to_string()))?;
-    }
-    let actual = ChunkHash::of(out);
-    if actual != hash {
-        return Err(corrupt(format!("stored bytes hash to {actual}")));
     }
     Ok(())
 }

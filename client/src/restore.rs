@@ -7,9 +7,9 @@
 //!   range, is read into a per-worker scratch buffer and the wanted part copied). Sizes are
 //!   checked while planning, before a byte is read: a target of the wrong size is refused.
 //! * Workers: a fixed number of threads (the cores, or the client's `concurrency` when that is
-//!   larger, since reads wait on the disk or the network) take reads from a shared list. Each reads
-//!   from the node-local store when it can, else over HTTP (streamed into place), then hashes
-//!   the bytes where they landed. The read-ahead is therefore the workers: no chunk is buffered
+//!   larger, since reads wait on the disk or the network) take reads from a shared list. Each asks
+//!   the client's transports in turn (`transport.rs`: the node-local store when it has the chunk,
+//!   else HTTP, streamed into place), which verify the bytes where they landed. The read-ahead is therefore the workers: no chunk is buffered
 //!   beyond the one each worker holds, and memory beyond the targets is one scratch buffer per
 //!   worker.
 //! * The calling task is moved off the async runtime's worker (`block_in_place`) while the
@@ -30,7 +30,7 @@ use serde::Serialize;
 use crate::checkpoint::Checkpoint;
 use crate::client::Client;
 use crate::error::ClientError;
-use crate::node_local::{read_chunk_into, LocalRead};
+use crate::transport::{Outcome, ReadFailure};
 
 /// A tensor's destination: `data` must be exactly the tensor's bytes (row-major, its dtype's
 /// little-endian encoding).
@@ -152,7 +152,9 @@ impl Client {
                 "restoring into buffers needs a multi-threaded tokio runtime (the reads run on worker threads)".into(),
             ));
         }
-        let local_root = self.node_local.store_root(&self.http).await;
+        for t in &self.transports {
+            t.prepare().await;
+        }
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
         // Reads wait on the disk or the network as well as on the cores: `concurrency` reads
         // in flight keep a cold disk busy while others are hashed.
@@ -175,7 +177,7 @@ impl Client {
                 let whole = read.within.len() as u64 == read.len;
                 let Read { hash, len, within, dest } = read;
                 let buf: &mut [u8] = if whole { dest } else { &mut scratch[..len as usize] };
-                let outcome = self.read_one(job, step, hash, buf, local_root.as_deref(), &mut encoded, &handle);
+                let outcome = self.read_one(job, step, hash, buf, &mut encoded);
                 match outcome {
                     Ok(local) => {
                         if local {
@@ -212,43 +214,27 @@ impl Client {
         Ok((report, failures.into_inner().unwrap_or_else(|e| e.into_inner())))
     }
 
-    /// One chunk into `out`, verified: from the local store if it is there, else over HTTP.
-    /// Returns whether it was read locally. Blocking.
-    #[allow(clippy::too_many_arguments)]
+    /// One chunk into `out`, verified, by the first transport that carries it. Returns whether
+    /// it came through the local filesystem. Blocking.
     fn read_one(
         &self,
         job: &str,
         step: u64,
         hash: ChunkHash,
         out: &mut [u8],
-        local_root: Option<&std::path::Path>,
-        encoded: &mut Vec<u8>,
-        handle: &tokio::runtime::Handle,
+        scratch: &mut Vec<u8>,
     ) -> Result<bool, ClientError> {
-        let corrupt = |reason: String| ClientError::CorruptChunk { job: job.into(), step, hash, reason };
-        if let Some(root) = local_root {
-            match read_chunk_into(&root.join(ckpt_core::keys::chunk_key(job, &hash)), hash, out, encoded) {
-                Ok(()) => return Ok(true),
-                Err(LocalRead::Corrupt(reason)) => return Err(corrupt(reason)),
-                Err(LocalRead::Missing) => {}
+        for t in &self.transports {
+            match t.read_into(job, hash, out, scratch) {
+                Ok(Outcome::Carried) => return Ok(t.is_local()),
+                Ok(Outcome::Declined) => {}
+                Err(ReadFailure::Corrupt(reason)) => {
+                    return Err(ClientError::CorruptChunk { job: job.into(), step, hash, reason })
+                }
+                Err(ReadFailure::Failed(e)) => return Err(e),
             }
         }
-        match handle.block_on(self.http.read_chunk_into(job, hash, out)) {
-            Ok(()) => {}
-            Err(ClientError::Api { code, message, .. }) if code == "chunk_corrupt" => {
-                let detail = message.split_once("corrupt in the store: ").map_or(message.as_str(), |(_, d)| d);
-                return Err(corrupt(format!("ckptd found it corrupt in the store ({detail})")));
-            }
-            Err(ClientError::Api { code, .. }) if code == "not_found" => {
-                return Err(corrupt("missing from the store".into()))
-            }
-            Err(e) => return Err(e),
-        }
-        let actual = ChunkHash::of(out);
-        if actual != hash {
-            return Err(corrupt(format!("bytes received hash to {actual}")));
-        }
-        Ok(false)
+        Err(ClientError::Internal(format!("no transport read chunk {hash}")))
     }
 
     /// Rows `start..start + out.len() / row_bytes` of tensor `name` of a committed checkpoint,
