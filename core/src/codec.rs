@@ -61,8 +61,38 @@ pub fn width_for(dtype: crate::DType) -> Option<u8> {
     }
 }
 
-/// Encodes `raw`. `None` as payload means "store the raw bytes" (the caller keeps its buffer).
+/// What an encoder reuses from chunk to chunk: the plane buffer of the grouped codec and a zstd
+/// context. A fresh pair per chunk costs megabytes of first-touch page faults and allocations;
+/// a service bounds its encoders by holding a fixed number of these.
+#[derive(Default)]
+pub struct Workspace {
+    planes: Vec<u8>,
+    zstd: Option<(i32, zstd::bulk::Compressor<'static>)>,
+}
+
+impl Workspace {
+    /// `data` as one zstd frame at `level`, with the reused context.
+    fn compress(&mut self, data: &[u8], level: i32) -> Option<Vec<u8>> {
+        if self.zstd.as_ref().map(|(l, _)| *l) != Some(level) {
+            self.zstd = Some((level, zstd::bulk::Compressor::new(level).ok()?));
+        }
+        self.zstd.as_mut()?.1.compress(data).ok()
+    }
+}
+
+thread_local! {
+    /// The workspace of [`encode`], one per thread.
+    static WORKSPACE: RefCell<Workspace> = RefCell::new(Workspace::default());
+}
+
+/// Encodes `raw` with this thread's workspace. `None` as payload means "store the raw bytes"
+/// (the caller keeps its buffer).
 pub fn encode(raw: &[u8], opts: &EncodeOptions) -> (Codec, Option<Vec<u8>>) {
+    WORKSPACE.with(|ws| encode_with(raw, opts, &mut ws.borrow_mut()))
+}
+
+/// [`encode`] with the caller's workspace.
+pub fn encode_with(raw: &[u8], opts: &EncodeOptions, ws: &mut Workspace) -> (Codec, Option<Vec<u8>>) {
     if opts.level == 0 || raw.len() < MIN_ENCODED_BYTES {
         return (Codec::None, None);
     }
@@ -88,14 +118,14 @@ pub fn encode(raw: &[u8], opts: &EncodeOptions) -> (Codec, Option<Vec<u8>>) {
     if !worth(sample.len(), est as usize) {
         // Order-0 entropy misses repeats (a counter, a pattern): zstd on a small piece decides.
         let piece = &sample[..sample.len().min(16 << 10)];
-        match zstd::bulk::compress(piece, opts.level) {
-            Ok(c) if worth(piece.len(), c.len()) => codec = Codec::Zstd,
+        match ws.compress(piece, opts.level) {
+            Some(c) if worth(piece.len(), c.len()) => codec = Codec::Zstd,
             _ => return (Codec::None, None),
         }
     }
     let payload = match codec {
-        Codec::Grouped => Some(encode_grouped(raw, width, opts)),
-        _ => zstd::bulk::compress(raw, opts.level).ok(),
+        Codec::Grouped => Some(encode_grouped(raw, width, opts, ws)),
+        _ => ws.compress(raw, opts.level),
     };
     match payload {
         Some(p) if worth(raw.len(), p.len()) => (codec, Some(p)),
@@ -104,8 +134,8 @@ pub fn encode(raw: &[u8], opts: &EncodeOptions) -> (Codec, Option<Vec<u8>>) {
 }
 
 thread_local! {
-    /// Plane buffer reused across chunks, so steady-state encoding and decoding allocate only
-    /// their outputs.
+    /// Plane buffer of the decoder, reused across chunks, so steady-state decoding allocates
+    /// nothing.
     static PLANES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -131,11 +161,11 @@ fn entropy_bytes(bytes: impl Iterator<Item = u8>) -> f64 {
     bits / 8.0
 }
 
-fn encode_grouped(raw: &[u8], w: u8, opts: &EncodeOptions) -> Vec<u8> {
+fn encode_grouped(raw: &[u8], w: u8, opts: &EncodeOptions, ws: &mut Workspace) -> Vec<u8> {
     let wu = w as usize;
     let n = raw.len() / wu;
-    PLANES.with(|planes| {
-        let mut planes = planes.borrow_mut();
+    let mut planes = std::mem::take(&mut ws.planes);
+    {
         planes.clear();
         planes.resize(n * wu, 0);
         split_planes(&raw[..n * wu], wu, &mut planes);
@@ -147,7 +177,7 @@ fn encode_grouped(raw: &[u8], w: u8, opts: &EncodeOptions) -> Vec<u8> {
             let sample = &plane[..plane.len().min(SAMPLE_BYTES / wu)];
             // A plane of noise (a mantissa's low byte) is stored as it is without trying zstd.
             let promising = entropy_bytes(sample.iter().copied()) < sample.len() as f64 * 0.97;
-            let compressed = if promising { zstd::bulk::compress(plane, opts.level).ok() } else { None };
+            let compressed = if promising { ws.compress(plane, opts.level) } else { None };
             match compressed {
                 Some(c) if c.len() < plane.len() => {
                     table.push(PLANE_ZSTD);
@@ -163,8 +193,9 @@ fn encode_grouped(raw: &[u8], w: u8, opts: &EncodeOptions) -> Vec<u8> {
         }
         table.extend_from_slice(&bodies);
         table.extend_from_slice(&raw[n * wu..]);
+        ws.planes = planes;
         table
-    })
+    }
 }
 
 /// `planes[p*n + i] = elems[i*w + p]`.
@@ -396,7 +427,7 @@ mod tests {
                 raw.extend(std::iter::repeat_n(3u8, extra));
                 let opts = EncodeOptions { width_hint: Some(w), min_savings_pct: 0, ..Default::default() };
                 round_trip(&raw, &opts);
-                let payload = encode_grouped(&raw, w, &opts);
+                let payload = encode_grouped(&raw, w, &opts, &mut Workspace::default());
                 let header =
                     ChunkHeader { codec: Codec::Grouped, raw_len: raw.len() as u64, hash: ChunkHash::of(&raw) };
                 let mut out = vec![0u8; raw.len()];
@@ -407,10 +438,28 @@ mod tests {
     }
 
     #[test]
+    fn a_reused_workspace_encodes_exactly_as_a_fresh_one() {
+        // One workspace across levels, widths and codecs: leftovers (a larger plane buffer, a
+        // context at another level) must never change a payload.
+        let mut ws = Workspace::default();
+        let inputs = [weights(1 << 16, 4), weights(3 << 14, 2), vec![0u8; 1 << 16], weights(5001, 8)];
+        for level in [3, 1, 3, 9] {
+            for (i, raw) in inputs.iter().enumerate() {
+                for hint in [None, Some(2), Some(4), Some(8)] {
+                    let opts = EncodeOptions { level, width_hint: hint, min_savings_pct: 0 };
+                    let reused = encode_with(raw, &opts, &mut ws);
+                    let fresh = encode_with(raw, &opts, &mut Workspace::default());
+                    assert_eq!(reused, fresh, "input {i}, level {level}, width {hint:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn damaged_payloads_are_errors_not_panics() {
         let raw = weights(1 << 14, 3);
         let opts = EncodeOptions { width_hint: Some(4), min_savings_pct: 0, ..Default::default() };
-        let payload = encode_grouped(&raw, 4, &opts);
+        let payload = encode_grouped(&raw, 4, &opts, &mut Workspace::default());
         let header = ChunkHeader { codec: Codec::Grouped, raw_len: raw.len() as u64, hash: ChunkHash::of(&raw) };
         let mut out = vec![0u8; raw.len()];
         for cut in [0, 1, 10, 37, payload.len() / 2, payload.len() - 1] {

@@ -85,6 +85,9 @@ pub struct Config {
     /// Shared-memory segments registered at once (clients on this host pass their staging
     /// buffers to ckptd through `<data_dir>/segments.sock`); 0 turns the path off.
     pub segments_max: usize,
+    /// Chunks encoded at once (each holds a plane buffer and a zstd context, several MiB);
+    /// defaults to the cores.
+    pub encoders_max: usize,
 }
 
 impl Default for Config {
@@ -124,6 +127,7 @@ impl Default for Config {
             compression_min_savings_pct: 10,
             handoff_dir: None,
             segments_max: 256,
+            encoders_max: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
         }
     }
 }
@@ -176,6 +180,7 @@ impl Config {
             ("tensors_per_rank_max", self.tensors_per_rank_max as u64),
             ("upload_concurrency", self.upload_concurrency as u64),
             ("upload_queue_max", self.upload_queue_max as u64),
+            ("encoders_max", self.encoders_max as u64),
             ("commit_retry_ms", self.commit_retry_ms),
             ("save_chunk_refs_max", self.save_chunk_refs_max),
             ("in_flight_chunk_refs_max", self.in_flight_chunk_refs_max),

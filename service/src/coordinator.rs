@@ -287,7 +287,8 @@ impl Coordinator {
             busy_wait: Duration::from_millis(config.busy_wait_ms),
             chunk_bytes_max: config.chunk_bytes_max,
         };
-        let staging = Staging::start(staging_cfg, store.clone(), index.clone(), tx.clone());
+        let encoders = Arc::new(crate::encoders::Encoders::new(config.encoders_max));
+        let staging = Staging::start(staging_cfg, store.clone(), index.clone(), tx.clone(), encoders.clone());
         let handoff_dir = config.handoff_dir();
         let fs_sync = store.local_root().and_then(|root| match crate::durable::FsSync::open(root) {
             Ok(f) => Some(Arc::new(f)),
@@ -296,7 +297,8 @@ impl Coordinator {
                 None
             }
         });
-        let segments = Arc::new(crate::segments::Segments::new(config.segments_max, config.chunk_requests_max));
+        let segments =
+            Arc::new(crate::segments::Segments::new(config.segments_max, config.chunk_requests_max, encoders));
         let c = Arc::new(Coordinator {
             fs_sync,
             segments,

@@ -10,6 +10,7 @@ mod commit;
 pub mod config;
 pub mod coordinator;
 pub mod durable;
+pub mod encoders;
 pub mod error;
 pub mod index;
 mod intake;

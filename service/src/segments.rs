@@ -57,10 +57,11 @@ pub struct Segments {
     buffers_max: usize,
     /// A prewarm is running: registrations at the same moment must not each fill the pool.
     warming: std::sync::atomic::AtomicBool,
+    encoders: Arc<crate::encoders::Encoders>,
 }
 
 impl Segments {
-    pub fn new(max: usize, buffers_max: usize) -> Segments {
+    pub fn new(max: usize, buffers_max: usize, encoders: Arc<crate::encoders::Encoders>) -> Segments {
         Segments {
             map: Default::default(),
             stored: Default::default(),
@@ -68,6 +69,7 @@ impl Segments {
             buffers: Default::default(),
             buffers_max,
             warming: Default::default(),
+            encoders,
         }
     }
 
@@ -239,7 +241,7 @@ pub fn write_chunk(
     let CopiedChunk { mut buf, len: raw_len, hash } = chunk;
     let h = CHUNK_HEADER_BYTES;
     let image = buf.as_mut_slice();
-    let (codec, encoded) = ckpt_core::codec::encode(&image[h..h + raw_len], encode);
+    let (codec, encoded) = segments.encoders.encode(&image[h..h + raw_len], encode);
     let payload_len = match encoded {
         Some(e) => {
             image[h..h + e.len()].copy_from_slice(&e);

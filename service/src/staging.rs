@@ -116,6 +116,7 @@ pub struct Staging {
     /// Chunks staged and not yet durable, with their raw length.
     pending: Mutex<HashMap<(String, ChunkHash), u64>>,
     counters: Counters,
+    encoders: Arc<crate::encoders::Encoders>,
 }
 
 fn permits(bytes: u64) -> u32 {
@@ -131,6 +132,7 @@ impl Staging {
         store: Store,
         index: crate::index::Index,
         events: mpsc::UnboundedSender<UploadEvent>,
+        encoders: Arc<crate::encoders::Encoders>,
     ) -> Arc<Staging> {
         let (tx, rx) = mpsc::channel(cfg.upload_queue_max.max(1));
         let staging = Arc::new(Staging {
@@ -140,6 +142,7 @@ impl Staging {
             pending: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             cfg,
+            encoders,
         });
         tokio::spawn(dispatch(staging.clone(), rx, store, index, events));
         staging
@@ -425,10 +428,11 @@ async fn dispatch(
     }
 }
 
-/// Compresses when it pays (the codec's sample test decides), on the caller's blocking thread.
-fn encode(raw: &Bytes, level: i32, min_savings_pct: u32) -> (Codec, Bytes) {
+/// Compresses when it pays (the codec's sample test decides), with one of ckptd's encoders.
+/// Blocking.
+fn encode(encoders: &crate::encoders::Encoders, raw: &Bytes, level: i32, min_savings_pct: u32) -> (Codec, Bytes) {
     let opts = ckpt_core::codec::EncodeOptions { level, min_savings_pct, width_hint: None };
-    match ckpt_core::codec::encode(raw, &opts) {
+    match encoders.encode(raw, &opts) {
         (codec, Some(payload)) => (codec, Bytes::from(payload)),
         (codec, None) => (codec, raw.clone()),
     }
@@ -459,9 +463,10 @@ async fn upload(
     };
     debug_assert_eq!(raw.len() as u64, raw_len);
     let (level, min_savings) = (staging.cfg.compression_level, staging.cfg.compression_min_savings_pct);
-    let to_encode = raw.clone();
-    let (codec, payload) =
-        tokio::task::spawn_blocking(move || encode(&to_encode, level, min_savings)).await.map_err(join_error)?;
+    let (to_encode, encoders) = (raw.clone(), staging.encoders.clone());
+    let (codec, payload) = tokio::task::spawn_blocking(move || encode(&encoders, &to_encode, level, min_savings))
+        .await
+        .map_err(join_error)?;
     drop(raw);
     let header = ChunkHeader { codec, raw_len, hash };
     let stored_len = (payload.len() + CHUNK_HEADER_BYTES) as u64;
@@ -537,8 +542,9 @@ mod tests {
 
     #[test]
     fn compression_only_when_it_pays() {
+        let enc = crate::encoders::Encoders::new(1);
         let zeros = Bytes::from(vec![0u8; 1 << 20]);
-        let (codec, payload) = encode(&zeros, 3, 10);
+        let (codec, payload) = encode(&enc, &zeros, 3, 10);
         assert_eq!(codec, Codec::Zstd);
         assert!(payload.len() < 1 << 16);
         assert!(payload.len() < 1 << 12);
@@ -551,7 +557,7 @@ mod tests {
             *b = x as u8;
         }
         let noise = Bytes::from(noise);
-        assert_eq!(encode(&noise, 3, 10).0, Codec::None, "random bytes are stored raw");
-        assert_eq!(encode(&zeros, 0, 10).0, Codec::None, "level 0 turns compression off");
+        assert_eq!(encode(&enc, &noise, 3, 10).0, Codec::None, "random bytes are stored raw");
+        assert_eq!(encode(&enc, &zeros, 0, 10).0, Codec::None, "level 0 turns compression off");
     }
 }
