@@ -8,12 +8,13 @@
 //!   content-addressed, opens and shard indexes are accepted again when identical), so a retry
 //!   after a lost answer is safe.
 //! * Chunk reads stream the body straight into the caller's buffer (no per-chunk allocation
-//!   here) and count it against the expected length as it arrives; the caller verifies.
+//!   here), count it against the expected length and hash it as it arrives; the transport
+//!   compares the address.
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ckpt_core::ChunkHash;
+use ckpt_core::{ChunkHash, ChunkHasher};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ClientError;
@@ -154,9 +155,10 @@ impl Http {
             .map(|_| ())
     }
 
-    /// Streams chunk `hash`'s raw bytes into `out` (exactly its length). ckptd does not hash it
-    /// again: the caller verifies every byte. A body of another length is a protocol error.
-    pub async fn read_chunk_into(&self, job: &str, hash: ChunkHash, out: &mut [u8]) -> Result<(), ClientError> {
+    /// Streams chunk `hash`'s raw bytes into `out` (exactly its length) and returns the address
+    /// of what arrived, hashed frame by frame. ckptd does not hash it again: the caller compares.
+    /// A body of another length is a protocol error.
+    pub async fn read_chunk_into(&self, job: &str, hash: ChunkHash, out: &mut [u8]) -> Result<ChunkHash, ClientError> {
         let path = format!("/v1/jobs/{job}/chunks/{hash}");
         let url = format!("{}{}", self.base, path);
         let headers = [("x-ckpt-client-verifies", "true")];
@@ -205,7 +207,7 @@ impl Transport for Http {
             ReadFailure::Failed(ClientError::Internal(format!("an HTTP read outside the runtime: {e}")))
         })?;
         match handle.block_on(self.read_chunk_into(job, hash, out)) {
-            Ok(()) => verified(hash, out, "bytes received"),
+            Ok(actual) => verified(hash, actual, "bytes received"),
             Err(ClientError::Api { code, message, .. }) if code == "chunk_corrupt" => {
                 let detail = message.split_once("corrupt in the store: ").map_or(message.as_str(), |(_, d)| d);
                 Err(ReadFailure::Corrupt(format!("ckptd found it corrupt in the store ({detail})")))
@@ -218,13 +220,15 @@ impl Transport for Http {
     }
 }
 
-/// Copies a response body into `out` frame by frame, refusing a body of another length.
+/// Copies a response body into `out` frame by frame, hashing each frame while it is in the
+/// cache, and refuses a body of another length. Returns the address of what arrived.
 async fn stream_into(
     mut resp: reqwest::Response,
     url: &str,
     hash: ChunkHash,
     out: &mut [u8],
-) -> Result<(), ClientError> {
+) -> Result<ChunkHash, ClientError> {
+    let mut hasher = ChunkHasher::default();
     let mut at = 0usize;
     while let Some(frame) =
         resp.chunk().await.map_err(|source| ClientError::Transport { url: url.to_string(), source })?
@@ -237,12 +241,13 @@ async fn stream_into(
             )));
         }
         out[at..end].copy_from_slice(&frame);
+        hasher.update(&out[at..end]);
         at = end;
     }
     if at != out.len() {
         return Err(ClientError::Protocol(format!("chunk {hash} is {at} bytes, the index says {}", out.len())));
     }
-    Ok(())
+    Ok(hasher.finish())
 }
 
 /// The one retry policy of the client: exponential backoff on transient failures up to

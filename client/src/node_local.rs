@@ -17,12 +17,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use ckpt_core::codec::EncodeOptions;
-use ckpt_core::{ChunkHash, ChunkHeader, Codec};
+use ckpt_core::{ChunkHash, ChunkHasher, ChunkHeader, Codec};
 use serde::Deserialize;
 
 use crate::error::ClientError;
 use crate::http::Http;
-use crate::transport::{verified, Outcome, ReadFailure, Transport};
+use crate::transport::{verified, Outcome, ReadFailure, Transport, HASH_PIECE};
 use futures::future::BoxFuture;
 
 #[derive(Debug, Clone)]
@@ -107,6 +107,11 @@ impl NodeLocal {
             })
             .await
             .as_ref()
+    }
+
+    /// The local store's root once discovery has found one this process can read.
+    fn store_root(&self) -> Option<&Path> {
+        self.paths.get().and_then(|p| p.as_ref()).and_then(|l| l.store_root.as_deref())
     }
 
     /// Registers the memfd `file` with ckptd as a shared-memory segment; `None` when ckptd
@@ -252,11 +257,11 @@ impl Transport for NodeLocal {
         scratch: &mut Vec<u8>,
     ) -> Result<Outcome, ReadFailure> {
         // Discovery is `prepare`'s job; before it (or without a readable store) reads decline.
-        let Some(root) = self.paths.get().and_then(|p| p.as_ref()).and_then(|l| l.store_root.as_deref()) else {
+        let Some(root) = self.store_root() else {
             return Ok(Outcome::Declined);
         };
         match read_chunk_into(&root.join(ckpt_core::keys::chunk_key(job, &hash)), hash, out, scratch) {
-            Ok(()) => verified(hash, out, "stored bytes"),
+            Ok(actual) => verified(hash, actual, "stored bytes"),
             Err(LocalRead::Missing) => Ok(Outcome::Declined),
             Err(LocalRead::Corrupt(reason)) => Err(ReadFailure::Corrupt(reason)),
         }
@@ -264,8 +269,15 @@ impl Transport for NodeLocal {
 }
 
 /// Reads one stored chunk file into `out` (exactly its raw length), decoding it in place if
-/// encoded; the caller verifies it there. Blocking. `scratch` holds an encoded payload between reads.
-fn read_chunk_into(path: &Path, hash: ChunkHash, out: &mut [u8], scratch: &mut Vec<u8>) -> Result<(), LocalRead> {
+/// encoded, and returns the address of what landed there (a raw payload is hashed piece by
+/// piece as it is read); the caller compares. Blocking. `scratch` holds an encoded payload
+/// between reads.
+fn read_chunk_into(
+    path: &Path,
+    hash: ChunkHash,
+    out: &mut [u8],
+    scratch: &mut Vec<u8>,
+) -> Result<ChunkHash, LocalRead> {
     use std::io::Read;
     let corrupt = |why: String| LocalRead::Corrupt(why);
     let mut f = match std::fs::File::open(path) {
@@ -288,16 +300,20 @@ fn read_chunk_into(path: &Path, hash: ChunkHash, out: &mut [u8], scratch: &mut V
                 header.raw_len
             )));
         }
-        f.read_exact(out).map_err(|e| corrupt(e.to_string()))?;
-    } else {
-        if payload_len > out.len() as u64 + (1 << 20) {
-            return Err(corrupt(format!("an encoded payload of {payload_len} bytes for {} raw bytes", out.len())));
+        let mut hasher = ChunkHasher::default();
+        for piece in out.chunks_mut(HASH_PIECE) {
+            f.read_exact(piece).map_err(|e| corrupt(e.to_string()))?;
+            hasher.update(piece);
         }
-        scratch.clear();
-        f.read_to_end(scratch).map_err(|e| corrupt(e.to_string()))?;
-        ckpt_core::codec::decode_into(&header, scratch, out).map_err(|e| corrupt(e.to_string()))?;
+        return Ok(hasher.finish());
     }
-    Ok(())
+    if payload_len > out.len() as u64 + (1 << 20) {
+        return Err(corrupt(format!("an encoded payload of {payload_len} bytes for {} raw bytes", out.len())));
+    }
+    scratch.clear();
+    f.read_to_end(scratch).map_err(|e| corrupt(e.to_string()))?;
+    ckpt_core::codec::decode_into(&header, scratch, out).map_err(|e| corrupt(e.to_string()))?;
+    Ok(ChunkHash::of(out))
 }
 
 /// Connects to ckptd's segment socket, sends one byte with `file` attached and reads the

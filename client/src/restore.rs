@@ -7,9 +7,10 @@
 //!   range, is read into a per-worker scratch buffer and the wanted part copied). Sizes are
 //!   checked while planning, before a byte is read: a target of the wrong size is refused.
 //! * Workers: a fixed number of threads (the cores, or the client's `concurrency` when that is
-//!   larger, since reads wait on the disk or the network) take reads from a shared list. Each asks
-//!   the client's transports in turn (`transport.rs`: the node-local store when it has the chunk,
-//!   else HTTP, streamed into place), which verify the bytes where they landed. The read-ahead is therefore the workers: no chunk is buffered
+//!   larger, since reads wait on the disk or the network) take reads from a shared list. Each
+//!   asks the client's transports in turn (`transport.rs`: the node-local store when it has the
+//!   chunk, else HTTP, streamed into place), which verify the bytes where they landed, hashing
+//!   each piece as it arrives. The read-ahead is therefore the workers: no chunk is buffered
 //!   beyond the one each worker holds, and memory beyond the targets is one scratch buffer per
 //!   worker.
 //! * The calling task is moved off the async runtime's worker (`block_in_place`) while the
@@ -157,7 +158,8 @@ impl Client {
         }
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
         // Reads wait on the disk or the network as well as on the cores: `concurrency` reads
-        // in flight keep a cold disk busy while others are hashed.
+        // in flight keep a cold disk busy while others are hashed. (One worker per core with
+        // read-ahead hints for the next chunks instead made cold restores slower: BENCHMARKS.md.)
         let workers = cores.max(self.opts.concurrency).min(reads.len()).max(1);
         let (chunks, bytes) = (reads.len(), reads.iter().map(|r| r.within.len() as u64).sum::<u64>());
         let scratch_len = reads.iter().filter(|r| r.within.len() as u64 != r.len).map(|r| r.len).max().unwrap_or(0);

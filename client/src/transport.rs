@@ -68,9 +68,13 @@ pub(crate) trait Transport: Send + Sync {
     ) -> Result<Outcome, ReadFailure>;
 }
 
-/// Checks bytes a transport read against their address.
-pub(crate) fn verified(hash: ChunkHash, out: &[u8], how: &str) -> Result<Outcome, ReadFailure> {
-    let actual = ChunkHash::of(out);
+/// Reads and hashes a chunk's bytes in pieces of this size: each piece is hashed while it is
+/// still in the core's cache (a whole 4 MiB chunk, read and then hashed, has left it by then
+/// when several readers share the cores).
+pub(crate) const HASH_PIECE: usize = 256 << 10;
+
+/// Checks the address of the bytes a transport read (`actual`) against the one asked for.
+pub(crate) fn verified(hash: ChunkHash, actual: ChunkHash, how: &str) -> Result<Outcome, ReadFailure> {
     if actual != hash {
         return Err(ReadFailure::Corrupt(format!("{how} hash to {actual}")));
     }

@@ -21,7 +21,7 @@ pub mod validate;
 pub use chunk::{ChunkHeader, Codec, CHUNK_HEADER_BYTES};
 pub use commit::{CommitObject, IndexRef, Root, ROOT_FORMAT_VERSION};
 pub use error::CoreError;
-pub use hash::ChunkHash;
+pub use hash::{ChunkHash, ChunkHasher};
 pub use manifest::{Manifest, ManifestSummary, MANIFEST_FORMAT_VERSION};
 pub use save::{SavePhase, SaveState};
 pub use shard::{ChunkRef, DType, ShardIndex, TensorEntry};
