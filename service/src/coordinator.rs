@@ -288,7 +288,6 @@ impl Coordinator {
             chunk_bytes_max: config.chunk_bytes_max,
         };
         let encoders = Arc::new(crate::encoders::Encoders::new(config.encoders_max));
-        let staging = Staging::start(staging_cfg, store.clone(), index.clone(), tx.clone(), encoders.clone());
         let handoff_dir = config.handoff_dir();
         let fs_sync = store.local_root().and_then(|root| match crate::durable::FsSync::open(root) {
             Ok(f) => Some(Arc::new(f)),
@@ -297,8 +296,15 @@ impl Coordinator {
                 None
             }
         });
-        let segments =
-            Arc::new(crate::segments::Segments::new(config.segments_max, config.chunk_requests_max, encoders));
+        // One pool of aligned buffers for segment chunks and direct uploads: each in flight
+        // holds one, and both are bounded (chunk requests, upload workers).
+        let segments = Arc::new(crate::segments::Segments::new(
+            config.segments_max,
+            config.chunk_requests_max + config.upload_concurrency,
+            encoders.clone(),
+        ));
+        let direct = fs_sync.clone().map(|fs| crate::staging::DirectWrites { fs, buffers: segments.clone() });
+        let staging = Staging::start(staging_cfg, store.clone(), index.clone(), tx.clone(), encoders, direct);
         let c = Arc::new(Coordinator {
             fs_sync,
             segments,

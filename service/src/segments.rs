@@ -251,14 +251,45 @@ pub fn write_chunk(
     };
     image[..h].copy_from_slice(&ChunkHeader { codec, raw_len: raw_len as u64, hash }.encode());
     let total = h + payload_len;
+    write_image(segments, buf, total, dest, fs)?;
+    segments.stored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(Adopted { stored_len: total as u64, raw_len: raw_len as u64, copied: false })
+}
+
+/// Writes a stored chunk that arrived another way (an HTTP upload bound for a local-directory
+/// store) as segment chunks are written: copied into a pooled aligned buffer, then direct I/O
+/// and group syncs, instead of a buffered write and two fsyncs per chunk. Blocking.
+pub fn write_stored(
+    segments: &Segments,
+    header: &[u8],
+    payload: &[u8],
+    dest: &Path,
+    fs: &FsSync,
+) -> Result<(), AdoptError> {
+    let total = header.len() + payload.len();
+    let mut buf = segments.buffer(total);
+    let image = buf.as_mut_slice();
+    image[..header.len()].copy_from_slice(header);
+    image[header.len()..total].copy_from_slice(payload);
+    write_image(segments, buf, total, dest, fs)
+}
+
+/// Writes `buf[..total]` durably at `dest` and gives the buffer back to the pool.
+fn write_image(
+    segments: &Segments,
+    mut buf: AlignedBuf,
+    total: usize,
+    dest: &Path,
+    fs: &FsSync,
+) -> Result<(), AdoptError> {
+    let image = buf.as_mut_slice();
     // The tail of the last block is written and then cut off: no stale bytes on the way.
     let padded = total.next_multiple_of(DIRECT_ALIGN);
     image[total..padded].fill(0);
     let written = crate::durable::write_new_grouped(dest, image, total as u64, DIRECT_ALIGN, fs);
     segments.give_back(buf);
     written?;
-    segments.stored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    Ok(Adopted { stored_len: total as u64, raw_len: raw_len as u64, copied: false })
+    Ok(())
 }
 
 /// Binds the registration socket at `path` (a stale socket file from an earlier run is

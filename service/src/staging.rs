@@ -15,7 +15,10 @@
 //!   `upload_concurrency` uploads, optionally paced to `upload_bytes_per_s`. Transient store
 //!   errors are retried with capped exponential backoff for as long as ckptd runs; a permanent
 //!   error fails the chunk, and the coordinator aborts every save that references it. Only
-//!   after the put returns is the chunk recorded durable and its staging space released.
+//!   after the put returns is the chunk recorded durable and its staging space released. For a
+//!   local-directory store the put is the node-local path's durable write (`DirectWrites`:
+//!   direct I/O from a pooled aligned buffer, group syncs), the store's own put only if that
+//!   fails.
 //! * Crash consistency: memory-staged chunks are lost with the process (their ack said
 //!   "staged", not "durable"; the client re-sends what `missing` reports). Spilled chunks are
 //!   fsync'd before the ack and named `<job>/<hash>.<unique>` in the spill directory, which is the
@@ -23,7 +26,7 @@
 //!   is fsync'd, renamed into place and its directory fsync'd (`durable.rs`) before the ack.
 //!   Recovery only reads and removes spill files; a removal lost in a crash is redone next time.
 //! * Compression: the core chunk codec (plain zstd or byte-grouped planes) at `compression_level`
-//!   on a blocking thread. Its sample test keeps a chunk raw unless the codec saves at least
+//!   with one of ckptd's fixed set of encoders (`encoders.rs`). Its sample test keeps a chunk raw unless the codec saves at least
 //!   `compression_min_savings_pct` (random or already dense bytes cost one cheap pass).
 
 use std::collections::HashMap;
@@ -117,6 +120,15 @@ pub struct Staging {
     pending: Mutex<HashMap<(String, ChunkHash), u64>>,
     counters: Counters,
     encoders: Arc<crate::encoders::Encoders>,
+    direct: Option<DirectWrites>,
+}
+
+/// How chunks bound for a local-directory store are written: like node-local adopts (direct
+/// I/O from pooled aligned buffers, one group sync for every write in flight) rather than through
+/// the object store's buffered put with two fsyncs per chunk.
+pub struct DirectWrites {
+    pub fs: Arc<crate::durable::FsSync>,
+    pub buffers: Arc<crate::segments::Segments>,
 }
 
 fn permits(bytes: u64) -> u32 {
@@ -133,6 +145,7 @@ impl Staging {
         index: crate::index::Index,
         events: mpsc::UnboundedSender<UploadEvent>,
         encoders: Arc<crate::encoders::Encoders>,
+        direct: Option<DirectWrites>,
     ) -> Arc<Staging> {
         let (tx, rx) = mpsc::channel(cfg.upload_queue_max.max(1));
         let staging = Arc::new(Staging {
@@ -143,6 +156,7 @@ impl Staging {
             counters: Counters::default(),
             cfg,
             encoders,
+            direct,
         });
         tokio::spawn(dispatch(staging.clone(), rx, store, index, events));
         staging
@@ -471,10 +485,23 @@ async fn upload(
     let header = ChunkHeader { codec, raw_len, hash };
     let stored_len = (payload.len() + CHUNK_HEADER_BYTES) as u64;
     pacer.wait(stored_len).await;
+    let mut written = false;
+    if let (Some(d), Some(dest)) = (&staging.direct, store.local_chunk_path(&job, &hash)) {
+        let (fs, buffers, head, body) = (d.fs.clone(), d.buffers.clone(), header.encode(), payload.clone());
+        let direct =
+            tokio::task::spawn_blocking(move || crate::segments::write_stored(&buffers, &head, &body, &dest, &fs))
+                .await
+                .map_err(join_error)?;
+        match direct {
+            Ok(()) => written = true,
+            // The store's own put below retries, and says why if it fails too.
+            Err(e) => tracing::warn!(job, %hash, error = %e, "direct write failed; using the store's put"),
+        }
+    }
     let mut delay = Duration::from_millis(100);
-    loop {
+    while !written {
         match store.put_chunk(&job, &hash, Bytes::copy_from_slice(&header.encode()), payload.clone()).await {
-            Ok(()) => break,
+            Ok(()) => written = true,
             Err(e) if e.is_permanent() => return Err(e.into()),
             Err(e) => {
                 staging.counters.upload_retries.fetch_add(1, Ordering::Relaxed);
