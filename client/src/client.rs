@@ -447,12 +447,14 @@ impl Client {
         self.get_json(&format!("/v1/jobs/{job}/saves/{step}")).await
     }
 
-    /// Polls until the step is committed or aborted, or `commit_timeout` passes.
+    /// Waits until the step is committed or aborted, or `commit_timeout` passes. Each status
+    /// query asks ckptd to hold its answer until the save ends (up to 10 s), so the commit is
+    /// seen when it happens, not at the next poll.
     pub async fn wait_committed(&self, job: &str, step: u64) -> Result<SaveStatus, ClientError> {
         let deadline = Instant::now() + self.opts.commit_timeout;
-        let mut delay = Duration::from_millis(10);
         loop {
-            let s = self.save_status(job, step).await?;
+            let wait_ms = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(10)).as_millis();
+            let s: SaveStatus = self.get_json(&format!("/v1/jobs/{job}/saves/{step}?wait_ms={wait_ms}")).await?;
             match s.phase {
                 SavePhase::Committed => return Ok(s),
                 SavePhase::Aborted => {
@@ -467,10 +469,8 @@ impl Client {
                         s.phase.name()
                     )))
                 }
-                _ => {
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_millis(250));
-                }
+                // A ckptd that answers at once (an older one) is polled every 10 ms.
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
             }
         }
     }

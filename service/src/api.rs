@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
@@ -391,14 +392,24 @@ async fn open_save(
     Ok(Json(s.coordinator.open_save(&job, step, req).await?).into_response())
 }
 
+#[derive(Deserialize)]
+struct StatusQuery {
+    /// Hold the answer until the save ends, for up to this long (capped by `status_wait_ms_max`).
+    #[serde(default)]
+    wait_ms: u64,
+}
+
 async fn save_status(
     State(s): State<Arc<AppState>>,
     p: Result<Path<(String, String)>, PathRejection>,
+    q: Result<Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
     let (job, step) = path(p)?;
     job_of(&job)?;
     let step = parse_step(&step)?;
-    Ok(Json(s.coordinator.save_status(&job, step).await?).into_response())
+    let Query(q) = q.map_err(|e| ApiError(ServiceError::BadRequest(e.body_text())))?;
+    let status = s.coordinator.save_status_wait(&job, step, Duration::from_millis(q.wait_ms)).await?;
+    Ok(Json(status).into_response())
 }
 
 async fn abort_save(

@@ -34,7 +34,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ckpt_core::commit::index_object;
@@ -532,6 +532,26 @@ impl Coordinator {
             return Ok(a);
         }
         Err(ServiceError::NotFound(format!("no save {job}@{step}")))
+    }
+
+    /// `save_status` once the save has ended (committed or aborted), or after `wait` (at most
+    /// `status_wait_ms_max`), whichever comes first: a client waiting for its commit learns of
+    /// it when it happens rather than at its next poll.
+    pub async fn save_status_wait(&self, job: &str, step: u64, wait: Duration) -> Result<SaveStatus, ServiceError> {
+        let deadline = Instant::now() + wait.min(Duration::from_millis(self.config.status_wait_ms_max));
+        loop {
+            // Listening before looking: an end between the look and the wait is not missed.
+            let ended = self.save_ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            let s = self.save_status(job, step).await?;
+            let now = Instant::now();
+            if matches!(s.phase, SavePhase::Committed | SavePhase::Aborted) || now >= deadline {
+                return Ok(s);
+            }
+            // Re-looks at least every 25 ms in case an end is not announced.
+            let _ = tokio::time::timeout((deadline - now).min(Duration::from_millis(25)), ended).await;
+        }
     }
 
     pub async fn abort_save(&self, job: &str, step: u64, reason: &str) -> Result<SaveStatus, ServiceError> {

@@ -49,6 +49,8 @@ pub struct Config {
     /// A save in flight that makes no progress (no open, no index, no chunk of it made durable)
     /// for this long is aborted and frees its slot: its ranks died or were never started.
     pub save_idle_abort_ms: u64,
+    /// The longest a status query may wait for its save to end (`?wait_ms=`).
+    pub status_wait_ms_max: u64,
     /// Object-store calls a single request may have in flight (existence checks fan out).
     pub store_requests_max: usize,
     /// Attempts for a store call that fails with a transient error.
@@ -109,6 +111,7 @@ impl Default for Config {
             save_chunk_refs_max: 2_000_000,
             in_flight_chunk_refs_max: 4_000_000,
             save_idle_abort_ms: 900_000,
+            status_wait_ms_max: 30_000,
             store_requests_max: 32,
             store_attempts_max: 5,
             store_retry_base_ms: 50,

@@ -186,6 +186,9 @@ pub struct Coordinator {
     pub(crate) limits: Limits,
     pub(crate) config: Config,
     pub(crate) saves: std::sync::Mutex<HashMap<SaveKey, SlotRef>>,
+    /// Woken whenever a save leaves the in-flight set (committed or aborted): status queries
+    /// waiting for their save to end answer at once.
+    pub(crate) save_ended: tokio::sync::Notify,
     pub(crate) chunk_permits: Arc<Semaphore>,
     pub(crate) index_permits: Arc<Semaphore>,
     pub(crate) staging: Arc<Staging>,
@@ -316,6 +319,7 @@ impl Coordinator {
             index,
             config,
             saves: std::sync::Mutex::new(HashMap::new()),
+            save_ended: tokio::sync::Notify::new(),
             staging,
             events: tx,
             aborted: Default::default(),
@@ -469,6 +473,7 @@ impl Coordinator {
             let _ = self
                 .chunk_refs_in_flight
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(state.chunk_refs)));
+            self.save_ended.notify_waiters();
         }
     }
 

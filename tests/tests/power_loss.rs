@@ -128,6 +128,8 @@ async fn every_acked_save_is_fsynced_and_each_fsync_site_is_needed() {
             (Paths::HttpAndAdopt, "durable::skip_rename_dir_fsync"),
             (Paths::HttpAndAdopt, "durable::skip_new_dir_fsync"),
             (Paths::HttpAndAdopt, "adopt::skip_fsync"),
+            // HTTP uploads to a local-directory store are written like segment chunks.
+            (Paths::HttpAndAdopt, "durable::skip_file_fsync"),
             (Paths::AdoptAcrossFilesystems, "durable::skip_file_fsync"),
             (Paths::Segments, "durable::skip_file_fsync"),
         ];

@@ -63,3 +63,51 @@ async fn eight_ranks_save_concurrently_commit_once_and_restore_identically() {
     })
     .await
 }
+
+/// `GET .../saves/{step}?wait_ms=` answers when the save ends, not at its next poll, and never
+/// holds a query past `status_wait_ms_max`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_status_query_waits_for_its_commit_and_no_longer() {
+    bounded(Duration::from_secs(120), async {
+        let seed = seed(0x5eed_0002);
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = ckpt_client::daemon::DaemonOptions::in_dir(ckptd_exe(), dir.path());
+        opts.envs.push(("CKPTD_CONFIG".into(), dir.path().join("ckptd.toml").to_string_lossy().into_owned()));
+        std::fs::write(dir.path().join("ckptd.toml"), "status_wait_ms_max = 5000\n").unwrap();
+        let d = start_daemon_with(opts).await;
+        let c = client(&d);
+        let http = reqwest::Client::new();
+        let status = |step: u64, wait: &str| {
+            let (http, url) = (http.clone(), format!("{}/v1/jobs/lp/saves/{step}?wait_ms={wait}", d.url()));
+            async move {
+                let t = std::time::Instant::now();
+                let r = http.get(url).send().await.unwrap();
+                let code = r.status().as_u16();
+                (code, r.json::<serde_json::Value>().await.unwrap(), t.elapsed())
+            }
+        };
+        let states: Vec<_> = (0..2).map(|r| rank_tensors(seed, r, 2, 1 << 20)).collect();
+
+        // Rank 0 in; a query waits; rank 1 arrives 300 ms later and the query answers then.
+        c.save(&spec("lp", 1, 0, 2), &states[0], Wait::Staged).await.unwrap();
+        let waiting = tokio::spawn(status(1, "20000"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "the query answered before its save ended");
+        c.save(&spec("lp", 1, 1, 2), &states[1], Wait::Staged).await.unwrap();
+        let (code, body, took) = waiting.await.unwrap();
+        assert_eq!((code, body["phase"].as_str()), (200, Some("committed")), "{body}");
+        assert!(took < Duration::from_millis(4500), "answered {took:?} after asking: at the cap, not at the commit");
+
+        // A save that does not end: held for the wait asked, and at most status_wait_ms_max.
+        c.open_save(&spec("lp", 2, 0, 2)).await.unwrap();
+        let (code, body, took) = status(2, "400").await;
+        assert_eq!(code, 200, "{body}");
+        assert_ne!(body["phase"].as_str(), Some("committed"));
+        assert!(took >= Duration::from_millis(400) && took < Duration::from_millis(4500), "held {took:?}");
+        let (_, _, took) = status(2, "600000").await;
+        assert!(took >= Duration::from_secs(5) && took < Duration::from_secs(15), "held {took:?}, max 5 s");
+        let (code, body, _) = status(2, "soon").await;
+        assert_eq!((code, body["error"]["code"].as_str()), (400, Some("bad_request")), "{body}");
+    })
+    .await
+}
