@@ -448,13 +448,17 @@ impl Client {
     }
 
     /// Waits until the step is committed or aborted, or `commit_timeout` passes. Each status
-    /// query asks ckptd to hold its answer until the save ends (up to 10 s), so the commit is
-    /// seen when it happens, not at the next poll.
+    /// query asks ckptd to hold its answer until the save ends (up to 10 s, and half the
+    /// request timeout), so the commit is seen when it happens, not at the next poll.
     pub async fn wait_committed(&self, job: &str, step: u64) -> Result<SaveStatus, ClientError> {
         let deadline = Instant::now() + self.opts.commit_timeout;
+        let hold = Duration::from_secs(10).min(self.opts.request_timeout / 2);
+        let mut delay = Duration::from_millis(10);
         loop {
-            let wait_ms = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(10)).as_millis();
-            let s: SaveStatus = self.get_json(&format!("/v1/jobs/{job}/saves/{step}?wait_ms={wait_ms}")).await?;
+            let wait = deadline.saturating_duration_since(Instant::now()).min(hold);
+            let asked = Instant::now();
+            let path = format!("/v1/jobs/{job}/saves/{step}?wait_ms={}", wait.as_millis());
+            let s: SaveStatus = self.get_json(&path).await?;
             match s.phase {
                 SavePhase::Committed => return Ok(s),
                 SavePhase::Aborted => {
@@ -469,8 +473,13 @@ impl Client {
                         s.phase.name()
                     )))
                 }
-                // A ckptd that answers at once (an older one) is polled every 10 ms.
-                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+                // An answer well before the wait asked (an older ckptd, a low
+                // `status_wait_ms_max`) is polled again with a backoff, as before.
+                _ if asked.elapsed() < wait / 2 => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(250));
+                }
+                _ => {}
             }
         }
     }

@@ -538,6 +538,7 @@ impl Coordinator {
     /// `status_wait_ms_max`), whichever comes first: a client waiting for its commit learns of
     /// it when it happens rather than at its next poll.
     pub async fn save_status_wait(&self, job: &str, step: u64, wait: Duration) -> Result<SaveStatus, ServiceError> {
+        // The cap is validated (at most an hour), so the deadline cannot overflow.
         let deadline = Instant::now() + wait.min(Duration::from_millis(self.config.status_wait_ms_max));
         loop {
             // Listening before looking: an end between the look and the wait is not missed.
@@ -549,8 +550,9 @@ impl Coordinator {
             if matches!(s.phase, SavePhase::Committed | SavePhase::Aborted) || now >= deadline {
                 return Ok(s);
             }
-            // Re-looks at least every 25 ms in case an end is not announced.
-            let _ = tokio::time::timeout((deadline - now).min(Duration::from_millis(25)), ended).await;
+            // Every end is announced (commits and aborts both leave the in-flight set); the
+            // periodic look is a safety net, rare enough not to contend for the save's lock.
+            let _ = tokio::time::timeout((deadline - now).min(Duration::from_secs(2)), ended).await;
         }
     }
 

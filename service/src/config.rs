@@ -203,6 +203,9 @@ impl Config {
                     .into(),
             ));
         }
+        if self.status_wait_ms_max > 3_600_000 {
+            return Err(ConfigError::Invalid("status_wait_ms_max must be at most 3600000 (an hour)".into()));
+        }
         if !(0..=22).contains(&self.compression_level) {
             return Err(ConfigError::Invalid("compression_level must be 0 (off) to 22".into()));
         }

@@ -525,17 +525,22 @@ impl Coordinator {
     /// Called with the save's lock held (or for a save not yet in the map, at start-up).
     pub(crate) async fn retire_aborted(&self, state: &SaveState) -> Result<(), ServiceError> {
         const ABORTED_KEPT: usize = 1024;
-        // Out of the in-flight set first: a failure below must not leave a final save there.
+        // Recorded as aborted before it leaves the in-flight set, so a status query (one woken
+        // by the save's end above all) always finds it in one or the other.
+        {
+            let mut aborted = self.aborted.lock().unwrap_or_else(|e| e.into_inner());
+            aborted.retain(|s| !(s.job == state.job && s.step == state.step));
+            aborted.push_back(SaveStatus::of(state));
+            while aborted.len() > ABORTED_KEPT {
+                aborted.pop_front();
+            }
+        }
+        // Out of the in-flight set before the journal: a failure below must not leave a final
+        // save there.
         self.untrack_slot(state);
         let (job, step) = (state.job.clone(), state.step);
         self.blocking(move |i| i.remove_save(&job, step)).await?;
         self.index.flush().await?;
-        let mut aborted = self.aborted.lock().unwrap_or_else(|e| e.into_inner());
-        aborted.retain(|s| !(s.job == state.job && s.step == state.step));
-        aborted.push_back(SaveStatus::of(state));
-        while aborted.len() > ABORTED_KEPT {
-            aborted.pop_front();
-        }
         tracing::info!(job = state.job, step = state.step, reason = ?state.error, "save aborted");
         Ok(())
     }

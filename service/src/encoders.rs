@@ -27,7 +27,12 @@ impl Encoders {
     /// Encodes `raw` as the core codec decides (`None`: store it raw), with the first free
     /// workspace. Blocking: call it from blocking work.
     pub fn encode(&self, raw: &[u8], opts: &EncodeOptions) -> (Codec, Option<Vec<u8>>) {
-        let mut ws = {
+        self.with_workspace(|ws| ckpt_core::codec::encode_with(raw, opts, ws))
+    }
+
+    /// Runs `f` with the first free workspace, waiting for one.
+    fn with_workspace<T>(&self, f: impl FnOnce(&mut Workspace) -> T) -> T {
+        let ws = {
             let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
             loop {
                 match free.pop() {
@@ -36,20 +41,22 @@ impl Encoders {
                 }
             }
         };
-        // Given back even if the codec panics, so a panic cannot shrink the set for good.
+        // Held by a guard that gives it back on every exit; after a panic a fresh workspace
+        // takes its place (the old one may be half-changed), so the set never shrinks and
+        // nobody waits for a workspace that is gone.
         struct Back<'a>(&'a Encoders, Option<Workspace>);
         impl Drop for Back<'_> {
             fn drop(&mut self) {
-                if let Some(ws) = self.1.take() {
-                    self.0.free.lock().unwrap_or_else(|e| e.into_inner()).push(ws);
-                    self.0.ready.notify_one();
-                }
+                let ws = match self.1.take() {
+                    Some(ws) if !std::thread::panicking() => ws,
+                    _ => Workspace::default(),
+                };
+                self.0.free.lock().unwrap_or_else(|e| e.into_inner()).push(ws);
+                self.0.ready.notify_one();
             }
         }
-        let mut back = Back(self, None);
-        let out = ckpt_core::codec::encode_with(raw, opts, &mut ws);
-        back.1 = Some(ws);
-        out
+        let mut back = Back(self, Some(ws));
+        f(back.1.as_mut().expect("the workspace is in the guard until it drops"))
     }
 }
 
@@ -73,5 +80,19 @@ mod tests {
             assert_eq!(t.join().unwrap(), expected);
         }
         assert_eq!(encoders.free.lock().unwrap().len(), 2, "every workspace came back");
+    }
+
+    #[test]
+    fn a_panicking_encode_does_not_shrink_the_set() {
+        let encoders = std::sync::Arc::new(Encoders::new(1));
+        let e = encoders.clone();
+        let panicked = std::thread::spawn(move || e.with_workspace(|_| panic!("a codec bug"))).join();
+        assert!(panicked.is_err());
+        // With the only workspace lost, this would wait forever.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let e = encoders.clone();
+        std::thread::spawn(move || tx.send(e.encode(&[0u8; 1 << 16], &EncodeOptions::default())).unwrap());
+        let (codec, _) = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("an encode after a panic");
+        assert_eq!(codec, Codec::Zstd);
     }
 }

@@ -94,9 +94,13 @@ async fn a_status_query_waits_for_its_commit_and_no_longer() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!waiting.is_finished(), "the query answered before its save ended");
         c.save(&spec("lp", 1, 1, 2), &states[1], Wait::Staged).await.unwrap();
+        let staged = std::time::Instant::now();
         let (code, body, took) = waiting.await.unwrap();
+        let after = staged.elapsed();
         assert_eq!((code, body["phase"].as_str()), (200, Some("committed")), "{body}");
-        assert!(took < Duration::from_millis(4500), "answered {took:?} after asking: at the cap, not at the commit");
+        // ckptd re-looks on its own only every 2 s: an answer this soon after the last rank came
+        // from the commit's announcement.
+        assert!(after < Duration::from_millis(1000), "answered {after:?} after the last rank (asked {took:?} before)");
 
         // A save that does not end: held for the wait asked, and at most status_wait_ms_max.
         c.open_save(&spec("lp", 2, 0, 2)).await.unwrap();
