@@ -26,8 +26,9 @@
 //!   is fsync'd, renamed into place and its directory fsync'd (`durable.rs`) before the ack.
 //!   Recovery only reads and removes spill files; a removal lost in a crash is redone next time.
 //! * Compression: the core chunk codec (plain zstd or byte-grouped planes) at `compression_level`
-//!   with one of ckptd's fixed set of encoders (`encoders.rs`). Its sample test keeps a chunk raw unless the codec saves at least
-//!   `compression_min_savings_pct` (random or already dense bytes cost one cheap pass).
+//!   with one of ckptd's fixed set of encoders (`encoders.rs`). Its sample test keeps a chunk
+//!   raw unless the codec saves at least `compression_min_savings_pct` (random or already dense
+//!   bytes cost one cheap pass).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
