@@ -302,10 +302,12 @@ fn limit_read_into(paths: &[PathBuf], dsts: &mut [Vec<u8>], threads: usize, piec
     Ok(d)
 }
 
-/// The cold-restore floor: reads `paths` and hashes them in 4 MiB pieces with `threads`
-/// threads, each piece read into a pre-touched aligned buffer with direct I/O (O_DIRECT; nothing
-/// from the page cache); without `direct`, the same through the page cache (to warm it).
-fn limit_read_hash(paths: &[PathBuf], direct: bool, threads: usize) -> std::io::Result<Duration> {
+/// The cold-restore floor: reads `paths` in 4 MiB ranges with `threads` threads, each range in
+/// order in pieces of `piece` bytes (at most 4 MiB) into a pre-touched aligned buffer, each
+/// piece hashed as it lands; with `direct`, through O_DIRECT (nothing from the page cache),
+/// without it through the page cache, whose read-ahead then fetches a range's next piece while
+/// the last one is hashed.
+fn limit_read_hash(paths: &[PathBuf], direct: bool, threads: usize, piece: usize) -> std::io::Result<Duration> {
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
     let mut jobs = Vec::new();
     for p in paths {
@@ -332,16 +334,21 @@ fn limit_read_hash(paths: &[PathBuf], direct: bool, threads: usize) -> std::io::
                 files.insert(p.clone(), o.open(&p)?);
             }
             let f = &files[&p];
-            let want = if direct { n.next_multiple_of(4096) } else { n };
-            let mut got = 0;
-            while got < n {
-                let r = f.read_at(&mut buf[got..want], at + got as u64)?;
-                if r == 0 {
-                    break;
+            let mut pos = 0;
+            while pos < n {
+                let k = (n - pos).min(piece);
+                let want = if direct { k.next_multiple_of(4096) } else { k };
+                let mut got = 0;
+                while got < k {
+                    let r = f.read_at(&mut buf[got..want], at + (pos + got) as u64)?;
+                    if r == 0 {
+                        break;
+                    }
+                    got += r;
                 }
-                got += r;
+                std::hint::black_box(blake3::hash(&buf[..k]));
+                pos += k;
             }
-            std::hint::black_box(blake3::hash(&buf[..n]));
         }
         Ok(())
     });
@@ -566,7 +573,7 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
         let write_bw = mibps(total, best_write);
         f.write_limit.push(write_bw);
         // Warm: the files are read once untimed, so every byte comes from the page cache.
-        limit_read_hash(&limit_files, false, cores).context("limit: warming the page cache")?;
+        limit_read_hash(&limit_files, false, cores, PIECE).context("limit: warming the page cache")?;
         let mut warm_limit = 0f64;
         // Pieces of 4 MiB, and of the size ckpt hashes while a piece is in the cache.
         for threads in [cores, READERS] {
@@ -637,14 +644,15 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
         // The cold floor reads the very files the cold restore reads, just before it: files
         // written at another moment can sit elsewhere on the disk, or in a cache of the host's
         // (limits on separate files read slower than ckpt's own cold restore, 0.8x of it).
-        // Direct reads, and buffered reads from a dropped cache; as many readers as the cores,
+        // Direct reads, and buffered reads from a dropped cache in 4 MiB or 256 KiB pieces (as
+        // ckpt reads, so read-ahead overlaps the hashing); as many readers as the cores,
         // `READERS`, or as ckpt's restores together (each rank `READERS`).
         let store_files = files_under(&chunks_dir);
         let mut cold_limit = 0f64;
         for threads in [cores, READERS, READERS * n as usize] {
-            for direct in [true, false] {
+            for (direct, piece) in [(true, PIECE), (false, PIECE), (false, SMALL_PIECE)] {
                 drop_cache(&chunks_dir);
-                let d = limit_read_hash(&store_files, direct, threads).context("limit: cold read")?;
+                let d = limit_read_hash(&store_files, direct, threads, piece).context("limit: cold read")?;
                 cold_limit = cold_limit.max(mibps(total, d));
             }
         }
@@ -775,7 +783,7 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
             "restore + verify into buffers, cold",
             f.cold.show("MiB/s", 0),
             format!(
-                "the same chunk files read + blake3, best of O_DIRECT and dropped-cache reads {}",
+                "the same chunk files read + blake3, best of O_DIRECT and dropped-cache reads (4 MiB or 256 KiB pieces) {}",
                 f.cold_limit.show("MiB/s", 0)
             ),
             &f.cold_ratio,
