@@ -122,6 +122,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/jobs", get(list_jobs))
         .route("/v1/stats", get(stats))
+        .route("/v1/faults", get(faults_report).post(arm_fault).layer(DefaultBodyLimit::max(4096)))
         .route("/v1/local", get(local_paths))
         .route("/v1/jobs/{job}/checkpoints", get(list_checkpoints))
         .route("/v1/jobs/{job}/checkpoints/{step}", get(get_manifest).delete(delete_checkpoint))
@@ -152,6 +153,23 @@ async fn readyz(State(s): State<Arc<AppState>>) -> ApiResult<&'static str> {
     }
     s.coordinator.store().probe().await?;
     Ok("ready")
+}
+
+/// 404 unless ckptd runs with `fault_injection`.
+fn faults_of(s: &AppState) -> Result<&Arc<crate::faults::Faults>, ApiError> {
+    s.coordinator.store().faults().ok_or_else(|| ApiError(ServiceError::NotFound("fault injection is off".into())))
+}
+
+async fn faults_report(State(s): State<Arc<AppState>>) -> Result<Json<crate::faults::FaultReport>, ApiError> {
+    Ok(Json(faults_of(&s)?.report()))
+}
+
+async fn arm_fault(State(s): State<Arc<AppState>>, body: Bytes) -> Result<StatusCode, ApiError> {
+    let faults = faults_of(&s)?;
+    let req: crate::faults::FaultRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError(ServiceError::BadRequest(format!("invalid fault request: {e}"))))?;
+    faults.arm(req).map_err(|e| ApiError(ServiceError::BadRequest(e)))?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn stats(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
@@ -323,9 +341,10 @@ async fn put_chunk(
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| ServiceError::BadRequest("chunk uploads need a Content-Length".into()))?;
     let _permit = s.coordinator.chunk_permit().await?;
+    let state = s.clone();
     let stream = body
         .into_data_stream()
-        .map(|r| r.map_err(|e| stalled(&e, &s).unwrap_or_else(|| ServiceError::Io(std::io::Error::other(e)))));
+        .map(move |r| r.map_err(|e| stalled(&e, &state).unwrap_or_else(|| ServiceError::Io(std::io::Error::other(e)))));
     let outcome = s.coordinator.put_chunk(&job, hash, len, stream).await?;
     let status = if outcome.written { StatusCode::CREATED } else { StatusCode::OK };
     // `state` says what the ack promises: "staged" (in ckptd's staging tier, uploaded later)

@@ -90,6 +90,12 @@ pub struct Config {
     /// Chunks encoded at once (each holds a plane buffer and a zstd context, several MiB);
     /// defaults to the cores.
     pub encoders_max: usize,
+    /// Wraps the store in a fault injector armed through `POST /v1/faults` (chaos runs and
+    /// tests only: anyone who can reach the API can then make the store fail).
+    pub fault_injection: bool,
+    /// Faults armed before recovery runs (needs `fault_injection`): how a test faults the
+    /// calls ckptd makes at start-up.
+    pub fault_plan: Vec<crate::faults::FaultRequest>,
 }
 
 impl Default for Config {
@@ -131,6 +137,8 @@ impl Default for Config {
             handoff_dir: None,
             segments_max: 256,
             encoders_max: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            fault_injection: false,
+            fault_plan: Vec::new(),
         }
     }
 }
@@ -202,6 +210,15 @@ impl Config {
                 "staging_memory_bytes_max + staging_spill_bytes_max must hold at least one chunk_bytes_max chunk"
                     .into(),
             ));
+        }
+        if !self.fault_plan.is_empty() && !self.fault_injection {
+            return Err(ConfigError::Invalid("fault_plan needs fault_injection = true".into()));
+        }
+        if self.fault_plan.len() > crate::faults::ARMED_MAX {
+            return Err(ConfigError::Invalid(format!("fault_plan holds at most {} faults", crate::faults::ARMED_MAX)));
+        }
+        for f in &self.fault_plan {
+            f.validate().map_err(|e| ConfigError::Invalid(format!("fault_plan: {e}")))?;
         }
         if self.status_wait_ms_max > 3_600_000 {
             return Err(ConfigError::Invalid("status_wait_ms_max must be at most 3600000 (an hour)".into()));

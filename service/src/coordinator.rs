@@ -250,6 +250,9 @@ pub struct RecoveryReport {
     pub rebuilt: bool,
     pub manifests_added: usize,
     pub manifests_dropped: usize,
+    /// Roots the store's listing left out but a direct read found (an eventually consistent or
+    /// stale listing); kept.
+    pub manifests_unlisted: usize,
     pub chunks_indexed: usize,
     pub saves_committed: usize,
     pub saves_aborted: usize,

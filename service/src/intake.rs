@@ -124,7 +124,7 @@ impl Coordinator {
         mut body: S,
     ) -> Result<ChunkPutOutcome, ServiceError>
     where
-        S: futures::Stream<Item = Result<Bytes, ServiceError>> + Unpin + Send,
+        S: futures::Stream<Item = Result<Bytes, ServiceError>> + Unpin + Send + 'static,
     {
         if len == 0 || len > self.config.chunk_bytes_max {
             return Err(ServiceError::BadRequest(format!(

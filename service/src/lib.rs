@@ -12,6 +12,7 @@ pub mod coordinator;
 pub mod durable;
 pub mod encoders;
 pub mod error;
+pub mod faults;
 pub mod index;
 mod intake;
 mod reads;
@@ -39,6 +40,18 @@ pub async fn serve(config: Config) -> Result<(), ServiceError> {
         config.store_attempts_max,
         Duration::from_millis(config.store_retry_base_ms),
     )?;
+    let store = if config.fault_injection {
+        tracing::warn!("fault injection is on: POST /v1/faults can make store calls fail");
+        let store = store.with_faults();
+        if let Some(f) = store.faults() {
+            for req in &config.fault_plan {
+                f.arm(req.clone()).map_err(ServiceError::BadRequest)?;
+            }
+        }
+        store
+    } else {
+        store
+    };
     durable::ensure_dir(&config.data_dir)?;
     durable::ensure_dir(&config.handoff_dir())?;
     let data_dir = config.data_dir.clone();

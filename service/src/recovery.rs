@@ -3,7 +3,8 @@
 //! Design note.
 //! * The store is the source of truth. An index that is missing or describes another store is
 //!   rebuilt from the store's listings (roots and chunks); roots added or removed behind the
-//!   index's back are picked up.
+//!   index's back are picked up. A listing can be stale, so a root leaves the index only when
+//!   a read of its key says it is gone.
 //! * A journalled save whose step has a root in the store is committed if that root is the one
 //!   the journal builds (same bytes; for a version-1 manifest, the same content) and aborted as
 //!   a conflict otherwise. Any other journalled save gets its slot back with its pending chunks
@@ -19,6 +20,7 @@ use ckpt_core::{CommitObject, SavePhase};
 use crate::coordinator::{Coordinator, RecoveryReport, Slot};
 use crate::error::ServiceError;
 use crate::intake::Known;
+use crate::store::StoreError;
 
 impl Coordinator {
     /// Runs before ckptd serves requests.
@@ -58,6 +60,17 @@ impl Coordinator {
             report.manifests_added += 1;
         }
         for (job, step) in in_index.difference(&in_store) {
+            // A listing may be stale (eventually consistent stores, a lagging replica); a read
+            // of the key is not. Only a root that is really gone leaves the index.
+            match self.store.get_manifest(job, *step).await {
+                Ok(_) => {
+                    tracing::warn!(job, step, "the store's listing left out a committed root; kept");
+                    report.manifests_unlisted += 1;
+                    continue;
+                }
+                Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
             let (j, s) = (job.clone(), *step);
             self.blocking(move |i| i.remove_manifest(&j, s)).await?;
             report.manifests_dropped += 1;

@@ -229,7 +229,18 @@ impl Staging {
     /// Returns once the chunk is staged (in memory, or fsync'd on the spill disk). A body error
     /// (a stalled client's `BodyStalled` included) releases what was reserved: the memory
     /// permits are dropped and a spill file is removed.
-    pub async fn stage<S>(&self, job: &str, hash: ChunkHash, len: u64, body: S) -> Result<(), ServiceError>
+    pub async fn stage<S>(self: &Arc<Self>, job: &str, hash: ChunkHash, len: u64, body: S) -> Result<(), ServiceError>
+    where
+        S: Stream<Item = Result<Bytes, ServiceError>> + Unpin + Send + 'static,
+    {
+        // In its own task: the request future is dropped when its client goes away, and a
+        // receive cut off there would leave a partial spill file, or a chunk received but never
+        // queued. The task ends when the body does (a closed connection ends it with an error).
+        let (this, job) = (self.clone(), job.to_string());
+        tokio::spawn(async move { this.stage_owned(&job, hash, len, body).await }).await.map_err(join_error)?
+    }
+
+    async fn stage_owned<S>(&self, job: &str, hash: ChunkHash, len: u64, body: S) -> Result<(), ServiceError>
     where
         S: Stream<Item = Result<Bytes, ServiceError>> + Unpin + Send,
     {
@@ -305,7 +316,7 @@ impl Staging {
         let (tmp, path) = self.spill_paths(job, &hash);
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         tokio::task::spawn_blocking(move || durable::ensure_dir(&dir)).await.map_err(join_error)??;
-        let result = async {
+        let result: Result<(), ServiceError> = async {
             let mut file = tokio::fs::File::create(&tmp).await?;
             let mut hasher = blake3::Hasher::new();
             let mut written = BodyLength::new(len);
@@ -325,6 +336,9 @@ impl Staging {
                 fail::fail_point!("staging::skip_spill_fsync", |_| true);
                 false
             })();
+            // tokio's File writes in the background and keeps a failed write's error (ENOSPC on
+            // a full spill disk) for the next write or flush; `sync_data` does not report it.
+            file.flush().await?;
             if !skip_fsync {
                 file.sync_data().await?;
             }

@@ -71,6 +71,8 @@ pub struct Store {
     local_root: Option<std::path::PathBuf>,
     attempts_max: u32,
     retry_base: Duration,
+    /// Set when the store is wrapped in `FaultyStore` (`fault_injection`).
+    faults: Option<Arc<crate::faults::Faults>>,
 }
 
 impl Store {
@@ -104,7 +106,19 @@ impl Store {
                 (Arc::new(fs), format!("file://{}", dir.display()), Some(dir))
             }
         };
-        Ok(Store { inner, description, local_root, attempts_max: attempts_max.max(1), retry_base })
+        Ok(Store { inner, description, local_root, attempts_max: attempts_max.max(1), retry_base, faults: None })
+    }
+
+    /// The same store behind `FaultyStore`, whose faults `faults()` arms (chaos runs and tests).
+    pub fn with_faults(mut self) -> Store {
+        let faults = Arc::new(crate::faults::Faults::default());
+        self.inner = Arc::new(crate::faults::FaultyStore::new(self.inner, faults.clone()));
+        self.faults = Some(faults);
+        self
+    }
+
+    pub fn faults(&self) -> Option<&Arc<crate::faults::Faults>> {
+        self.faults.as_ref()
     }
 
     /// The store as a canonical URL, recorded in the index so a changed store triggers a rebuild.

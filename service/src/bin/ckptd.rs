@@ -58,6 +58,12 @@ struct Args {
     /// zstd level (0: off).
     #[arg(long, env = "CKPTD_COMPRESSION_LEVEL")]
     compression_level: Option<i32>,
+    /// Arm store faults through `POST /v1/faults` (chaos runs and tests only).
+    #[arg(long, env = "CKPTD_FAULT_INJECTION")]
+    fault_injection: bool,
+    /// Faults to arm at start, as a JSON list of fault requests (needs --fault-injection).
+    #[arg(long, env = "CKPTD_FAULT_PLAN")]
+    fault_plan: Option<String>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -118,6 +124,12 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(v) = args.compression_level {
         config.compression_level = v;
+    }
+    if args.fault_injection {
+        config.fault_injection = true;
+    }
+    if let Some(plan) = &args.fault_plan {
+        config.fault_plan = serde_json::from_str(plan).context("--fault-plan: a JSON list of fault requests")?;
     }
     config.validate()?;
     if args.print_config {

@@ -1,0 +1,199 @@
+//! Faults of the object store and of the staging disk, injected for real into a running ckptd:
+//! the store is wrapped in `FaultyStore` (`--fault-injection`), faults are armed through
+//! `POST /v1/faults` or at start (`--fault-plan`), and each test asserts from ckptd's own count
+//! that its fault fired before it asserts that the save survived it.
+
+use std::time::Duration;
+
+use ckpt_client::daemon::DaemonOptions;
+use ckpt_tests::*;
+use serde_json::json;
+
+const WORLD: u32 = 2;
+
+fn faulty(dir: &std::path::Path, plan: Option<serde_json::Value>) -> DaemonOptions {
+    let mut o = DaemonOptions::in_dir(ckptd_exe(), dir);
+    o.extra_args.push("--fault-injection".into());
+    if let Some(p) = plan {
+        o.extra_args.push("--fault-plan".into());
+        o.extra_args.push(p.to_string().into());
+    }
+    o
+}
+
+async fn arm(d: &ckpt_client::daemon::LocalDaemon, fault: serde_json::Value) {
+    let r = reqwest::Client::new().post(format!("{}/v1/faults", d.url())).json(&fault).send().await.unwrap();
+    assert_eq!(r.status(), 204, "arming {fault}: {}", r.text().await.unwrap_or_default());
+}
+
+async fn fired(d: &ckpt_client::daemon::LocalDaemon, key: &str) -> u64 {
+    let v: serde_json::Value = reqwest::get(format!("{}/v1/faults", d.url())).await.unwrap().json().await.unwrap();
+    v["fired"][key].as_u64().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_acknowledgement_on_the_manifest_write_commits_exactly_once() {
+    bounded(Duration::from_secs(120), async {
+        let seed = seed(0xfa_0001);
+        let dir = tempfile::tempdir().unwrap();
+        let d = start_daemon_with(faulty(dir.path(), None)).await;
+        let c = client(&d);
+        let states: Vec<_> = (0..WORLD).map(|r| rank_tensors(seed, r, WORLD, 2 << 20)).collect();
+        arm(&d, json!({"kind": "lost_ack", "op": "manifest"})).await;
+        save_step(&c, "job", 1, &states).await.unwrap_or_else(|e| panic!("{e}\n{}", daemon_log(&d)));
+        assert_eq!(fired(&d, "lost_ack:manifest").await, 1, "the manifest write's acknowledgement was lost");
+        let roots = stored_manifests(&dir.path().join("store"));
+        assert_eq!(roots.iter().filter(|m| m.step == 1).count(), 1);
+        assert!(c.verify("job", 1, |_| {}).await.unwrap().ok());
+        for r in 0..WORLD {
+            assert!(c.load_rank("job", 1, r).await.unwrap() == states[r as usize]);
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_errors_timeouts_and_latency_are_retried_and_the_save_commits() {
+    bounded(Duration::from_secs(120), async {
+        let seed = seed(0xfa_0002);
+        let dir = tempfile::tempdir().unwrap();
+        let d = start_daemon_with(faulty(dir.path(), None)).await;
+        let c = client(&d);
+        let states: Vec<_> = (0..WORLD).map(|r| rank_tensors(seed, r, WORLD, 2 << 20)).collect();
+        arm(&d, json!({"kind": "error", "op": "index", "count": 2})).await;
+        arm(&d, json!({"kind": "timeout", "op": "manifest", "delay_ms": 300})).await;
+        arm(&d, json!({"kind": "latency", "op": "manifest", "delay_ms": 200})).await;
+        save_step(&c, "job", 1, &states).await.unwrap_or_else(|e| panic!("{e}\n{}", daemon_log(&d)));
+        assert_eq!(fired(&d, "error:index").await, 2);
+        assert_eq!(fired(&d, "timeout:manifest").await, 1);
+        assert_eq!(fired(&d, "latency:manifest").await, 1);
+        assert!(c.verify("job", 1, |_| {}).await.unwrap().ok());
+        assert!(daemon_log(&d).contains("transient store error, retrying"), "ckptd says it retried");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_fault_requests_are_refused_and_faults_are_off_by_default() {
+    bounded(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let d = start_daemon_with(faulty(dir.path(), None)).await;
+        let http = reqwest::Client::new();
+        for bad in [
+            json!({"kind": "stale_list", "op": "manifest"}),
+            json!({"kind": "error", "op": "chunk", "count": 0}),
+            json!({"kind": "latency", "op": "any", "delay_ms": 3_600_000}),
+            json!({"kind": "melt", "op": "any"}),
+        ] {
+            let r = http.post(format!("{}/v1/faults", d.url())).json(&bad).send().await.unwrap();
+            assert_eq!(r.status(), 400, "{bad}");
+        }
+        let plain_dir = tempfile::tempdir().unwrap();
+        let plain = start_daemon(plain_dir.path()).await;
+        let r = http.post(format!("{}/v1/faults", plain.url())).json(&json!({"kind": "error", "op": "any"})).send();
+        assert_eq!(r.await.unwrap().status(), 404, "fault injection must be off unless configured");
+    })
+    .await
+}
+
+/// A listing that leaves out committed roots (an eventually consistent store, or one read from
+/// a lagging replica) must not make ckptd forget them when it reconciles at start-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_listing_at_restart_loses_no_committed_checkpoint() {
+    bounded(Duration::from_secs(120), async {
+        let seed = seed(0xfa_0003);
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = start_daemon(dir.path()).await;
+        let c = client(&d);
+        for step in [1, 2] {
+            let states: Vec<_> = (0..WORLD).map(|r| rank_tensors(seed + step, r, WORLD, 1 << 20)).collect();
+            save_step(&c, "job", step, &states).await.unwrap();
+        }
+        // The restarted ckptd's first listing of the job's roots is stale: as of before any commit.
+        *d.options_mut() = faulty(dir.path(), Some(json!([{"kind": "stale_list", "op": "list", "count": 1}])));
+        d.restart().await.unwrap();
+        assert_eq!(fired(&d, "stale_list:list").await, 1, "the stale listing was served at start-up");
+        assert!(daemon_log(&d).contains("listing left out a committed root"));
+        let c = client(&d);
+        let listed: Vec<u64> = c.list("job").await.unwrap().committed.iter().map(|m| m.step).collect();
+        assert_eq!(listed, vec![1, 2]);
+        assert_eq!(c.latest("job").await.unwrap(), Some(2));
+    })
+    .await
+}
+
+/// The spill disk really fills (a 3 MiB tmpfs): the put fails with a clear error, nothing of
+/// the save is acknowledged or committed, no partial spill file is left, and once the disk has
+/// room the same save goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_staging_disk_fails_the_save_visibly_and_loses_nothing() {
+    bounded(Duration::from_secs(180), async {
+        let seed = seed(0xfa_0004);
+        let dir = tempfile::tempdir().unwrap();
+        let spill = dir.path().join("spill");
+        std::fs::create_dir_all(&spill).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
+            .arg(&spill)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !mounted {
+            eprintln!("SKIPPED: cannot mount a tmpfs here (needs root); the full-disk test did not run");
+            return;
+        }
+        struct Unmount(std::path::PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+            }
+        }
+        let _guard = Unmount(spill.clone());
+        let mut o = DaemonOptions::in_dir(ckptd_exe(), dir.path());
+        // Every chunk (1 MiB) is bigger than the memory budget, so each goes to the spill disk.
+        o.extra_args.extend(["--staging-memory-bytes-max".into(), (512u64 << 10).to_string().into()]);
+        let toml = dir.path().join("ckptd.toml");
+        std::fs::write(&toml, format!("spill_dir = {:?}\n", spill.to_str().unwrap())).unwrap();
+        o.extra_args.extend(["--config".into(), toml.into_os_string()]);
+        let d = start_daemon_with(o).await;
+        let c = impatient_client(&d);
+        let states: Vec<_> = (0..WORLD).map(|r| rank_tensors(seed, r, WORLD, 8 << 20)).collect();
+        let err = save_step(&c, "job", 1, &states).await.expect_err("16 MiB cannot stage on a 3 MiB disk");
+        let msg = err.to_string();
+        assert!(msg.contains("No space left") || msg.contains("io"), "a clear error: {msg}");
+        assert!(stored_manifests(&dir.path().join("store")).is_empty(), "nothing committed");
+        assert!(c.list("job").await.unwrap().committed.is_empty());
+        wait_uploads_drained(&d).await;
+        // Chunks that did stage were uploaded and their spill files removed; the ones that hit
+        // the full disk left no partial file.
+        let leftovers = walk(&spill);
+        assert!(leftovers.is_empty(), "spill files left behind: {leftovers:?}\n{}", daemon_log(&d));
+        // Room again: the same save goes through and reads back whole.
+        assert!(std::process::Command::new("mount")
+            .args(["-o", "remount,size=64m"])
+            .arg(&spill)
+            .status()
+            .unwrap()
+            .success());
+        save_step(&client(&d), "job", 1, &states).await.unwrap_or_else(|e| panic!("{e}\n{}", daemon_log(&d)));
+        for r in 0..WORLD {
+            assert!(client(&d).load_rank("job", 1, r).await.unwrap() == states[r as usize]);
+        }
+    })
+    .await
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
