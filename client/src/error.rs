@@ -35,7 +35,9 @@ impl ClientError {
     pub fn is_transient(&self) -> bool {
         match self {
             ClientError::Transport { .. } => true,
-            ClientError::Api { status, .. } => matches!(status, 408 | 502..=504),
+            // A hash mismatch on a chunk the client hashed itself means the bytes changed on
+            // the way (a faulty NIC or proxy): sending them again is the cure.
+            ClientError::Api { status, code, .. } => matches!(status, 408 | 502..=504) || code == "hash_mismatch",
             _ => false,
         }
     }

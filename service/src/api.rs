@@ -61,7 +61,9 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let code = self.0.code();
         let message = self.0.to_string();
-        if status.is_server_error() {
+        // A body that does not match its hash was damaged on the way (a client hashes what it
+        // sends): operators want to see a flaky link.
+        if status.is_server_error() || code == "hash_mismatch" {
             tracing::warn!(status = status.as_u16(), code, %message, "request failed");
         } else {
             tracing::debug!(status = status.as_u16(), code, %message, "request refused");

@@ -198,6 +198,8 @@ async fn a_hung_rank_is_caught_by_the_collective_timeout_and_a_slow_one_is_not()
     let i = &ints[0];
     let cause = i["cause"].as_str().unwrap();
     assert!(cause.contains("collective timeout") && cause.contains("[1]"), "{cause}");
+    // The flight recorder names the rank and the collective it never reached.
+    assert!(cause.contains("rank 1 did not arrive at collective #") && cause.contains("rank 0 waits in"), "{cause}");
     let detect = i["detection_ms"].as_u64().unwrap();
     assert!(detect >= timeout_ms && detect < timeout_ms + 1_000, "hang detected after {detect} ms");
     assert_eq!(i["resumed_from"], 4);
@@ -273,4 +275,113 @@ async fn the_demo_recovers_and_its_loss_falls_well_below_the_initial_loss() {
     let averaged = r["averaged"]["eval_loss"].as_f64().expect("annealing checkpoints averaged");
     assert!(averaged < 0.4 * first, "averaged weights' held-out loss {averaged}: {text}");
     assert!(text.contains("effective training time"), "{text}");
+}
+
+fn events(run_dir_prefix: &Path, job: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    for run in std::fs::read_dir(run_dir_prefix).unwrap().flatten() {
+        if !(run.file_name().to_string_lossy().starts_with(&format!("run-{job}-")) && run.path().is_dir()) {
+            continue;
+        }
+        for e in std::fs::read_dir(run.path()).unwrap().flatten() {
+            if e.file_name().to_string_lossy().starts_with("events-rank") {
+                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                out.extend(text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()));
+            }
+        }
+    }
+    out
+}
+
+/// A flipped bit in one rank's replica (silent data corruption), NaN in a gradient (a memory
+/// error) and a panic (a software bug): each is caught before anything of it is used or
+/// committed, each costs one rollback, and the run ends bit-identical to a clean one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corruption_poison_and_panics_are_caught_before_commit_and_rolled_back() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = start_daemon(dir.path()).await;
+    let base = ["--nproc", "2", "--steps", "16", "--ckpt-every", "4", "--collective-timeout-ms", "5000"];
+    let clean = tokio::task::block_in_place(|| launch(&d, dir.path(), "clean", &base, MINUTES));
+    let mut args = base.to_vec();
+    args.extend(["--inject", "sdc@1:6", "--inject", "nan@0:10", "--inject", "panic@1:13", "--max-restarts", "4"]);
+    let r = tokio::task::block_in_place(|| launch(&d, dir.path(), "faulty", &args, MINUTES));
+    let got = causes(&r);
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert!(
+        got[0].contains("silent data corruption: rank 1's replica of params[") && got[0].contains("owned by rank 0"),
+        "{got:?}"
+    );
+    assert!(got[1].contains("non-finite"), "{got:?}");
+    assert!(got[2].contains("injected panic at step 13"), "{got:?}");
+    let ev = events(dir.path(), "faulty");
+    let sdc: Vec<&Value> = ev.iter().filter(|e| e["kind"] == "sdc_detected").collect();
+    assert_eq!(sdc.len(), 2, "both ranks reach the same verdict: {sdc:?}");
+    assert!(sdc.iter().all(|e| e["victim"] == 1 && e["owner"] == 0 && e["tensor"] == "params" && e["step"] == 6));
+    // No save was even started from the corrupted or poisoned state: generation 0 saw the flip
+    // at step 6, generation 1 the NaN at step 10.
+    for (generation, from) in [(0, 6), (1, 10)] {
+        let saved: Vec<&Value> = ev
+            .iter()
+            .filter(|e| e["kind"] == "save" && e["generation"] == generation && e["step"].as_u64() >= Some(from))
+            .collect();
+        assert!(saved.is_empty(), "generation {generation} saved after its fault: {saved:?}");
+    }
+    let resumed: Vec<u64> =
+        r["interruptions"].as_array().unwrap().iter().map(|i| i["resumed_from"].as_u64().unwrap()).collect();
+    for (at, fault_step) in resumed.iter().zip([6, 10, 13]) {
+        assert!(*at < fault_step && at % 4 == 0, "resumed from {at} after the fault at step {fault_step}");
+    }
+    assert_eq!(hash(&r), hash(&clean), "the run that caught its faults ended with different weights");
+}
+
+/// Host maintenance: SIGTERM to every rank. They agree on a step, take an emergency checkpoint
+/// there, wait for its commit and exit; the next generation resumes from it, not from the
+/// last periodic checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_takes_an_emergency_checkpoint_and_training_resumes_from_it() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = start_daemon(dir.path()).await;
+    let base = ["--nproc", "2", "--steps", "16", "--ckpt-every", "8"];
+    let clean = tokio::task::block_in_place(|| launch(&d, dir.path(), "clean", &base, MINUTES));
+    let r = tokio::task::block_in_place(|| {
+        launch_during(&d, dir.path(), "maint", &base, MINUTES, |run_dir| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            loop {
+                assert!(std::time::Instant::now() < deadline, "the ranks never reached step 3");
+                let log = std::fs::read_to_string(run_dir.join("events-rank0.jsonl")).unwrap_or_default();
+                let reached = log
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                    .filter_map(|v| v["step"].as_u64())
+                    .max()
+                    .unwrap_or(0);
+                if reached >= 3 {
+                    for r in 0..2 {
+                        let pid: i32 = std::fs::read_to_string(run_dir.join(format!("rank{r}.pid")))
+                            .unwrap()
+                            .trim()
+                            .parse()
+                            .unwrap();
+                        // SAFETY: kill(2) has no memory-safety preconditions.
+                        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+                    }
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    });
+    let ev = events(dir.path(), "maint");
+    let pre: Vec<&Value> = ev.iter().filter(|e| e["kind"] == "preempted").collect();
+    assert_eq!(pre.len(), 2, "{pre:?}");
+    assert!(pre.iter().all(|e| e["committed"] == true && e["step"] == pre[0]["step"]), "{pre:?}");
+    let at = pre[0]["step"].as_u64().unwrap();
+    assert!(at > 3 && at < 8, "the emergency checkpoint is off the periodic schedule: step {at}");
+    let ints = r["interruptions"].as_array().unwrap();
+    assert_eq!(ints.len(), 1, "{ints:?}");
+    assert!(ints[0]["cause"].as_str().unwrap().contains("preempted (SIGTERM)"), "{ints:?}");
+    assert_eq!(ints[0]["resumed_from"].as_u64(), Some(at), "resumed from the emergency checkpoint");
+    assert_eq!(hash(&r), hash(&clean));
 }

@@ -14,6 +14,10 @@
 //! wait longer than the hub (`rank_timeout`), so the launcher, not a rank, decides; the rank
 //! timeout only keeps an orphaned rank from waiting forever.
 //!
+//! Every frame ends with a CRC-32 of its header and payload, checked on arrival at both ends:
+//! bytes corrupted between a rank and the hub fail the round (and the generation), so nobody
+//! computes on them.
+//!
 //! A hub serves one generation of the group. It refuses a connection that names another
 //! generation, a rank outside the world, or a rank already connected, and frames above
 //! `frame_elems_max`.
@@ -120,32 +124,53 @@ fn write_frame(w: &mut impl Write, h: Header, payload: &[f32], scratch: &mut Vec
     for x in payload {
         scratch.extend_from_slice(&x.to_le_bytes());
     }
+    let crc = crc32fast::hash(scratch);
+    scratch.extend_from_slice(&crc.to_le_bytes());
     w.write_all(scratch)?;
     w.flush()
 }
 
-fn read_header(r: &mut impl Read) -> Result<Header> {
+/// A frame's header, and the checksum of the frame so far (`read_payload` finishes it).
+fn read_header(r: &mut impl Read) -> Result<(Header, crc32fast::Hasher)> {
     let mut b = [0u8; HEADER_BYTES];
     r.read_exact(&mut b)?;
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&b);
     if &b[..4] != MAGIC {
         return Err(CollectiveError::Protocol("bad frame magic".into()));
     }
     let op = Op::from_u8(b[4]).ok_or_else(|| CollectiveError::Protocol(format!("unknown op {}", b[4])))?;
     let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or_default());
-    Ok(Header {
+    let h = Header {
         op,
         tag: b[5],
         rank: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
         seq: u64_at(12),
         step: u64_at(20),
         len: u64_at(28),
-    })
+    };
+    Ok((h, crc))
 }
 
-fn read_payload(r: &mut impl Read, elems: usize, scratch: &mut Vec<u8>) -> Result<Vec<f32>> {
-    scratch.resize(elems * 4, 0);
+/// Reads a frame's payload of `elems` f32 and its checksum trailer; bytes changed in transit
+/// fail the frame, so no rank ever computes on them.
+fn read_payload(
+    r: &mut impl Read,
+    elems: usize,
+    mut crc: crc32fast::Hasher,
+    scratch: &mut Vec<u8>,
+) -> Result<Vec<f32>> {
+    scratch.resize(elems * 4 + 4, 0);
     r.read_exact(scratch)?;
-    Ok(crate::f32s_from_le(scratch))
+    let (payload, trailer) = scratch.split_at(elems * 4);
+    crc.update(payload);
+    let (want, got) = (u32::from_le_bytes([trailer[0], trailer[1], trailer[2], trailer[3]]), crc.finalize());
+    if want != got {
+        return Err(CollectiveError::Protocol(format!(
+            "frame checksum mismatch (crc32 {got:08x}, frame says {want:08x}): bytes corrupted in transit"
+        )));
+    }
+    Ok(crate::f32s_from_le(payload))
 }
 
 fn read_error_text(r: &mut impl Read, len: u64) -> Result<String> {
@@ -163,6 +188,7 @@ pub struct HubClient {
     world: usize,
     seq: u64,
     scratch: Vec<u8>,
+    recorder: Option<crate::flight::Recorder>,
 }
 
 impl HubClient {
@@ -187,18 +213,46 @@ impl HubClient {
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(rank_timeout))?;
         stream.set_write_timeout(Some(rank_timeout))?;
-        let mut c = HubClient { stream, rank, world, seq: 0, scratch: Vec::new() };
+        let mut c = HubClient { stream, rank, world, seq: 0, scratch: Vec::new(), recorder: None };
         let h = Header { op: Op::Hello, tag: 0, rank: rank as u32, seq: world as u64, step: generation, len: 0 };
         write_frame(&mut c.stream, h, &[], &mut c.scratch)?;
         Ok(c)
     }
 
+    /// Records every round from now on in `r` (the flight recorder).
+    pub fn record_to(&mut self, r: crate::flight::Recorder) {
+        self.recorder = Some(r);
+    }
+
+    pub fn recorder(&mut self) -> Option<&mut crate::flight::Recorder> {
+        self.recorder.as_mut()
+    }
+
     fn round(&mut self, op: Op, tag: u8, step: u64, payload: &[f32], expect: usize) -> Result<Vec<f32>> {
         self.seq += 1;
+        use crate::flight::Kind;
+        let kind = match op {
+            Op::AllReduce => Kind::AllReduce,
+            Op::ReduceScatter => Kind::ReduceScatter,
+            Op::AllGather => Kind::AllGather,
+            Op::Broadcast => Kind::Broadcast,
+            _ => Kind::Barrier,
+        };
+        let (seq, bytes) = (self.seq, 4 * payload.len().max(expect) as u64);
+        let slot = self.recorder.as_mut().map(|r| r.start(kind, seq, step, bytes));
+        let out = self.exchange(op, tag, step, payload, expect);
+        if let (Some(r), Some(slot), true) = (self.recorder.as_mut(), slot, out.is_ok()) {
+            r.end(slot);
+        }
+        out
+    }
+
+    fn exchange(&mut self, op: Op, tag: u8, step: u64, payload: &[f32], expect: usize) -> Result<Vec<f32>> {
         let h = Header { op, tag, rank: self.rank as u32, seq: self.seq, step, len: payload.len() as u64 };
         write_frame(&mut self.stream, h, payload, &mut self.scratch)?;
-        let reply = read_header(&mut self.stream)?;
+        let (reply, crc) = read_header(&mut self.stream)?;
         if reply.op == Op::Error {
+            read_payload(&mut self.stream, 0, crc, &mut self.scratch)?;
             return Err(CollectiveError::Hub(read_error_text(&mut self.stream, reply.len)?));
         }
         if reply.op != op || reply.seq != self.seq || reply.len != expect as u64 {
@@ -207,7 +261,7 @@ impl HubClient {
                 self.seq, reply.op, reply.seq, reply.len
             )));
         }
-        read_payload(&mut self.stream, expect, &mut self.scratch)
+        read_payload(&mut self.stream, expect, crc, &mut self.scratch)
     }
 }
 
@@ -468,7 +522,10 @@ fn accept_group(
             tracing::warn!(error = %e, "hub could not set up a connection");
             continue;
         }
-        let h = match read_header(&mut s) {
+        let mut hello_scratch = Vec::new();
+        let h = match read_header(&mut s)
+            .and_then(|(h, crc)| read_payload(&mut s, 0, crc, &mut hello_scratch).map(|_| h))
+        {
             Ok(h) => h,
             Err(e) => {
                 tracing::warn!(error = %e, "hub dropped a connection without a valid hello");
@@ -519,14 +576,14 @@ fn read_loop(
 ) {
     let mut scratch = Vec::new();
     loop {
-        let r = read_header(&mut s).and_then(|h| {
+        let r = read_header(&mut s).and_then(|(h, crc)| {
             if h.rank as usize != rank {
                 return Err(CollectiveError::Protocol(format!("frame claims rank {}", h.rank)));
             }
             if h.len > frame_elems_max {
                 return Err(CollectiveError::Protocol(format!("frame of {} elements is over the limit", h.len)));
             }
-            let payload = read_payload(&mut s, h.len as usize, &mut scratch)?;
+            let payload = read_payload(&mut s, h.len as usize, crc, &mut scratch)?;
             Ok(Arrival { rank, header: h, payload })
         });
         let end = r.is_err();
@@ -715,6 +772,38 @@ mod tests {
         drop(_silent);
         // The talker's connection is dropped with the hub; its read fails rather than hangs.
         assert!(talker.join().unwrap().is_err());
+    }
+
+    /// A byte flipped between a rank and the hub (a faulty NIC or switch) fails the round: the
+    /// hub reports the rank, and nobody receives a result computed from the bad bytes.
+    #[test]
+    fn a_frame_corrupted_in_transit_fails_the_round() {
+        let (addr, rx, stop) = hub(2, 5_000);
+        let a = addr.clone();
+        let honest = std::thread::spawn(move || {
+            let mut c = HubClient::connect(&a, 0, 2, 7, Duration::from_secs(5)).unwrap();
+            let mut v = vec![1.0; 4];
+            c.all_reduce_sum(&mut v, 0, 1)
+        });
+        let mut raw = TcpStream::connect(&addr).unwrap();
+        let mut scratch = Vec::new();
+        let hello = Header { op: Op::Hello, tag: 0, rank: 1, seq: 2, step: 7, len: 0 };
+        write_frame(&mut raw, hello, &[], &mut scratch).unwrap();
+        let h = Header { op: Op::AllReduce, tag: 0, rank: 1, seq: 1, step: 1, len: 4 };
+        let mut frame = Vec::new();
+        write_frame(&mut frame, h, &[2.0; 4], &mut scratch).unwrap();
+        frame[HEADER_BYTES + 5] ^= 0x10;
+        raw.write_all(&frame).unwrap();
+        match rx.recv_timeout(Duration::from_secs(5)).unwrap() {
+            HubEvent::Failed { rank, reason, .. } => {
+                assert_eq!(rank, Some(1));
+                assert!(reason.contains("checksum mismatch"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        stop.store(true, Ordering::Relaxed);
+        drop(raw);
+        assert!(honest.join().unwrap().is_err(), "the honest rank gets no result from a corrupted round");
     }
 
     #[test]

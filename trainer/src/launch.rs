@@ -45,6 +45,10 @@ pub struct LaunchOptions {
     /// Average the committed checkpoints of the annealing phase into `<job>-avg`.
     pub average_anneal: bool,
     pub log_every: u64,
+    /// Where the hub listens; default a free loopback port.
+    pub hub_listen: Option<String>,
+    /// What ranks dial for the hub (a fault proxy in front of it); default where it listens.
+    pub hub_advertise: Option<String>,
 }
 
 impl LaunchOptions {
@@ -81,8 +85,9 @@ pub fn launch(opts: &LaunchOptions) -> Result<Report> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let client = Client::new(&opts.run.server, ClientOptions::default())?;
     rt.block_on(client.health()).with_context(|| format!("ckptd at {} is not answering", opts.run.server))?;
-    let listener = TcpListener::bind("127.0.0.1:0").context("binding the collective hub")?;
-    let hub_addr = listener.local_addr()?.to_string();
+    let bind = opts.hub_listen.as_deref().unwrap_or("127.0.0.1:0");
+    let listener = TcpListener::bind(bind).with_context(|| format!("binding the collective hub on {bind}"))?;
+    let hub_addr = opts.hub_advertise.clone().unwrap_or(listener.local_addr()?.to_string());
     let listener = Arc::new(listener);
 
     let mut fired: BTreeSet<String> = BTreeSet::new();
@@ -135,6 +140,11 @@ pub fn launch(opts: &LaunchOptions) -> Result<Report> {
                     generation,
                     cause: cause.clone(),
                     detected_at_s: detected.duration_since(started).as_secs_f64(),
+                    detected_unix_ms: (std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default()
+                        - detected.elapsed())
+                    .as_millis() as u64,
                     detection_ms,
                     last_step,
                     resumed_from: 0,
@@ -264,8 +274,16 @@ fn watch(
             }
             Ok(HubEvent::Done { step, .. }) => done_step = Some(step),
             Ok(HubEvent::Timeout { what, missing, waited, .. }) => {
+                // The rings are read while the hung rank still exists (stopped or stuck).
+                let rings: Vec<_> = (0..opts.nproc)
+                    .map(|r| ckpt_trainer::flight::read(&ckpt_trainer::flight::path(&opts.run.run_dir, r)))
+                    .collect();
                 failure = Some((
-                    format!("collective timeout: {what} waited {} ms for ranks {missing:?}", waited.as_millis()),
+                    format!(
+                        "collective timeout: {what} waited {} ms for ranks {missing:?}; flight recorder: {}",
+                        waited.as_millis(),
+                        ckpt_trainer::flight::diagnose(&rings)
+                    ),
                     waited.as_millis() as u64,
                 ));
             }

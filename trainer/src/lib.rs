@@ -5,8 +5,10 @@
 pub mod collective;
 pub mod config;
 pub mod data;
+pub mod flight;
 pub mod model;
 pub mod optim;
+pub mod replica;
 pub mod spec;
 
 /// Little-endian f32 values of `bytes` (the checkpoint and wire format); a trailing partial

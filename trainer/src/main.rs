@@ -124,6 +124,15 @@ struct LaunchArgs {
     /// Also write the goodput report here (it is always written to the run directory).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Send every checkpoint byte over HTTP, as to a remote ckptd (no node-local path).
+    #[arg(long)]
+    no_node_local: bool,
+    /// Where the collective hub listens (default: a free loopback port).
+    #[arg(long)]
+    hub_listen: Option<String>,
+    /// The address ranks dial for the hub, when it differs from where it listens (a proxy).
+    #[arg(long)]
+    hub_advertise: Option<String>,
 }
 
 fn main() -> Result<()> {
@@ -176,6 +185,9 @@ fn main() -> Result<()> {
                 average: true,
                 log_every: 20,
                 json,
+                no_node_local: false,
+                hub_listen: None,
+                hub_advertise: None,
             };
             println!(
                 "demo: {} ranks train a {}-parameter Llama for {steps} steps, checkpointing every 20 through ckptd;",
@@ -234,6 +246,7 @@ fn run_launch(args: &LaunchArgs) -> Result<report::Report> {
             until_step: args.until_step.unwrap_or(args.steps),
             run_dir: run_dir.clone(),
             corpus_bytes: args.corpus_bytes,
+            node_local: !args.no_node_local,
         },
         nproc: args.nproc,
         max_restarts: args.max_restarts,
@@ -243,6 +256,8 @@ fn run_launch(args: &LaunchArgs) -> Result<report::Report> {
         injections: args.injections.clone(),
         threads_per_rank: args.threads_per_rank.unwrap_or((cores / args.nproc.max(1)).max(1)),
         average_anneal: args.average,
+        hub_listen: args.hub_listen.clone(),
+        hub_advertise: args.hub_advertise.clone(),
         log_every: args.log_every,
     };
     ckpt_core::validate_job(&opts.run.job)?;

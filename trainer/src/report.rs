@@ -62,6 +62,9 @@ pub struct Interruption {
     pub cause: String,
     /// Seconds since launch when the launcher detected it.
     pub detected_at_s: f64,
+    /// The same instant as a Unix time in milliseconds (to line up with other logs).
+    #[serde(default)]
+    pub detected_unix_ms: u64,
     /// For a hang, how long the collective waited; otherwise the time since the group's last
     /// progress.
     pub detection_ms: u64,

@@ -21,6 +21,14 @@ pub struct RunConfig {
     /// Rank logs, event logs, generation specs and the goodput report.
     pub run_dir: PathBuf,
     pub corpus_bytes: usize,
+    /// Whether ranks may use the node-local path to ckptd (off: every byte goes over HTTP, as
+    /// to a remote ckptd; chaos runs put a fault proxy there).
+    #[serde(default = "yes")]
+    pub node_local: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// One generation's instructions to its ranks.
@@ -64,6 +72,11 @@ pub enum InjectKind {
     Panic,
     /// Poison this rank's gradient with NaN (a memory error); the step must not be committed.
     Nan,
+    /// Flip one bit of this rank's replica of another rank's parameters right after the
+    /// all-gather (silent data corruption); the replica check must catch it before any use.
+    Sdc,
+    /// SIGSTOP while this step's checkpoint upload is in flight (a rank hung mid-upload).
+    StopSave,
 }
 
 impl Injection {
@@ -82,6 +95,8 @@ impl std::fmt::Display for Injection {
             InjectKind::Slow(ms) => ("slow", Some(ms)),
             InjectKind::Panic => ("panic", None),
             InjectKind::Nan => ("nan", None),
+            InjectKind::Sdc => ("sdc", None),
+            InjectKind::StopSave => ("stop-save", None),
         };
         write!(f, "{name}@{}:{}", self.rank, self.step)?;
         if let Some(a) = arg {
@@ -98,7 +113,7 @@ impl FromStr for Injection {
     fn from_str(s: &str) -> Result<Injection, String> {
         let usage = || {
             format!(
-                "{s:?}: expected KIND@RANK:STEP (kill, kill-save, kill-commit, hang, panic, nan) or slow@RANK:STEP:MS"
+                "{s:?}: expected KIND@RANK:STEP (kill, kill-save, kill-commit, stop-save, hang, panic, nan, sdc) or slow@RANK:STEP:MS"
             )
         };
         let (name, rest) = s.split_once('@').ok_or_else(usage)?;
@@ -111,6 +126,8 @@ impl FromStr for Injection {
             ("hang", 2) => InjectKind::Hang,
             ("panic", 2) => InjectKind::Panic,
             ("nan", 2) => InjectKind::Nan,
+            ("sdc", 2) => InjectKind::Sdc,
+            ("stop-save", 2) => InjectKind::StopSave,
             ("slow", 3) => InjectKind::Slow(num(2)?),
             _ => return Err(usage()),
         };
@@ -128,7 +145,17 @@ mod tests {
 
     #[test]
     fn injections_parse_and_print() {
-        for s in ["kill@1:7", "kill-save@0:8", "kill-commit@3:12", "hang@1:5", "slow@0:4:900", "panic@2:3", "nan@0:9"] {
+        for s in [
+            "kill@1:7",
+            "kill-save@0:8",
+            "kill-commit@3:12",
+            "hang@1:5",
+            "slow@0:4:900",
+            "panic@2:3",
+            "nan@0:9",
+            "sdc@1:6",
+            "stop-save@0:20",
+        ] {
             assert_eq!(s.parse::<Injection>().unwrap().to_string(), s);
         }
         for bad in ["kill", "kill@x:1", "slow@1:2", "boom@1:2", "kill@1:0", "kill@1:2:3"] {

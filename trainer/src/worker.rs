@@ -11,7 +11,17 @@
 //!
 //! Crash consistency: a rank writes nothing but checkpoints and its event log, so killing it at
 //! any point loses at most the steps since the last commit. A non-finite gradient norm stops the
-//! rank before the update, so non-finite state is never saved.
+//! rank before the update, so non-finite state is never saved, and the owned state is checked
+//! finite again before each save.
+//!
+//! Silent data corruption: after every all-gather, before the replica is used or a checkpoint
+//! taken, `replica::check` compares every rank's copy with the owners' (fingerprints); a
+//! mismatch stops every rank, naming the rank and the elements, and the launcher rolls back.
+//!
+//! Host maintenance: SIGTERM sets a flag that travels with the step's loss all-reduce, so
+//! every rank learns of it at the same step; they take an emergency checkpoint there, wait
+//! for its commit, and exit (the launcher restarts from it). A SIGKILL before the commit lands
+//! leaves the previous checkpoint, as for any crash.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -24,6 +34,7 @@ use ckpt_trainer::collective::{Collective, HubClient, TAG_DONE, TAG_LOSS, TAG_RE
 use ckpt_trainer::data::{corpus, Sampler, SamplerState};
 use ckpt_trainer::model::{init_params, param_ranges, Llama};
 use ckpt_trainer::optim::{clip_factor, owned_range, AdamW};
+use ckpt_trainer::replica;
 use ckpt_trainer::spec::{InjectKind, Injection, RunSpec};
 use serde::{Deserialize, Serialize};
 
@@ -76,6 +87,8 @@ impl Events {
         if let Some(o) = v.as_object_mut() {
             o.insert("rank".into(), self.rank.into());
             o.insert("generation".into(), self.generation.into());
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            o.insert("unix_ms".into(), (now.as_millis() as u64).into());
         }
         let mut line = v.to_string();
         line.push('\n');
@@ -104,13 +117,20 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
     // Multi-threaded (one worker): restores run their reads on worker threads, and connections
     // opened here keep being driven while the rank computes.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-    let client = Client::new(&spec.run.server, ClientOptions::default())?;
+    let client =
+        Client::new(&spec.run.server, ClientOptions { node_local: spec.run.node_local, ..Default::default() })?;
+    let terminated = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, terminated.clone()).context("handling SIGTERM")?;
 
     let p = spec.run.model.param_count() as usize;
     let mine = owned_range(p, rank, world);
     let mut comm =
         HubClient::connect(&spec.hub, rank, world, spec.generation, Duration::from_millis(spec.rank_timeout_ms))
             .context("joining the group")?;
+    match ckpt_trainer::flight::Recorder::create(&ckpt_trainer::flight::path(&spec.run.run_dir, rank)) {
+        Ok(r) => comm.record_to(r),
+        Err(e) => tracing::warn!(error = %e, "no flight recorder"),
+    }
 
     let mut full: Vec<f32>;
     let mut own: Vec<f32>;
@@ -175,6 +195,7 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
     while step < spec.run.until_step {
         step += 1;
         let mut poison = false;
+        let mut flip = None;
         for inj in injections.iter().filter(|i| i.step == step) {
             match inj.kind {
                 InjectKind::Kill => {
@@ -197,7 +218,8 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
                     fire(&mut events, inj, "");
                     poison = true;
                 }
-                InjectKind::KillSave | InjectKind::KillCommit => {}
+                InjectKind::Sdc => flip = Some(*inj),
+                InjectKind::KillSave | InjectKind::KillCommit | InjectKind::StopSave => {}
             }
         }
         let step_started = Instant::now();
@@ -225,9 +247,28 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
         }
         opt.step(&mut own, &grad_own, step, recipe, clip_factor(norm, recipe.grad_clip));
         comm.all_gather(&own, &mut full)?;
+        if let Some(inj) = flip {
+            // A bit of another rank's slice, in this rank's copy only.
+            let other = owned_range(p, (rank + 1) % world, world);
+            let at = other.start + (step as usize * 7919) % other.len();
+            full[at] = f32::from_bits(full[at].to_bits() ^ (1 << 20));
+            fire(&mut events, &inj, &format!("flipped bit 20 of params[{at}] in this rank's replica"));
+        }
+        if let Err(e) = replica::check(&mut comm, &full, &own) {
+            if let replica::ReplicaError::Mismatch(m) = &e {
+                events.emit(serde_json::json!({
+                    "kind": "sdc_detected", "step": step, "victim": m.rank, "owner": m.owner,
+                    "tensor": m.tensor, "elements": [m.elements.start, m.elements.end],
+                }));
+            }
+            bail!("{e} at step {step}; stopping before the replica is used or saved");
+        }
         model.set_params(&full)?;
-        let mut l = [loss];
+        // The loss, and whether this rank was told to stop (SIGTERM): every rank learns of a
+        // preemption at the same step.
+        let mut l = [loss, if terminated.load(std::sync::atomic::Ordering::Relaxed) { 1.0 } else { 0.0 }];
         comm.all_reduce_sum(&mut l, TAG_LOSS, step)?;
+        let preempted = l[1] > 0.0;
         let step_ms = step_started.elapsed().as_secs_f64() * 1e3;
 
         // Whether background save work ran during this step (its time is compared with steps
@@ -238,7 +279,11 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
                 finish_save(&rt, &mut events, done);
             }
         }
-        if step % spec.run.ckpt_every == 0 || step == spec.run.until_step {
+        if step % spec.run.ckpt_every == 0 || step == spec.run.until_step || preempted {
+            if [&own, &opt.m, &opt.v].iter().any(|t| t.iter().any(|x| !x.is_finite())) {
+                events.emit(serde_json::json!({"kind": "nonfinite", "step": step}));
+                bail!("non-finite values in the state of step {step}; it is not saved");
+            }
             // A wait the trainer really has when saves pile up: the oldest must commit first.
             let prev_started = Instant::now();
             while pending.len() >= SAVES_IN_FLIGHT_MAX {
@@ -275,6 +320,7 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
                 comm.barrier(0, step)?;
             }
             let kill_save = injections.iter().find(|i| i.step == step && i.kind == InjectKind::KillSave);
+            let stop_save = injections.iter().find(|i| i.step == step && i.kind == InjectKind::StopSave);
             fn view<'a>(name: &'a str, data: &'a [f32], dims: &'a [[u64; 1]; 3]) -> TensorView<'a> {
                 TensorView {
                     name,
@@ -289,7 +335,13 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
             let wait = if kill_commit.is_some() { Wait::Staged } else { Wait::Committed };
             let views =
                 [view(TENSORS[0], &own, &dims), view(TENSORS[1], &opt.m, &dims), view(TENSORS[2], &opt.v, &dims)];
+            if let Some(r) = comm.recorder() {
+                r.mark(ckpt_trainer::flight::Kind::SaveStarted, step, 3 * 4 * mine.len() as u64);
+            }
             let ticket = rt.block_on(saver.save(save_spec, &views, wait))?;
+            if let Some(r) = comm.recorder() {
+                r.mark(ckpt_trainer::flight::Kind::SaveHandedOff, step, ticket.bytes);
+            }
             // The physical floor of this stall, measured right after it on the same bytes: a plain
             // copy of the three slices into a buffer that is already paged in.
             let floor_ms = memcpy_ms(&[&own, &opt.m, &opt.v], &mut floor_buf);
@@ -304,6 +356,10 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
                 fire(&mut events, inj, "upload in flight");
                 raise(libc::SIGKILL);
             }
+            if let Some(inj) = stop_save {
+                fire(&mut events, inj, "upload in flight");
+                raise(libc::SIGSTOP);
+            }
             match kill_commit {
                 Some(inj) => {
                     let report = rt.block_on(ticket.finish())?;
@@ -312,6 +368,17 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
                     raise(libc::SIGKILL);
                 }
                 None => pending.push_back(PendingSave { step, ticket }),
+            }
+            if preempted {
+                let mut committed = true;
+                while let Some(prev) = pending.pop_front() {
+                    committed &= finish_save(&rt, &mut events, prev);
+                }
+                events.emit(serde_json::json!({"kind": "preempted", "step": step, "committed": committed}));
+                bail!(
+                    "preempted (SIGTERM): emergency checkpoint at step {step} {}",
+                    if committed { "committed" } else { "failed" }
+                );
             }
         } else {
             events.emit(serde_json::json!({"kind": "step", "step": step, "step_ms": step_ms, "in_flight": in_flight}));
