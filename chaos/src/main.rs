@@ -31,6 +31,12 @@ enum Cmd {
     Simulate(SimArgs),
     /// The taxonomy: each row of Table 5 and what it is injected as.
     Taxonomy,
+    /// Writes `report.html` again from a run's `report.json`.
+    Report {
+        /// The run's output directory.
+        #[arg(long, default_value = "chaos-out")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -165,6 +171,14 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Simulate(a) => simulate_cmd(&a),
+        Cmd::Report { out } => {
+            let p = out.join("report.json");
+            let r: ckpt_chaos::run::RunResult =
+                serde_json::from_slice(&std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?)?;
+            std::fs::write(out.join("report.html"), report::html(&r)?)?;
+            println!("report: {}", out.join("report.html").display());
+            Ok(())
+        }
     }
 }
 

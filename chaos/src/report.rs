@@ -44,38 +44,35 @@ fn timeline(r: &RunResult) -> Result<String> {
     let secs = |ms: u64| (ms as f64 - t0) / 1e3;
     let end = r.wall_s.max(1.0);
     {
-        let root = SVGBackend::with_string(&mut svg, (1000, 120 + 28 * cats.len() as u32 + 60)).into_drawing_area();
+        let root = SVGBackend::with_string(&mut svg, (1000, 200 + 40 * cats.len() as u32)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
         let lanes = cats.len() as f64 + 2.0;
         let mut chart = ChartBuilder::on(&root)
             .margin(10)
             .x_label_area_size(35)
-            .y_label_area_size(170)
+            .y_label_area_size(10)
             .caption(
                 "Timeline: faults (circles) by category, interruptions (triangles), commits (crosses)",
                 ("sans-serif", 16),
             )
             .build_cartesian_2d(0.0..end, 0.0..lanes)
             .map_err(err)?;
-        let lane_names: Vec<String> =
-            ["commits".to_string(), "interruptions".to_string()].into_iter().chain(cats.iter().cloned()).collect();
         chart
             .configure_mesh()
             .x_desc("seconds since the harness started")
-            .y_labels(lane_names.len() + 1)
-            .y_label_formatter(&|y| {
-                let i = (*y - 0.5).round();
-                if (*y - 0.5 - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < lane_names.len() {
-                    lane_names[i as usize].clone()
-                } else {
-                    String::new()
-                }
-            })
+            .disable_y_mesh()
+            .y_labels(0)
             .draw()
             .map_err(err)?;
         let commits: Vec<(f64, f64)> =
             r.commits_unix_ms.iter().copied().map(|ms| (secs(ms), 0.5)).filter(|(x, _)| *x >= 0.0).collect();
-        chart.draw_series(commits.iter().map(|&p| Cross::new(p, 4, BLACK.stroke_width(1)))).map_err(err)?;
+        // Legend markers are squares: circles in this chart are faults and nothing else.
+        let square = |c: RGBColor| move |(x, y): (i32, i32)| Rectangle::new([(x - 5, y - 5), (x + 5, y + 5)], c.filled());
+        chart
+            .draw_series(commits.iter().map(|&p| Cross::new(p, 4, BLACK.stroke_width(1))))
+            .map_err(err)?
+            .label("checkpoint committed")
+            .legend(square(BLACK));
         let interruptions: Vec<(f64, f64)> = r.goodput["interruptions"]
             .as_array()
             .into_iter()
@@ -83,7 +80,11 @@ fn timeline(r: &RunResult) -> Result<String> {
             .filter_map(|i| i["detected_unix_ms"].as_u64())
             .map(|ms| (secs(ms), 1.5))
             .collect();
-        chart.draw_series(interruptions.iter().map(|&p| TriangleMarker::new(p, 6, RED.filled()))).map_err(err)?;
+        chart
+            .draw_series(interruptions.iter().map(|&p| TriangleMarker::new(p, 6, RED.filled())))
+            .map_err(err)?
+            .label("interruption detected")
+            .legend(square(RED));
         for (k, cat) in cats.iter().enumerate() {
             let color = PALETTE[k % PALETTE.len()];
             let pts: Vec<(f64, f64)> = r
@@ -93,8 +94,19 @@ fn timeline(r: &RunResult) -> Result<String> {
                 .filter_map(|f| f.unix_ms)
                 .map(|ms| (secs(ms), k as f64 + 2.5))
                 .collect();
-            chart.draw_series(pts.iter().map(|&p| Circle::new(p, 6, color.filled()))).map_err(err)?;
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 6, color.filled())))
+                .map_err(err)?
+                .label(format!("fault: {cat}"))
+                .legend(square(color));
         }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(err)?;
         root.present().map_err(err)?;
     }
     Ok(svg)
@@ -133,7 +145,6 @@ fn bars(title: &str, ylabel: &str, items: &[(String, f64)]) -> Result<String> {
         root.fill(&WHITE).map_err(err)?;
         let ymax = items.iter().map(|i| i.1).fold(1.0f64, f64::max) * 1.1;
         let n = items.len().max(1);
-        let labels: Vec<String> = items.iter().map(|i| i.0.clone()).collect();
         let mut chart = ChartBuilder::on(&root)
             .margin(10)
             .x_label_area_size(60)
@@ -141,24 +152,16 @@ fn bars(title: &str, ylabel: &str, items: &[(String, f64)]) -> Result<String> {
             .caption(title, ("sans-serif", 16))
             .build_cartesian_2d(0.0..n as f64, 0.0..ymax)
             .map_err(err)?;
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .x_labels(n + 1)
-            .x_label_formatter(&|x| {
-                let i = (*x - 0.5).round();
-                if (*x - 0.5 - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < labels.len() {
-                    labels[i as usize].clone()
-                } else {
-                    String::new()
-                }
-            })
-            .y_desc(ylabel)
-            .draw()
-            .map_err(err)?;
+        chart.configure_mesh().disable_x_mesh().x_labels(0).y_desc(ylabel).draw().map_err(err)?;
         chart
             .draw_series(items.iter().enumerate().map(|(k, (_, v))| {
                 Rectangle::new([(k as f64 + 0.15, 0.0), (k as f64 + 0.85, *v)], PALETTE[k % PALETTE.len()].filled())
+            }))
+            .map_err(err)?;
+        let style = ("sans-serif", 13).into_font().color(&BLACK);
+        chart
+            .draw_series(items.iter().enumerate().map(|(k, (name, v))| {
+                Text::new(format!("{name} ({v:.1})"), (k as f64 + 0.15, v + ymax * 0.03), style.clone())
             }))
             .map_err(err)?;
         root.present().map_err(err)?;

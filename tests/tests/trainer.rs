@@ -34,7 +34,8 @@ fn launch_during(
     let json = run_dir.with_extension("json");
     let mut child = Command::new(ckpt_train_exe())
         .arg("launch")
-        .args(["--server", &d.url(), "--job", job])
+        .args(if args.contains(&"--server") { vec![] } else { vec!["--server".to_string(), d.url()] })
+        .args(["--job", job])
         .arg("--run-dir")
         .arg(&run_dir)
         .arg("--json")
@@ -383,5 +384,41 @@ async fn sigterm_takes_an_emergency_checkpoint_and_training_resumes_from_it() {
     assert_eq!(ints.len(), 1, "{ints:?}");
     assert!(ints[0]["cause"].as_str().unwrap().contains("preempted (SIGTERM)"), "{ints:?}");
     assert_eq!(ints[0]["resumed_from"].as_u64(), Some(at), "resumed from the emergency checkpoint");
+    assert_eq!(hash(&r), hash(&clean));
+}
+
+/// A rank stopped (SIGSTOP) while its checkpoint is on the wire: every byte goes over HTTP
+/// through a bandwidth-capped link (the chaos harness's fault proxy), so the stop lands in the
+/// middle of a chunk upload. The collective watchdog catches the hang, the flight recorder
+/// names the rank, the half-sent chunk leaves nothing reserved in ckptd, the step is redone,
+/// and the run ends bit-identical to a clean one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rank_stopped_in_the_middle_of_a_chunk_upload_is_caught_and_leaves_nothing_behind() {
+    use ckpt_chaos::proxy::{Mode, Proxy};
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = start_daemon(dir.path()).await;
+    let base = ["--nproc", "2", "--steps", "12", "--ckpt-every", "4", "--collective-timeout-ms", "3000"];
+    let clean = tokio::task::block_in_place(|| launch(&d, dir.path(), "clean", &base, MINUTES));
+    let proxy = Proxy::start(d.url().trim_start_matches("http://").to_string()).await.unwrap();
+    proxy.set(Mode::BandwidthCap { bytes_per_s: 8 << 20 });
+    let mut args = base.to_vec();
+    let url = proxy.url();
+    args.extend(["--no-node-local", "--inject", "stop-save@0:8"]);
+    // Through the proxy instead of straight to ckptd.
+    args.extend(["--server", url.as_str()]);
+    let r = tokio::task::block_in_place(|| launch(&d, dir.path(), "stopped", &args, MINUTES));
+    let ev = events(dir.path(), "stopped");
+    let fired: Vec<&Value> = ev.iter().filter(|e| e["kind"] == "inject").collect();
+    assert_eq!(fired.len(), 1, "{fired:?}");
+    assert_eq!(fired[0]["note"], "upload in flight");
+    let got = causes(&r);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].contains("collective timeout") && got[0].contains("rank 0 did not arrive"), "{got:?}");
+    assert!(proxy.counters().bytes_forwarded > 0);
+    let stats: Value =
+        reqwest::get(format!("{}/v1/stats", d.url())).await.unwrap().json().await.unwrap();
+    assert_eq!(stats["staging"]["memory_bytes"], 0, "a reservation outlived its upload: {stats}");
+    assert_eq!(stats["saves_in_flight"], 0, "{stats}");
     assert_eq!(hash(&r), hash(&clean));
 }
