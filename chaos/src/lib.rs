@@ -3,8 +3,6 @@
 //! simulator for cluster scale.
 
 pub mod proxy;
-pub mod report;
-pub mod run;
 pub mod schedule;
 pub mod simulate;
 pub mod taxonomy;

@@ -1,14 +1,19 @@
 //! `ckpt-chaos`: run the embedded trainer and ckptd under the Llama 3 fault taxonomy, or
 //! simulate a job at cluster scale.
 
+mod checks;
+mod inject;
+mod report;
+mod run;
+
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use ckpt_chaos::run::{run, RunOptions};
 use ckpt_chaos::schedule::{draw, ScheduleConfig};
 use ckpt_chaos::simulate::{self, Scenario};
-use ckpt_chaos::{report, taxonomy};
+use ckpt_chaos::taxonomy;
 use clap::{Args, Parser, Subcommand};
+use run::{run, RunOptions};
 
 #[derive(Parser)]
 #[command(
@@ -98,8 +103,17 @@ struct SimArgs {
 }
 
 impl RunArgs {
-    fn options(&self) -> RunOptions {
-        RunOptions {
+    fn options(&self) -> Result<RunOptions> {
+        if !(self.mean_steps_between.is_finite() && self.mean_steps_between >= 1.0) {
+            bail!("--mean-steps-between must be a number of steps, at least 1");
+        }
+        if self.nproc == 0 || self.ckpt_every == 0 || self.steps < 10 {
+            bail!("--nproc and --ckpt-every must be positive and --steps at least 10");
+        }
+        if self.faults_max > 10_000 || self.steps > 1_000_000 {
+            bail!("at most 10,000 faults and 1,000,000 steps");
+        }
+        Ok(RunOptions {
             schedule: ScheduleConfig {
                 seed: self.seed,
                 last_step: self.steps.saturating_sub(5).max(2),
@@ -122,7 +136,7 @@ impl RunArgs {
             reference_blake3: self.reference_blake3.clone(),
             global_batch: self.global_batch,
             seq_len: self.seq_len,
-        }
+        })
     }
 }
 
@@ -141,12 +155,12 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Schedule(a) => {
-            let o = a.options();
+            let o = a.options()?;
             println!("{}", serde_json::to_string_pretty(&draw(&o.schedule))?);
             Ok(())
         }
         Cmd::Run(a) => {
-            let o = a.options();
+            let o = a.options()?;
             let result = run(&o)?;
             std::fs::write(o.out_dir.join("report.json"), serde_json::to_vec_pretty(&result)?)?;
             std::fs::write(o.out_dir.join("report.html"), report::html(&result)?)?;
@@ -173,7 +187,7 @@ fn main() -> Result<()> {
         Cmd::Simulate(a) => simulate_cmd(&a),
         Cmd::Report { out } => {
             let p = out.join("report.json");
-            let r: ckpt_chaos::run::RunResult =
+            let r: run::RunResult =
                 serde_json::from_slice(&std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?)?;
             std::fs::write(out.join("report.html"), report::html(&r)?)?;
             println!("report: {}", out.join("report.html").display());
@@ -217,10 +231,11 @@ fn simulate_cmd(a: &SimArgs) -> Result<()> {
             let mib_per_rank = v["bench"]["mib_per_rank"].as_f64().context("bench json: bench.mib_per_rank")?;
             let stall_s = median(&s["stall_s"]).context("bench json: samples.stall_s")?;
             let restore = median(&s["warm_mibps"]).context("bench json: samples.warm_mibps")?;
-            let ranks = v["bench"]["ranks"].as_f64().unwrap_or(1.0);
-            // The stall covers every rank's state on this machine; one rank's share per second.
-            let stall_rate = mib_per_rank * ranks * 1048576.0 / stall_s.max(1e-9);
-            let restore_rate = restore * 1048576.0;
+            let ranks = v["bench"]["ranks"].as_f64().unwrap_or(1.0).max(1.0);
+            // Every rank stalls at once for its own state, so a rank's rate is its own bytes over
+            // the stall; the restore figure is every rank's reads together, shared among them.
+            let stall_rate = mib_per_rank * 1048576.0 / stall_s.max(1e-9);
+            let restore_rate = restore * 1048576.0 / ranks;
             Some(simulate::with_measured(&base, stall_rate, restore_rate, &p.display().to_string()))
         }
     };

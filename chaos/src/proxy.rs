@@ -8,7 +8,7 @@
 //! forwarded until the mode changes: TCP retransmits, so a real blackhole stalls the stream
 //! rather than losing bytes), or corruption (one bit flipped in the next `n` reads that lie
 //! past the first 64 KiB of their direction, so HTTP heads pass and bodies are hit). A reset
-//! closes every open connection. The upstream can be repointed (a restarted ckptd
+//! closes every open connection with RST. The upstream can be repointed (a restarted ckptd
 //! listens on a new port). Counters say what was done, so tests can
 //! assert that a fault happened.
 
@@ -48,6 +48,10 @@ pub struct ProxyCounters {
     pub bits_flipped: u64,
     pub resets: u64,
     pub delayed_reads: u64,
+    /// Reads a blackhole held back.
+    pub held_reads: u64,
+    /// Open connections a reset closed.
+    pub connections_reset: u64,
 }
 
 struct Shared {
@@ -60,6 +64,8 @@ struct Shared {
     flipped: AtomicU64,
     resets: AtomicU64,
     delayed: AtomicU64,
+    held: AtomicU64,
+    reset_connections: AtomicU64,
     /// The bandwidth cap's timeline, shared by every connection and direction.
     next_free: Mutex<tokio::time::Instant>,
 }
@@ -88,31 +94,35 @@ impl Proxy {
             flipped: AtomicU64::new(0),
             resets: AtomicU64::new(0),
             delayed: AtomicU64::new(0),
+            held: AtomicU64::new(0),
+            reset_connections: AtomicU64::new(0),
             next_free: Mutex::new(tokio::time::Instant::now()),
         });
         let s = shared.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((down, _)) = listener.accept().await else { continue };
+                let down = match listener.accept().await {
+                    Ok((down, _)) => down,
+                    Err(_) => {
+                        // Out of descriptors, say: back off rather than spin.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
                 let s = s.clone();
                 let upstream = s.upstream.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 tokio::spawn(async move {
                     let Ok(up) = TcpStream::connect(&upstream).await else { return };
                     s.connections.fetch_add(1, Ordering::Relaxed);
                     let _ = (down.set_nodelay(true), up.set_nodelay(true));
-                    let mut epoch = s.epoch.subscribe();
+                    let epoch = s.epoch.subscribe();
                     let born = *epoch.borrow();
                     let (dr, dw) = down.into_split();
                     let (ur, uw) = up.into_split();
-                    let a = tokio::spawn(pump(dr, uw, s.clone(), true));
-                    let b = tokio::spawn(pump(ur, dw, s.clone(), false));
-                    let (abort_a, abort_b) = (a.abort_handle(), b.abort_handle());
-                    tokio::select! {
-                        _ = async { let _ = a.await; let _ = b.await; } => {}
-                        _ = epoch.wait_for(|e| *e != born) => {
-                            abort_a.abort();
-                            abort_b.abort();
-                        }
+                    let a = tokio::spawn(pump(dr, uw, s.clone(), true, (epoch.clone(), born)));
+                    let b = tokio::spawn(pump(ur, dw, s.clone(), false, (epoch, born)));
+                    if let (Ok(true), _) | (_, Ok(true)) = (a.await, b.await) {
+                        s.reset_connections.fetch_add(1, Ordering::Relaxed);
                     }
                 });
             }
@@ -150,27 +160,47 @@ impl Proxy {
             bits_flipped: s.flipped.load(Ordering::Relaxed),
             resets: s.resets.load(Ordering::Relaxed),
             delayed_reads: s.delayed.load(Ordering::Relaxed),
+            held_reads: s.held.load(Ordering::Relaxed),
+            connections_reset: s.reset_connections.load(Ordering::Relaxed),
         }
     }
 }
 
+/// Forwards one direction until it ends; returns whether a reset ended it.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     s: Arc<Shared>,
     upstream: bool,
-) {
+    (mut epoch, born): (watch::Receiver<u64>, u64),
+) -> bool {
     let mut buf = vec![0u8; 16 * 1024];
     let mut seen = 0u64;
     loop {
-        let n = match from.read(&mut buf).await {
+        let read = tokio::select! {
+            r = from.read(&mut buf) => r,
+            _ = epoch.wait_for(|e| *e != born) => {
+                // Closed with RST, as a dropped switch port or a rebooted NIC would: linger 0 on
+                // this socket, and the other pump does the same on its own.
+                let _ = from.as_ref().set_zero_linger();
+                return true;
+            }
+        };
+        let n = match read {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        let mut held = false;
         loop {
             let mode = *s.mode.lock().unwrap_or_else(|p| p.into_inner());
             match mode {
-                Mode::Blackhole => tokio::time::sleep(Duration::from_millis(20)).await,
+                Mode::Blackhole => {
+                    if !held {
+                        held = true;
+                        s.held.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
                 Mode::Latency { ms } => {
                     s.delayed.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -214,4 +244,5 @@ async fn pump(
         s.bytes.fetch_add(n as u64, Ordering::Relaxed);
     }
     let _ = to.shutdown().await;
+    false
 }

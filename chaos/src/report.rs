@@ -11,7 +11,7 @@ use anyhow::Result;
 use plotters::prelude::*;
 
 use crate::run::RunResult;
-use crate::simulate::Summary;
+use ckpt_chaos::simulate::Summary;
 
 const PALETTE: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
@@ -67,7 +67,8 @@ fn timeline(r: &RunResult) -> Result<String> {
         let commits: Vec<(f64, f64)> =
             r.commits_unix_ms.iter().copied().map(|ms| (secs(ms), 0.5)).filter(|(x, _)| *x >= 0.0).collect();
         // Legend markers are squares: circles in this chart are faults and nothing else.
-        let square = |c: RGBColor| move |(x, y): (i32, i32)| Rectangle::new([(x - 5, y - 5), (x + 5, y + 5)], c.filled());
+        let square =
+            |c: RGBColor| move |(x, y): (i32, i32)| Rectangle::new([(x - 5, y - 5), (x + 5, y + 5)], c.filled());
         chart
             .draw_series(commits.iter().map(|&p| Cross::new(p, 4, BLACK.stroke_width(1))))
             .map_err(err)?

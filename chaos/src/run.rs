@@ -28,9 +28,9 @@ use ckpt_client::daemon::{find_ckptd, DaemonOptions, LocalDaemon};
 use ckpt_client::{Client, ClientOptions};
 use serde::{Deserialize, Serialize};
 
-use crate::proxy::{Mode, Proxy};
-use crate::schedule::{draw, PlannedFault, ScheduleConfig};
-use crate::taxonomy::Fault;
+use ckpt_chaos::proxy::{Mode, Proxy, ProxyCounters};
+use ckpt_chaos::schedule::{draw, PlannedFault, ScheduleConfig};
+use ckpt_chaos::taxonomy::Fault;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunOptions {
@@ -49,21 +49,6 @@ pub struct RunOptions {
     pub reference_blake3: Option<String>,
     pub global_batch: usize,
     pub seq_len: usize,
-}
-
-/// Trainer-side faults: handed to the launcher as `--inject`.
-pub fn is_rank_fault(f: Fault) -> bool {
-    matches!(
-        f,
-        Fault::KillRank
-            | Fault::KillRankMidSave
-            | Fault::PanicRank
-            | Fault::NanRank
-            | Fault::FlipReplicaBit
-            | Fault::HangRank
-            | Fault::SlowRank
-            | Fault::StopRankMidUpload
-    )
 }
 
 /// The `--inject` argument for a trainer-side fault.
@@ -116,7 +101,7 @@ pub struct RunResult {
     pub violations: Vec<String>,
     pub started_unix_ms: u64,
     pub wall_s: f64,
-    pub proxies: BTreeMap<String, crate::proxy::ProxyCounters>,
+    pub proxies: BTreeMap<String, ProxyCounters>,
     /// When rank 0 saw each of its saves committed (Unix ms).
     pub commits_unix_ms: Vec<u64>,
 }
@@ -202,13 +187,13 @@ fn free_port() -> Result<String> {
     Ok(l.local_addr()?.to_string())
 }
 
-fn rank_pids(run_dir: &Path, world: usize) -> Vec<i32> {
+pub(crate) fn rank_pids(run_dir: &Path, world: usize) -> Vec<i32> {
     (0..world)
         .filter_map(|r| std::fs::read_to_string(run_dir.join(format!("rank{r}.pid"))).ok()?.trim().parse().ok())
         .collect()
 }
 
-fn signal(pid: i32, sig: i32) -> bool {
+pub(crate) fn signal(pid: i32, sig: i32) -> bool {
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(pid, sig) == 0 }
 }
@@ -242,7 +227,7 @@ fn dir_bytes(dir: &Path) -> u64 {
 }
 
 /// The chunk files of a committed checkpoint, read from its root and index objects.
-async fn chunk_hashes(client: &Client, job: &str, step: u64) -> Result<Vec<ckpt_core::ChunkHash>> {
+pub(crate) async fn chunk_hashes(client: &Client, job: &str, step: u64) -> Result<Vec<ckpt_core::ChunkHash>> {
     let m = client.manifest(job, step).await?;
     let mut out: Vec<_> = m.ranks.iter().flat_map(|r| r.chunk_hashes()).collect();
     out.sort();
@@ -316,11 +301,11 @@ pub fn run(o: &RunOptions) -> Result<RunResult> {
     let handles = follow(&mut child, &o.out_dir.join("launcher.log"), progress.clone())?;
 
     let mut fired: Vec<FiredFault> = Vec::new();
-    let mut pending: Vec<PlannedFault> = schedule.iter().filter(|f| !is_rank_fault(f.fault)).cloned().collect();
+    let mut pending: Vec<PlannedFault> = schedule.iter().filter(|f| !f.fault.is_rank_fault()).cloned().collect();
     let mut damaged_chunks: BTreeSet<ckpt_core::ChunkHash> = BTreeSet::new();
     let mut samples = Samples::default();
-    let mut restore_mode_at: Option<(Instant, &'static str)> = None;
-    let mut sigkill_at: Option<(Instant, Vec<i32>)> = None;
+    let mut active: Option<crate::inject::Active> = None;
+    let mut last_poll = Instant::now();
     let exit = loop {
         if let Some(status) = child.try_wait()? {
             break status;
@@ -332,30 +317,71 @@ pub fn run(o: &RunOptions) -> Result<RunResult> {
         for pid in rank_pids(&run_dir, o.nproc) {
             samples.rank_rss_bytes_max = samples.rank_rss_bytes_max.max(rss_bytes(pid as u32));
         }
-        if let Some((at, which)) = restore_mode_at {
-            if Instant::now() >= at {
-                if which == "hub" {
-                    hub_proxy.set(Mode::Pass)
+        if let Some(a) = &active {
+            // A fault in progress ends when it has shown its effect (and run its course), or
+            // gives up and says it had none.
+            let now = Instant::now();
+            let outcome = match &a.kind {
+                crate::inject::ActiveKind::Link { hub, before } => {
+                    let proxy = if *hub { &hub_proxy } else { &ckptd_proxy };
+                    let c = proxy.counters();
+                    let hit = c.delayed_reads > before.delayed_reads
+                        || c.held_reads > before.held_reads
+                        || c.bits_flipped > before.bits_flipped
+                        || c.connections_reset > before.connections_reset;
+                    if (hit && now >= a.until) || now >= a.give_up {
+                        proxy.set(Mode::Pass);
+                        Some(hit)
+                    } else {
+                        None
+                    }
+                }
+                crate::inject::ActiveKind::Store { key, before } => {
+                    if now.duration_since(last_poll) < Duration::from_millis(250) && now < a.give_up {
+                        None
+                    } else {
+                        last_poll = now;
+                        let n = rt.block_on(crate::inject::fired_count(&daemon.url(), key)).unwrap_or(0);
+                        if n > *before {
+                            Some(true)
+                        } else if now >= a.give_up {
+                            Some(false)
+                        } else {
+                            None
+                        }
+                    }
+                }
+                crate::inject::ActiveKind::Grace { pids } => {
+                    if pids.iter().all(|&p| !signal(p, 0)) {
+                        // Every rank reacted (emergency checkpoint and exit) within the grace.
+                        Some(true)
+                    } else if now >= a.until {
+                        for &p in pids {
+                            signal(p, libc::SIGKILL);
+                        }
+                        Some(true)
+                    } else {
+                        None
+                    }
+                }
+            };
+            if let Some(hit) = outcome {
+                let f = &mut fired[a.index];
+                if hit {
+                    f.unix_ms = Some(a.started_unix_ms);
                 } else {
-                    ckptd_proxy.set(Mode::Pass)
+                    f.what.push_str(" (no effect: nothing it could act on happened in time)");
                 }
-                restore_mode_at = None;
-            }
-        }
-        if let Some((at, pids)) = &sigkill_at {
-            if Instant::now() >= *at {
-                for &p in pids {
-                    signal(p, libc::SIGKILL);
-                }
-                sigkill_at = None;
+                active = None;
             }
         }
         let step = progress.load(Ordering::Relaxed);
         if let Some(i) = pending.iter().position(|f| f.step <= step) {
-            // One external fault at a time: a network fault runs its course before the next.
-            if restore_mode_at.is_none() && sigkill_at.is_none() {
+            // One external fault at a time: each runs its course before the next.
+            if active.is_none() {
                 let f = pending.remove(i);
-                let what = rt.block_on(external(
+                let started_unix_ms = now_ms();
+                let done = rt.block_on(crate::inject::external(
                     o,
                     &f,
                     &mut daemon,
@@ -365,20 +391,32 @@ pub fn run(o: &RunOptions) -> Result<RunResult> {
                     &ckptd_proxy,
                     &hub_proxy,
                     &mut damaged_chunks,
-                    &mut restore_mode_at,
-                    &mut sigkill_at,
                 ));
-                let (what, unix_ms) = match what {
-                    Ok(w) => (w, Some(now_ms())),
-                    Err(e) => (format!("not injected: {e:#}"), None),
+                let (what, unix_ms, kind) = match done {
+                    Ok((w, None)) => (w, Some(started_unix_ms), None),
+                    Ok((w, Some(kind))) => (w, None, Some(kind)),
+                    Err(e) => (format!("not injected: {e:#}"), None, None),
                 };
                 println!("  fault at step {step}: {} {} -> {what}", f.component, f.fault.name());
+                if let Some((kind, lasts)) = kind {
+                    let until = Instant::now() + lasts;
+                    let give_up = until + Duration::from_secs(30);
+                    active = Some(crate::inject::Active { index: fired.len(), kind, until, give_up, started_unix_ms });
+                }
                 fired.push(FiredFault { planned: f, what, unix_ms });
             }
         }
         std::thread::sleep(Duration::from_millis(50));
     };
     handles.into_iter().for_each(|h| drop(h.join()));
+    if let Some(a) = active {
+        match a.kind {
+            crate::inject::ActiveKind::Grace { pids } if pids.iter().all(|&p| !signal(p, 0)) => {
+                fired[a.index].unix_ms = Some(a.started_unix_ms)
+            }
+            _ => fired[a.index].what.push_str(" (the run ended before it took effect)"),
+        }
+    }
     hub_proxy.set(Mode::Pass);
     ckptd_proxy.set(Mode::Pass);
     samples.store_bytes = dir_bytes(&store_dir);
@@ -393,7 +431,7 @@ pub fn run(o: &RunOptions) -> Result<RunResult> {
     }
     let events = read_events(&run_dir);
     // Trainer-side faults: the rank logs say when each fired.
-    for f in schedule.iter().filter(|f| is_rank_fault(f.fault)) {
+    for f in schedule.iter().filter(|f| f.fault.is_rank_fault()) {
         let key = inject_arg(f).unwrap_or_default();
         let at = events.iter().find(|e| e["kind"] == "inject" && e["injection"] == key.as_str());
         fired.push(FiredFault {
@@ -419,7 +457,7 @@ pub fn run(o: &RunOptions) -> Result<RunResult> {
 
     let goodput = read_json(&run_dir.join("goodput.json")).unwrap_or(serde_json::Value::Null);
     let client = Client::new(&daemon.url(), ClientOptions::default())?;
-    let check = rt.block_on(check_store(&client, &job, &damaged_chunks, &events, &goodput, &fired));
+    let check = rt.block_on(crate::checks::check_store(&client, &job, &damaged_chunks, &events, &goodput, &fired));
     let (committed_steps, damaged_steps) = match check {
         Ok((c, d, v)) => {
             violations.extend(v);
@@ -492,172 +530,4 @@ pub fn read_events(run_dir: &Path) -> Vec<serde_json::Value> {
     }
     out.sort_by_key(|e| e["unix_ms"].as_u64().unwrap_or(0));
     out
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn external(
-    o: &RunOptions,
-    f: &PlannedFault,
-    daemon: &mut LocalDaemon,
-    job: &str,
-    store_dir: &Path,
-    run_dir: &Path,
-    ckptd_proxy: &Proxy,
-    hub_proxy: &Proxy,
-    damaged: &mut BTreeSet<ckpt_core::ChunkHash>,
-    restore_mode_at: &mut Option<(Instant, &'static str)>,
-    sigkill_at: &mut Option<(Instant, Vec<i32>)>,
-) -> Result<String> {
-    let arm = |fault: serde_json::Value| {
-        let url = format!("{}/v1/faults", daemon.url());
-        async move {
-            let r = reqwest::Client::new().post(url).json(&fault).send().await?;
-            if !r.status().is_success() {
-                bail!("arming {fault}: {}", r.status());
-            }
-            Ok::<_, anyhow::Error>(fault.to_string())
-        }
-    };
-    match f.fault {
-        Fault::KillCkptd => {
-            daemon.kill();
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            daemon.restart().await?;
-            ckptd_proxy.set_upstream(daemon.url().trim_start_matches("http://").to_string());
-            Ok(format!("ckptd SIGKILLed and restarted on {}", daemon.url()))
-        }
-        Fault::StoreFault => match f.variant % 3 {
-            0 => arm(serde_json::json!({"kind": "lost_ack", "op": "manifest"})).await,
-            1 => arm(serde_json::json!({"kind": "error", "op": "any", "count": 3})).await,
-            _ => {
-                let opts = daemon.options_mut();
-                opts.extra_args.retain(|a| a != "--fault-plan" && !a.to_string_lossy().starts_with('['));
-                opts.extra_args.push("--fault-plan".into());
-                opts.extra_args.push(r#"[{"kind":"stale_list","op":"list","count":1}]"#.into());
-                daemon.restart().await?;
-                ckptd_proxy.set_upstream(daemon.url().trim_start_matches("http://").to_string());
-                Ok("ckptd restarted with its first listing stale".into())
-            }
-        },
-        Fault::NetworkHub | Fault::NetworkCkptd => {
-            let (proxy, which) = if f.fault == Fault::NetworkHub { (hub_proxy, "hub") } else { (ckptd_proxy, "ckptd") };
-            let to_hub = which == "hub";
-            let mode = match f.variant % 5 {
-                0 => Mode::Latency { ms: 30 },
-                1 => {
-                    proxy.reset();
-                    return Ok(format!("{which} link reset"));
-                }
-                2 => Mode::Blackhole,
-                3 => Mode::BandwidthCap { bytes_per_s: 4 << 20 },
-                _ => Mode::Corrupt { reads: 2, upstream: true, downstream: to_hub },
-            };
-            proxy.set(mode);
-            *restore_mode_at = Some((Instant::now() + Duration::from_millis(o.network_fault_ms), which));
-            Ok(format!("{which} link: {mode:?} for {} ms", o.network_fault_ms))
-        }
-        Fault::HostMaintenance => {
-            let pids = rank_pids(run_dir, o.nproc);
-            for &p in &pids {
-                signal(p, libc::SIGTERM);
-            }
-            *sigkill_at = Some((Instant::now() + Duration::from_millis(o.grace_ms), pids.clone()));
-            Ok(format!("SIGTERM to ranks {pids:?}, SIGKILL after {} ms", o.grace_ms))
-        }
-        Fault::FlipStoredBit | Fault::TruncateStoredChunk => {
-            let client = Client::new(&daemon.url(), ClientOptions::default())?;
-            let list = client.list(job).await?;
-            let step = list.committed.last().map(|m| m.step).context("nothing committed yet")?;
-            let hashes = chunk_hashes(&client, job, step).await?;
-            let h = hashes[f.variant as usize % hashes.len()];
-            let path = store_dir.join(ckpt_core::keys::chunk_key(job, &h));
-            let mut bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            let what = if f.fault == Fault::FlipStoredBit {
-                let at = ckpt_core::CHUNK_HEADER_BYTES
-                    + (f.variant as usize / 7) % (bytes.len() - ckpt_core::CHUNK_HEADER_BYTES);
-                bytes[at] ^= 0x01;
-                format!("flipped a bit at byte {at} of chunk {h} of {job}@{step}")
-            } else {
-                bytes.truncate(bytes.len() / 2);
-                format!("truncated chunk {h} of {job}@{step} to {} bytes", bytes.len())
-            };
-            std::fs::write(&path, &bytes)?;
-            damaged.insert(h);
-            // A restore must now notice: stop the job so it has to restore.
-            let pids = rank_pids(run_dir, o.nproc);
-            if let Some(&p) = pids.get(f.rank.min(pids.len().saturating_sub(1))) {
-                signal(p, libc::SIGKILL);
-            }
-            Ok(format!("{what}; rank {} killed to force a restore", f.rank))
-        }
-        _ => bail!("{:?} is injected inside the ranks", f.fault),
-    }
-}
-
-/// The store-side checks. Returns (committed steps, steps damaged by the harness, violations).
-async fn check_store(
-    client: &Client,
-    job: &str,
-    damaged_chunks: &BTreeSet<ckpt_core::ChunkHash>,
-    events: &[serde_json::Value],
-    goodput: &serde_json::Value,
-    fired: &[FiredFault],
-) -> Result<(Vec<u64>, Vec<u64>, Vec<String>)> {
-    let mut violations = Vec::new();
-    let list = client.list(job).await?;
-    let committed: Vec<u64> = list.committed.iter().map(|m| m.step).collect();
-    let mut damaged = Vec::new();
-    for &step in &committed {
-        let report = client.verify(job, step, |_| {}).await?;
-        let hashes = chunk_hashes(client, job, step).await?;
-        let ours = hashes.iter().any(|h| damaged_chunks.contains(h));
-        if ours {
-            damaged.push(step);
-            if report.ok() {
-                violations.push(format!("{job}@{step} holds a chunk this harness damaged, yet it verifies"));
-            }
-        } else if !report.ok() {
-            violations.push(format!(
-                "{job}@{step} is committed but fails verification ({} bad chunks)",
-                report.corrupt.len()
-            ));
-        }
-    }
-    // Every save a rank saw acknowledged as committed is still committed.
-    let acked: BTreeSet<u64> =
-        events.iter().filter(|e| e["kind"] == "committed").filter_map(|e| e["step"].as_u64()).collect();
-    for s in &acked {
-        if !committed.contains(s) {
-            violations.push(format!("{job}@{s} was acknowledged as committed and is gone"));
-        }
-    }
-    // Each interruption resumed from the newest checkpoint that was good when it was detected.
-    let damage_times: Vec<(u64, u64)> = fired
-        .iter()
-        .filter(|f| matches!(f.planned.fault, Fault::FlipStoredBit | Fault::TruncateStoredChunk))
-        .filter_map(|f| {
-            Some((f.unix_ms?, f.what.split('@').nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()?))
-        })
-        .collect();
-    for i in goodput["interruptions"].as_array().into_iter().flatten() {
-        let (Some(at), Some(resumed)) = (i["detected_unix_ms"].as_u64(), i["resumed_from"].as_u64()) else { continue };
-        let newest_acked_good = events
-            .iter()
-            .filter(|e| e["kind"] == "committed" && e["unix_ms"].as_u64().is_some_and(|t| t < at))
-            .filter_map(|e| e["step"].as_u64())
-            .filter(|s| !damage_times.iter().any(|(t, d)| *t < at && d == s) && !damaged.contains(s))
-            .max()
-            .unwrap_or(0);
-        if resumed < newest_acked_good {
-            violations.push(format!(
-                "the interruption at {at} ({}) resumed from step {resumed}, older than step {newest_acked_good}, committed and good before it",
-                i["cause"]
-            ));
-        }
-        let damaged_then = damage_times.iter().any(|(t, d)| *t < at && *d == resumed);
-        if resumed > 0 && (!committed.contains(&resumed) || damaged_then) {
-            violations.push(format!("an interruption resumed from step {resumed}, which is not a good commit"));
-        }
-    }
-    Ok((committed, damaged, violations))
 }

@@ -109,7 +109,7 @@ pub fn draw(cfg: &ScheduleConfig) -> Vec<PlannedFault> {
     out.sort_by_key(|f| f.step);
     // One rank-internal fault per (rank, step): the trainer fires each injection once.
     let mut seen = std::collections::BTreeSet::new();
-    out.retain(|f| !crate::run::is_rank_fault(f.fault) || seen.insert((f.rank, f.step)));
+    out.retain(|f| !f.fault.is_rank_fault() || seen.insert((f.rank, f.step)));
     out
 }
 

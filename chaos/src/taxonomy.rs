@@ -77,6 +77,38 @@ impl Fault {
         Fault::KillCkptd,
     ];
 
+    /// Faults injected inside a rank (handed to the launcher as `--inject`).
+    pub fn is_rank_fault(self) -> bool {
+        matches!(
+            self,
+            Fault::KillRank
+                | Fault::KillRankMidSave
+                | Fault::PanicRank
+                | Fault::NanRank
+                | Fault::FlipReplicaBit
+                | Fault::HangRank
+                | Fault::SlowRank
+                | Fault::StopRankMidUpload
+        )
+    }
+
+    /// Faults after which the group must be torn down and resumed from a checkpoint.
+    pub fn interrupts(self) -> bool {
+        matches!(
+            self,
+            Fault::KillRank
+                | Fault::KillRankMidSave
+                | Fault::PanicRank
+                | Fault::NanRank
+                | Fault::FlipReplicaBit
+                | Fault::HangRank
+                | Fault::StopRankMidUpload
+                | Fault::HostMaintenance
+                | Fault::FlipStoredBit
+                | Fault::TruncateStoredChunk
+        )
+    }
+
     pub fn name(self) -> String {
         serde_json::to_value(self).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
     }

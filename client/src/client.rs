@@ -56,6 +56,10 @@ pub struct ClientOptions {
     /// How the node-local path encodes chunks before handing them over (ckptd encodes what
     /// arrives over HTTP with its own settings). Level 0 hands chunks over raw.
     pub encode: ckpt_core::codec::EncodeOptions,
+    /// The writer's generation (an elastic agent's restart count). Sent with every save open
+    /// and shard index; once a job is fenced at a later generation (`Client::fence`), ckptd
+    /// refuses them, so a rank of a replaced generation cannot change the new one's saves.
+    pub epoch: Option<u64>,
 }
 
 impl Default for ClientOptions {
@@ -72,6 +76,7 @@ impl Default for ClientOptions {
             busy_retry_for: Duration::from_secs(600),
             node_local: true,
             encode: ckpt_core::codec::EncodeOptions::default(),
+            epoch: None,
         }
     }
 }
@@ -353,9 +358,8 @@ impl Client {
             }
         }
 
-        let mut status: SaveStatus = self
-            .send_json(reqwest::Method::PUT, &format!("/v1/jobs/{job}/saves/{}/ranks/{}", spec.step, spec.rank), &index)
-            .await?;
+        let mut status: SaveStatus =
+            self.send_json(reqwest::Method::PUT, &self.index_path(job, spec.step, spec.rank), &index).await?;
         if wait == Wait::Committed {
             status = self.wait_committed(job, spec.step).await?;
         }
@@ -384,6 +388,7 @@ impl Client {
             "world_size": spec.world_size,
             "metadata": spec.metadata,
             "created_unix_ms": spec.created_unix_ms,
+            "epoch": self.opts.epoch,
         });
         self.send_json(reqwest::Method::PUT, &format!("/v1/jobs/{}/saves/{}", spec.job, spec.step), &open).await
     }
@@ -440,7 +445,28 @@ impl Client {
     /// Sends one rank's shard index (its chunks must already be staged or durable). For
     /// callers that stream their own chunks; `save` does this for you.
     pub async fn put_shard_index(&self, job: &str, step: u64, index: &ShardIndex) -> Result<SaveStatus, ClientError> {
-        self.send_json(reqwest::Method::PUT, &format!("/v1/jobs/{job}/saves/{step}/ranks/{}", index.rank), index).await
+        self.send_json(reqwest::Method::PUT, &self.index_path(job, step, index.rank), index).await
+    }
+
+    fn index_path(&self, job: &str, step: u64, rank: u32) -> String {
+        match self.opts.epoch {
+            Some(e) => format!("/v1/jobs/{job}/saves/{step}/ranks/{rank}?epoch={e}"),
+            None => format!("/v1/jobs/{job}/saves/{step}/ranks/{rank}"),
+        }
+    }
+
+    /// Fences `job` at `epoch`: from now on ckptd refuses save opens and shard indexes that
+    /// carry an older epoch (a replaced generation's ranks). Never lowers the fence; returns it.
+    pub async fn fence(&self, job: &str, epoch: u64) -> Result<u64, ClientError> {
+        validate_job(job)?;
+        #[derive(Deserialize)]
+        struct Fence {
+            epoch: u64,
+        }
+        let f: Fence = self
+            .send_json(reqwest::Method::PUT, &format!("/v1/jobs/{job}/fence"), &serde_json::json!({ "epoch": epoch }))
+            .await?;
+        Ok(f.epoch)
     }
 
     pub async fn save_status(&self, job: &str, step: u64) -> Result<SaveStatus, ClientError> {

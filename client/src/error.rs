@@ -37,7 +37,9 @@ impl ClientError {
             ClientError::Transport { .. } => true,
             // A hash mismatch on a chunk the client hashed itself means the bytes changed on
             // the way (a faulty NIC or proxy): sending them again is the cure.
-            ClientError::Api { status, code, .. } => matches!(status, 408 | 502..=504) || code == "hash_mismatch",
+            ClientError::Api { status, code, .. } => {
+                matches!(status, 408 | 502..=504) || code == "hash_mismatch" || code == "body_mismatch"
+            }
             _ => false,
         }
     }

@@ -21,6 +21,9 @@ use crate::error::ClientError;
 use crate::transport::{verified, Outcome, ReadFailure, Transport};
 use futures::future::BoxFuture;
 
+/// The blake3 of a JSON request body, checked by ckptd.
+pub const BODY_DIGEST_HEADER: &str = "x-ckpt-body-blake3";
+
 #[derive(Debug, Clone)]
 pub(crate) struct RetryPolicy {
     pub attempts_max: u32,
@@ -145,11 +148,15 @@ impl Http {
         body: &impl Serialize,
     ) -> Result<T, ClientError> {
         let body = serde_json::to_vec(body).map_err(|e| ClientError::Internal(e.to_string()))?;
-        let bytes = self.request(method, path, Body::Json(body)).await?;
+        // Metadata has no content address of its own: its digest travels with it, so a byte
+        // changed on the way (a faulty NIC) is refused and sent again, never committed.
+        let digest = blake3::hash(&body).to_hex();
+        let bytes = self.request_with(method, path, Body::Json(body), &[(BODY_DIGEST_HEADER, digest.as_str())]).await?;
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(format!("{path}: {e}")))
     }
 
     pub async fn put_chunk(&self, job: &str, hash: ChunkHash, data: Bytes) -> Result<(), ClientError> {
+        // Chunk bodies carry their address in the path; ckptd verifies it.
         self.request(reqwest::Method::PUT, &format!("/v1/jobs/{job}/chunks/{hash}"), Body::Bytes(data))
             .await
             .map(|_| ())

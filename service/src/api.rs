@@ -46,9 +46,10 @@ impl ApiError {
             ServiceError::BadRequest(_) | ServiceError::UnknownChunks { .. } => StatusCode::BAD_REQUEST,
             ServiceError::Adopt(e) if e.is_refusal() => StatusCode::BAD_REQUEST,
             ServiceError::NotFound(_) | ServiceError::Store(StoreError::NotFound(_)) => StatusCode::NOT_FOUND,
-            ServiceError::Conflict(_) => StatusCode::CONFLICT,
+            ServiceError::Conflict(_) | ServiceError::Fenced { .. } => StatusCode::CONFLICT,
             ServiceError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ServiceError::BodyStalled { .. } => StatusCode::REQUEST_TIMEOUT,
+            ServiceError::BodyMismatch { .. } => StatusCode::BAD_REQUEST,
             ServiceError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ServiceError::Store(e) if !e.is_permanent() => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -63,7 +64,7 @@ impl IntoResponse for ApiError {
         let message = self.0.to_string();
         // A body that does not match its hash was damaged on the way (a client hashes what it
         // sends): operators want to see a flaky link.
-        if status.is_server_error() || code == "hash_mismatch" {
+        if status.is_server_error() || code == "hash_mismatch" || code == "body_mismatch" {
             tracing::warn!(status = status.as_u16(), code, %message, "request failed");
         } else {
             tracing::debug!(status = status.as_u16(), code, %message, "request refused");
@@ -98,6 +99,42 @@ fn json_body<T: serde::de::DeserializeOwned>(s: &AppState, body: Result<Bytes, B
     serde_json::from_slice(&body).map_err(|e| ApiError(ServiceError::BadRequest(format!("bad json body: {e}"))))
 }
 
+/// The header a client puts the blake3 of a JSON body in (`ckpt_client`'s `send_json`).
+const BODY_DIGEST_HEADER: &str = "x-ckpt-body-blake3";
+
+/// Checks a request body against the digest its client sent, when it sent one: metadata
+/// (shard indexes, opens) has no content address, and a byte changed on the way must not be
+/// committed. The body is read whole, up to the JSON limit, and handed on unchanged.
+async fn verify_body_digest(
+    State(s): State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(expected) = req.headers().get(BODY_DIGEST_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string) else {
+        return next.run(req).await;
+    };
+    let (parts, body) = req.into_parts();
+    let limit = s.coordinator.json_body_bytes_max() as usize;
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(e) => {
+            let err =
+                stalled(&e, &s).unwrap_or_else(|| ServiceError::TooLarge(format!("json body over {limit} bytes")));
+            return ApiError(err).into_response();
+        }
+    };
+    let check = bytes.clone();
+    // Shard indexes reach megabytes: hash them off the runtime.
+    let actual = match tokio::task::spawn_blocking(move || blake3::hash(&check).to_hex().to_string()).await {
+        Ok(h) => h,
+        Err(e) => return ApiError(crate::error::join_error(e)).into_response(),
+    };
+    if !actual.eq_ignore_ascii_case(&expected) {
+        return ApiError(ServiceError::BodyMismatch { expected, actual }).into_response();
+    }
+    next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await
+}
+
 /// `BodyStalled` when `e` comes from the body progress timeout (`RequestBodyTimeoutLayer`).
 fn stalled(e: &(dyn std::error::Error + 'static), s: &AppState) -> Option<ServiceError> {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
@@ -119,6 +156,9 @@ pub fn router(state: Arc<AppState>) -> Router {
     // otherwise hold its chunk slot and staging reservation for as long as it keeps the
     // connection open. The timer runs only while a handler waits for the next frame.
     let body_timeout = RequestBodyTimeoutLayer::new(state.coordinator.body_progress_timeout());
+    // JSON bodies a client sent with a digest are checked before they are parsed; for shard
+    // indexes inside the index permit, so the bodies read whole stay bounded.
+    let digest = || axum::middleware::from_fn_with_state(state.clone(), verify_body_digest);
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -129,15 +169,20 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/jobs/{job}/checkpoints", get(list_checkpoints))
         .route("/v1/jobs/{job}/checkpoints/{step}", get(get_manifest).delete(delete_checkpoint))
         .route("/v1/jobs/{job}/indexes/{hash}", get(get_index_object))
-        .route("/v1/jobs/{job}/chunks/missing", post(missing_chunks).layer(DefaultBodyLimit::max(json_limit)))
+        .route(
+            "/v1/jobs/{job}/chunks/missing",
+            post(missing_chunks).layer(DefaultBodyLimit::max(json_limit)).layer(digest()),
+        )
         .route("/v1/jobs/{job}/chunks/{hash}", put(put_chunk).get(get_chunk))
         .route("/v1/jobs/{job}/chunks/{hash}/adopt", post(adopt_chunk))
         .route("/v1/jobs/{job}/chunks/adopt", post(adopt_segment_chunk))
-        .route("/v1/jobs/{job}/saves/{step}", put(open_save).get(save_status).delete(abort_save))
+        .route("/v1/jobs/{job}/saves/{step}", put(open_save).get(save_status).delete(abort_save).layer(digest()))
+        .route("/v1/jobs/{job}/fence", put(raise_fence).layer(DefaultBodyLimit::max(4096)).layer(digest()))
         .route(
             "/v1/jobs/{job}/saves/{step}/ranks/{rank}",
             put(put_shard_index)
                 .layer(DefaultBodyLimit::max(json_limit))
+                .layer(digest())
                 .layer(axum::middleware::from_fn_with_state(state.clone(), index_permit)),
         )
         .fallback(|| async { ApiError(ServiceError::NotFound("no such endpoint".into())) })
@@ -170,7 +215,7 @@ async fn arm_fault(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Status
     let faults = faults_of(&s)?;
     let req: crate::faults::FaultRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError(ServiceError::BadRequest(format!("invalid fault request: {e}"))))?;
-    faults.arm(req).map_err(|e| ApiError(ServiceError::BadRequest(e)))?;
+    faults.arm(req).map_err(|e| ApiError(ServiceError::BadRequest(e.to_string())))?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -433,6 +478,23 @@ async fn save_status(
     Ok(Json(status).into_response())
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FenceRequest {
+    epoch: u64,
+}
+
+async fn raise_fence(
+    State(s): State<Arc<AppState>>,
+    Path(job): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    job_of(&job)?;
+    let req: FenceRequest = json_body(&s, body)?;
+    let epoch = s.coordinator.raise_fence(&job, req.epoch).await?;
+    Ok(Json(serde_json::json!({ "job": job, "epoch": epoch })).into_response())
+}
+
 async fn abort_save(
     State(s): State<Arc<AppState>>,
     p: Result<Path<(String, String)>, PathRejection>,
@@ -456,14 +518,22 @@ async fn index_permit(
     }
 }
 
+#[derive(Deserialize)]
+struct EpochQuery {
+    epoch: Option<u64>,
+}
+
 async fn put_shard_index(
     State(s): State<Arc<AppState>>,
     p: Result<Path<(String, String, String)>, PathRejection>,
+    q: Result<Query<EpochQuery>, axum::extract::rejection::QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let (job, step, rank) = path(p)?;
     job_of(&job)?;
     let step = parse_step(&step)?;
+    let Query(q) = q.map_err(|e| ApiError(ServiceError::BadRequest(e.body_text())))?;
+    s.coordinator.check_fence(&job, q.epoch).await?;
     let rank: u32 =
         rank.parse().map_err(|_| ServiceError::BadRequest(format!("rank {rank:?} is not a non-negative integer")))?;
     let index: ShardIndex = json_body(&s, body)?;

@@ -78,7 +78,51 @@ impl Coordinator {
         Ok(Some(summary))
     }
 
+    /// The job's generation fence (0 when none was set).
+    async fn fence_of(&self, job: &str) -> Result<u64, ServiceError> {
+        if let Some(f) = self.fences.lock().unwrap_or_else(|p| p.into_inner()).get(job) {
+            return Ok(*f);
+        }
+        let j = job.to_string();
+        let f = self.blocking(move |i| i.fence(&j)).await?.unwrap_or(0);
+        self.fences.lock().unwrap_or_else(|p| p.into_inner()).insert(job.to_string(), f);
+        Ok(f)
+    }
+
+    /// Refuses a writer whose generation the job has been fenced past. Writers that name no
+    /// generation are not fenced (plain clients, tools).
+    pub async fn check_fence(&self, job: &str, epoch: Option<u64>) -> Result<(), ServiceError> {
+        let Some(epoch) = epoch else { return Ok(()) };
+        let fence = self.fence_of(job).await?;
+        if epoch < fence {
+            return Err(ServiceError::Fenced { job: job.into(), epoch, fence });
+        }
+        Ok(())
+    }
+
+    /// Raises the job's fence to `epoch` (never lowers it), journalled before the answer, and
+    /// aborts the saves in flight so none of them commits a replaced generation's indexes.
+    pub async fn raise_fence(&self, job: &str, epoch: u64) -> Result<u64, ServiceError> {
+        let current = self.fence_of(job).await?;
+        if epoch <= current {
+            return Ok(current);
+        }
+        let j = job.to_string();
+        self.blocking(move |i| i.set_fence(&j, epoch)).await?;
+        self.index.flush().await?;
+        self.fences.lock().unwrap_or_else(|p| p.into_inner()).insert(job.to_string(), epoch);
+        tracing::info!(job, epoch, "job fenced: writers of earlier generations are refused");
+        for slot in self.slots_of(job) {
+            let step = slot.lock().await.state.step;
+            if let Err(e) = self.abort_save(job, step, &format!("fenced at generation {epoch}")).await {
+                tracing::debug!(job, step, error = %e, "save not aborted at the fence (it ended)");
+            }
+        }
+        Ok(epoch)
+    }
+
     pub async fn open_save(&self, job: &str, step: u64, req: OpenSave) -> Result<SaveStatus, ServiceError> {
+        self.check_fence(job, req.epoch).await?;
         if let Some(m) = self.committed_summary(job, step).await? {
             if m.world_size != req.world_size {
                 return Err(ServiceError::Conflict(format!(

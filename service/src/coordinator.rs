@@ -210,6 +210,8 @@ pub struct Coordinator {
     /// Summaries of committed roots already parsed (a root is about 90 bytes a rank; status
     /// polls after a commit must not parse it again each time). Bounded by `SUMMARIES_KEPT`.
     pub(crate) summaries: std::sync::Mutex<HashMap<SaveKey, ckpt_core::ManifestSummary>>,
+    /// Generation fences by job (journalled in the index), cached.
+    pub(crate) fences: std::sync::Mutex<HashMap<String, u64>>,
 }
 
 pub(crate) const SUMMARIES_KEPT: usize = 4096;
@@ -224,6 +226,9 @@ pub struct OpenSave {
     /// writer builds byte-identical roots.
     #[serde(default)]
     pub created_unix_ms: Option<u64>,
+    /// The writer's generation; refused when the job is fenced at a later one.
+    #[serde(default)]
+    pub epoch: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
@@ -330,6 +335,7 @@ impl Coordinator {
             chunk_refs_in_flight: AtomicU64::new(0),
             last_commit_after_last_index_us: AtomicU64::new(0),
             summaries: Default::default(),
+            fences: Default::default(),
         });
         tokio::spawn(Self::upload_events(Arc::downgrade(&c), rx));
         tokio::spawn(Self::maintain(Arc::downgrade(&c), Duration::from_millis(c.config.commit_retry_ms)));

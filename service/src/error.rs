@@ -19,8 +19,14 @@ pub enum ServiceError {
     UnknownChunks { rank: u32, count: usize, first: ChunkHash },
     #[error("{0}")]
     Conflict(String),
+    #[error(
+        "job {job} is fenced at generation {fence}; a writer of generation {epoch} was replaced and may not change it"
+    )]
+    Fenced { job: String, epoch: u64, fence: u64 },
     #[error("ckptd is busy: {0}")]
     Busy(String),
+    #[error("request body does not match its digest (blake3 {actual}, header says {expected}): changed in transit")]
+    BodyMismatch { expected: String, actual: String },
     #[error("request body sent nothing for {idle_ms} ms; dropped")]
     BodyStalled { idle_ms: u64 },
     #[error("request body too large: {0}")]
@@ -64,8 +70,10 @@ impl ServiceError {
             ServiceError::NotFound(_) => "not_found",
             ServiceError::UnknownChunks { .. } => "unknown_chunks",
             ServiceError::Conflict(_) => "conflict",
+            ServiceError::Fenced { .. } => "fenced",
             ServiceError::Busy(_) => "busy",
             ServiceError::BodyStalled { .. } => "body_stalled",
+            ServiceError::BodyMismatch { .. } => "body_mismatch",
             ServiceError::TooLarge(_) => "too_large",
             ServiceError::CorruptChunk { .. } => "chunk_corrupt",
             ServiceError::CorruptManifest { .. } => "manifest_corrupt",

@@ -15,7 +15,9 @@
 //! * Arming is deterministic: which calls are hit depends only on the order of calls, not on a
 //!   random draw, so a test can say which call it faults and assert that it fired.
 //! * The armed list is bounded (`ARMED_MAX`) and counts are capped, so a hostile caller of the
-//!   endpoint cannot grow ckptd's memory.
+//!   endpoint cannot grow ckptd's memory; so are the listings kept for stale answers. With
+//!   injection on, listings are collected whole before they are returned (a cost only chaos
+//!   runs pay).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -41,6 +43,21 @@ pub const ARMED_MAX: usize = 64;
 pub const COUNT_MAX: u32 = 10_000;
 /// Longest injected delay.
 pub const DELAY_MS_MAX: u64 = 60_000;
+/// Listings kept for stale answers: prefixes, and entries in one listing.
+const FIRST_LISTS_MAX: usize = 64;
+const FIRST_LIST_ENTRIES_MAX: usize = 100_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FaultError {
+    #[error("count must be within 1..={COUNT_MAX}")]
+    Count,
+    #[error("delay_ms must be at most {DELAY_MS_MAX}")]
+    Delay,
+    #[error("stale_list faults listings, and listings take no other kind than errors and delays")]
+    NotAListing,
+    #[error("{ARMED_MAX} faults are armed already")]
+    Full,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -88,19 +105,18 @@ fn one() -> u32 {
 }
 
 impl FaultRequest {
-    pub fn validate(&self) -> std::result::Result<(), String> {
+    pub fn validate(&self) -> std::result::Result<(), FaultError> {
         if self.count == 0 || self.count > COUNT_MAX {
-            return Err(format!("count must be within 1..={COUNT_MAX}"));
+            return Err(FaultError::Count);
         }
         if self.delay_ms > DELAY_MS_MAX {
-            return Err(format!("delay_ms must be at most {DELAY_MS_MAX}"));
+            return Err(FaultError::Delay);
         }
-        let list_kind = self.kind == FaultKind::StaleList;
-        if list_kind != (self.op == FaultOp::List) && self.op != FaultOp::Any {
-            return Err("stale_list faults listings, and listings take no other kind".into());
-        }
-        if self.kind == FaultKind::LostAck && matches!(self.op, FaultOp::List) {
-            return Err("a lost acknowledgement needs a write".into());
+        let stale = self.kind == FaultKind::StaleList;
+        if (stale && !matches!(self.op, FaultOp::List | FaultOp::Any))
+            || (self.op == FaultOp::List && matches!(self.kind, FaultKind::LostAck))
+        {
+            return Err(FaultError::NotAListing);
         }
         Ok(())
     }
@@ -124,11 +140,11 @@ pub struct Faults {
 }
 
 impl Faults {
-    pub fn arm(&self, req: FaultRequest) -> std::result::Result<(), String> {
+    pub fn arm(&self, req: FaultRequest) -> std::result::Result<(), FaultError> {
         req.validate()?;
         let mut armed = self.armed.lock().unwrap_or_else(|p| p.into_inner());
         if armed.len() >= ARMED_MAX {
-            return Err(format!("{ARMED_MAX} faults are armed already"));
+            return Err(FaultError::Full);
         }
         armed.push(req);
         Ok(())
@@ -280,8 +296,11 @@ impl ObjectStore for FaultyStore {
                 }
             }
             let now: Vec<ObjectMeta> = inner.try_collect().await?;
-            if first.is_none() {
-                faults.first_lists.lock().unwrap_or_else(|p| p.into_inner()).insert(key, now.clone());
+            if first.is_none() && now.len() <= FIRST_LIST_ENTRIES_MAX {
+                let mut lists = faults.first_lists.lock().unwrap_or_else(|p| p.into_inner());
+                if lists.len() < FIRST_LISTS_MAX {
+                    lists.insert(key, now.clone());
+                }
             }
             Ok(now)
         })

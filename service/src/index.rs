@@ -136,7 +136,20 @@ impl Index {
         Ok(())
     }
 
-    /// Forgets everything; used before a rebuild from the store.
+    /// The generation fence of `job`, if one was set.
+    pub fn fence(&self, job: &str) -> Result<Option<u64>, IndexError> {
+        let key = [b"fence\0".as_slice(), job.as_bytes()].concat();
+        Ok(self.db.get(key)?.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
+    }
+
+    pub fn set_fence(&self, job: &str, epoch: u64) -> Result<(), IndexError> {
+        let key = [b"fence\0".as_slice(), job.as_bytes()].concat();
+        self.db.insert(key, &epoch.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Forgets everything; used before a rebuild from the store. Fences stay: they are not in
+    /// the store, and forgetting one would let a replaced generation write again.
     pub fn clear(&self) -> Result<(), IndexError> {
         self.chunks.clear()?;
         self.manifests.clear()?;

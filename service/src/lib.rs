@@ -45,7 +45,7 @@ pub async fn serve(config: Config) -> Result<(), ServiceError> {
         let store = store.with_faults();
         if let Some(f) = store.faults() {
             for req in &config.fault_plan {
-                f.arm(req.clone()).map_err(ServiceError::BadRequest)?;
+                f.arm(req.clone()).map_err(|e| ServiceError::BadRequest(format!("fault_plan: {e}")))?;
             }
         }
         store

@@ -49,6 +49,39 @@ async fn bytes_corrupted_on_the_way_to_ckptd_are_refused_and_sent_again() {
     .await
 }
 
+/// A JSON body whose bytes do not match the digest its client sent (metadata changed on the
+/// way) is refused before it is parsed, and nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_body_changed_in_transit_is_refused() {
+    bounded(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let d = start_daemon(dir.path()).await;
+        let body = br#"{"world_size": 2}"#;
+        let good = blake3::hash(body).to_hex().to_string();
+        let changed = br#"{"world_size": 6}"#;
+        let r = reqwest::Client::new()
+            .put(format!("{}/v1/jobs/job/saves/4", d.url()))
+            .header("x-ckpt-body-blake3", &good)
+            .body(changed.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "body_mismatch", "{v}");
+        assert!(client(&d).list("job").await.unwrap().in_flight.is_empty(), "no save was opened");
+        let r = reqwest::Client::new()
+            .put(format!("{}/v1/jobs/job/saves/4", d.url()))
+            .header("x-ckpt-body-blake3", &good)
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "the intact body is accepted");
+    })
+    .await
+}
+
 /// Latency, a bandwidth cap and a blackhole slow the save down; none breaks it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn latency_a_bandwidth_cap_and_a_blackhole_delay_the_save_and_lose_nothing() {

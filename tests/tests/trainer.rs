@@ -416,9 +416,84 @@ async fn a_rank_stopped_in_the_middle_of_a_chunk_upload_is_caught_and_leaves_not
     assert_eq!(got.len(), 1, "{got:?}");
     assert!(got[0].contains("collective timeout") && got[0].contains("rank 0 did not arrive"), "{got:?}");
     assert!(proxy.counters().bytes_forwarded > 0);
-    let stats: Value =
-        reqwest::get(format!("{}/v1/stats", d.url())).await.unwrap().json().await.unwrap();
+    let stats: Value = reqwest::get(format!("{}/v1/stats", d.url())).await.unwrap().json().await.unwrap();
     assert_eq!(stats["staging"]["memory_bytes"], 0, "a reservation outlived its upload: {stats}");
     assert_eq!(stats["saves_in_flight"], 0, "{stats}");
     assert_eq!(hash(&r), hash(&clean));
+}
+
+/// Bytes corrupted between ranks and the collective hub (a faulty NIC or switch on the
+/// training network): the frame checksum fails the round, the group rolls back, and the run
+/// ends bit-identical to a clean one. The link is the chaos harness's fault proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_corrupted_between_ranks_and_the_hub_fail_the_round_and_roll_back() {
+    use ckpt_chaos::proxy::{Mode, Proxy};
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = start_daemon(dir.path()).await;
+    let base = ["--nproc", "2", "--steps", "12", "--ckpt-every", "4", "--collective-timeout-ms", "5000"];
+    let clean = tokio::task::block_in_place(|| launch(&d, dir.path(), "clean", &base, MINUTES));
+    let hub = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let proxy = Proxy::start(hub.clone()).await.unwrap();
+    let advertise = proxy.addr.to_string();
+    let mut args = base.to_vec();
+    args.extend(["--hub-listen", hub.as_str(), "--hub-advertise", advertise.as_str(), "--max-restarts", "4"]);
+    let p = proxy.clone();
+    let r = tokio::task::block_in_place(|| {
+        launch_during(&d, dir.path(), "corrupted", &args, MINUTES, move |run_dir| {
+            // Once the group has trained a few steps, damage the next few reads on the link.
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            while std::time::Instant::now() < deadline {
+                let log = std::fs::read_to_string(run_dir.join("events-rank0.jsonl")).unwrap_or_default();
+                if log
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                    .any(|v| v["step"].as_u64() >= Some(6))
+                {
+                    p.set(Mode::Corrupt { reads: 2, upstream: true, downstream: true });
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            panic!("the group never reached step 6");
+        })
+    });
+    assert!(proxy.counters().bits_flipped >= 1, "the link was corrupted");
+    let got = causes(&r);
+    assert!(!got.is_empty() && got.iter().any(|c| c.contains("checksum mismatch")), "{got:?}");
+    assert_eq!(hash(&r), hash(&clean), "the group computed on corrupted bytes");
+}
+
+/// The newest checkpoint fails verification (a flipped bit in one of its stored chunks): the
+/// launcher says so and resumes from the one before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_newest_checkpoint_is_skipped_loudly_for_the_one_before() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = start_daemon(dir.path()).await;
+    let first = ["--nproc", "2", "--steps", "12", "--until-step", "8", "--ckpt-every", "4"];
+    tokio::task::block_in_place(|| launch(&d, dir.path(), "skip", &first, MINUTES));
+    let c = ckpt_tests::client(&d);
+    let m = c.manifest("skip", 8).await.unwrap();
+    let h = m.ranks[0].chunk_hashes().next().unwrap();
+    let path = ckpt_tests::chunk_path(&dir.path().join("store"), "skip", &h);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.len() - 7;
+    bytes[at] ^= 0x10;
+    std::fs::write(&path, &bytes).unwrap();
+    let rest = ["--nproc", "2", "--steps", "12", "--ckpt-every", "4"];
+    let run_dir = dir.path().join("skip-second");
+    let out = Command::new(ckpt_train_exe())
+        .arg("launch")
+        .args(["--server", &d.url(), "--job", "skip", "--run-dir"])
+        .arg(&run_dir)
+        .args(QUICK)
+        .args(rest)
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("skip@8 fails verification (1 bad chunks); trying the one before"), "{text}");
+    let report: Value = serde_json::from_slice(&std::fs::read(run_dir.join("goodput.json")).unwrap()).unwrap();
+    assert_eq!(losses(&report).first().map(|l| l.0), Some(5), "resumed from step 4");
 }

@@ -15,7 +15,8 @@ use serde::Serialize;
 
 pub const SLOTS: usize = 256;
 const SLOT_BYTES: usize = 48;
-const HEADER_BYTES: usize = 16;
+/// Magic, record count, generation.
+const HEADER_BYTES: usize = 24;
 const MAGIC: &[u8; 8] = b"CKFLIGHT";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -28,7 +29,6 @@ pub enum Kind {
     Barrier,
     SaveStarted,
     SaveHandedOff,
-    SaveCommitted,
     Unknown,
 }
 
@@ -39,7 +39,7 @@ impl Kind {
 
     fn from_code(c: u8) -> Kind {
         use Kind::*;
-        [AllReduce, ReduceScatter, AllGather, Broadcast, Barrier, SaveStarted, SaveHandedOff, SaveCommitted]
+        [AllReduce, ReduceScatter, AllGather, Broadcast, Barrier, SaveStarted, SaveHandedOff]
             .get(c as usize)
             .copied()
             .unwrap_or(Unknown)
@@ -74,13 +74,15 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    pub fn create(path: &Path) -> std::io::Result<Recorder> {
+    /// A new ring for `generation` (the file of an earlier generation is replaced).
+    pub fn create(path: &Path, generation: u64) -> std::io::Result<Recorder> {
         let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
         f.set_len((HEADER_BYTES + SLOTS * SLOT_BYTES) as u64)?;
         // SAFETY: the file is this rank's own (created and truncated just now); other processes
         // only read it, and every byte pattern is a valid u8.
         let mut map = unsafe { memmap2::MmapMut::map_mut(&f)? };
         map[..8].copy_from_slice(MAGIC);
+        map[16..24].copy_from_slice(&generation.to_le_bytes());
         Ok(Recorder { map, count: 0 })
     }
 
@@ -112,13 +114,17 @@ impl Recorder {
     }
 }
 
-/// A rank's ring, oldest first; empty if the file is missing or not a flight recorder.
-pub fn read(path: &Path) -> Vec<Record> {
+/// A rank's ring for `generation`, oldest first; empty if the file is missing, not a flight
+/// recorder, or left by another generation (a rank that hung before it made its own).
+pub fn read(path: &Path, generation: u64) -> Vec<Record> {
     let Ok(b) = std::fs::read(path) else { return Vec::new() };
     if b.len() != HEADER_BYTES + SLOTS * SLOT_BYTES || &b[..8] != MAGIC {
         return Vec::new();
     }
     let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or_default());
+    if u64_at(16) != generation {
+        return Vec::new();
+    }
     let count = u64_at(8);
     let first = count.saturating_sub(SLOTS as u64);
     (first..count)
@@ -143,6 +149,14 @@ pub fn diagnose(rings: &[Vec<Record>]) -> String {
     let front = last.iter().flatten().map(|r| r.seq).max().unwrap_or(0);
     let mut parts = Vec::new();
     for (rank, l) in last.iter().enumerate() {
+        // A rank that stopped inside a checkpoint says so: its last phase is newer than its
+        // last collective.
+        let save = rings[rank].iter().rev().find(|x| !x.kind.is_collective());
+        if let (Some(s), Some(c)) = (save, l) {
+            if s.start_us >= c.start_us {
+                parts.push(format!("rank {rank} was last in {:?} of step {} ({} bytes)", s.kind, s.step, s.bytes));
+            }
+        }
         match l {
             None => parts.push(format!("rank {rank}: no collective recorded")),
             Some(r) if r.seq < front => parts.push(format!(
@@ -167,8 +181,8 @@ mod tests {
     #[test]
     fn the_ring_keeps_the_newest_records_and_names_the_rank_that_did_not_arrive() {
         let dir = tempfile::tempdir().unwrap();
-        let mut a = Recorder::create(&path(dir.path(), 0)).unwrap();
-        let mut b = Recorder::create(&path(dir.path(), 1)).unwrap();
+        let mut a = Recorder::create(&path(dir.path(), 0), 3).unwrap();
+        let mut b = Recorder::create(&path(dir.path(), 1), 3).unwrap();
         for seq in 1..=300u64 {
             let s = a.start(Kind::AllReduce, seq, seq / 3, 8);
             a.end(s);
@@ -178,7 +192,9 @@ mod tests {
             }
         }
         a.start(Kind::ReduceScatter, 301, 100, 4096);
-        let rings: Vec<Vec<Record>> = (0..2).map(|r| read(&path(dir.path(), r))).collect();
+        b.mark(Kind::SaveHandedOff, 99, 1 << 20);
+        assert!(read(&path(dir.path(), 0), 2).is_empty(), "another generation's ring is not read");
+        let rings: Vec<Vec<Record>> = (0..2).map(|r| read(&path(dir.path(), r), 3)).collect();
         assert_eq!(rings[0].len(), SLOTS);
         assert_eq!(rings[0].last().unwrap().seq, 301);
         assert_eq!(rings[0].last().unwrap().end_us, 0);
@@ -186,5 +202,6 @@ mod tests {
         let d = diagnose(&rings);
         assert!(d.contains("rank 0 waits in ReduceScatter #301"), "{d}");
         assert!(d.contains("rank 1 did not arrive at collective #301; its last was AllReduce #299"), "{d}");
+        assert!(d.contains("rank 1 was last in SaveHandedOff of step 99"), "{d}");
     }
 }

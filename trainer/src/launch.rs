@@ -119,6 +119,9 @@ pub fn launch(opts: &LaunchOptions) -> Result<Report> {
                 as u64,
             injections,
         };
+        // Ranks of earlier generations that were cut off rather than killed must not change this
+        // one's checkpoints: ckptd refuses their opens and indexes from now on.
+        rt.block_on(client.fence(&opts.run.job, generation)).context("fencing the job at this generation")?;
         let g = spawn_generation(opts, &spec, listener.clone())?;
         if let Some((detected, lost_from)) = last_detect.take() {
             if let Some(i) = interruptions.last_mut() {
@@ -276,7 +279,7 @@ fn watch(
             Ok(HubEvent::Timeout { what, missing, waited, .. }) => {
                 // The rings are read while the hung rank still exists (stopped or stuck).
                 let rings: Vec<_> = (0..opts.nproc)
-                    .map(|r| ckpt_trainer::flight::read(&ckpt_trainer::flight::path(&opts.run.run_dir, r)))
+                    .map(|r| ckpt_trainer::flight::read(&ckpt_trainer::flight::path(&opts.run.run_dir, r), generation))
                     .collect();
                 failure = Some((
                     format!(
@@ -292,7 +295,13 @@ fn watch(
                 // the exit a moment so the interruption is reported by its real cause.
                 std::thread::sleep(Duration::from_millis(200));
                 let exit = exited(&mut g.children, &opts.run.run_dir);
-                let cause = exit.unwrap_or_else(|| format!("collective failed on rank {rank:?}: {reason}"));
+                let cause = match exit {
+                    // The rank only saw its connection drop; the hub knows why (a damaged frame,
+                    // a protocol error).
+                    Some(e) if e.contains("collective") => format!("{e}; the hub failed rank {rank:?}: {reason}"),
+                    Some(e) => e,
+                    None => format!("collective failed on rank {rank:?}: {reason}"),
+                };
                 failure = Some((cause, last_progress.elapsed().as_millis() as u64));
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}

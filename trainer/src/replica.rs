@@ -3,12 +3,12 @@
 //! After the all-gather every rank holds a full copy of the parameters, of which it owns one
 //! slice (ZeRO). A corrupted replica (a flipped bit in HBM or SRAM, a bad ALU) would go into the
 //! next forward pass on that rank alone and silently bend the whole run. So before the copy is
-//! used or any checkpoint is taken, each rank fingerprints every piece of the vector (128 bits,
+//! used or any checkpoint is taken, each rank fingerprints every piece of its replica (128 bits,
 //! `ckpt_kernels::fingerprint`, over the raw bits; a piece is at most `PIECE_ELEMS` elements of
-//! one owner's slice): its own slice from the state it owns, the others from its replica. The
-//! fingerprints are all-gathered, and every rank compares each piece with its owner's. Every
-//! rank reaches the same verdict from the same gathered bytes, so all stop together, naming the
-//! rank and the elements that differ.
+//! one owner's slice), and, for the pieces it owns, the state it owns as well. The fingerprints
+//! are all-gathered, and every rank compares every replica's piece, the owner's own replica
+//! included, with the owner's state. Every rank reaches the same verdict from the same gathered
+//! bytes, so all stop together, naming the rank and the elements that differ.
 
 use std::ops::Range;
 
@@ -55,15 +55,20 @@ pub fn pieces(p: usize, world: usize) -> Vec<(usize, Range<usize>)> {
     out
 }
 
-/// This rank's fingerprints, 8 floats per piece (16-bit parts, exact in f32).
+/// This rank's fingerprints, 8 floats per piece (16-bit parts, exact in f32): every piece of
+/// its replica, then every piece of the state it owns (zeros for pieces it does not own).
 pub fn local_fingerprints(full: &[f32], own: &[f32], rank: usize, world: usize) -> Vec<f32> {
     let mine = owned_range(full.len(), rank, world);
-    let mut out = Vec::new();
-    for (owner, r) in pieces(full.len(), world) {
-        let fp = if owner == rank {
+    let pieces = pieces(full.len(), world);
+    let mut out = Vec::with_capacity(pieces.len() * 16);
+    for (_, r) in &pieces {
+        out.extend(fingerprint_f32(&full[r.clone()], r.start as u64).to_u16s().iter().map(|&v| v as f32));
+    }
+    for (owner, r) in &pieces {
+        let fp = if *owner == rank {
             fingerprint_f32(&own[r.start - mine.start..r.end - mine.start], r.start as u64)
         } else {
-            fingerprint_f32(&full[r.clone()], r.start as u64)
+            Fingerprint::default()
         };
         out.extend(fp.to_u16s().iter().map(|&v| v as f32));
     }
@@ -78,21 +83,23 @@ fn decode(v: &[f32]) -> Fingerprint {
     Fingerprint::from_u16s(p)
 }
 
-/// The first piece, in rank order, where some rank's fingerprint differs from the owner's.
+/// The first piece, in rank order, where some rank's replica differs from the owner's state.
 pub fn compare(gathered: &[f32], p: usize, world: usize) -> Option<Mismatch> {
     let pieces = pieces(p, world);
-    let n = pieces.len() * 8;
+    let half = pieces.len() * 8;
+    let n = 2 * half;
     for rank in 0..world {
         for (e, (owner, r)) in pieces.iter().enumerate() {
-            let at = |who: usize| &gathered[who * n + e * 8..who * n + e * 8 + 8];
-            if rank != *owner && at(rank) != at(*owner) {
+            let replica = &gathered[rank * n + e * 8..rank * n + e * 8 + 8];
+            let state = &gathered[owner * n + half + e * 8..owner * n + half + e * 8 + 8];
+            if replica != state {
                 return Some(Mismatch {
                     rank,
                     owner: *owner,
                     tensor: "params",
                     elements: r.clone(),
-                    found: decode(at(rank)),
-                    expected: decode(at(*owner)),
+                    found: decode(replica),
+                    expected: decode(state),
                 });
             }
         }
@@ -134,10 +141,23 @@ mod tests {
         let mut fulls = vec![base.clone(); world];
         assert_eq!(compare(&gathered(&fulls, world), p, world), None);
         // Rank 2 holds a bad copy of an element that rank 0 owns.
-        let victim = 70_000;
+        let victim = 20_000;
         fulls[2][victim] = f32::from_bits(fulls[2][victim].to_bits() ^ (1 << 13));
         let m = compare(&gathered(&fulls, world), p, world).expect("the flip is caught");
         assert_eq!((m.rank, m.owner, m.tensor), (2, 0, "params"));
         assert!(m.elements.contains(&victim), "{m}");
+        // A flip in a rank's copy of its own slice is caught too (its state is the reference).
+        let mut fulls = vec![base.clone(); world];
+        let own1: Vec<f32> = base[owned_range(p, 1, world)].to_vec();
+        let at = owned_range(p, 1, world).start + 5;
+        fulls[1][at] = -fulls[1][at];
+        let g: Vec<f32> = (0..world)
+            .flat_map(|r| {
+                let own = if r == 1 { own1.clone() } else { base[owned_range(p, r, world)].to_vec() };
+                local_fingerprints(&fulls[r], &own, r, world)
+            })
+            .collect();
+        let m = compare(&g, p, world).expect("a flip in the owner's own copy is caught");
+        assert_eq!((m.rank, m.owner), (1, 1));
     }
 }

@@ -105,6 +105,9 @@ struct PendingSave {
 
 pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
     let started = Instant::now();
+    // First thing: host maintenance may come while the rank is still starting up.
+    let terminated = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, terminated.clone()).context("handling SIGTERM")?;
     let world = spec.world;
     spec.run.recipe.validate(world).map_err(anyhow::Error::msg)?;
     spec.run.model.validate().map_err(anyhow::Error::msg)?;
@@ -117,17 +120,18 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
     // Multi-threaded (one worker): restores run their reads on worker threads, and connections
     // opened here keep being driven while the rank computes.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-    let client =
-        Client::new(&spec.run.server, ClientOptions { node_local: spec.run.node_local, ..Default::default() })?;
-    let terminated = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, terminated.clone()).context("handling SIGTERM")?;
+    // The generation is the fencing epoch: once the launcher starts the next generation, this
+    // rank's saves are refused even if it never learns that it was replaced.
+    let opts = ClientOptions { node_local: spec.run.node_local, epoch: Some(spec.generation), ..Default::default() };
+    let client = Client::new(&spec.run.server, opts)?;
 
     let p = spec.run.model.param_count() as usize;
     let mine = owned_range(p, rank, world);
     let mut comm =
         HubClient::connect(&spec.hub, rank, world, spec.generation, Duration::from_millis(spec.rank_timeout_ms))
             .context("joining the group")?;
-    match ckpt_trainer::flight::Recorder::create(&ckpt_trainer::flight::path(&spec.run.run_dir, rank)) {
+    match ckpt_trainer::flight::Recorder::create(&ckpt_trainer::flight::path(&spec.run.run_dir, rank), spec.generation)
+    {
         Ok(r) => comm.record_to(r),
         Err(e) => tracing::warn!(error = %e, "no flight recorder"),
     }
@@ -170,6 +174,8 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
             step = state.step;
         }
     }
+    // The replica every rank starts from is checked like any other before it is used.
+    replica::check(&mut comm, &full, &own).map_err(|e| anyhow::anyhow!("{e} before the first step"))?;
     let model = Llama::new(&spec.run.model, &full, &ckpt_trainer::model::device()?)?;
     let restore_ms = started.elapsed().as_millis() as u64;
     comm.barrier(TAG_READY, step)?;
@@ -252,7 +258,7 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
             let other = owned_range(p, (rank + 1) % world, world);
             let at = other.start + (step as usize * 7919) % other.len();
             full[at] = f32::from_bits(full[at].to_bits() ^ (1 << 20));
-            fire(&mut events, &inj, &format!("flipped bit 20 of params[{at}] in this rank's replica"));
+            fire(&mut events, inj, &format!("flipped bit 20 of params[{at}] in this rank's replica"));
         }
         if let Err(e) = replica::check(&mut comm, &full, &own) {
             if let replica::ReplicaError::Mismatch(m) = &e {

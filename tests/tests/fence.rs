@@ -1,0 +1,63 @@
+//! A rank cut off from its group and replaced, still alive (a zombie of an older generation),
+//! cannot change a save of the new generation: once the job is fenced at the new generation,
+//! ckptd refuses the zombie's opens and shard indexes, and aborts the saves it had in flight.
+
+use std::time::Duration;
+
+use ckpt_client::{Client, ClientOptions, Wait};
+use ckpt_tests::*;
+
+fn generation(d: &ckpt_client::daemon::LocalDaemon, epoch: u64) -> Client {
+    let opts =
+        ClientOptions { chunk_bytes: 1 << 20, node_local: false, epoch: Some(epoch), ..ClientOptions::default() };
+    Client::new(&d.url(), opts).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombie_of_an_older_generation_cannot_change_the_new_generations_save() {
+    bounded(Duration::from_secs(120), async {
+        let seed = seed(0xfe_0001);
+        let dir = tempfile::tempdir().unwrap();
+        let d = start_daemon(dir.path()).await;
+        let (old, new) = (generation(&d, 1), generation(&d, 2));
+        let stale: Vec<_> = (0..2).map(|r| rank_tensors(seed, r, 2, 1 << 20)).collect();
+        let fresh: Vec<_> = (0..2).map(|r| rank_tensors(seed + 1, r, 2, 1 << 20)).collect();
+        old.fence("job", 1).await.unwrap();
+
+        // Generation 1: rank 0's part of step 8 is in when the group is replaced.
+        old.save(&spec("job", 8, 0, 2), &stale[0], Wait::Staged).await.unwrap();
+        assert_eq!(new.fence("job", 2).await.unwrap(), 2);
+        assert_eq!(new.fence("job", 1).await.unwrap(), 2, "a fence is never lowered");
+        let status = client(&d).save_status("job", 8).await.unwrap();
+        assert_eq!(status.phase.name(), "aborted", "the replaced generation's save in flight is aborted");
+
+        // The zombie (generation 1) goes on: its rank 1 index and a fresh open are refused.
+        let err = old.save(&spec("job", 8, 1, 2), &stale[1], Wait::Committed).await.unwrap_err();
+        assert_eq!(err.api_code(), Some("fenced"), "{err}");
+        let err = old.open_save(&spec("job", 12, 0, 2)).await.unwrap_err();
+        assert_eq!(err.api_code(), Some("fenced"), "{err}");
+
+        // Generation 2 saves step 8 whole: its bytes, not the zombie's.
+        save_step(&new, "job", 8, &fresh).await.unwrap();
+        for r in 0..2 {
+            assert!(client(&d).load_rank("job", 8, r).await.unwrap() == fresh[r as usize], "rank {r}");
+        }
+        let err = old
+            .put_shard_index(
+                "job",
+                8,
+                &ckpt_core::ShardIndex { rank: 0, tensors: vec![], metadata: serde_json::Value::Null },
+            )
+            .await;
+        assert_eq!(err.unwrap_err().api_code(), Some("fenced"));
+
+        // The fence survives a restart of ckptd.
+        let mut d = d;
+        d.restart().await.unwrap();
+        let err = generation(&d, 1).open_save(&spec("job", 16, 0, 2)).await.unwrap_err();
+        assert_eq!(err.api_code(), Some("fenced"), "{err}");
+        // Writers that name no generation (tools, plain clients) are not fenced.
+        client(&d).open_save(&spec("job", 16, 0, 2)).await.unwrap();
+    })
+    .await
+}
