@@ -100,6 +100,13 @@ struct SimArgs {
     html: PathBuf,
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Replace the scenario's restart time (an assumption; see the sources) to see what it
+    /// weighs.
+    #[arg(long)]
+    restart_s: Option<f64>,
+    /// Replace the scenario's crash-detection time (an assumption).
+    #[arg(long)]
+    detect_crash_s: Option<f64>,
 }
 
 impl RunArgs {
@@ -211,7 +218,18 @@ fn median(v: &serde_json::Value) -> Option<f64> {
 }
 
 fn simulate_cmd(a: &SimArgs) -> Result<()> {
-    let base = Scenario::llama3();
+    let mut base = Scenario::llama3();
+    if let Some(r) = a.restart_s {
+        base.restart_s = r;
+        base.sources.push(("restart (override)".into(), format!("{r} s from --restart-s")));
+    }
+    if let Some(d) = a.detect_crash_s {
+        base.detect_crash_s = d;
+        base.sources.push(("crash detection (override)".into(), format!("{d} s from --detect-crash-s")));
+    }
+    if a.runs == 0 || a.runs > 100_000 || !base.restart_s.is_finite() || base.restart_s < 0.0 {
+        bail!("--runs must be within 1..=100000 and --restart-s a non-negative number");
+    }
     let summary = simulate::simulate(&base, a.runs, a.seed);
     let mtbf = base.mtbf_s();
     println!("{}: {} GPUs, {} days, MTBF {:.0} s", base.name, base.gpus, base.days, mtbf);
@@ -230,7 +248,8 @@ fn simulate_cmd(a: &SimArgs) -> Result<()> {
             let s = &v["samples"];
             let mib_per_rank = v["bench"]["mib_per_rank"].as_f64().context("bench json: bench.mib_per_rank")?;
             let stall_s = median(&s["stall_s"]).context("bench json: samples.stall_s")?;
-            let restore = median(&s["warm_mibps"]).context("bench json: samples.warm_mibps")?;
+            // A restarted rank reads from the store, not from its page cache: the cold figure.
+            let restore = median(&s["cold_mibps"]).context("bench json: samples.cold_mibps")?;
             let ranks = v["bench"]["ranks"].as_f64().unwrap_or(1.0).max(1.0);
             // Every rank stalls at once for its own state, so a rank's rate is its own bytes over
             // the stall; the restore figure is every rank's reads together, shared among them.

@@ -3,7 +3,7 @@
 //!
 //! Design note. Every accepted connection gets an upstream connection and one pump per
 //! direction. A pump reads up to 16 KiB and, before forwarding it, applies the current mode:
-//! latency (a sleep per read), a bandwidth cap (one timeline shared by all connections, so
+//! latency (every read is handed to the writer through a delay line), a bandwidth cap (one timeline shared by all connections, so
 //! the cap holds for the link as a whole), a blackhole (nothing is
 //! forwarded until the mode changes: TCP retransmits, so a real blackhole stalls the stream
 //! rather than losing bytes), or corruption (one bit flipped in the next `n` reads that lie
@@ -166,7 +166,9 @@ impl Proxy {
     }
 }
 
-/// Forwards one direction until it ends; returns whether a reset ended it.
+/// Forwards one direction until it ends; returns whether a reset ended it. Reads go through a
+/// bounded delay line to the writer, so latency delays every byte by the same time without
+/// limiting throughput (a long fat pipe, not a slow one).
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
@@ -174,75 +176,90 @@ async fn pump(
     upstream: bool,
     (mut epoch, born): (watch::Receiver<u64>, u64),
 ) -> bool {
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut seen = 0u64;
-    loop {
-        let read = tokio::select! {
-            r = from.read(&mut buf) => r,
-            _ = epoch.wait_for(|e| *e != born) => {
-                // Closed with RST, as a dropped switch port or a rebooted NIC would: linger 0 on
-                // this socket, and the other pump does the same on its own.
-                let _ = from.as_ref().set_zero_linger();
-                return true;
+    // At most this many reads (16 KiB each) in flight between reader and writer.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(tokio::time::Instant, Vec<u8>)>(256);
+    let shared = s.clone();
+    let writer = async move {
+        while let Some((due, data)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&data).await.is_err() {
+                break;
             }
-        };
-        let n = match read {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        let mut held = false;
+            shared.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        let _ = to.shutdown().await;
+    };
+    let reader = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut seen = 0u64;
         loop {
-            let mode = *s.mode.lock().unwrap_or_else(|p| p.into_inner());
-            match mode {
-                Mode::Blackhole => {
-                    if !held {
-                        held = true;
-                        s.held.fetch_add(1, Ordering::Relaxed);
+            let read = tokio::select! {
+                r = from.read(&mut buf) => r,
+                _ = epoch.wait_for(|e| *e != born) => {
+                    // Closed with RST, as a dropped switch port or a rebooted NIC would: linger
+                    // 0 on this socket, and the other pump does the same on its own.
+                    let _ = from.as_ref().set_zero_linger();
+                    return true;
+                }
+            };
+            let n = match read {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => n,
+            };
+            let mut due = tokio::time::Instant::now();
+            let mut held = false;
+            loop {
+                let mode = *s.mode.lock().unwrap_or_else(|p| p.into_inner());
+                match mode {
+                    Mode::Blackhole => {
+                        if !held {
+                            held = true;
+                            s.held.fetch_add(1, Ordering::Relaxed);
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await
                     }
-                    tokio::time::sleep(Duration::from_millis(20)).await
-                }
-                Mode::Latency { ms } => {
-                    s.delayed.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
-                    break;
-                }
-                Mode::BandwidthCap { bytes_per_s } => {
-                    s.delayed.fetch_add(1, Ordering::Relaxed);
-                    let done = {
-                        let mut next = s.next_free.lock().unwrap_or_else(|p| p.into_inner());
-                        let start = (*next).max(tokio::time::Instant::now());
-                        *next = start + Duration::from_secs_f64(n as f64 / bytes_per_s.max(1) as f64);
-                        *next
-                    };
-                    tokio::time::sleep_until(done).await;
-                    break;
-                }
-                Mode::Corrupt { reads, upstream: up, downstream: down } => {
-                    if reads > 0 && seen >= CLEAN_PREFIX_BYTES && ((upstream && up) || (!upstream && down)) {
-                        let mut m = s.mode.lock().unwrap_or_else(|p| p.into_inner());
-                        // Take one read's worth of the budget, if another pump has not.
-                        if let Mode::Corrupt { reads: r, .. } = &mut *m {
-                            if *r > 0 {
-                                *r -= 1;
-                                buf[n / 2] ^= 0x04;
-                                s.flipped.fetch_add(1, Ordering::Relaxed);
-                            }
-                            if *r == 0 {
-                                *m = Mode::Pass;
+                    Mode::Latency { ms } => {
+                        s.delayed.fetch_add(1, Ordering::Relaxed);
+                        due += Duration::from_millis(ms);
+                        break;
+                    }
+                    Mode::BandwidthCap { bytes_per_s } => {
+                        s.delayed.fetch_add(1, Ordering::Relaxed);
+                        let done = {
+                            let mut next = s.next_free.lock().unwrap_or_else(|p| p.into_inner());
+                            let start = (*next).max(tokio::time::Instant::now());
+                            *next = start + Duration::from_secs_f64(n as f64 / bytes_per_s.max(1) as f64);
+                            *next
+                        };
+                        tokio::time::sleep_until(done).await;
+                        break;
+                    }
+                    Mode::Corrupt { reads, upstream: up, downstream: down } => {
+                        if reads > 0 && seen >= CLEAN_PREFIX_BYTES && ((upstream && up) || (!upstream && down)) {
+                            let mut m = s.mode.lock().unwrap_or_else(|p| p.into_inner());
+                            // Take one read's worth of the budget, if another pump has not.
+                            if let Mode::Corrupt { reads: r, .. } = &mut *m {
+                                if *r > 0 {
+                                    *r -= 1;
+                                    buf[n / 2] ^= 0x04;
+                                    s.flipped.fetch_add(1, Ordering::Relaxed);
+                                }
+                                if *r == 0 {
+                                    *m = Mode::Pass;
+                                }
                             }
                         }
+                        break;
                     }
-                    break;
+                    Mode::Pass => break,
                 }
-                Mode::Pass => break,
+            }
+            seen += n as u64;
+            if tx.send((due, buf[..n].to_vec())).await.is_err() {
+                return false;
             }
         }
-        seen += n as u64;
-        if to.write_all(&buf[..n]).await.is_err() {
-            break;
-        }
-        s.bytes.fetch_add(n as u64, Ordering::Relaxed);
-    }
-    let _ = to.shutdown().await;
-    false
+    };
+    let (reset, ()) = tokio::join!(reader, writer);
+    reset
 }

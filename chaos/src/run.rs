@@ -58,7 +58,9 @@ pub fn inject_arg(f: &PlannedFault) -> Option<String> {
         Fault::KillRank => format!("kill@{r}:{s}"),
         Fault::KillRankMidSave if f.variant % 2 == 0 => format!("kill-save@{r}:{s}"),
         Fault::KillRankMidSave => format!("kill-commit@{r}:{s}"),
-        Fault::PanicRank => format!("panic@{r}:{s}"),
+        Fault::PanicRank if f.variant % 2 == 0 => format!("panic@{r}:{s}"),
+        // A crash at a random point of the step: inside a collective, the compute or a save.
+        Fault::PanicRank => format!("abort@{r}:{s}:{}", f.variant % 250),
         Fault::NanRank => format!("nan@{r}:{s}"),
         Fault::FlipReplicaBit => format!("sdc@{r}:{s}"),
         Fault::HangRank => format!("hang@{r}:{s}"),

@@ -241,7 +241,7 @@ pub fn with_measured(base: &Scenario, stall_bytes_per_s: f64, restore_bytes_per_
             per_rank / 1e6
         ),
     ));
-    s.sources.push(("restore".into(), format!("one rank's share at the restore rate measured by `ckpt bench` ({source}); every rank reads its own share in parallel")));
+    s.sources.push(("restore".into(), format!("one rank's share at the cold restore rate measured by `ckpt bench` ({source}); every rank reads its own share in parallel")));
     s.sources.push(("interval".into(), "the Young/Daly optimum for this stall".into()));
     s
 }

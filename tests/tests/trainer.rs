@@ -497,3 +497,77 @@ async fn a_damaged_newest_checkpoint_is_skipped_loudly_for_the_one_before() {
     let report: Value = serde_json::from_slice(&std::fs::read(run_dir.join("goodput.json")).unwrap()).unwrap();
     assert_eq!(losses(&report).first().map(|l| l.0), Some(5), "resumed from step 4");
 }
+
+/// The other faults of the training network, on the ranks' links to the hub: latency slows the
+/// steps and restarts nothing; a blackhole longer than the watchdog holds the group (or is
+/// caught as a hang); a reset
+/// drops every rank's connection, and the group restarts. And a rank aborting at a random point
+/// of a step (a crash inside whatever it was doing). Every run ends bit-identical to a clean one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_link_latency_blackhole_reset_and_a_random_abort_are_survived() {
+    use ckpt_chaos::proxy::{Mode, Proxy};
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = start_daemon(dir.path()).await;
+    let base = ["--nproc", "2", "--steps", "12", "--ckpt-every", "4", "--collective-timeout-ms", "2000"];
+    let clean = tokio::task::block_in_place(|| launch(&d, dir.path(), "clean", &base, MINUTES));
+    for (job, fault) in [("latency", "latency"), ("blackhole", "blackhole"), ("reset", "reset"), ("abort", "abort")] {
+        let hub = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+        let proxy = Proxy::start(hub.clone()).await.unwrap();
+        let advertise = proxy.addr.to_string();
+        let mut args = base.to_vec();
+        args.extend(["--hub-listen", hub.as_str(), "--hub-advertise", advertise.as_str(), "--max-restarts", "4"]);
+        if fault == "abort" {
+            args.extend(["--inject", "abort@1:6:60"]);
+        }
+        let p = proxy.clone();
+        let r = tokio::task::block_in_place(|| {
+            launch_during(&d, dir.path(), job, &args, MINUTES, move |run_dir| {
+                let deadline = std::time::Instant::now() + Duration::from_secs(120);
+                while std::time::Instant::now() < deadline {
+                    let log = std::fs::read_to_string(run_dir.join("events-rank0.jsonl")).unwrap_or_default();
+                    let at = log.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok());
+                    if at.filter_map(|v| v["step"].as_u64()).any(|s| s >= 6) {
+                        match fault {
+                            "latency" => p.set(Mode::Latency { ms: 40 }),
+                            "blackhole" => {
+                                p.set(Mode::Blackhole);
+                                std::thread::sleep(Duration::from_millis(3_000));
+                                p.set(Mode::Pass);
+                            }
+                            "reset" => p.reset(),
+                            _ => {}
+                        }
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                panic!("the group never reached step 6");
+            })
+        });
+        let c = proxy.counters();
+        let got = causes(&r);
+        match fault {
+            "latency" => {
+                assert!(c.delayed_reads > 0, "{c:?}");
+                assert!(got.is_empty(), "latency caused a restart: {got:?}");
+            }
+            "blackhole" => {
+                // Every rank's link is held alike: no round gets its first frame, so none is
+                // judged; the group goes on when the link comes back (within the idle timeout),
+                // or, if one rank's frame got through first, the watchdog restarts it.
+                assert!(c.held_reads > 0, "{c:?}");
+                assert!(got.iter().all(|c| c.contains("collective timeout")), "{got:?}");
+            }
+            "reset" => {
+                assert!(c.connections_reset > 0, "{c:?}");
+                assert_eq!(got.len(), 1, "{got:?}");
+            }
+            _ => {
+                assert_eq!(got.len(), 1, "{got:?}");
+                assert!(got[0].contains("rank 1 killed by signal 6"), "{got:?}");
+            }
+        }
+        assert_eq!(hash(&r), hash(&clean), "{fault}: ended with other weights");
+    }
+}

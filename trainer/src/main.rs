@@ -97,8 +97,8 @@ struct LaunchArgs {
     run_dir: Option<PathBuf>,
     #[arg(long, default_value_t = 2_000_000)]
     corpus_bytes: usize,
-    /// Fault to inject, once: KIND@RANK:STEP with KIND kill, kill-save, kill-commit, hang,
-    /// panic or nan, or slow@RANK:STEP:MS. Repeatable.
+    /// Fault to inject, once: KIND@RANK:STEP with KIND kill, kill-save, kill-commit, stop-save,
+    /// hang, panic, nan or sdc; or slow@RANK:STEP:MS, abort@RANK:STEP:MS. Repeatable.
     #[arg(long = "inject")]
     injections: Vec<Injection>,
     /// Compute threads per rank; default: the machine's cores shared among the ranks.

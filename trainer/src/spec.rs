@@ -70,6 +70,9 @@ pub enum InjectKind {
     Slow(u64),
     /// Panic at the start of the step (a software bug).
     Panic,
+    /// Abort the process this many milliseconds into the step, wherever it is then (inside a
+    /// collective, the compute, a save): a crash at a random point.
+    Abort(u64),
     /// Poison this rank's gradient with NaN (a memory error); the step must not be committed.
     Nan,
     /// Flip one bit of this rank's replica of another rank's parameters right after the
@@ -94,6 +97,7 @@ impl std::fmt::Display for Injection {
             InjectKind::Hang => ("hang", None),
             InjectKind::Slow(ms) => ("slow", Some(ms)),
             InjectKind::Panic => ("panic", None),
+            InjectKind::Abort(ms) => ("abort", Some(ms)),
             InjectKind::Nan => ("nan", None),
             InjectKind::Sdc => ("sdc", None),
             InjectKind::StopSave => ("stop-save", None),
@@ -113,7 +117,7 @@ impl FromStr for Injection {
     fn from_str(s: &str) -> Result<Injection, String> {
         let usage = || {
             format!(
-                "{s:?}: expected KIND@RANK:STEP (kill, kill-save, kill-commit, stop-save, hang, panic, nan, sdc) or slow@RANK:STEP:MS"
+                "{s:?}: expected KIND@RANK:STEP (kill, kill-save, kill-commit, stop-save, hang, panic, nan, sdc) or slow@RANK:STEP:MS, abort@RANK:STEP:MS"
             )
         };
         let (name, rest) = s.split_once('@').ok_or_else(usage)?;
@@ -129,6 +133,7 @@ impl FromStr for Injection {
             ("sdc", 2) => InjectKind::Sdc,
             ("stop-save", 2) => InjectKind::StopSave,
             ("slow", 3) => InjectKind::Slow(num(2)?),
+            ("abort", 3) => InjectKind::Abort(num(2)?),
             _ => return Err(usage()),
         };
         let step = num(1)?;
@@ -155,6 +160,7 @@ mod tests {
             "nan@0:9",
             "sdc@1:6",
             "stop-save@0:20",
+            "abort@1:9:120",
         ] {
             assert_eq!(s.parse::<Injection>().unwrap().to_string(), s);
         }

@@ -220,6 +220,14 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
                     fire(&mut events, inj, "");
                     panic!("injected panic at step {step}");
                 }
+                InjectKind::Abort(ms) => {
+                    fire(&mut events, inj, &format!("abort in {ms} ms"));
+                    std::thread::spawn(move || {
+                        std::thread::sleep(Duration::from_millis(ms));
+                        eprintln!("injected abort, {ms} ms into step {step}");
+                        std::process::abort();
+                    });
+                }
                 InjectKind::Nan => {
                     fire(&mut events, inj, "");
                     poison = true;
