@@ -80,6 +80,23 @@ fn launch_during(
     report
 }
 
+/// Returns once rank `rank` of the run in `run_dir` has logged step `step` (panics, naming
+/// `what`, if it has not within two minutes): the moment a test injects a fault from outside.
+fn wait_for_step(run_dir: &Path, rank: usize, step: u64, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let events = run_dir.join(format!("events-rank{rank}.jsonl"));
+    loop {
+        let log = std::fs::read_to_string(&events).unwrap_or_default();
+        let reached =
+            log.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter_map(|v| v["step"].as_u64()).max();
+        if reached >= Some(step) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: rank {rank} never reached step {step}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn hash(r: &Value) -> &str {
     r["final_weights_blake3"].as_str().expect("report has the final hash")
 }
@@ -132,20 +149,16 @@ async fn interrupted_runs_end_bit_identical_to_an_uninterrupted_one() {
     assert_eq!(c["final_step"], 16);
     // The kill during the commit landed after the rank's own index was accepted and before the
     // step committed (the other ranks start their saves only once the victim's index is in).
-    let mut landed = Vec::new();
-    for run in std::fs::read_dir(dir.path()).unwrap().flatten() {
-        if !(run.file_name().to_string_lossy().starts_with("run-killed") && run.path().is_dir()) {
-            continue;
-        }
-        for e in std::fs::read_dir(run.path()).unwrap().flatten() {
-            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-            landed.extend(
-                text.lines().filter(|l| l.contains("\"inject\"") && l.contains("kill-commit")).map(String::from),
-            );
-        }
-    }
+    let landed: Vec<Value> = events(dir.path(), "killed")
+        .into_iter()
+        .filter(|e| e["kind"] == "inject" && e["injection"].as_str().is_some_and(|k| k.starts_with("kill-commit")))
+        .collect();
     assert_eq!(landed.len(), 1, "seed {s}: {landed:?}");
-    assert!(landed[0].contains("own index accepted; step open"), "seed {s}: {}", landed[0]);
+    assert!(
+        landed[0]["note"].as_str().is_some_and(|n| n.contains("own index accepted; step open")),
+        "seed {s}: {}",
+        landed[0]
+    );
     assert!(c["steps_executed"].as_u64().unwrap() > 16, "rolled-back steps are executed again");
 
     // And a SIGKILL from outside, at whatever instruction rank 1 is executing once it has logged
@@ -155,24 +168,10 @@ async fn interrupted_runs_end_bit_identical_to_an_uninterrupted_one() {
     ext.extend(["--max-restarts", "2"]);
     let e = tokio::task::block_in_place(|| {
         launch_during(&d, dir.path(), "external", &ext, MINUTES, |run_dir| {
-            let deadline = std::time::Instant::now() + Duration::from_secs(120);
-            loop {
-                assert!(std::time::Instant::now() < deadline, "seed {s}: rank 1 never reached step {after}");
-                let log = std::fs::read_to_string(run_dir.join("events-rank1.jsonl")).unwrap_or_default();
-                let reached = log
-                    .lines()
-                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                    .filter_map(|v| v["step"].as_u64())
-                    .max()
-                    .unwrap_or(0);
-                if reached >= after {
-                    let pid: i32 = std::fs::read_to_string(run_dir.join("rank1.pid")).unwrap().trim().parse().unwrap();
-                    // SAFETY: kill(2) has no memory-safety preconditions.
-                    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "seed {s}: rank 1 (pid {pid}) is gone");
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            wait_for_step(run_dir, 1, after, &format!("seed {s}"));
+            let pid: i32 = std::fs::read_to_string(run_dir.join("rank1.pid")).unwrap().trim().parse().unwrap();
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "seed {s}: rank 1 (pid {pid}) is gone");
         })
     });
     let got = causes(&e);
@@ -348,29 +347,12 @@ async fn sigterm_takes_an_emergency_checkpoint_and_training_resumes_from_it() {
     let clean = tokio::task::block_in_place(|| launch(&d, dir.path(), "clean", &base, MINUTES));
     let r = tokio::task::block_in_place(|| {
         launch_during(&d, dir.path(), "maint", &base, MINUTES, |run_dir| {
-            let deadline = std::time::Instant::now() + Duration::from_secs(120);
-            loop {
-                assert!(std::time::Instant::now() < deadline, "the ranks never reached step 3");
-                let log = std::fs::read_to_string(run_dir.join("events-rank0.jsonl")).unwrap_or_default();
-                let reached = log
-                    .lines()
-                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                    .filter_map(|v| v["step"].as_u64())
-                    .max()
-                    .unwrap_or(0);
-                if reached >= 3 {
-                    for r in 0..2 {
-                        let pid: i32 = std::fs::read_to_string(run_dir.join(format!("rank{r}.pid")))
-                            .unwrap()
-                            .trim()
-                            .parse()
-                            .unwrap();
-                        // SAFETY: kill(2) has no memory-safety preconditions.
-                        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-                    }
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(5));
+            wait_for_step(run_dir, 0, 3, "SIGTERM");
+            for r in 0..2 {
+                let pid: i32 =
+                    std::fs::read_to_string(run_dir.join(format!("rank{r}.pid"))).unwrap().trim().parse().unwrap();
+                // SAFETY: kill(2) has no memory-safety preconditions.
+                assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
             }
         })
     });
@@ -442,20 +424,8 @@ async fn bytes_corrupted_between_ranks_and_the_hub_fail_the_round_and_roll_back(
     let r = tokio::task::block_in_place(|| {
         launch_during(&d, dir.path(), "corrupted", &args, MINUTES, move |run_dir| {
             // Once the group has trained a few steps, damage the next few reads on the link.
-            let deadline = std::time::Instant::now() + Duration::from_secs(120);
-            while std::time::Instant::now() < deadline {
-                let log = std::fs::read_to_string(run_dir.join("events-rank0.jsonl")).unwrap_or_default();
-                if log
-                    .lines()
-                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                    .any(|v| v["step"].as_u64() >= Some(6))
-                {
-                    p.set(Mode::Corrupt { reads: 2, upstream: true, downstream: true });
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            panic!("the group never reached step 6");
+            wait_for_step(run_dir, 0, 6, "hub corruption");
+            p.set(Mode::Corrupt { reads: 2, upstream: true, downstream: true });
         })
     });
     assert!(proxy.counters().bits_flipped >= 1, "the link was corrupted");
@@ -523,26 +493,17 @@ async fn hub_link_latency_blackhole_reset_and_a_random_abort_are_survived() {
         let p = proxy.clone();
         let r = tokio::task::block_in_place(|| {
             launch_during(&d, dir.path(), job, &args, MINUTES, move |run_dir| {
-                let deadline = std::time::Instant::now() + Duration::from_secs(120);
-                while std::time::Instant::now() < deadline {
-                    let log = std::fs::read_to_string(run_dir.join("events-rank0.jsonl")).unwrap_or_default();
-                    let at = log.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok());
-                    if at.filter_map(|v| v["step"].as_u64()).any(|s| s >= 6) {
-                        match fault {
-                            "latency" => p.set(Mode::Latency { ms: 40 }),
-                            "blackhole" => {
-                                p.set(Mode::Blackhole);
-                                std::thread::sleep(Duration::from_millis(3_000));
-                                p.set(Mode::Pass);
-                            }
-                            "reset" => p.reset(),
-                            _ => {}
-                        }
-                        return;
+                wait_for_step(run_dir, 0, 6, fault);
+                match fault {
+                    "latency" => p.set(Mode::Latency { ms: 40 }),
+                    "blackhole" => {
+                        p.set(Mode::Blackhole);
+                        std::thread::sleep(Duration::from_millis(3_000));
+                        p.set(Mode::Pass);
                     }
-                    std::thread::sleep(Duration::from_millis(5));
+                    "reset" => p.reset(),
+                    _ => {}
                 }
-                panic!("the group never reached step 6");
             })
         });
         let c = proxy.counters();
