@@ -32,8 +32,8 @@ enum Op {
     OpenRead(PathBuf),
     Write(PathBuf),
     Fsync(PathBuf),
-    /// syncfs: every byte and entry on the filesystem (the traces here stay on one).
-    SyncFs,
+    /// syncfs: every byte and entry on the filesystem holding this path (the fd's).
+    SyncFs(PathBuf),
     Mkdir(PathBuf),
     Rename(PathBuf, PathBuf),
     Link(PathBuf, PathBuf),
@@ -126,7 +126,7 @@ fn parse(call: &str) -> Option<Op> {
             first_fd_path(second).map(Op::Write)
         }
         "fsync" | "fdatasync" => first_fd_path(args).map(Op::Fsync),
-        "syncfs" => Some(Op::SyncFs),
+        "syncfs" => first_fd_path(args).map(Op::SyncFs),
         "mkdir" | "mkdirat" => path_args(args).into_iter().next().map(Op::Mkdir),
         "rename" | "renameat" | "renameat2" => {
             let p = path_args(args);
@@ -148,9 +148,21 @@ struct Volatile {
     next_inode: u64,
     dirty_data: HashSet<u64>,
     dirty_entries: HashMap<PathBuf, HashSet<std::ffi::OsString>>,
+    /// Roots of filesystems other than the test directory's: a syncfs covers only its own.
+    other_filesystems: Vec<PathBuf>,
+}
+
+/// Which filesystem `p` is on: the index of the listed root holding it, or `None` for the
+/// test directory's own.
+fn filesystem_of(others: &[PathBuf], p: &Path) -> Option<usize> {
+    others.iter().position(|root| p.starts_with(root))
 }
 
 impl Volatile {
+    fn filesystem(&self, p: &Path) -> Option<usize> {
+        filesystem_of(&self.other_filesystems, p)
+    }
+
     fn inode(&mut self, p: &Path) -> u64 {
         if let Some(i) = self.inode_of.get(p) {
             return *i;
@@ -190,9 +202,18 @@ impl Volatile {
                     self.dirty_data.remove(i);
                 }
             }
-            Op::SyncFs => {
-                self.dirty_entries.clear();
-                self.dirty_data.clear();
+            Op::SyncFs(on) => {
+                let fs = self.filesystem(on);
+                self.dirty_entries.retain(|dir, _| filesystem_of(&self.other_filesystems, dir) != fs);
+                let synced: Vec<u64> = self
+                    .inode_of
+                    .iter()
+                    .filter(|(p, _)| filesystem_of(&self.other_filesystems, p) == fs)
+                    .map(|(_, i)| *i)
+                    .collect();
+                for i in synced {
+                    self.dirty_data.remove(&i);
+                }
             }
             Op::Mkdir(p) => self.touch_entry(p),
             Op::Rename(a, b) => {
@@ -222,7 +243,10 @@ impl Volatile {
         }
         let mut p = path;
         while let (Some(dir), Some(name)) = (p.parent(), p.file_name()) {
-            if !dir.starts_with(top) {
+            // Above the test's own directories the entries predate the traced process.
+            if !dir.starts_with(top)
+                && self.filesystem(dir).is_none_or(|f| !dir.starts_with(&self.other_filesystems[f]))
+            {
                 break;
             }
             if self.dirty_entries.get(dir).is_some_and(|d| d.contains(name)) {
@@ -268,12 +292,18 @@ pub struct Layout<'a> {
     /// Files here were written by other processes (clients) that never fsync them: their bytes
     /// count as volatile until the traced process syncs them.
     pub foreign: &'a Path,
+    /// Directories on filesystems other than `top`'s (a syncfs makes only its own filesystem
+    /// durable: a spill disk apart from the store is not covered by the store's group syncs).
+    pub other_filesystems: &'a [&'a Path],
 }
 
 /// Everything the trace shows ckptd promising durable while it was not.
 pub fn audit(trace: &str, layout: &Layout<'_>) -> Vec<String> {
-    let Layout { top, store, spill, foreign } = *layout;
-    let mut v = Volatile::default();
+    let Layout { top, store, spill, foreign, other_filesystems } = *layout;
+    let mut v = Volatile {
+        other_filesystems: other_filesystems.iter().map(|p| p.to_path_buf()).collect(),
+        ..Volatile::default()
+    };
     let mut violations = Vec::new();
     let mut checked_spill = HashSet::new();
     let is_root = |p: &Path| {
@@ -330,6 +360,7 @@ mod tests {
             store: Path::new("/t/store"),
             spill: Path::new("/t/state/spill"),
             foreign: Path::new("/t/state/handoff"),
+            other_filesystems: &[Path::new("/shm")],
         };
         audit(trace, &layout)
     }
@@ -370,6 +401,27 @@ mod tests {
     }
 
     #[test]
+    fn a_syncfs_covers_its_own_filesystem_only() {
+        let spill = format!("/shm/spill/j/{HASH}");
+        let mut t = String::new();
+        t += &format!("1 openat(AT_FDCWD</t>, \"{spill}\", O_WRONLY|O_CREAT|O_TRUNC, 0666) = 6<{spill}>\n");
+        t += &format!("1 write(6<{spill}>, \"abc\", 3) = 3\n");
+        t += "1 syncfs(9</t/store>) = 0\n";
+        t += &format!("1 openat(AT_FDCWD</t>, \"{spill}\", O_RDONLY) = 7<{spill}>\n");
+        let layout = Layout {
+            top: Path::new(TOP),
+            store: Path::new("/t/store"),
+            spill: Path::new("/shm/spill"),
+            foreign: Path::new("/t/state/handoff"),
+            other_filesystems: &[Path::new("/shm")],
+        };
+        let found = audit(&t, &layout);
+        assert!(found.iter().any(|v| v.contains("spilled chunk") && v.contains("bytes of")), "{found:?}");
+        let same_fs = t.replace("syncfs(9</t/store>)", "syncfs(9</shm>)");
+        assert!(audit(&same_fs, &layout).is_empty(), "a syncfs of the spill's own filesystem covers it");
+    }
+
+    #[test]
     fn failed_calls_change_nothing_and_relative_paths_resolve() {
         assert_eq!(parse("mkdir(\"/t/x\", 0777) = -1 EEXIST (File exists)"), None);
         assert_eq!(
@@ -377,7 +429,7 @@ mod tests {
             Some(Op::Rename("/t/d/a".into(), "/t/b".into()))
         );
         assert_eq!(parse("fsync(7</t/d/x (deleted)>) = 0"), Some(Op::Fsync("/t/d/x".into())));
-        assert_eq!(parse("syncfs(9</t/store>) = 0"), Some(Op::SyncFs));
+        assert_eq!(parse("syncfs(9</t/store>) = 0"), Some(Op::SyncFs("/t/store".into())));
         assert_eq!(parse("syncfs(9</t/store>) = -1 EIO (Input/output error)"), None, "a failed syncfs syncs nothing");
         assert_eq!(parse("mkdir(\"/t/a\", 0777)          = 0"), Some(Op::Mkdir("/t/a".into())));
     }

@@ -60,9 +60,18 @@ async fn traced_saves(paths: Paths, failpoint: Option<&str>) -> Vec<String> {
     // A small memory budget sends some chunks of the HTTP save to the spill disk.
     let mut cfg = "staging_memory_bytes_max = 1048576\nupload_concurrency = 2\n".to_string();
     let shm = tempfile::tempdir_in("/dev/shm").expect("a writable /dev/shm (tmpfs) as a second filesystem");
+    let shm_top = shm.path().canonicalize().unwrap();
     let mut handoff = top.join("state/handoff");
+    let mut spill = top.join("state/spill");
+    if paths == Paths::HttpAndAdopt {
+        // The spill disk apart from the store, as in production (local NVMe, remote store): on
+        // one filesystem the store's group syncfs would also cover an unsynced spill file,
+        // depending on timing, and switching off the spill's own fsync could go unseen.
+        spill = shm_top.join("spill");
+        cfg += &format!("spill_dir = {:?}\n", spill.to_str().unwrap());
+    }
     if paths == Paths::AdoptAcrossFilesystems {
-        handoff = shm.path().join("handoff");
+        handoff = shm_top.join("handoff");
         let (a, b) = (std::fs::metadata(&top).unwrap().dev(), std::fs::metadata(shm.path()).unwrap().dev());
         assert_ne!(a, b, "/dev/shm and the test directory are one filesystem here; the copy path cannot be reached");
         cfg += &format!("handoff_dir = {:?}\n", handoff.to_str().unwrap());
@@ -107,8 +116,11 @@ async fn traced_saves(paths: Paths, failpoint: Option<&str>) -> Vec<String> {
     let text = std::fs::read_to_string(&trace).unwrap();
     assert!(text.contains("fsync("), "the trace holds no fsync at all; is strace working?");
     let store = top.join("store");
-    let spill = top.join("state/spill");
-    let found = audit(&text, &Layout { top: &top, store: &store, spill: &spill, foreign: &handoff });
+    let other_filesystems = [shm_top.as_path()];
+    let found = audit(
+        &text,
+        &Layout { top: &top, store: &store, spill: &spill, foreign: &handoff, other_filesystems: &other_filesystems },
+    );
     // The store is whole after the kill too (as a SIGKILL-only test would see it).
     assert_manifests_complete(Path::new(&store));
     found
@@ -135,10 +147,25 @@ async fn every_acked_save_is_fsynced_and_each_fsync_site_is_needed() {
             (Paths::AdoptAcrossFilesystems, "durable::skip_file_fsync"),
             (Paths::Segments, "durable::skip_file_fsync"),
         ];
+        // A site is needed when some run leaves a promise volatile without it. One run may not
+        // show it: a group syncfs another upload started at the right moment covers the skipped
+        // fsync by chance (then nothing was lost in that run). A few runs each, stop at the first
+        // finding; a site no run needs fails the test.
+        const RUNS: usize = 5;
         for (paths, site) in sites {
-            let found = traced_saves(paths, Some(site)).await;
-            assert!(!found.is_empty(), "with {site} switched off the audit found nothing: it cannot see that fsync");
-            eprintln!("{site}: {} findings, first: {}", found.len(), found[0]);
+            let mut runs = 0;
+            let found = loop {
+                runs += 1;
+                let found = traced_saves(paths, Some(site)).await;
+                if !found.is_empty() || runs == RUNS {
+                    break found;
+                }
+            };
+            assert!(
+                !found.is_empty(),
+                "with {site} switched off the audit found nothing in {RUNS} runs ({paths:?}): it cannot see that fsync"
+            );
+            eprintln!("{site} ({paths:?}): {} findings in run {runs}, first: {}", found.len(), found[0]);
         }
     })
     .await
