@@ -14,6 +14,9 @@ pub struct Config {
     /// Where checkpoints live: an object_store URL (`file:///abs/dir`, `memory://`) or a plain
     /// directory path. A directory is opened with fsync on.
     pub store: String,
+    /// object_store configuration for a cloud store, on top of its SDK's environment
+    /// variables: `endpoint`, `region`, `allow_http` (S3-compatible stores on plain HTTP), ...
+    pub store_options: std::collections::BTreeMap<String, String>,
     /// Local state: the sled index and journal.
     pub data_dir: PathBuf,
     /// If set, the bound address is written here once ckptd is ready (for scripts and tests).
@@ -103,6 +106,7 @@ impl Default for Config {
         Config {
             listen: "127.0.0.1:7070".into(),
             store: "ckpt-data/store".into(),
+            store_options: Default::default(),
             data_dir: PathBuf::from("ckpt-data/state"),
             addr_file: None,
             chunk_bytes_max: 64 << 20,

@@ -37,6 +37,7 @@ pub async fn serve(config: Config) -> Result<(), ServiceError> {
     config.validate().map_err(|e| ServiceError::BadRequest(e.to_string()))?;
     let store = store::Store::open(
         &config.store,
+        &config.store_options,
         config.store_attempts_max,
         Duration::from_millis(config.store_retry_base_ms),
     )?;
@@ -52,6 +53,9 @@ pub async fn serve(config: Config) -> Result<(), ServiceError> {
     } else {
         store
     };
+    if store.local_root().is_none() && config.store != "memory://" {
+        store.check_create_only().await?;
+    }
     durable::ensure_dir(&config.data_dir)?;
     durable::ensure_dir(&config.handoff_dir())?;
     let data_dir = config.data_dir.clone();

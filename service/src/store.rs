@@ -11,6 +11,7 @@
 //!   (file and directory entry). A put interrupted by a crash leaves at most a temporary file,
 //!   which `keys::parse_key` ignores.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use futures::TryStreamExt;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
+use object_store::prefix::PrefixStore;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 #[derive(Debug, thiserror::Error)]
@@ -76,37 +78,73 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens `location`: `memory://`, `file:///dir`, or a plain directory path (created if
-    /// missing). Local directories always get fsync. Other schemes need the matching
-    /// object_store cloud feature, which this build does not enable.
-    pub fn open(location: &str, attempts_max: u32, retry_base: Duration) -> Result<Store, StoreError> {
+    /// Opens `location`: `memory://`, `file:///dir` or a plain directory path (created if
+    /// missing; local directories always get fsync), or a cloud store: `s3://bucket[/prefix]`,
+    /// `gs://bucket[/prefix]`, `az://container[/prefix]` (also the `https://` forms object_store
+    /// recognises). Cloud credentials and endpoints come from each SDK's usual environment
+    /// variables (`AWS_*`, `GOOGLE_*`, `AZURE_*`), overridden by `options` (object_store's
+    /// config keys, e.g. `endpoint`, `allow_http`, `region`).
+    pub fn open(
+        location: &str,
+        options: &BTreeMap<String, String>,
+        attempts_max: u32,
+        retry_base: Duration,
+    ) -> Result<Store, StoreError> {
         let bad = |reason: String| StoreError::Location { location: location.into(), reason };
-        let dir = if location == "memory://" {
-            None
-        } else if let Some(rest) = location.strip_prefix("file://") {
+        let store = |inner: Arc<dyn ObjectStore>, description: String, local_root| Store {
+            inner,
+            description,
+            local_root,
+            attempts_max: attempts_max.max(1),
+            retry_base,
+            faults: None,
+        };
+        if location == "memory://" {
+            return Ok(store(Arc::new(InMemory::new()), "memory://".into(), None));
+        }
+        let dir = if let Some(rest) = location.strip_prefix("file://") {
             let url = url::Url::parse(location).map_err(|e| bad(e.to_string()))?;
-            let path = url.to_file_path().map_err(|_| bad(format!("{rest:?} is not an absolute local path")))?;
-            Some(path)
+            url.to_file_path().map_err(|_| bad(format!("{rest:?} is not an absolute local path")))?
         } else if location.contains("://") {
-            return Err(bad("only local directories and memory:// are built into this ckptd".into()));
+            let (inner, description) = open_cloud(location, options).map_err(bad)?;
+            return Ok(store(inner, description, None));
         } else {
-            Some(std::path::PathBuf::from(location))
+            std::path::PathBuf::from(location)
         };
-        let (inner, description, local_root): (Arc<dyn ObjectStore>, String, _) = match dir {
-            None => (Arc::new(InMemory::new()), "memory://".into(), None),
-            Some(dir) => {
-                crate::durable::ensure_dir(&dir).map_err(|e| bad(e.to_string()))?;
-                let dir = dir.canonicalize().map_err(|e| bad(e.to_string()))?;
-                // Test-only switch (power-loss audit): a local store that does not fsync.
-                let fsync: bool = (|| {
-                    fail::fail_point!("store::skip_fsync", |_| false);
-                    true
-                })();
-                let fs = LocalFileSystem::new_with_prefix(&dir).map_err(|e| bad(e.to_string()))?.with_fsync(fsync);
-                (Arc::new(fs), format!("file://{}", dir.display()), Some(dir))
-            }
-        };
-        Ok(Store { inner, description, local_root, attempts_max: attempts_max.max(1), retry_base, faults: None })
+        if !options.is_empty() {
+            return Err(bad("store_options apply to cloud stores only".into()));
+        }
+        crate::durable::ensure_dir(&dir).map_err(|e| bad(e.to_string()))?;
+        let dir = dir.canonicalize().map_err(|e| bad(e.to_string()))?;
+        // Test-only switch (power-loss audit): a local store that does not fsync.
+        let fsync: bool = (|| {
+            fail::fail_point!("store::skip_fsync", |_| false);
+            true
+        })();
+        let fs = LocalFileSystem::new_with_prefix(&dir).map_err(|e| bad(e.to_string()))?.with_fsync(fsync);
+        Ok(store(Arc::new(fs), format!("file://{}", dir.display()), Some(dir)))
+    }
+
+    /// Proves the store honours create-only puts, which the commit relies on: creates a probe
+    /// object twice under `jobs/` (not a job name, so no listing sees it) and expects the
+    /// second to be refused, then removes it. A store that overwrites (or whose conditional put
+    /// is switched off) is refused before anything is committed to it.
+    pub async fn check_create_only(&self) -> Result<(), StoreError> {
+        let nonce: u128 = rand::random();
+        let path = Path::from(format!("{}/.create-only-probe-{nonce:032x}", keys::JOBS_PREFIX));
+        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+        self.retry("probe_create", || self.inner.put_opts(&path, Bytes::from_static(b"1").into(), opts.clone()))
+            .await?;
+        let second = self.inner.put_opts(&path, Bytes::from_static(b"2").into(), opts.clone()).await;
+        let _ = self.inner.delete(&path).await;
+        match second.map_err(StoreError::from_os) {
+            Err(StoreError::AlreadyExists(_)) => Ok(()),
+            Ok(_) => Err(StoreError::Location {
+                location: self.description.clone(),
+                reason: "the store overwrote an object on a create-only put; commits would not be atomic".into(),
+            }),
+            Err(e) => Err(e),
+        }
     }
 
     /// The same store behind `FaultyStore`, whose faults `faults()` arms (chaos runs and tests).
@@ -302,4 +340,75 @@ impl Store {
         let prefix = Path::from(keys::JOBS_PREFIX);
         self.inner.list_with_delimiter(Some(&prefix)).await.map(|_| ()).map_err(StoreError::from_os)
     }
+}
+
+/// Checks a store location and its options without any I/O: a cloud URL must build (scheme,
+/// bucket, option keys); a local path must not name a file.
+pub fn check_location(location: &str, options: &BTreeMap<String, String>) -> Result<(), StoreError> {
+    let bad = |reason: String| StoreError::Location { location: location.into(), reason };
+    if location == "memory://" {
+        return Ok(());
+    }
+    if location.contains("://") && !location.starts_with("file://") {
+        return open_cloud(location, options).map(|_| ()).map_err(bad);
+    }
+    if !options.is_empty() {
+        return Err(bad("store_options apply to cloud stores only".into()));
+    }
+    let path = match location.strip_prefix("file://") {
+        Some(_) => url::Url::parse(location)
+            .ok()
+            .and_then(|u| u.to_file_path().ok())
+            .ok_or_else(|| bad("not an absolute local path".into()))?,
+        None => std::path::PathBuf::from(location),
+    };
+    if path.is_file() {
+        return Err(bad("names a file, not a directory".into()));
+    }
+    Ok(())
+}
+
+/// A cloud store from its URL: the scheme's builder reads its SDK's environment, `options`
+/// override it, and a path after the bucket becomes a key prefix. The description keeps the
+/// URL without credentials (object_store reads those from the environment and options only).
+fn open_cloud(location: &str, options: &BTreeMap<String, String>) -> Result<(Arc<dyn ObjectStore>, String), String> {
+    use object_store::ObjectStoreScheme;
+    let url = url::Url::parse(location).map_err(|e| e.to_string())?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("credentials do not belong in the store URL; use the environment or store_options".into());
+    }
+    let (scheme, prefix) = ObjectStoreScheme::parse(&url)
+        .map_err(|_| "this URL scheme is not supported; use s3://, gs://, az://, file:// or a directory".to_string())?;
+    let prefix = Path::parse(prefix).map_err(|e| e.to_string())?;
+    let unknown = |k: &str, e: object_store::Error| format!("store option {k:?}: {e}");
+    let inner: Arc<dyn ObjectStore> = match scheme {
+        ObjectStoreScheme::AmazonS3 => {
+            let mut b = object_store::aws::AmazonS3Builder::from_env().with_url(location);
+            for (k, v) in options {
+                b = b.with_config(k.parse().map_err(|e| unknown(k, e))?, v);
+            }
+            Arc::new(b.build().map_err(|e| e.to_string())?)
+        }
+        ObjectStoreScheme::GoogleCloudStorage => {
+            let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(location);
+            for (k, v) in options {
+                b = b.with_config(k.parse().map_err(|e| unknown(k, e))?, v);
+            }
+            Arc::new(b.build().map_err(|e| e.to_string())?)
+        }
+        ObjectStoreScheme::MicrosoftAzure => {
+            let mut b = object_store::azure::MicrosoftAzureBuilder::from_env().with_url(location);
+            for (k, v) in options {
+                b = b.with_config(k.parse().map_err(|e| unknown(k, e))?, v);
+            }
+            Arc::new(b.build().map_err(|e| e.to_string())?)
+        }
+        other => {
+            return Err(format!("{other:?} stores are not supported; use s3://, gs://, az://, file:// or a directory"))
+        }
+    };
+    let inner = if prefix.parts().count() == 0 { inner } else { Arc::new(PrefixStore::new(inner, prefix)) };
+    let mut shown = url.clone();
+    shown.set_query(None);
+    Ok((inner, shown.to_string().trim_end_matches('/').to_string()))
 }

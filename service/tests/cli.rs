@@ -59,11 +59,45 @@ fn bad_config_is_refused_with_a_clear_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("chunk_requests_max must be positive"));
     let out = ckptd()
-        .args(["--store", "s3://bucket/x", "--data-dir"])
+        .args(["--store", "ftp://host/x", "--data-dir"])
         .arg(dir.path())
         .args(["--listen", "127.0.0.1:0"])
         .output()
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid store location"));
+}
+
+#[test]
+fn check_config_validates_bounds_store_url_and_options_without_touching_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |text: &str| {
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, text).unwrap();
+        let out = ckptd().arg("--check-config").arg(&p).output().unwrap();
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    };
+    let store = dir.path().join("never-created");
+    let (ok, out) = check(&format!("store = {:?}\nchunk_requests_max = 8\n", store.to_str().unwrap()));
+    assert!(ok && out.contains(": ok"), "{out}");
+    assert!(!store.exists(), "--check-config created the store directory");
+    let (ok, out) = check(
+        "store = \"s3://bucket/prefix\"\n[store_options]\nendpoint = \"http://127.0.0.1:9\"\nallow_http = \"true\"\nregion = \"us-east-1\"\n",
+    );
+    assert!(ok, "{out}");
+    for (bad, says) in [
+        ("chunk_requests_max = 0\n", "chunk_requests_max must be positive"),
+        ("store = \"s3://bucket\"\n[store_options]\nendpiont = \"x\"\n", "endpiont"),
+        ("store = \"ftp://host/x\"\n", "not supported"),
+        ("store = \"s3://key:secret@bucket\"\n", "credentials do not belong"),
+        ("store = \"/tmp\"\n[store_options]\nregion = \"x\"\n", "cloud stores only"),
+        ("lisen = \"x\"\n", "lisen"),
+    ] {
+        let (ok, out) = check(bad);
+        assert!(!ok, "accepted {bad:?}: {out}");
+        assert!(out.contains(says), "{bad:?}: expected {says:?} in {out}");
+    }
 }

@@ -1,6 +1,7 @@
 //! Shared harness for the workspace-level tests: real ckptd processes on loopback, seeded
 //! random tensors, and helpers that look at the store directory the way an operator would.
 
+pub mod backend;
 pub mod fsync_audit;
 
 use std::collections::BTreeMap;
@@ -155,10 +156,20 @@ pub fn snapshot(dir: &Path) -> BTreeMap<String, String> {
 /// (or version-1 manifest) parsed and checked, and every index object it names read from the
 /// store and checked against it. Panics, naming the file, on anything missing or damaged.
 pub fn stored_manifests(store: &Path) -> Vec<Manifest> {
+    let files = snapshot(store);
+    manifests_from(files.keys().map(String::as_str), |key| std::fs::read(store.join(key)).ok())
+}
+
+/// The committed checkpoints among `keys`, with `read` giving an object's bytes (`None`:
+/// missing): the one parser behind [`stored_manifests`] and `backend::TestStore::manifests`.
+pub fn manifests_from<'a>(
+    keys: impl Iterator<Item = &'a str>,
+    read: impl Fn(&str) -> Option<Vec<u8>>,
+) -> Vec<Manifest> {
     let mut out = Vec::new();
-    for rel in snapshot(store).keys() {
+    for rel in keys {
         if let Some(ParsedKey::Manifest { job, step }) = parse_key(rel) {
-            let bytes = std::fs::read(store.join(rel)).expect("read root");
+            let bytes = read(rel).unwrap_or_else(|| panic!("root {rel} listed but unreadable"));
             let root = match CommitObject::parse(&bytes, &Limits::default()) {
                 Ok(CommitObject::Root(root)) => root,
                 Ok(CommitObject::V1(m)) => {
@@ -173,8 +184,8 @@ pub fn stored_manifests(store: &Path) -> Vec<Manifest> {
                 .enumerate()
                 .map(|(rank, r)| {
                     let key = ckpt_core::keys::index_key(&job, &r.hash);
-                    let b = std::fs::read(store.join(&key))
-                        .unwrap_or_else(|e| panic!("{job}@{step}: index object of rank {rank} ({key}): {e}"));
+                    let b = read(&key)
+                        .unwrap_or_else(|| panic!("{job}@{step}: index object of rank {rank} ({key}) is missing"));
                     parse_index_object(&b, r, rank as u32, root.world_size, &Limits::default())
                         .unwrap_or_else(|e| panic!("{job}@{step}: {e}"))
                 })

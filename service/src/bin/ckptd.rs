@@ -19,7 +19,8 @@ struct Args {
     /// Address to listen on (port 0 picks a free one).
     #[arg(long, env = "CKPTD_LISTEN")]
     listen: Option<String>,
-    /// Object store: a directory, file:///abs/dir, or memory://.
+    /// Object store: a directory, file:///abs/dir, memory://, s3://bucket/prefix,
+    /// gs://bucket/prefix or az://container/prefix (credentials from the SDK's environment).
     #[arg(long, env = "CKPTD_STORE")]
     store: Option<String>,
     /// Directory for the local index and journal.
@@ -67,6 +68,10 @@ struct Args {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
+    /// Load and validate this configuration file (bounds, store URL and options) and exit,
+    /// touching nothing: for deploy pipelines and CI.
+    #[arg(long, value_name = "FILE", conflicts_with = "config")]
+    check_config: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -79,6 +84,14 @@ fn main() -> anyhow::Result<()> {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
     let args = Args::parse();
+    if let Some(path) = &args.check_config {
+        let config = Config::from_toml_file(path)?;
+        config.validate()?;
+        ckpt_service::store::check_location(&config.store, &config.store_options)
+            .with_context(|| format!("{}: store", path.display()))?;
+        println!("{}: ok (store {})", path.display(), config.store);
+        return Ok(());
+    }
     let mut config = match &args.config {
         Some(p) => Config::from_toml_file(p)?,
         None => Config::default(),

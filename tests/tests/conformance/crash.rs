@@ -8,19 +8,27 @@
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
-use ckpt_client::daemon::DaemonOptions;
+use ckpt_tests::backend::{Backend, TestStore};
 use ckpt_tests::*;
+
+ckpt_tests::conformance!(300;
+    sigkill_after_some_chunks_of_a_save,
+    sigkill_after_all_chunks_before_the_manifest,
+    sigkill_right_after_the_manifest,
+    sigkill_from_outside_mid_save_then_resume_without_resending,
+    a_failed_manifest_write_is_retried_in_the_background,
+);
 
 const WORLD: u32 = 2;
 /// Distinct chunks step 1 stores: per rank, 8 MiB of random tensors in 1 MiB chunks, plus the
 /// small "step" tensor, which is the same on every rank and so stored once.
 const STEP1_CHUNKS: u32 = WORLD * 8 + 1;
 
-async fn crash_during_second_save(failpoint: &str, expect_committed_before_restart: bool) {
+async fn crash_during_second_save(backend: Backend, failpoint: &str, expect_committed_before_restart: bool) {
     let seed = seed(0x5eed_0003);
     let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
-    let mut opts = DaemonOptions::in_dir(ckptd_exe(), dir.path());
+    let store = TestStore::new(backend, dir.path()).await;
+    let mut opts = store.daemon_options(dir.path());
     opts.envs.push(("FAILPOINTS".into(), failpoint.into()));
     let mut d = start_daemon_with(opts).await;
     let step1: Vec<_> = (0..WORLD).map(|r| rank_tensors(seed, r, WORLD, 8 << 20)).collect();
@@ -33,15 +41,15 @@ async fn crash_during_second_save(failpoint: &str, expect_committed_before_resta
     assert_eq!(status.signal(), Some(libc::SIGKILL), "ckptd died by SIGKILL at {failpoint}");
 
     // While ckptd is down, the store alone must be consistent.
-    assert_manifests_complete(&store);
-    let visible: Vec<u64> = stored_manifests(&store).iter().map(|m| m.step).collect();
+    store.assert_complete().await;
+    let visible: Vec<u64> = store.manifests().await.iter().map(|m| m.step).collect();
     let expected = if expect_committed_before_restart { vec![1, 2] } else { vec![1] };
     assert_eq!(visible, expected, "manifests in the store right after the crash at {failpoint}");
 
-    d.options_mut().envs.clear();
+    d.options_mut().envs.retain(|(k, _)| k != "FAILPOINTS");
     d.restart().await.unwrap();
     let c = client(&d);
-    assert_manifests_complete(&store);
+    store.assert_complete().await;
     for m in c.list("job").await.unwrap().committed {
         // Whatever is listed as committed is whole.
         assert!(c.verify("job", m.step, |_| {}).await.unwrap().ok(), "step {} does not verify", m.step);
@@ -55,39 +63,34 @@ async fn crash_during_second_save(failpoint: &str, expect_committed_before_resta
         .await
         .unwrap_or_else(|e| panic!("retry after the crash at {failpoint}: {e}\n{}", daemon_log(&d)));
     assert_eq!(c.latest("job").await.unwrap(), Some(2));
-    assert_eq!(stored_manifests(&store).iter().filter(|m| m.step == 2).count(), 1);
+    assert_eq!(store.manifests().await.iter().filter(|m| m.step == 2).count(), 1);
     for r in 0..WORLD {
         assert!(c.load_rank("job", 2, r).await.unwrap() == step2[r as usize], "step 2 rank {r} after the retry");
     }
     assert!(c.verify("job", 2, |_| {}).await.unwrap().ok());
-    assert_manifests_complete(&store);
+    store.assert_complete().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigkill_after_some_chunks_of_a_save() {
+async fn sigkill_after_some_chunks_of_a_save(backend: Backend) {
     // The crash comes right after the fifth chunk of step 2 is durable.
     let fp = format!("ckptd::chunk::after_put={}*off->return", STEP1_CHUNKS + 4);
-    bounded(Duration::from_secs(300), crash_during_second_save(&fp, false)).await
+    crash_during_second_save(backend, &fp, false).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigkill_after_all_chunks_before_the_manifest() {
-    bounded(Duration::from_secs(300), crash_during_second_save("ckptd::commit::before_manifest=1*off->return", false))
-        .await
+async fn sigkill_after_all_chunks_before_the_manifest(backend: Backend) {
+    crash_during_second_save(backend, "ckptd::commit::before_manifest=1*off->return", false).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigkill_right_after_the_manifest() {
-    bounded(Duration::from_secs(300), crash_during_second_save("ckptd::commit::after_manifest=1*off->return", true))
-        .await
+async fn sigkill_right_after_the_manifest(backend: Backend) {
+    crash_during_second_save(backend, "ckptd::commit::after_manifest=1*off->return", true).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigkill_from_outside_mid_save_then_resume_without_resending() {
-    bounded(Duration::from_secs(300), async {
+async fn sigkill_from_outside_mid_save_then_resume_without_resending(backend: Backend) {
+    {
         let seed = seed(0x5eed_0004);
         let dir = tempfile::tempdir().unwrap();
-        let mut d = start_daemon(dir.path()).await;
+        let store = TestStore::new(backend, dir.path()).await;
+        let mut d = start_daemon_with(store.daemon_options(dir.path())).await;
         let states: Vec<_> = (0..WORLD).map(|r| rank_tensors(seed, r, WORLD, 8 << 20)).collect();
         let c = client(&d);
         // Rank 0 finishes its part; rank 1 never starts: the save is half done. Once ckptd
@@ -108,17 +111,17 @@ async fn sigkill_from_outside_mid_save_then_resume_without_resending() {
         for r in 0..WORLD {
             assert!(c.load_rank("job", 5, r).await.unwrap() == states[r as usize]);
         }
-    })
-    .await
+        store.assert_complete().await;
+    }
 }
 
 /// A manifest create that keeps failing past the store adapter's retries leaves the save ready
 /// but uncommitted; ckptd retries the commit in the background, with no client action.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_manifest_write_is_retried_in_the_background() {
+async fn a_failed_manifest_write_is_retried_in_the_background(backend: Backend) {
     let seed = seed(0x5eed_0004);
     let dir = tempfile::tempdir().unwrap();
-    let mut opts = DaemonOptions::in_dir(ckptd_exe(), dir.path());
+    let store = TestStore::new(backend, dir.path()).await;
+    let mut opts = store.daemon_options(dir.path());
     // Fails the first two creates: the one when the last index arrives and the first retry.
     opts.envs.push(("FAILPOINTS".into(), "ckptd::commit::manifest_put=2*return".into()));
     let cfg = dir.path().join("ckptd.toml");
@@ -148,5 +151,5 @@ async fn a_failed_manifest_write_is_retried_in_the_background() {
     for r in 0..WORLD {
         assert!(c.load_rank("job", 1, r).await.unwrap() == state[r as usize]);
     }
-    assert_manifests_complete(&dir.path().join("store"));
+    store.assert_complete().await;
 }
