@@ -644,6 +644,33 @@ impl Client {
     }
 
     /// Deletes a committed checkpoint. The newest one is refused unless `force`.
+    /// Runs retention and garbage collection over `job` (every job with `None`); with
+    /// `dry_run`, reports what would go without deleting anything. The answer is ckptd's
+    /// report as JSON (one per job).
+    pub async fn gc(&self, job: Option<&str>, dry_run: bool) -> Result<serde_json::Value, ClientError> {
+        let path = match job {
+            Some(j) => {
+                validate_job(j)?;
+                format!("/v1/jobs/{j}/gc?dry_run={dry_run}")
+            }
+            None => format!("/v1/gc?dry_run={dry_run}"),
+        };
+        let bytes = self.request(reqwest::Method::POST, &path, Body::Empty).await?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(format!("gc answer is not JSON: {e}")))?;
+        Ok(match job {
+            Some(_) => serde_json::json!({ "jobs": [v] }),
+            None => v,
+        })
+    }
+
+    /// Pins (or unpins) a committed checkpoint: retention never deletes a pinned one.
+    pub async fn pin(&self, job: &str, step: u64, pinned: bool) -> Result<(), ClientError> {
+        validate_job(job)?;
+        let method = if pinned { reqwest::Method::PUT } else { reqwest::Method::DELETE };
+        self.request(method, &format!("/v1/jobs/{job}/checkpoints/{step}/pin"), Body::Empty).await.map(|_| ())
+    }
+
     pub async fn delete(&self, job: &str, step: u64, force: bool) -> Result<(), ClientError> {
         validate_job(job)?;
         let q = if force { "?force=true" } else { "" };

@@ -5,6 +5,10 @@
 //! jobs/<job>/chunks/<hh>/<hash>          a chunk, content-addressed, shared by every step and rank of the job
 //! jobs/<job>/manifests/<step:020>.json   a committed checkpoint's root (zero-padded so listings sort by step)
 //! jobs/<job>/indexes/<hh>/<hash>.json    a rank's shard index, content-addressed, named by the roots
+//! jobs/<job>/pins/<step:020>             a pinned checkpoint: retention never deletes it
+//! jobs/<job>/gc/condemned.json           the garbage the last GC mark found, swept by a later run
+//! jobs/<job>/gc/swept.json               when a sweep last deleted anything (commits check it)
+//! jobs/<job>/gc/leases/<step:020>.<node> a save in flight on a ckptd node (see `gc.rs`)
 //! ```
 
 use crate::hash::ChunkHash;
@@ -36,6 +40,41 @@ pub fn index_key(job: &str, hash: &ChunkHash) -> String {
 
 pub fn manifests_prefix(job: &str) -> String {
     format!("{JOBS_PREFIX}/{job}/manifests")
+}
+
+pub fn pin_key(job: &str, step: u64) -> String {
+    format!("{JOBS_PREFIX}/{job}/pins/{step:020}")
+}
+
+pub fn pins_prefix(job: &str) -> String {
+    format!("{JOBS_PREFIX}/{job}/pins")
+}
+
+pub fn indexes_prefix(job: &str) -> String {
+    format!("{JOBS_PREFIX}/{job}/indexes")
+}
+
+pub fn condemned_key(job: &str) -> String {
+    format!("{JOBS_PREFIX}/{job}/gc/condemned.json")
+}
+
+pub fn swept_key(job: &str) -> String {
+    format!("{JOBS_PREFIX}/{job}/gc/swept.json")
+}
+
+pub fn leases_prefix(job: &str) -> String {
+    format!("{JOBS_PREFIX}/{job}/gc/leases")
+}
+
+/// A node's lease on one save in flight. `node` is the ckptd node's id (hex).
+pub fn lease_key(job: &str, step: u64, node: &str) -> String {
+    format!("{JOBS_PREFIX}/{job}/gc/leases/{step:020}.{node}")
+}
+
+/// The step a pin key names.
+pub fn parse_pin_key(key: &str) -> Option<u64> {
+    let digits = key.rsplit('/').next()?;
+    (digits.len() == 20).then(|| parse_step(digits).ok()).flatten()
 }
 
 /// What a key in the store is, when it is one of ours. Anything else (an upload's temporary
@@ -86,6 +125,11 @@ mod tests {
         assert_eq!(manifest_key("j", 42), "jobs/j/manifests/00000000000000000042.json");
         assert_eq!(parse_key(&index_key("j", &h)), Some(ParsedKey::Index { job: "j".into(), hash: h }));
         assert_eq!(manifest_key("j", u64::MAX).len(), manifest_key("j", 0).len());
+        assert_eq!(parse_pin_key(&pin_key("j", 7)), Some(7));
+        // Pins, leases and GC records are not checkpoint objects: listings of those ignore them.
+        for k in [pin_key("j", 7), lease_key("j", 7, "ab"), condemned_key("j"), swept_key("j")] {
+            assert_eq!(parse_key(&k), None, "{k}");
+        }
     }
 
     #[test]

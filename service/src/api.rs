@@ -169,6 +169,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/jobs/{job}/checkpoints", get(list_checkpoints))
         .route("/v1/jobs/{job}/checkpoints/{step}", get(get_manifest).delete(delete_checkpoint))
         .route("/v1/jobs/{job}/indexes/{hash}", get(get_index_object))
+        .route("/v1/jobs/{job}/checkpoints/{step}/pin", put(pin_checkpoint).delete(unpin_checkpoint))
+        .route("/v1/jobs/{job}/gc", post(gc_job))
+        .route("/v1/gc", post(gc_all))
         .route(
             "/v1/jobs/{job}/chunks/missing",
             post(missing_chunks).layer(DefaultBodyLimit::max(json_limit)).layer(digest()),
@@ -352,6 +355,57 @@ async fn delete_checkpoint(
     let Query(q) = q.map_err(|e| ApiError(ServiceError::BadRequest(e.body_text())))?;
     s.coordinator.delete_checkpoint(&job, step, q.force).await?;
     Ok(Json(serde_json::json!({ "deleted": { "job": job, "step": step } })).into_response())
+}
+
+async fn pin_checkpoint(
+    s: State<Arc<AppState>>,
+    p: Result<Path<(String, String)>, PathRejection>,
+) -> ApiResult<Response> {
+    pin_or_unpin(s, p, true).await
+}
+
+async fn unpin_checkpoint(
+    s: State<Arc<AppState>>,
+    p: Result<Path<(String, String)>, PathRejection>,
+) -> ApiResult<Response> {
+    pin_or_unpin(s, p, false).await
+}
+
+async fn pin_or_unpin(
+    State(s): State<Arc<AppState>>,
+    p: Result<Path<(String, String)>, PathRejection>,
+    pinned: bool,
+) -> ApiResult<Response> {
+    let (job, step) = path(p)?;
+    job_of(&job)?;
+    let step = parse_step(&step)?;
+    s.coordinator.pin(&job, step, pinned).await?;
+    Ok(Json(serde_json::json!({ "job": job, "step": step, "pinned": pinned })).into_response())
+}
+
+#[derive(Deserialize)]
+struct GcQuery {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn gc_job(
+    State(s): State<Arc<AppState>>,
+    p: Result<Path<String>, PathRejection>,
+    q: Result<Query<GcQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    let job = path(p)?;
+    job_of(&job)?;
+    let Query(q) = q.map_err(|e| ApiError(ServiceError::BadRequest(e.body_text())))?;
+    Ok(Json(s.coordinator.gc(&job, q.dry_run).await?).into_response())
+}
+
+async fn gc_all(
+    State(s): State<Arc<AppState>>,
+    q: Result<Query<GcQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(q) = q.map_err(|e| ApiError(ServiceError::BadRequest(e.body_text())))?;
+    Ok(Json(serde_json::json!({ "jobs": s.coordinator.gc_all(q.dry_run).await? })).into_response())
 }
 
 #[derive(Deserialize)]

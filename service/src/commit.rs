@@ -189,6 +189,12 @@ impl Coordinator {
             self.index.flush().await?;
             g.journalled = true;
         }
+        if created {
+            // Before the first answer: GC on any node must see this save in flight, and this
+            // save's `missing` answers must honour the job's condemned list (`gc.rs`).
+            self.lease_open(job, step).await?;
+            self.gc_refresh_view(job).await?;
+        }
         Ok(SaveStatus::of(&g.state))
     }
 
@@ -352,7 +358,9 @@ impl Coordinator {
             )));
         }
         let hashes: Vec<ChunkHash> = refs.iter().map(|r| r.0).collect();
-        let known = self.lookup(job, &hashes, true).await?;
+        // A save that opened before the job's condemned list was answered "present" for
+        // chunks on it; the sweep waits for such saves (`gc.rs`), so they are trusted here.
+        let known = self.lookup_trusting_condemned(job, &hashes, true).await?;
         let mut missing = Vec::new();
         let mut not_durable = Vec::new();
         for ((hash, len), k) in refs.iter().zip(known) {
@@ -492,6 +500,14 @@ impl Coordinator {
         let root = slot.state.root()?;
         let bytes = Bytes::from(root.to_bytes());
         let root_build_ms = started.elapsed().as_millis() as u64;
+        let index_objects: Vec<ChunkHash> = root.ranks.iter().map(|r| r.hash).collect();
+        let chunks: Vec<ChunkHash> = slot.state.ranks.values().flat_map(|r| r.chunk_hashes()).collect();
+        if let Err(hole) = self.gc_backstop(&job, step, index_objects, chunks).await? {
+            tracing::error!(job, step, "{hole}");
+            slot.state.abort(hole.clone())?;
+            self.retire_aborted(&slot.state).await?;
+            return Err(ServiceError::Conflict(format!("{job}@{step}: {hole}")));
+        }
         let created = async {
             fail::fail_point!("ckptd::commit::manifest_put", |_| Err(StoreError::Other(
                 object_store::Error::Generic { store: "failpoint", source: "injected transient failure".into() }

@@ -95,6 +95,8 @@ pub struct Config {
     pub encoders_max: usize,
     /// Wraps the store in a fault injector armed through `POST /v1/faults` (chaos runs and
     /// tests only: anyone who can reach the API can then make the store fail).
+    /// Retention policy and garbage collection (`[retention]`, `[retention.jobs.<job>]`).
+    pub retention: RetentionConfig,
     pub fault_injection: bool,
     /// Faults armed before recovery runs (needs `fault_injection`): how a test faults the
     /// calls ckptd makes at start-up.
@@ -141,9 +143,57 @@ impl Default for Config {
             handoff_dir: None,
             segments_max: 256,
             encoders_max: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            retention: RetentionConfig::default(),
             fault_injection: false,
             fault_plan: Vec::new(),
         }
+    }
+}
+
+/// Which checkpoints GC keeps, and its timings. The top-level policy applies to every job
+/// without its own entry under `jobs`; a policy with nothing set keeps every checkpoint (GC
+/// then only collects what deleted checkpoints left behind).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    pub keep_last: Option<u64>,
+    pub keep_every: Option<u64>,
+    /// Per-job policies, replacing the top-level one for that job.
+    pub jobs: std::collections::BTreeMap<String, ckpt_core::gc::RetentionPolicy>,
+    /// Nothing younger than this is condemned, and a condemned list is swept no sooner than
+    /// this after it was written: longer than a save takes from its `missing` query to its
+    /// index put.
+    pub gc_grace_s: u64,
+    /// A save's lease (how GC on any node learns it is in flight) lapses this long after its
+    /// node last refreshed it; refreshed every third of it.
+    pub lease_s: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig { keep_last: None, keep_every: None, jobs: Default::default(), gc_grace_s: 3600, lease_s: 120 }
+    }
+}
+
+impl RetentionConfig {
+    pub fn policy_for(&self, job: &str) -> ckpt_core::gc::RetentionPolicy {
+        self.jobs
+            .get(job)
+            .copied()
+            .unwrap_or(ckpt_core::gc::RetentionPolicy { keep_last: self.keep_last, keep_every: self.keep_every })
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let top = ckpt_core::gc::RetentionPolicy { keep_last: self.keep_last, keep_every: self.keep_every };
+        top.validate().map_err(|e| ConfigError::Invalid(format!("retention: {e}")))?;
+        for (job, p) in &self.jobs {
+            ckpt_core::validate_job(job).map_err(|e| ConfigError::Invalid(format!("retention.jobs: {e}")))?;
+            p.validate().map_err(|e| ConfigError::Invalid(format!("retention.jobs.{job}: {e}")))?;
+        }
+        if self.gc_grace_s == 0 || self.lease_s == 0 {
+            return Err(ConfigError::Invalid("retention: gc_grace_s and lease_s must be positive".into()));
+        }
+        Ok(())
     }
 }
 
@@ -232,6 +282,12 @@ impl Config {
         }
         if self.compression_min_savings_pct > 99 {
             return Err(ConfigError::Invalid("compression_min_savings_pct must be at most 99".into()));
+        }
+        self.retention.validate()?;
+        if self.retention.lease_s.saturating_mul(1000) < self.commit_retry_ms.saturating_mul(3) {
+            return Err(ConfigError::Invalid(
+                "retention.lease_s must be at least three commit_retry_ms periods (leases are refreshed then)".into(),
+            ));
         }
         if self.chunk_bytes_max > 1 << 30 {
             return Err(ConfigError::Invalid("chunk_bytes_max must be at most 1 GiB".into()));

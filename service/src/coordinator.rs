@@ -212,6 +212,10 @@ pub struct Coordinator {
     pub(crate) summaries: std::sync::Mutex<HashMap<SaveKey, ckpt_core::ManifestSummary>>,
     /// Generation fences by job (journalled in the index), cached.
     pub(crate) fences: std::sync::Mutex<HashMap<String, u64>>,
+    /// This node's id (kept in the index): names its save leases in the store.
+    pub(crate) node_id: String,
+    /// Save leases, condemned views and the GC lock (`gc.rs`).
+    pub(crate) gc: crate::gc::GcState,
 }
 
 pub(crate) const SUMMARIES_KEPT: usize = 4096;
@@ -316,7 +320,14 @@ impl Coordinator {
         ));
         let direct = fs_sync.clone().map(|fs| crate::staging::DirectWrites { fs, buffers: segments.clone() });
         let staging = Staging::start(staging_cfg, store.clone(), index.clone(), tx.clone(), encoders, direct);
+        // One read (or write) of the index at start-up, before anything is served.
+        let node_id = index.node_id().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot keep a node id in the index; using a fresh one");
+            format!("{:016x}", rand::random::<u64>())
+        });
         let c = Arc::new(Coordinator {
+            node_id,
+            gc: Default::default(),
             fs_sync,
             segments,
             segment_socket: Default::default(),
@@ -353,6 +364,7 @@ impl Coordinator {
         loop {
             tick.tick().await;
             let Some(me) = me.upgrade() else { break };
+            me.lease_refresh_all().await;
             let idle_max = Duration::from_millis(me.config.save_idle_abort_ms);
             let slots: Vec<SlotRef> = me.saves.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
             for slot in slots {
@@ -393,6 +405,7 @@ impl Coordinator {
             let Some(me) = me.upgrade() else { break };
             match ev {
                 UploadEvent::Durable { job, hash } => {
+                    me.gc_rewritten(&job, &hash);
                     for slot in me.slots_of(&job) {
                         let mut g = slot.lock().await;
                         let Some(complete) = g.chunk_durable(&hash) else { continue };
@@ -479,6 +492,7 @@ impl Coordinator {
     pub(crate) fn untrack_slot(&self, state: &SaveState) {
         let removed = self.saves.lock().unwrap_or_else(|e| e.into_inner()).remove(&(state.job.clone(), state.step));
         if removed.is_some() {
+            self.lease_close(&state.job, state.step);
             let _ = self
                 .chunk_refs_in_flight
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(state.chunk_refs)));

@@ -186,6 +186,45 @@ impl Index {
         Ok(Some(ChunkRecord { stored_len, raw_len }))
     }
 
+    /// Forgets chunk records (GC deleted the chunks; a later lookup asks the store).
+    pub fn remove_chunks(&self, job: &str, hashes: &[ChunkHash]) -> Result<(), IndexError> {
+        for h in hashes {
+            self.chunks.remove(job_key(job, &h.0))?;
+        }
+        Ok(())
+    }
+
+    /// Forgets every chunk record of a job (a GC sweep this node did not see happened).
+    pub fn clear_job_chunks(&self, job: &str) -> Result<usize, IndexError> {
+        let keys: Vec<_> = self.chunks.scan_prefix(job_prefix(job)).keys().collect::<Result<_, _>>()?;
+        for k in &keys {
+            self.chunks.remove(k)?;
+        }
+        Ok(keys.len())
+    }
+
+    /// This node's id, made once (random) and kept: it names the node's save leases.
+    pub fn node_id(&self) -> Result<String, IndexError> {
+        if let Some(v) = self.db.get(b"node_id")? {
+            return Ok(String::from_utf8_lossy(&v).into_owned());
+        }
+        let id = format!("{:016x}", rand::random::<u64>());
+        self.db.insert(b"node_id", id.as_bytes())?;
+        Ok(id)
+    }
+
+    /// The last GC sweep of `job` this node applied to its chunk records.
+    pub fn gc_seen(&self, job: &str) -> Result<u64, IndexError> {
+        let key = [b"gcseen\0".as_slice(), job.as_bytes()].concat();
+        Ok(self.db.get(key)?.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)).unwrap_or(0))
+    }
+
+    pub fn set_gc_seen(&self, job: &str, seq: u64) -> Result<(), IndexError> {
+        let key = [b"gcseen\0".as_slice(), job.as_bytes()].concat();
+        self.db.insert(key, &seq.to_be_bytes())?;
+        Ok(())
+    }
+
     pub fn chunk_count(&self, job: &str) -> usize {
         self.chunks.scan_prefix(job_prefix(job)).count()
     }

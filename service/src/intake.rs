@@ -45,6 +45,24 @@ impl Coordinator {
         hashes: &[ChunkHash],
         need_len: bool,
     ) -> Result<Vec<Known>, ServiceError> {
+        let mut known = self.lookup_trusting_condemned(job, hashes, need_len).await?;
+        // A durable chunk on the job's condemned list counts as missing: it is sent and written
+        // again, which saves it from the sweep (see `gc.rs`).
+        for (k, h) in known.iter_mut().zip(hashes) {
+            if matches!(k, Known::Durable { .. }) && self.gc_condemned(job, h) {
+                *k = Known::Missing;
+            }
+        }
+        Ok(known)
+    }
+
+    /// `lookup` without the condemned list: what the store and staging hold.
+    pub(crate) async fn lookup_trusting_condemned(
+        &self,
+        job: &str,
+        hashes: &[ChunkHash],
+        need_len: bool,
+    ) -> Result<Vec<Known>, ServiceError> {
         let mut out: Vec<Known> = hashes
             .iter()
             .map(|h| match self.staging.pending_raw_len(job, h) {

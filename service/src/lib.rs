@@ -13,6 +13,7 @@ pub mod durable;
 pub mod encoders;
 pub mod error;
 pub mod faults;
+pub mod gc;
 pub mod index;
 mod intake;
 mod reads;

@@ -109,12 +109,17 @@ impl Coordinator {
                 "{job}@{step} is the newest committed checkpoint; pass force to delete it"
             )));
         }
+        self.remove_root(job, step, "deleted on request").await
+    }
+
+    /// Deletes a root from the store, then from the index and the summary cache.
+    pub(crate) async fn remove_root(&self, job: &str, step: u64, why: &str) -> Result<(), ServiceError> {
         self.store.delete_manifest(job, step).await?;
         self.summaries.lock().unwrap_or_else(|e| e.into_inner()).remove(&(job.to_string(), step));
         let j = job.to_string();
         self.blocking(move |i| i.remove_manifest(&j, step)).await?;
         self.index.flush().await?;
-        tracing::info!(job, step, "checkpoint deleted");
+        tracing::info!(job, step, why, "checkpoint deleted");
         Ok(())
     }
 

@@ -127,7 +127,7 @@ impl Coordinator {
             let ranks: Vec<u32> = slot.state.ranks.keys().copied().collect();
             for rank in ranks {
                 let hashes: Vec<_> = slot.state.ranks[&rank].chunk_hashes().collect();
-                let known = self.lookup(&job, &hashes, false).await?;
+                let known = self.lookup_trusting_condemned(&job, &hashes, false).await?;
                 let pending =
                     hashes.iter().zip(known).filter(|(_, k)| !matches!(k, Known::Durable { .. })).map(|(h, _)| *h);
                 slot.add_pending(rank, pending.collect::<Vec<_>>());

@@ -335,6 +335,58 @@ impl Store {
             .collect())
     }
 
+    /// Small records (pins, leases, GC lists) by key, written with a plain put.
+    pub async fn put_record(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
+        let path = Path::from(key);
+        self.retry("put_record", || self.inner.put(&path, bytes.clone().into())).await.map(|_| ())
+    }
+
+    /// A record's bytes and modification time (the store's clock, Unix ms); `None` if absent.
+    pub async fn get_record(&self, key: &str) -> Result<Option<(Bytes, u64)>, StoreError> {
+        let path = Path::from(key);
+        let got = self
+            .retry("get_record", || async {
+                let r = self.inner.get(&path).await?;
+                let modified = r.meta.last_modified.timestamp_millis().max(0) as u64;
+                Ok((r.bytes().await?, modified))
+            })
+            .await;
+        match got {
+            Ok(v) => Ok(Some(v)),
+            Err(StoreError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// An object's modification time (the store's clock, Unix ms); `None` if absent.
+    pub async fn modified_ms(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        let path = Path::from(key);
+        match self.retry("head", || self.inner.head(&path)).await {
+            Ok(m) => Ok(Some(m.last_modified.timestamp_millis().max(0) as u64)),
+            Err(StoreError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes an object; one already gone is fine.
+    pub async fn delete_key(&self, key: &str) -> Result<(), StoreError> {
+        let path = Path::from(key);
+        match self.retry("delete", || self.inner.delete(&path)).await {
+            Ok(()) | Err(StoreError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every object under `prefix`: key, stored size, modification time (Unix ms).
+    pub async fn list_meta(&self, prefix: &str) -> Result<Vec<(String, u64, u64)>, StoreError> {
+        let prefix = Path::from(prefix);
+        let metas: Vec<_> = self.retry("list", || self.inner.list(Some(&prefix)).try_collect::<Vec<_>>()).await?;
+        Ok(metas
+            .into_iter()
+            .map(|m| (m.location.to_string(), m.size, m.last_modified.timestamp_millis().max(0) as u64))
+            .collect())
+    }
+
     /// A cheap call that proves the store answers.
     pub async fn probe(&self) -> Result<(), StoreError> {
         let prefix = Path::from(keys::JOBS_PREFIX);

@@ -8,4 +8,5 @@ mod crash;
 mod node_local;
 mod race;
 mod rebuild;
+mod retention;
 mod save_restore;

@@ -97,6 +97,24 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Apply the retention policy and collect garbage: delete the checkpoints the policy does
+    /// not keep (never a pinned one or the newest), delete what the previous run condemned, and
+    /// condemn what no checkpoint references now (deleted by the next run, after the grace
+    /// period).
+    Gc {
+        /// The job; every job with --all.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        job: Option<String>,
+        #[arg(long)]
+        all: bool,
+        /// Show what would go, and how many bytes, without deleting anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Pin a committed checkpoint: retention never deletes it.
+    Pin { job: String, step: u64 },
+    /// Remove a pin.
+    Unpin { job: String, step: u64 },
     /// Average f32 tensors over several committed checkpoints of a job (same layout) into a new
     /// checkpoint, as the Llama 3 recipe averages its annealing phase.
     Average {
@@ -378,6 +396,16 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 println!("deleted {job}@{step} (its chunks stay until garbage collection)");
             }
         }
+        Cmd::Gc { job, all: _, dry_run } => {
+            let report = client.gc(job.as_deref(), dry_run).await?;
+            if cli.json {
+                print_json(&report)?;
+            } else {
+                print_gc(&report, dry_run);
+            }
+        }
+        Cmd::Pin { job, step } => pin(&client, cli.json, &job, step, true).await?,
+        Cmd::Unpin { job, step } => pin(&client, cli.json, &job, step, false).await?,
         Cmd::Average { job, steps, tensors, out } => {
             let out = out.unwrap_or_else(|| format!("{job}-avg"));
             let names: Vec<&str> = tensors.iter().map(String::as_str).collect();
@@ -643,4 +671,52 @@ async fn demo(ranks: u32, size_mib: u64, dir: Option<PathBuf>, seed: u64) -> any
     println!("9. ckptd stopped with SIGTERM ({})", if clean { "clean shutdown" } else { "had to be killed" });
     println!("demo finished: crash mid-save lost nothing committed, the interrupted step completed on retry, corruption was caught");
     Ok(0)
+}
+
+/// One paragraph per job of a GC report.
+fn print_gc(report: &serde_json::Value, dry_run: bool) {
+    let (deleted, swept, condemned, removed) = if dry_run {
+        ("would delete", "would sweep", "would condemn", "would remove")
+    } else {
+        ("deleted", "swept", "condemned", "removed")
+    };
+    let steps = |v: &serde_json::Value| {
+        let s: Vec<String> = v.as_array().map(|a| a.iter().map(|x| x.to_string()).collect()).unwrap_or_default();
+        if s.is_empty() {
+            "none".to_string()
+        } else {
+            s.join(", ")
+        }
+    };
+    let size = |v: &serde_json::Value| mib(v.as_u64().unwrap_or(0));
+    for j in report["jobs"].as_array().into_iter().flatten() {
+        println!("{}:", j["job"].as_str().unwrap_or("?"));
+        println!("  checkpoints kept: {}", steps(&j["checkpoints_kept"]));
+        println!("  checkpoints {deleted}: {}", steps(&j["checkpoints_deleted"]));
+        if j["pinned"].as_array().is_some_and(|a| !a.is_empty()) {
+            println!("  pinned: {}", steps(&j["pinned"]));
+        }
+        match j["sweep_deferred"].as_str() {
+            Some(why) => println!("  sweep deferred: {why}"),
+            None => println!("  {swept}: {} objects, {:.1} MiB", j["swept_objects"], size(&j["swept_bytes"])),
+        }
+        println!(
+            "  {condemned} (deleted by the next run, after the grace period): {} objects, {:.1} MiB",
+            j["condemned_objects"],
+            size(&j["condemned_bytes"])
+        );
+        if j["stale_local_files"].as_u64().unwrap_or(0) > 0 {
+            println!("  stale handoff and spill files {removed}: {}", j["stale_local_files"]);
+        }
+    }
+}
+
+async fn pin(client: &ckpt_client::Client, json: bool, job: &str, step: u64, pinned: bool) -> anyhow::Result<()> {
+    client.pin(job, step, pinned).await?;
+    if json {
+        print_json(&serde_json::json!({ "job": job, "step": step, "pinned": pinned }))?;
+    } else {
+        println!("{job}@{step} {}", if pinned { "pinned" } else { "unpinned" });
+    }
+    Ok(())
 }

@@ -1,0 +1,243 @@
+//! Retention and garbage collection, on every backend: a keep-last policy with a pinned step,
+//! a save in flight during GC, a GC racing a `missing` query (seeded interleavings), and the
+//! commit-time backstop when a node dies with a save in flight and its lease lapses.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use ckpt_client::{Client, Wait};
+use ckpt_core::keys::{parse_key, ParsedKey};
+use ckpt_tests::backend::{Backend, TestStore};
+use ckpt_tests::*;
+use rand::{Rng, SeedableRng};
+
+ckpt_tests::conformance!(300;
+    keep_last_two_and_a_pin_then_only_unshared_garbage_goes,
+    a_save_in_flight_during_gc_commits_and_verifies,
+    gc_racing_a_missing_query_never_deletes_what_the_save_relies_on,
+    a_sweep_after_a_node_died_mid_save_is_caught_at_commit,
+);
+
+/// A second and a bit: the shortest grace period ckptd takes is one second.
+const PAST_GRACE: Duration = Duration::from_millis(1_100);
+
+async fn start(store: &TestStore, dir: &std::path::Path, retention: &str) -> ckpt_client::daemon::LocalDaemon {
+    let mut o = store.daemon_options(dir);
+    let cfg = dir.join("ckptd.toml");
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(&cfg, format!("[retention]\ngc_grace_s = 1\nlease_s = 3\n{retention}\n")).unwrap();
+    o.extra_args = vec!["--config".into(), cfg.into_os_string()];
+    start_daemon_with(o).await
+}
+
+async fn gc(c: &Client, job: &str, dry_run: bool) -> serde_json::Value {
+    let r = c.gc(Some(job), dry_run).await.unwrap();
+    r["jobs"][0].clone()
+}
+
+fn steps(v: &serde_json::Value) -> Vec<u64> {
+    v.as_array().unwrap().iter().map(|s| s.as_u64().unwrap()).collect()
+}
+
+/// Chunk hashes stored for `job`.
+async fn stored_chunks(store: &TestStore, job: &str) -> BTreeSet<ckpt_core::ChunkHash> {
+    store
+        .keys()
+        .await
+        .iter()
+        .filter_map(|k| match parse_key(k) {
+            Some(ParsedKey::Chunk { job: j, hash }) if j == job => Some(hash),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn keep_last_two_and_a_pin_then_only_unshared_garbage_goes(backend: Backend) {
+    let seed = seed(0x5eed_0c20);
+    let dir = tempfile::tempdir().unwrap();
+    let store = TestStore::new(backend, dir.path()).await;
+    let d = start(&store, dir.path(), "keep_last = 2").await;
+    let c = client(&d);
+    // Rank 1's state never changes (its chunks are shared by every step); rank 0's does.
+    let shared = rank_tensors(seed, 1, 2, 2 << 20);
+    let mut states = Vec::new();
+    for step in 1..=6u64 {
+        let s = vec![rank_tensors(seed + step, 0, 2, 2 << 20), shared.clone()];
+        save_step(&c, "job", step, &s).await.unwrap();
+        states.push(s);
+    }
+    c.pin("job", 2, true).await.unwrap();
+    let before: Vec<_> = store.manifests().await;
+    let chunks_of = |step: u64| before.iter().find(|m| m.step == step).unwrap().chunk_set();
+    tokio::time::sleep(PAST_GRACE).await;
+
+    // A dry run reports and changes nothing, from the CLI too.
+    let keys = store.keys().await;
+    let out = tokio::process::Command::new(ckpt_exe())
+        .args(["--server", &d.url(), "gc", "job", "--dry-run"])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("checkpoints would delete: 1, 3, 4") && text.contains("pinned: 2"), "{text}");
+    assert!(text.contains("would condemn (deleted by the next run") && text.contains(" MiB"), "{text}");
+    let dry = gc(&c, "job", true).await;
+    assert_eq!(steps(&dry["checkpoints_deleted"]), vec![1, 3, 4], "{dry}");
+    assert!(dry["condemned_objects"].as_u64().unwrap() > 0, "{dry}");
+    assert_eq!(store.keys().await, keys, "a dry run changed the store");
+
+    let first = gc(&c, "job", false).await;
+    assert_eq!(steps(&first["checkpoints_deleted"]), vec![1, 3, 4], "{first}");
+    assert_eq!(steps(&first["checkpoints_kept"]), vec![2, 5, 6]);
+    assert_eq!(first["condemned_objects"], dry["condemned_objects"], "the dry run and the run disagree");
+    assert_eq!(first["swept_objects"], 0, "nothing is deleted before the grace period has passed again");
+    assert_eq!(store.manifests().await.iter().map(|m| m.step).collect::<Vec<_>>(), vec![2, 5, 6]);
+    tokio::time::sleep(PAST_GRACE).await;
+    let second = gc(&c, "job", false).await;
+    assert!(second["sweep_deferred"].is_null(), "{second}");
+    assert_eq!(second["swept_objects"], first["condemned_objects"], "{second}");
+    assert_eq!(second["condemned_objects"], 0, "{second}");
+
+    // What only deleted checkpoints used is gone; what kept ones use (shared or not) stays.
+    let kept: BTreeSet<_> = [2u64, 5, 6].iter().flat_map(|&s| chunks_of(s)).collect();
+    let only_deleted: BTreeSet<_> =
+        [1u64, 3, 4].iter().flat_map(|&s| chunks_of(s)).filter(|h| !kept.contains(h)).collect();
+    assert!(!only_deleted.is_empty());
+    let now = stored_chunks(&store, "job").await;
+    assert_eq!(now, kept, "the store holds exactly the kept checkpoints' chunks");
+    let shared_hashes: BTreeSet<_> = chunks_of(1).intersection(&chunks_of(6)).copied().collect();
+    assert!(!shared_hashes.is_empty() && shared_hashes.is_subset(&now), "shared chunks must stay");
+    store.assert_complete().await;
+    for (step, s) in [(2u64, &states[1]), (5, &states[4]), (6, &states[5])] {
+        assert!(c.verify("job", step, |_| {}).await.unwrap().ok(), "step {step}");
+        for r in 0..2u32 {
+            assert!(c.load_rank("job", step, r).await.unwrap() == s[r as usize], "step {step} rank {r}");
+        }
+    }
+    // Index objects of deleted checkpoints went too: every one left is named by a kept root.
+    let index_objects =
+        store.keys().await.iter().filter(|k| matches!(parse_key(k), Some(ParsedKey::Index { .. }))).count();
+    assert_eq!(index_objects, 3 + 1, "rank 0's index of each kept step, and rank 1's, the same in all three");
+}
+
+async fn a_save_in_flight_during_gc_commits_and_verifies(backend: Backend) {
+    let seed = seed(0x5eed_0c21);
+    let dir = tempfile::tempdir().unwrap();
+    let store = TestStore::new(backend, dir.path()).await;
+    let d = start(&store, dir.path(), "keep_last = 1").await;
+    let c = client(&d);
+    let old: Vec<_> = (0..2).map(|r| rank_tensors(seed, r, 2, 2 << 20)).collect();
+    save_step(&c, "job", 1, &old).await.unwrap();
+    let old_chunks = store.manifests().await[0].chunk_set();
+    save_step(&c, "job", 2, &(0..2).map(|r| rank_tensors(seed + 2, r, 2, 2 << 20)).collect::<Vec<_>>()).await.unwrap();
+    tokio::time::sleep(PAST_GRACE).await;
+    let first = gc(&c, "job", false).await;
+    assert_eq!(steps(&first["checkpoints_deleted"]), vec![1]);
+    assert!(first["condemned_objects"].as_u64().unwrap() >= old_chunks.len() as u64, "{first}");
+
+    // Step 3 brings step 1's state back: its chunks are condemned, so rank 0 is told they are
+    // missing and sends them again. (Its lease must carry a later store time than the list:
+    // S3's Last-Modified has one-second resolution, and equal times count as "before".)
+    tokio::time::sleep(PAST_GRACE).await;
+    let r0 = c.save(&spec("job", 3, 0, 2), &old[0], Wait::Staged).await.unwrap();
+    assert!(r0.chunks_sent > 0, "condemned chunks must be sent again, not trusted");
+    tokio::time::sleep(PAST_GRACE).await;
+    // The sweep runs with the save in flight.
+    let second = gc(&c, "job", false).await;
+    assert!(second["sweep_deferred"].is_null(), "{second}");
+    save_step(&c, "job", 3, &old).await.unwrap();
+    assert!(c.verify("job", 3, |_| {}).await.unwrap().ok());
+    for r in 0..2u32 {
+        assert!(c.load_rank("job", 3, r).await.unwrap() == old[r as usize]);
+    }
+    store.assert_complete().await;
+}
+
+async fn gc_racing_a_missing_query_never_deletes_what_the_save_relies_on(backend: Backend) {
+    let base = seed(0x5eed_0c22);
+    for round in 0..3u64 {
+        let seed = base + round;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let dir = tempfile::tempdir().unwrap();
+        let store = TestStore::new(backend, dir.path()).await;
+        let d = start(&store, dir.path(), "keep_last = 1").await;
+        let c = client(&d);
+        let old: Vec<_> = (0..2).map(|r| rank_tensors(seed, r, 2, 1 << 20)).collect();
+        save_step(&c, "job", 1, &old).await.unwrap();
+        save_step(&c, "job", 2, &(0..2).map(|r| rank_tensors(seed + 9, r, 2, 1 << 20)).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        tokio::time::sleep(PAST_GRACE).await;
+        // Retention deletes step 1 now or later; its chunks are unreferenced from then on.
+        let retention_first = rng.random_bool(0.5);
+        if retention_first {
+            gc(&c, "job", false).await;
+        }
+        // Rank 0 of step 3 reuses step 1's state: its missing query finds the old chunks
+        // present (not condemned yet when retention has not run, condemned otherwise).
+        let first_rank = rng.random_range(0..2usize);
+        c.save(&spec("job", 3, first_rank as u32, 2), &old[first_rank], Wait::Staged).await.unwrap();
+        // Then GC runs (mark, grace, sweep attempts) a seeded number of times before the other
+        // rank arrives and the step commits.
+        for _ in 0..rng.random_range(1..=3) {
+            tokio::time::sleep(PAST_GRACE).await;
+            gc(&c, "job", false).await;
+        }
+        let other = 1 - first_rank;
+        c.save(&spec("job", 3, other as u32, 2), &old[other], Wait::Committed)
+            .await
+            .unwrap_or_else(|e| panic!("seed {seed}: step 3 failed: {e}"));
+        tokio::time::sleep(PAST_GRACE).await;
+        gc(&c, "job", false).await;
+        tokio::time::sleep(PAST_GRACE).await;
+        gc(&c, "job", false).await;
+        assert!(c.verify("job", 3, |_| {}).await.unwrap().ok(), "seed {seed} (retention first: {retention_first})");
+        for r in 0..2u32 {
+            assert!(c.load_rank("job", 3, r).await.unwrap() == old[r as usize], "seed {seed} rank {r}");
+        }
+        store.assert_complete().await;
+    }
+}
+
+async fn a_sweep_after_a_node_died_mid_save_is_caught_at_commit(backend: Backend) {
+    let seed = seed(0x5eed_0c23);
+    let dir = tempfile::tempdir().unwrap();
+    let store = TestStore::new(backend, dir.path()).await;
+    let mut a = start(&store, &dir.path().join("a"), "keep_last = 1").await;
+    let b = start(&store, &dir.path().join("b"), "keep_last = 1").await;
+    let (ca, cb) = (client(&a), client(&b));
+    let old: Vec<_> = (0..2).map(|r| rank_tensors(seed, r, 2, 1 << 20)).collect();
+    save_step(&ca, "job", 1, &old).await.unwrap();
+    save_step(&ca, "job", 2, &(0..2).map(|r| rank_tensors(seed + 2, r, 2, 1 << 20)).collect::<Vec<_>>()).await.unwrap();
+    tokio::time::sleep(PAST_GRACE).await;
+    // Node A takes rank 0 of step 3, which reuses step 1's chunks (present: not condemned
+    // yet), then dies; its lease stays in the store and lapses.
+    ca.save(&spec("job", 3, 0, 2), &old[0], Wait::Staged).await.unwrap();
+    a.kill();
+    let first = gc(&cb, "job", false).await;
+    assert_eq!(steps(&first["checkpoints_deleted"]), vec![1]);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let deferred = gc(&cb, "job", false).await;
+    assert!(
+        deferred["sweep_deferred"].as_str().is_some_and(|w| w.contains("[3]")),
+        "A's lease must hold the sweep: {deferred}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let swept = gc(&cb, "job", false).await;
+    assert!(swept["swept_objects"].as_u64().unwrap() > 0, "the lapsed lease no longer holds the sweep: {swept}");
+    // A comes back and rank 1 completes the save: the root would name deleted chunks, so the
+    // save is aborted, visibly, and no root for step 3 appears.
+    a.restart().await.unwrap();
+    let ca = client(&a);
+    let r = ca.save(&spec("job", 3, 1, 2), &old[1], Wait::Committed).await;
+    assert!(r.is_err(), "a commit over deleted chunks must fail");
+    let st = ca.save_status("job", 3).await.unwrap();
+    assert_eq!(st.phase, ckpt_client::SavePhase::Aborted, "{st:?}");
+    assert!(st.error.unwrap_or_default().contains("garbage-collected"));
+    assert!(store.manifests().await.iter().all(|m| m.step != 3), "a root over a hole was written");
+    store.assert_complete().await;
+    // Saved again from scratch, it commits.
+    save_step(&ca, "job", 4, &old).await.unwrap();
+    assert!(ca.verify("job", 4, |_| {}).await.unwrap().ok());
+}
