@@ -231,6 +231,19 @@ impl Client {
         known: &[Option<ChunkHash>],
         segment: Option<crate::node_local::SegmentView<'_>>,
     ) -> Result<(SaveReport, Vec<ChunkHash>), ClientError> {
+        // Every request of the save carries the save's trace (see `ckpt_core::trace`).
+        let traceparent = ckpt_core::trace::save_traceparent(&spec.job, spec.step, spec.rank);
+        crate::http::TRACEPARENT.scope(traceparent, self.save_traced(spec, tensors, wait, known, segment)).await
+    }
+
+    async fn save_traced(
+        &self,
+        spec: &SaveSpec,
+        tensors: &[Tensor],
+        wait: Wait,
+        known: &[Option<ChunkHash>],
+        segment: Option<crate::node_local::SegmentView<'_>>,
+    ) -> Result<(SaveReport, Vec<ChunkHash>), ClientError> {
         let started = Instant::now();
         validate_job(&spec.job)?;
         for t in tensors {

@@ -32,6 +32,11 @@ pub(crate) struct RetryPolicy {
     pub busy_retry_for: Duration,
 }
 
+tokio::task_local! {
+    /// The W3C trace context of the save this task is running, sent with each of its requests.
+    pub(crate) static TRACEPARENT: String;
+}
+
 pub(crate) enum Body {
     Empty,
     Json(Vec<u8>),
@@ -84,6 +89,9 @@ impl Http {
     ) -> Result<reqwest::Response, ClientError> {
         let url = format!("{}{}", self.base, path);
         let mut req = self.client.request(method, &url);
+        if let Ok(tp) = TRACEPARENT.try_with(|t| t.clone()) {
+            req = req.header("traceparent", tp);
+        }
         for (k, v) in headers {
             req = req.header(*k, *v);
         }

@@ -17,6 +17,7 @@ pub mod manifest;
 pub mod save;
 mod seal;
 pub mod shard;
+pub mod trace;
 pub mod validate;
 
 pub use chunk::{ChunkHeader, Codec, CHUNK_HEADER_BYTES};

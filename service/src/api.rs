@@ -25,6 +25,8 @@ use crate::{AdoptSource, SegmentChunk};
 pub struct AppState {
     pub coordinator: Arc<Coordinator>,
     pub shutting_down: AtomicBool,
+    /// The process's telemetry, whose Prometheus registry `/metrics` serves.
+    pub telemetry: Option<Arc<ckpt_telemetry::Telemetry>>,
 }
 
 pub struct ApiError(pub ServiceError);
@@ -164,6 +166,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/jobs", get(list_jobs))
         .route("/v1/stats", get(stats))
+        .route("/metrics", get(metrics))
         .route("/v1/faults", get(faults_report).post(arm_fault).layer(DefaultBodyLimit::max(4096)))
         .route("/v1/local", get(local_paths))
         .route("/v1/jobs/{job}/checkpoints", get(list_checkpoints))
@@ -233,6 +236,15 @@ async fn stats(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "journal_flushes": s.coordinator.journal_flushes(),
         "last_commit_after_last_index_us": s.coordinator.last_commit_after_last_index_us(),
     }))
+}
+
+/// Prometheus text exposition of every metric (see `metrics.rs`).
+async fn metrics(State(s): State<Arc<AppState>>) -> ApiResult<Response> {
+    let Some(t) = &s.telemetry else {
+        return Err(ApiError(ServiceError::NotFound("metrics are not enabled in this process".into())));
+    };
+    let text = t.prometheus_text().map_err(|e| ApiError(ServiceError::Internal(e.to_string())))?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
 }
 
 async fn local_paths(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {

@@ -121,6 +121,7 @@ impl Coordinator {
         Ok(epoch)
     }
 
+    #[tracing::instrument(name = "save.open", skip(self, req), fields(job = %job, step = step))]
     pub async fn open_save(&self, job: &str, step: u64, req: OpenSave) -> Result<SaveStatus, ServiceError> {
         self.check_fence(job, req.epoch).await?;
         if let Some(m) = self.committed_summary(job, step).await? {
@@ -209,6 +210,7 @@ impl Coordinator {
     /// Accepts one rank's index. The save's lock is held only for the in-memory update and the
     /// journal write; the chunk lookups come before it and the journal sync after it, so
     /// thousands of ranks' puts proceed together and share syncs (see the design note).
+    #[tracing::instrument(name = "save.index", skip(self, index), fields(job = %job, step = step, rank = index.rank))]
     pub async fn put_shard_index(&self, job: &str, step: u64, index: ShardIndex) -> Result<SaveStatus, ServiceError> {
         if let Some(committed) = self.committed_object(job, step).await? {
             return self.compare_with_committed(&committed, &index);
@@ -478,6 +480,22 @@ impl Coordinator {
     /// Moves a ready save (every rank in, every chunk durable) to committed. Called with the
     /// save's lock held.
     pub(crate) async fn commit(&self, slot: &mut Slot) -> Result<(), ServiceError> {
+        use tracing::Instrument;
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        let (job, step) = (slot.state.job.clone(), slot.state.step);
+        // In the save's trace whichever task runs it (an index put, an upload landing, a retry).
+        let span = tracing::info_span!("save.commit", job = %job, step, world_size = slot.state.world_size);
+        let _ = span.set_parent(crate::save_context(&job, step));
+        let started = Instant::now();
+        let result = self.commit_inner(slot).instrument(span).await;
+        if result.is_ok() {
+            crate::metrics::METRICS.commit_seconds.record(started.elapsed().as_secs_f64(), &[]);
+            crate::metrics::METRICS.saves_committed.add(1, &[]);
+        }
+        result
+    }
+
+    async fn commit_inner(&self, slot: &mut Slot) -> Result<(), ServiceError> {
         let (job, step) = (slot.state.job.clone(), slot.state.step);
         if slot.state.phase == SavePhase::Staged {
             if !slot.pending.is_empty() {
@@ -526,6 +544,7 @@ impl Coordinator {
                 if existing != bytes {
                     let reason = "another writer committed a different checkpoint for this step".to_string();
                     tracing::warn!(job, step, "commit conflict: {reason}");
+                    crate::metrics::METRICS.commit_conflicts.add(1, &[]);
                     slot.state.abort(reason.clone())?;
                     self.retire_aborted(&slot.state).await?;
                     return Err(ServiceError::Conflict(format!("{job}@{step}: {reason}")));

@@ -335,6 +335,7 @@ impl Coordinator {
     }
 
     /// One GC run over `job`: retention, the sweep of the previous run's list, a new mark.
+    #[tracing::instrument(name = "gc", skip(self), fields(job = %job, dry_run))]
     pub async fn gc(&self, job: &str, dry_run: bool) -> Result<GcReport, ServiceError> {
         let _one = self.gc.run.lock().await;
         let policy = self.config.retention.policy_for(job);

@@ -134,6 +134,7 @@ impl Coordinator {
     /// Idempotent: a chunk already staged or durable is drained and not stored again. A body
     /// that stalls fails with `BodyStalled` (the HTTP layer times out every frame), which drops
     /// the caller's chunk slot and this chunk's staging space.
+    #[tracing::instrument(name = "chunk.put", skip(self, body), fields(job = %job, hash = %hash, bytes = len))]
     pub async fn put_chunk<S>(
         &self,
         job: &str,
@@ -144,6 +145,7 @@ impl Coordinator {
     where
         S: futures::Stream<Item = Result<Bytes, ServiceError>> + Unpin + Send + 'static,
     {
+        let started = std::time::Instant::now();
         if len == 0 || len > self.config.chunk_bytes_max {
             return Err(ServiceError::BadRequest(format!(
                 "chunk is {len} bytes, not in 1..={}",
@@ -159,7 +161,18 @@ impl Coordinator {
             let state = if matches!(known, Known::Durable { .. }) { ChunkState::Durable } else { ChunkState::Staged };
             return Ok(ChunkPutOutcome { written: false, state });
         }
-        self.staging.stage(job, hash, len, body).await?;
+        let m = &crate::metrics::METRICS;
+        match self.staging.stage(job, hash, len, body).await {
+            Ok(()) => {}
+            Err(e) => {
+                if matches!(e, ServiceError::Core(ckpt_core::CoreError::HashMismatch { .. })) {
+                    m.verification_failures.add(1, &[opentelemetry::KeyValue::new("where", "upload")]);
+                }
+                return Err(e);
+            }
+        }
+        m.staged_bytes.add(len, &[]);
+        m.stage_seconds.record(started.elapsed().as_secs_f64(), &[]);
         Ok(ChunkPutOutcome { written: true, state: ChunkState::Staged })
     }
 

@@ -16,6 +16,7 @@ pub mod faults;
 pub mod gc;
 pub mod index;
 mod intake;
+mod metrics;
 mod reads;
 mod recovery;
 pub mod segments;
@@ -33,8 +34,17 @@ pub use intake::{AdoptSource, SegmentChunk};
 
 /// Opens the store and the index, recovers, serves until SIGTERM or Ctrl-C, and shuts down
 /// gracefully: no new connections, in-flight requests get `shutdown_grace_s`, the index is
-/// flushed.
-pub async fn serve(config: Config) -> Result<(), ServiceError> {
+/// flushed. `telemetry` (the process's, if it set one up) backs `/metrics`.
+pub async fn serve(config: Config, telemetry: Option<Arc<ckpt_telemetry::Telemetry>>) -> Result<(), ServiceError> {
+    serve_until(config, telemetry, shutdown_signal()).await
+}
+
+/// `serve` until `stop` completes (for embedding ckptd in another process, and tests).
+pub async fn serve_until(
+    config: Config,
+    telemetry: Option<Arc<ckpt_telemetry::Telemetry>>,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), ServiceError> {
     config.validate().map_err(|e| ServiceError::BadRequest(e.to_string()))?;
     let store = store::Store::open(
         &config.store,
@@ -75,8 +85,10 @@ pub async fn serve(config: Config) -> Result<(), ServiceError> {
 
     let listener = tokio::net::TcpListener::bind(&config.listen).await?;
     let addr = listener.local_addr()?;
-    let state = Arc::new(api::AppState { coordinator, shutting_down: AtomicBool::new(false) });
-    let app = api::router(state.clone()).layer(tower_http::trace::TraceLayer::new_for_http());
+    let _observed = metrics::observe(&coordinator);
+    let state = Arc::new(api::AppState { coordinator, shutting_down: AtomicBool::new(false), telemetry });
+    let app =
+        api::router(state.clone()).layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(request_span));
     if let Some(path) = &config.addr_file {
         // Written via a rename so a reader never sees a half-written address.
         let tmp = path.with_extension("tmp");
@@ -88,7 +100,7 @@ pub async fn serve(config: Config) -> Result<(), ServiceError> {
     let grace = Duration::from_secs(config.shutdown_grace_s);
     let header_read_timeout = Duration::from_millis(config.header_read_timeout_ms);
     let shutdown = async move {
-        shutdown_signal().await;
+        stop.await;
         state.shutting_down.store(true, Ordering::Relaxed);
         tracing::info!("shutdown requested; finishing in-flight requests");
     };
@@ -96,6 +108,42 @@ pub async fn serve(config: Config) -> Result<(), ServiceError> {
     index.flush().await?;
     tracing::info!("ckptd stopped");
     Ok(())
+}
+
+/// The span of one HTTP request, a child of the caller's W3C trace context when it sends one
+/// (a save's requests carry the save's trace, `ckpt_core::trace`).
+fn request_span<B>(req: &hyper::Request<B>) -> tracing::Span {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let span = tracing::info_span!("request", method = %req.method(), path = %req.uri().path());
+    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(req.headers())));
+    let _ = span.set_parent(parent);
+    span
+}
+
+struct HeaderExtractor<'a>(&'a hyper::HeaderMap);
+
+impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// The save's trace as a parent context, for spans ckptd makes outside any request of it
+/// (a commit that runs when the last upload lands).
+pub(crate) fn save_context(job: &str, step: u64) -> opentelemetry::Context {
+    use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
+    let sc = SpanContext::new(
+        TraceId::from_bytes(ckpt_core::trace::save_trace_id(job, step)),
+        SpanId::from_bytes(ckpt_core::trace::save_span_id(job, step, u32::MAX)),
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    );
+    opentelemetry::Context::new().with_remote_span_context(sc)
 }
 
 /// Serves HTTP/1 on `listener` until `shutdown` completes, then stops accepting and gives the

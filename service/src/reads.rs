@@ -126,7 +126,25 @@ impl Coordinator {
     /// Reads a chunk back, decodes it and verifies its hash: ckptd never serves bytes it has
     /// not verified, unless the caller says it verifies every byte itself (`verify = false`);
     /// the header's address and length are checked either way.
+    #[tracing::instrument(name = "chunk.get", skip(self), fields(job = %job, hash = %hash))]
     pub async fn get_chunk(&self, job: &str, hash: ChunkHash, verify: bool) -> Result<Bytes, ServiceError> {
+        let started = std::time::Instant::now();
+        let m = &crate::metrics::METRICS;
+        let result = self.read_chunk(job, hash, verify).await;
+        match &result {
+            Ok(b) => {
+                m.served_bytes.add(b.len() as u64, &[]);
+                m.restore_chunk_seconds.record(started.elapsed().as_secs_f64(), &[]);
+            }
+            Err(ServiceError::CorruptChunk { .. }) => {
+                m.verification_failures.add(1, &[opentelemetry::KeyValue::new("where", "read")])
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    async fn read_chunk(&self, job: &str, hash: ChunkHash, verify: bool) -> Result<Bytes, ServiceError> {
         let stored = match self.store.get_chunk(job, &hash).await {
             Ok(b) => b,
             Err(StoreError::NotFound(_)) => {

@@ -72,6 +72,8 @@ pub struct Staged {
     pub hash: ChunkHash,
     pub raw_len: u64,
     held: Held,
+    /// When the chunk was staged (the durable-latency histogram measures from here).
+    staged_at: Instant,
 }
 
 /// What the upload queue tells the coordinator.
@@ -269,7 +271,7 @@ impl Staging {
             }
             return Ok(());
         }
-        let staged = Staged { job: job.to_string(), hash, raw_len: len, held };
+        let staged = Staged { job: job.to_string(), hash, raw_len: len, held, staged_at: Instant::now() };
         if self.queue.send(staged).await.is_err() {
             self.set_pending(job, hash, None);
             return Err(ServiceError::Busy("upload queue closed (shutting down)".into()));
@@ -395,7 +397,7 @@ impl Staging {
         for (job, hash, path, len) in found {
             let permit = self.spill.clone().try_acquire_many_owned(permits(len)).ok();
             self.set_pending(&job, hash, Some(len));
-            let staged = Staged { job, hash, raw_len: len, held: Held::Spill(path, permit) };
+            let staged = Staged { job, hash, raw_len: len, held: Held::Spill(path, permit), staged_at: Instant::now() };
             if self.queue.send(staged).await.is_err() {
                 return Err(ServiceError::Internal("upload queue closed during recovery".into()));
             }
@@ -441,9 +443,14 @@ async fn dispatch(
         let (staging, store, index, events, pacer) =
             (staging.clone(), store.clone(), index.clone(), events.clone(), pacer.clone());
         tokio::spawn(async move {
-            let (job, hash) = (staged.job.clone(), staged.hash);
-            let event = match upload(&staging, &store, &index, &pacer, staged).await {
-                Ok(()) => UploadEvent::Durable { job: job.clone(), hash },
+            let (job, hash, staged_at) = (staged.job.clone(), staged.hash, staged.staged_at);
+            let span = tracing::info_span!("chunk.upload", job = %job, hash = %hash);
+            let result = tracing::Instrument::instrument(upload(&staging, &store, &index, &pacer, staged), span).await;
+            let event = match result {
+                Ok(()) => {
+                    crate::metrics::METRICS.durable_seconds.record(staged_at.elapsed().as_secs_f64(), &[]);
+                    UploadEvent::Durable { job: job.clone(), hash }
+                }
                 Err(e) => {
                     staging.counters.upload_failures.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(job, %hash, error = %e, "chunk upload failed permanently");
@@ -474,7 +481,7 @@ async fn upload(
     pacer: &Pacer,
     staged: Staged,
 ) -> Result<(), ServiceError> {
-    let Staged { job, hash, raw_len, held } = staged;
+    let Staged { job, hash, raw_len, held, staged_at: _ } = staged;
     let (raw, _permit_memory, _permit_spill, spill_path) = match held {
         Held::Memory(b, p) => (b, Some(p), None, None),
         Held::Spill(path, p) => {

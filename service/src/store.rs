@@ -187,6 +187,9 @@ impl Store {
                 Err(e) if e.is_permanent() || attempt >= self.attempts_max => return Err(e),
                 Err(e) => {
                     tracing::warn!(op = what, attempt, error = %e, "transient store error, retrying");
+                    crate::metrics::METRICS
+                        .store_retries
+                        .add(1, &[opentelemetry::KeyValue::new("op", what.to_string())]);
                     tokio::time::sleep(delay).await;
                     delay = delay.saturating_mul(2);
                     attempt += 1;

@@ -243,3 +243,14 @@ pub async fn wait_uploads_drained(d: &LocalDaemon) {
 pub fn peak_rss_bytes(pid: u32) -> u64 {
     ckpt_client::daemon::peak_rss_bytes(pid).expect("VmHWM in /proc status")
 }
+
+/// The sum of every sample of metric `name` (all label sets) in Prometheus text; 0 when absent.
+pub fn prometheus_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            (series.split('{').next()? == name).then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}

@@ -97,6 +97,30 @@ fn wait_for_step(run_dir: &Path, rank: usize, step: u64, what: &str) {
     }
 }
 
+/// The sum of every sample of `name` in a Prometheus text file.
+fn prom(path: &Path, name: &str) -> f64 {
+    ckpt_tests::prometheus_sum(
+        &std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+        name,
+    )
+}
+
+/// The metrics a clean run leaves in `<run_dir>/metrics/`: each rank's step times (one per
+/// step) and checkpoint waits (one per save), and the launcher's goodput, as in its report.
+fn assert_trainer_metrics(run_dir: &Path, report: &Value, steps: u64, saves: u64) {
+    let m = run_dir.join("metrics");
+    for r in 0..2 {
+        let f = m.join(format!("rank{r}.prom"));
+        assert_eq!(prom(&f, "ckpt_train_step_duration_seconds_count"), steps as f64, "rank {r}");
+        assert!(prom(&f, "ckpt_train_step_duration_seconds_sum") > 0.0);
+        assert_eq!(prom(&f, "ckpt_train_checkpoint_wait_seconds_count"), saves as f64, "rank {r}");
+    }
+    let l = m.join("launcher.prom");
+    let goodput = report["effective_training_time_pct"].as_f64().unwrap() / 100.0;
+    assert!((prom(&l, "ckpt_train_effective_training_time_ratio") - goodput).abs() < 1e-9);
+    assert_eq!(prom(&l, "ckpt_train_interruptions"), 0.0);
+}
+
 fn hash(r: &Value) -> &str {
     r["final_weights_blake3"].as_str().expect("report has the final hash")
 }
@@ -124,6 +148,7 @@ async fn interrupted_runs_end_bit_identical_to_an_uninterrupted_one() {
     let d = start_daemon(dir.path()).await;
     let base = ["--nproc", "2", "--steps", "16", "--ckpt-every", "4"];
     let a = tokio::task::block_in_place(|| launch(&d, dir.path(), "clean-a", &base, MINUTES));
+    assert_trainer_metrics(&dir.path().join(format!("run-clean-a-{}", std::process::id())), &a, 16, 4);
     let b = tokio::task::block_in_place(|| launch(&d, dir.path(), "clean-b", &base, MINUTES));
     assert_eq!(hash(&a), hash(&b), "two fault-free runs with one seed differ");
     assert!(causes(&a).is_empty());

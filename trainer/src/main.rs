@@ -2,6 +2,7 @@
 //! demo.
 
 mod launch;
+mod metrics;
 mod report;
 mod worker;
 
@@ -136,20 +137,29 @@ struct LaunchArgs {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().cmd {
+    // Metrics like ckptd's (OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set; Prometheus text in
+    // the run directory at exit); spans over OTLP too.
+    let telemetry = ckpt_telemetry::Telemetry::init("ckpt-train")?;
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+        let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+        let otel = telemetry.otlp_endpoint().is_some().then(|| telemetry.tracing_layer("ckpt-train"));
+        tracing_subscriber::registry().with(filter).with(fmt).with(otel).init();
+    }
+    let result = match Cli::parse().cmd {
         Cmd::Worker { spec, rank } => {
             let spec = worker::spec_from_file(&spec)?;
-            worker::run(&spec, rank).with_context(|| format!("rank {rank}"))
+            let ran = worker::run(&spec, rank).with_context(|| format!("rank {rank}"));
+            metrics::write_prom(&telemetry, &spec.run.run_dir, &format!("rank{rank}"));
+            ran
         }
-        Cmd::Launch(args) => {
-            let report = run_launch(&args)?;
+        Cmd::Launch(args) => run_launch(&args).map(|(report, run_dir)| {
+            metrics::record_report(&report);
+            metrics::write_prom(&telemetry, &run_dir, "launcher");
             report.print();
-            Ok(())
-        }
+        }),
         Cmd::Demo { data_dir, steps, nproc, json } => {
             let job = format!(
                 "demo-{}",
@@ -198,7 +208,9 @@ fn main() -> Result<()> {
                 "      rank {} is SIGKILLed and later rank 0 hangs (SIGSTOP); the launcher rolls back each time.",
                 nproc - 1
             );
-            let report = run_launch(&args)?;
+            let (report, run_dir) = run_launch(&args)?;
+            metrics::record_report(&report);
+            metrics::write_prom(&telemetry, &run_dir, "launcher");
             report.print();
             Ok(())
         }
@@ -211,10 +223,13 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-    }
+    };
+    telemetry.shutdown();
+    result
 }
 
-fn run_launch(args: &LaunchArgs) -> Result<report::Report> {
+/// Runs the launcher; returns the report and the run directory.
+fn run_launch(args: &LaunchArgs) -> Result<(report::Report, PathBuf)> {
     let model = ModelConfig::named(&args.model).with_context(|| format!("unknown model {:?}", args.model))?;
     if model.name != "tiny" {
         bail!("the {} shape is for sizing (`ckpt-train sizes`); only tiny trains here", model.name);
@@ -283,5 +298,5 @@ fn run_launch(args: &LaunchArgs) -> Result<report::Report> {
     if let Some(p) = &args.json {
         std::fs::write(p, &json).with_context(|| format!("writing {}", p.display()))?;
     }
-    Ok(report)
+    Ok((report, run_dir))
 }

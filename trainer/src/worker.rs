@@ -84,6 +84,7 @@ struct Events {
 
 impl Events {
     fn emit(&mut self, mut v: serde_json::Value) {
+        crate::metrics::record(&v);
         if let Some(o) = v.as_object_mut() {
             o.insert("rank".into(), self.rank.into());
             o.insert("generation".into(), self.generation.into());

@@ -149,17 +149,28 @@ fn main() -> anyhow::Result<()> {
         print!("{}", toml::to_string_pretty(&config).context("rendering config")?);
         return Ok(());
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CKPTD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none())
-        .init();
+    // Metrics always (served at /metrics); metrics and spans over OTLP when
+    // OTEL_EXPORTER_OTLP_ENDPOINT is set. The exporters run on their own threads.
+    let telemetry = std::sync::Arc::new(ckpt_telemetry::Telemetry::init("ckptd")?);
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        let filter = tracing_subscriber::EnvFilter::try_from_env("CKPTD_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        let fmt = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none());
+        let otel = telemetry.otlp_endpoint().is_some().then(|| telemetry.tracing_layer("ckptd"));
+        tracing_subscriber::registry().with(filter).with(fmt).with(otel).init();
+    }
+    if let Some(endpoint) = telemetry.otlp_endpoint() {
+        tracing::info!(endpoint, "exporting metrics and spans over OTLP");
+    }
     // Fail points are compiled in only with the `failpoints` feature and armed only through
     // the FAILPOINTS environment variable; crash tests use them.
     let _failpoints = fail::FailScenario::setup();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
-    runtime.block_on(ckpt_service::serve(config)).context("ckptd failed")
+    let served = runtime.block_on(ckpt_service::serve(config, Some(telemetry.clone())));
+    telemetry.shutdown();
+    served.context("ckptd failed")
 }
