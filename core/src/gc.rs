@@ -16,10 +16,17 @@
 //!   save lives) opened after the list was written: each such save read the list when it opened.
 //!   A save that opened before waits for the sweep, or the sweep waits for it. Then the sweep
 //!   deletes each condemned key still unreferenced and not rewritten since the list.
-//! * Backstop for a node that died with a save in flight (its lease expires while its journal
-//!   keeps the save): a sweep records itself in `gc/swept.json` before deleting anything, and a
-//!   commit whose save opened before the last sweep first checks that every object its root
-//!   names still exists (else the save is aborted, visibly, never committed over a hole).
+//! * The commit check: a sweep records its keys in `gc/swept.json` before deleting anything
+//!   (and marks it done after), and each delete first checks that the object was not written
+//!   again since the list. A save remembers the sweep it saw when it opened. At commit it waits
+//!   for a sweep in progress to finish, then looks up in the store every object its root names
+//!   that the sweep it opened with or the next one listed (either may have deleted while the
+//!   save was answered "present"); one that is gone aborts the save, visibly. If more sweeps
+//!   passed, or the save's opening is unknown (restored after a crash of its node, whose lease
+//!   lapsed), every object the root names is looked up. Once a sweep is done nothing deletes
+//!   an object the save names until the save ends: a later list is held by the save's lease.
+//! * A GC run reads the condemned list and the leases before it lists the roots: a save that
+//!   commits in between either still held its lease or is among the roots.
 //! * Times compared with each other are the store's clock (objects' modification times); the
 //!   grace period and lease expiry are compared with the GC node's clock, which only needs to be
 //!   roughly right. Store clocks may count whole seconds (S3's `Last-Modified`), so equal times
@@ -118,8 +125,12 @@ pub struct Swept {
     pub job: String,
     /// Counts sweeps of the job, from 1.
     pub seq: u64,
-    /// The keys this sweep deleted.
+    /// The keys this sweep deletes (each unless written again since the list).
     pub keys: Vec<String>,
+    /// Written true once every delete is done; a sweep whose run died (its GC lock gone or
+    /// stale) deletes nothing more either.
+    #[serde(default)]
+    pub done: bool,
     /// The store's time of the condemned list the sweep deleted from: a save that opened
     /// before it may have been answered "present" for something now gone.
     pub list_store_ms: u64,

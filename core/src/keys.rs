@@ -9,6 +9,7 @@
 //! jobs/<job>/gc/condemned.json           the garbage the last GC mark found, swept by a later run
 //! jobs/<job>/gc/swept.json               when a sweep last deleted anything (commits check it)
 //! jobs/<job>/gc/leases/<step:020>.<node> a save in flight on a ckptd node (see `gc.rs`)
+//! jobs/<job>/gc/lock                     held by the job's GC run
 //! ```
 
 use crate::hash::ChunkHash;
@@ -60,6 +61,11 @@ pub fn condemned_key(job: &str) -> String {
 
 pub fn swept_key(job: &str) -> String {
     format!("{JOBS_PREFIX}/{job}/gc/swept.json")
+}
+
+/// Held by the GC run of a job (create-only), one run at a time across nodes.
+pub fn gc_lock_key(job: &str) -> String {
+    format!("{JOBS_PREFIX}/{job}/gc/lock")
 }
 
 pub fn leases_prefix(job: &str) -> String {

@@ -190,12 +190,9 @@ impl Coordinator {
             self.index.flush().await?;
             g.journalled = true;
         }
-        if created {
-            // Before the first answer: GC on any node must see this save in flight, and this
-            // save's `missing` answers must honour the job's condemned list (`gc.rs`).
-            self.lease_open(job, step).await?;
-            self.gc_refresh_view(job).await?;
-        }
+        // Before any answer: GC on any node must see this save in flight, and this save's
+        // `missing` answers must honour the job's condemned list (`gc.rs`).
+        self.gc_open(job, step, created).await?;
         Ok(SaveStatus::of(&g.state))
     }
 
@@ -520,7 +517,7 @@ impl Coordinator {
         let root_build_ms = started.elapsed().as_millis() as u64;
         let index_objects: Vec<ChunkHash> = root.ranks.iter().map(|r| r.hash).collect();
         let chunks: Vec<ChunkHash> = slot.state.ranks.values().flat_map(|r| r.chunk_hashes()).collect();
-        if let Err(hole) = self.gc_backstop(&job, step, index_objects, chunks).await? {
+        if let Err(hole) = self.gc_backstop(&job, step, &index_objects, &chunks).await? {
             tracing::error!(job, step, "{hole}");
             slot.state.abort(hole.clone())?;
             self.retire_aborted(&slot.state).await?;

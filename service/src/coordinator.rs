@@ -350,6 +350,7 @@ impl Coordinator {
         });
         tokio::spawn(Self::upload_events(Arc::downgrade(&c), rx));
         tokio::spawn(Self::maintain(Arc::downgrade(&c), Duration::from_millis(c.config.commit_retry_ms)));
+        tokio::spawn(Self::keep_leases(Arc::downgrade(&c), Duration::from_millis(c.config.commit_retry_ms)));
         c
     }
 
@@ -364,7 +365,6 @@ impl Coordinator {
         loop {
             tick.tick().await;
             let Some(me) = me.upgrade() else { break };
-            me.lease_refresh_all().await;
             let idle_max = Duration::from_millis(me.config.save_idle_abort_ms);
             let slots: Vec<SlotRef> = me.saves.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
             for slot in slots {
@@ -405,7 +405,6 @@ impl Coordinator {
             let Some(me) = me.upgrade() else { break };
             match ev {
                 UploadEvent::Durable { job, hash } => {
-                    me.gc_rewritten(&job, &hash);
                     for slot in me.slots_of(&job) {
                         let mut g = slot.lock().await;
                         let Some(complete) = g.chunk_durable(&hash) else { continue };

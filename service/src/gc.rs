@@ -1,23 +1,30 @@
 //! Retention and garbage collection on ckptd's side: save leases, the condemned view that
-//! `missing` answers consult, the commit-time backstop, and GC runs.
+//! `missing` answers consult, the commit-time check, and GC runs.
 //!
 //! Design note. The protocol, and why it is safe with any number of ckptd nodes on one store,
 //! is in `ckpt_core::gc`. Here:
-//! * A save's lease is written (and its store time read back) when the save's slot is created,
-//!   before the open is answered, and refreshed by the maintenance task every third of
-//!   `lease_s`; it is deleted when the save leaves the in-flight set. A save restored from the
-//!   journal gets a lease at the next maintenance tick.
-//! * The condemned view of a job is read from the store when one of its saves opens on this
-//!   node; from then on `lookup` answers "missing" for condemned chunks (except for the index
-//!   put's own check, which a save that opened before the list needs, and which the sweep
-//!   waits for through the lease).
-//! * One GC run at a time per node (a lock); runs on several nodes at once are harmless but
-//!   wasteful (the deploy files run one).
+//! * Every open makes sure its save has a lease and its job a view before it answers. A save
+//!   created here writes its lease first (its store time is the save's opening), then reads the
+//!   view and the last sweep: a list written after the lease is held off by the lease, one
+//!   written before is in the view. A save restored from the journal, or one whose lease write
+//!   failed, gets a lease that claims the earliest time (it holds every sweep while it lives)
+//!   and no known sweep (its commit checks every object it names).
+//! * Leases are refreshed by their own task every third of `lease_s`, apart from commit
+//!   retries, so a slow commit cannot let other saves' leases lapse.
+//! * Reading the view applies the last sweep to the chunk records before the new view is
+//!   installed, so no lookup trusts a record of a chunk that sweep deleted.
+//! * The commit check: a sweep records its keys (`gc/swept.json`) before deleting anything. A
+//!   save remembers the sweep it saw when it opened; at commit, if the root names a key of that
+//!   sweep or of the next one, the save is aborted (the object may be gone, or about to be);
+//!   if more sweeps passed, or the save's opening sweep is unknown, every object the root names
+//!   is checked in the store.
+//! * One GC run per job at a time, across nodes: a create-only lock object (`gc/lock`), taken
+//!   over once it is older than `lock_stale`.
 //! * Memory: a run holds the job's chunk and index-object listings and the referenced set, a
 //!   few hundred bytes per object: about a gigabyte for ten million objects.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -31,13 +38,34 @@ use serde::Serialize;
 
 use crate::coordinator::{now_unix_ms, Coordinator, SaveKey};
 use crate::error::ServiceError;
+use crate::store::StoreError;
+
+/// A sweep as a node last read it: its number and the keys it deletes.
+#[derive(Clone, Default)]
+struct SweepSeen {
+    seq: u64,
+    keys: Arc<HashSet<String>>,
+}
+
+/// A lease this node holds.
+#[derive(Clone)]
+struct LeaseHeld {
+    /// The store's time of the save's opening; 0 when unknown (restored or failed to write):
+    /// the lease then holds every sweep.
+    opened: u64,
+    /// When it was last written; `None` before its first write.
+    refreshed: Option<Instant>,
+    /// The last sweep when the save opened; `None` when unknown.
+    sweep: Option<SweepSeen>,
+}
 
 #[derive(Default)]
 pub(crate) struct GcState {
     /// Condemned chunks per job, as last read from the store.
     views: Mutex<HashMap<String, HashSet<ChunkHash>>>,
-    /// Leases this node holds: the store's time of their first write, and when last refreshed.
-    leases: Mutex<HashMap<SaveKey, (u64, Instant)>>,
+    /// The last sweep per job, as last read from the store.
+    sweeps: Mutex<HashMap<String, SweepSeen>>,
+    leases: Mutex<HashMap<SaveKey, LeaseHeld>>,
     run: tokio::sync::Mutex<()>,
 }
 
@@ -66,6 +94,12 @@ fn corrupt_record(key: &str, e: impl std::fmt::Display) -> ServiceError {
     ServiceError::Internal(format!("GC record {key} is unreadable: {e}"))
 }
 
+/// A GC lock older than this is taken over (its run died).
+const LOCK_STALE: Duration = Duration::from_secs(6 * 3600);
+
+/// How long a commit waits for a sweep in progress before it gives up (aborts).
+const SWEEP_WAIT: Duration = Duration::from_secs(120);
+
 impl Coordinator {
     fn grace_ms(&self) -> u64 {
         self.config.retention.gc_grace_s.saturating_mul(1000)
@@ -80,21 +114,24 @@ impl Coordinator {
         self.gc.views.lock().unwrap_or_else(|e| e.into_inner()).get(job).is_some_and(|v| v.contains(hash))
     }
 
-    /// A condemned chunk written again (sent by a client told it was missing) is live: its new
-    /// modification time keeps it from the sweep, so it no longer needs resending.
-    pub(crate) fn gc_rewritten(&self, job: &str, hash: &ChunkHash) {
-        if let Some(v) = self.gc.views.lock().unwrap_or_else(|e| e.into_inner()).get_mut(job) {
-            v.remove(hash);
-        }
-    }
-
-    /// Reads the job's condemned list and last sweep from the store: the first becomes the
-    /// view `lookup` consults, the second is applied to the chunk records.
-    pub(crate) async fn gc_refresh_view(&self, job: &str) -> Result<(), ServiceError> {
+    /// Reads the job's last sweep and condemned list from the store: the sweep is applied to
+    /// the chunk records first, then the list becomes the view `lookup` consults. Returns the
+    /// sweep.
+    async fn gc_refresh_view(&self, job: &str) -> Result<SweepSeen, ServiceError> {
+        let key = keys::swept_key(job);
+        let sweep = match self.store.get_record(&key).await? {
+            Some((bytes, _)) => {
+                let swept: Swept = parse_record(&key, bytes).await?;
+                self.apply_sweep(job, &swept).await?;
+                SweepSeen { seq: swept.seq, keys: Arc::new(swept.keys.into_iter().collect()) }
+            }
+            None => SweepSeen::default(),
+        };
+        self.gc.sweeps.lock().unwrap_or_else(|e| e.into_inner()).insert(job.to_string(), sweep.clone());
         let key = keys::condemned_key(job);
         let view: HashSet<ChunkHash> = match self.store.get_record(&key).await? {
             Some((bytes, _)) => {
-                let list: Condemned = serde_json::from_slice(&bytes).map_err(|e| corrupt_record(&key, e))?;
+                let list: Condemned = parse_record(&key, bytes).await?;
                 list.keys
                     .iter()
                     .filter_map(|k| match keys::parse_key(k) {
@@ -106,12 +143,7 @@ impl Coordinator {
             None => HashSet::new(),
         };
         self.gc.views.lock().unwrap_or_else(|e| e.into_inner()).insert(job.to_string(), view);
-        let key = keys::swept_key(job);
-        if let Some((bytes, _)) = self.store.get_record(&key).await? {
-            let swept: Swept = serde_json::from_slice(&bytes).map_err(|e| corrupt_record(&key, e))?;
-            self.apply_sweep(job, &swept).await?;
-        }
-        Ok(())
+        Ok(sweep)
     }
 
     /// Drops the chunk records a sweep made false; all of the job's records if this node
@@ -156,16 +188,40 @@ impl Coordinator {
         serde_json::to_vec(&lease).map(Bytes::from).map_err(|e| ServiceError::Internal(e.to_string()))
     }
 
-    /// Writes the lease of a save that just opened on this node and reads its store time back.
-    pub(crate) async fn lease_open(&self, job: &str, step: u64) -> Result<(), ServiceError> {
-        let key = keys::lease_key(job, step, &self.node_id);
-        self.store.put_record(&key, self.lease_body(job, step, None)?).await?;
-        let opened = self.store.modified_ms(&key).await?.unwrap_or_else(now_unix_ms);
-        self.gc
-            .leases
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert((job.to_string(), step), (opened, Instant::now()));
+    fn lease_held(&self, job: &str, step: u64) -> Option<LeaseHeld> {
+        self.gc.leases.lock().unwrap_or_else(|e| e.into_inner()).get(&(job.to_string(), step)).cloned()
+    }
+
+    fn set_lease(&self, job: &str, step: u64, held: LeaseHeld) {
+        self.gc.leases.lock().unwrap_or_else(|e| e.into_inner()).insert((job.to_string(), step), held);
+    }
+
+    /// Before any open of a save is answered: its lease is in the store and its job's view is
+    /// loaded. A save `created` by this open gets a fresh lease; any other save without one (a
+    /// restored save, or an earlier open that failed half-way) gets the conservative one.
+    pub(crate) async fn gc_open(&self, job: &str, step: u64, created: bool) -> Result<(), ServiceError> {
+        let held = self.lease_held(job, step);
+        if created || held.is_none() {
+            // Conservative until both writes below succeed.
+            self.set_lease(job, step, LeaseHeld { opened: 0, refreshed: None, sweep: None });
+        }
+        let held = self.lease_held(job, step);
+        if held.as_ref().is_some_and(|h| h.refreshed.is_none()) {
+            let key = keys::lease_key(job, step, &self.node_id);
+            if created {
+                self.store.put_record(&key, self.lease_body(job, step, None)?).await?;
+                let opened = self.store.modified_ms(&key).await?.unwrap_or(0);
+                let sweep = self.gc_refresh_view(job).await?;
+                self.set_lease(job, step, LeaseHeld { opened, refreshed: Some(Instant::now()), sweep: Some(sweep) });
+                return Ok(());
+            }
+            self.store.put_record(&key, self.lease_body(job, step, Some(0))?).await?;
+            self.set_lease(job, step, LeaseHeld { opened: 0, refreshed: Some(Instant::now()), sweep: None });
+        }
+        let loaded = self.gc.views.lock().unwrap_or_else(|e| e.into_inner()).contains_key(job);
+        if !loaded {
+            self.gc_refresh_view(job).await?;
+        }
         Ok(())
     }
 
@@ -182,61 +238,92 @@ impl Coordinator {
         }
     }
 
-    /// Maintenance: a lease for every save in flight, refreshed every third of `lease_s`.
-    pub(crate) async fn lease_refresh_all(&self) {
-        let tracked: Vec<SaveKey> = self.saves.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
-        let every = Duration::from_millis(self.lease_ms() / 3);
-        for (job, step) in tracked {
-            let held = self.gc.leases.lock().unwrap_or_else(|e| e.into_inner()).get(&(job.clone(), step)).copied();
-            let result = match held {
-                None => self.lease_open(&job, step).await,
-                Some((opened, at)) if at.elapsed() >= every => {
-                    let key = keys::lease_key(&job, step, &self.node_id);
-                    match self.lease_body(&job, step, Some(opened)) {
-                        Ok(body) => self.store.put_record(&key, body).await.map_err(ServiceError::from).map(|()| {
-                            self.gc
-                                .leases
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .insert((job.clone(), step), (opened, Instant::now()));
-                        }),
-                        Err(e) => Err(e),
+    /// Runs until the coordinator is dropped: every save in flight has a lease, refreshed
+    /// every third of `lease_s` (a restored save gets the conservative one and its job's view).
+    pub(crate) async fn keep_leases(me: std::sync::Weak<Coordinator>, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(me) = me.upgrade() else { break };
+            let tracked: Vec<SaveKey> = me.saves.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+            let refresh_after = Duration::from_millis(me.lease_ms() / 3);
+            for (job, step) in tracked {
+                let result = match me.lease_held(&job, step) {
+                    None => me.gc_open(&job, step, false).await,
+                    Some(h) if h.refreshed.is_none_or(|at| at.elapsed() >= refresh_after) => {
+                        let key = keys::lease_key(&job, step, &me.node_id);
+                        let opened = (h.opened > 0).then_some(h.opened).or(Some(0));
+                        match me.lease_body(&job, step, opened) {
+                            Ok(body) => me.store.put_record(&key, body).await.map_err(ServiceError::from).map(|()| {
+                                me.set_lease(&job, step, LeaseHeld { refreshed: Some(Instant::now()), ..h });
+                            }),
+                            Err(e) => Err(e),
+                        }
                     }
+                    Some(_) => Ok(()),
+                };
+                if let Err(e) = result {
+                    tracing::warn!(job, step, error = %e, "cannot write a save lease");
                 }
-                Some(_) => Ok(()),
-            };
-            if let Err(e) = result {
-                tracing::warn!(job, step, error = %e, "cannot write a save lease");
             }
         }
     }
 
-    /// The commit-time backstop: if a sweep deleted anything since this save opened on this
-    /// node, every index object and chunk the root names must still exist. Err names the first
-    /// missing one.
+    /// The last sweep of `job`, once it is done (waiting up to `SWEEP_WAIT` for one in
+    /// progress whose run still holds the GC lock); `None` when there never was one.
+    async fn finished_sweep(&self, job: &str) -> Result<Result<Option<Swept>, String>, ServiceError> {
+        let key = keys::swept_key(job);
+        let deadline = Instant::now() + SWEEP_WAIT;
+        loop {
+            let Some((bytes, _)) = self.store.get_record(&key).await? else { return Ok(Ok(None)) };
+            let swept: Swept = parse_record(&key, bytes).await?;
+            if swept.done {
+                return Ok(Ok(Some(swept)));
+            }
+            let lock = self.store.modified_ms(&keys::gc_lock_key(job)).await?;
+            let running = lock.is_some_and(|t| t.saturating_add(LOCK_STALE.as_millis() as u64) > now_unix_ms());
+            if !running {
+                return Ok(Ok(Some(swept)));
+            }
+            if Instant::now() >= deadline {
+                return Ok(Err(format!("a GC sweep of job {job} is still deleting after {} s", SWEEP_WAIT.as_secs())));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The commit-time check (see the design note). Err names why the save must not commit.
     pub(crate) async fn gc_backstop(
         &self,
         job: &str,
         step: u64,
-        index_objects: Vec<ChunkHash>,
-        chunks: Vec<ChunkHash>,
+        index_objects: &[ChunkHash],
+        chunks: &[ChunkHash],
     ) -> Result<Result<(), String>, ServiceError> {
-        let key = keys::swept_key(job);
-        let Some((bytes, _)) = self.store.get_record(&key).await? else { return Ok(Ok(())) };
-        let swept: Swept = serde_json::from_slice(&bytes).map_err(|e| corrupt_record(&key, e))?;
-        let opened =
-            self.gc.leases.lock().unwrap_or_else(|e| e.into_inner()).get(&(job.to_string(), step)).map(|l| l.0);
-        if opened.is_some_and(|o| o > swept.list_store_ms) {
-            return Ok(Ok(()));
-        }
+        let swept = match self.finished_sweep(job).await? {
+            Err(why) => return Ok(Err(why)),
+            Ok(None) => return Ok(Ok(())),
+            Ok(Some(s)) => s,
+        };
         self.apply_sweep(job, &swept).await?;
-        let wanted: Vec<String> = index_objects
-            .iter()
-            .map(|h| keys::index_key(job, h))
-            .chain(chunks.iter().collect::<BTreeSet<_>>().into_iter().map(|h| keys::chunk_key(job, h)))
-            .collect();
+        let named = || {
+            index_objects.iter().map(|h| keys::index_key(job, h)).chain(chunks.iter().map(|h| keys::chunk_key(job, h)))
+        };
+        let opened_with = self.lease_held(job, step).and_then(|h| h.sweep);
+        let suspects: BTreeSet<String> = match &opened_with {
+            // The sweep the save opened with may have been deleting while it answered.
+            Some(at_open) if swept.seq == at_open.seq => named().filter(|k| at_open.keys.contains(k)).collect(),
+            // And the one after it too.
+            Some(at_open) if swept.seq == at_open.seq + 1 => {
+                let latest: HashSet<&str> = swept.keys.iter().map(String::as_str).collect();
+                named().filter(|k| at_open.keys.contains(k) || latest.contains(k.as_str())).collect()
+            }
+            // Sweeps this save did not see: every object.
+            _ => named().collect(),
+        };
         let store = self.store.clone();
-        let missing: Vec<String> = futures::stream::iter(wanted)
+        let missing: Vec<String> = futures::stream::iter(suspects)
             .map(|k| {
                 let store = store.clone();
                 async move { store.modified_ms(&k).await.map(|m| (k, m.is_none())) }
@@ -335,20 +422,64 @@ impl Coordinator {
     }
 
     /// One GC run over `job`: retention, the sweep of the previous run's list, a new mark.
+    /// Holds the job's GC lock (not for a dry run, which changes nothing).
     #[tracing::instrument(name = "gc", skip(self), fields(job = %job, dry_run))]
     pub async fn gc(&self, job: &str, dry_run: bool) -> Result<GcReport, ServiceError> {
         let _one = self.gc.run.lock().await;
+        if dry_run {
+            return self.gc_run(job, true).await;
+        }
+        let lock = keys::gc_lock_key(job);
+        let body = Bytes::from(format!("{{\"node\":\"{}\",\"started_unix_ms\":{}}}", self.node_id, now_unix_ms()));
+        match self.store.create_record(&lock, body.clone()).await {
+            Ok(()) => {}
+            Err(StoreError::AlreadyExists(_)) => {
+                let since = self.store.modified_ms(&lock).await?.unwrap_or(0);
+                if since.saturating_add(LOCK_STALE.as_millis() as u64) > now_unix_ms() {
+                    return Err(ServiceError::Conflict(format!(
+                        "a GC of job {job} is already running (its lock {lock} was taken at {since} ms); try later"
+                    )));
+                }
+                tracing::warn!(job, since, "taking over a stale GC lock");
+                self.store.delete_key(&lock).await?;
+                self.store.create_record(&lock, body).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let report = self.gc_run(job, false).await;
+        if let Err(e) = self.store.delete_key(&lock).await {
+            tracing::warn!(job, error = %e, "cannot release the GC lock; it goes stale after {} s", LOCK_STALE.as_secs());
+        }
+        report
+    }
+
+    async fn gc_run(&self, job: &str, dry_run: bool) -> Result<GcReport, ServiceError> {
+        // The previous list and the leases first, the roots after: a save that commits in
+        // between is held by its lease or is in the listing of roots.
+        let list_key = keys::condemned_key(job);
+        let list = match self.store.get_record(&list_key).await? {
+            Some((bytes, list_ms)) => Some((parse_record::<Condemned>(&list_key, bytes).await?, list_ms)),
+            None => None,
+        };
+        let now = now_unix_ms();
+        let decision = match &list {
+            Some((_, list_ms)) => {
+                let leases = self.gc_leases(job).await?;
+                Some(ckpt_core::gc::sweep_allowed(*list_ms, now, self.grace_ms(), self.lease_ms(), &leases))
+            }
+            None => None,
+        };
         let policy = self.config.retention.policy_for(job);
         let committed = self.store.list_manifest_steps(job).await?;
         let pinned = self.pinned(job).await?;
-        let delete = policy.to_delete(&committed, &pinned);
+        let delete: BTreeSet<u64> = policy.to_delete(&committed, &pinned).into_iter().collect();
         let kept: Vec<u64> = committed.iter().copied().filter(|s| !delete.contains(s)).collect();
         let mut report = GcReport {
             job: job.into(),
             dry_run,
             policy,
             checkpoints_kept: kept.clone(),
-            checkpoints_deleted: delete.clone(),
+            checkpoints_deleted: delete.iter().copied().collect(),
             pinned: pinned.iter().copied().collect(),
             ..GcReport::default()
         };
@@ -365,33 +496,33 @@ impl Coordinator {
         };
         let mut objects = self.store.list_meta(&keys::chunks_prefix(job)).await?;
         objects.extend(self.store.list_meta(&keys::indexes_prefix(job)).await?);
-        let now = now_unix_ms();
 
-        let list_key = keys::condemned_key(job);
         let mut list_left = false;
         let mut swept: HashSet<String> = HashSet::new();
-        if let Some((bytes, list_ms)) = self.store.get_record(&list_key).await? {
-            let list: Condemned = serde_json::from_slice(&bytes).map_err(|e| corrupt_record(&list_key, e))?;
-            let leases = self.gc_leases(job).await?;
-            match ckpt_core::gc::sweep_allowed(list_ms, now, self.grace_ms(), self.lease_ms(), &leases) {
+        if let (Some((list, list_ms)), Some(decision)) = (&list, decision) {
+            match decision {
                 Ok(()) => {
                     let current: HashMap<&str, (u64, u64)> =
                         objects.iter().map(|(k, s, m)| (k.as_str(), (*s, *m))).collect();
                     // Still there, not rewritten since the list (a condemned chunk sent again is
-                    // live), and still unreferenced.
+                    // live), and still unreferenced; each is looked at again just before its
+                    // delete.
                     let doomed: Vec<(String, u64)> = list
                         .keys
                         .iter()
                         .filter_map(|k| {
-                            current.get(k.as_str()).filter(|(_, m)| *m <= list_ms).map(|(s, _)| (k.clone(), *s))
+                            current.get(k.as_str()).filter(|(_, m)| m <= list_ms).map(|(s, _)| (k.clone(), *s))
                         })
                         .filter(|(k, _)| !referenced(k))
                         .collect();
-                    report.swept_objects = doomed.len();
-                    report.swept_bytes = doomed.iter().map(|(_, s)| s).sum();
                     swept = doomed.iter().map(|(k, _)| k.clone()).collect();
-                    if !dry_run {
-                        self.sweep(job, list_ms, doomed.into_iter().map(|(k, _)| k).collect()).await?;
+                    if dry_run {
+                        report.swept_objects = doomed.len();
+                        report.swept_bytes = doomed.iter().map(|(_, s)| s).sum();
+                    } else {
+                        let (n, bytes) = self.sweep(job, *list_ms, doomed).await?;
+                        report.swept_objects = n;
+                        report.swept_bytes = bytes;
                         self.store.delete_key(&list_key).await?;
                     }
                 }
@@ -432,33 +563,48 @@ impl Coordinator {
         Ok(report)
     }
 
-    /// Records the sweep, then deletes: a commit that checks `swept.json` after this point
-    /// knows to look for holes.
-    async fn sweep(&self, job: &str, list_ms: u64, doomed: Vec<String>) -> Result<(), ServiceError> {
+    /// Records the sweep (its keys, for the commit check and other nodes' chunk records), then
+    /// deletes each key unless it was written again since the list. Returns what it deleted.
+    async fn sweep(&self, job: &str, list_ms: u64, doomed: Vec<(String, u64)>) -> Result<(usize, u64), ServiceError> {
         if doomed.is_empty() {
-            return Ok(());
+            return Ok((0, 0));
         }
         let key = keys::swept_key(job);
         let seq = match self.store.get_record(&key).await? {
-            Some((bytes, _)) => serde_json::from_slice::<Swept>(&bytes).map_err(|e| corrupt_record(&key, e))?.seq,
+            Some((bytes, _)) => parse_record::<Swept>(&key, bytes).await?.seq,
             None => 0,
         } + 1;
-        let swept =
-            Swept { format: SWEPT_FORMAT.into(), job: job.into(), seq, list_store_ms: list_ms, keys: doomed.clone() };
+        let swept = Swept {
+            format: SWEPT_FORMAT.into(),
+            job: job.into(),
+            seq,
+            list_store_ms: list_ms,
+            keys: doomed.iter().map(|(k, _)| k.clone()).collect(),
+            done: false,
+        };
         let body = serde_json::to_vec(&swept).map_err(|e| ServiceError::Internal(e.to_string()))?;
         self.store.put_record(&key, Bytes::from(body)).await?;
         let store = self.store.clone();
-        futures::stream::iter(doomed)
-            .map(|k| {
+        let deleted: Vec<Option<u64>> = futures::stream::iter(doomed)
+            .map(|(k, size)| {
                 let store = store.clone();
-                async move { store.delete_key(&k).await }
+                async move {
+                    match store.modified_ms(&k).await? {
+                        Some(m) if m <= list_ms => store.delete_key(&k).await.map(|()| Some(size)),
+                        _ => Ok(None),
+                    }
+                }
             })
             .buffer_unordered(self.config.store_requests_max)
-            .try_collect::<Vec<()>>()
+            .try_collect()
             .await?;
+        let swept = Swept { done: true, ..swept };
+        let body = serde_json::to_vec(&swept).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        self.store.put_record(&key, Bytes::from(body)).await?;
         self.apply_sweep(job, &swept).await?;
-        tracing::info!(job, seq, objects = swept.keys.len(), "gc sweep deleted unreferenced objects");
-        Ok(())
+        let sizes: Vec<u64> = deleted.into_iter().flatten().collect();
+        tracing::info!(job, seq, objects = sizes.len(), "gc sweep deleted unreferenced objects");
+        Ok((sizes.len(), sizes.iter().sum()))
     }
 
     /// Handoff files and temporary spill files older than the grace period: what clients or
@@ -511,4 +657,15 @@ impl Coordinator {
         }
         Ok(out)
     }
+}
+
+/// Parses a GC record off the async runtime (lists can be large).
+async fn parse_record<T: serde::de::DeserializeOwned + Send + 'static>(
+    key: &str,
+    bytes: Bytes,
+) -> Result<T, ServiceError> {
+    let k = key.to_string();
+    tokio::task::spawn_blocking(move || serde_json::from_slice(&bytes).map_err(|e| corrupt_record(&k, e)))
+        .await
+        .map_err(crate::error::join_error)?
 }

@@ -344,6 +344,13 @@ impl Store {
         self.retry("put_record", || self.inner.put(&path, bytes.clone().into())).await.map(|_| ())
     }
 
+    /// A record created only if absent (`AlreadyExists` otherwise): a lock.
+    pub async fn create_record(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
+        let path = Path::from(key);
+        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+        self.retry("create_record", || self.inner.put_opts(&path, bytes.clone().into(), opts.clone())).await.map(|_| ())
+    }
+
     /// A record's bytes and modification time (the store's clock, Unix ms); `None` if absent.
     pub async fn get_record(&self, key: &str) -> Result<Option<(Bytes, u64)>, StoreError> {
         let path = Path::from(key);

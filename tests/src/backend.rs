@@ -146,6 +146,10 @@ impl TestStore {
         self.os.put(&Key::from(key), bytes.into()).await.unwrap_or_else(|e| panic!("writing {key}: {e}"));
     }
 
+    pub async fn delete(&self, key: &str) {
+        self.os.delete(&Key::from(key)).await.unwrap_or_else(|e| panic!("deleting {key}: {e}"));
+    }
+
     /// The committed checkpoints, read and checked the way an operator would (see
     /// [`crate::manifests_from`]).
     pub async fn manifests(&self) -> Vec<Manifest> {

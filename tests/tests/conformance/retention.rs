@@ -87,6 +87,11 @@ async fn keep_last_two_and_a_pin_then_only_unshared_garbage_goes(backend: Backen
     assert!(dry["condemned_objects"].as_u64().unwrap() > 0, "{dry}");
     assert_eq!(store.keys().await, keys, "a dry run changed the store");
 
+    // One GC per job at a time, across nodes: a held lock refuses another run.
+    store.put(&ckpt_core::keys::gc_lock_key("job"), bytes::Bytes::from_static(b"{}")).await;
+    let busy = c.gc(Some("job"), false).await.unwrap_err();
+    assert_eq!(busy.api_code(), Some("conflict"), "{busy}");
+    store.delete(&ckpt_core::keys::gc_lock_key("job")).await;
     let first = gc(&c, "job", false).await;
     assert_eq!(steps(&first["checkpoints_deleted"]), vec![1, 3, 4], "{first}");
     assert_eq!(steps(&first["checkpoints_kept"]), vec![2, 5, 6]);
@@ -230,6 +235,9 @@ async fn a_sweep_after_a_node_died_mid_save_is_caught_at_commit(backend: Backend
     // save is aborted, visibly, and no root for step 3 appears.
     a.restart().await.unwrap();
     let ca = client(&a);
+    // Let A's lease task write the restored save's lease before rank 1 arrives: the commit must
+    // not take the restored save for one that opened after the sweep.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
     let r = ca.save(&spec("job", 3, 1, 2), &old[1], Wait::Committed).await;
     assert!(r.is_err(), "a commit over deleted chunks must fail");
     let st = ca.save_status("job", 3).await.unwrap();
