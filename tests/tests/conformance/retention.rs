@@ -120,6 +120,19 @@ async fn keep_last_two_and_a_pin_then_only_unshared_garbage_goes(backend: Backen
             assert!(c.load_rank("job", step, r).await.unwrap() == s[r as usize], "step {step} rank {r}");
         }
     }
+    // `ckpt gc --all` goes job by job; a dry run after the sweep has nothing left to take.
+    let out = tokio::process::Command::new(ckpt_exe())
+        .args(["--server", &d.url(), "--json", "gc", "--all", "--dry-run"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let jobs = all["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 1, "{all}");
+    assert_eq!(steps(&jobs[0]["checkpoints_kept"]), vec![2, 5, 6]);
+    assert_eq!(jobs[0]["swept_objects"], 0);
+    assert_eq!(jobs[0]["condemned_objects"], 0);
     // Index objects of deleted checkpoints went too: every one left is named by a kept root.
     let index_objects =
         store.keys().await.iter().filter(|k| matches!(parse_key(k), Some(ParsedKey::Index { .. }))).count();

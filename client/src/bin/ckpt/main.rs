@@ -397,7 +397,21 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
         }
         Cmd::Gc { job, all: _, dry_run } => {
-            let report = client.gc(job.as_deref(), dry_run).await?;
+            // A run over a large job lists and reads every object of it: one job per request,
+            // each allowed an hour (a retried GC request runs again from the start, harmlessly).
+            let opts =
+                ClientOptions { request_timeout: std::time::Duration::from_secs(3600), ..ClientOptions::default() };
+            let gc_client = Client::new(&cli.server, opts)?;
+            let jobs = match job {
+                Some(j) => vec![j],
+                None => gc_client.jobs().await?,
+            };
+            let mut reports = Vec::new();
+            for j in &jobs {
+                let r = gc_client.gc(Some(j), dry_run).await?;
+                reports.extend(r["jobs"].as_array().cloned().unwrap_or_default());
+            }
+            let report = serde_json::json!({ "jobs": reports });
             if cli.json {
                 print_json(&report)?;
             } else {
