@@ -165,8 +165,14 @@ async fn a_full_staging_disk_fails_the_save_visibly_and_loses_nothing() {
         assert!(c.list("job").await.unwrap().committed.is_empty());
         wait_uploads_drained(&d).await;
         // Chunks that did stage were uploaded and their spill files removed; the ones that hit
-        // the full disk left no partial file.
-        let leftovers = walk(&spill);
+        // the full disk left no partial file. Puts the client abandoned when the first one
+        // failed finish in their own tasks (each removes its partial file): give them a moment.
+        let settle = std::time::Instant::now() + Duration::from_secs(15);
+        let mut leftovers = walk(&spill);
+        while !leftovers.is_empty() && std::time::Instant::now() < settle {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            leftovers = walk(&spill);
+        }
         assert!(leftovers.is_empty(), "spill files left behind: {leftovers:?}\n{}", daemon_log(&d));
         // Room again: the same save goes through and reads back whole.
         assert!(std::process::Command::new("mount")
