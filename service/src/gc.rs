@@ -63,8 +63,6 @@ struct LeaseHeld {
 pub(crate) struct GcState {
     /// Condemned chunks per job, as last read from the store.
     views: Mutex<HashMap<String, HashSet<ChunkHash>>>,
-    /// The last sweep per job, as last read from the store.
-    sweeps: Mutex<HashMap<String, SweepSeen>>,
     leases: Mutex<HashMap<SaveKey, LeaseHeld>>,
     run: tokio::sync::Mutex<()>,
 }
@@ -127,7 +125,6 @@ impl Coordinator {
             }
             None => SweepSeen::default(),
         };
-        self.gc.sweeps.lock().unwrap_or_else(|e| e.into_inner()).insert(job.to_string(), sweep.clone());
         let key = keys::condemned_key(job);
         let view: HashSet<ChunkHash> = match self.store.get_record(&key).await? {
             Some((bytes, _)) => {
@@ -253,8 +250,7 @@ impl Coordinator {
                     None => me.gc_open(&job, step, false).await,
                     Some(h) if h.refreshed.is_none_or(|at| at.elapsed() >= refresh_after) => {
                         let key = keys::lease_key(&job, step, &me.node_id);
-                        let opened = (h.opened > 0).then_some(h.opened).or(Some(0));
-                        match me.lease_body(&job, step, opened) {
+                        match me.lease_body(&job, step, Some(h.opened)) {
                             Ok(body) => me.store.put_record(&key, body).await.map_err(ServiceError::from).map(|()| {
                                 me.set_lease(&job, step, LeaseHeld { refreshed: Some(Instant::now()), ..h });
                             }),

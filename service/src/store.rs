@@ -99,21 +99,11 @@ impl Store {
             retry_base,
             faults: None,
         };
-        if location == "memory://" {
-            return Ok(store(Arc::new(InMemory::new()), "memory://".into(), None));
-        }
-        let dir = if let Some(rest) = location.strip_prefix("file://") {
-            let url = url::Url::parse(location).map_err(|e| bad(e.to_string()))?;
-            url.to_file_path().map_err(|_| bad(format!("{rest:?} is not an absolute local path")))?
-        } else if location.contains("://") {
-            let (inner, description) = open_cloud(location, options).map_err(bad)?;
-            return Ok(store(inner, description, None));
-        } else {
-            std::path::PathBuf::from(location)
+        let dir = match classify(location, options).map_err(bad)? {
+            Location::Memory => return Ok(store(Arc::new(InMemory::new()), "memory://".into(), None)),
+            Location::Cloud(inner, description) => return Ok(store(inner, description, None)),
+            Location::Local(dir) => dir,
         };
-        if !options.is_empty() {
-            return Err(bad("store_options apply to cloud stores only".into()));
-        }
         crate::durable::ensure_dir(&dir).map_err(|e| bad(e.to_string()))?;
         let dir = dir.canonicalize().map_err(|e| bad(e.to_string()))?;
         // Test-only switch (power-loss audit): a local store that does not fsync.
@@ -408,26 +398,39 @@ impl Store {
 /// bucket, option keys); a local path must not name a file.
 pub fn check_location(location: &str, options: &BTreeMap<String, String>) -> Result<(), StoreError> {
     let bad = |reason: String| StoreError::Location { location: location.into(), reason };
-    if location == "memory://" {
-        return Ok(());
-    }
-    if location.contains("://") && !location.starts_with("file://") {
-        return open_cloud(location, options).map(|_| ()).map_err(bad);
-    }
-    if !options.is_empty() {
-        return Err(bad("store_options apply to cloud stores only".into()));
-    }
-    let path = match location.strip_prefix("file://") {
-        Some(_) => url::Url::parse(location)
-            .ok()
-            .and_then(|u| u.to_file_path().ok())
-            .ok_or_else(|| bad("not an absolute local path".into()))?,
-        None => std::path::PathBuf::from(location),
-    };
-    if path.is_file() {
-        return Err(bad("names a file, not a directory".into()));
+    if let Location::Local(path) = classify(location, options).map_err(bad)? {
+        if path.is_file() {
+            return Err(bad("names a file, not a directory".into()));
+        }
     }
     Ok(())
+}
+
+/// What a store location names; building a cloud store does no I/O.
+enum Location {
+    Memory,
+    Local(std::path::PathBuf),
+    Cloud(Arc<dyn ObjectStore>, String),
+}
+
+/// The one parse of a store location, for `Store::open` and `check_location`.
+fn classify(location: &str, options: &BTreeMap<String, String>) -> Result<Location, String> {
+    if location == "memory://" {
+        return Ok(Location::Memory);
+    }
+    let dir = if let Some(rest) = location.strip_prefix("file://") {
+        let url = url::Url::parse(location).map_err(|e| e.to_string())?;
+        url.to_file_path().map_err(|_| format!("{rest:?} is not an absolute local path"))?
+    } else if location.contains("://") {
+        let (inner, description) = open_cloud(location, options)?;
+        return Ok(Location::Cloud(inner, description));
+    } else {
+        std::path::PathBuf::from(location)
+    };
+    if !options.is_empty() {
+        return Err("store_options apply to cloud stores only".into());
+    }
+    Ok(Location::Local(dir))
 }
 
 /// A cloud store from its URL: the scheme's builder reads its SDK's environment, `options`
