@@ -104,6 +104,10 @@ pub struct SaveSpec {
     pub rank_metadata: serde_json::Value,
     /// Fixes the manifest's creation time; see ckptd's open-save API.
     pub created_unix_ms: Option<u64>,
+    /// When each host's ranks save through their own ckptd (one per node, sharing one store):
+    /// the ranks `first..end` that this rank's ckptd serves. Needs `ClientOptions::epoch`. The
+    /// nodes commit the step once between them, through the store (ARCHITECTURE.md).
+    pub node_ranks: Option<(u32, u32)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -402,8 +406,23 @@ impl Client {
             "metadata": spec.metadata,
             "created_unix_ms": spec.created_unix_ms,
             "epoch": self.opts.epoch,
+            "node_ranks": spec.node_ranks.map(|(first, end)| [first, end]),
         });
-        self.send_json(reqwest::Method::PUT, &format!("/v1/jobs/{}/saves/{}", spec.job, spec.step), &open).await
+        let status: SaveStatus =
+            self.send_json(reqwest::Method::PUT, &format!("/v1/jobs/{}/saves/{}", spec.job, spec.step), &open).await?;
+        // A ckptd that does not know split saves ignores node_ranks and would wait for every
+        // rank of the world; it answers without naming a part (a rolling upgrade half done).
+        if let Some((first, end)) = spec.node_ranks.filter(|r| *r != (0, spec.world_size)) {
+            if status.phase != SavePhase::Committed && status.part.map(|p| (p.first, p.end)) != Some((first, end)) {
+                return Err(ClientError::Protocol(format!(
+                    "ckptd at {} does not serve ranks {first}..{end} of a save split over nodes \
+                     (it answered {:?}); every node of the job needs a ckptd that knows split saves",
+                    self.base_url(),
+                    status.part
+                )));
+            }
+        }
+        Ok(status)
     }
 
     /// Which of `hashes` the job lacks, asked in bounded batches.

@@ -240,6 +240,7 @@ impl Client {
                 metadata: serde_json::json!({ "averaged_from": { "job": job, "steps": steps } }),
                 rank_metadata: serde_json::Value::Null,
                 created_unix_ms: Some(manifests[manifests.len() - 1].created_unix_ms),
+                node_ranks: None,
             };
             self.save(&spec, &tensors, Wait::Staged).await?;
         }

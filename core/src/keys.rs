@@ -10,6 +10,8 @@
 //! jobs/<job>/gc/swept.json               when a sweep last deleted anything (commits check it)
 //! jobs/<job>/gc/leases/<step:020>.<node> a save in flight on a ckptd node (see `gc.rs`)
 //! jobs/<job>/gc/lock                     held by the job's GC run
+//! jobs/<job>/parts/<step:020>/<epoch:020>/<first:010>-<end:010>.json
+//!                                        one node's part of a save split over nodes (`part.rs`)
 //! ```
 
 use crate::hash::ChunkHash;
@@ -77,6 +79,31 @@ pub fn lease_key(job: &str, step: u64, node: &str) -> String {
     format!("{JOBS_PREFIX}/{job}/gc/leases/{step:020}.{node}")
 }
 
+pub fn parts_prefix(job: &str, step: u64, epoch: u64) -> String {
+    format!("{JOBS_PREFIX}/{job}/parts/{step:020}/{epoch:020}")
+}
+
+/// Every part of every save of the job (cleaned by GC).
+pub fn all_parts_prefix(job: &str) -> String {
+    format!("{JOBS_PREFIX}/{job}/parts")
+}
+
+pub fn part_key(job: &str, step: u64, part: &crate::part::PartOf) -> String {
+    format!("{}/{:010}-{:010}.json", parts_prefix(job, step, part.epoch), part.first, part.end)
+}
+
+/// What a part key names: (step, epoch, first, end).
+pub fn parse_part_key(key: &str) -> Option<(u64, u64, u32, u32)> {
+    let parts: Vec<&str> = key.split('/').collect();
+    let [.., "parts", step, epoch, file] = parts.as_slice() else { return None };
+    let (first, end) = file.strip_suffix(".json")?.split_once('-')?;
+    let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
+    if !(digits(step, 20) && digits(epoch, 20) && digits(first, 10) && digits(end, 10)) {
+        return None;
+    }
+    Some((step.parse().ok()?, epoch.parse().ok()?, first.parse().ok()?, end.parse().ok()?))
+}
+
 /// The step a pin key names.
 pub fn parse_pin_key(key: &str) -> Option<u64> {
     let digits = key.rsplit('/').next()?;
@@ -132,8 +159,13 @@ mod tests {
         assert_eq!(parse_key(&index_key("j", &h)), Some(ParsedKey::Index { job: "j".into(), hash: h }));
         assert_eq!(manifest_key("j", u64::MAX).len(), manifest_key("j", 0).len());
         assert_eq!(parse_pin_key(&pin_key("j", 7)), Some(7));
+        let part = crate::part::PartOf { first: 16, end: 24, epoch: 3 };
+        let k = part_key("j", 7, &part);
+        assert!(k.starts_with(&parts_prefix("j", 7, 3)) && k.starts_with(&all_parts_prefix("j")));
+        assert_eq!(parse_part_key(&k), Some((7, 3, 16, 24)));
+        assert_eq!(parse_part_key("jobs/j/parts/x/y/0000000016-0000000024.json"), None);
         // Pins, leases and GC records are not checkpoint objects: listings of those ignore them.
-        for k in [pin_key("j", 7), lease_key("j", 7, "ab"), condemned_key("j"), swept_key("j")] {
+        for k in [pin_key("j", 7), lease_key("j", 7, "ab"), condemned_key("j"), swept_key("j"), k] {
             assert_eq!(parse_key(&k), None, "{k}");
         }
     }

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::commit::{index_object, IndexRef, Root, RootFields};
 use crate::error::CoreError;
 use crate::layout::SliceMap;
+use crate::part::{Part, PartOf, PartRank, PART_FORMAT, PART_FORMAT_VERSION};
 use crate::shard::ShardIndex;
 use crate::validate::{validate_job, validate_world_size, Limits};
 
@@ -89,6 +90,9 @@ pub struct SaveState {
     pub error: Option<String>,
     /// Set once committed.
     pub manifest_hash: Option<String>,
+    /// Set when the save is split over ckptd nodes: the ranks this node serves (`part.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<PartOf>,
 }
 
 /// Whether an accepted shard index was new or a retry of one already held.
@@ -131,7 +135,15 @@ impl SaveState {
             phase: SavePhase::Open,
             error: None,
             manifest_hash: None,
+            part: None,
         })
+    }
+
+    /// Makes this save one node's part of a save split over nodes (before any index).
+    pub fn split(mut self, part: PartOf) -> Result<SaveState, CoreError> {
+        part.check(self.world_size)?;
+        self.part = Some(part);
+        Ok(self)
     }
 
     /// The save's fields without its ranks' indexes: what the journal keeps under the save's
@@ -151,6 +163,7 @@ impl SaveState {
             phase: self.phase,
             error: self.error.clone(),
             manifest_hash: self.manifest_hash.clone(),
+            part: self.part,
         }
     }
 
@@ -161,9 +174,26 @@ impl SaveState {
     /// A second open of the same save (another rank, or a retry) must agree on the world size,
     /// and on the metadata if both carry some. Metadata given late fills in a save opened
     /// without it.
-    pub fn reopen(&mut self, world_size: u32, metadata: serde_json::Value) -> Result<(), CoreError> {
+    pub fn reopen(
+        &mut self,
+        world_size: u32,
+        metadata: serde_json::Value,
+        part: Option<PartOf>,
+    ) -> Result<(), CoreError> {
         if world_size != self.world_size {
             return Err(self.conflict(format!("opened with world size {}, not {world_size}", self.world_size)));
+        }
+        if part != self.part {
+            // A save opened whole that holds no index yet may still be split: its first open
+            // came from a ckptd that did not know split saves (a rolling upgrade).
+            let adoptable = self.part.is_none() && self.ranks.is_empty() && self.phase == SavePhase::Open;
+            match part {
+                Some(p) if adoptable => {
+                    p.check(self.world_size)?;
+                    self.part = Some(p);
+                }
+                _ => return Err(self.conflict(format!("opened for node ranks {:?}, not {part:?}", self.part))),
+            }
         }
         if !metadata.is_null() {
             if self.metadata.is_null() && self.phase == SavePhase::Open {
@@ -202,6 +232,12 @@ impl SaveState {
     /// journals an index between this check and accepting it.
     pub fn check_index(&self, index: &ShardIndex, limits: &Limits) -> Result<IndexOutcome, CoreError> {
         index.validate(self.world_size, limits)?;
+        if let Some(p) = self.part.filter(|p| !p.contains(index.rank)) {
+            return Err(CoreError::InvalidManifest(format!(
+                "rank {} is not among this node's ranks {}..{} of the save",
+                index.rank, p.first, p.end
+            )));
+        }
         if let Some(held) = self.ranks.get(&index.rank) {
             return if held == index {
                 Ok(IndexOutcome::Duplicate)
@@ -239,12 +275,17 @@ impl SaveState {
         Ok(())
     }
 
+    /// Every rank this node expects (all of them, or its part's) is in.
     pub fn all_ranks_in(&self) -> bool {
-        self.ranks.len() == self.world_size as usize
+        self.ranks.len() == self.expected_ranks().len()
+    }
+
+    fn expected_ranks(&self) -> std::ops::Range<u32> {
+        self.part.map_or(0..self.world_size, |p| p.first..p.end)
     }
 
     pub fn missing_ranks(&self) -> Vec<u32> {
-        (0..self.world_size).filter(|r| !self.ranks.contains_key(r)).collect()
+        self.expected_ranks().filter(|r| !self.ranks.contains_key(r)).collect()
     }
 
     /// The caller has checked that every chunk in `chunks()` is durable.
@@ -258,6 +299,98 @@ impl SaveState {
             return Err(self.invalid(SavePhase::Committed));
         }
         self.build_root()
+    }
+
+    /// This node's part of a split save. Only in `durable`, like the root.
+    pub fn part(&self) -> Result<Part, CoreError> {
+        let Some(of) = self.part else {
+            return Err(CoreError::InvalidManifest("the save is not split over nodes".into()));
+        };
+        if self.phase != SavePhase::Durable {
+            return Err(self.invalid(SavePhase::Committed));
+        }
+        let ranks = self
+            .ranks
+            .values()
+            .map(|i| PartRank {
+                object: self.refs.get(&i.rank).copied().unwrap_or_else(|| index_object(i).1),
+                index: i.clone(),
+            })
+            .collect();
+        Ok(Part {
+            format: PART_FORMAT.into(),
+            version: PART_FORMAT_VERSION,
+            job: self.job.clone(),
+            step: self.step,
+            world_size: self.world_size,
+            of,
+            created_unix_ms: self.created_unix_ms,
+            previous_committed_step: self.previous_committed_step,
+            metadata: self.metadata.clone(),
+            ranks,
+            hash: String::new(),
+        }
+        .sealed())
+    }
+
+    /// The root of a split save from every node's part (sorted by first rank, covering the
+    /// world): the same bytes whichever node builds it. Every rank's index passes the same
+    /// checks as on one node (the overlap rule across all ranks); parts that disagree on the
+    /// save's identity or metadata are a conflict.
+    pub fn root_of_parts(parts: &[&Part], limits: &Limits) -> Result<Root, CoreError> {
+        let lead = parts
+            .first()
+            .filter(|p| p.of.first == 0)
+            .ok_or_else(|| CoreError::InvalidManifest("no part holds rank 0".into()))?;
+        let mut all = SaveState::open(
+            &lead.job,
+            lead.step,
+            lead.world_size,
+            lead.created_unix_ms,
+            lead.previous_committed_step,
+            lead.metadata.clone(),
+            limits,
+        )?;
+        for p in parts.iter().copied() {
+            if (p.job.as_str(), p.step, p.world_size, p.of.epoch)
+                != (lead.job.as_str(), lead.step, lead.world_size, lead.of.epoch)
+            {
+                return Err(all.conflict(format!("the part of ranks {}..{} is of another save", p.of.first, p.of.end)));
+            }
+            if p.metadata != lead.metadata {
+                return Err(all.conflict(format!(
+                    "the part of ranks {}..{} carries other metadata than rank 0's",
+                    p.of.first, p.of.end
+                )));
+            }
+            for r in &p.ranks {
+                all.check_index(&r.index, limits)?;
+                all.insert_rank(r.index.clone(), Some(r.object));
+            }
+        }
+        if !all.all_ranks_in() {
+            return Err(CoreError::InvalidManifest(format!("parts miss ranks {:?}", all.missing_ranks())));
+        }
+        all.build_root()
+    }
+
+    /// Whether `root` commits this save: for a save on one node, the root it builds; for a
+    /// node's part of a split save, a root of the same save naming this node's index objects.
+    pub fn committed_by(&self, root: &Root) -> bool {
+        match self.part {
+            None => self.all_ranks_in() && self.build_root().is_ok_and(|b| b == *root),
+            Some(p) => {
+                (root.job.as_str(), root.step, root.world_size) == (self.job.as_str(), self.step, self.world_size)
+                    && root.metadata == self.metadata
+                    && self.all_ranks_in()
+                    && root.ranks.get(p.first as usize..p.end as usize).is_some_and(|committed| {
+                        committed
+                            .iter()
+                            .zip(self.ranks.values())
+                            .all(|(c, i)| *c == self.refs.get(&i.rank).copied().unwrap_or_else(|| index_object(i).1))
+                    })
+            }
+        }
     }
 
     /// The root this save commits as, in any phase once every rank is in; recovery compares it
@@ -315,6 +448,10 @@ pub struct SaveStatus {
     pub ranks_received: u32,
     pub error: Option<String>,
     pub manifest_hash: Option<String>,
+    /// The ranks this node serves when the save is split over nodes; a ckptd that does not know
+    /// split saves leaves it out, which is how a client tells it would wait for every rank.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<PartOf>,
 }
 
 impl SaveStatus {
@@ -327,6 +464,7 @@ impl SaveStatus {
             ranks_received: s.ranks.len() as u32,
             error: s.error.clone(),
             manifest_hash: s.manifest_hash.clone(),
+            part: s.part,
         }
     }
 
@@ -339,6 +477,7 @@ impl SaveStatus {
             ranks_received: m.world_size,
             error: None,
             manifest_hash: Some(m.hash.clone()),
+            part: None,
         }
     }
 }
@@ -412,12 +551,14 @@ mod tests {
     fn conflicts_and_bad_input() {
         let l = Limits::default();
         let mut s = SaveState::open("j", 5, 2, 1, None, serde_json::json!({"a": 1}), &l).unwrap();
-        assert!(s.reopen(3, serde_json::Value::Null).is_err(), "world size differs");
-        assert!(s.reopen(2, serde_json::json!({"a": 2})).is_err(), "metadata differs");
-        s.reopen(2, serde_json::Value::Null).unwrap();
-        s.reopen(2, serde_json::json!({"a": 1})).unwrap();
+        assert!(s.reopen(3, serde_json::Value::Null, None).is_err(), "world size differs");
+        assert!(s.reopen(2, serde_json::json!({"a": 2}), None).is_err(), "metadata differs");
+        let part = PartOf { first: 0, end: 1, epoch: 1 };
+        s.reopen(2, serde_json::Value::Null, None).unwrap();
+        s.reopen(2, serde_json::json!({"a": 1}), None).unwrap();
         assert!(matches!(s.accept_index(index(2), &l), Err(CoreError::RankOutOfRange { .. })));
         s.accept_index(index(0), &l).unwrap();
+        assert!(s.reopen(2, serde_json::Value::Null, Some(part)).is_err(), "split once an index is in");
         let mut other = index(0);
         other.metadata = serde_json::json!("x");
         assert!(matches!(s.accept_index(other, &l), Err(CoreError::Conflict { .. })));
@@ -444,5 +585,97 @@ mod tests {
                 (Durable, Aborted)
             ]
         );
+    }
+
+    /// A world of `world` ranks saved by one node, and the same save split at `cuts` over nodes.
+    fn one_and_split(world: u32, cuts: &[u32], l: &Limits) -> (Root, Vec<Part>) {
+        let meta = serde_json::json!({"m": 1});
+        let mut one = SaveState::open("j", 9, world, 77, Some(3), meta.clone(), l).unwrap();
+        for r in 0..world {
+            one.accept_index(index(r), l).unwrap();
+        }
+        one.mark_durable().unwrap();
+        let bounds: Vec<u32> = std::iter::once(0).chain(cuts.iter().copied()).chain([world]).collect();
+        let parts = bounds
+            .windows(2)
+            .map(|w| {
+                let of = PartOf { first: w[0], end: w[1], epoch: 4 };
+                // Only rank 0's node's fields reach the root; the others' clocks differ.
+                let created = if w[0] == 0 { 77 } else { 1000 + w[0] as u64 };
+                let mut s =
+                    SaveState::open("j", 9, world, created, Some(3), meta.clone(), l).unwrap().split(of).unwrap();
+                for r in w[0]..w[1] {
+                    s.accept_index(index(r), l).unwrap();
+                }
+                assert!(s.all_ranks_in() && s.phase == SavePhase::Staged);
+                assert!(s.root().is_err());
+                s.mark_durable().unwrap();
+                let p = s.part().unwrap();
+                assert_eq!(Part::from_bytes(&p.to_bytes(), l).unwrap(), p);
+                p
+            })
+            .collect();
+        (one.root().unwrap(), parts)
+    }
+
+    #[test]
+    fn a_split_save_commits_the_root_one_node_would() {
+        let l = Limits::default();
+        let (root, parts) = one_and_split(7, &[2, 3, 6], &l);
+        let split = SaveState::root_of_parts(&parts.iter().collect::<Vec<_>>(), &l).unwrap();
+        assert_eq!(split.to_bytes(), root.to_bytes(), "same bytes whoever builds the root");
+        // Each node recognises the root as its save's commit; another save's root it does not.
+        for p in &parts {
+            let mut s = SaveState::open("j", 9, 7, 5, Some(3), p.metadata.clone(), &l).unwrap().split(p.of).unwrap();
+            s.restore_ranks(p.ranks.iter().map(|r| r.index.clone())).unwrap();
+            assert!(s.committed_by(&root));
+        }
+        let (other, _) = one_and_split(8, &[], &l);
+        let mut s =
+            SaveState::open("j", 9, 7, 5, Some(3), parts[1].metadata.clone(), &l).unwrap().split(parts[1].of).unwrap();
+        s.restore_ranks(parts[1].ranks.iter().map(|r| r.index.clone())).unwrap();
+        assert!(!s.committed_by(&other));
+    }
+
+    #[test]
+    fn parts_that_do_not_fit_are_refused() {
+        let l = Limits::default();
+        let (_, parts) = one_and_split(6, &[3], &l);
+        let of = |f, e| PartOf { first: f, end: e, epoch: 4 };
+        assert!(crate::part::covers(&[&of(0, 3), &of(3, 6)], 6).unwrap());
+        assert!(!crate::part::covers(&[&of(0, 3)], 6).unwrap(), "a part is missing");
+        assert!(!crate::part::covers(&[&of(3, 6)], 6).unwrap());
+        assert!(crate::part::covers(&[&of(0, 3), &of(2, 6)], 6).is_err(), "overlap");
+        assert!(SaveState::root_of_parts(&parts[1..].iter().collect::<Vec<_>>(), &l).is_err(), "no rank 0");
+        assert!(SaveState::root_of_parts(&parts[..1].iter().collect::<Vec<_>>(), &l).is_err(), "ranks missing");
+        let mut meta = parts.clone();
+        meta[1].metadata = serde_json::json!({"m": 2});
+        assert!(matches!(
+            SaveState::root_of_parts(&meta.iter().collect::<Vec<_>>(), &l),
+            Err(CoreError::Conflict { .. })
+        ));
+        let mut epoch = parts.clone();
+        epoch[1].of.epoch = 5;
+        assert!(matches!(
+            SaveState::root_of_parts(&epoch.iter().collect::<Vec<_>>(), &l),
+            Err(CoreError::Conflict { .. })
+        ));
+        // A damaged part is refused when read.
+        let mut bytes = parts[1].to_bytes();
+        let at = bytes.len() / 2;
+        bytes[at] ^= 1;
+        assert!(Part::from_bytes(&bytes, &l).is_err());
+        // A node takes no index of a rank outside its part.
+        let mut s = SaveState::open("j", 9, 6, 5, None, serde_json::Value::Null, &l).unwrap().split(of(3, 6)).unwrap();
+        assert!(s.accept_index(index(1), &l).is_err());
+        assert!(SaveState::open("j", 9, 6, 5, None, serde_json::Value::Null, &l).unwrap().split(of(3, 7)).is_err());
+        s.accept_index(index(3), &l).unwrap();
+        assert_eq!(s.missing_ranks(), vec![4, 5]);
+        assert!(s.reopen(6, serde_json::Value::Null, None).is_err(), "a split save stays split");
+        // A save opened whole and still empty (by a ckptd that did not know splits) takes one.
+        let mut whole = SaveState::open("j", 9, 6, 5, None, serde_json::Value::Null, &l).unwrap();
+        whole.reopen(6, serde_json::Value::Null, Some(of(3, 6))).unwrap();
+        assert_eq!(whole.part, Some(of(3, 6)));
+        assert!(whole.reopen(6, serde_json::Value::Null, Some(of(0, 3))).is_err());
     }
 }

@@ -124,7 +124,7 @@ proptest! {
                     prop_assert_eq!(ok, !before.is_final());
                 }
                 _ => {
-                    let reopened = s.reopen(world, serde_json::Value::Null);
+                    let reopened = s.reopen(world, serde_json::Value::Null, None);
                     prop_assert!(reopened.is_ok());
                 }
             }

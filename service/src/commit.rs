@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ckpt_core::commit::index_object;
-use ckpt_core::{ChunkHash, CommitObject, ManifestSummary, SavePhase, SaveState, ShardIndex};
+use ckpt_core::{ChunkHash, CommitObject, ManifestSummary, Root, SavePhase, SaveState, ShardIndex};
 use futures::StreamExt;
 
 use crate::coordinator::{now_unix_ms, Coordinator, OpenSave, SaveStatus, Slot, SlotRef};
@@ -133,6 +133,20 @@ impl Coordinator {
             }
             return Ok(SaveStatus::committed(&m));
         }
+        let part = match req.node_ranks {
+            Some([first, end]) if (first, end) != (0, req.world_size) => {
+                let Some(epoch) = req.epoch else {
+                    return Err(ServiceError::BadRequest(
+                        "a save split over nodes (node_ranks) needs the writers' epoch: it names the save's parts"
+                            .into(),
+                    ));
+                };
+                let p = ckpt_core::PartOf { first, end, epoch };
+                p.check(req.world_size).map_err(|e| ServiceError::BadRequest(e.to_string()))?;
+                Some(p)
+            }
+            _ => None,
+        };
         let (slot, created) = match self.save_slot(job, step) {
             Some(s) => (s, false),
             None => {
@@ -148,6 +162,10 @@ impl Coordinator {
                     req.metadata.clone(),
                     &self.limits,
                 )?;
+                let state = match part {
+                    Some(p) => state.split(p)?,
+                    None => state,
+                };
                 let mut saves = self.saves.lock().unwrap_or_else(|e| e.into_inner());
                 // Another open of the same save may have raced past the lookup above.
                 if let Some(s) = saves.get(&(job.to_string(), step)) {
@@ -173,10 +191,10 @@ impl Coordinator {
             drop(g);
             return Box::pin(self.open_save(job, step, req)).await;
         }
-        let before = g.state.metadata.clone();
-        g.state.reopen(req.world_size, req.metadata)?;
+        let before = (g.state.metadata.clone(), g.state.part);
+        g.state.reopen(req.world_size, req.metadata, part)?;
         g.last_progress = Instant::now();
-        if created || !g.journalled || g.state.metadata != before {
+        if created || !g.journalled || (&g.state.metadata, g.state.part) != (&before.0, before.1) {
             // A save opened afresh may reuse the key of an aborted one: its ranks go first.
             let fresh = created;
             let (job_s, header) = (job.to_string(), g.state.clone_fields());
@@ -443,7 +461,7 @@ impl Coordinator {
                 results.into_iter().collect::<Result<Vec<()>, _>>()?;
             }
             match objects.counts() {
-                (written, _) if written == g.state.world_size as usize => return Ok(()),
+                (written, _) if written == g.state.ranks.len() => return Ok(()),
                 _ if Instant::now() >= deadline => {
                     return Err(ServiceError::Internal(format!(
                         "{}@{}: index objects not all written after 60 s",
@@ -485,7 +503,8 @@ impl Coordinator {
         let _ = span.set_parent(crate::save_context(&job, step));
         let started = Instant::now();
         let result = self.commit_inner(slot).instrument(span).await;
-        if result.is_ok() {
+        // A split save's part may be written and its root still to come.
+        if result.is_ok() && slot.state.phase == SavePhase::Committed {
             crate::metrics::METRICS.commit_seconds.record(started.elapsed().as_secs_f64(), &[]);
             crate::metrics::METRICS.saves_committed.add(1, &[]);
         }
@@ -508,20 +527,36 @@ impl Coordinator {
         let index_objects_at_commit = slot.state.world_size as usize - slot.index_objects.counts().0;
         self.write_index_objects(slot).await?;
         let index_objects_ms = started.elapsed().as_millis() as u64;
+        if slot.state.part.is_some() {
+            return self.commit_part(slot).await;
+        }
+        let started = Instant::now();
+        let root = slot.state.root()?;
+        let root_build_ms = started.elapsed().as_millis() as u64;
+        let chunks: Vec<ChunkHash> = slot.state.ranks.values().flat_map(|r| r.chunk_hashes()).collect();
+        self.create_root(slot, root, &chunks).await?;
+        tracing::info!(job, step, index_objects_at_commit, index_objects_ms, root_build_ms, "commit timings");
+        Ok(())
+    }
+
+    /// The commit point, for a save on one node and for the node that builds a split save's
+    /// root: checks that no sweep took what the root names, creates the root (create-only) and
+    /// records the commit. A root already there with other bytes aborts the save (conflict).
+    pub(crate) async fn create_root(
+        &self,
+        slot: &mut Slot,
+        root: Root,
+        chunks: &[ChunkHash],
+    ) -> Result<(), ServiceError> {
+        let (job, step) = (slot.state.job.clone(), slot.state.step);
         fail::fail_point!("ckptd::commit::before_manifest", |_| crate::coordinator::crash_now(
             "ckptd::commit::before_manifest"
         ));
-        let started = Instant::now();
-        let root = slot.state.root()?;
         let bytes = Bytes::from(root.to_bytes());
-        let root_build_ms = started.elapsed().as_millis() as u64;
         let index_objects: Vec<ChunkHash> = root.ranks.iter().map(|r| r.hash).collect();
-        let chunks: Vec<ChunkHash> = slot.state.ranks.values().flat_map(|r| r.chunk_hashes()).collect();
-        if let Err(hole) = self.gc_backstop(&job, step, &index_objects, &chunks).await? {
+        if let Err(hole) = self.gc_backstop(&job, step, &index_objects, chunks).await? {
             tracing::error!(job, step, "{hole}");
-            slot.state.abort(hole.clone())?;
-            self.retire_aborted(&slot.state).await?;
-            return Err(ServiceError::Conflict(format!("{job}@{step}: {hole}")));
+            return Err(self.abort_held(slot, hole).await);
         }
         let created = async {
             fail::fail_point!("ckptd::commit::manifest_put", |_| Err(StoreError::Other(
@@ -539,12 +574,10 @@ impl Coordinator {
             Err(StoreError::AlreadyExists(_)) => {
                 let existing = self.store.get_manifest(&job, step).await?;
                 if existing != bytes {
+                    crate::metrics::METRICS.commit_conflicts.add(1, &[]);
                     let reason = "another writer committed a different checkpoint for this step".to_string();
                     tracing::warn!(job, step, "commit conflict: {reason}");
-                    crate::metrics::METRICS.commit_conflicts.add(1, &[]);
-                    slot.state.abort(reason.clone())?;
-                    self.retire_aborted(&slot.state).await?;
-                    return Err(ServiceError::Conflict(format!("{job}@{step}: {reason}")));
+                    return Err(self.abort_held(slot, reason).await);
                 }
                 tracing::info!(job, step, "root already present with identical bytes; committed");
             }
@@ -566,12 +599,21 @@ impl Coordinator {
             hash = %root.hash,
             root_bytes = bytes.len(),
             after_last_index_us,
-            index_objects_at_commit,
-            index_objects_ms,
-            root_build_ms,
             "committed"
         );
         Ok(())
+    }
+
+    /// Aborts a save whose lock the caller holds, and answers the error to return.
+    pub(crate) async fn abort_held(&self, slot: &mut Slot, reason: String) -> ServiceError {
+        let (job, step) = (slot.state.job.clone(), slot.state.step);
+        if let Err(e) = slot.state.abort(reason.clone()) {
+            return e.into();
+        }
+        if let Err(e) = self.retire_aborted(&slot.state).await {
+            return e;
+        }
+        ServiceError::Conflict(format!("{job}@{step}: {reason}"))
     }
 
     pub(crate) async fn finish_commit(

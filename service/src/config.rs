@@ -41,6 +41,10 @@ pub struct Config {
     /// How often ckptd retries the commit of a save whose chunks are all durable but whose
     /// manifest write failed (the store's own retries exhausted).
     pub commit_retry_ms: u64,
+    /// A node whose part of a save split over nodes has waited this long for the root lists
+    /// the parts itself (the leader may have died after writing its part); later by up to as
+    /// much again the higher its first rank, so takeovers are staggered (`parts.rs`).
+    pub part_takeover_ms: u64,
     /// Saves open (not yet committed or aborted) at once, over all jobs.
     pub saves_in_flight_max: usize,
     /// Chunk references one save may hold over all its ranks' indexes (a 405B checkpoint in
@@ -119,6 +123,7 @@ impl Default for Config {
             body_progress_timeout_ms: 10_000,
             header_read_timeout_ms: 10_000,
             commit_retry_ms: 1_000,
+            part_takeover_ms: 30_000,
             saves_in_flight_max: 256,
             save_chunk_refs_max: 2_000_000,
             in_flight_chunk_refs_max: 4_000_000,
@@ -247,6 +252,7 @@ impl Config {
             ("upload_queue_max", self.upload_queue_max as u64),
             ("encoders_max", self.encoders_max as u64),
             ("commit_retry_ms", self.commit_retry_ms),
+            ("part_takeover_ms", self.part_takeover_ms),
             ("save_chunk_refs_max", self.save_chunk_refs_max),
             ("in_flight_chunk_refs_max", self.in_flight_chunk_refs_max),
             ("save_idle_abort_ms", self.save_idle_abort_ms),

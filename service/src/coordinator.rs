@@ -54,6 +54,9 @@ pub(crate) struct Slot {
     pub(crate) journalled: bool,
     /// When the last rank's index was accepted (commit latency is measured from here).
     pub(crate) all_in_at: Option<Instant>,
+    /// A save split over nodes, once this node's part is written: the parts read so far and
+    /// when to look again (`parts.rs`).
+    pub(crate) split: Option<crate::parts::SplitWait>,
 }
 
 impl Slot {
@@ -66,6 +69,7 @@ impl Slot {
             last_progress: Instant::now(),
             journalled: false,
             all_in_at: None,
+            split: None,
         }
     }
 
@@ -233,6 +237,10 @@ pub struct OpenSave {
     /// The writer's generation; refused when the job is fenced at a later one.
     #[serde(default)]
     pub epoch: Option<u64>,
+    /// The ranks `[first, end)` this ckptd serves when the save is split over several nodes;
+    /// needs `epoch` (it names the save's parts). Absent, or the whole world: one node.
+    #[serde(default)]
+    pub node_ranks: Option<[u32; 2]>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
@@ -350,6 +358,7 @@ impl Coordinator {
         });
         tokio::spawn(Self::upload_events(Arc::downgrade(&c), rx));
         tokio::spawn(Self::maintain(Arc::downgrade(&c), Duration::from_millis(c.config.commit_retry_ms)));
+        tokio::spawn(Self::poll_splits(Arc::downgrade(&c)));
         tokio::spawn(Self::keep_leases(Arc::downgrade(&c), Duration::from_millis(c.config.commit_retry_ms)));
         c
     }
@@ -370,7 +379,7 @@ impl Coordinator {
             for slot in slots {
                 let Ok(mut g) = slot.try_lock() else { continue };
                 let (job, step) = (g.state.job.clone(), g.state.step);
-                if g.ready() {
+                if g.ready() && g.split.is_none() {
                     match me.commit(&mut g).await {
                         Ok(()) => tracing::info!(job, step, "commit retried in the background succeeded"),
                         Err(e) => {
@@ -378,6 +387,18 @@ impl Coordinator {
                         }
                     }
                 } else if !g.state.phase.is_final() && g.last_progress.elapsed() >= idle_max {
+                    if g.split.is_some() {
+                        let reason = format!(
+                            "no progress for {} s: this node's part is written, but the other nodes' parts never all arrived and no root appeared",
+                            idle_max.as_secs()
+                        );
+                        if g.state.abort(reason).is_ok() {
+                            if let Err(e) = me.retire_aborted(&g.state).await {
+                                tracing::error!(job, step, error = %e, "cannot retire an idle save");
+                            }
+                        }
+                        continue;
+                    }
                     let missing = g.state.missing_ranks();
                     let shown: Vec<u32> = missing.iter().take(8).copied().collect();
                     let reason = format!(

@@ -86,6 +86,8 @@ pub struct GcReport {
     pub condemned_bytes: u64,
     /// Handoff and spill files older than the grace period, removed.
     pub stale_local_files: usize,
+    /// Parts of split saves that had done their work, removed (`parts.rs`).
+    pub parts_removed: usize,
 }
 
 fn corrupt_record(key: &str, e: impl std::fmt::Display) -> ServiceError {
@@ -555,6 +557,7 @@ impl Coordinator {
             self.gc_refresh_view(job).await?;
         }
         report.stale_local_files = self.gc_local_files(dry_run).await?;
+        report.parts_removed = self.gc_parts(job, &committed, now, dry_run).await?;
         tracing::info!(job, dry_run, ?report, "gc");
         Ok(report)
     }

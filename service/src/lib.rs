@@ -17,6 +17,7 @@ pub mod gc;
 pub mod index;
 mod intake;
 mod metrics;
+mod parts;
 mod reads;
 mod recovery;
 pub mod segments;

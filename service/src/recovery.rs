@@ -99,10 +99,9 @@ impl Coordinator {
                 let stored = self.store.get_manifest(&job, step).await?;
                 // The stored root's hash when it is the one this journalled save commits as.
                 let same = match CommitObject::parse(&stored, &self.limits) {
-                    Ok(CommitObject::Root(r)) => (save.all_ranks_in()
-                        && save.build_root().is_ok_and(|b| b.to_bytes() == stored))
-                    .then_some(r.hash),
-                    Ok(CommitObject::V1(m)) => (m.world_size == save.world_size
+                    Ok(CommitObject::Root(r)) => save.committed_by(&r).then_some(r.hash),
+                    Ok(CommitObject::V1(m)) => (save.part.is_none()
+                        && m.world_size == save.world_size
                         && m.metadata == save.metadata
                         && m.created_unix_ms == save.created_unix_ms
                         && m.ranks.iter().eq(save.ranks.values()))

@@ -62,6 +62,7 @@ async fn one_save_is_one_trace_with_its_spans_in_order() {
                 metadata: serde_json::Value::Null,
                 rank_metadata: serde_json::Value::Null,
                 created_unix_ms: Some(1),
+                node_ranks: None,
             };
             client.save(&spec, &[t], Wait::Committed).await.unwrap()
         }

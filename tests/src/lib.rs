@@ -115,6 +115,7 @@ pub fn spec(job: &str, step: u64, rank: u32, world: u32) -> SaveSpec {
         metadata: serde_json::json!({ "step": step }),
         rank_metadata: serde_json::json!({ "rank": rank }),
         created_unix_ms: Some(1_700_000_000_000 + step),
+        node_ranks: None,
     }
 }
 

@@ -324,6 +324,7 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
                 metadata: serde_json::json!({ "trainer": state }),
                 rank_metadata: serde_json::json!({ "owned": [mine.start, mine.end] }),
                 created_unix_ms: None,
+                node_ranks: None,
             };
             // A kill during the commit must land while the step is uncommitted: the victim's index
             // has to be in and not be the last. So at that step the other ranks start their saves

@@ -5,6 +5,7 @@
 
 mod corruption;
 mod crash;
+mod multi_node;
 mod node_local;
 mod race;
 mod rebuild;

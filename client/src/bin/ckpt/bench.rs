@@ -430,6 +430,7 @@ fn spec(step: u64, rank: u32, world: u32) -> SaveSpec {
         metadata: serde_json::json!({ "bench": true }),
         rank_metadata: serde_json::Value::Null,
         created_unix_ms: None,
+        node_ranks: None,
     }
 }
 
@@ -1079,6 +1080,7 @@ async fn rss_burst(opts: &BenchOptions) -> Result<f64> {
                     metadata: serde_json::Value::Null,
                     rank_metadata: serde_json::Value::Null,
                     created_unix_ms: None,
+                    node_ranks: None,
                 })
                 .await?;
             let refs = futures::StreamExt::buffered(

@@ -168,6 +168,7 @@ async fn one_world(opts: &ScaleOptions, world: u32) -> Result<WorldRow, ClientEr
         metadata: serde_json::json!({ "bench": "scale" }),
         rank_metadata: serde_json::Value::Null,
         created_unix_ms: Some(1_700_000_000_000),
+        node_ranks: None,
     };
     open_all(&client, (0..world).map(|r| spec(r, 1)).collect()).await?;
     // The chunks: one distinct to each rank, and a shared pool.
@@ -314,6 +315,7 @@ async fn distinct(opts: &ScaleOptions) -> Result<DistinctRow, ClientError> {
                     metadata: serde_json::Value::Null,
                     rank_metadata: serde_json::Value::Null,
                     created_unix_ms: Some(1_700_000_000_000),
+                    node_ranks: None,
                 };
                 client.save(&spec, &[t], Wait::Staged).await
             }

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_scale;
+mod bench_split;
 
 /// Counts heap allocations of this process, so `ckpt bench` can report allocations per chunk on
 /// the client's side of a save and a restore (one relaxed counter; the CLI allocates little).
@@ -192,6 +193,24 @@ enum Cmd {
         /// Ranks for the distinct-chunk save.
         #[arg(long, default_value_t = 64)]
         distinct_ranks: u32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Benchmark the commit of a save split over ckptd nodes at a cluster's node count: a real
+    /// leader ckptd, the other nodes' parts written into its local store over a spread of
+    /// time; prints the time from the last part to the commit and the leader's LIST calls.
+    BenchSplit {
+        /// Directory for the stores (each removed after its run).
+        #[arg(long, default_value = "ckpt-bench-split")]
+        dir: PathBuf,
+        /// Node counts to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "256,2048")]
+        nodes: Vec<u32>,
+        #[arg(long, default_value_t = 8)]
+        ranks_per_node: u32,
+        /// Seconds over which the other nodes' parts arrive after the leader's.
+        #[arg(long, default_value_t = 10.0)]
+        spread_s: f64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
@@ -465,6 +484,18 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             })
             .await?;
         }
+        Cmd::BenchSplit { dir, nodes, ranks_per_node, spread_s, seed } => {
+            if nodes.is_empty() || nodes.contains(&0) || ranks_per_node == 0 || !(0.0..=3600.0).contains(&spread_s) {
+                bail!("--nodes and --ranks-per-node must be positive, --spread-s within 0..=3600");
+            }
+            let rows =
+                bench_split::run(bench_split::SplitOptions { dir, nodes, ranks_per_node, spread_s, seed }).await?;
+            if cli.json {
+                print_json(&rows)?;
+            } else {
+                bench_split::print(&rows);
+            }
+        }
         Cmd::BenchScale { dir, worlds, tensors, chunks_per_tensor, distinct_chunks, distinct_ranks, seed } => {
             if worlds.is_empty() || worlds.contains(&0) || tensors == 0 || chunks_per_tensor == 0 {
                 bail!("--worlds, --tensors and --chunks-per-tensor must be positive");
@@ -555,6 +586,7 @@ async fn save_all(
             metadata: serde_json::json!({ "demo": true, "step": step }),
             rank_metadata: serde_json::json!({ "data_cursor": step * 1000 + r as u64 }),
             created_unix_ms: None,
+            node_ranks: None,
         };
         let tensors = states[r as usize].clone();
         async move { client.save(&spec, &tensors, Wait::Staged).await }
