@@ -43,6 +43,11 @@ pub struct ClientOptions {
     pub retry_max: Duration,
     /// Timeout of a single HTTP request.
     pub request_timeout: Duration,
+    /// How long a connection may take to open.
+    pub connect_timeout: Duration,
+    /// Retry (within `attempts_max`) when ckptd cannot be reached at all; interactive tools
+    /// turn it off to fail at once.
+    pub retry_unreachable: bool,
     /// How long `Wait::Committed` waits for the step to commit.
     pub commit_timeout: Duration,
     pub missing_batch_max: usize,
@@ -71,6 +76,8 @@ impl Default for ClientOptions {
             retry_base: Duration::from_millis(50),
             retry_max: Duration::from_secs(2),
             request_timeout: Duration::from_secs(120),
+            connect_timeout: Duration::from_secs(5),
+            retry_unreachable: true,
             commit_timeout: Duration::from_secs(600),
             missing_batch_max: 10_000,
             busy_retry_for: Duration::from_secs(600),
@@ -162,11 +169,12 @@ impl Client {
     pub fn new(base_url: &str, opts: ClientOptions) -> Result<Client, ClientError> {
         let retry = RetryPolicy {
             attempts_max: opts.attempts_max,
+            retry_unreachable: opts.retry_unreachable,
             base: opts.retry_base,
             max: opts.retry_max,
             busy_retry_for: opts.busy_retry_for,
         };
-        let http = Http::new(base_url, opts.request_timeout, opts.concurrency.max(1) * 2, retry)?;
+        let http = Http::new(base_url, opts.request_timeout, opts.connect_timeout, opts.concurrency.max(1) * 2, retry)?;
         let node_local = Arc::new(NodeLocal::new(http.clone(), opts.node_local, opts.encode));
         let mut transports: Vec<Arc<dyn Transport>> = Vec::new();
         if opts.node_local {

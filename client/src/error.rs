@@ -2,8 +2,10 @@ use ckpt_core::{ChunkHash, CoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach ckptd at {url}: {source}")]
+    #[error("cannot reach ckptd at {url}: {}", root_cause(source))]
     Transport { url: String, source: reqwest::Error },
+    #[error("{url:?} is not a ckptd URL: {reason}")]
+    InvalidUrl { url: String, reason: String },
     #[error("ckptd answered {status} {code}: {message}")]
     Api { status: u16, code: String, message: String },
     #[error("chunk {hash} of checkpoint {job}@{step} is corrupt: {reason}")]
@@ -44,10 +46,25 @@ impl ClientError {
         }
     }
 
+    /// Nothing answered: the connection was refused or timed out before any reply.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, ClientError::Transport { source, .. } if source.is_connect() || (source.is_timeout() && source.status().is_none()))
+    }
+
     pub fn api_code(&self) -> Option<&str> {
         match self {
             ClientError::Api { code, .. } => Some(code),
             _ => None,
         }
     }
+}
+
+/// The innermost cause of an error ("Connection refused (os error 111)"), without the layers
+/// that repeat the URL.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
 }

@@ -27,6 +27,9 @@ pub const BODY_DIGEST_HEADER: &str = "x-ckpt-body-blake3";
 #[derive(Debug, Clone)]
 pub(crate) struct RetryPolicy {
     pub attempts_max: u32,
+    /// Whether a refused or timed-out connection is retried (a trainer rides out a ckptd
+    /// restart; an interactive command says at once that nothing answers).
+    pub retry_unreachable: bool,
     pub base: Duration,
     pub max: Duration,
     pub busy_retry_for: Duration,
@@ -65,11 +68,18 @@ impl Http {
     pub fn new(
         base_url: &str,
         timeout: Duration,
+        connect_timeout: Duration,
         idle_per_host: usize,
         retry: RetryPolicy,
     ) -> Result<Http, ClientError> {
+        let bad = |why: String| ClientError::InvalidUrl { url: base_url.to_string(), reason: why };
+        let parsed = reqwest::Url::parse(base_url).map_err(|e| bad(e.to_string()))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+            return Err(bad(format!("scheme {:?} with no host; expected http://HOST:PORT", parsed.scheme())));
+        }
         let client = reqwest::Client::builder()
             .timeout(timeout)
+            .connect_timeout(connect_timeout)
             .pool_max_idle_per_host(idle_per_host)
             .build()
             .map_err(|e| ClientError::Internal(format!("building the http client: {e}")))?;
@@ -286,6 +296,9 @@ impl<'a> Backoff<'a> {
             tokio::time::sleep(self.delay).await;
             self.delay = (self.delay * 2).min(Duration::from_secs(1));
             return true;
+        }
+        if !self.policy.retry_unreachable && e.is_unreachable() {
+            return false;
         }
         if e.is_transient() && self.attempt < self.policy.attempts_max {
             tracing::debug!(path, attempt = self.attempt, error = %e, "transient failure, retrying");

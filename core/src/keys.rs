@@ -88,6 +88,19 @@ pub fn all_parts_prefix(job: &str) -> String {
     format!("{JOBS_PREFIX}/{job}/parts")
 }
 
+/// Created once (create-only) by whichever comes first: the node about to create the root
+/// ("commit") or a node aborting its part of the save ("abort"); see `part.rs`.
+pub fn part_decision_key(job: &str, step: u64, epoch: u64) -> String {
+    format!("{}/decision.json", parts_prefix(job, step, epoch))
+}
+
+/// The step a key under `all_parts_prefix` belongs to (a part or a decision).
+pub fn parse_parts_step(key: &str) -> Option<u64> {
+    let parts: Vec<&str> = key.split('/').collect();
+    let [.., "parts", step, epoch, _] = parts.as_slice() else { return None };
+    (step.len() == 20 && epoch.len() == 20).then(|| step.parse().ok()).flatten()
+}
+
 pub fn part_key(job: &str, step: u64, part: &crate::part::PartOf) -> String {
     format!("{}/{:010}-{:010}.json", parts_prefix(job, step, part.epoch), part.first, part.end)
 }
@@ -163,6 +176,9 @@ mod tests {
         let k = part_key("j", 7, &part);
         assert!(k.starts_with(&parts_prefix("j", 7, 3)) && k.starts_with(&all_parts_prefix("j")));
         assert_eq!(parse_part_key(&k), Some((7, 3, 16, 24)));
+        assert_eq!(parse_parts_step(&k), Some(7));
+        assert_eq!(parse_parts_step(&part_decision_key("j", 7, 3)), Some(7));
+        assert_eq!(parse_part_key(&part_decision_key("j", 7, 3)), None);
         assert_eq!(parse_part_key("jobs/j/parts/x/y/0000000016-0000000024.json"), None);
         // Pins, leases and GC records are not checkpoint objects: listings of those ignore them.
         for k in [pin_key("j", 7), lease_key("j", 7, "ab"), condemned_key("j"), swept_key("j"), k] {

@@ -20,8 +20,12 @@
 //!   higher its first rank, so takeovers are staggered) lists too, so a leader that died after
 //!   writing its part does not stop the commit. At 2,048 nodes that is a few LIST pages per
 //!   poll from one node, not a LIST per node per checkpoint; the leader reads each part once.
-//! * Parts are named by the writer's epoch (the elastic agent's generation): a step retried
-//!   after a restart is a new epoch, so parts of an earlier attempt are never mixed in.
+//! * Parts are named by the writer's epoch (the elastic agent's generation). One decision per
+//!   (step, epoch) is created create-only next to the parts: "commit" by the node about to
+//!   create the root, "abort" by any node aborting its share. Whichever is first holds: a node
+//!   told "commit" keeps waiting for the root instead of aborting, a builder told "abort" does
+//!   not create the root, and a save aborted in an epoch cannot be opened again in it (the
+//!   trainer retries with a new epoch), so parts of two attempts are never mixed.
 //! * A part is not a commit: parts of a save that never commits stay invisible (no root).
 
 use serde::{Deserialize, Serialize};
@@ -134,6 +138,14 @@ impl Part {
         }
         Ok(p)
     }
+}
+
+/// What the first node to decide said about a split save (`keys::part_decision_key`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    Commit,
+    Abort,
 }
 
 /// Whether `parts` (sorted by first rank) cover ranks 0..world_size exactly once.

@@ -280,7 +280,7 @@ impl SaveState {
         self.ranks.len() == self.expected_ranks().len()
     }
 
-    fn expected_ranks(&self) -> std::ops::Range<u32> {
+    pub fn expected_ranks(&self) -> std::ops::Range<u32> {
         self.part.map_or(0..self.world_size, |p| p.first..p.end)
     }
 

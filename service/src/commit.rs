@@ -150,6 +150,14 @@ impl Coordinator {
         let (slot, created) = match self.save_slot(job, step) {
             Some(s) => (s, false),
             None => {
+                if let Some(p) = part {
+                    if self.decided(job, step, p.epoch).await? == Some(ckpt_core::part::Decision::Abort) {
+                        return Err(ServiceError::Conflict(format!(
+                            "{job}@{step} was aborted in epoch {} on some node; retry the step with a new epoch",
+                            p.epoch
+                        )));
+                    }
+                }
                 let j = job.to_string();
                 let previous = self.blocking(move |i| i.committed_before(&j, step)).await?;
                 let created_ms = req.created_unix_ms.unwrap_or_else(now_unix_ms);
@@ -283,7 +291,7 @@ impl Coordinator {
             let pending = self.still_staged(job, not_durable, rank).await?;
             // Checked, then journalled, then applied: a failed journal write changes nothing.
             g.state.check_index(&index, &self.limits)?;
-            let completes = g.state.ranks.len() + 1 == g.state.world_size as usize;
+            let completes = g.state.ranks.len() + 1 == g.state.expected_ranks().len();
             // The save's own journal entry changes only when its phase does (the last rank in),
             // or was never written (its opener's request failed or was cancelled).
             let header = (completes || !g.journalled).then(|| {
@@ -577,7 +585,7 @@ impl Coordinator {
                     crate::metrics::METRICS.commit_conflicts.add(1, &[]);
                     let reason = "another writer committed a different checkpoint for this step".to_string();
                     tracing::warn!(job, step, "commit conflict: {reason}");
-                    return Err(self.abort_held(slot, reason).await);
+                    return Err(self.abort_decided(slot, reason).await);
                 }
                 tracing::info!(job, step, "root already present with identical bytes; committed");
             }
@@ -604,8 +612,23 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Aborts a save whose lock the caller holds, and answers the error to return.
+    /// Aborts a save whose lock the caller holds, and answers the error to return. A split save
+    /// is aborted only if no node has decided to commit it (`parts.rs`); otherwise it keeps
+    /// waiting for its root.
     pub(crate) async fn abort_held(&self, slot: &mut Slot, reason: String) -> ServiceError {
+        match self.may_abort(&slot.state).await {
+            Ok(true) => self.abort_decided(slot, reason).await,
+            Ok(false) => ServiceError::Internal(format!(
+                "{}@{}: not aborted ({reason}): the save is decided for commit; waiting for its root",
+                slot.state.job, slot.state.step
+            )),
+            Err(e) => e,
+        }
+    }
+
+    /// Aborts a save whose lock the caller holds, whatever the other nodes decided (a root of
+    /// another save is in the store, or the abort is decided).
+    pub(crate) async fn abort_decided(&self, slot: &mut Slot, reason: String) -> ServiceError {
         let (job, step) = (slot.state.job.clone(), slot.state.step);
         if let Err(e) = slot.state.abort(reason.clone()) {
             return e.into();
@@ -680,6 +703,11 @@ impl Coordinator {
             .ok_or_else(|| ServiceError::NotFound(format!("no save {job}@{step} in flight")))?;
         let mut g = slot.lock().await;
         if g.state.phase != SavePhase::Aborted {
+            if !self.may_abort(&g.state).await? {
+                return Err(ServiceError::Conflict(format!(
+                    "{job}@{step} is decided for commit on another node; it cannot be aborted now"
+                )));
+            }
             g.state.abort(reason.to_string())?;
             self.retire_aborted(&g.state).await?;
         }

@@ -387,6 +387,14 @@ impl Coordinator {
                         }
                     }
                 } else if !g.state.phase.is_final() && g.last_progress.elapsed() >= idle_max {
+                    match me.may_abort(&g.state).await {
+                        Ok(true) => {}
+                        Ok(false) => continue,
+                        Err(e) => {
+                            tracing::warn!(job, step, error = %e, "idle split save: cannot record the abort yet");
+                            continue;
+                        }
+                    }
                     if g.split.is_some() {
                         let reason = format!(
                             "no progress for {} s: this node's part is written, but the other nodes' parts never all arrived and no root appeared",
@@ -453,7 +461,11 @@ impl Coordinator {
                         let mut g = slot.lock().await;
                         // A chunk staged again since (its rank re-sent it) is not lost.
                         let restaged = me.staging.pending_raw_len(&job, &hash).is_some();
-                        if !g.state.phase.is_final() && g.pending.contains_key(&hash) && !restaged {
+                        if !g.state.phase.is_final()
+                            && g.pending.contains_key(&hash)
+                            && !restaged
+                            && me.may_abort(&g.state).await.unwrap_or(false)
+                        {
                             let why = format!("chunk {hash} could not be made durable: {reason}");
                             if g.state.abort(why).is_ok() {
                                 if let Err(e) = me.retire_aborted(&g.state).await {

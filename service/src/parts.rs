@@ -13,9 +13,13 @@
 //!   built from them (`SaveState::root_of_parts`) and created with the same create-only put as
 //!   a one-node save's (`commit.rs` `create_root`).
 //! * Failure: a root with other bytes, overlapping or damaged parts, or parts that do not make
-//!   a checkpoint abort the save with the reason. A part that never comes leaves no root; the
-//!   save is aborted after `save_idle_abort_ms`. A node killed at any point finishes from its
-//!   journal: it writes its part again and waits, or finds the root and records the commit.
+//!   a checkpoint abort the save with the reason; a store error only fails this poll. Every
+//!   abort of a split save first creates the step's decision "abort" (create-only); a builder
+//!   creates "commit" before the root. Whichever is first holds, so no node reports "aborted"
+//!   for a step whose root then appears, and an epoch whose save aborted is never reused. A
+//!   part that never comes leaves no root; the save is aborted after `save_idle_abort_ms`. A
+//!   node killed at any point finishes from its journal: it writes its part again and waits,
+//!   or finds the root and records the commit.
 //! * Parts are removed by the node that created the root; GC removes what an abort left.
 
 use std::collections::BTreeMap;
@@ -24,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ckpt_core::keys;
-use ckpt_core::part::covers;
+use ckpt_core::part::{covers, Decision};
 use ckpt_core::{ChunkHash, CommitObject, Part, PartOf, SaveState};
 use futures::StreamExt;
 
@@ -95,35 +99,104 @@ impl Coordinator {
         if !self.read_parts(slot, &of).await? {
             return Ok(());
         }
-        let Some(wait) = slot.split.as_ref() else { return Ok(()) };
-        let parts: Vec<&Part> = wait.parts.values().collect();
-        let built = SaveState::root_of_parts(&parts, &self.limits);
-        let chunks: Vec<ChunkHash> =
-            parts.iter().flat_map(|p| p.ranks.iter().flat_map(|r| r.index.chunk_hashes())).collect();
-        let part_keys: Vec<String> = parts.iter().map(|p| keys::part_key(&job, step, &p.of)).collect();
-        let root = match built {
-            Ok(root) => root,
+        // The root is built off the runtime (16,384 ranks' indexes are checked against each
+        // other), from the parts the listing named.
+        let Some(wait) = slot.split.as_mut() else { return Ok(()) };
+        let parts = std::mem::take(&mut wait.parts);
+        let limits = self.limits;
+        let (built, parts) = tokio::task::spawn_blocking(move || {
+            let refs: Vec<&Part> = parts.values().collect();
+            let built = SaveState::root_of_parts(&refs, &limits).map(|root| {
+                let chunks: Vec<ChunkHash> =
+                    refs.iter().flat_map(|p| p.ranks.iter().flat_map(|r| r.index.chunk_hashes())).collect();
+                (root, chunks)
+            });
+            (built, parts)
+        })
+        .await
+        .map_err(crate::error::join_error)?;
+        let part_keys: Vec<String> = parts.values().map(|p| keys::part_key(&job, step, &p.of)).collect();
+        if let Some(wait) = slot.split.as_mut() {
+            wait.parts = parts;
+        }
+        let (root, chunks) = match built {
+            Ok(b) => b,
             Err(e) => {
                 return Err(self.abort_held(slot, format!("the nodes' parts do not make a checkpoint: {e}")).await)
             }
         };
+        if self.decide(&job, step, of.epoch, Decision::Commit).await? == Decision::Abort {
+            return Err(self.abort_decided(slot, "a node aborted its share of the save".into()).await);
+        }
         if !of.leads() {
             tracing::warn!(job, step, first = of.first, "the leader wrote no root in time; this node builds it");
         }
         self.create_root(slot, root, &chunks).await?;
-        // Committed: the parts have done their work. Best effort; GC removes what is left.
-        let store = self.store.clone();
-        futures::stream::iter(part_keys)
-            .for_each_concurrent(self.config.store_requests_max, |k| {
-                let store = store.clone();
-                async move {
-                    if let Err(e) = store.delete_key(&k).await {
-                        tracing::debug!(key = k, error = %e, "part not removed; GC will");
+        crate::metrics::METRICS.saves_committed.add(1, &[]);
+        // Committed: the parts have done their work. Best effort, off the save's lock; GC
+        // removes what is left.
+        let (store, width) = (self.store.clone(), self.config.store_requests_max);
+        tokio::spawn(async move {
+            futures::stream::iter(part_keys)
+                .for_each_concurrent(width, |k| {
+                    let store = store.clone();
+                    async move {
+                        if let Err(e) = store.delete_key(&k).await {
+                            tracing::debug!(key = k, error = %e, "part not removed; GC will");
+                        }
                     }
-                }
-            })
-            .await;
+                })
+                .await;
+        });
         Ok(())
+    }
+
+    /// Creates the save's decision unless one exists, and answers the one in force.
+    async fn decide(&self, job: &str, step: u64, epoch: u64, want: Decision) -> Result<Decision, ServiceError> {
+        let key = keys::part_decision_key(job, step, epoch);
+        let body = serde_json::to_vec(&serde_json::json!({ "decision": want }))
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        match self.store.create_record(&key, Bytes::from(body)).await {
+            Ok(()) => {
+                tracing::info!(job, step, epoch, decision = ?want, "split save decided");
+                Ok(want)
+            }
+            Err(StoreError::AlreadyExists(_)) => self
+                .decided(job, step, epoch)
+                .await?
+                .ok_or_else(|| ServiceError::Internal(format!("{job}@{step}: the decision vanished; trying again"))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The decision taken for a split save in `epoch`, if any.
+    pub(crate) async fn decided(&self, job: &str, step: u64, epoch: u64) -> Result<Option<Decision>, ServiceError> {
+        #[derive(serde::Deserialize)]
+        struct D {
+            decision: Decision,
+        }
+        let key = keys::part_decision_key(job, step, epoch);
+        let Some((bytes, _)) = self.store.get_record(&key).await? else { return Ok(None) };
+        let d: D =
+            serde_json::from_slice(&bytes).map_err(|e| ServiceError::Internal(format!("{key} is unreadable: {e}")))?;
+        Ok(Some(d.decision))
+    }
+
+    /// Whether this node may abort its share of a save: always for a save on one node; for a
+    /// split save, unless a builder decided to commit it (then the root is coming).
+    pub(crate) async fn may_abort(&self, state: &SaveState) -> Result<bool, ServiceError> {
+        let Some(of) = state.part else { return Ok(true) };
+        if state.phase.is_final() {
+            return Ok(true);
+        }
+        // A root already there is this save's commit (or a conflict the poll reports): never
+        // tell ranks "aborted" for a step whose root is in the store.
+        match self.store.get_manifest(&state.job, state.step).await {
+            Ok(_) => return Ok(false),
+            Err(StoreError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(self.decide(&state.job, state.step, of.epoch, Decision::Abort).await? == Decision::Abort)
     }
 
     /// How long a node that does not lead waits before it builds the root itself: the
@@ -134,10 +207,17 @@ impl Coordinator {
         Duration::from_millis(base.saturating_add(base.saturating_mul(of.first as u64) / world.max(1) as u64))
     }
 
-    /// Lists the save's parts and reads the ones not read yet. True once they cover every rank.
+    /// Lists the save's parts and reads the ones not read yet. True once they cover every rank
+    /// (the parts kept are then exactly the ones listed). A decision to abort ends the save.
     async fn read_parts(&self, slot: &mut Slot, of: &PartOf) -> Result<bool, ServiceError> {
         let (job, step, world) = (slot.state.job.clone(), slot.state.step, slot.state.world_size);
         let listed = self.store.list_meta(&keys::parts_prefix(&job, step, of.epoch)).await?;
+        let decision_key = keys::part_decision_key(&job, step, of.epoch);
+        if listed.iter().any(|(k, _, _)| *k == decision_key)
+            && self.decided(&job, step, of.epoch).await? == Some(Decision::Abort)
+        {
+            return Err(self.abort_decided(slot, "a node aborted its share of the save".into()).await);
+        }
         let mut ranges: Vec<PartOf> = listed
             .iter()
             .filter_map(|(k, _, _)| keys::parse_part_key(k))
@@ -150,23 +230,27 @@ impl Coordinator {
             Ok(false) => return Ok(false),
             Err(e) => return Err(self.abort_held(slot, e.to_string()).await),
         }
-        let Some(wait) = slot.split.as_ref() else { return Ok(false) };
+        let Some(wait) = slot.split.as_mut() else { return Ok(false) };
+        wait.parts.retain(|first, p| ranges.iter().any(|r| r.first == *first && r.end == p.of.end));
         let unread: Vec<PartOf> = ranges.into_iter().filter(|p| !wait.parts.contains_key(&p.first)).collect();
         let (store, limits) = (self.store.clone(), self.limits);
-        let read: Vec<Result<Option<Part>, String>> = futures::stream::iter(unread)
+        // Ok(None): listed, then gone (the root was created meanwhile; the next poll finds it).
+        // Err(Ok(e)): the store failed (this poll fails). Err(Err(why)): the part is bad.
+        type Read = Result<Option<Part>, Result<ServiceError, String>>;
+        let read: Vec<Read> = futures::stream::iter(unread)
             .map(|want| {
                 let (store, job) = (store.clone(), job.clone());
                 async move {
                     let key = keys::part_key(&job, step, &want);
-                    let Some((bytes, _)) = store.get_record(&key).await.map_err(|e| e.to_string())? else {
+                    let Some((bytes, _)) = store.get_record(&key).await.map_err(|e| Ok(e.into()))? else {
                         return Ok(None);
                     };
                     let part = tokio::task::spawn_blocking(move || Part::from_bytes(&bytes, &limits))
                         .await
-                        .map_err(|e| e.to_string())?
-                        .map_err(|e| format!("the part of ranks {}..{} is damaged: {e}", want.first, want.end))?;
+                        .map_err(|e| Ok(crate::error::join_error(e)))?
+                        .map_err(|e| Err(format!("the part of ranks {}..{} is damaged: {e}", want.first, want.end)))?;
                     if part.of != want || part.job != job || part.step != step {
-                        return Err(format!("the part stored at {key} is of another save"));
+                        return Err(Err(format!("the part stored at {key} is of another save")));
                     }
                     Ok(Some(part))
                 }
@@ -182,17 +266,19 @@ impl Coordinator {
                         w.parts.insert(p.of.first, p);
                     }
                 }
-                // Listed, then gone: the root was created meanwhile; the next poll finds it.
                 Ok(None) => complete = false,
-                Err(e) => return Err(self.abort_held(slot, e).await),
+                Err(Ok(e)) => return Err(e),
+                Err(Err(why)) => return Err(self.abort_held(slot, why).await),
             }
         }
         Ok(complete)
     }
 
-    /// Removes the job's parts that have done their work: those of a committed step (a node
-    /// still waiting finds the root by its key), and any older than both the GC grace period
-    /// and `save_idle_abort_ms` (their save has ended: committed, or aborted by idleness).
+    /// Removes the job's parts and decisions that have done their work: those of a committed
+    /// step (a node still waiting finds the root by its key), and any older than both the GC
+    /// grace period and `save_idle_abort_ms` (their save has ended: committed, or aborted by
+    /// idleness; an aborted epoch's decision goes with them, and with it the refusal to reopen
+    /// that epoch, long after any trainer moved on).
     pub(crate) async fn gc_parts(
         &self,
         job: &str,
@@ -207,8 +293,9 @@ impl Coordinator {
             .await?
             .into_iter()
             .filter(|(k, _, modified)| {
-                keys::parse_part_key(k).is_some_and(|(step, ..)| committed.binary_search(&step).is_ok())
-                    || modified.saturating_add(old_ms) <= now_ms
+                keys::parse_parts_step(k).is_some_and(|step| {
+                    committed.binary_search(&step).is_ok() || modified.saturating_add(old_ms) <= now_ms
+                })
             })
             .map(|(k, _, _)| k)
             .collect();
@@ -232,13 +319,14 @@ impl Coordinator {
         match parsed {
             CommitObject::Root(root) if slot.state.committed_by(&root) => {
                 self.finish_commit(&mut slot.state, root.hash.clone(), bytes.to_vec()).await?;
+                crate::metrics::METRICS.saves_committed.add(1, &[]);
                 tracing::info!(job, step, hash = %root.hash, "committed (root found in the store)");
                 Ok(())
             }
             _ => {
                 crate::metrics::METRICS.commit_conflicts.add(1, &[]);
                 let reason = "another writer committed a different checkpoint for this step".to_string();
-                Err(self.abort_held(slot, reason).await)
+                Err(self.abort_decided(slot, reason).await)
             }
         }
     }

@@ -6,6 +6,7 @@
 //! restores from both.
 
 use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
 use ckpt_client::daemon::{DaemonOptions, LocalDaemon};
@@ -47,6 +48,18 @@ async fn assert_restores(nodes: &[&LocalDaemon], job: &str, step: u64, states: &
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn old_and_new_nodes_share_a_store_and_a_split_save_commits_once_both_are_new() {
     let Some(previous) = previous_ckptd() else {
+        // CI builds it whenever the checkout holds the previous release's commit; only a
+        // shallow clone may skip.
+        let shallow = Command::new("git")
+            .args(["rev-parse", "--is-shallow-repository"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() != "false")
+            .unwrap_or(true);
+        assert!(
+            std::env::var_os("CI").is_none() || shallow,
+            "CI without target/previous/ckptd in a full clone: .ci/build-previous-ckptd did not run"
+        );
         eprintln!(
             "SKIPPED rolling_upgrade: no previous ckptd (run .ci/build-previous-ckptd, or set CKPTD_PREVIOUS_BIN); \
              .ci/run builds it when the checkout has the previous release's commit"

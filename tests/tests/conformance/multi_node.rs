@@ -13,6 +13,7 @@ use ckpt_tests::*;
 
 ckpt_tests::conformance!(420;
     three_nodes_commit_each_step_once_and_any_node_restores,
+    a_node_that_aborts_its_share_stops_the_commit_and_the_epoch,
     a_node_killed_at_each_commit_fail_point_then_the_save_completes,
     a_node_that_never_returns_fails_the_save_visibly,
 );
@@ -115,7 +116,13 @@ async fn three_nodes_commit_each_step_once_and_any_node_restores(backend: Backen
     // The parts did their work and were removed by the node that wrote the root.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let left: Vec<String> = store.keys().await.into_iter().filter(|k| k.contains("/parts/")).collect();
+        // The decisions stay (a slow node must not decide otherwise) until GC.
+        let left: Vec<String> = store
+            .keys()
+            .await
+            .into_iter()
+            .filter(|k| k.contains("/parts/") && !k.ends_with("/decision.json"))
+            .collect();
         if left.is_empty() {
             break;
         }
@@ -156,9 +163,11 @@ async fn kill_case(backend: Backend, failpoint: &str, victim: usize, kills: bool
         let roots = store.manifests().await.len();
         // After its part, a node that does not lead is not needed for the commit: the leader
         // may already have written the root.
+        // A node whose part is written takes over from a dead leader after part_takeover_ms,
+        // which may already have passed when the leader dies at after_part or before_manifest.
         let expected: &[usize] = match failpoint {
             f if f.contains("after_manifest") => &[1],
-            f if f.contains("after_part") && victim != 0 => &[0, 1],
+            f if f.contains("after_part") || f.contains("before_manifest") => &[0, 1],
             _ => &[0],
         };
         assert!(expected.contains(&roots), "{roots} roots right after the kill at {failpoint} on node {victim}");
@@ -178,7 +187,7 @@ async fn kill_case(backend: Backend, failpoint: &str, victim: usize, kills: bool
     // committed steps (and nothing else of the checkpoint).
     let parts = || async { store.keys().await.into_iter().filter(|k| k.contains("/parts/")).count() };
     if failpoint.contains("after_manifest") {
-        assert_eq!(parts().await, NODES, "the parts the killed leader did not remove");
+        assert_eq!(parts().await, NODES + 1, "the parts (and decision) the killed leader did not remove");
     }
     let gc = rank_client(&nodes[1], true).gc(Some("job"), false).await.unwrap();
     assert_eq!(parts().await, 0, "{failpoint}: GC report {gc}");
@@ -226,4 +235,49 @@ async fn a_node_that_never_returns_fails_the_save_visibly(backend: Backend) {
     }
     assert!(store.manifests().await.is_empty(), "no root for a save a node never finished");
     store.assert_complete().await;
+}
+
+/// Saves `ranks` of step 1 in `epoch` through their nodes (Wait::Staged).
+async fn save_ranks(nodes: &[LocalDaemon], states: &[Vec<Tensor>], ranks: std::ops::Range<u32>, epoch: u64) {
+    let saves = ranks.map(|r| {
+        let d = &nodes[node_of(r)];
+        let opts = ClientOptions { chunk_bytes: 1 << 20, node_local: false, epoch: Some(epoch), ..Default::default() };
+        let (c, s, t) = (Client::new(&d.url(), opts).unwrap(), rank_spec("job", 1, r), &states[r as usize]);
+        async move { c.save(&s, t, Wait::Staged).await }
+    });
+    futures::future::try_join_all(saves).await.unwrap();
+}
+
+async fn a_node_that_aborts_its_share_stops_the_commit_and_the_epoch(backend: Backend) {
+    let seed = seed(0x5eed_0304);
+    let dir = tempfile::tempdir().unwrap();
+    let store = TestStore::new(backend, dir.path()).await;
+    let nodes = start_nodes(&store, dir.path(), None).await;
+    let states = states(seed);
+    // Nodes 1 and 2 finish their parts; node 1's share is then aborted by an operator, before
+    // the leader has its ranks.
+    save_ranks(&nodes, &states, 2..WORLD, EPOCH).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while store.keys().await.iter().filter(|k| k.contains("/parts/") && !k.ends_with("decision.json")).count() < 2 {
+        assert!(std::time::Instant::now() < deadline, "nodes 1 and 2 never wrote their parts");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The leader's save is open (its ranks have not sent their shards) when node 1 aborts.
+    for r in 0..PER_NODE {
+        rank_client(&nodes[0], true).open_save(&rank_spec("job", 1, r)).await.unwrap();
+    }
+    rank_client(&nodes[1], true).abort("job", 1).await.unwrap();
+    // The leader then has every part in the store (node 1's included) but finds the abort
+    // decided: no root, and every node ends the save as aborted.
+    save_ranks(&nodes, &states, 0..PER_NODE, EPOCH).await;
+    for (i, d) in nodes.iter().enumerate() {
+        let err = rank_client(d, true).wait_committed("job", 1).await.unwrap_err();
+        assert!(matches!(err, ckpt_client::ClientError::Aborted { .. }), "node {i}: {err}");
+    }
+    assert!(store.manifests().await.is_empty(), "no root after a node aborted its share");
+    // The epoch is spent: reopening it is refused; the next epoch commits.
+    let err = rank_client(&nodes[1], true).open_save(&rank_spec("job", 1, 2)).await.unwrap_err();
+    assert_eq!(err.api_code(), Some("conflict"), "{err}");
+    save_ranks(&nodes, &states, 0..WORLD, EPOCH + 1).await;
+    assert_committed_everywhere(&store, &nodes, 1, &states).await;
 }

@@ -3,6 +3,8 @@
 mod bench;
 mod bench_scale;
 mod bench_split;
+mod output;
+mod restore_cmd;
 
 /// Counts heap allocations of this process, so `ckpt bench` can report allocations per chunk on
 /// the client's side of a save and a restore (one relaxed counter; the CLI allocates little).
@@ -36,7 +38,7 @@ pub(crate) fn allocations() -> u64 {
     ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -63,9 +65,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// List jobs, or the checkpoints of a job (committed and in flight).
-    Ls { job: Option<String> },
+    Ls {
+        /// The job whose checkpoints to list; all jobs when left out.
+        job: Option<String>,
+    },
     /// Show a checkpoint: its root and every rank's index (ranks, tensors, sizes).
     Show {
+        /// The job.
         job: String,
         /// A step number or "latest".
         #[arg(default_value = "latest")]
@@ -81,20 +87,59 @@ enum Cmd {
         #[arg(long)]
         all: bool,
     },
-    /// Write one rank's tensors to a directory (one .bin file per tensor plus tensors.json).
+    /// Write a checkpoint's tensors, verified, to a directory: one rank's (--rank), every
+    /// rank's (--all, one rank-NNNNN directory each), or resharded to another world size
+    /// (--all --world-size N). Layout: one little-endian, row-major tNNNNN.bin per tensor and
+    /// a tensors.json naming job, step, root hash, rank, and each tensor's shape and place.
     Restore {
+        /// The job.
         job: String,
         /// A step number or "latest".
         step: String,
+        /// The rank to restore.
+        #[arg(long, required_unless_present = "all", conflicts_with = "all")]
+        rank: Option<u32>,
+        /// Every rank, each into OUT/rank-NNNNN.
         #[arg(long)]
-        rank: u32,
+        all: bool,
+        /// With --all: cut row-split tensors evenly over this many ranks instead of the saved ones.
+        #[arg(long, requires = "all")]
+        world_size: Option<u32>,
+        /// Directory to write; refused when not empty unless --force.
         #[arg(long)]
         out: PathBuf,
+        /// Write into a non-empty --out (files of the same name are replaced).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Export a checkpoint as one safetensors file: every tensor whole (assembled from the
+    /// ranks that saved it), or one rank's slices with --rank.
+    Export {
+        /// The job.
+        job: String,
+        /// A step number or "latest".
+        #[arg(default_value = "latest")]
+        step: String,
+        /// The output format.
+        #[arg(long, default_value = "safetensors", value_parser = ["safetensors"])]
+        format: String,
+        /// Only this rank's tensors, as it saved them.
+        #[arg(long)]
+        rank: Option<u32>,
+        /// The file to write; refused when it exists unless --force.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing --out.
+        #[arg(long)]
+        force: bool,
     },
     /// Delete a committed checkpoint (the newest one only with --force).
     Rm {
+        /// The job.
         job: String,
-        step: u64,
+        /// A step number or "latest".
+        step: String,
+        /// Also delete the newest committed checkpoint (what a restart would resume from).
         #[arg(long)]
         force: bool,
     },
@@ -106,6 +151,7 @@ enum Cmd {
         /// The job; every job with --all.
         #[arg(required_unless_present = "all", conflicts_with = "all")]
         job: Option<String>,
+        /// Every job.
         #[arg(long)]
         all: bool,
         /// Show what would go, and how many bytes, without deleting anything.
@@ -113,9 +159,26 @@ enum Cmd {
         dry_run: bool,
     },
     /// Pin a committed checkpoint: retention never deletes it.
-    Pin { job: String, step: u64 },
+    Pin {
+        /// The job.
+        job: String,
+        /// The step to pin.
+        step: u64,
+    },
     /// Remove a pin.
-    Unpin { job: String, step: u64 },
+    Unpin {
+        /// The job.
+        job: String,
+        /// The step to unpin.
+        step: u64,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to standard output.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) to standard output: `ckpt man | man -l -`.
+    Man,
     /// Average f32 tensors over several committed checkpoints of a job (same layout) into a new
     /// checkpoint, as the Llama 3 recipe averages its annealing phase.
     Average {
@@ -243,20 +306,52 @@ fn main() {
             std::process::exit(1);
         }
     };
+    let (json, server) = (cli.json, cli.server.clone());
     match runtime.block_on(run(cli)) {
         Ok(code) => std::process::exit(code),
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::exit(1);
-        }
+        Err(e) => std::process::exit(output::report(&output::classify(&e, &server), json)),
     }
+}
+
+/// The CLI's client: interactive, so a ckptd that does not answer is reported at once.
+fn cli_client(server: &str, request_timeout: Duration) -> anyhow::Result<Client> {
+    let opts = ClientOptions {
+        retry_unreachable: false,
+        connect_timeout: Duration::from_secs(3),
+        request_timeout,
+        ..ClientOptions::default()
+    };
+    Ok(Client::new(server, opts)?)
+}
+
+/// Fails with "not found" unless ckptd knows `job` (a listing of an unknown job is empty, not
+/// an error, for trainers that list before their first checkpoint).
+async fn ensure_job(client: &Client, job: &str) -> anyhow::Result<()> {
+    ckpt_core::validate_job(job)?;
+    let jobs = client.jobs().await?;
+    if !jobs.iter().any(|j| j == job) {
+        let known = match jobs.len() {
+            0 => "it has no jobs".to_string(),
+            n if n <= 5 => format!("its jobs: {}", jobs.join(", ")),
+            n => format!("{n} jobs, among them {}", jobs[..5].join(", ")),
+        };
+        return Err(
+            output::CliError::NotFound(format!("no job {job:?} on ckptd at {} ({known})", client.base_url())).into()
+        );
+    }
+    Ok(())
 }
 
 async fn resolve_step(client: &Client, job: &str, step: &str) -> anyhow::Result<u64> {
     if step == "latest" {
-        return client.latest(job).await?.with_context(|| format!("job {job} has no committed checkpoint"));
+        ensure_job(client, job).await?;
+        return match client.latest(job).await? {
+            Some(s) => Ok(s),
+            None => Err(output::CliError::NotFound(format!("job {job} has no committed checkpoint")).into()),
+        };
     }
-    Ok(ckpt_core::parse_step(step)?)
+    ckpt_core::parse_step(step)
+        .map_err(|e| output::CliError::Usage(format!("{e}: give a step number or \"latest\"")).into())
 }
 
 fn progress(total: u64, json: bool, what: &str) -> ProgressBar {
@@ -283,38 +378,25 @@ fn mib(bytes: u64) -> f64 {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<i32> {
-    let client = Client::new(&cli.server, ClientOptions::default())?;
+    let client = cli_client(&cli.server, Duration::from_secs(120))?;
     match cli.cmd {
         Cmd::Ls { job: None } => {
             let jobs = client.jobs().await?;
             if cli.json {
                 print_json(&serde_json::json!({ "jobs": jobs }))?;
+            } else if jobs.is_empty() {
+                eprintln!("no jobs on ckptd at {} yet", client.base_url());
             } else {
                 jobs.iter().for_each(|j| println!("{j}"));
             }
         }
         Cmd::Ls { job: Some(job) } => {
+            ensure_job(&client, &job).await?;
             let list = client.list(&job).await?;
             if cli.json {
                 print_json(&list)?;
             } else {
-                println!("{:>12}  {:>6}  {:>10}  {:>7}  state", "step", "ranks", "MiB", "chunks");
-                for m in &list.committed {
-                    println!("{:>12}  {:>6}  {:>10.1}  {:>7}  committed", m.step, m.world_size, mib(m.bytes), m.chunks);
-                }
-                for s in &list.in_flight {
-                    println!(
-                        "{:>12}  {:>6}  {:>10}  {:>7}  {} ({} of {} ranks in){}",
-                        s.step,
-                        s.world_size,
-                        "-",
-                        "-",
-                        s.phase.name(),
-                        s.ranks_received,
-                        s.world_size,
-                        s.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
-                    );
-                }
+                print_list(&list);
             }
         }
         Cmd::Show { job, step } => {
@@ -323,31 +405,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             if cli.json {
                 print_json(&m)?;
             } else {
-                let s = m.summary();
-                println!("checkpoint {job}@{step}");
-                println!("  world size        {}", m.world_size);
-                println!("  created (unix ms) {}", m.created_unix_ms);
-                println!(
-                    "  previous commit   {}",
-                    m.previous_committed_step.map(|p| p.to_string()).unwrap_or("-".into())
-                );
-                println!("  data              {:.1} MiB in {} distinct chunks", mib(s.bytes), s.chunks);
-                println!("  root hash         {} (format {})", m.hash, m.version);
-                println!("  metadata          {}", m.metadata);
-                for r in &m.ranks {
-                    println!("  rank {}: {} tensors, {:.1} MiB", r.rank, r.tensors.len(), mib(r.byte_len()));
-                    for t in &r.tensors {
-                        println!(
-                            "    {:<40} {:?} {:?} of {:?} at {:?} ({} chunks)",
-                            t.name,
-                            t.dtype,
-                            t.shape,
-                            t.global_shape,
-                            t.offsets,
-                            t.chunks.len()
-                        );
-                    }
-                }
+                print_manifest(&m);
             }
         }
         Cmd::Verify { job, step, all } => {
@@ -358,6 +416,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 }
                 (Some(job), None, false) => targets.push((job.clone(), resolve_step(&client, &job, "latest").await?)),
                 (Some(job), None, true) => {
+                    ensure_job(&client, &job).await?;
                     targets.extend(client.list(&job).await?.committed.into_iter().map(|m| (job.clone(), m.step)))
                 }
                 (None, None, true) => {
@@ -365,7 +424,14 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                         targets.extend(client.list(&job).await?.committed.into_iter().map(|m| (job.clone(), m.step)));
                     }
                 }
-                _ => bail!("give JOB [STEP], JOB --all, or --all"),
+                _ => return Err(output::CliError::Usage("give JOB [STEP], JOB --all, or --all".into()).into()),
+            }
+            if targets.is_empty() {
+                return Err(output::CliError::NotFound(format!(
+                    "nothing to verify: no committed checkpoint on ckptd at {}",
+                    client.base_url()
+                ))
+                .into());
             }
             let mut reports = Vec::new();
             for (job, step) in targets {
@@ -384,45 +450,117 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             if cli.json {
                 print_json(&reports)?;
             }
-            return Ok(if ok { 0 } else { 1 });
+            return Ok(if ok { 0 } else { output::exit::CORRUPT });
         }
-        Cmd::Restore { job, step, rank, out } => {
+        Cmd::Restore { job, step, rank, all: _, world_size, out, force } => {
             let step = resolve_step(&client, &job, &step).await?;
-            // The root and this rank's index object; nothing of the other ranks is read.
+            restore_cmd::check_out(&out, force)?;
             let cp = client.checkpoint(&job, step).await?;
-            let shard = client.shard_index(&cp, rank).await?;
-            let pb = progress(shard.byte_len(), cli.json, &format!("restore {job}@{step} rank {rank}"));
-            let tensors = client.load_shard(&job, step, &shard, |n| pb.inc(n)).await?;
-            pb.finish_and_clear();
-            let written = write_tensors(&out, &tensors)?;
+            let mut written = Vec::new();
+            match (rank, world_size) {
+                (Some(rank), _) => {
+                    // The root and this rank's index object; nothing of the other ranks is read.
+                    let shard = client.shard_index(&cp, rank).await?;
+                    let pb = progress(shard.byte_len(), cli.json, &format!("restore {job}@{step} rank {rank}"));
+                    let tensors = client.load_shard(&job, step, &shard, |n| pb.inc(n)).await?;
+                    pb.finish_and_clear();
+                    written.push(restore_cmd::write_rank(&out, &cp, rank, cp.world_size(), &tensors)?);
+                }
+                (None, None) => {
+                    for r in 0..cp.world_size() {
+                        let shard = client.shard_index(&cp, r).await?;
+                        let tensors = client.load_shard(&job, step, &shard, |_| {}).await?;
+                        let dir = out.join(format!("rank-{r:05}"));
+                        written.push(restore_cmd::write_rank(&dir, &cp, r, cp.world_size(), &tensors)?);
+                    }
+                }
+                (None, Some(world)) => {
+                    if world == 0 {
+                        return Err(output::CliError::Usage("--world-size must be positive".into()).into());
+                    }
+                    for r in 0..world {
+                        let tensors = restore_cmd::resharded(&client, &cp, r, world).await?;
+                        let dir = out.join(format!("rank-{r:05}"));
+                        written.push(restore_cmd::write_rank(&dir, &cp, r, world, &tensors)?);
+                    }
+                }
+            }
+            if cli.json {
+                print_json(&serde_json::json!({ "job": job, "step": step, "dir": out, "ranks": written }))?;
+            } else {
+                let tensors: usize = written.iter().map(|w| w["tensors"].as_array().map_or(0, Vec::len)).sum();
+                println!(
+                    "restored {job}@{step}: {}, {}, every chunk verified, into {}",
+                    output::count(written.len() as u64, "rank", "ranks"),
+                    output::count(tensors as u64, "tensor", "tensors"),
+                    out.display()
+                );
+            }
+        }
+        Cmd::Export { job, step, format: _, rank, out, force } => {
+            let step = resolve_step(&client, &job, &step).await?;
+            if out.exists() && !force {
+                return Err(
+                    output::CliError::Refused(format!("{} exists; pass --force to replace it", out.display())).into()
+                );
+            }
+            let cp = client.checkpoint(&job, step).await?;
+            let tensors = match rank {
+                Some(r) => {
+                    let shard = client.shard_index(&cp, r).await?;
+                    client.load_shard(&job, step, &shard, |_| {}).await?
+                }
+                None => restore_cmd::resharded(&client, &cp, 0, 1).await?,
+            };
+            restore_cmd::write_safetensors(&out, &cp, &tensors)?;
+            let bytes: u64 = tensors.iter().map(|t| t.data.len() as u64).sum();
             if cli.json {
                 print_json(
-                    &serde_json::json!({ "job": job, "step": step, "rank": rank, "dir": out, "tensors": written }),
+                    &serde_json::json!({ "job": job, "step": step, "file": out, "tensors": tensors.len(), "bytes": bytes }),
                 )?;
             } else {
                 println!(
-                    "restored {job}@{step} rank {rank}: {} tensors, every chunk verified, into {}",
-                    tensors.len(),
+                    "exported {job}@{step}: {}, {}, verified, into {} (safetensors)",
+                    output::count(tensors.len() as u64, "tensor", "tensors"),
+                    output::size(bytes),
                     out.display()
                 );
             }
         }
         Cmd::Rm { job, step, force } => {
-            client.delete(&job, step, force).await?;
+            let step = resolve_step(&client, &job, &step).await?;
+            match client.delete(&job, step, force).await {
+                Err(ckpt_client::ClientError::Api { status: 409, message, .. }) => {
+                    return Err(output::CliError::Refused(format!("{message} (ckpt rm --force)")).into())
+                }
+                other => other?,
+            }
             if cli.json {
                 print_json(&serde_json::json!({ "deleted": { "job": job, "step": step } }))?;
             } else {
                 println!("deleted {job}@{step} (its chunks stay until garbage collection)");
             }
         }
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "ckpt",
+                &mut std::io::stdout(),
+            );
+        }
+        Cmd::Man => {
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut std::io::stdout())?;
+        }
         Cmd::Gc { job, all: _, dry_run } => {
             // A run over a large job lists and reads every object of it: one job per request,
             // each allowed an hour (a retried GC request runs again from the start, harmlessly).
-            let opts =
-                ClientOptions { request_timeout: std::time::Duration::from_secs(3600), ..ClientOptions::default() };
-            let gc_client = Client::new(&cli.server, opts)?;
+            let gc_client = cli_client(&cli.server, Duration::from_secs(3600))?;
             let jobs = match job {
-                Some(j) => vec![j],
+                Some(j) => {
+                    ensure_job(&gc_client, &j).await?;
+                    vec![j]
+                }
                 None => gc_client.jobs().await?,
             };
             let mut reports = Vec::new();
@@ -520,6 +658,75 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+fn print_list(list: &ckpt_core::save::CheckpointList) {
+    if list.committed.is_empty() && list.in_flight.is_empty() {
+        println!("job {} has no checkpoints", list.job);
+        return;
+    }
+    println!("{:>12}  {:<40}  {:>6}  {:>11}  {:>8}  state", "step", "created", "ranks", "size", "chunks");
+    for m in &list.committed {
+        println!(
+            "{:>12}  {:<40}  {:>6}  {:>11}  {:>8}  committed",
+            m.step,
+            output::when(m.created_unix_ms),
+            m.world_size,
+            output::size(m.bytes),
+            m.chunks
+        );
+    }
+    for s in &list.in_flight {
+        println!(
+            "{:>12}  {:<40}  {:>6}  {:>11}  {:>8}  {} ({} of {} in){}",
+            s.step,
+            "-",
+            s.world_size,
+            "-",
+            "-",
+            s.phase.name(),
+            s.ranks_received,
+            output::count(s.world_size as u64, "rank", "ranks"),
+            s.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+        );
+    }
+}
+
+fn print_manifest(m: &ckpt_core::Manifest) {
+    let s = m.summary();
+    println!("checkpoint {}@{}", m.job, m.step);
+    println!("  created          {}", output::when(m.created_unix_ms));
+    println!("  world size       {}", m.world_size);
+    println!(
+        "  previous commit  {}",
+        m.previous_committed_step.map(|p| format!("step {p}")).unwrap_or_else(|| "none".into())
+    );
+    println!(
+        "  data             {} in {}",
+        output::size(s.bytes),
+        output::count(s.chunks, "distinct chunk", "distinct chunks")
+    );
+    println!("  root hash        {} (format {})", m.hash, m.version);
+    println!("  metadata         {}", output::metadata(&m.metadata));
+    for r in &m.ranks {
+        println!(
+            "  rank {}: {}, {}",
+            r.rank,
+            output::count(r.tensors.len() as u64, "tensor", "tensors"),
+            output::size(r.byte_len())
+        );
+        for t in &r.tensors {
+            println!(
+                "    {:<40} {:?} {:?} of {:?} at {:?} ({})",
+                t.name,
+                t.dtype,
+                t.shape,
+                t.global_shape,
+                t.offsets,
+                output::count(t.chunks.len() as u64, "chunk", "chunks")
+            );
+        }
+    }
+}
+
 fn print_verify(r: &VerifyReport) {
     if r.ok() {
         println!("{}@{}: ok, {} chunks, {:.1} MiB verified", r.job, r.step, r.chunks_checked, mib(r.bytes_checked));
@@ -530,23 +737,6 @@ fn print_verify(r: &VerifyReport) {
             println!("  chunk {} ({}): {}", c.hash, users.join(", "), c.reason);
         }
     }
-}
-
-/// Writes tensors as `tNNNNN.bin` files with a `tensors.json` that maps names to files, so
-/// tensor names need no escaping on disk.
-fn write_tensors(dir: &Path, tensors: &[Tensor]) -> anyhow::Result<Vec<serde_json::Value>> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut listing = Vec::new();
-    for (i, t) in tensors.iter().enumerate() {
-        let file = format!("t{i:05}.bin");
-        std::fs::write(dir.join(&file), &t.data).with_context(|| format!("writing {file}"))?;
-        listing.push(serde_json::json!({
-            "name": t.name, "dtype": t.dtype, "shape": t.shape, "global_shape": t.global_shape,
-            "offsets": t.offsets, "file": file, "bytes": t.data.len(),
-        }));
-    }
-    std::fs::write(dir.join("tensors.json"), serde_json::to_vec_pretty(&listing)?)?;
-    Ok(listing)
 }
 
 /// One rank's demo state: a slice of a weight matrix sharded by rows plus its optimizer moment.
