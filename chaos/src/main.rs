@@ -46,12 +46,16 @@ enum Cmd {
 
 #[derive(Args, Clone)]
 struct RunArgs {
+    /// Seed of the fault schedule (the whole run is a function of it).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Rank processes.
     #[arg(long, default_value_t = 2)]
     nproc: usize,
+    /// Training steps.
     #[arg(long, default_value_t = 120)]
     steps: u64,
+    /// Checkpoint every this many steps.
     #[arg(long, default_value_t = 10)]
     ckpt_every: u64,
     /// Mean steps between faults (the Poisson process).
@@ -66,38 +70,50 @@ struct RunArgs {
     /// Always include a SIGKILL of ckptd and a network fault (the service's own fault classes).
     #[arg(long)]
     require_service_faults: bool,
+    /// Directory for the report, logs and stores.
     #[arg(long, default_value = "chaos-out")]
     out: PathBuf,
+    /// How long a collective waits for a rank before the group is torn down.
     #[arg(long, default_value_t = 4_000)]
     collective_timeout_ms: u64,
+    /// Time a SIGTERMed rank gets before SIGKILL.
     #[arg(long, default_value_t = 8_000)]
     grace_ms: u64,
+    /// How long a link fault lasts.
     #[arg(long, default_value_t = 2_000)]
     network_fault_ms: u64,
+    /// ckptd's peak RSS allowed by the end checks.
     #[arg(long, default_value_t = 2 << 30)]
     ckptd_rss_bytes_max: u64,
+    /// ckptd's open files allowed by the end checks.
     #[arg(long, default_value_t = 1024)]
     ckptd_open_files_max: u64,
     /// The fault-free run's final weights (blake3), to skip the reference run.
     #[arg(long)]
     reference_blake3: Option<String>,
+    /// Sequences per step over all ranks.
     #[arg(long, default_value_t = 8)]
     global_batch: usize,
+    /// Tokens per sequence.
     #[arg(long, default_value_t = 32)]
     seq_len: usize,
 }
 
 #[derive(Args, Clone)]
 struct SimArgs {
+    /// Simulated runs.
     #[arg(long, default_value_t = 200)]
     runs: usize,
+    /// Seed of the fault schedule (the whole run is a function of it).
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// `ckpt bench --json` output: the stall and restore this project measured.
     #[arg(long)]
     bench_json: Option<PathBuf>,
+    /// Where to write the chart.
     #[arg(long, default_value = "simulation.html")]
     html: PathBuf,
+    /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
     /// Replace the scenario's restart time (an assumption; see the sources) to see what it

@@ -10,7 +10,7 @@ fn unreachable_server_and_bad_arguments_fail_clearly() {
         .args(["--server", &format!("http://127.0.0.1:{port}"), "ls"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(4), "unreachable exits 4 (README, exit codes)");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("cannot reach ckptd"),
         "{}",
@@ -21,7 +21,7 @@ fn unreachable_server_and_bad_arguments_fail_clearly() {
         .args(["--server", &format!("http://127.0.0.1:{port}"), "verify", "bad/job", "1"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2), "a bad argument exits 2, before any request");
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid job name"));
 
     let out = Command::new(env!("CARGO_BIN_EXE_ckpt")).args(["rm"]).output().unwrap();

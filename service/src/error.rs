@@ -46,6 +46,9 @@ pub enum ServiceError {
     #[error(transparent)]
     Adopt(#[from] AdoptError),
 
+    /// ckptd cannot start: its address, its data directory.
+    #[error("{0}")]
+    Startup(String),
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -81,6 +84,7 @@ impl ServiceError {
             ServiceError::Index(_) => "index_error",
             ServiceError::Io(_) | ServiceError::Durable(_) => "io_error",
             ServiceError::Adopt(e) => e.code(),
+            ServiceError::Startup(_) => "startup",
             ServiceError::Internal(_) => "internal",
         }
     }

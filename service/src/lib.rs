@@ -47,6 +47,11 @@ pub async fn serve_until(
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServiceError> {
     config.validate().map_err(|e| ServiceError::BadRequest(e.to_string()))?;
+    // The port first: a taken or malformed address is reported before anything touches the
+    // disk (the data directory, the index, recovery).
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .map_err(|e| ServiceError::Startup(format!("cannot listen on {}: {e}", config.listen)))?;
     let store = store::Store::open(
         &config.store,
         &config.store_options,
@@ -72,9 +77,27 @@ pub async fn serve_until(
     durable::ensure_dir(&config.handoff_dir())?;
     let data_dir = config.data_dir.clone();
     let cache_bytes = config.index_cache_bytes_max;
-    let index = tokio::task::spawn_blocking(move || index::Index::open(&data_dir.join("index"), cache_bytes))
+    let pid_file = config.data_dir.join("ckptd.pid");
+    let index = match tokio::task::spawn_blocking(move || index::Index::open(&data_dir.join("index"), cache_bytes))
         .await
-        .map_err(error::join_error)??;
+        .map_err(error::join_error)?
+    {
+        Ok(i) => i,
+        Err(e) => {
+            // sled locks its directory: the usual cause is another ckptd on the same data dir.
+            let holder = std::fs::read_to_string(&pid_file).ok().map(|p| p.trim().to_string());
+            return Err(ServiceError::Startup(format!(
+                "cannot open the index in {}: {e}{}",
+                config.data_dir.display(),
+                holder
+                    .map(|p| format!(" (another ckptd, pid {p}, may be running on this data directory)"))
+                    .unwrap_or_default()
+            )));
+        }
+    };
+    if let Err(e) = std::fs::write(&pid_file, format!("{}\n", std::process::id())) {
+        tracing::warn!(error = %e, path = %pid_file.display(), "cannot record this process's pid");
+    }
     let coordinator = Coordinator::start(store.clone(), index.clone(), config.clone());
     let report = coordinator.recover().await?;
     tracing::info!(store = store.description(), ?report, "recovered");
@@ -84,7 +107,6 @@ pub async fn serve_until(
         }
     }
 
-    let listener = tokio::net::TcpListener::bind(&config.listen).await?;
     let addr = listener.local_addr()?;
     let _observed = metrics::observe(&coordinator);
     let state = Arc::new(api::AppState { coordinator, shutting_down: AtomicBool::new(false), telemetry });

@@ -101,3 +101,59 @@ fn check_config_validates_bounds_store_url_and_options_without_touching_anything
         assert!(out.contains(says), "{bad:?}: expected {says:?} in {out}");
     }
 }
+
+/// A taken port or a malformed address is reported, naming it, before any directory is made;
+/// a second ckptd on a data directory in use is told which process holds it; no backtrace
+/// even with RUST_BACKTRACE=1.
+#[test]
+fn start_up_errors_name_the_address_or_the_data_directory_and_touch_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let data = dir.path().join("state");
+    for listen in [addr.as_str(), "bad"] {
+        let out = ckptd()
+            .args(["--listen", listen, "--store"])
+            .arg(dir.path().join("store"))
+            .arg("--data-dir")
+            .arg(&data)
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(err.contains(&format!("cannot listen on {listen}")), "{err}");
+        assert!(!err.contains("backtrace"), "{err}");
+        assert!(!data.exists() && !dir.path().join("store").exists(), "nothing is created before the port is bound");
+    }
+    drop(taken);
+
+    // One ckptd holds the data directory; a second is told by whom.
+    let mut first = ckptd()
+        .args(["--listen", "127.0.0.1:0", "--store"])
+        .arg(dir.path().join("store"))
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--addr-file")
+        .arg(dir.path().join("addr"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !dir.path().join("addr").exists() {
+        assert!(std::time::Instant::now() < deadline, "the first ckptd did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = ckptd()
+        .args(["--listen", "127.0.0.1:0", "--store"])
+        .arg(dir.path().join("store"))
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    let _ = first.kill();
+    let _ = first.wait();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains(&format!("pid {}", first.id())) && err.contains(&data.display().to_string()), "{err}");
+}

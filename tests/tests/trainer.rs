@@ -300,6 +300,53 @@ async fn the_demo_recovers_and_its_loss_falls_well_below_the_initial_loss() {
     let averaged = r["averaged"]["eval_loss"].as_f64().expect("annealing checkpoints averaged");
     assert!(averaged < 0.4 * first, "averaged weights' held-out loss {averaged}: {text}");
     assert!(text.contains("effective training time"), "{text}");
+    // Each restart says where it resumed from, as the report records it.
+    for i in r["interruptions"].as_array().unwrap() {
+        let (generation, from) = (i["generation"].as_u64().unwrap() + 1, i["resumed_from"].as_u64().unwrap());
+        let line = format!("restart: generation {generation} resumes from step {from} after");
+        assert!(text.contains(&line), "no {line:?} in the demo's output:\n{text}");
+    }
+    assert!(text.contains("demo: job demo-"), "the demo names its job: {text}");
+    // Rank logs: no backtrace, and what a rank logs carries its rank and generation.
+    for run in std::fs::read_dir(dir.path().join("ckpt-runs")).unwrap().flatten() {
+        for e in std::fs::read_dir(run.path()).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !(name.starts_with("rank") && name.ends_with(".log")) {
+                continue;
+            }
+            let log = std::fs::read_to_string(e.path()).unwrap_or_default();
+            assert!(!log.contains("stack backtrace"), "{name}: {log}");
+            // A rank's failure is logged with its time, rank and generation.
+            for line in log.lines().filter(|l| l.contains(" ERROR ")) {
+                assert!(line.contains("generation="), "{name}: {line}");
+            }
+        }
+    }
+}
+
+/// A job relaunched after it finished says so, trains nothing and leaves its report alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_job_relaunched_says_so_and_keeps_its_report() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = start_daemon(dir.path()).await;
+    let args = ["--nproc", "2", "--steps", "4", "--ckpt-every", "4"];
+    tokio::task::block_in_place(|| launch(&d, dir.path(), "done", &args, MINUTES));
+    let run_dir = dir.path().join(format!("run-done-{}", std::process::id()));
+    let report = std::fs::read(run_dir.join("goodput.json")).unwrap();
+    let out = tokio::task::block_in_place(|| {
+        Command::new(ckpt_train_exe())
+            .args(["launch", "--server", &d.url(), "--job", "done", "--run-dir"])
+            .arg(&run_dir)
+            .args(QUICK)
+            .args(args)
+            .output()
+            .unwrap()
+    });
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("is trained already") && !text.contains("effective training time"), "{text}");
+    assert_eq!(std::fs::read(run_dir.join("goodput.json")).unwrap(), report, "the report was rewritten");
 }
 
 fn events(run_dir_prefix: &Path, job: &str) -> Vec<Value> {

@@ -65,6 +65,19 @@ impl LaunchOptions {
         if self.threads_per_rank == 0 || self.run.corpus_bytes < (self.run.recipe.seq_len + 2) * 4 {
             bail!("--threads-per-rank must be positive and the corpus several windows long");
         }
+        // An injection that can never fire would let a fault test pass without its fault.
+        for i in &self.injections {
+            if i.rank >= self.nproc || i.step == 0 || i.step > self.run.until_step {
+                bail!(
+                    "--inject {}: rank {} and step {} must be within ranks 0..{} and steps 1..={}",
+                    i.key(),
+                    i.rank,
+                    i.step,
+                    self.nproc,
+                    self.run.until_step
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -77,14 +90,24 @@ struct Generation {
     spawned: Instant,
 }
 
-pub fn launch(opts: &LaunchOptions) -> Result<Report> {
+/// What a launch did: trained (with its report), or found the job trained already.
+pub enum Launched {
+    Ran(Box<Report>),
+    AlreadyTrained { step: u64 },
+}
+
+pub fn launch(opts: &LaunchOptions) -> Result<Launched> {
     let started = Instant::now();
     opts.validate()?;
-    std::fs::create_dir_all(&opts.run.run_dir).with_context(|| format!("creating {}", opts.run.run_dir.display()))?;
-    clear_run_dir(&opts.run.run_dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let client = Client::new(&opts.run.server, ClientOptions::default())?;
     rt.block_on(client.health()).with_context(|| format!("ckptd at {} is not answering", opts.run.server))?;
+    // A finished job relaunched: nothing to train, and the previous run's files stay.
+    if let Some(s) = choose_resume(&rt, &client, &opts.run.job)?.filter(|s| *s >= opts.run.until_step) {
+        return Ok(Launched::AlreadyTrained { step: s });
+    }
+    std::fs::create_dir_all(&opts.run.run_dir).with_context(|| format!("creating {}", opts.run.run_dir.display()))?;
+    keep_previous_run(&opts.run.run_dir)?;
     let bind = opts.hub_listen.as_deref().unwrap_or("127.0.0.1:0");
     let listener = TcpListener::bind(bind).with_context(|| format!("binding the collective hub on {bind}"))?;
     let hub_addr = opts.hub_advertise.clone().unwrap_or(listener.local_addr()?.to_string());
@@ -99,12 +122,10 @@ pub fn launch(opts: &LaunchOptions) -> Result<Report> {
     let final_step;
     loop {
         let resume = choose_resume(&rt, &client, &opts.run.job)?;
-        if let Some(s) = resume {
-            if s >= opts.run.until_step && generation == 0 {
-                println!(
-                    "{}@{s} is already committed; nothing to train up to step {}",
-                    opts.run.job, opts.run.until_step
-                );
+        if generation == 0 {
+            match resume {
+                Some(s) => println!("{}: resuming from its checkpoint at step {s}", opts.run.job),
+                None => println!("{}: no committed checkpoint; training from step 0", opts.run.job),
             }
         }
         let injections: Vec<Injection> =
@@ -128,6 +149,14 @@ pub fn launch(opts: &LaunchOptions) -> Result<Report> {
                 i.restart_ms = g.spawned.duration_since(detected).as_millis() as u64;
                 i.resumed_from = resume.unwrap_or(0);
                 i.steps_lost = lost_from.saturating_sub(resume.unwrap_or(0));
+                let from = resume.map_or("the start (no committed checkpoint)".to_string(), |s| format!("step {s}"));
+                println!(
+                    "restart: generation {generation} resumes from {from} after {} (steps {}..={} lost, {} s after detection)",
+                    i.cause,
+                    i.resumed_from + 1,
+                    lost_from,
+                    i.restart_ms as f64 / 1e3
+                );
             }
         }
         let outcome = watch(opts, g, generation, &mut times, &mut losses);
@@ -190,7 +219,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<Report> {
     let averaged = if opts.average_anneal { average(&rt, &client, opts, final_step)? } else { None };
     let wall = started.elapsed();
     let report = Report::build(opts, wall, &times, interruptions, losses, final_step, hash, eval_loss, averaged);
-    Ok(report)
+    Ok(Launched::Ran(Box::new(report)))
 }
 
 enum Outcome {
@@ -263,6 +292,12 @@ fn watch(
         match g.events.recv_timeout(Duration::from_millis(20)) {
             Ok(HubEvent::Ready { step, at, .. }) => {
                 times.ready(generation, step, at, g.spawned);
+                if generation > 0 {
+                    println!(
+                        "generation {generation} ready at step {step}: spawned and restored in {:.1} s",
+                        at.saturating_duration_since(g.spawned).as_secs_f64()
+                    );
+                }
                 last_step = step;
                 last_progress = at;
             }
@@ -486,13 +521,35 @@ fn average(
 }
 
 /// Removes what an earlier launch left in the run directory, so its events are not counted.
-fn clear_run_dir(dir: &Path) -> Result<()> {
-    for e in std::fs::read_dir(dir)?.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let ours = is_events_file(&name) || name.starts_with("generation-") || name == "final.json";
-        if ours {
-            std::fs::remove_file(e.path()).with_context(|| format!("removing {}", e.path().display()))?;
-        }
+/// Moves the previous launch's files (event logs, rank logs, report) into
+/// `previous/<its report's time>/`, so each launch's report describes that launch alone and
+/// none is overwritten.
+fn keep_previous_run(dir: &Path) -> Result<()> {
+    let ours = |name: &str| {
+        is_events_file(name)
+            || name.starts_with("generation-")
+            || name == "final.json"
+            || name == "goodput.json"
+            || (name.starts_with("rank") && name.ends_with(".log"))
+    };
+    let files: Vec<_> = std::fs::read_dir(dir)?
+        .flatten()
+        .filter(|e| ours(&e.file_name().to_string_lossy()) && e.path().is_file())
+        .collect();
+    if files.is_empty() {
+        return Ok(());
+    }
+    let stamp = std::fs::metadata(dir.join("goodput.json"))
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| std::time::SystemTime::now())
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let keep = dir.join("previous").join(stamp.to_string());
+    std::fs::create_dir_all(&keep).with_context(|| format!("creating {}", keep.display()))?;
+    for e in files {
+        std::fs::rename(e.path(), keep.join(e.file_name()))
+            .with_context(|| format!("moving {} into {}", e.path().display(), keep.display()))?;
     }
     Ok(())
 }

@@ -35,8 +35,10 @@ enum Cmd {
         /// Where the demo's ckptd keeps its store.
         #[arg(long, default_value = "ckpt-data")]
         data_dir: PathBuf,
+        /// Training steps.
         #[arg(long, default_value_t = 240)]
         steps: u64,
+        /// Rank processes (the world size).
         #[arg(long, default_value_t = 2)]
         nproc: usize,
         /// Also write the goodput report here.
@@ -45,14 +47,17 @@ enum Cmd {
     },
     /// Bytes of checkpoint state per rank for the named model shapes.
     Sizes {
+        /// The world size to size for.
         #[arg(long, default_value_t = 16_384)]
         world: u64,
     },
     /// One rank (started by `launch`).
     #[command(hide = true)]
     Worker {
+        /// The run specification the launcher wrote (JSON).
         #[arg(long)]
         spec: PathBuf,
+        /// This process's rank.
         #[arg(long)]
         rank: usize,
     },
@@ -60,15 +65,19 @@ enum Cmd {
 
 #[derive(Args, Clone)]
 struct LaunchArgs {
+    /// Rank processes (the world size).
     #[arg(long, default_value_t = 2)]
     nproc: usize,
+    /// The job name checkpoints are saved under.
     #[arg(long, default_value = "llama-tiny")]
     job: String,
     /// ckptd's URL; without it a ckptd is started on `--data-dir`.
     #[arg(long)]
     server: Option<String>,
+    /// Where a ckptd started here keeps its store and state (without --server).
     #[arg(long, default_value = "ckpt-data")]
     data_dir: PathBuf,
+    /// Seed of the model's initialisation and of the data sampler.
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// tiny (trained here); 8b, 70b, 405b describe sizes only.
@@ -80,8 +89,10 @@ struct LaunchArgs {
     /// Stop after this step (with a checkpoint), as if preempted; default: the whole schedule.
     #[arg(long)]
     until_step: Option<u64>,
+    /// Checkpoint every this many steps.
     #[arg(long, default_value_t = 20)]
     ckpt_every: u64,
+    /// Interruptions survived before the launcher gives up.
     #[arg(long, default_value_t = 5)]
     max_restarts: u32,
     /// The watchdog: a collective waiting longer than this for a rank fails the group.
@@ -96,6 +107,7 @@ struct LaunchArgs {
     /// Where rank logs, events and the goodput report go; default `ckpt-runs/<job>`.
     #[arg(long)]
     run_dir: Option<PathBuf>,
+    /// Bytes of generated training text.
     #[arg(long, default_value_t = 2_000_000)]
     corpus_bytes: usize,
     /// Fault to inject, once: KIND@RANK:STEP with KIND kill, kill-save, kill-commit, stop-save,
@@ -105,8 +117,10 @@ struct LaunchArgs {
     /// Compute threads per rank; default: the machine's cores shared among the ranks.
     #[arg(long)]
     threads_per_rank: Option<usize>,
+    /// Peak learning rate.
     #[arg(long, default_value_t = 3e-3)]
     lr: f32,
+    /// Steps of linear learning-rate warm-up.
     #[arg(long, default_value_t = 20)]
     warmup: u64,
     /// Steps at the end over which the learning rate falls linearly to zero.
@@ -115,11 +129,13 @@ struct LaunchArgs {
     /// Sequences per step over all ranks.
     #[arg(long, default_value_t = 12)]
     global_batch: usize,
+    /// Tokens per sequence.
     #[arg(long, default_value_t = 64)]
     seq_len: usize,
     /// Average the annealing phase's checkpoints into `<job>-avg`.
     #[arg(long)]
     average: bool,
+    /// Print the loss every this many steps (0: never).
     #[arg(long, default_value_t = 10)]
     log_every: u64,
     /// Also write the goodput report here (it is always written to the run directory).
@@ -136,7 +152,18 @@ struct LaunchArgs {
     hub_advertise: Option<String>,
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, no backtrace (RUST_BACKTRACE is for bugs, not for a user's mistake).
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     // Metrics like ckptd's (OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set; Prometheus text in
     // the run directory at exit); spans over OTLP too.
     let telemetry = ckpt_telemetry::Telemetry::init("ckpt-train")?;
@@ -151,20 +178,39 @@ fn main() -> Result<()> {
     let result = match Cli::parse().cmd {
         Cmd::Worker { spec, rank } => {
             let spec = worker::spec_from_file(&spec)?;
-            let ran = worker::run(&spec, rank).with_context(|| format!("rank {rank}"));
+            // Every line of the rank's log carries its rank and generation (and a timestamp).
+            let span = tracing::warn_span!("rank", rank, generation = spec.generation).entered();
+            let ran = worker::run(&spec, rank);
             metrics::write_prom(&telemetry, &spec.run.run_dir, &format!("rank{rank}"));
-            ran
+            match ran {
+                Err(e) => {
+                    // Timestamped, with the rank and generation (the span); then the form the
+                    // launcher reads for the interruption's cause, without a backtrace.
+                    tracing::error!("{e:#}");
+                    drop(span);
+                    eprintln!("Error: rank {rank}");
+                    eprintln!("\nCaused by:");
+                    for (i, c) in e.chain().enumerate() {
+                        eprintln!("    {i}: {c}");
+                    }
+                    std::process::exit(1);
+                }
+                ok => ok,
+            }
         }
-        Cmd::Launch(args) => run_launch(&args).map(|(report, run_dir)| {
-            metrics::record_report(&report);
-            metrics::write_prom(&telemetry, &run_dir, "launcher");
-            report.print();
+        Cmd::Launch(args) => run_launch(&args).map(|ran| {
+            if let Some((report, run_dir)) = ran {
+                metrics::record_report(&report);
+                metrics::write_prom(&telemetry, &run_dir, "launcher");
+                report.print();
+            }
         }),
         Cmd::Demo { data_dir, steps, nproc, json } => {
             let job = format!(
                 "demo-{}",
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
             );
+            let job_shown = job.clone();
             let inject = vec![
                 format!("kill@{}:{}", nproc - 1, steps * 2 / 5 + 3).parse().map_err(anyhow::Error::msg)?,
                 format!("hang@0:{}", steps * 7 / 10 + 3).parse().map_err(anyhow::Error::msg)?,
@@ -200,7 +246,7 @@ fn main() -> Result<()> {
                 hub_advertise: None,
             };
             println!(
-                "demo: {} ranks train a {}-parameter Llama for {steps} steps, checkpointing every 20 through ckptd;",
+                "demo: job {job_shown}: {} ranks train a {}-parameter Llama for {steps} steps, checkpointing every 20 through ckptd;",
                 nproc,
                 ModelConfig::tiny().param_count()
             );
@@ -208,19 +254,26 @@ fn main() -> Result<()> {
                 "      rank {} is SIGKILLed and later rank 0 hangs (SIGSTOP); the launcher rolls back each time.",
                 nproc - 1
             );
-            let (report, run_dir) = run_launch(&args)?;
-            metrics::record_report(&report);
-            metrics::write_prom(&telemetry, &run_dir, "launcher");
-            report.print();
+            if let Some((report, run_dir)) = run_launch(&args)? {
+                metrics::record_report(&report);
+                metrics::write_prom(&telemetry, &run_dir, "launcher");
+                report.print();
+            }
             Ok(())
         }
         Cmd::Sizes { world } => {
-            println!("{:<6} {:>16} {:>8} {:>22}", "model", "parameters", "ranks", "state bytes per rank");
+            println!("{:<6} {:>16} {:>8} {:>22} {:>12}", "model", "parameters", "ranks", "checkpoint bytes/rank", "");
             for m in ["tiny", "8b", "70b", "405b"] {
                 let c = ModelConfig::named(m).context("unknown model")?;
                 let p = c.param_count();
-                println!("{:<6} {:>16} {:>8} {:>22}", m, p, world, state_bytes_per_rank(p, world));
+                let b = state_bytes_per_rank(p, world);
+                let human = format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);
+                println!("{:<6} {:>16} {:>8} {:>22} {:>12}", m, p, world, b, human);
             }
+            println!(
+                "(a rank's share of what a checkpoint holds under ZeRO: fp32 parameters and both AdamW \
+                 moments, 12 bytes a parameter, split over the ranks; activations and gradients are not saved)"
+            );
             Ok(())
         }
     };
@@ -228,8 +281,9 @@ fn main() -> Result<()> {
     result
 }
 
-/// Runs the launcher; returns the report and the run directory.
-fn run_launch(args: &LaunchArgs) -> Result<(report::Report, PathBuf)> {
+/// Runs the launcher; returns the report and the run directory, or None when the job was
+/// trained already (said on stdout; nothing is written).
+fn run_launch(args: &LaunchArgs) -> Result<Option<(report::Report, PathBuf)>> {
     let model = ModelConfig::named(&args.model).with_context(|| format!("unknown model {:?}", args.model))?;
     if model.name != "tiny" {
         bail!("the {} shape is for sizing (`ckpt-train sizes`); only tiny trains here", model.name);
@@ -292,11 +346,44 @@ fn run_launch(args: &LaunchArgs) -> Result<(report::Report, PathBuf)> {
     if let Some(mut d) = daemon {
         rt.block_on(d.terminate(Duration::from_secs(10)));
     }
-    let report = report?;
+    let report = match report? {
+        launch::Launched::Ran(r) => *r,
+        launch::Launched::AlreadyTrained { step } => {
+            println!(
+                "{} is trained already: its checkpoint at step {step} reaches --until-step; nothing to do \
+                 (the previous run's report stays in {})",
+                args.job,
+                run_dir.join("goodput.json").display()
+            );
+            return Ok(None);
+        }
+    };
     let json = serde_json::to_vec_pretty(&report)?;
     std::fs::write(run_dir.join("goodput.json"), &json)?;
     if let Some(p) = &args.json {
         std::fs::write(p, &json).with_context(|| format!("writing {}", p.display()))?;
     }
-    Ok((report, run_dir))
+    Ok(Some((report, run_dir)))
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every option and argument of every command says what it is for.
+    #[test]
+    fn every_option_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let builtin = matches!(a.get_id().as_str(), "help" | "version");
+                if !builtin && a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {}", a.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&<super::Cli as clap::CommandFactory>::command(), "ckpt-train", &mut missing);
+        assert!(missing.is_empty(), "options without help: {missing:?}");
+    }
 }

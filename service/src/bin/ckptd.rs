@@ -74,7 +74,18 @@ struct Args {
     check_config: Option<PathBuf>,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, no backtrace: RUST_BACKTRACE is for bugs, not for a taken port.
+            eprintln!("ckptd: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     // Chunk buffers are megabytes; with glibc's adaptive threshold, freed ones would stay in the
     // heap and RSS would drift above the staging budget. A fixed threshold maps every buffer of
     // 1 MiB or more separately and returns it to the OS when it is freed.
@@ -146,7 +157,15 @@ fn main() -> anyhow::Result<()> {
     }
     config.validate()?;
     if args.print_config {
-        print!("{}", toml::to_string_pretty(&config).context("rendering config")?);
+        // Every setting, the derived directories included (TOML has no null: an unset
+        // addr_file is a comment).
+        let mut shown = config.clone();
+        shown.spill_dir = Some(config.spill_dir());
+        shown.handoff_dir = Some(config.handoff_dir());
+        if shown.addr_file.is_none() {
+            println!("# addr_file is not set (ckptd writes its bound address nowhere)");
+        }
+        print!("{}", toml::to_string_pretty(&shown).context("rendering config")?);
         return Ok(());
     }
     // Metrics always (served at /metrics); metrics and spans over OTLP when
@@ -172,5 +191,5 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     let served = runtime.block_on(ckpt_service::serve(config, Some(telemetry.clone())));
     telemetry.shutdown();
-    served.context("ckptd failed")
+    Ok(served?)
 }

@@ -182,6 +182,7 @@ enum Cmd {
     /// Average f32 tensors over several committed checkpoints of a job (same layout) into a new
     /// checkpoint, as the Llama 3 recipe averages its annealing phase.
     Average {
+        /// The job whose checkpoints to average.
         job: String,
         /// The steps to average, comma-separated.
         #[arg(long, value_delimiter = ',', required = true)]
@@ -256,6 +257,7 @@ enum Cmd {
         /// Ranks for the distinct-chunk save.
         #[arg(long, default_value_t = 64)]
         distinct_ranks: u32,
+        /// Seed of the generated data.
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
@@ -269,17 +271,20 @@ enum Cmd {
         /// Node counts to measure, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "256,2048")]
         nodes: Vec<u32>,
+        /// Ranks each node serves (a host's GPUs).
         #[arg(long, default_value_t = 8)]
         ranks_per_node: u32,
         /// Seconds over which the other nodes' parts arrive after the leader's.
         #[arg(long, default_value_t = 10.0)]
         spread_s: f64,
+        /// Seed of the generated data.
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
     /// Start a private ckptd, save a multi-rank checkpoint, crash ckptd mid-save, restart it,
     /// finish the save, restore and verify, and show a corrupted chunk being caught.
     Demo {
+        /// Ranks saving at once.
         #[arg(long, default_value_t = 4)]
         ranks: u32,
         /// MiB of tensor data per rank.
@@ -288,6 +293,7 @@ enum Cmd {
         /// Keep the store and logs in this directory instead of a temporary one.
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Seed of the generated data.
         #[arg(long, default_value_t = 7)]
         seed: u64,
     },
@@ -955,4 +961,26 @@ async fn pin(client: &ckpt_client::Client, json: bool, job: &str, step: u64, pin
         println!("{job}@{step} {}", if pinned { "pinned" } else { "unpinned" });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every option and argument of every command says what it is for (`--help`, the man page).
+    #[test]
+    fn every_option_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let builtin = matches!(a.get_id().as_str(), "help" | "version");
+                if !builtin && a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {}", a.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&<super::Cli as clap::CommandFactory>::command(), "ckpt", &mut missing);
+        assert!(missing.is_empty(), "options without help: {missing:?}");
+    }
 }
