@@ -129,11 +129,22 @@ pub(crate) async fn external(
             Ok((format!("{which} link: {mode:?} for {} ms", o.network_fault_ms), Some((kind, lasts))))
         }
         Fault::HostMaintenance => {
-            let pids: Vec<i32> =
-                rank_pids(run_dir, o.nproc).into_iter().filter(|&p| signal(p, libc::SIGTERM)).collect();
-            if pids.is_empty() {
-                bail!("no live rank to send SIGTERM to");
-            }
+            // Another fault at the same step may have just ended the generation (the launcher
+            // SIGKILLs every rank); maintenance then lands on the next one once it runs.
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            let pids = loop {
+                let pids: Vec<i32> = rank_pids(run_dir, o.nproc)
+                    .into_iter()
+                    .filter(|&p| running(p) && signal(p, libc::SIGTERM))
+                    .collect();
+                if !pids.is_empty() {
+                    break pids;
+                }
+                if std::time::Instant::now() >= deadline {
+                    bail!("no live rank to send SIGTERM to within 60 s");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
             let grace = Duration::from_millis(o.grace_ms);
             let what = format!("SIGTERM to ranks {pids:?}, SIGKILL after {} ms", o.grace_ms);
             Ok((what, Some((ActiveKind::Grace { pids }, grace))))
@@ -168,4 +179,11 @@ pub(crate) async fn external(
         }
         _ => bail!("{:?} is injected inside the ranks", f.fault),
     }
+}
+
+/// Whether `pid` is a process that can still act on a signal: alive and not a zombie waiting
+/// to be reaped (a signal to a zombie "succeeds" and does nothing).
+fn running(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|state| state != "Z")
 }
