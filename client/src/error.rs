@@ -46,9 +46,10 @@ impl ClientError {
         }
     }
 
-    /// Nothing answered: the connection was refused or timed out before any reply.
+    /// Nothing answered: the connection was refused or could not be opened in time (a request
+    /// that timed out on a live connection is not this).
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, ClientError::Transport { source, .. } if source.is_connect() || (source.is_timeout() && source.status().is_none()))
+        matches!(self, ClientError::Transport { source, .. } if source.is_connect())
     }
 
     pub fn api_code(&self) -> Option<&str> {

@@ -399,6 +399,10 @@ impl Coordinator {
     pub async fn pin(&self, job: &str, step: u64, pinned: bool) -> Result<(), ServiceError> {
         let key = keys::pin_key(job, step);
         if !pinned {
+            // Unpinning what is not pinned is a mistake worth saying (a typo in the step).
+            if self.store.get_record(&key).await?.is_none() {
+                return Err(ServiceError::NotFound(format!("{job}@{step} is not pinned")));
+            }
             return Ok(self.store.delete_key(&key).await?);
         }
         if self.committed_summary(job, step).await?.is_none()

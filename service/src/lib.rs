@@ -85,7 +85,13 @@ pub async fn serve_until(
         Ok(i) => i,
         Err(e) => {
             // sled locks its directory: the usual cause is another ckptd on the same data dir.
-            let holder = std::fs::read_to_string(&pid_file).ok().map(|p| p.trim().to_string());
+            // The pid recorded there is named only if that process is alive (a stale file from
+            // a crashed run names nobody).
+            let holder = std::fs::read_to_string(&pid_file)
+                .ok()
+                .map(|p| p.trim().to_string())
+                .filter(|p| p.parse::<u32>().is_ok_and(|n| n != std::process::id()))
+                .filter(|p| std::path::Path::new("/proc").join(p).exists());
             return Err(ServiceError::Startup(format!(
                 "cannot open the index in {}: {e}{}",
                 config.data_dir.display(),
@@ -129,6 +135,7 @@ pub async fn serve_until(
     };
     http_serve(listener, app, header_read_timeout, grace, shutdown).await;
     index.flush().await?;
+    let _ = std::fs::remove_file(&pid_file);
     tracing::info!("ckptd stopped");
     Ok(())
 }

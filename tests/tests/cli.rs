@@ -106,6 +106,8 @@ async fn every_command_fails_loudly_on_what_does_not_exist_or_does_not_answer() 
             vec!["rm", "nosuch", "latest"],
             vec!["rm", "job", "999"],
             vec!["pin", "job", "999"],
+            vec!["unpin", "job", "999"],
+            vec!["average", "job", "--steps", "1,999"],
             vec!["gc", "nosuch", "--dry-run"],
         ];
         let ckptd = d.url();
@@ -118,13 +120,21 @@ async fn every_command_fails_loudly_on_what_does_not_exist_or_does_not_answer() 
             format!("http://{}", l.local_addr().unwrap())
         };
         let other = NotCkptd::start(dir.path());
-        for args in commands.iter().chain([&vec!["ls"]]) {
+        let all_jobs: Vec<Vec<&str>> = vec![vec!["ls"], vec!["verify", "--all"], vec!["gc", "--all", "--dry-run"]];
+        for args in commands.iter().chain(&all_jobs) {
             let started = std::time::Instant::now();
             assert_fails(&unreachable, args, 4, "unreachable");
             assert!(started.elapsed() < Duration::from_secs(10), "an unreachable server is reported at once");
             assert_fails(&other.1, args, 4, "not_ckptd");
             assert_fails("localhost:7070", args, 4, "invalid_url");
         }
+        // A wrong command line is a usage error, as JSON too under --json.
+        let r = ckpt(&ckptd, &["restore", "job", "1"]);
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        let r = ckpt(&ckptd, &["--json", "restore", "job", "1"]);
+        let v: Value = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", r.stdout));
+        assert_eq!((r.code, v["error"]["code"].as_str()), (2, Some("usage")), "{v}");
+        assert_fails(&ckptd, &["verify", "bad/job"], 2, "usage");
         // The newest checkpoint is deleted only with --force, and the refusal says how.
         let r = ckpt(&ckptd, &["rm", "job", "latest"]);
         assert_eq!(r.code, 5, "{}", r.stderr);

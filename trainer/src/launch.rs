@@ -103,9 +103,13 @@ pub fn launch(opts: &LaunchOptions) -> Result<Launched> {
     let client = Client::new(&opts.run.server, ClientOptions::default())?;
     rt.block_on(client.health()).with_context(|| format!("ckptd at {} is not answering", opts.run.server))?;
     // A finished job relaunched: nothing to train, and the previous run's files stay.
-    if let Some(s) = choose_resume(&rt, &client, &opts.run.job)?.filter(|s| *s >= opts.run.until_step) {
+    // Verified once here and used by the first generation (a full verification of the newest
+    // checkpoint is not cheap).
+    let first_resume = choose_resume(&rt, &client, &opts.run.job)?;
+    if let Some(s) = first_resume.filter(|s| *s >= opts.run.until_step) {
         return Ok(Launched::AlreadyTrained { step: s });
     }
+    let mut first_resume = Some(first_resume);
     std::fs::create_dir_all(&opts.run.run_dir).with_context(|| format!("creating {}", opts.run.run_dir.display()))?;
     keep_previous_run(&opts.run.run_dir)?;
     let bind = opts.hub_listen.as_deref().unwrap_or("127.0.0.1:0");
@@ -121,7 +125,10 @@ pub fn launch(opts: &LaunchOptions) -> Result<Launched> {
     let mut last_detect: Option<(Instant, u64)> = None;
     let final_step;
     loop {
-        let resume = choose_resume(&rt, &client, &opts.run.job)?;
+        let resume = match first_resume.take() {
+            Some(r) => r,
+            None => choose_resume(&rt, &client, &opts.run.job)?,
+        };
         if generation == 0 {
             match resume {
                 Some(s) => println!("{}: resuming from its checkpoint at step {s}", opts.run.job),
@@ -150,11 +157,14 @@ pub fn launch(opts: &LaunchOptions) -> Result<Launched> {
                 i.resumed_from = resume.unwrap_or(0);
                 i.steps_lost = lost_from.saturating_sub(resume.unwrap_or(0));
                 let from = resume.map_or("the start (no committed checkpoint)".to_string(), |s| format!("step {s}"));
+                let lost = if lost_from > i.resumed_from {
+                    format!("steps {}..={} lost", i.resumed_from + 1, lost_from)
+                } else {
+                    "no step lost".to_string()
+                };
                 println!(
-                    "restart: generation {generation} resumes from {from} after {} (steps {}..={} lost, {} s after detection)",
+                    "restart: generation {generation} resumes from {from} after {} ({lost}, {} s after detection)",
                     i.cause,
-                    i.resumed_from + 1,
-                    lost_from,
                     i.restart_ms as f64 / 1e3
                 );
             }
@@ -531,6 +541,7 @@ fn keep_previous_run(dir: &Path) -> Result<()> {
             || name == "final.json"
             || name == "goodput.json"
             || (name.starts_with("rank") && name.ends_with(".log"))
+            || name.starts_with("flight-")
     };
     let files: Vec<_> = std::fs::read_dir(dir)?
         .flatten()
@@ -545,7 +556,11 @@ fn keep_previous_run(dir: &Path) -> Result<()> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let keep = dir.join("previous").join(stamp.to_string());
+    // A second launch within the same second gets its own folder.
+    let keep = (0..)
+        .map(|n| dir.join("previous").join(if n == 0 { stamp.to_string() } else { format!("{stamp}-{n}") }))
+        .find(|p| !p.exists())
+        .unwrap_or_else(|| dir.join("previous").join(stamp.to_string()));
     std::fs::create_dir_all(&keep).with_context(|| format!("creating {}", keep.display()))?;
     for e in files {
         std::fs::rename(e.path(), keep.join(e.file_name()))

@@ -171,7 +171,10 @@ fn run() -> Result<()> {
         use tracing_subscriber::layer::SubscriberExt;
         use tracing_subscriber::util::SubscriberInitExt;
         let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
-        let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+        // Rank logs are files: no colour codes in them.
+        let fmt = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none());
         let otel = telemetry.otlp_endpoint().is_some().then(|| telemetry.tracing_layer("ckpt-train"));
         tracing_subscriber::registry().with(filter).with(fmt).with(otel).init();
     }
@@ -349,11 +352,15 @@ fn run_launch(args: &LaunchArgs) -> Result<Option<(report::Report, PathBuf)>> {
     let report = match report? {
         launch::Launched::Ran(r) => *r,
         launch::Launched::AlreadyTrained { step } => {
+            let report = run_dir.join("goodput.json");
+            let kept = if report.is_file() {
+                format!(" (the previous run's report stays in {})", report.display())
+            } else {
+                String::new()
+            };
             println!(
-                "{} is trained already: its checkpoint at step {step} reaches --until-step; nothing to do \
-                 (the previous run's report stays in {})",
-                args.job,
-                run_dir.join("goodput.json").display()
+                "{} is trained already: its checkpoint at step {step} reaches --until-step; nothing to do{kept}",
+                args.job
             );
             return Ok(None);
         }

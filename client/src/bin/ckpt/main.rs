@@ -300,7 +300,19 @@ enum Cmd {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let wants_json = std::env::args().any(|a| a == "--json");
+            if wants_json && !matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let first = e.to_string().lines().next().unwrap_or("").trim_start_matches("error: ").to_string();
+                let f = output::Failure { code: "usage", exit: output::exit::USAGE, message: first };
+                std::process::exit(output::report(&f, true));
+            }
+            e.exit()
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CKPT_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
@@ -333,7 +345,7 @@ fn cli_client(server: &str, request_timeout: Duration) -> anyhow::Result<Client>
 /// Fails with "not found" unless ckptd knows `job` (a listing of an unknown job is empty, not
 /// an error, for trainers that list before their first checkpoint).
 async fn ensure_job(client: &Client, job: &str) -> anyhow::Result<()> {
-    ckpt_core::validate_job(job)?;
+    ckpt_core::validate_job(job).map_err(|e| output::CliError::Usage(e.to_string()))?;
     let jobs = client.jobs().await?;
     if !jobs.iter().any(|j| j == job) {
         let known = match jobs.len() {
@@ -384,7 +396,17 @@ fn mib(bytes: u64) -> f64 {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<i32> {
-    let client = cli_client(&cli.server, Duration::from_secs(120))?;
+    // Commands that start their own ckptd, or need none, do not depend on --server.
+    let local = matches!(
+        cli.cmd,
+        Cmd::Completions { .. }
+            | Cmd::Man
+            | Cmd::Demo { .. }
+            | Cmd::Bench { .. }
+            | Cmd::BenchSplit { .. }
+            | Cmd::BenchScale { .. }
+    );
+    let client = cli_client(if local { "http://127.0.0.1:7070" } else { &cli.server }, Duration::from_secs(120))?;
     match cli.cmd {
         Cmd::Ls { job: None } => {
             let jobs = client.jobs().await?;
@@ -473,6 +495,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     written.push(restore_cmd::write_rank(&out, &cp, rank, cp.world_size(), &tensors)?);
                 }
                 (None, None) => {
+                    restore_cmd::remove_extra_ranks(&out, cp.world_size())?;
                     for r in 0..cp.world_size() {
                         let shard = client.shard_index(&cp, r).await?;
                         let tensors = client.load_shard(&job, step, &shard, |_| {}).await?;
@@ -484,6 +507,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     if world == 0 {
                         return Err(output::CliError::Usage("--world-size must be positive".into()).into());
                     }
+                    restore_cmd::remove_extra_ranks(&out, world)?;
                     for r in 0..world {
                         let tensors = restore_cmd::resharded(&client, &cp, r, world).await?;
                         let dir = out.join(format!("rank-{r:05}"));
@@ -610,7 +634,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             rss_burst_gib,
         } => {
             if ranks == 0 || mib == 0 || chunk_mib == 0 || repeat == 0 {
-                bail!("--ranks, --mib, --chunk-mib and --repeat must be positive");
+                return Err(output::CliError::Usage(
+                    "--ranks, --mib, --chunk-mib and --repeat must be positive".into(),
+                )
+                .into());
             }
             bench::run(bench::BenchOptions {
                 dir,
@@ -630,7 +657,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Cmd::BenchSplit { dir, nodes, ranks_per_node, spread_s, seed } => {
             if nodes.is_empty() || nodes.contains(&0) || ranks_per_node == 0 || !(0.0..=3600.0).contains(&spread_s) {
-                bail!("--nodes and --ranks-per-node must be positive, --spread-s within 0..=3600");
+                return Err(output::CliError::Usage(
+                    "--nodes and --ranks-per-node must be positive, --spread-s within 0..=3600".into(),
+                )
+                .into());
             }
             let rows =
                 bench_split::run(bench_split::SplitOptions { dir, nodes, ranks_per_node, spread_s, seed }).await?;
@@ -642,7 +672,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Cmd::BenchScale { dir, worlds, tensors, chunks_per_tensor, distinct_chunks, distinct_ranks, seed } => {
             if worlds.is_empty() || worlds.contains(&0) || tensors == 0 || chunks_per_tensor == 0 {
-                bail!("--worlds, --tensors and --chunks-per-tensor must be positive");
+                return Err(output::CliError::Usage(
+                    "--worlds, --tensors and --chunks-per-tensor must be positive".into(),
+                )
+                .into());
             }
             let opts = bench_scale::ScaleOptions {
                 dir,
@@ -793,7 +826,7 @@ async fn save_all(
 
 async fn demo(ranks: u32, size_mib: u64, dir: Option<PathBuf>, seed: u64) -> anyhow::Result<i32> {
     if ranks == 0 || size_mib == 0 {
-        bail!("--ranks and --mib must be positive");
+        return Err(output::CliError::Usage("--ranks and --mib must be positive".into()).into());
     }
     let tmp;
     let dir = match dir {

@@ -29,6 +29,20 @@ pub fn check_out(out: &Path, force: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Removes `rank-NNNNN` directories an earlier restore left in `out` beyond `world` ranks (a
+/// `--force` restore into it must not leave another world size's ranks beside its own).
+pub fn remove_extra_ranks(out: &Path, world: u32) -> anyhow::Result<()> {
+    let Ok(entries) = std::fs::read_dir(out) else { return Ok(()) };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let rank = name.strip_prefix("rank-").filter(|d| d.len() == 5).and_then(|d| d.parse::<u32>().ok());
+        if rank.is_some_and(|r| r >= world) && e.path().is_dir() {
+            std::fs::remove_dir_all(e.path()).with_context(|| format!("removing {}", e.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Writes one rank's tensors and their `tensors.json` into `dir`.
 pub fn write_rank(
     dir: &Path,
