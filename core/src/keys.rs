@@ -96,9 +96,22 @@ pub fn part_decision_key(job: &str, step: u64, epoch: u64) -> String {
 
 /// The step a key under `all_parts_prefix` belongs to (a part or a decision).
 pub fn parse_parts_step(key: &str) -> Option<u64> {
-    let parts: Vec<&str> = key.split('/').collect();
-    let [.., "parts", step, epoch, _] = parts.as_slice() else { return None };
-    (step.len() == 20 && epoch.len() == 20).then(|| step.parse().ok()).flatten()
+    parse_parts_entry(key).map(|(step, _, _)| step)
+}
+
+/// Fixed-width decimal digits, as the parts layout writes them.
+fn digits(s: &str, width: usize) -> bool {
+    s.len() == width && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// `.../parts/<step:020>/<epoch:020>/<file>`: the one parse of the parts layout.
+fn parse_parts_entry(key: &str) -> Option<(u64, u64, &str)> {
+    let mut rev = key.rsplit('/');
+    let (file, epoch, step, parts) = (rev.next()?, rev.next()?, rev.next()?, rev.next()?);
+    if parts != "parts" || !digits(step, 20) || !digits(epoch, 20) {
+        return None;
+    }
+    Some((step.parse().ok()?, epoch.parse().ok()?, file))
 }
 
 pub fn part_key(job: &str, step: u64, part: &crate::part::PartOf) -> String {
@@ -107,14 +120,12 @@ pub fn part_key(job: &str, step: u64, part: &crate::part::PartOf) -> String {
 
 /// What a part key names: (step, epoch, first, end).
 pub fn parse_part_key(key: &str) -> Option<(u64, u64, u32, u32)> {
-    let parts: Vec<&str> = key.split('/').collect();
-    let [.., "parts", step, epoch, file] = parts.as_slice() else { return None };
+    let (step, epoch, file) = parse_parts_entry(key)?;
     let (first, end) = file.strip_suffix(".json")?.split_once('-')?;
-    let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
-    if !(digits(step, 20) && digits(epoch, 20) && digits(first, 10) && digits(end, 10)) {
+    if !(digits(first, 10) && digits(end, 10)) {
         return None;
     }
-    Some((step.parse().ok()?, epoch.parse().ok()?, first.parse().ok()?, end.parse().ok()?))
+    Some((step, epoch, first.parse().ok()?, end.parse().ok()?))
 }
 
 /// The step a pin key names.

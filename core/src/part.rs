@@ -148,6 +148,12 @@ pub enum Decision {
     Abort,
 }
 
+/// The stored form of a decision (`keys::part_decision_key`), written and read by this type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecisionRecord {
+    pub decision: Decision,
+}
+
 /// Whether `parts` (sorted by first rank) cover ranks 0..world_size exactly once.
 pub fn covers(parts: &[&PartOf], world_size: u32) -> Result<bool, CoreError> {
     let mut next = 0u32;

@@ -395,28 +395,23 @@ impl Coordinator {
                             continue;
                         }
                     }
-                    if g.split.is_some() {
-                        let reason = format!(
+                    let reason = if g.split.is_some() {
+                        format!(
                             "no progress for {} s: this node's part is written, but the other nodes' parts never all arrived and no root appeared",
                             idle_max.as_secs()
-                        );
-                        if g.state.abort(reason).is_ok() {
-                            if let Err(e) = me.retire_aborted(&g.state).await {
-                                tracing::error!(job, step, error = %e, "cannot retire an idle save");
-                            }
-                        }
-                        continue;
-                    }
-                    let missing = g.state.missing_ranks();
-                    let shown: Vec<u32> = missing.iter().take(8).copied().collect();
-                    let reason = format!(
-                        "no progress for {} s: {} of {} ranks never sent their index (first {:?}), {} chunks not durable",
-                        idle_max.as_secs(),
-                        missing.len(),
-                        g.state.world_size,
-                        shown,
-                        g.pending.len()
-                    );
+                        )
+                    } else {
+                        let missing = g.state.missing_ranks();
+                        let shown: Vec<u32> = missing.iter().take(8).copied().collect();
+                        format!(
+                            "no progress for {} s: {} of {} ranks never sent their index (first {:?}), {} chunks not durable",
+                            idle_max.as_secs(),
+                            missing.len(),
+                            g.state.world_size,
+                            shown,
+                            g.pending.len()
+                        )
+                    };
                     if g.state.abort(reason).is_ok() {
                         if let Err(e) = me.retire_aborted(&g.state).await {
                             tracing::error!(job, step, error = %e, "cannot retire an idle save");

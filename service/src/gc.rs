@@ -91,7 +91,7 @@ pub struct GcReport {
 }
 
 fn corrupt_record(key: &str, e: impl std::fmt::Display) -> ServiceError {
-    ServiceError::Internal(format!("GC record {key} is unreadable: {e}"))
+    ServiceError::Internal(format!("record {key} is unreadable: {e}"))
 }
 
 /// A GC lock older than this is taken over (its run died).
@@ -662,8 +662,9 @@ impl Coordinator {
     }
 }
 
-/// Parses a GC record off the async runtime (lists can be large).
-async fn parse_record<T: serde::de::DeserializeOwned + Send + 'static>(
+/// Parses a store record (GC list, lease, sweep record, split-save decision) off the async
+/// runtime (lists can be large).
+pub(crate) async fn parse_record<T: serde::de::DeserializeOwned + Send + 'static>(
     key: &str,
     bytes: Bytes,
 ) -> Result<T, ServiceError> {

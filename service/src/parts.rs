@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ckpt_core::keys;
-use ckpt_core::part::{covers, Decision};
+use ckpt_core::part::{covers, Decision, DecisionRecord};
 use ckpt_core::{ChunkHash, CommitObject, Part, PartOf, SaveState};
 use futures::StreamExt;
 
@@ -154,7 +154,7 @@ impl Coordinator {
     /// Creates the save's decision unless one exists, and answers the one in force.
     async fn decide(&self, job: &str, step: u64, epoch: u64, want: Decision) -> Result<Decision, ServiceError> {
         let key = keys::part_decision_key(job, step, epoch);
-        let body = serde_json::to_vec(&serde_json::json!({ "decision": want }))
+        let body = serde_json::to_vec(&DecisionRecord { decision: want })
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
         match self.store.create_record(&key, Bytes::from(body)).await {
             Ok(()) => {
@@ -171,14 +171,9 @@ impl Coordinator {
 
     /// The decision taken for a split save in `epoch`, if any.
     pub(crate) async fn decided(&self, job: &str, step: u64, epoch: u64) -> Result<Option<Decision>, ServiceError> {
-        #[derive(serde::Deserialize)]
-        struct D {
-            decision: Decision,
-        }
         let key = keys::part_decision_key(job, step, epoch);
         let Some((bytes, _)) = self.store.get_record(&key).await? else { return Ok(None) };
-        let d: D =
-            serde_json::from_slice(&bytes).map_err(|e| ServiceError::Internal(format!("{key} is unreadable: {e}")))?;
+        let d: DecisionRecord = crate::gc::parse_record(&key, bytes).await?;
         Ok(Some(d.decision))
     }
 
