@@ -65,6 +65,12 @@ pub struct ClientOptions {
     /// and shard index; once a job is fenced at a later generation (`Client::fence`), ckptd
     /// refuses them, so a rank of a replaced generation cannot change the new one's saves.
     pub epoch: Option<u64>,
+    /// Bearer token for a ckptd with tenants; unset: `CKPT_TOKEN`, else the first line of the
+    /// file `CKPT_TOKEN_FILE` names (`auth.rs`).
+    pub token: Option<crate::auth::Token>,
+    /// TLS trust and client identity for an https URL; unset paths come from `CKPT_TLS_CA`,
+    /// `CKPT_TLS_CERT` and `CKPT_TLS_KEY`.
+    pub tls: crate::auth::TlsFiles,
 }
 
 impl Default for ClientOptions {
@@ -84,6 +90,8 @@ impl Default for ClientOptions {
             node_local: true,
             encode: ckpt_core::codec::EncodeOptions::default(),
             epoch: None,
+            token: None,
+            tls: Default::default(),
         }
     }
 }
@@ -174,7 +182,18 @@ impl Client {
             max: opts.retry_max,
             busy_retry_for: opts.busy_retry_for,
         };
-        let http = Http::new(base_url, opts.request_timeout, opts.connect_timeout, opts.concurrency.max(1) * 2, retry)?;
+        let security = crate::http::Security {
+            token: crate::auth::resolve_token(&opts.token)?,
+            tls: crate::auth::resolve_tls(&opts.tls),
+        };
+        let http = Http::new(
+            base_url,
+            opts.request_timeout,
+            opts.connect_timeout,
+            opts.concurrency.max(1) * 2,
+            retry,
+            &security,
+        )?;
         let node_local = Arc::new(NodeLocal::new(http.clone(), opts.node_local, opts.encode));
         let mut transports: Vec<Arc<dyn Transport>> = Vec::new();
         if opts.node_local {

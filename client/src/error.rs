@@ -26,6 +26,9 @@ pub enum ClientError {
     Protocol(String),
     #[error("local ckptd: {0}")]
     Daemon(String),
+    /// Credentials or TLS files the client was given cannot be used.
+    #[error("client configuration: {0}")]
+    Config(String),
     #[error("internal: {0}")]
     Internal(String),
 }

@@ -57,6 +57,12 @@ struct ApiErrorInner {
     message: String,
 }
 
+/// The credentials every request of a client carries.
+pub(crate) struct Security {
+    pub token: Option<crate::auth::Token>,
+    pub tls: crate::auth::TlsFiles,
+}
+
 #[derive(Clone)]
 pub(crate) struct Http {
     client: reqwest::Client,
@@ -71,16 +77,23 @@ impl Http {
         connect_timeout: Duration,
         idle_per_host: usize,
         retry: RetryPolicy,
+        security: &Security,
     ) -> Result<Http, ClientError> {
         let bad = |why: String| ClientError::InvalidUrl { url: base_url.to_string(), reason: why };
         let parsed = reqwest::Url::parse(base_url).map_err(|e| bad(e.to_string()))?;
         if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
             return Err(bad(format!("scheme {:?} with no host; expected http://HOST:PORT", parsed.scheme())));
         }
-        let client = reqwest::Client::builder()
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(t) = &security.token {
+            headers.insert(reqwest::header::AUTHORIZATION, t.header()?);
+        }
+        let builder = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(connect_timeout)
             .pool_max_idle_per_host(idle_per_host)
+            .default_headers(headers);
+        let client = crate::auth::apply_tls(builder, &security.tls)?
             .build()
             .map_err(|e| ClientError::Internal(format!("building the http client: {e}")))?;
         Ok(Http { client, base: base_url.trim_end_matches('/').to_string(), retry })

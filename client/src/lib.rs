@@ -7,6 +7,7 @@
 //! before returning a byte of it.
 
 pub mod async_save;
+pub mod auth;
 pub mod checkpoint;
 pub mod client;
 pub mod daemon;
@@ -19,6 +20,7 @@ pub mod tensor;
 mod transport;
 
 pub use async_save::{AsyncSaver, SaveTicket, TensorView};
+pub use auth::{TlsFiles, Token};
 pub use checkpoint::Checkpoint;
 pub use client::{Client, ClientOptions, SaveReport, SaveSpec, VerifyReport, Wait};
 pub use error::ClientError;

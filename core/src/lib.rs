@@ -9,6 +9,7 @@ pub mod chunk;
 pub mod codec;
 pub mod commit;
 pub mod error;
+pub mod fuzzing;
 pub mod gc;
 pub mod hash;
 pub mod keys;

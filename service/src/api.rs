@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -17,6 +17,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
+use crate::auth::{Principal, Tenants};
 use crate::coordinator::{Coordinator, OpenSave};
 use crate::error::ServiceError;
 use crate::store::StoreError;
@@ -27,6 +28,8 @@ pub struct AppState {
     pub shutting_down: AtomicBool,
     /// The process's telemetry, whose Prometheus registry `/metrics` serves.
     pub telemetry: Option<Arc<ckpt_telemetry::Telemetry>>,
+    /// Who may call, and what each caller sees (`auth.rs`); empty: open.
+    pub tenants: Arc<Tenants>,
 }
 
 pub struct ApiError(pub ServiceError);
@@ -53,6 +56,9 @@ impl ApiError {
             ServiceError::BodyStalled { .. } => StatusCode::REQUEST_TIMEOUT,
             ServiceError::BodyMismatch { .. } => StatusCode::BAD_REQUEST,
             ServiceError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ServiceError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ServiceError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ServiceError::OverQuota { .. } => StatusCode::TOO_MANY_REQUESTS,
             ServiceError::Store(e) if !e.is_permanent() => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -71,10 +77,18 @@ impl IntoResponse for ApiError {
         } else {
             tracing::debug!(status = status.as_u16(), code, %message, "request refused");
         }
+        let retry_after = match &self.0 {
+            ServiceError::OverQuota { retry_after_s, .. } => Some(*retry_after_s),
+            _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(1),
+            _ => None,
+        };
         let body = Json(serde_json::json!({ "error": { "code": code, "message": message } }));
         let mut resp = (status, body).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        if let Some(s) = retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s.max(1)));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"ckptd\""));
         }
         resp
     }
@@ -164,6 +178,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi_json))
         .route("/v1/jobs", get(list_jobs))
         .route("/v1/stats", get(stats))
         .route("/metrics", get(metrics))
@@ -191,16 +206,47 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .layer(digest())
                 .layer(axum::middleware::from_fn_with_state(state.clone(), index_permit)),
         )
+        // Authorization sees the matched route and its parameters, so it runs inside routing;
+        // authentication runs before it, for every path.
+        .route_layer(axum::middleware::from_fn(crate::auth::authorize))
         .fallback(|| async { ApiError(ServiceError::NotFound("no such endpoint".into())) })
+        .method_not_allowed_fallback(|| async {
+            let body = serde_json::json!({ "error": { "code": "method_not_allowed", "message": "this endpoint does not take that method" } });
+            (StatusCode::METHOD_NOT_ALLOWED, Json(body))
+        })
         .layer(body_timeout)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::auth::authenticate))
         .with_state(state)
 }
 
-async fn healthz() -> &'static str {
+/// The API's description, generated from these handlers (`openapi.rs`).
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    responses((status = 200, description = "this document", body = Object, content_type = "application/json"), crate::openapi::Refusals),
+    security(())
+)]
+pub(crate) async fn openapi_json() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], crate::openapi::document()).into_response()
+}
+
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    responses((status = 200, description = "alive", body = String, content_type = "text/plain"), crate::openapi::Refusals),
+    security(())
+)]
+pub(crate) async fn healthz() -> &'static str {
     "ok"
 }
 
-async fn readyz(State(s): State<Arc<AppState>>) -> ApiResult<&'static str> {
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    responses((status = 200, description = "ready to serve", body = String, content_type = "text/plain"), crate::openapi::Refusals),
+    security(())
+)]
+pub(crate) async fn readyz(State(s): State<Arc<AppState>>) -> ApiResult<&'static str> {
     if s.shutting_down.load(Ordering::Relaxed) {
         return Err(ApiError(ServiceError::Busy("shutting down".into())));
     }
@@ -213,11 +259,24 @@ fn faults_of(s: &AppState) -> Result<&Arc<crate::faults::Faults>, ApiError> {
     s.coordinator.store().faults().ok_or_else(|| ApiError(ServiceError::NotFound("fault injection is off".into())))
 }
 
-async fn faults_report(State(s): State<Arc<AppState>>) -> Result<Json<crate::faults::FaultReport>, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/v1/faults",
+    responses((status = 200, description = "armed faults and what fired (admin; needs fault_injection)", body = Object, content_type = "application/json"), crate::openapi::Refusals)
+)]
+pub(crate) async fn faults_report(
+    State(s): State<Arc<AppState>>,
+) -> Result<Json<crate::faults::FaultReport>, ApiError> {
     Ok(Json(faults_of(&s)?.report()))
 }
 
-async fn arm_fault(State(s): State<Arc<AppState>>, body: Bytes) -> Result<StatusCode, ApiError> {
+#[utoipa::path(
+    post,
+    path = "/v1/faults",
+    request_body(content = Object, content_type = "application/json"),
+    responses((status = 204, description = "armed"), crate::openapi::Refusals)
+)]
+pub(crate) async fn arm_fault(State(s): State<Arc<AppState>>, body: Bytes) -> Result<StatusCode, ApiError> {
     let faults = faults_of(&s)?;
     let req: crate::faults::FaultRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError(ServiceError::BadRequest(format!("invalid fault request: {e}"))))?;
@@ -225,7 +284,12 @@ async fn arm_fault(State(s): State<Arc<AppState>>, body: Bytes) -> Result<Status
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn stats(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
+#[utoipa::path(
+    get,
+    path = "/v1/stats",
+    responses((status = 200, description = "staging, segments and save counters (admin)", body = Object, content_type = "application/json"), crate::openapi::Refusals)
+)]
+pub(crate) async fn stats(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let staging = s.coordinator.staging();
     Json(serde_json::json!({
         "staging": staging.stats(),
@@ -239,7 +303,12 @@ async fn stats(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
 }
 
 /// Prometheus text exposition of every metric (see `metrics.rs`).
-async fn metrics(State(s): State<Arc<AppState>>) -> ApiResult<Response> {
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    responses((status = 200, description = "Prometheus text exposition (admin)", body = String, content_type = "text/plain"), crate::openapi::Refusals)
+)]
+pub(crate) async fn metrics(State(s): State<Arc<AppState>>) -> ApiResult<Response> {
     let Some(t) = &s.telemetry else {
         return Err(ApiError(ServiceError::NotFound("metrics are not enabled in this process".into())));
     };
@@ -247,16 +316,39 @@ async fn metrics(State(s): State<Arc<AppState>>) -> ApiResult<Response> {
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
 }
 
-async fn local_paths(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    let (handoff, store_root) = s.coordinator.local_paths();
-    let segment_socket = s.coordinator.segment_socket();
-    Json(serde_json::json!({ "handoff_dir": handoff, "store_root": store_root, "segment_socket": segment_socket }))
+#[utoipa::path(
+    get,
+    path = "/v1/local",
+    responses((status = 200, description = "node-local paths for the caller", body = Object, content_type = "application/json"), crate::openapi::Refusals)
+)]
+pub(crate) async fn local_paths(
+    State(s): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let (handoff, store_root) = s.coordinator.local_paths(who.tenant().map(|t| t.as_ref()))?;
+    // Shared-memory segments are registered over a socket that does not authenticate: with
+    // tenants, the path is off.
+    let segment_socket = if s.tenants.is_open() { s.coordinator.segment_socket() } else { None };
+    Ok(Json(serde_json::json!({ "handoff_dir": handoff, "store_root": store_root, "segment_socket": segment_socket })))
+}
+
+/// A chunk slot: the tenant's share first (429 when it is used up), then the node's (503).
+async fn chunk_permits(
+    s: &AppState,
+    who: &Principal,
+) -> ApiResult<(Option<tokio::sync::OwnedSemaphorePermit>, tokio::sync::OwnedSemaphorePermit)> {
+    let wait = s.coordinator.busy_wait();
+    let share = match who.tenant() {
+        Some(t) => t.chunk_slot(wait).await?,
+        None => None,
+    };
+    Ok((share, s.coordinator.chunk_permit().await?))
 }
 
 /// A handoff file by name, or raw bytes in a registered shared-memory segment.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct AdoptRequest {
+pub(crate) struct AdoptRequest {
     file: Option<String>,
     segment: Option<String>,
     #[serde(default)]
@@ -270,21 +362,40 @@ struct AdoptRequest {
 
 /// `POST /v1/jobs/{job}/chunks/adopt`: bytes of a registered segment that ckptd names (the
 /// client skips hashing them); answers the chunk's address.
-async fn adopt_segment_chunk(
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{job}/chunks/adopt",
+    params(("job" = String, Path, pattern = r"^[A-Za-z0-9]([A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$", max_length = 128, description = "Job name: starts with a letter or digit; letters, digits, '.', '-', '_'; no '..'")),
+    request_body(content = SegmentChunk, content_type = "application/json"),
+    responses((status = 200, description = "the chunk is durable; its address", body = Object, content_type = "application/json"), crate::openapi::Refusals)
+)]
+pub(crate) async fn adopt_segment_chunk(
     State(s): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
     p: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let job = path(p)?;
     job_of(&job)?;
     let req: SegmentChunk = json_body(&s, body)?;
-    let permit = s.coordinator.chunk_permit().await?;
+    if !s.tenants.is_open() {
+        return Err(ServiceError::Conflict("shared-memory segments are off on a ckptd with tenants".into()).into());
+    }
+    let (_share, permit) = chunk_permits(&s, &who).await?;
     let (hash, outcome) = s.coordinator.adopt_segment(&job, None, req, permit).await?;
     Ok(Json(serde_json::json!({ "hash": hash, "state": outcome.state, "written": outcome.written })).into_response())
 }
 
-async fn adopt_chunk(
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{job}/chunks/{hash}/adopt",
+    params(("job" = String, Path, pattern = r"^[A-Za-z0-9]([A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$", max_length = 128, description = "Job name: starts with a letter or digit; letters, digits, '.', '-', '_'; no '..'"), ("hash" = String, Path, pattern = "^[0-9a-f]{64}$", description = "Chunk or index object address: 64 lowercase hex digits of blake3")),
+    request_body(content = AdoptRequest, content_type = "application/json"),
+    responses((status = 200, description = "the chunk is durable", body = Object, content_type = "application/json"), crate::openapi::Refusals)
+)]
+pub(crate) async fn adopt_chunk(
     State(s): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
     p: Result<Path<(String, String)>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
@@ -292,9 +403,12 @@ async fn adopt_chunk(
     job_of(&job)?;
     let hash: ChunkHash = hash.parse()?;
     let req: AdoptRequest = json_body(&s, body)?;
-    let permit = s.coordinator.chunk_permit().await?;
+    let (_share, permit) = chunk_permits(&s, &who).await?;
     let source = match (req.file, req.segment) {
         (Some(name), None) => AdoptSource::File(name),
+        (None, Some(_)) if !s.tenants.is_open() => {
+            return Err(ServiceError::Conflict("shared-memory segments are off on a ckptd with tenants".into()).into())
+        }
         (None, Some(token)) => AdoptSource::Segment(SegmentChunk {
             token,
             offset: req.offset,
@@ -304,15 +418,31 @@ async fn adopt_chunk(
         }),
         _ => return Err(ServiceError::BadRequest("an adopt names either a file or a segment".into()).into()),
     };
-    let outcome = s.coordinator.adopt_chunk(&job, hash, source, permit).await?;
+    let outcome = s.coordinator.adopt_chunk(&job, hash, source, permit, who.tenant().map(|t| t.as_ref())).await?;
     Ok(Json(serde_json::json!({ "hash": hash, "state": outcome.state, "written": outcome.written })).into_response())
 }
 
-async fn list_jobs(State(s): State<Arc<AppState>>) -> ApiResult<Json<serde_json::Value>> {
-    Ok(Json(serde_json::json!({ "jobs": s.coordinator.jobs().await? })))
+#[utoipa::path(
+    get,
+    path = "/v1/jobs",
+    responses((status = 200, description = "the caller's jobs", body = Object, content_type = "application/json"), crate::openapi::Refusals)
+)]
+pub(crate) async fn list_jobs(
+    State(s): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let mut jobs = s.coordinator.jobs().await?;
+    jobs.retain(|j| who.sees(j));
+    Ok(Json(serde_json::json!({ "jobs": jobs })))
 }
 
-async fn list_checkpoints(
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{job}/checkpoints",
+    params(("job" = String, Path, pattern = r"^[A-Za-z0-9]([A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$", max_length = 128, description = "Job name: starts with a letter or digit; letters, digits, '.', '-', '_'; no '..'")),
+    responses((status = 200, description = "committed checkpoints and saves in flight", body = Object, content_type = "application/json"), crate::openapi::Refusals)
+)]
+pub(crate) async fn list_checkpoints(
     State(s): State<Arc<AppState>>,
     p: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Response> {
@@ -328,7 +458,13 @@ async fn resolve_step(s: &AppState, job: &str, step: &str) -> ApiResult<u64> {
     Ok(parse_step(step)?)
 }
 
-async fn get_manifest(
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{job}/checkpoints/{step}",
+    params(("job" = String, Path, pattern = r"^[A-Za-z0-9]([A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$", max_length = 128, description = "Job name: starts with a letter or digit; letters, digits, '.', '-', '_'; no '..'"), ("step" = String, Path, pattern = "^([0-9]{1,19}|latest)$", description = "A step number, or `latest`")),
+    responses((status = 200, description = "the checkpoint's root", body = Object, content_type = "application/json"), crate::openapi::Refusals)
+)]
+pub(crate) async fn get_manifest(
     State(s): State<Arc<AppState>>,
     p: Result<Path<(String, String)>, PathRejection>,
 ) -> ApiResult<Response> {
@@ -339,7 +475,13 @@ async fn get_manifest(
     Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response())
 }
 
-async fn get_index_object(
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{job}/indexes/{hash}",
+    params(("job" = String, Path, pattern = r"^[A-Za-z0-9]([A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$", max_length = 128, description = "Job name: starts with a letter or digit; letters, digits, '.', '-', '_'; no '..'"), ("hash" = String, Path, pattern = "^[0-9a-f]{64}$", description = "Chunk or index object address: 64 lowercase hex digits of blake3")),
+    responses((status = 200, description = "a shard index object", body = Object, content_type = "application/json"), crate::openapi::Refusals)
+)]
+pub(crate) async fn get_index_object(
     State(s): State<Arc<AppState>>,
     p: Result<Path<(String, String)>, PathRejection>,
 ) -> ApiResult<Response> {
@@ -351,12 +493,18 @@ async fn get_index_object(
 }
 
 #[derive(Deserialize)]
-struct DeleteQuery {
+pub(crate) struct DeleteQuery {
     #[serde(default)]
     force: bool,
 }
 
-async fn delete_checkpoint(
+#[utoipa::path(
+    delete,
+    path = "/v1/jobs/{job}/checkpoints/{step}",
+    params(("job" = String, Path, pattern = r"^[A-Za-z0-9]([A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$", max_length = 128, description = "Job name: starts with a letter or digit; letters, digits, '.', '-', '_'; no '..'"), ("step" = u64, Path, description = "Step number"), ("force" = Option<bool>, Query, description = "also the newest or a pinned checkpoint")),
+    responses((status = 200, description = "deleted", body = Object, content_type = "application/json"), crate::openapi::Refusals)
+)]
+pub(crate) async fn delete_checkpoint(
     State(s): State<Arc<AppState>>,
     p: Result<Path<(String, String)>, PathRejection>,
     q: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
@@ -369,14 +517,26 @@ async fn delete_checkpoint(
     Ok(Json(serde_json::json!({ "deleted": { "job": job, "step": step } })).into_response())
 }
 
-async fn pin_checkpoint(
+#[utoipa::path(
+    put,
+    path = "/v1/jobs/{job}/checkpoints/{step}/pin",
+    params(("job" = String, Path, pattern = r"^[A-Za-z0-9]([A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$", max_length = 128, description = "Job name: starts with a letter or digit; letters, digits, '.', '-', '_'; no '..'"), ("step" = u64, Path, description = "Step number")),
+    responses((status = 200, description = "pinned", body = Object, content_type = "application/json"), crate::openapi::Refusals)
+)]
+pub(crate) async fn pin_checkpoint(
     s: State<Arc<AppState>>,
     p: Result<Path<(String, String)>, PathRejection>,
 ) -> ApiResult<Response> {
     pin_or_unpin(s, p, true).await
 }
 
-async fn unpin_checkpoint(
+#[utoipa::path(
+    delete,
+    path = "/v1/jobs/{job}/checkpoints/{step}/pin",
+    params(("job" = String, Path, pattern = r"^[A-Za-z0-9]([A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$", max_length = 128, description = "Job name: starts with a letter or digit; letters, digits, '.', '-', '_'; no '..'"), ("step" = u64, Path, description = "Step number")),
+    responses((status = 200, description = "unpinned", body = Object, content_type = "application/json"), crate::openapi::Refusals)
+)]
+pub(crate) async fn unpin_checkpoint(
     s: State<Arc<AppState>>,
     p: Result<Path<(String, String)>, PathRejection>,
 ) -> ApiResult<Response> {
@@ -396,12 +556,18 @@ async fn pin_or_unpin(
 }
 
 #[derive(Deserialize)]
-struct GcQuery {
+pub(crate) struct GcQuery {
     #[serde(default)]
     dry_run: bool,
 }
 
-async fn gc_job(
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{job}/gc",
+    params(("job" = String, Path, pattern = r"^[A-Za-z0-9]([A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$", max_length = 128, description = "Job name: starts with a letter or digit; letters, digits, '.', '-', '_'; no '..'"), ("dry_run" = Option<bool>, Query)),
+    responses((status = 200, description = "what GC condemned or removed", body = Object, content_type = "application/json"), crate::openapi::Refusals)
+)]
+pub(crate) async fn gc_job(
     State(s): State<Arc<AppState>>,
     p: Result<Path<String>, PathRejection>,
     q: Result<Query<GcQuery>, axum::extract::rejection::QueryRejection>,
@@ -412,7 +578,13 @@ async fn gc_job(
     Ok(Json(s.coordinator.gc(&job, q.dry_run).await?).into_response())
 }
 
-async fn gc_all(
+#[utoipa::path(
+    post,
+    path = "/v1/gc",
+    params(("dry_run" = Option<bool>, Query)),
+    responses((status = 200, description = "GC of every job (admin)", body = Object, content_type = "application/json"), crate::openapi::Refusals)
+)]
+pub(crate) async fn gc_all(
     State(s): State<Arc<AppState>>,
     q: Result<Query<GcQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
@@ -420,12 +592,19 @@ async fn gc_all(
     Ok(Json(serde_json::json!({ "jobs": s.coordinator.gc_all(q.dry_run).await? })).into_response())
 }
 
-#[derive(Deserialize)]
-struct MissingQuery {
+#[derive(Deserialize, utoipa::ToSchema)]
+pub(crate) struct MissingQuery {
     hashes: Vec<String>,
 }
 
-async fn missing_chunks(
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{job}/chunks/missing",
+    params(("job" = String, Path, pattern = r"^[A-Za-z0-9]([A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$", max_length = 128, description = "Job name: starts with a letter or digit; letters, digits, '.', '-', '_'; no '..'")),
+    request_body(content = MissingQuery, content_type = "application/json"),
+    responses((status = 200, description = "the hashes this job lacks", body = Object, content_type = "application/json"), crate::openapi::Refusals)
+)]
+pub(crate) async fn missing_chunks(
     State(s): State<Arc<AppState>>,
     p: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
@@ -438,8 +617,16 @@ async fn missing_chunks(
     Ok(Json(serde_json::json!({ "missing": missing })).into_response())
 }
 
-async fn put_chunk(
+#[utoipa::path(
+    put,
+    path = "/v1/jobs/{job}/chunks/{hash}",
+    params(("job" = String, Path, pattern = r"^[A-Za-z0-9]([A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$", max_length = 128, description = "Job name: starts with a letter or digit; letters, digits, '.', '-', '_'; no '..'"), ("hash" = String, Path, pattern = "^[0-9a-f]{64}$", description = "Chunk or index object address: 64 lowercase hex digits of blake3")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the chunk's bytes; their blake3 must be the hash"),
+    responses((status = 201, description = "staged or stored", body = Object, content_type = "application/json"), (status = 200, description = "already held", body = Object, content_type = "application/json"), crate::openapi::Refusals)
+)]
+pub(crate) async fn put_chunk(
     State(s): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
     p: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
     body: axum::body::Body,
@@ -453,12 +640,13 @@ async fn put_chunk(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| ServiceError::BadRequest("chunk uploads need a Content-Length".into()))?;
-    let _permit = s.coordinator.chunk_permit().await?;
+    let _permits = chunk_permits(&s, &who).await?;
     let state = s.clone();
     let stream = body
         .into_data_stream()
         .map(move |r| r.map_err(|e| stalled(&e, &state).unwrap_or_else(|| ServiceError::Io(std::io::Error::other(e)))));
-    let outcome = s.coordinator.put_chunk(&job, hash, len, stream).await?;
+    let share = who.tenant().and_then(|t| t.staging.clone().map(|sem| (t.name.clone(), sem)));
+    let outcome = s.coordinator.put_chunk(&job, hash, len, stream, share).await?;
     let status = if outcome.written { StatusCode::CREATED } else { StatusCode::OK };
     // `state` says what the ack promises: "staged" (in ckptd's staging tier, uploaded later)
     // or "durable" (already in the store).
@@ -466,8 +654,15 @@ async fn put_chunk(
     Ok((status, Json(answer)).into_response())
 }
 
-async fn get_chunk(
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{job}/chunks/{hash}",
+    params(("job" = String, Path, pattern = r"^[A-Za-z0-9]([A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$", max_length = 128, description = "Job name: starts with a letter or digit; letters, digits, '.', '-', '_'; no '..'"), ("hash" = String, Path, pattern = "^[0-9a-f]{64}$", description = "Chunk or index object address: 64 lowercase hex digits of blake3"), ("Range" = Option<String>, Header, description = "one byte range")),
+    responses((status = 200, description = "the chunk's bytes, verified", body = Vec<u8>, content_type = "application/octet-stream"), (status = 206, description = "the requested range", body = Vec<u8>, content_type = "application/octet-stream"), (status = 416, description = "unsatisfiable range"), crate::openapi::Refusals)
+)]
+pub(crate) async fn get_chunk(
     State(s): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
     p: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
@@ -476,7 +671,7 @@ async fn get_chunk(
     let hash: ChunkHash = hash.parse()?;
     // A client that verifies every byte itself says so; ckptd then skips its own hash pass.
     let verify = headers.get("x-ckpt-client-verifies").is_none_or(|v| v.as_bytes() != b"true");
-    let _permit = s.coordinator.chunk_permit().await?;
+    let _permits = chunk_permits(&s, &who).await?;
     let raw = s.coordinator.get_chunk(&job, hash, verify).await?;
     let len = raw.len() as u64;
     let Some(range) = headers.get(header::RANGE) else {
@@ -512,8 +707,16 @@ async fn get_chunk(
         .into_response())
 }
 
-async fn open_save(
+#[utoipa::path(
+    put,
+    path = "/v1/jobs/{job}/saves/{step}",
+    params(("job" = String, Path, pattern = r"^[A-Za-z0-9]([A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$", max_length = 128, description = "Job name: starts with a letter or digit; letters, digits, '.', '-', '_'; no '..'"), ("step" = u64, Path, description = "Step number")),
+    request_body(content = OpenSave, content_type = "application/json"),
+    responses((status = 200, description = "the save's status", body = Object, content_type = "application/json"), crate::openapi::Refusals)
+)]
+pub(crate) async fn open_save(
     State(s): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
     p: Result<Path<(String, String)>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
@@ -521,17 +724,55 @@ async fn open_save(
     job_of(&job)?;
     let step = parse_step(&step)?;
     let req: OpenSave = json_body(&s, body)?;
+    let Some(tenant) = who.tenant() else {
+        return Ok(Json(s.coordinator.open_save(&job, step, req).await?).into_response());
+    };
+    // Every rank opens the save: only the first open of a (job, step) is a new save, and the
+    // count and the open happen under the tenant's lock so that concurrent opens cannot both
+    // take the last place.
+    let _one_at_a_time = tenant.open_lock.lock().await;
+    if s.coordinator.save_slot(&job, step).is_none() {
+        if let Some(max) = tenant.quota.saves_in_flight_max {
+            let open = s.coordinator.saves_in_flight_where(|j| tenant.owns(j));
+            if open >= max {
+                return Err(ServiceError::OverQuota {
+                    reason: format!("tenant {} has {open} saves in flight, its quota is {max}", tenant.name),
+                    retry_after_s: 5,
+                }
+                .into());
+            }
+        }
+        if let Some(max) = tenant.quota.stored_bytes_max {
+            let used = tenant.stored_bytes(&s.coordinator).await?;
+            if used >= max {
+                return Err(ServiceError::OverQuota {
+                    reason: format!(
+                        "tenant {} stores {used} bytes, its quota is {max}: delete or collect checkpoints first",
+                        tenant.name
+                    ),
+                    retry_after_s: tenant.quota.usage_refresh_s,
+                }
+                .into());
+            }
+        }
+    }
     Ok(Json(s.coordinator.open_save(&job, step, req).await?).into_response())
 }
 
 #[derive(Deserialize)]
-struct StatusQuery {
+pub(crate) struct StatusQuery {
     /// Hold the answer until the save ends, for up to this long (capped by `status_wait_ms_max`).
     #[serde(default)]
     wait_ms: u64,
 }
 
-async fn save_status(
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{job}/saves/{step}",
+    params(("job" = String, Path, pattern = r"^[A-Za-z0-9]([A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$", max_length = 128, description = "Job name: starts with a letter or digit; letters, digits, '.', '-', '_'; no '..'"), ("step" = u64, Path, description = "Step number"), ("wait_ms" = Option<u64>, Query, description = "hold the answer until the save ends, up to this long")),
+    responses((status = 200, description = "the save's status", body = Object, content_type = "application/json"), crate::openapi::Refusals)
+)]
+pub(crate) async fn save_status(
     State(s): State<Arc<AppState>>,
     p: Result<Path<(String, String)>, PathRejection>,
     q: Result<Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
@@ -544,24 +785,38 @@ async fn save_status(
     Ok(Json(status).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct FenceRequest {
+pub(crate) struct FenceRequest {
     epoch: u64,
 }
 
-async fn raise_fence(
+#[utoipa::path(
+    put,
+    path = "/v1/jobs/{job}/fence",
+    params(("job" = String, Path, pattern = r"^[A-Za-z0-9]([A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$", max_length = 128, description = "Job name: starts with a letter or digit; letters, digits, '.', '-', '_'; no '..'")),
+    request_body(content = FenceRequest, content_type = "application/json"),
+    responses((status = 200, description = "the job's fence", body = Object, content_type = "application/json"), crate::openapi::Refusals)
+)]
+pub(crate) async fn raise_fence(
     State(s): State<Arc<AppState>>,
-    Path(job): Path<String>,
+    p: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
+    let job = path(p)?;
     job_of(&job)?;
     let req: FenceRequest = json_body(&s, body)?;
     let epoch = s.coordinator.raise_fence(&job, req.epoch).await?;
     Ok(Json(serde_json::json!({ "job": job, "epoch": epoch })).into_response())
 }
 
-async fn abort_save(
+#[utoipa::path(
+    delete,
+    path = "/v1/jobs/{job}/saves/{step}",
+    params(("job" = String, Path, pattern = r"^[A-Za-z0-9]([A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$", max_length = 128, description = "Job name: starts with a letter or digit; letters, digits, '.', '-', '_'; no '..'"), ("step" = u64, Path, description = "Step number")),
+    responses((status = 200, description = "the save's status", body = Object, content_type = "application/json"), crate::openapi::Refusals)
+)]
+pub(crate) async fn abort_save(
     State(s): State<Arc<AppState>>,
     p: Result<Path<(String, String)>, PathRejection>,
 ) -> ApiResult<Response> {
@@ -585,11 +840,18 @@ async fn index_permit(
 }
 
 #[derive(Deserialize)]
-struct EpochQuery {
+pub(crate) struct EpochQuery {
     epoch: Option<u64>,
 }
 
-async fn put_shard_index(
+#[utoipa::path(
+    put,
+    path = "/v1/jobs/{job}/saves/{step}/ranks/{rank}",
+    params(("job" = String, Path, pattern = r"^[A-Za-z0-9]([A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$", max_length = 128, description = "Job name: starts with a letter or digit; letters, digits, '.', '-', '_'; no '..'"), ("step" = u64, Path, description = "Step number"), ("rank" = u32, Path), ("epoch" = Option<u64>, Query, description = "the writer's generation")),
+    request_body(content = Object, content_type = "application/json", description = "the rank's shard index"),
+    responses((status = 200, description = "the save's status", body = Object, content_type = "application/json"), crate::openapi::Refusals)
+)]
+pub(crate) async fn put_shard_index(
     State(s): State<Arc<AppState>>,
     p: Result<Path<(String, String, String)>, PathRejection>,
     q: Result<Query<EpochQuery>, axum::extract::rejection::QueryRejection>,

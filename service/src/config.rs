@@ -102,6 +102,12 @@ pub struct Config {
     /// Retention policy and garbage collection (`[retention]`, `[retention.jobs.<job>]`).
     pub retention: RetentionConfig,
     pub fault_injection: bool,
+    /// Tenants (`[[tenants]]`). None: ckptd is open to anyone who can connect (a single
+    /// team's node, the embedded default). Any: every request but the probes must authenticate
+    /// as one of them, and sees only its own jobs (`auth.rs`).
+    pub tenants: Vec<TenantConfig>,
+    /// TLS for the API (`[tls]`); when set, ckptd speaks only TLS on its port.
+    pub tls: Option<TlsConfig>,
     /// Faults armed before recovery runs (needs `fault_injection`): how a test faults the
     /// calls ckptd makes at start-up.
     pub fault_plan: Vec<crate::faults::FaultRequest>,
@@ -150,9 +156,94 @@ impl Default for Config {
             encoders_max: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             retention: RetentionConfig::default(),
             fault_injection: false,
+            tenants: Vec::new(),
+            tls: None,
             fault_plan: Vec::new(),
         }
     }
+}
+
+/// One tenant: who it is (bearer tokens, client-certificate names), which jobs are its own
+/// (name prefixes), and its quotas.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Letters, digits, `-` and `_`: it names the tenant's handoff directory.
+    pub name: String,
+    /// The blake3 (hex) of each bearer token this tenant may present (`ckptd --hash-token`);
+    /// several let a token be rotated. Tokens themselves are never stored.
+    #[serde(default)]
+    pub token_blake3: Vec<String>,
+    /// Job names starting with any of these are this tenant's (`""`: every job).
+    pub job_prefixes: Vec<String>,
+    /// May run GC over every job, read `/v1/stats` and `/metrics` and arm faults.
+    #[serde(default)]
+    pub admin: bool,
+    /// Under mutual TLS, a client certificate from `tls.client_ca` whose DNS name (subject
+    /// alternative name) is one of these authenticates as this tenant.
+    #[serde(default)]
+    pub client_cert_names: Vec<String>,
+    /// Owner of the tenant's handoff directory (mode 0700), so only its processes write there.
+    #[serde(default)]
+    pub uid: Option<u32>,
+    #[serde(default)]
+    pub quota: TenantQuota,
+}
+
+/// Per-tenant limits; a tenant over one is answered 429 with Retry-After, and no other tenant
+/// notices.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantQuota {
+    /// Saves of the tenant's jobs open at once.
+    pub saves_in_flight_max: Option<usize>,
+    /// Requests per second, with bursts of as many.
+    pub requests_per_s: Option<u32>,
+    /// Stored chunk bytes of the tenant's jobs known to this node; a new save is refused above
+    /// it (usage is measured at most every `usage_refresh_s`).
+    pub stored_bytes_max: Option<u64>,
+    /// Percentage of the staging budget (memory plus spill) the tenant's staged chunks may hold.
+    pub staging_share_pct: u32,
+    /// Percentage of `chunk_requests_max` the tenant's chunk transfers may hold.
+    pub chunk_share_pct: u32,
+    pub usage_refresh_s: u64,
+}
+
+impl Default for TenantQuota {
+    fn default() -> Self {
+        TenantQuota {
+            saves_in_flight_max: None,
+            requests_per_s: None,
+            stored_bytes_max: None,
+            staging_share_pct: 100,
+            chunk_share_pct: 100,
+            usage_refresh_s: 30,
+        }
+    }
+}
+
+/// TLS for the API. The certificate and key are read again whenever their files change
+/// (checked every `reload_s`), so a renewed certificate needs no restart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM CA certificates that sign client certificates: turns on mutual TLS.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: refuse a connection without a valid client certificate (otherwise a
+    /// client may still authenticate with a bearer token).
+    #[serde(default)]
+    pub client_cert_required: bool,
+    #[serde(default = "default_reload_s")]
+    pub reload_s: u64,
+}
+
+fn default_reload_s() -> u64 {
+    10
 }
 
 /// Which checkpoints GC keeps, and its timings. The top-level policy applies to every job
@@ -294,6 +385,15 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "retention.lease_s must be at least three commit_retry_ms periods (leases are refreshed then)".into(),
             ));
+        }
+        crate::auth::validate_tenants(&self.tenants, self.tls.as_ref())?;
+        if let Some(t) = &self.tls {
+            if t.reload_s == 0 {
+                return Err(ConfigError::Invalid("tls.reload_s must be positive".into()));
+            }
+            if t.client_cert_required && t.client_ca.is_none() {
+                return Err(ConfigError::Invalid("tls.client_cert_required needs tls.client_ca".into()));
+            }
         }
         if self.chunk_bytes_max > 1 << 30 {
             return Err(ConfigError::Invalid("chunk_bytes_max must be at most 1 GiB".into()));

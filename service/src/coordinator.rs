@@ -224,10 +224,11 @@ pub struct Coordinator {
 
 pub(crate) const SUMMARIES_KEPT: usize = 4096;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct OpenSave {
     pub world_size: u32,
     #[serde(default)]
+    #[schema(value_type = Object)]
     pub metadata: serde_json::Value,
     /// Creation time recorded in the root; defaults to ckptd's clock at the first open.
     /// Clients that may commit the same save through several ckptd processes pass it so every
@@ -484,6 +485,16 @@ impl Coordinator {
 
     pub fn saves_in_flight(&self) -> usize {
         self.saves.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Saves in flight of the jobs `pred` accepts (a tenant's).
+    pub fn saves_in_flight_where(&self, pred: impl Fn(&str) -> bool) -> usize {
+        self.saves.lock().unwrap_or_else(|e| e.into_inner()).keys().filter(|(j, _)| pred(j)).count()
+    }
+
+    /// How long a request waits for a slot before it is refused.
+    pub fn busy_wait(&self) -> Duration {
+        Duration::from_millis(self.config.busy_wait_ms)
     }
 
     pub fn chunk_refs_in_flight(&self) -> u64 {

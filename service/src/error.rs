@@ -46,6 +46,16 @@ pub enum ServiceError {
     #[error(transparent)]
     Adopt(#[from] AdoptError),
 
+    /// No credentials, or credentials that name no tenant (401).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// An authenticated tenant asked for something only an admin may do (403).
+    #[error("{0}")]
+    Forbidden(String),
+    /// A tenant over one of its quotas or its request rate (429 with Retry-After).
+    #[error("{reason}")]
+    OverQuota { reason: String, retry_after_s: u64 },
+
     /// ckptd cannot start: its address, its data directory.
     #[error("{0}")]
     Startup(String),
@@ -84,6 +94,9 @@ impl ServiceError {
             ServiceError::Index(_) => "index_error",
             ServiceError::Io(_) | ServiceError::Durable(_) => "io_error",
             ServiceError::Adopt(e) => e.code(),
+            ServiceError::Unauthorized(_) => "unauthorized",
+            ServiceError::Forbidden(_) => "forbidden",
+            ServiceError::OverQuota { .. } => "over_quota",
             ServiceError::Startup(_) => "startup",
             ServiceError::Internal(_) => "internal",
         }

@@ -225,6 +225,30 @@ impl Index {
         Ok(())
     }
 
+    /// Stored bytes of the durable chunks of every job `pred` accepts: one pass over all chunk
+    /// records (a tenant's usage; callers cache it).
+    pub fn stored_bytes_where(&self, pred: impl Fn(&str) -> bool) -> Result<u64, IndexError> {
+        let mut total = 0u64;
+        let mut current: Option<(Vec<u8>, bool)> = None;
+        for kv in self.chunks.iter() {
+            let (k, v) = kv?;
+            let Some(nul) = k.iter().position(|&b| b == 0) else { continue };
+            let job = &k[..nul];
+            let counted = match &current {
+                Some((j, c)) if j.as_slice() == job => *c,
+                _ => {
+                    let c = std::str::from_utf8(job).is_ok_and(&pred);
+                    current = Some((job.to_vec(), c));
+                    c
+                }
+            };
+            if counted {
+                total = total.saturating_add(v.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes));
+            }
+        }
+        Ok(total)
+    }
+
     pub fn chunk_count(&self, job: &str) -> usize {
         self.chunks.scan_prefix(job_prefix(job)).count()
     }

@@ -141,6 +141,7 @@ impl Coordinator {
         hash: ChunkHash,
         len: u64,
         mut body: S,
+        share: Option<(String, std::sync::Arc<tokio::sync::Semaphore>)>,
     ) -> Result<ChunkPutOutcome, ServiceError>
     where
         S: futures::Stream<Item = Result<Bytes, ServiceError>> + Unpin + Send + 'static,
@@ -162,7 +163,7 @@ impl Coordinator {
             return Ok(ChunkPutOutcome { written: false, state });
         }
         let m = &crate::metrics::METRICS;
-        match self.staging.stage(job, hash, len, body).await {
+        match self.staging.stage(job, hash, len, body, share).await {
             Ok(()) => {}
             Err(e) => {
                 if matches!(e, ServiceError::Core(ckpt_core::CoreError::HashMismatch { .. })) {
@@ -177,9 +178,32 @@ impl Coordinator {
     }
 
     /// Where clients on this host may hand over chunk files, and the store's root if it is a
-    /// local directory they may read verified chunks from.
-    pub fn local_paths(&self) -> (std::path::PathBuf, Option<std::path::PathBuf>) {
-        (self.handoff_dir.clone(), self.store.local_root().map(|p| p.to_path_buf()))
+    /// local directory they may read verified chunks from. A tenant gets its own handoff
+    /// directory and no store root: the store's files are every tenant's, so with tenants
+    /// reads go over HTTP.
+    pub fn local_paths(
+        &self,
+        tenant: Option<&crate::auth::Tenant>,
+    ) -> Result<(std::path::PathBuf, Option<std::path::PathBuf>), ServiceError> {
+        match tenant {
+            None => Ok((self.handoff_dir.clone(), self.store.local_root().map(|p| p.to_path_buf()))),
+            Some(t) => Ok((self.tenant_handoff_dir(t)?, None)),
+        }
+    }
+
+    /// `<handoff_dir>/tenants/<name>`, made on first use with mode 0700 and owned by the
+    /// tenant's `uid` when it has one, so no other tenant's processes can read or write it.
+    fn tenant_handoff_dir(&self, t: &crate::auth::Tenant) -> Result<std::path::PathBuf, ServiceError> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.handoff_dir.join("tenants").join(&t.name);
+        if !dir.is_dir() {
+            crate::durable::ensure_dir(&dir)?;
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        if let Some(uid) = t.uid {
+            std::os::unix::fs::chown(&dir, Some(uid), None)?;
+        }
+        Ok(dir)
     }
 
     /// Where clients on this host register shared-memory segments, if the path is on.
@@ -198,6 +222,7 @@ impl Coordinator {
         hash: ChunkHash,
         source: AdoptSource,
         permit: OwnedSemaphorePermit,
+        tenant: Option<&crate::auth::Tenant>,
     ) -> Result<ChunkPutOutcome, ServiceError> {
         let name = match source {
             AdoptSource::File(name) => name,
@@ -207,7 +232,11 @@ impl Coordinator {
         if name.is_empty() || name.len() > 255 || name.contains(['/', '\\', '\0']) || name.starts_with('.') {
             return Err(ServiceError::BadRequest(format!("handoff file name {name:?} is not a plain file name")));
         }
-        let path = self.handoff_dir.join(name);
+        // A tenant adopts only from its own directory: a name is looked up nowhere else.
+        let path = match tenant {
+            None => self.handoff_dir.join(name),
+            Some(t) => self.tenant_handoff_dir(t)?.join(name),
+        };
         if matches!(self.lookup(job, &[hash], false).await?[0], Known::Durable { .. }) {
             let _ = tokio::fs::remove_file(&path).await;
             settle(fs).await?;
@@ -338,7 +367,7 @@ pub enum AdoptSource {
 
 /// `len` raw bytes at `offset` of the registered segment `token`, to be stored encoded as the
 /// core codec decides (`width` of the tensor's elements, zstd `level` at most ckptd's).
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SegmentChunk {
     #[serde(rename = "segment")]

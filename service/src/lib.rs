@@ -6,6 +6,7 @@
 
 pub mod adopt;
 pub mod api;
+pub mod auth;
 mod commit;
 pub mod config;
 pub mod coordinator;
@@ -13,16 +14,19 @@ pub mod durable;
 pub mod encoders;
 pub mod error;
 pub mod faults;
+pub mod fuzzing;
 pub mod gc;
 pub mod index;
 mod intake;
 mod metrics;
+pub mod openapi;
 mod parts;
 mod reads;
 mod recovery;
 pub mod segments;
 pub mod staging;
 pub mod store;
+pub mod tls;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -115,9 +119,7 @@ pub async fn serve_until(
 
     let addr = listener.local_addr()?;
     let _observed = metrics::observe(&coordinator);
-    let state = Arc::new(api::AppState { coordinator, shutting_down: AtomicBool::new(false), telemetry });
-    let app =
-        api::router(state.clone()).layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(request_span));
+    let (state, app) = app(coordinator, &config, telemetry);
     if let Some(path) = &config.addr_file {
         // Written via a rename so a reader never sees a half-written address.
         let tmp = path.with_extension("tmp");
@@ -126,6 +128,14 @@ pub async fn serve_until(
     }
     tracing::info!(%addr, "ckptd listening");
 
+    let (tls, _reload) = match &config.tls {
+        Some(t) => {
+            let (acceptor, guard) = tls::acceptor(t)?;
+            tracing::info!(cert = %t.cert.display(), mutual = t.client_ca.is_some(), "serving TLS only");
+            (Some(acceptor), Some(guard))
+        }
+        None => (None, None),
+    };
     let grace = Duration::from_secs(config.shutdown_grace_s);
     let header_read_timeout = Duration::from_millis(config.header_read_timeout_ms);
     let shutdown = async move {
@@ -133,11 +143,31 @@ pub async fn serve_until(
         state.shutting_down.store(true, Ordering::Relaxed);
         tracing::info!("shutdown requested; finishing in-flight requests");
     };
-    http_serve(listener, app, header_read_timeout, grace, shutdown).await;
+    http_serve(listener, app, tls, header_read_timeout, grace, shutdown).await;
     index.flush().await?;
     let _ = std::fs::remove_file(&pid_file);
     tracing::info!("ckptd stopped");
     Ok(())
+}
+
+/// The API over `coordinator`: its state (tenants from `config`) and its router, traced.
+fn app(
+    coordinator: Arc<Coordinator>,
+    config: &Config,
+    telemetry: Option<Arc<ckpt_telemetry::Telemetry>>,
+) -> (Arc<api::AppState>, axum::Router) {
+    let tenants = Arc::new(auth::Tenants::new(
+        &config.tenants,
+        config.chunk_requests_max,
+        config.staging_memory_bytes_max.saturating_add(config.staging_spill_bytes_max),
+    ));
+    if !tenants.is_open() {
+        tracing::info!(tenants = tenants.all().len(), "tenants configured: requests must authenticate");
+    }
+    let state = Arc::new(api::AppState { coordinator, shutting_down: AtomicBool::new(false), telemetry, tenants });
+    let router =
+        api::router(state.clone()).layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(request_span));
+    (state, router)
 }
 
 /// The span of one HTTP request, a child of the caller's W3C trace context when it sends one
@@ -184,6 +214,7 @@ pub(crate) fn save_context(job: &str, step: u64) -> opentelemetry::Context {
 async fn http_serve(
     listener: tokio::net::TcpListener,
     app: axum::Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     header_read_timeout: Duration,
     grace: Duration,
     shutdown: impl std::future::Future<Output = ()>,
@@ -205,10 +236,34 @@ async fn http_serve(
             },
             _ = &mut shutdown => break,
         };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let conn = graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+        let (watcher, app, http, tls) = (graceful.watcher(), app.clone(), http.clone(), tls.clone());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let ended = match tls {
+                None => {
+                    let service = hyper_util::service::TowerToHyperService::new(app);
+                    watcher.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service)).await
+                }
+                Some(acceptor) => {
+                    // The handshake is bounded like a request head: a client that connects and
+                    // stalls holds only this task, and not for long.
+                    let stream = match tokio::time::timeout(header_read_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "tls handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!("tls handshake timed out");
+                            return;
+                        }
+                    };
+                    let names = tls::peer_names(stream.get_ref().1).unwrap_or(auth::PeerCertNames(Vec::new()));
+                    let app = tower_http::add_extension::AddExtension::new(app, names);
+                    let service = hyper_util::service::TowerToHyperService::new(app);
+                    watcher.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service)).await
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });

@@ -74,6 +74,8 @@ pub struct Staged {
     held: Held,
     /// When the chunk was staged (the durable-latency histogram measures from here).
     staged_at: Instant,
+    /// The tenant's share of the staging budget this chunk holds, released with it.
+    _share: Option<OwnedSemaphorePermit>,
 }
 
 /// What the upload queue tells the coordinator.
@@ -231,18 +233,48 @@ impl Staging {
     /// Returns once the chunk is staged (in memory, or fsync'd on the spill disk). A body error
     /// (a stalled client's `BodyStalled` included) releases what was reserved: the memory
     /// permits are dropped and a spill file is removed.
-    pub async fn stage<S>(self: &Arc<Self>, job: &str, hash: ChunkHash, len: u64, body: S) -> Result<(), ServiceError>
+    pub async fn stage<S>(
+        self: &Arc<Self>,
+        job: &str,
+        hash: ChunkHash,
+        len: u64,
+        body: S,
+        share: Option<(String, Arc<Semaphore>)>,
+    ) -> Result<(), ServiceError>
     where
         S: Stream<Item = Result<Bytes, ServiceError>> + Unpin + Send + 'static,
     {
+        // A tenant's share of the budget is taken first and held with the staged chunk until
+        // it is durable, so one tenant's burst cannot fill staging for the others.
+        let share = match share {
+            None => None,
+            Some((tenant, sem)) => {
+                match tokio::time::timeout(self.cfg.busy_wait, sem.acquire_many_owned(permits(len))).await {
+                    Ok(Ok(p)) => Some(p),
+                    _ => {
+                        return Err(ServiceError::OverQuota {
+                            reason: format!("tenant {tenant}'s share of the staging budget is full"),
+                            retry_after_s: 1,
+                        })
+                    }
+                }
+            }
+        };
         // In its own task: the request future is dropped when its client goes away, and a
         // receive cut off there would leave a partial spill file, or a chunk received but never
         // queued. The task ends when the body does (a closed connection ends it with an error).
         let (this, job) = (self.clone(), job.to_string());
-        tokio::spawn(async move { this.stage_owned(&job, hash, len, body).await }).await.map_err(join_error)?
+        tokio::spawn(async move { this.stage_owned(&job, hash, len, body, share).await }).await.map_err(join_error)?
     }
 
-    async fn stage_owned<S>(&self, job: &str, hash: ChunkHash, len: u64, body: S) -> Result<(), ServiceError>
+    async fn stage_owned<S>(
+        &self,
+        job: &str,
+        hash: ChunkHash,
+        len: u64,
+        body: S,
+        share: Option<OwnedSemaphorePermit>,
+    ) -> Result<(), ServiceError>
     where
         S: Stream<Item = Result<Bytes, ServiceError>> + Unpin + Send,
     {
@@ -271,7 +303,8 @@ impl Staging {
             }
             return Ok(());
         }
-        let staged = Staged { job: job.to_string(), hash, raw_len: len, held, staged_at: Instant::now() };
+        let staged =
+            Staged { job: job.to_string(), hash, raw_len: len, held, staged_at: Instant::now(), _share: share };
         if self.queue.send(staged).await.is_err() {
             self.set_pending(job, hash, None);
             return Err(ServiceError::Busy("upload queue closed (shutting down)".into()));
@@ -397,7 +430,14 @@ impl Staging {
         for (job, hash, path, len) in found {
             let permit = self.spill.clone().try_acquire_many_owned(permits(len)).ok();
             self.set_pending(&job, hash, Some(len));
-            let staged = Staged { job, hash, raw_len: len, held: Held::Spill(path, permit), staged_at: Instant::now() };
+            let staged = Staged {
+                job,
+                hash,
+                raw_len: len,
+                held: Held::Spill(path, permit),
+                staged_at: Instant::now(),
+                _share: None,
+            };
             if self.queue.send(staged).await.is_err() {
                 return Err(ServiceError::Internal("upload queue closed during recovery".into()));
             }
@@ -481,7 +521,7 @@ async fn upload(
     pacer: &Pacer,
     staged: Staged,
 ) -> Result<(), ServiceError> {
-    let Staged { job, hash, raw_len, held, staged_at: _ } = staged;
+    let Staged { job, hash, raw_len, held, staged_at: _, _share: _held_share } = staged;
     let (raw, _permit_memory, _permit_spill, spill_path) = match held {
         Held::Memory(b, p) => (b, Some(p), None, None),
         Held::Spill(path, p) => {

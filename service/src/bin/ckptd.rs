@@ -65,6 +65,14 @@ struct Args {
     /// Faults to arm at start, as a JSON list of fault requests (needs --fault-injection).
     #[arg(long, env = "CKPTD_FAULT_PLAN")]
     fault_plan: Option<String>,
+    /// Read a bearer token from standard input and print the blake3 hash that a tenant's
+    /// `token_blake3` holds for it, then exit.
+    #[arg(long, conflicts_with = "new_token")]
+    hash_token: bool,
+    /// Make a new random bearer token: prints the token (give it to the tenant's clients as
+    /// CKPT_TOKEN or CKPT_TOKEN_FILE) and, on a second line, its hash for `token_blake3`.
+    #[arg(long)]
+    new_token: bool,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -95,6 +103,21 @@ fn run() -> anyhow::Result<()> {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
     let args = Args::parse();
+    if args.hash_token {
+        let mut token = String::new();
+        std::io::stdin().read_line(&mut token).context("reading the token from standard input")?;
+        let token = token.trim_end_matches(['\r', '\n']);
+        anyhow::ensure!(!token.is_empty(), "no token on standard input");
+        println!("{}", blake3::hash(token.as_bytes()).to_hex());
+        return Ok(());
+    }
+    if args.new_token {
+        // 256 random bits from the OS generator, as hex: safe in headers, files and env vars.
+        let token: [u8; 32] = rand::random();
+        let token: String = token.iter().map(|b| format!("{b:02x}")).collect();
+        println!("{token}\n{}", blake3::hash(token.as_bytes()).to_hex());
+        return Ok(());
+    }
     if let Some(path) = &args.check_config {
         let config = Config::from_toml_file(path)?;
         config.validate()?;

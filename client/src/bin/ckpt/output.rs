@@ -77,6 +77,14 @@ pub fn classify(e: &anyhow::Error, server: &str) -> Failure {
             ),
         },
         ClientError::Protocol(_) => f("protocol", exit::UNREACHABLE),
+        ClientError::Api { status: 401, .. } => Failure {
+            code: "unauthorized",
+            exit: exit::REFUSED,
+            message: format!("{message} (give the tenant's token as CKPT_TOKEN or CKPT_TOKEN_FILE)"),
+        },
+        ClientError::Api { status: 403, .. } => f("forbidden", exit::REFUSED),
+        ClientError::Api { status: 429, .. } => f("over_quota", exit::REFUSED),
+        ClientError::Config(_) => f("usage", exit::USAGE),
         ClientError::Api { status: 404, .. } | ClientError::NoSuchRank { .. } => f("not_found", exit::NOT_FOUND),
         ClientError::Api { status: 409, .. } | ClientError::Aborted { .. } => f("conflict", exit::REFUSED),
         ClientError::Api { status: 400, .. } | ClientError::Core(_) | ClientError::InvalidTensor { .. } => {

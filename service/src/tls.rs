@@ -1,0 +1,136 @@
+//! TLS for the API (rustls on aws-lc-rs, the provider the object-store clients already build).
+//!
+//! Design note.
+//! * Reload: the server's certificate comes from a resolver that holds the current certified
+//!   key. A task compares the certificate's and key's modification times every `reload_s` and
+//!   loads them again when either changed; a pair that fails to load (a half-written renewal)
+//!   is logged and the previous one kept, so a renewal never takes the API down. Handshakes
+//!   already under way keep the key they started with.
+//! * Mutual TLS: with `client_ca`, client certificates must chain to it (webpki). With
+//!   `client_cert_required` a connection without one fails its handshake; otherwise it is
+//!   accepted and must authenticate with a bearer token. A verified certificate's DNS names go
+//!   into every request of the connection (`PeerCertNames`), which `auth.rs` maps to a tenant.
+//! * Only TLS: when TLS is configured the port speaks nothing else; a plain HTTP request fails
+//!   the handshake and its connection is closed. Handshakes run in the connection's own task,
+//!   bounded by the header read timeout, so a client that opens a connection and stalls holds
+//!   nothing but that task.
+
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+
+use crate::config::TlsConfig;
+use crate::error::ServiceError;
+
+/// The server's current certificate, replaced when its files change.
+#[derive(Debug)]
+struct Reloading {
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for Reloading {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+fn tls_error(what: String) -> ServiceError {
+    ServiceError::Startup(format!("tls: {what}"))
+}
+
+fn load_certified_key(cfg: &TlsConfig, provider: &CryptoProvider) -> Result<CertifiedKey, ServiceError> {
+    let certs = read_certs(&cfg.cert)?;
+    let key = PrivateKeyDer::from_pem_file(&cfg.key)
+        .map_err(|e| tls_error(format!("cannot read a private key from {}: {e}", cfg.key.display())))?;
+    CertifiedKey::from_der(certs, key, provider).map_err(|e| {
+        tls_error(format!("{} and {} are not a certificate and its key: {e}", cfg.cert.display(), cfg.key.display()))
+    })
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ServiceError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| tls_error(format!("cannot read certificates from {}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(tls_error(format!("{} holds no certificate", path.display())));
+    }
+    Ok(certs)
+}
+
+fn modified(cfg: &TlsConfig) -> Option<(SystemTime, SystemTime)> {
+    let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    Some((m(&cfg.cert)?, m(&cfg.key)?))
+}
+
+/// The acceptor for `cfg`, and a task that reloads its certificate while the returned guard
+/// lives.
+pub fn acceptor(cfg: &TlsConfig) -> Result<(tokio_rustls::TlsAcceptor, ReloadGuard), ServiceError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let resolver = Arc::new(Reloading { current: RwLock::new(Arc::new(load_certified_key(cfg, &provider)?)) });
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_error(e.to_string()))?;
+    let builder = match &cfg.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in read_certs(ca)? {
+                roots.add(c).map_err(|e| tls_error(format!("{}: {e}", ca.display())))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+            let verifier = if cfg.client_cert_required { verifier } else { verifier.allow_unauthenticated() };
+            builder.with_client_cert_verifier(verifier.build().map_err(|e| tls_error(e.to_string()))?)
+        }
+    };
+    let mut server = builder.with_cert_resolver(resolver.clone());
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+
+    let (cfg, every) = (cfg.clone(), Duration::from_secs(cfg.reload_s));
+    let task = tokio::spawn(async move {
+        let mut seen = modified(&cfg);
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = modified(&cfg);
+            if now.is_none() || now == seen {
+                continue;
+            }
+            let (c, p) = (cfg.clone(), provider.clone());
+            match tokio::task::spawn_blocking(move || load_certified_key(&c, &p)).await {
+                Ok(Ok(key)) => {
+                    *resolver.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(key);
+                    seen = now;
+                    tracing::info!(cert = %cfg.cert.display(), "tls certificate reloaded");
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "tls certificate changed but cannot be loaded; keeping the previous one")
+                }
+                Err(e) => tracing::warn!(error = %e, "tls reload task failed"),
+            }
+        }
+    });
+    Ok((tokio_rustls::TlsAcceptor::from(Arc::new(server)), ReloadGuard(task)))
+}
+
+/// Stops the reload task when dropped.
+pub struct ReloadGuard(tokio::task::JoinHandle<()>);
+
+impl Drop for ReloadGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The DNS names of the connection's verified client certificate, if it presented one.
+pub fn peer_names(conn: &rustls::ServerConnection) -> Option<crate::auth::PeerCertNames> {
+    let leaf = conn.peer_certificates()?.first()?;
+    let cert = webpki::EndEntityCert::try_from(leaf).ok()?;
+    Some(crate::auth::PeerCertNames(cert.valid_dns_names().map(str::to_string).collect()))
+}

@@ -1,0 +1,205 @@
+//! TLS and mutual TLS against a real ckptd on loopback, with certificates generated here
+//! (rcgen): saves over https, plain HTTP refused, client certificates mapped to tenants,
+//! certificates from another CA refused, and a renewed certificate served without a restart.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ckpt_client::daemon::{DaemonOptions, LocalDaemon};
+use ckpt_client::{Client, ClientOptions, TlsFiles, Token};
+use ckpt_tests::*;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
+
+const TOKEN: &str = "tls-test-token-3e1d0c9b8a7f6e5d4c3b2a19";
+
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+}
+
+fn new_ca(name: &str) -> Ca {
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+    let pem = p.self_signed(&key).unwrap().pem();
+    Ca { issuer: Issuer::new(p, key), pem }
+}
+
+/// A leaf for `names`, signed by `ca`: (certificate PEM, key PEM).
+fn leaf(ca: &Ca, names: &[&str], usage: ExtendedKeyUsagePurpose) -> (String, String) {
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    p.extended_key_usages = vec![usage];
+    p.distinguished_name.push(DnType::CommonName, names[0]);
+    (p.signed_by(&key, &ca.issuer).unwrap().pem(), key.serialize_pem())
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+async fn start(dir: &Path, tls: &str) -> LocalDaemon {
+    let cfg = format!(
+        r#"
+[tls]
+cert = "{}"
+key = "{}"
+client_ca = "{}"
+reload_s = 1
+{tls}
+
+[[tenants]]
+name = "team-a"
+token_blake3 = ["{}"]
+client_cert_names = ["team-a.clients.test"]
+job_prefixes = ["a-"]
+"#,
+        dir.join("server.pem").display(),
+        dir.join("server.key").display(),
+        dir.join("ca.pem").display(),
+        blake3::hash(TOKEN.as_bytes()).to_hex()
+    );
+    let path = write(dir, "ckptd.toml", &cfg);
+    let mut opts = DaemonOptions::in_dir(ckptd_exe(), dir);
+    opts.extra_args = vec!["--config".into(), path.into()];
+    start_daemon_with(opts).await
+}
+
+fn https(d: &LocalDaemon) -> String {
+    d.url().replace("http://127.0.0.1", "https://localhost")
+}
+
+fn client(d: &LocalDaemon, token: Option<&str>, tls: TlsFiles) -> Client {
+    let opts = ClientOptions {
+        chunk_bytes: 64 << 10,
+        node_local: false,
+        token: token.map(Token::new),
+        tls,
+        attempts_max: 1,
+        retry_unreachable: false,
+        ..ClientOptions::default()
+    };
+    Client::new(&https(d), opts).unwrap()
+}
+
+/// The certificate the server presents on a fresh connection, as DER.
+async fn served_cert(addr: &str, ca_pem: &str) -> Vec<u8> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+use rustls::pki_types::pem::PemObject;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_mutual_tls_on_loopback() {
+    bounded(Duration::from_secs(180), async {
+        let dir = tempfile::tempdir().unwrap();
+        let d_path = dir.path();
+        let ca = new_ca("ckpt test ca");
+        let (server_pem, server_key) = leaf(&ca, &["localhost"], ExtendedKeyUsagePurpose::ServerAuth);
+        write(d_path, "ca.pem", &ca.pem);
+        write(d_path, "server.pem", &server_pem);
+        write(d_path, "server.key", &server_key);
+        let (a_pem, a_key) = leaf(&ca, &["team-a.clients.test"], ExtendedKeyUsagePurpose::ClientAuth);
+        let (x_pem, x_key) = leaf(&ca, &["stranger.clients.test"], ExtendedKeyUsagePurpose::ClientAuth);
+        let other_ca = new_ca("another ca");
+        let (o_pem, o_key) = leaf(&other_ca, &["team-a.clients.test"], ExtendedKeyUsagePurpose::ClientAuth);
+        let files = |cert: Option<(&str, &str, &str)>| TlsFiles {
+            ca: Some(d_path.join("ca.pem")),
+            cert: cert.map(|(n, c, _)| write(d_path, &format!("{n}.pem"), c)),
+            key: cert.map(|(n, _, k)| write(d_path, &format!("{n}.key"), k)),
+        };
+
+        let d = start(d_path, "").await;
+        let seed = seed(21);
+        let state = vec![rank_tensors(seed, 0, 1, 256 << 10)];
+
+        // A token over TLS: save, then read back every byte verified.
+        let c = client(&d, Some(TOKEN), files(None));
+        save_step(&c, "a-tls", 1, &state).await.unwrap();
+        assert_eq!(c.load_rank("a-tls", 1, 0).await.unwrap().len(), state[0].len());
+
+        // A client certificate of team a, no token: authenticated as team a.
+        let by_cert = client(&d, None, files(Some(("a", &a_pem, &a_key))));
+        assert_eq!(by_cert.list("a-tls").await.unwrap().committed.len(), 1);
+        // A valid certificate mapped to no tenant and no token: 401.
+        let stranger = client(&d, None, files(Some(("x", &x_pem, &x_key))));
+        let e = stranger.list("a-tls").await.unwrap_err().to_string();
+        assert!(e.contains("401"), "{e}");
+        // A certificate from another CA: the handshake fails.
+        let foreign = client(&d, Some(TOKEN), files(Some(("o", &o_pem, &o_key))));
+        assert!(foreign.list("a-tls").await.is_err(), "a certificate from another CA was accepted");
+        // Without trusting ckptd's CA: refused by the client.
+        let untrusting = client(&d, Some(TOKEN), TlsFiles::default());
+        assert!(untrusting.list("a-tls").await.is_err(), "a client trusted an unknown CA");
+
+        // Plain HTTP to the TLS port gets no HTTP answer.
+        let plain = Client::new(
+            &d.url(),
+            ClientOptions {
+                token: Some(Token::new(TOKEN)),
+                attempts_max: 1,
+                retry_unreachable: false,
+                ..ClientOptions::default()
+            },
+        )
+        .unwrap();
+        let e = plain.list("a-tls").await.unwrap_err();
+        assert!(!matches!(e, ckpt_client::ClientError::Api { .. }), "plain HTTP got an HTTP answer: {e}");
+
+        // A renewed certificate is served without a restart.
+        let addr = d.url().trim_start_matches("http://").to_string();
+        let before = served_cert(&addr, &ca.pem).await;
+        let (renewed_pem, renewed_key) = leaf(&ca, &["localhost"], ExtendedKeyUsagePurpose::ServerAuth);
+        // Key first, then the certificate, each by rename: a reload between the two sees a
+        // mismatched pair and keeps the old one until the next check.
+        let tmp = write(d_path, "server.key.new", &renewed_key);
+        std::fs::rename(&tmp, d_path.join("server.key")).unwrap();
+        let tmp = write(d_path, "server.pem.new", &renewed_pem);
+        std::fs::rename(&tmp, d_path.join("server.pem")).unwrap();
+        let renewed_der = rustls::pki_types::CertificateDer::from_pem_slice(renewed_pem.as_bytes()).unwrap().to_vec();
+        let mut served = before.clone();
+        for _ in 0..100 {
+            served = served_cert(&addr, &ca.pem).await;
+            if served != before {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(served, renewed_der, "the renewed certificate was not served within 10 s");
+        // and the service still works over it.
+        assert_eq!(c.list("a-tls").await.unwrap().committed.len(), 1);
+        drop(d);
+
+        // With client certificates required, a token alone is not enough: no handshake.
+        let dir2 = tempfile::tempdir().unwrap();
+        for f in ["ca.pem", "server.pem", "server.key"] {
+            std::fs::copy(d_path.join(f), dir2.path().join(f)).unwrap();
+        }
+        let d = start(dir2.path(), "client_cert_required = true").await;
+        let e = client(&d, Some(TOKEN), files(None)).list("a-tls").await;
+        assert!(e.is_err(), "a connection without a client certificate was accepted");
+        let ok = client(&d, None, files(Some(("a", &a_pem, &a_key))));
+        assert!(ok.list("a-tls").await.unwrap().committed.is_empty(), "a fresh store has no checkpoints");
+    })
+    .await
+}
