@@ -14,6 +14,14 @@
 //! see ckptd's `segments.rs`): changed chunks are then handed over by offset, and ckptd copies,
 //! names and stores them; this process neither hashes them nor writes them anywhere.
 //!
+//! Change detection is one of two passes, chosen per saver (`ChangeDetection`): `Compare` reads
+//! each chunk of the caller's tensors and the buffer's copy of it (memcmp); `Fingerprint` reads
+//! only the caller's chunk and compares its 128-bit fingerprint (`ckpt_kernels`) with the one
+//! taken at the last save. The second is what a GPU trainer needs (its state is in device memory:
+//! the fingerprints run there and only changed chunks cross to the host); on the CPU it costs
+//! more arithmetic per byte than memcmp, which the ticket reports (`detect`). Either way an
+//! unchanged chunk is neither copied nor hashed again.
+//!
 //! The background part runs on the saver's own small runtime whose threads are niced
 //! (`background_nice`, default 19): hashing, dedup queries and uploads yield the CPU to the
 //! trainer, whose next step should not pay for the last checkpoint. Dropping the saver cancels
@@ -149,10 +157,23 @@ struct Layout {
     tensors: Vec<(String, usize)>,
 }
 
-/// The layout of the last save and the hash of each of its chunks, in order.
+/// The layout of the last save and the hash of each of its chunks, in order, with each
+/// chunk's fingerprint when the saver detects changes by fingerprint.
 struct Last {
     layout: Layout,
     hashes: Vec<ckpt_core::ChunkHash>,
+    fingerprints: Vec<ckpt_kernels::Fingerprint>,
+}
+
+/// How a save finds the chunks that did not change since the last one (see the module note).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeDetection {
+    /// Compare each chunk with the staging buffer's copy of it, byte for byte.
+    #[default]
+    Compare,
+    /// Compare each chunk's fingerprint with the last save's.
+    Fingerprint,
 }
 
 pub struct AsyncSaver {
@@ -160,6 +181,7 @@ pub struct AsyncSaver {
     buffer: Arc<Mutex<Staging>>,
     capacity: usize,
     runtime: Option<tokio::runtime::Runtime>,
+    detect: ChangeDetection,
 }
 
 impl Drop for AsyncSaver {
@@ -195,6 +217,12 @@ pub struct SaveTicket {
     /// Time spent waiting for the previous save to release the buffer, before the copy.
     pub waited: Duration,
     pub bytes: u64,
+    /// Chunks copied into the staging buffer (changed, or the first save).
+    pub chunks_copied: usize,
+    /// Chunks found unchanged since the last save: not copied, and their hash reused.
+    pub chunks_unchanged: usize,
+    /// Part of `stall` spent finding unchanged chunks (the fingerprint pass, or the compares).
+    pub detect: Duration,
     released: Arc<std::sync::atomic::AtomicBool>,
     handle: JoinHandle<Result<SaveReport, ClientError>>,
 }
@@ -249,7 +277,19 @@ impl AsyncSaver {
         // interval in the demo).
         let client = client.detached().unwrap_or(client);
         let staging = Staging { buf: Buf::allocate(capacity_bytes, client.options().node_local), last: None };
-        AsyncSaver { client, buffer: Arc::new(Mutex::new(staging)), capacity: capacity_bytes, runtime }
+        AsyncSaver {
+            client,
+            buffer: Arc::new(Mutex::new(staging)),
+            capacity: capacity_bytes,
+            runtime,
+            detect: ChangeDetection::default(),
+        }
+    }
+
+    /// The same saver finding unchanged chunks by `detect`.
+    pub fn with_change_detection(mut self, detect: ChangeDetection) -> AsyncSaver {
+        self.detect = detect;
+        self
     }
 
     pub fn capacity(&self) -> usize {
@@ -285,10 +325,12 @@ impl AsyncSaver {
             chunk_bytes: chunk,
             tensors: tensors.iter().map(|t| (t.name.to_string(), t.data.len())).collect(),
         };
-        // The buffer still holds the last save's bytes: a chunk identical to its bytes there is
-        // not copied (it is already in place) and keeps the hash it had.
+        // The buffer still holds the last save's bytes: a chunk identical to its bytes there (by
+        // compare or by fingerprint) is not copied (it is already in place) and keeps its hash.
         let last = last.filter(|l| l.layout == layout);
         let mut known = Vec::new();
+        let mut fingerprints = Vec::new();
+        let mut detect = Duration::ZERO;
         let mut ranges = Vec::with_capacity(tensors.len());
         let mut at = 0;
         let Some(bytes) = buf.as_mut_slice() else {
@@ -298,10 +340,23 @@ impl AsyncSaver {
             for r in ckpt_core::chunk::chunk_ranges(t.data.len() as u64, chunk) {
                 let (src, dst) =
                     (&t.data[r.start as usize..r.end as usize], at + r.start as usize..at + r.end as usize);
-                let same = last
-                    .as_ref()
-                    .and_then(|l| l.hashes.get(known.len()).copied())
-                    .filter(|_| bytes[dst.clone()] == *src);
+                let i = known.len();
+                let looked = Instant::now();
+                let same = match self.detect {
+                    ChangeDetection::Compare => {
+                        last.as_ref().and_then(|l| l.hashes.get(i).copied()).filter(|_| bytes[dst.clone()] == *src)
+                    }
+                    ChangeDetection::Fingerprint => {
+                        // Positions are the chunk's words in the buffer: a chunk that moved
+                        // counts as changed.
+                        let fp = ckpt_kernels::fingerprint_bytes(src, (dst.start / 4) as u64);
+                        fingerprints.push(fp);
+                        last.as_ref()
+                            .filter(|l| l.fingerprints.get(i) == Some(&fp))
+                            .and_then(|l| l.hashes.get(i).copied())
+                    }
+                };
+                detect += looked.elapsed();
                 if same.is_none() {
                     bytes[dst].copy_from_slice(src);
                 }
@@ -311,6 +366,8 @@ impl AsyncSaver {
             at += t.data.len();
         }
         let stall = started.elapsed();
+        let chunks_unchanged = known.iter().filter(|k| k.is_some()).count();
+        let chunks_copied = known.len() - chunks_unchanged;
 
         let (frozen, shared) = match buf {
             Buf::Heap(v) => (Bytes::from(v), None),
@@ -357,11 +414,11 @@ impl AsyncSaver {
                 // The hashes describe the buffer's bytes only if every chunk was hashed.
                 Some(buf) if buf.is_free() => Staging {
                     buf,
-                    last: result
-                        .as_ref()
-                        .ok()
-                        .filter(|(_, h)| h.len() == known.len())
-                        .map(|(_, h)| Last { layout, hashes: h.clone() }),
+                    last: result.as_ref().ok().filter(|(_, h)| h.len() == known.len()).map(|(_, h)| Last {
+                        layout,
+                        hashes: h.clone(),
+                        fingerprints,
+                    }),
                 },
                 _ => {
                     tracing::warn!("staging buffer still shared after a save; allocating a fresh one");
@@ -381,6 +438,6 @@ impl AsyncSaver {
             Some(rt) => rt.spawn(work),
             None => tokio::spawn(work),
         };
-        Ok(SaveTicket { stall, waited, bytes: total as u64, released, handle })
+        Ok(SaveTicket { stall, waited, bytes: total as u64, chunks_copied, chunks_unchanged, detect, released, handle })
     }
 }

@@ -129,6 +129,9 @@ pub struct SaveSpec {
 pub struct SaveReport {
     pub chunks_total: usize,
     pub chunks_sent: usize,
+    /// Chunks whose address was known before the save (an `AsyncSaver` found them unchanged
+    /// since its last save): neither hashed nor asked about again.
+    pub chunks_reused: usize,
     pub bytes_total: u64,
     pub bytes_sent: u64,
     pub status: SaveStatus,
@@ -286,6 +289,7 @@ impl Client {
             let report = SaveReport {
                 chunks_total: 0,
                 chunks_sent: 0,
+                chunks_reused: 0,
                 bytes_total: 0,
                 bytes_sent: 0,
                 status,
@@ -306,6 +310,7 @@ impl Client {
             }
         }
         let chunks_total = pieces.len();
+        let chunks_reused = pieces.iter().filter(|(_, _, k)| k.is_some()).count();
         let bytes_total: u64 = pieces.iter().map(|(_, b, _)| b.len() as u64).sum();
         let hash_workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) * 2;
         let in_flight =
@@ -417,6 +422,7 @@ impl Client {
         let report = SaveReport {
             chunks_total,
             chunks_sent,
+            chunks_reused,
             bytes_total,
             bytes_sent,
             status,

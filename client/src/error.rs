@@ -43,7 +43,10 @@ impl ClientError {
             // A hash mismatch on a chunk the client hashed itself means the bytes changed on
             // the way (a faulty NIC or proxy): sending them again is the cure.
             ClientError::Api { status, code, .. } => {
-                matches!(status, 408 | 502..=504) || code == "hash_mismatch" || code == "body_mismatch"
+                matches!(status, 408 | 502..=504)
+                    || code == "hash_mismatch"
+                    || code == "body_mismatch"
+                    || code == "rate_limited"
             }
             _ => false,
         }

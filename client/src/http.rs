@@ -304,7 +304,9 @@ impl<'a> Backoff<'a> {
 
     /// Whether to try again after `e`; sleeps first when so.
     async fn retry(&mut self, e: &ClientError, path: &str) -> bool {
-        if e.api_code() == Some("busy") && Instant::now() < self.busy_deadline {
+        // ckptd busy (503), or this tenant at its rate or its share of ckptd (429
+        // `rate_limited`): backpressure, waited out like a full staging tier.
+        if matches!(e.api_code(), Some("busy" | "rate_limited")) && Instant::now() < self.busy_deadline {
             tracing::debug!(path, "ckptd busy, backing off");
             tokio::time::sleep(self.delay).await;
             self.delay = (self.delay * 2).min(Duration::from_secs(1));

@@ -19,7 +19,7 @@ pub mod restore;
 pub mod tensor;
 mod transport;
 
-pub use async_save::{AsyncSaver, SaveTicket, TensorView};
+pub use async_save::{AsyncSaver, ChangeDetection, SaveTicket, TensorView};
 pub use auth::{TlsFiles, Token};
 pub use checkpoint::Checkpoint;
 pub use client::{Client, ClientOptions, SaveReport, SaveSpec, VerifyReport, Wait};

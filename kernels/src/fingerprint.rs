@@ -86,6 +86,32 @@ pub fn fingerprint_f32(x: &[f32], first_position: u64) -> Fingerprint {
     Fingerprint(lanes)
 }
 
+/// The fingerprint of raw bytes as little-endian 32-bit words, the last one zero-padded, the
+/// first at `first_position`: for state handed over as bytes (a chunk of a staging buffer), with
+/// no alignment asked of them. Bytes that are whole words give `fingerprint_words`' value.
+pub fn fingerprint_bytes(bytes: &[u8], first_position: u64) -> Fingerprint {
+    let mut lanes = [0u64; 2];
+    let words = bytes.chunks_exact(4);
+    let tail = words.remainder();
+    let mut k = 0u64;
+    for w in words {
+        let w = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        let i = first_position + k;
+        lanes[0] = lanes[0].wrapping_add(term(w, i, 0));
+        lanes[1] = lanes[1].wrapping_add(term(w, i, 1));
+        k += 1;
+    }
+    if !tail.is_empty() {
+        let mut last = [0u8; 4];
+        last[..tail.len()].copy_from_slice(tail);
+        let w = u32::from_le_bytes(last);
+        let i = first_position + k;
+        lanes[0] = lanes[0].wrapping_add(term(w, i, 0));
+        lanes[1] = lanes[1].wrapping_add(term(w, i, 1));
+    }
+    Fingerprint(lanes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,6 +142,22 @@ mod tests {
         swapped.swap(3, 40);
         assert_ne!(fingerprint_words(&w, 0), fingerprint_words(&swapped, 0));
         assert_ne!(fingerprint_words(&w, 0), fingerprint_words(&w, 1));
+    }
+
+    #[test]
+    fn bytes_fingerprint_as_little_endian_words() {
+        let w = words(3, 33);
+        let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(fingerprint_bytes(&bytes, 5), fingerprint_words(&w, 5));
+        // Unaligned and with a short tail: the tail is one zero-padded word.
+        let odd = &bytes[1..bytes.len() - 2];
+        let mut padded = odd.to_vec();
+        padded.resize(odd.len().div_ceil(4) * 4, 0);
+        let as_words: Vec<u32> = padded.chunks(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        assert_eq!(fingerprint_bytes(odd, 0), fingerprint_words(&as_words, 0));
+        // Padding makes a short tail and its zero-extended word equal: callers compare lengths
+        // (a save's layout) separately.
+        assert_eq!(fingerprint_bytes(&[1], 0), fingerprint_bytes(&[1, 0, 0, 0], 0));
     }
 
     #[test]

@@ -17,5 +17,5 @@ pub mod cuda;
 pub mod nccl;
 
 pub use cast::{bf16_to_f32, bf16_to_f32_slice, f32_to_bf16, f32_to_bf16_slice};
-pub use fingerprint::{fingerprint_f32, fingerprint_words, Fingerprint};
+pub use fingerprint::{fingerprint_bytes, fingerprint_f32, fingerprint_words, Fingerprint};
 pub use incremental::{changed_chunks, chunk_fingerprints, ChangedChunks};

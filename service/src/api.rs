@@ -58,7 +58,7 @@ impl ApiError {
             ServiceError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ServiceError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ServiceError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ServiceError::OverQuota { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ServiceError::OverQuota { .. } | ServiceError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ServiceError::Store(e) if !e.is_permanent() => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -78,7 +78,9 @@ impl IntoResponse for ApiError {
             tracing::debug!(status = status.as_u16(), code, %message, "request refused");
         }
         let retry_after = match &self.0 {
-            ServiceError::OverQuota { retry_after_s, .. } => Some(*retry_after_s),
+            ServiceError::OverQuota { retry_after_s, .. } | ServiceError::RateLimited { retry_after_s, .. } => {
+                Some(*retry_after_s)
+            }
             _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(1),
             _ => None,
         };
@@ -403,6 +405,9 @@ pub(crate) async fn adopt_chunk(
     job_of(&job)?;
     let hash: ChunkHash = hash.parse()?;
     let req: AdoptRequest = json_body(&s, body)?;
+    if let Some(t) = who.tenant() {
+        t.check_stored(&s.coordinator).await?;
+    }
     let (_share, permit) = chunk_permits(&s, &who).await?;
     let source = match (req.file, req.segment) {
         (Some(name), None) => AdoptSource::File(name),
@@ -640,12 +645,20 @@ pub(crate) async fn put_chunk(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| ServiceError::BadRequest("chunk uploads need a Content-Length".into()))?;
+    // The tenant's quota and shares first (429; no node-wide slot is held while waiting for
+    // them), then the node's slot (503).
+    let share = match who.tenant() {
+        Some(t) => {
+            t.check_stored(&s.coordinator).await?;
+            t.staging_share(len, s.coordinator.busy_wait()).await?
+        }
+        None => None,
+    };
     let _permits = chunk_permits(&s, &who).await?;
     let state = s.clone();
     let stream = body
         .into_data_stream()
         .map(move |r| r.map_err(|e| stalled(&e, &state).unwrap_or_else(|| ServiceError::Io(std::io::Error::other(e)))));
-    let share = who.tenant().and_then(|t| t.staging.clone().map(|sem| (t.name.clone(), sem)));
     let outcome = s.coordinator.put_chunk(&job, hash, len, stream, share).await?;
     let status = if outcome.written { StatusCode::CREATED } else { StatusCode::OK };
     // `state` says what the ack promises: "staged" (in ckptd's staging tier, uploaded later)
@@ -727,9 +740,12 @@ pub(crate) async fn open_save(
     let Some(tenant) = who.tenant() else {
         return Ok(Json(s.coordinator.open_save(&job, step, req).await?).into_response());
     };
-    // Every rank opens the save: only the first open of a (job, step) is a new save, and the
-    // count and the open happen under the tenant's lock so that concurrent opens cannot both
-    // take the last place.
+    // Every rank opens the save: only the first open of a (job, step) is a new save. The count
+    // and the open of a new one happen under the tenant's lock, so that concurrent opens cannot
+    // both take the last place; re-opens of a save in flight skip it.
+    if s.coordinator.save_slot(&job, step).is_some() {
+        return Ok(Json(s.coordinator.open_save(&job, step, req).await?).into_response());
+    }
     let _one_at_a_time = tenant.open_lock.lock().await;
     if s.coordinator.save_slot(&job, step).is_none() {
         if let Some(max) = tenant.quota.saves_in_flight_max {
@@ -742,19 +758,7 @@ pub(crate) async fn open_save(
                 .into());
             }
         }
-        if let Some(max) = tenant.quota.stored_bytes_max {
-            let used = tenant.stored_bytes(&s.coordinator).await?;
-            if used >= max {
-                return Err(ServiceError::OverQuota {
-                    reason: format!(
-                        "tenant {} stores {used} bytes, its quota is {max}: delete or collect checkpoints first",
-                        tenant.name
-                    ),
-                    retry_after_s: tenant.quota.usage_refresh_s,
-                }
-                .into());
-            }
-        }
+        tenant.check_stored(&s.coordinator).await?;
     }
     Ok(Json(s.coordinator.open_save(&job, step, req).await?).into_response())
 }

@@ -48,7 +48,7 @@ pub struct Tenant {
     /// Held while a save of this tenant is opened, so the in-flight count cannot overshoot.
     pub(crate) open_lock: tokio::sync::Mutex<()>,
     chunk_slots: Option<(Arc<Semaphore>, usize)>,
-    pub(crate) staging: Option<Arc<Semaphore>>,
+    staging: Option<(Arc<Semaphore>, u64)>,
     usage: Mutex<Option<(Instant, u64)>>,
 }
 
@@ -76,7 +76,7 @@ impl Tenant {
             return Ok(());
         }
         let wait = ((1.0 - b.tokens) / rate).ceil() as u64;
-        Err(ServiceError::OverQuota {
+        Err(ServiceError::RateLimited {
             reason: format!("tenant {} is over its rate of {rate} requests per second", self.name),
             retry_after_s: wait.max(1),
         })
@@ -87,11 +87,48 @@ impl Tenant {
         let Some((slots, n)) = &self.chunk_slots else { return Ok(None) };
         match tokio::time::timeout(wait, slots.clone().acquire_owned()).await {
             Ok(Ok(p)) => Ok(Some(p)),
-            _ => Err(ServiceError::OverQuota {
+            _ => Err(ServiceError::RateLimited {
                 reason: format!("tenant {} has all {n} of its chunk transfers in progress", self.name),
                 retry_after_s: 1,
             }),
         }
+    }
+
+    /// The tenant's share of the staging budget for a chunk of `len` bytes, waiting up to
+    /// `wait`. A chunk larger than the whole share is over `chunk_bytes_max` (validation keeps
+    /// shares at least that large), which the upload itself refuses.
+    pub(crate) async fn staging_share(
+        &self,
+        len: u64,
+        wait: Duration,
+    ) -> Result<Option<OwnedSemaphorePermit>, ServiceError> {
+        let Some((sem, bytes)) = &self.staging else { return Ok(None) };
+        if len == 0 || len > *bytes {
+            return Ok(None);
+        }
+        match tokio::time::timeout(wait, sem.clone().acquire_many_owned(len as u32)).await {
+            Ok(Ok(p)) => Ok(Some(p)),
+            _ => Err(ServiceError::RateLimited {
+                reason: format!("tenant {}'s share of the staging budget ({bytes} bytes) is full", self.name),
+                retry_after_s: 1,
+            }),
+        }
+    }
+
+    /// Refuses new data once the tenant's stored bytes reach its quota.
+    pub(crate) async fn check_stored(self: &Arc<Self>, coordinator: &crate::Coordinator) -> Result<(), ServiceError> {
+        let Some(max) = self.quota.stored_bytes_max else { return Ok(()) };
+        let used = self.stored_bytes(coordinator).await?;
+        if used >= max {
+            return Err(ServiceError::OverQuota {
+                reason: format!(
+                    "tenant {} stores {used} bytes, its quota is {max}: delete or collect checkpoints first",
+                    self.name
+                ),
+                retry_after_s: self.quota.usage_refresh_s,
+            });
+        }
+        Ok(())
     }
 
     /// The stored bytes of the tenant's jobs, from a measurement at most `usage_refresh_s` old.
@@ -131,8 +168,8 @@ impl Tenants {
                     (Arc::new(Semaphore::new(n)), n)
                 });
                 let staging = (c.quota.staging_share_pct < 100).then(|| {
-                    let bytes = share(c.quota.staging_share_pct, staging_bytes_max);
-                    Arc::new(Semaphore::new(bytes.min(Semaphore::MAX_PERMITS as u64) as usize))
+                    let bytes = share(c.quota.staging_share_pct, staging_bytes_max).min(u32::MAX as u64);
+                    (Arc::new(Semaphore::new(bytes as usize)), bytes)
                 });
                 Arc::new(Tenant {
                     name: c.name.clone(),
@@ -179,8 +216,11 @@ impl Tenants {
         found
     }
 
+    /// The one tenant a certificate's names map to; none when they map to several.
     fn by_cert(&self, names: &PeerCertNames) -> Option<Arc<Tenant>> {
-        self.list.iter().find(|t| t.cert_names.iter().any(|n| names.0.contains(n))).cloned()
+        let mut found = self.list.iter().filter(|t| t.cert_names.iter().any(|n| names.0.contains(n)));
+        let first = found.next()?;
+        found.next().is_none().then(|| first.clone())
     }
 }
 
@@ -257,10 +297,14 @@ fn identify(tenants: &Tenants, req: &axum::extract::Request) -> Result<Arc<Tenan
     match req.headers().get(header::AUTHORIZATION) {
         Some(v) => {
             let v = v.to_str().map_err(|_| refused())?;
+            // The scheme is case-insensitive (RFC 7235).
             let token = v
-                .strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-                .ok_or_else(|| ServiceError::Unauthorized("the Authorization header is not a bearer token".into()))?;
+                .split_once(' ')
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, t)| t)
+                .ok_or_else(|| {
+                ServiceError::Unauthorized("the Authorization header is not a bearer token".into())
+            })?;
             tenants.by_token(token.trim()).ok_or_else(refused)
         }
         None => match req.extensions().get::<PeerCertNames>().filter(|n| !n.0.is_empty()) {
@@ -291,12 +335,20 @@ pub async fn authorize(
             return ApiError(ServiceError::Forbidden(format!("{} is for admins only", m.as_str()))).into_response();
         }
     }
-    if let Ok(params) = params {
-        if let Some((_, job)) = params.iter().find(|(k, _)| *k == "job") {
-            if !principal.sees(job) {
-                return ApiError(not_found_job(job)).into_response();
+    match params {
+        Ok(params) => {
+            if let Some((_, job)) = params.iter().find(|(k, _)| *k == "job") {
+                if !principal.sees(job) {
+                    return ApiError(not_found_job(job)).into_response();
+                }
             }
         }
+        // Parameters that do not decode (invalid UTF-8): refused here rather than trusted to
+        // every handler to refuse them too.
+        Err(e) if matched.is_some() => {
+            return ApiError(ServiceError::BadRequest(format!("bad path: {}", e.body_text()))).into_response()
+        }
+        Err(_) => {}
     }
     next.run(req).await
 }
@@ -346,6 +398,20 @@ pub fn validate_tenants(tenants: &[TenantConfig], tls: Option<&TlsConfig>) -> Re
         }
         if q.saves_in_flight_max == Some(0) || q.requests_per_s == Some(0) || q.usage_refresh_s == 0 {
             return Err(bad(t, "quota limits must be positive".into()));
+        }
+    }
+    // A name is one tenant's: overlapping prefixes would give one tenant another's jobs (admins,
+    // who may see every job, excepted), and a certificate name must map to one tenant.
+    for a in tenants.iter().filter(|t| !t.admin) {
+        for b in tenants.iter().filter(|b| !b.admin && b.name != a.name) {
+            for pa in &a.job_prefixes {
+                if let Some(pb) = b.job_prefixes.iter().find(|pb| pb.starts_with(pa.as_str())) {
+                    return Err(bad(a, format!("prefix {pa:?} covers tenant {:?}'s prefix {pb:?}", b.name)));
+                }
+            }
+            if let Some(n) = a.client_cert_names.iter().find(|n| b.client_cert_names.contains(n)) {
+                return Err(bad(a, format!("shares client certificate name {n:?} with tenant {:?}", b.name)));
+            }
         }
     }
     Ok(())
@@ -398,8 +464,26 @@ mod tests {
             let e = validate_tenants(&[c], None).unwrap_err().to_string();
             assert!(e.contains(why), "{e} should mention {why}");
         }
-        let e = validate_tenants(&[ok.clone(), TenantConfig { name: "b".into(), ..ok }], None).unwrap_err();
+        let e = validate_tenants(&[ok.clone(), TenantConfig { name: "b".into(), ..ok.clone() }], None).unwrap_err();
         assert!(e.to_string().contains("shares a token"), "{e}");
+        // One tenant's prefix may not cover another's; an admin's may.
+        let wide = TenantConfig { job_prefixes: vec!["a".into()], ..tenant("b", "t2", "") };
+        let e = validate_tenants(&[ok.clone(), wide.clone()], None).unwrap_err();
+        assert!(e.to_string().contains("covers"), "{e}");
+        validate_tenants(&[ok.clone(), TenantConfig { admin: true, ..wide }], None).unwrap();
+    }
+
+    #[test]
+    fn a_certificate_naming_two_tenants_names_none() {
+        let with = |name: &str, token: &str, prefix: &str, certs: &[&str]| TenantConfig {
+            client_cert_names: certs.iter().map(|c| c.to_string()).collect(),
+            ..tenant(name, token, prefix)
+        };
+        let t = Tenants::new(&[with("a", "ta", "a-", &["a.test"]), with("b", "tb", "b-", &["b.test"])], 8, 1 << 20);
+        let names = |n: &[&str]| PeerCertNames(n.iter().map(|s| s.to_string()).collect());
+        assert_eq!(t.by_cert(&names(&["a.test"])).unwrap().name, "a");
+        assert!(t.by_cert(&names(&["a.test", "b.test"])).is_none());
+        assert!(t.by_cert(&names(&["c.test"])).is_none());
     }
 
     #[test]
@@ -412,7 +496,7 @@ mod tests {
             a.admit().unwrap();
         }
         match a.admit().unwrap_err() {
-            ServiceError::OverQuota { retry_after_s, .. } => assert_eq!(retry_after_s, 1),
+            ServiceError::RateLimited { retry_after_s, .. } => assert_eq!(retry_after_s, 1),
             e => panic!("{e}"),
         }
     }

@@ -387,6 +387,16 @@ impl Config {
             ));
         }
         crate::auth::validate_tenants(&self.tenants, self.tls.as_ref())?;
+        let staging = self.staging_memory_bytes_max.saturating_add(self.staging_spill_bytes_max);
+        for t in &self.tenants {
+            let share = (staging as u128 * t.quota.staging_share_pct as u128).div_ceil(100) as u64;
+            if share < self.chunk_bytes_max {
+                return Err(ConfigError::Invalid(format!(
+                    "tenant {:?}: staging_share_pct {} gives {share} bytes, less than one chunk (chunk_bytes_max {})",
+                    t.name, t.quota.staging_share_pct, self.chunk_bytes_max
+                )));
+            }
+        }
         if let Some(t) = &self.tls {
             if t.reload_s == 0 {
                 return Err(ConfigError::Invalid("tls.reload_s must be positive".into()));

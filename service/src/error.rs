@@ -52,9 +52,14 @@ pub enum ServiceError {
     /// An authenticated tenant asked for something only an admin may do (403).
     #[error("{0}")]
     Forbidden(String),
-    /// A tenant over one of its quotas or its request rate (429 with Retry-After).
+    /// A tenant over one of its lasting quotas (saves in flight, stored bytes): 429 with
+    /// Retry-After, code `over_quota`; waiting alone may not cure it.
     #[error("{reason}")]
     OverQuota { reason: String, retry_after_s: u64 },
+    /// A tenant over its request rate or holding its whole share of the chunk slots or the
+    /// staging budget: 429 with Retry-After, code `rate_limited`; clients wait and retry.
+    #[error("{reason}")]
+    RateLimited { reason: String, retry_after_s: u64 },
 
     /// ckptd cannot start: its address, its data directory.
     #[error("{0}")]
@@ -97,6 +102,7 @@ impl ServiceError {
             ServiceError::Unauthorized(_) => "unauthorized",
             ServiceError::Forbidden(_) => "forbidden",
             ServiceError::OverQuota { .. } => "over_quota",
+            ServiceError::RateLimited { .. } => "rate_limited",
             ServiceError::Startup(_) => "startup",
             ServiceError::Internal(_) => "internal",
         }

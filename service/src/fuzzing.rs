@@ -1,7 +1,9 @@
 //! The HTTP handlers in process, for the fuzz target `fuzz/fuzz_targets/http.rs` and its
 //! proptest twin (`service/tests/http_fuzz.rs`): one ckptd (memory store, tenants on) on its
 //! own runtime, and one property for any request: ckptd answers it without panicking, with no
-//! 5xx but a 503 (busy, documented with Retry-After), and a 4xx comes with the JSON error body.
+//! 5xx but a 503 (busy, documented with Retry-After), and a 4xx comes with the JSON error body;
+//! without a valid token nothing but the public routes answers other than 401; the tenant's
+//! token never succeeds on an admin route or on a job outside its prefix `t`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -54,6 +56,8 @@ impl Harness {
             let store = crate::store::Store::open(&config.store, &config.store_options, 2, Default::default())
                 .expect("a memory store");
             crate::durable::ensure_dir(&config.data_dir).expect("the data dir");
+            crate::durable::ensure_dir(&config.handoff_dir()).expect("the handoff dir");
+            crate::prepare_tenant_dirs(&config.handoff_dir(), &config.tenants).expect("the tenants' handoff dirs");
             let index = crate::index::Index::open(&config.data_dir.join("index"), 16 << 20).expect("the index");
             let coordinator = Coordinator::start(store, index, config.clone());
             coordinator.recover().await.expect("recovery of an empty store");
@@ -89,6 +93,20 @@ impl Harness {
             (status, body)
         });
         assert!(status < 500 || status == 503, "{method} {path} answered {status}: {}", String::from_utf8_lossy(&body));
+        let bare = path.split('?').next().unwrap_or("");
+        let public = ["/healthz", "/readyz", "/openapi.json"].contains(&bare);
+        if auth % 4 == 0 || auth % 4 == 3 {
+            assert!(public || status == 401, "{method} {path} without a valid token answered {status}");
+        }
+        if auth % 4 == 1 && (200..300).contains(&status) {
+            let admin = ["/v1/stats", "/metrics", "/v1/gc", "/v1/faults"].contains(&bare);
+            assert!(!admin, "{method} {path}: the tenant's token passed an admin route");
+            let segments: Vec<&str> = bare.split('/').collect();
+            if let ["", "v1", "jobs", job, _, ..] = segments.as_slice() {
+                let job = percent_decode(job);
+                assert!(job.starts_with('t'), "{method} {path}: the tenant reached job {job:?}");
+            }
+        }
         if (400..500).contains(&status) && method != "HEAD" {
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_else(|e| {
                 panic!("{method} {path} {status}: not JSON ({e}): {:?}", String::from_utf8_lossy(&body))
@@ -97,4 +115,25 @@ impl Harness {
         }
         status
     }
+}
+
+/// `%XX` escapes decoded (bytes that are not UTF-8 replaced), as the router decodes a segment.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (b[i], b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

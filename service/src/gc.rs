@@ -628,6 +628,15 @@ impl Coordinator {
             if let Ok(rd) = std::fs::read_dir(&handoff) {
                 stale.extend(rd.flatten().map(|e| e.path()).filter(|p| old(p)));
             }
+            // Each tenant's handoff directory too (`old` looks at regular files only, never
+            // through a link).
+            if let Ok(tenants) = std::fs::read_dir(handoff.join("tenants")) {
+                for dir in tenants.flatten().filter(|d| d.file_type().is_ok_and(|t| t.is_dir())) {
+                    if let Ok(rd) = std::fs::read_dir(dir.path()) {
+                        stale.extend(rd.flatten().map(|e| e.path()).filter(|p| old(p)));
+                    }
+                }
+            }
             if let Ok(jobs) = std::fs::read_dir(&spill) {
                 for dir in jobs.flatten() {
                     if let Ok(rd) = std::fs::read_dir(dir.path()) {

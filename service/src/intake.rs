@@ -141,7 +141,7 @@ impl Coordinator {
         hash: ChunkHash,
         len: u64,
         mut body: S,
-        share: Option<(String, std::sync::Arc<tokio::sync::Semaphore>)>,
+        share: Option<OwnedSemaphorePermit>,
     ) -> Result<ChunkPutOutcome, ServiceError>
     where
         S: futures::Stream<Item = Result<Bytes, ServiceError>> + Unpin + Send + 'static,
@@ -191,17 +191,21 @@ impl Coordinator {
         }
     }
 
-    /// `<handoff_dir>/tenants/<name>`, made on first use with mode 0700 and owned by the
-    /// tenant's `uid` when it has one, so no other tenant's processes can read or write it.
+    /// `<handoff_dir>/tenants/<name>`, made at start-up (`prepare_tenant_dirs`). Checked on
+    /// every use without following links: a directory swapped for a link, or for one with
+    /// another owner or looser mode, is refused rather than used.
     fn tenant_handoff_dir(&self, t: &crate::auth::Tenant) -> Result<std::path::PathBuf, ServiceError> {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = self.handoff_dir.join("tenants").join(&t.name);
-        if !dir.is_dir() {
-            crate::durable::ensure_dir(&dir)?;
-        }
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-        if let Some(uid) = t.uid {
-            std::os::unix::fs::chown(&dir, Some(uid), None)?;
+        use std::os::unix::fs::MetadataExt;
+        let root = self.handoff_dir.join("tenants");
+        let dir = root.join(&t.name);
+        let owner = std::fs::symlink_metadata(&root)?.uid();
+        let m = std::fs::symlink_metadata(&dir)?;
+        if !m.is_dir() || m.mode() & 0o077 != 0 || m.uid() != t.uid.unwrap_or(owner) {
+            return Err(ServiceError::Internal(format!(
+                "handoff directory {} is not the private directory ckptd made for tenant {}",
+                dir.display(),
+                t.name
+            )));
         }
         Ok(dir)
     }

@@ -79,6 +79,10 @@ pub async fn serve_until(
     }
     durable::ensure_dir(&config.data_dir)?;
     durable::ensure_dir(&config.handoff_dir())?;
+    prepare_tenant_dirs(&config.handoff_dir(), &config.tenants)?;
+    if !config.tenants.is_empty() && config.tls.is_none() && !listener.local_addr()?.ip().is_loopback() {
+        tracing::warn!("tenants without [tls]: bearer tokens cross the network in clear text");
+    }
     let data_dir = config.data_dir.clone();
     let cache_bytes = config.index_cache_bytes_max;
     let pid_file = config.data_dir.join("ckptd.pid");
@@ -111,7 +115,8 @@ pub async fn serve_until(
     let coordinator = Coordinator::start(store.clone(), index.clone(), config.clone());
     let report = coordinator.recover().await?;
     tracing::info!(store = store.description(), ?report, "recovered");
-    if config.segments_max > 0 && store.local_root().is_some() {
+    // The segment socket does not authenticate: with tenants, the path is off.
+    if config.segments_max > 0 && store.local_root().is_some() && config.tenants.is_empty() {
         if let Some(p) = segments::listen(&config.data_dir.join("segments.sock"), coordinator.segments.clone()) {
             let _ = coordinator.segment_socket.set(p);
         }
@@ -147,6 +152,46 @@ pub async fn serve_until(
     index.flush().await?;
     let _ = std::fs::remove_file(&pid_file);
     tracing::info!("ckptd stopped");
+    Ok(())
+}
+
+/// Makes `<handoff>/tenants` (0711) and each tenant's directory in it (0700, owned by its
+/// `uid`), without following links: a link or a file planted at either name stops start-up.
+/// Modes and owners are set through the opened directory, never through its name.
+fn prepare_tenant_dirs(handoff: &std::path::Path, tenants: &[config::TenantConfig]) -> Result<(), ServiceError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    if tenants.is_empty() {
+        return Ok(());
+    }
+    let private = |dir: &std::path::Path, mode: u32, uid: Option<u32>| -> Result<(), ServiceError> {
+        let fail = |why: String| ServiceError::Startup(format!("handoff directory {}: {why}", dir.display()));
+        match std::fs::symlink_metadata(dir) {
+            Ok(m) if !m.file_type().is_dir() => return Err(fail("exists and is not a directory (a link?)".into())),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::DirBuilder::new().mode(mode).create(dir).map_err(|e| fail(e.to_string()))?;
+            }
+            Err(e) => return Err(fail(e.to_string())),
+        }
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(dir)
+            .map_err(|e| fail(e.to_string()))?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(|e| fail(e.to_string()))?;
+        if let Some(uid) = uid {
+            std::os::unix::fs::fchown(&f, Some(uid), None).map_err(|e| {
+                fail(format!("cannot give it to uid {uid} ({e}); a tenant's uid needs ckptd to run as root"))
+            })?;
+        }
+        Ok(())
+    };
+    let root = handoff.join("tenants");
+    private(&root, 0o711, None)?;
+    for t in tenants {
+        private(&root.join(&t.name), 0o700, t.uid)?;
+    }
+    durable::ensure_dir(&root)?;
     Ok(())
 }
 

@@ -239,27 +239,14 @@ impl Staging {
         hash: ChunkHash,
         len: u64,
         body: S,
-        share: Option<(String, Arc<Semaphore>)>,
+        share: Option<OwnedSemaphorePermit>,
     ) -> Result<(), ServiceError>
     where
         S: Stream<Item = Result<Bytes, ServiceError>> + Unpin + Send + 'static,
     {
-        // A tenant's share of the budget is taken first and held with the staged chunk until
-        // it is durable, so one tenant's burst cannot fill staging for the others.
-        let share = match share {
-            None => None,
-            Some((tenant, sem)) => {
-                match tokio::time::timeout(self.cfg.busy_wait, sem.acquire_many_owned(permits(len))).await {
-                    Ok(Ok(p)) => Some(p),
-                    _ => {
-                        return Err(ServiceError::OverQuota {
-                            reason: format!("tenant {tenant}'s share of the staging budget is full"),
-                            retry_after_s: 1,
-                        })
-                    }
-                }
-            }
-        };
+        // `share` is the tenant's share of the budget for this chunk (taken by the caller
+        // before any node-wide slot): it stays with the staged chunk until it is durable, so one
+        // tenant's burst cannot fill staging for the others.
         // In its own task: the request future is dropped when its client goes away, and a
         // receive cut off there would leave a partial spill file, or a chunk received but never
         // queued. The task ends when the body does (a closed connection ends it with an error).

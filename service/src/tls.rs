@@ -72,6 +72,8 @@ fn modified(cfg: &TlsConfig) -> Option<(SystemTime, SystemTime)> {
 /// lives.
 pub fn acceptor(cfg: &TlsConfig) -> Result<(tokio_rustls::TlsAcceptor, ReloadGuard), ServiceError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    // Taken before the first load, so a change while it loads is seen at the first check.
+    let first_seen = modified(cfg);
     let resolver = Arc::new(Reloading { current: RwLock::new(Arc::new(load_certified_key(cfg, &provider)?)) });
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -93,7 +95,7 @@ pub fn acceptor(cfg: &TlsConfig) -> Result<(tokio_rustls::TlsAcceptor, ReloadGua
 
     let (cfg, every) = (cfg.clone(), Duration::from_secs(cfg.reload_s));
     let task = tokio::spawn(async move {
-        let mut seen = modified(&cfg);
+        let mut seen = first_seen;
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

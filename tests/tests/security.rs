@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const TOKEN_A: &str = "tok-a-5f1c9e0b7d2a4e6f8a1b3c5d7e9f0a2b";
 const TOKEN_B: &str = "tok-b-0e2d4c6b8a9f1e3d5c7b9a0f2e4d6c8b";
 const TOKEN_SLOW: &str = "tok-slow-a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6";
+const TOKEN_C: &str = "tok-c-77e1d2c3b4a5968778695a4b3c2d1e0f";
 const TOKEN_ADMIN: &str = "tok-admin-9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d";
 
 fn hash(token: &str) -> String {
@@ -21,12 +22,15 @@ fn hash(token: &str) -> String {
 }
 
 /// Tenant a owns `a-*`; b owns `b-*` and may have one save in flight; slow owns `slow-*` and
-/// may make 5 requests a second; admin sees every job.
+/// may make 5 requests a second; c may store 1000 bytes and hold 7% (1.12 MiB) of the 16 MiB
+/// staging budget; admin sees every job.
 fn config() -> String {
     format!(
         r#"
 shard_index_bytes_max = 65536
 chunk_bytes_max = 1048576
+staging_memory_bytes_max = 8388608
+staging_spill_bytes_max = 8388608
 
 [[tenants]]
 name = "a"
@@ -46,6 +50,12 @@ job_prefixes = ["slow-"]
 quota = {{ requests_per_s = 5 }}
 
 [[tenants]]
+name = "c"
+token_blake3 = ["{}"]
+job_prefixes = ["c-"]
+quota = {{ stored_bytes_max = 1000, usage_refresh_s = 1, staging_share_pct = 7 }}
+
+[[tenants]]
 name = "admin"
 token_blake3 = ["{}"]
 job_prefixes = [""]
@@ -54,6 +64,7 @@ admin = true
         hash(TOKEN_A),
         hash(TOKEN_B),
         hash(TOKEN_SLOW),
+        hash(TOKEN_C),
         hash(TOKEN_ADMIN)
     )
 }
@@ -235,6 +246,14 @@ async fn tenants_see_only_their_own_jobs_and_the_store_stays_unchanged() {
                 "{method} {path}: body lengths differ beyond the name"
             );
         }
+        // A foreign name spelled with percent-escapes is the same name.
+        for spelled in ["a%2Djob", "%61-job", "%61%2d%6a%6f%62"] {
+            let r = raw(&addr, "GET", &format!("/v1/jobs/{spelled}/checkpoints"), Some(&bearer(TOKEN_B)), b"").await;
+            assert_eq!(r.status, 404, "{spelled}: {}", r.body);
+            assert_eq!(r.json()["error"]["code"], "not_found", "{spelled}");
+        }
+        let r = raw(&addr, "GET", "/v1/jobs/a-job%FF/checkpoints", Some(&bearer(TOKEN_A)), b"").await;
+        assert_eq!(r.status, 400, "a name that is not UTF-8: {}", r.body);
         // Admin routes are refused to tenants.
         for (method, path, admin_only) in GLOBAL {
             let r = raw(&addr, method, path, Some(&bearer(TOKEN_A)), b"").await;
@@ -418,21 +437,67 @@ async fn quotas_hold_one_tenant_and_not_the_others(
     assert_eq!(raw(addr, "DELETE", &b("b-job/saves/2"), Some(&bearer(TOKEN_B)), b"").await.status, 200);
     assert_eq!(raw(addr, "PUT", &b("b-other/saves/1"), Some(&bearer(TOKEN_B)), open).await.status, 200);
 
+    // 20 requests at once against a bucket of 5 (5 a second): most are refused, each with
+    // Retry-After, while a's requests, made at the same time, all pass.
+    let (slow_auth, a_auth) = (bearer(TOKEN_SLOW), bearer(TOKEN_A));
+    let slow = (0..20).map(|_| raw(addr, "GET", "/v1/jobs", Some(&slow_auth), b""));
+    let fast = (0..20).map(|_| raw(addr, "GET", "/v1/jobs", Some(&a_auth), b""));
+    let (slow, fast) = futures::future::join(futures::future::join_all(slow), futures::future::join_all(fast)).await;
     let mut limited = 0;
-    for _ in 0..20 {
-        let r = raw(addr, "GET", "/v1/jobs", Some(&bearer(TOKEN_SLOW)), b"").await;
+    for r in &slow {
         if r.status == 429 {
             limited += 1;
+            assert_eq!(r.json()["error"]["code"], "rate_limited");
             assert!(r.headers.contains_key("retry-after"), "429 without Retry-After");
         } else {
             assert_eq!(r.status, 200, "{}", r.body);
         }
-        // a is not slowed by slow's bucket.
-        assert_eq!(raw(addr, "GET", "/v1/jobs", Some(&bearer(TOKEN_A)), b"").await.status, 200);
     }
+    assert!(fast.iter().all(|r| r.status == 200), "a was slowed by slow's bucket");
     assert!(limited >= 10, "20 requests at once against a rate of 5/s: only {limited} were refused");
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(raw(addr, "GET", "/v1/jobs", Some(&bearer(TOKEN_SLOW)), b"").await.status, 200);
+
+    // c's share of staging is 1.12 MiB. An upload of 1 MiB that stalls half-way holds 1 MiB of
+    // it; c's next 512 KiB chunk then waits for its share and is refused (429 rate_limited),
+    // while the same chunk from a is staged at once.
+    let held: Vec<u8> = (0..1u32 << 20).map(|i| (i % 241) as u8).collect();
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "PUT /v1/jobs/c-job/chunks/{} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN_C}\r\nContent-Length: {}\r\n\r\n",
+        ckpt_core::ChunkHash::of(&held),
+        held.len()
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    stalled.write_all(&held[..held.len() / 2]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let chunk: Vec<u8> = (0..512 << 10).map(|i| (i % 251) as u8).collect();
+    let h = ckpt_core::ChunkHash::of(&chunk);
+    let r = raw(addr, "PUT", &format!("/v1/jobs/c-job/chunks/{h}"), Some(&bearer(TOKEN_C)), &chunk).await;
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "rate_limited", "{}", r.body);
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("staging"), "{}", r.body);
+    assert!(r.headers.contains_key("retry-after"));
+    let r = raw(addr, "PUT", &format!("/v1/jobs/a-big/chunks/{h}"), Some(&bearer(TOKEN_A)), &chunk).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    // Once the stalled upload is gone, c's share is free again.
+    drop(stalled);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = raw(addr, "PUT", &format!("/v1/jobs/c-job/chunks/{h}"), Some(&bearer(TOKEN_C)), &chunk).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    // c may store 1000 bytes: its first save (4 KiB that do not compress) commits, the next one
+    // is refused at open.
+    let noise: Vec<u8> = (0u64..4096).map(|i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8).collect();
+    let small =
+        vec![vec![ckpt_client::Tensor::whole("w", ckpt_client::DType::U8, vec![4096], bytes::Bytes::from(noise))]];
+    save_step(&tenant_client(d, TOKEN_C), "c-job", 1, &small).await.unwrap();
+    wait_uploads_drained_as(addr).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = raw(addr, "PUT", "/v1/jobs/c-job/saves/2", Some(&bearer(TOKEN_C)), br#"{"world_size":1}"#).await;
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("quota is 1000"), "{}", r.body);
+    // and a is not affected.
+    save_step(&tenant_client(d, TOKEN_A), "a-job", 3, state).await.unwrap();
 }
 
 /// `ckpt` reads the token from CKPT_TOKEN or CKPT_TOKEN_FILE; without one it says what to set.

@@ -139,6 +139,10 @@ pub struct Recipe {
     /// Sequences per optimizer step across all ranks; each rank takes an equal share.
     pub global_batch: usize,
     pub seq_len: usize,
+    /// The token embeddings are frozen: never updated, their optimizer state never changes (as
+    /// when fine-tuning on top of a pretrained vocabulary).
+    #[serde(default)]
+    pub freeze_embeddings: bool,
 }
 
 impl Recipe {
@@ -205,6 +209,7 @@ mod tests {
             grad_clip: 1.0,
             global_batch: 12,
             seq_len: 64,
+            freeze_embeddings: false,
         }
     }
 

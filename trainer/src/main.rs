@@ -144,6 +144,17 @@ struct LaunchArgs {
     /// Send every checkpoint byte over HTTP, as to a remote ckptd (no node-local path).
     #[arg(long)]
     no_node_local: bool,
+    /// Freeze the token embeddings (never updated): their chunks stay unchanged between
+    /// checkpoints and are neither copied nor hashed again.
+    #[arg(long)]
+    freeze_embeddings: bool,
+    /// Checkpoint chunk size in KiB (the unit of change detection and dedup).
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(4..=65536))]
+    chunk_kib: u64,
+    /// How a save finds unchanged chunks: per-chunk fingerprints of the state (what a GPU
+    /// trainer computes on device), or a byte compare with the staging buffer.
+    #[arg(long, default_value = "fingerprint", value_parser = ["fingerprint", "compare"])]
+    change_detection: String,
     /// Where the collective hub listens (default: a free loopback port).
     #[arg(long)]
     hub_listen: Option<String>,
@@ -245,6 +256,9 @@ fn run() -> Result<()> {
                 log_every: 20,
                 json,
                 no_node_local: false,
+                freeze_embeddings: false,
+                chunk_kib: 4096,
+                change_detection: "fingerprint".into(),
                 hub_listen: None,
                 hub_advertise: None,
             };
@@ -305,6 +319,7 @@ fn run_launch(args: &LaunchArgs) -> Result<Option<(report::Report, PathBuf)>> {
         grad_clip: 1.0,
         global_batch: args.global_batch,
         seq_len: args.seq_len,
+        freeze_embeddings: args.freeze_embeddings,
     };
     let run_dir = args.run_dir.clone().unwrap_or_else(|| PathBuf::from("ckpt-runs").join(&args.job));
     let mut opts = launch::LaunchOptions {
@@ -319,6 +334,12 @@ fn run_launch(args: &LaunchArgs) -> Result<Option<(report::Report, PathBuf)>> {
             run_dir: run_dir.clone(),
             corpus_bytes: args.corpus_bytes,
             node_local: !args.no_node_local,
+            chunk_bytes: args.chunk_kib << 10,
+            change_detection: if args.change_detection == "compare" {
+                ckpt_client::ChangeDetection::Compare
+            } else {
+                ckpt_client::ChangeDetection::Fingerprint
+            },
         },
         nproc: args.nproc,
         max_restarts: args.max_restarts,

@@ -20,6 +20,8 @@ pub struct AdamW {
     pub v: Vec<f32>,
     /// Whether weight decay applies to each owned element.
     decay: Vec<bool>,
+    /// Elements that are never updated (frozen parameters keep their value and moments).
+    frozen: Vec<bool>,
 }
 
 impl AdamW {
@@ -32,7 +34,20 @@ impl AdamW {
                 decay[lo - range.start..hi - range.start].fill(p.decay);
             }
         }
-        AdamW { start: range.start, m: vec![0.0; range.len()], v: vec![0.0; range.len()], decay }
+        let frozen = vec![false; range.len()];
+        AdamW { start: range.start, m: vec![0.0; range.len()], v: vec![0.0; range.len()], decay, frozen }
+    }
+
+    /// Freezes the owned elements of the parameters `which` accepts.
+    pub fn freeze(&mut self, params: &[ParamRange], which: impl Fn(&ParamRange) -> bool) {
+        let end = self.start + self.frozen.len();
+        for p in params.iter().filter(|p| which(p)) {
+            let lo = p.start.max(self.start);
+            let hi = (p.start + p.len).min(end);
+            if lo < hi {
+                self.frozen[lo - self.start..hi - self.start].fill(true);
+            }
+        }
     }
 
     /// One update of `params` (this rank's slice) with gradient `grad` for step `step` (1-based),
@@ -43,6 +58,9 @@ impl AdamW {
         let bc1 = 1.0 - b1.powi(step.min(i32::MAX as u64) as i32);
         let bc2 = 1.0 - b2.powi(step.min(i32::MAX as u64) as i32);
         for i in 0..params.len() {
+            if self.frozen[i] {
+                continue;
+            }
             let g = grad[i] * clip;
             self.m[i] = b1 * self.m[i] + (1.0 - b1) * g;
             self.v[i] = b2 * self.v[i] + (1.0 - b2) * g * g;
@@ -102,10 +120,19 @@ mod tests {
             grad_clip: 0.0,
             global_batch: 1,
             seq_len: 2,
+            freeze_embeddings: false,
         };
         let mut p = vec![1.0f32; 4];
         opt.step(&mut p, &[0.0; 4], 1, &recipe, 1.0);
         assert!(p[0] < 1.0 && p[1] < 1.0, "decayed: {p:?}");
         assert_eq!(&p[2..], &[1.0, 1.0], "norm gains are not decayed");
+        // A frozen parameter keeps its value and its moments, whatever its gradient.
+        let mut opt = AdamW::new(2..6, &params);
+        opt.freeze(&params, |p| p.name == "w");
+        let mut p = vec![1.0f32; 4];
+        opt.step(&mut p, &[0.5; 4], 1, &recipe, 1.0);
+        assert_eq!(&p[..2], &[1.0, 1.0], "the frozen elements moved");
+        assert_eq!((&opt.m[..2], &opt.v[..2]), (&[0.0, 0.0][..], &[0.0, 0.0][..]));
+        assert!(p[2] < 1.0 && opt.m[2] != 0.0, "the others train: {p:?}");
     }
 }

@@ -25,6 +25,20 @@ pub struct RunConfig {
     /// to a remote ckptd; chaos runs put a fault proxy there).
     #[serde(default = "yes")]
     pub node_local: bool,
+    /// Size of the chunks checkpoints are cut into (the unit of change detection and dedup).
+    #[serde(default = "default_chunk_bytes")]
+    pub chunk_bytes: u64,
+    /// How a save finds the chunks that did not change since the last one.
+    #[serde(default = "fingerprints")]
+    pub change_detection: ckpt_client::ChangeDetection,
+}
+
+fn default_chunk_bytes() -> u64 {
+    4 << 20
+}
+
+fn fingerprints() -> ckpt_client::ChangeDetection {
+    ckpt_client::ChangeDetection::Fingerprint
 }
 
 fn yes() -> bool {

@@ -123,7 +123,12 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     // The generation is the fencing epoch: once the launcher starts the next generation, this
     // rank's saves are refused even if it never learns that it was replaced.
-    let opts = ClientOptions { node_local: spec.run.node_local, epoch: Some(spec.generation), ..Default::default() };
+    let opts = ClientOptions {
+        node_local: spec.run.node_local,
+        epoch: Some(spec.generation),
+        chunk_bytes: spec.run.chunk_bytes,
+        ..Default::default()
+    };
     let client = Client::new(&spec.run.server, opts)?;
 
     let p = spec.run.model.param_count() as usize;
@@ -140,6 +145,9 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
     let mut full: Vec<f32>;
     let mut own: Vec<f32>;
     let mut opt = AdamW::new(mine.clone(), &param_ranges(&spec.run.model));
+    if spec.run.recipe.freeze_embeddings {
+        opt.freeze(&param_ranges(&spec.run.model), |p| p.name == "tok_embeddings");
+    }
     let mut sampler;
     let mut step;
     match spec.resume_step {
@@ -188,7 +196,7 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
     let recipe = &spec.run.recipe;
     let share = recipe.global_batch / world;
     let mut grad_own = vec![0.0f32; mine.len()];
-    let saver = AsyncSaver::new(client.clone(), 3 * 4 * mine.len());
+    let saver = AsyncSaver::new(client.clone(), 3 * 4 * mine.len()).with_change_detection(spec.run.change_detection);
     // Saves whose commit is still awaited, oldest first. A save needs only the staging buffer,
     // which the previous one releases once ckptd holds its bytes: the trainer does not wait for
     // a commit unless more than `SAVES_IN_FLIGHT_MAX` are outstanding.
@@ -367,6 +375,8 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
                 "waited_ms": ticket.waited.as_secs_f64() * 1e3, "prev_wait_ms": prev_wait.as_secs_f64() * 1e3,
                 "wait_ms": wait.as_secs_f64() * 1e3, "bytes": ticket.bytes, "step_ms": step_ms,
                 "memcpy_ms": floor_ms, "in_flight": in_flight,
+                "chunks_copied": ticket.chunks_copied, "chunks_unchanged": ticket.chunks_unchanged,
+                "detect_ms": ticket.detect.as_secs_f64() * 1e3,
             }));
             if let Some(inj) = kill_save {
                 fire(&mut events, inj, "upload in flight");
@@ -423,6 +433,7 @@ fn finish_save(rt: &tokio::runtime::Runtime, events: &mut Events, prev: PendingS
             events.emit(serde_json::json!({
                 "kind": "committed", "step": prev.step, "save_ms": r.elapsed_ms,
                 "bytes_sent": r.bytes_sent, "bytes_total": r.bytes_total,
+                "chunks_total": r.chunks_total, "chunks_reused": r.chunks_reused,
             }));
             true
         }

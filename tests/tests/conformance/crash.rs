@@ -128,7 +128,10 @@ async fn a_failed_manifest_write_is_retried_in_the_background(backend: Backend) 
     std::fs::write(&cfg, "commit_retry_ms = 200\n").unwrap();
     opts.extra_args.extend(["--config".into(), cfg.into_os_string()]);
     let d = start_daemon_with(opts).await;
-    let c = client(&d);
+    // No client retries: only ckptd's own background retry may commit (a client's retried index
+    // put would commit too, and under load it can come first).
+    let once = ckpt_client::ClientOptions { attempts_max: 1, ..client(&d).options().clone() };
+    let c = ckpt_client::Client::new(&d.url(), once).unwrap();
     let state: Vec<_> = (0..WORLD).map(|r| rank_tensors(seed, r, WORLD, 1 << 20)).collect();
     for (r, t) in state.iter().enumerate() {
         // The last rank's index triggers the commit, which fails: the put itself reports it.

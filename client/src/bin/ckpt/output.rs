@@ -83,6 +83,7 @@ pub fn classify(e: &anyhow::Error, server: &str) -> Failure {
             message: format!("{message} (give the tenant's token as CKPT_TOKEN or CKPT_TOKEN_FILE)"),
         },
         ClientError::Api { status: 403, .. } => f("forbidden", exit::REFUSED),
+        ClientError::Api { status: 429, code, .. } if code == "rate_limited" => f("rate_limited", exit::REFUSED),
         ClientError::Api { status: 429, .. } => f("over_quota", exit::REFUSED),
         ClientError::Config(_) => f("usage", exit::USAGE),
         ClientError::Api { status: 404, .. } | ClientError::NoSuchRank { .. } => f("not_found", exit::NOT_FOUND),
