@@ -20,7 +20,11 @@
 //! taken at the last save. The second is what a GPU trainer needs (its state is in device memory:
 //! the fingerprints run there and only changed chunks cross to the host); on the CPU it costs
 //! more arithmetic per byte than memcmp, which the ticket reports (`detect`). Either way an
-//! unchanged chunk is neither copied nor hashed again.
+//! unchanged chunk is neither copied nor hashed again (ckptd is still asked whether it has it).
+//! By fingerprint, a changed chunk whose 128-bit fingerprint equals its old one would keep its old
+//! hash and bytes: about 2^-128 for changes that are not chosen to collide (the fingerprint is not
+//! cryptographic), which is why `Compare` stays available and a save without a previous one (a
+//! new saver, a restart) hashes everything.
 //!
 //! The background part runs on the saver's own small runtime whose threads are niced
 //! (`background_nice`, default 19): hashing, dedup queries and uploads yield the CPU to the
@@ -316,9 +320,11 @@ impl AsyncSaver {
         let waited = asked.elapsed();
 
         let started = Instant::now();
-        let Staging { mut buf, last } = std::mem::take(&mut *guard);
+        let Staging { mut buf, mut last } = std::mem::take(&mut *guard);
         if buf.len() < self.capacity || buf.as_mut_slice().is_none() {
             buf = Buf::allocate(self.capacity, self.client.options().node_local);
+            // A new buffer holds none of the last save's bytes: nothing in it may be reused.
+            last = None;
         }
         let chunk = self.client.options().chunk_bytes;
         let layout = Layout {

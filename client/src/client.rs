@@ -130,7 +130,7 @@ pub struct SaveReport {
     pub chunks_total: usize,
     pub chunks_sent: usize,
     /// Chunks whose address was known before the save (an `AsyncSaver` found them unchanged
-    /// since its last save): neither hashed nor asked about again.
+    /// since its last save): not hashed again (ckptd is still asked whether it has them).
     pub chunks_reused: usize,
     pub bytes_total: u64,
     pub bytes_sent: u64,

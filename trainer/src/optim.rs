@@ -50,6 +50,16 @@ impl AdamW {
         }
     }
 
+    /// Zeroes the gradient of frozen elements, so that they count neither in the clipping norm
+    /// nor anywhere else.
+    pub fn mask_frozen(&self, grad: &mut [f32]) {
+        for (g, frozen) in grad.iter_mut().zip(&self.frozen) {
+            if *frozen {
+                *g = 0.0;
+            }
+        }
+    }
+
     /// One update of `params` (this rank's slice) with gradient `grad` for step `step` (1-based),
     /// after scaling the gradient by `clip`.
     pub fn step(&mut self, params: &mut [f32], grad: &[f32], step: u64, recipe: &Recipe, clip: f32) {

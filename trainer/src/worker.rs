@@ -256,6 +256,7 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
             grad[0] = f32::NAN;
         }
         comm.reduce_scatter_sum(&grad, &mut grad_own)?;
+        opt.mask_frozen(&mut grad_own);
         let scale = 1.0 / world as f32;
         let mut sq = [0.0f32];
         for g in grad_own.iter_mut() {
@@ -376,7 +377,7 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
                 "wait_ms": wait.as_secs_f64() * 1e3, "bytes": ticket.bytes, "step_ms": step_ms,
                 "memcpy_ms": floor_ms, "in_flight": in_flight,
                 "chunks_copied": ticket.chunks_copied, "chunks_unchanged": ticket.chunks_unchanged,
-                "detect_ms": ticket.detect.as_secs_f64() * 1e3,
+                "detect_ms": ticket.detect.as_secs_f64() * 1e3, "change_detection": spec.run.change_detection,
             }));
             if let Some(inj) = kill_save {
                 fire(&mut events, inj, "upload in flight");
