@@ -9,6 +9,7 @@
 pub mod cast;
 pub mod fingerprint;
 pub mod incremental;
+pub mod partition;
 pub mod pattern;
 
 #[cfg(feature = "cuda")]
@@ -19,3 +20,4 @@ pub mod nccl;
 pub use cast::{bf16_to_f32, bf16_to_f32_slice, f32_to_bf16, f32_to_bf16_slice};
 pub use fingerprint::{fingerprint_bytes, fingerprint_f32, fingerprint_words, Fingerprint};
 pub use incremental::{changed_chunks, chunk_fingerprints, ChangedChunks};
+pub use partition::owned_range;

@@ -19,14 +19,7 @@ use cudarc::nccl::{Comm, Id, ReduceOp};
 
 use crate::cuda::{CudaError, Device, Result};
 
-/// The part of a `len`-element vector that `rank` of `world` owns; the same split as the
-/// trainer's `optim::owned_range`, which it must stay equal to.
-pub fn owned_range(len: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
-    let base = len / world;
-    let extra = len % world;
-    let start = rank * base + rank.min(extra);
-    start..start + base + usize::from(rank < extra)
-}
+pub use crate::partition::owned_range;
 
 /// Elements per rank's block in the padded layout.
 fn block_len(len: usize, world: usize) -> usize {
@@ -213,21 +206,6 @@ mod tests {
                 let mut back = vec![0f32; len];
                 unpad(&padded, &mut back, world);
                 assert_eq!(back, full);
-            }
-        }
-    }
-
-    #[test]
-    fn owned_ranges_tile_the_vector() {
-        for len in [0usize, 1, 7, 100, 1001] {
-            for world in 1..6 {
-                let mut next = 0;
-                for r in 0..world {
-                    let g = owned_range(len, r, world);
-                    assert_eq!(g.start, next);
-                    next = g.end;
-                }
-                assert_eq!(next, len);
             }
         }
     }

@@ -247,6 +247,7 @@ impl Staging {
         // `share` is the tenant's share of the budget for this chunk (taken by the caller
         // before any node-wide slot): it stays with the staged chunk until it is durable, so one
         // tenant's burst cannot fill staging for the others.
+        //
         // In its own task: the request future is dropped when its client goes away, and a
         // receive cut off there would leave a partial spill file, or a chunk received but never
         // queued. The task ends when the body does (a closed connection ends it with an error).
