@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU check of issue 14: runs the CUDA twins (kernels/tests/cuda_twins.rs) and the device
-# benchmark (ckpt-device-check) on a machine with an NVIDIA GPU, within 5 minutes.
+# The GPU check of issue 14: runs the CUDA twins (kernels/tests/cuda_twins.rs), the trainer's
+# NCCL backend against the CPU hub (trainer/tests/nccl_twins.rs) and the device benchmark
+# (ckpt-device-check) on a machine with an NVIDIA GPU, within 5 minutes.
 #
-#   kernels/device-check.sh stage [DIR]   on a build machine: build both binaries (release,
-#                                         feature cuda) and copy them into DIR (default .device)
+#   kernels/device-check.sh stage [DIR]   on a build machine: build the three binaries (release,
+#                                         features cuda/nccl) and copy them into DIR (default .device)
 #   kernels/device-check.sh [run] [DIR]   on the GPU machine: run them from DIR, or build them
 #                                         with cargo when DIR has none; logs go to $OUT (or
 #                                         ./device-check-out)
@@ -23,17 +24,27 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 mode=${1:-run}
 dir=${2:-$root/.device}
 
+# The path of test binary $3 of package $1 built with feature $2.
+test_binary() {
+    (cd "$root" && cargo test --release -p "$1" --features "$2" --test "$3" --no-run \
+        --message-format=json 2>/dev/null | sed -n "s/.*\"executable\":\"\([^\"]*$3[^\"]*\)\".*/\1/p" | tail -1)
+}
+
 build() {
     (cd "$root" && cargo build --release -p ckpt-kernels --features cuda --bins) || return 1
-    local tests
-    tests=$(cd "$root" && cargo test --release -p ckpt-kernels --features cuda --test cuda_twins --no-run \
-        --message-format=json 2>/dev/null | sed -n 's/.*"executable":"\([^"]*cuda_twins[^"]*\)".*/\1/p' | tail -1)
-    [ -n "$tests" ] || { echo "could not find the cuda_twins test binary" >&2; return 1; }
+    local twins nccl
+    twins=$(test_binary ckpt-kernels cuda cuda_twins)
+    [ -n "$twins" ] || { echo "could not find the cuda_twins test binary" >&2; return 1; }
+    nccl=$(test_binary ckpt-trainer nccl nccl_twins)
+    [ -n "$nccl" ] || { echo "could not find the nccl_twins test binary" >&2; return 1; }
     local target
     target=$(cd "$root" && cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
     mkdir -p "$dir"
-    cp "$tests" "$dir/cuda_twins"
+    cp "$twins" "$dir/cuda_twins"
+    cp "$nccl" "$dir/nccl_twins"
     cp "$target/release/ckpt-device-check" "$dir/ckpt-device-check"
+    # The device tool carries at most 64 MiB with the working tree: debug info stays here.
+    command -v strip >/dev/null && strip --strip-debug "$dir/cuda_twins" "$dir/nccl_twins" "$dir/ckpt-device-check"
     echo "staged into $dir:"; ls -l "$dir"
 }
 
@@ -46,7 +57,7 @@ fi
 out=${OUT:-$root/device-check-out}
 mkdir -p "$out"
 
-if [ ! -x "$dir/cuda_twins" ] || [ ! -x "$dir/ckpt-device-check" ]; then
+if [ ! -x "$dir/cuda_twins" ] || [ ! -x "$dir/nccl_twins" ] || [ ! -x "$dir/ckpt-device-check" ]; then
     if command -v cargo >/dev/null; then
         echo "no prebuilt binaries in $dir: building with cargo"
         build || exit 1
@@ -92,8 +103,11 @@ export LD_LIBRARY_PATH="$paths${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 } 2>&1 | tee "$out/env.log"
 
 echo "== CUDA twins"
-timeout 120 "$dir/cuda_twins" --test-threads=1 --nocapture 2>&1 | tee "$out/tests.log"
+timeout 90 "$dir/cuda_twins" --test-threads=1 --nocapture 2>&1 | tee "$out/tests.log"
 tests_rc=${PIPESTATUS[0]}
+echo "== NCCL backend against the CPU hub"
+timeout 60 "$dir/nccl_twins" --test-threads=1 --nocapture 2>&1 | tee "$out/nccl.log"
+nccl_rc=${PIPESTATUS[0]}
 echo "== device benchmark"
 # shellcheck disable=SC2086
 timeout 150 "$dir/ckpt-device-check" ${CKPT_DEVICE_CHECK_ARGS:-} 2>&1 | tee "$out/bench.log"
@@ -113,5 +127,5 @@ if [ -n "${CKPT_DEVICE_CHECK_NCU:-}" ]; then
     fi
 fi
 rm -rf "$libs"
-echo "== twins exit $tests_rc, benchmark exit $bench_rc"
-[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
+echo "== twins exit $tests_rc, NCCL twins exit $nccl_rc, benchmark exit $bench_rc"
+[ "$tests_rc" = 0 ] && [ "$nccl_rc" = 0 ] && [ "$bench_rc" = 0 ]

@@ -22,8 +22,10 @@
 //! more arithmetic per byte than memcmp, which the ticket reports (`detect`). Either way an
 //! unchanged chunk is neither copied nor hashed again (ckptd is still asked whether it has it).
 //! By fingerprint, a changed chunk whose 128-bit fingerprint equals its old one would keep its old
-//! hash and bytes: about 2^-128 for changes that are not chosen to collide (the fingerprint is not
-//! cryptographic), which is why `Compare` stays available and a save without a previous one (a
+//! hash and bytes. A change to one 32-bit word always shows; changes to several words must cancel
+//! in both 64-bit lanes, which for the worst structured pairs (the same bit set in one word and
+//! cleared in another) has a chance of about 2^-62 (`ckpt_kernels::fingerprint` explains; it is
+//! not cryptographic). That is why `Compare` stays available and a save without a previous one (a
 //! new saver, a restart) hashes everything.
 //!
 //! The background part runs on the saver's own small runtime whose threads are niced

@@ -5,7 +5,9 @@
 //! the result out, so the trainer's CPU-side state stays where it is and the CPU hub stays the
 //! reference (with one rank, or exact integers in f32, both give the same bits; in general NCCL
 //! sums in its own order). A group of several processes shares a [`UniqueId`] made by rank 0
-//! and passed to the others by the launcher; [`NcclRank::single`] is the group of one.
+//! and passed to the others by the caller (the trainer broadcasts it through its hub);
+//! [`NcclRank::single`] is the group of one. A rank needs a CUDA context on its GPU, not a
+//! [`Device`](crate::cuda::Device): NCCL uses none of the compiled kernels, so no NVRTC either.
 //!
 //! The trainer splits a vector among ranks with `owned_range` (rank r owns one element more
 //! than the rest while r < len % world), but NCCL's reduce-scatter and all-gather move equal
@@ -14,10 +16,10 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::CudaStream;
+use cudarc::driver::{CudaContext, CudaStream};
 use cudarc::nccl::{Comm, Id, ReduceOp};
 
-use crate::cuda::{CudaError, Device, Result};
+use crate::cuda::{CudaError, Result};
 
 pub use crate::partition::owned_range;
 
@@ -77,26 +79,27 @@ pub struct NcclRank {
 }
 
 impl NcclRank {
-    /// A communicator of one rank on `device`.
-    pub fn single(device: &Device) -> Result<NcclRank> {
+    /// A communicator of one rank on `ctx`'s GPU.
+    pub fn single(ctx: &Arc<CudaContext>) -> Result<NcclRank> {
         if !nccl_present() {
             return Err(CudaError::NoNccl);
         }
-        let stream = device.context().new_stream()?;
+        let stream = ctx.new_stream()?;
         let mut comms = Comm::from_devices(vec![stream.clone()]).map_err(|e| nccl_err("init", e))?;
         let comm = comms.pop().expect("one device, one communicator");
         Ok(NcclRank { comm, stream })
     }
 
-    /// Rank `rank` of a group of `world` processes sharing `id`; returns when all have joined.
-    pub fn join(device: &Device, rank: usize, world: usize, id: UniqueId) -> Result<NcclRank> {
+    /// Rank `rank` of a group of `world` processes sharing `id`, on `ctx`'s GPU; returns when
+    /// all have joined.
+    pub fn join(ctx: &Arc<CudaContext>, rank: usize, world: usize, id: UniqueId) -> Result<NcclRank> {
         if !nccl_present() {
             return Err(CudaError::NoNccl);
         }
         if rank >= world {
             return Err(CudaError::Invalid(format!("rank {rank} of a world of {world}")));
         }
-        let stream = device.context().new_stream()?;
+        let stream = ctx.new_stream()?;
         let comm = Comm::from_rank(stream.clone(), rank, world, Id::uninit(id.0.map(|b| b as _)))
             .map_err(|e| nccl_err("init", e))?;
         Ok(NcclRank { comm, stream })

@@ -41,6 +41,11 @@ macro_rules! device_or_skip {
 #[test]
 fn kernels_compile_with_nvrtc() {
     if !nvrtc_present() {
+        // CI installs NVRTC for this check; there a missing library is a failure, not a skip.
+        assert!(
+            std::env::var_os("CKPT_REQUIRE_NVRTC").is_none(),
+            "CKPT_REQUIRE_NVRTC is set but NVRTC cannot be loaded"
+        );
         println!("skipped: no NVRTC");
         return;
     }
@@ -58,7 +63,7 @@ fn fingerprint_reference_value_on_device() {
     let buf = dev.upload(&w).unwrap();
     let fps = dev.fingerprint_chunks(&buf, 1024).unwrap();
     assert_eq!(fps.len(), 1);
-    assert_eq!(fps[0].to_string(), "4e8a0f87ae5dfaa8f99883707b646f0f");
+    assert_eq!(fps[0].to_string(), "fb0eb9b02159e6203c0d599b6c883c8f");
     assert_eq!(fps[0], fingerprint_words(&w, 0));
 }
 
@@ -246,7 +251,7 @@ fn staged_snapshot_copies_the_state_at_capture() {
 #[test]
 fn nccl_single_rank_matches_the_cpu_result() {
     let dev = device_or_skip!();
-    let mut comm = NcclRank::single(dev).expect("a CUDA device is present, so NCCL must load");
+    let mut comm = NcclRank::single(dev.context()).expect("a CUDA device is present, so NCCL must load");
     assert_eq!((comm.rank(), comm.world()), (0, 1));
     let x: Vec<f32> = pattern(5, 1001).iter().map(|w| (*w as f32) * 1e-9 - 2.0).collect();
 

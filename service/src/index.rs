@@ -15,11 +15,18 @@
 //!   wrote before it started, so thousands of concurrent index puts share a handful of syncs. Chunk records are not flushed per put (the store answers for
 //!   them after a crash). On start, `Coordinator::recover` reconciles the index with the store:
 //!   a missing or foreign index is rebuilt from the store's listings.
+//! * Stored bytes per job: counted once when the index opens (one pass over the chunk records),
+//!   then kept in memory, moved by the old value that each chunk record's insert or remove
+//!   returns (exact under concurrent writers, with no transaction and no lock around sled), so
+//!   a tenant's usage (its quota) is a pass over its jobs, not over every chunk record. Nothing
+//!   of it is stored, so a crash, or an older ckptd writing this index, cannot leave a stale
+//!   count behind.
 //! * All methods block; async callers run them on blocking threads.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use ckpt_core::{ChunkHash, SaveState, ShardIndex};
 
@@ -35,6 +42,8 @@ pub enum IndexError {
 pub struct Index {
     db: sled::Db,
     chunks: sled::Tree,
+    /// Stored bytes of each job's chunk records (see the design note).
+    job_bytes: Arc<Mutex<HashMap<String, i64>>>,
     manifests: sled::Tree,
     saves: sled::Tree,
     save_ranks: sled::Tree,
@@ -64,6 +73,9 @@ pub struct ChunkRecord {
 const RAW_LEN_UNKNOWN: u64 = u64::MAX;
 
 const STORE_KEY: &[u8] = b"store";
+fn le_u64(v: &[u8]) -> u64 {
+    v.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes)
+}
 
 fn job_key(job: &str, suffix: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(job.len() + 1 + suffix.len());
@@ -94,14 +106,60 @@ impl Index {
     /// Opens (or creates) the index in `dir`; sled's page cache holds at most `cache_bytes`.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Index, IndexError> {
         let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).open()?;
-        Ok(Index {
+        let index = Index {
             chunks: db.open_tree("chunks")?,
+            job_bytes: Arc::default(),
             manifests: db.open_tree("manifests")?,
             saves: db.open_tree("saves")?,
             save_ranks: db.open_tree("save_ranks")?,
             flushes: Arc::new(GroupFlush::default()),
             db,
-        })
+        };
+        index.count_job_bytes()?;
+        Ok(index)
+    }
+
+    /// Counts every job's stored bytes from the chunk records; called at open, before anyone
+    /// else can write.
+    fn count_job_bytes(&self) -> Result<(), IndexError> {
+        let mut totals = HashMap::<String, i64>::new();
+        for kv in self.chunks.iter() {
+            let (k, v) = kv?;
+            let Some(nul) = k.iter().position(|&b| b == 0) else { continue };
+            let total = totals.entry(String::from_utf8_lossy(&k[..nul]).into_owned()).or_default();
+            *total = total.saturating_add(le_u64(&v) as i64);
+        }
+        *self.job_bytes.lock().unwrap_or_else(|e| e.into_inner()) = totals;
+        Ok(())
+    }
+
+    /// Moves `job`'s count from a record of `old` to one of `new` (None: no record). Counts are
+    /// added and taken in any order, so concurrent writers of one record still sum exactly: each
+    /// one's `old` is what the previous one left.
+    fn count(&self, job: &str, old: Option<&[u8]>, new: Option<&[u8]>) {
+        let (old, new) = (old.map_or(0, le_u64) as i64, new.map_or(0, le_u64) as i64);
+        if old == new {
+            return;
+        }
+        let mut counts = self.job_bytes.lock().unwrap_or_else(|e| e.into_inner());
+        let total = counts.entry(job.to_string()).or_default();
+        // Signed: a remove's subtraction may land before the addition of the put it follows;
+        // readers see such a moment as zero.
+        *total = total.saturating_add(new - old);
+        if *total == 0 {
+            counts.remove(job);
+        }
+    }
+
+    /// Writes (`Some`) or removes (`None`) one chunk record, and counts the change.
+    fn set_chunk_record(&self, job: &str, hash: &ChunkHash, value: Option<[u8; 16]>) -> Result<(), IndexError> {
+        let key = job_key(job, &hash.0);
+        let old = match value {
+            Some(v) => self.chunks.insert(key, &v)?,
+            None => self.chunks.remove(key)?,
+        };
+        self.count(job, old.as_deref(), value.as_ref().map(|v| v.as_slice()));
+        Ok(())
     }
 
     /// Makes every write this caller made before the call durable, sharing the sync with
@@ -151,11 +209,13 @@ impl Index {
     /// Forgets everything; used before a rebuild from the store. Fences stay: they are not in
     /// the store, and forgetting one would let a replaced generation write again.
     pub fn clear(&self) -> Result<(), IndexError> {
+        // The store's identity first: a crash part-way leaves an index that is rebuilt again.
+        self.db.remove(STORE_KEY)?;
         self.chunks.clear()?;
+        self.job_bytes.lock().unwrap_or_else(|e| e.into_inner()).clear();
         self.manifests.clear()?;
         self.saves.clear()?;
         self.save_ranks.clear()?;
-        self.db.remove(STORE_KEY)?;
         Ok(())
     }
 
@@ -173,8 +233,7 @@ impl Index {
         let mut v = [0u8; 16];
         v[..8].copy_from_slice(&stored_len.to_le_bytes());
         v[8..].copy_from_slice(&raw_len.unwrap_or(RAW_LEN_UNKNOWN).to_le_bytes());
-        self.chunks.insert(job_key(job, &hash.0), &v)?;
-        Ok(())
+        self.set_chunk_record(job, hash, Some(v))
     }
 
     pub fn get_chunk(&self, job: &str, hash: &ChunkHash) -> Result<Option<ChunkRecord>, IndexError> {
@@ -189,16 +248,23 @@ impl Index {
     /// Forgets chunk records (GC deleted the chunks; a later lookup asks the store).
     pub fn remove_chunks(&self, job: &str, hashes: &[ChunkHash]) -> Result<(), IndexError> {
         for h in hashes {
-            self.chunks.remove(job_key(job, &h.0))?;
+            self.set_chunk_record(job, h, None)?;
         }
         Ok(())
     }
 
     /// Forgets every chunk record of a job (a GC sweep this node did not see happened).
     pub fn clear_job_chunks(&self, job: &str) -> Result<usize, IndexError> {
-        let keys: Vec<_> = self.chunks.scan_prefix(job_prefix(job)).keys().collect::<Result<_, _>>()?;
+        let prefix = job_prefix(job);
+        let keys: Vec<_> = self.chunks.scan_prefix(&prefix).keys().collect::<Result<_, _>>()?;
         for k in &keys {
-            self.chunks.remove(k)?;
+            let hash = k[prefix.len()..].try_into().ok().map(ChunkHash);
+            match hash {
+                Some(h) => self.set_chunk_record(job, &h, None)?,
+                None => {
+                    self.chunks.remove(k)?;
+                }
+            }
         }
         Ok(keys.len())
     }
@@ -225,28 +291,11 @@ impl Index {
         Ok(())
     }
 
-    /// Stored bytes of the durable chunks of every job `pred` accepts: one pass over all chunk
-    /// records (a tenant's usage; callers cache it).
+    /// Stored bytes of the durable chunks of every job `pred` accepts: one counter per job
+    /// (a tenant's usage), so the cost grows with the number of jobs, not of chunks.
     pub fn stored_bytes_where(&self, pred: impl Fn(&str) -> bool) -> Result<u64, IndexError> {
-        let mut total = 0u64;
-        let mut current: Option<(Vec<u8>, bool)> = None;
-        for kv in self.chunks.iter() {
-            let (k, v) = kv?;
-            let Some(nul) = k.iter().position(|&b| b == 0) else { continue };
-            let job = &k[..nul];
-            let counted = match &current {
-                Some((j, c)) if j.as_slice() == job => *c,
-                _ => {
-                    let c = std::str::from_utf8(job).is_ok_and(&pred);
-                    current = Some((job.to_vec(), c));
-                    c
-                }
-            };
-            if counted {
-                total = total.saturating_add(v.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes));
-            }
-        }
-        Ok(total)
+        let counts = self.job_bytes.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(counts.iter().filter(|(job, _)| pred(job)).fold(0u64, |t, (_, b)| t.saturating_add((*b).max(0) as u64)))
     }
 
     pub fn chunk_count(&self, job: &str) -> usize {
@@ -391,6 +440,23 @@ impl Index {
 mod tests {
     use super::*;
 
+    /// Opens `dir` again once the previous handle's background flusher has let go of sled's
+    /// file lock (it outlives the handle by a moment, longer on a loaded machine).
+    fn reopen(dir: &Path) -> Index {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Index::open(dir, 1 << 20) {
+                Ok(idx) => return idx,
+                Err(IndexError::Sled(sled::Error::Io(e)))
+                    if e.to_string().contains("lock") && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                Err(e) => panic!("reopening the index: {e}"),
+            }
+        }
+    }
+
     #[test]
     fn survives_reopen_and_orders_steps() {
         let dir = tempfile::tempdir().unwrap();
@@ -404,7 +470,7 @@ mod tests {
             idx.put_manifest("j2", 1, b"{}").unwrap();
             idx.db.flush().unwrap();
         }
-        let idx = Index::open(dir.path(), 1 << 20).unwrap();
+        let idx = reopen(dir.path());
         assert!(idx.has_chunk("j", &h).unwrap());
         assert_eq!(idx.get_chunk("j", &h).unwrap(), Some(ChunkRecord { stored_len: 10, raw_len: Some(4) }));
         assert_eq!(idx.committed_before("j", 10).unwrap(), Some(2));
@@ -415,5 +481,120 @@ mod tests {
         assert_eq!(idx.jobs().unwrap(), vec!["j".to_string(), "j2".to_string()]);
         idx.clear().unwrap();
         assert!(idx.all_manifests().unwrap().is_empty());
+    }
+
+    /// Every job's bytes by brute force over the chunk records: what the counters must say.
+    fn scanned(idx: &Index, pred: impl Fn(&str) -> bool) -> u64 {
+        idx.chunks
+            .iter()
+            .map(|kv| kv.unwrap())
+            .filter(|(k, _)| {
+                let nul = k.iter().position(|&b| b == 0).unwrap();
+                pred(std::str::from_utf8(&k[..nul]).unwrap())
+            })
+            .map(|(_, v)| le_u64(&v))
+            .sum()
+    }
+
+    #[test]
+    fn job_byte_counters_follow_the_chunk_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let seed: u64 = 0x1dec_0de5;
+        let mut rng = seed;
+        let mut next = || {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            rng >> 33
+        };
+        let jobs = ["a/x", "a/y", "b/z"];
+        type Owns = fn(&str) -> bool;
+        let tenants: [(&str, Owns); 3] =
+            [("a", |j| j.starts_with("a/")), ("b", |j| j.starts_with("b/")), ("all", |_| true)];
+        {
+            let idx = Index::open(dir.path(), 1 << 20).unwrap();
+            for op in 0..600 {
+                let job = jobs[next() as usize % 3];
+                let h = ChunkHash::of(&(next() % 40).to_le_bytes());
+                match next() % 10 {
+                    0..=5 => idx.put_chunk(job, &h, next() % 10_000, Some(4)).unwrap(),
+                    6..=8 => idx.remove_chunks(job, &[h]).unwrap(),
+                    _ => {
+                        idx.clear_job_chunks(job).unwrap();
+                    }
+                }
+                for (name, pred) in &tenants {
+                    assert_eq!(
+                        idx.stored_bytes_where(pred).unwrap(),
+                        scanned(&idx, pred),
+                        "seed {seed:#x}, op {op}, tenant {name}"
+                    );
+                }
+            }
+            assert!(scanned(&idx, |_| true) > 0, "seed {seed:#x}: the run should end with chunks stored");
+            idx.db.flush().unwrap();
+        }
+        // Reopened, the counts are taken again from the records.
+        let idx = reopen(dir.path());
+        for (_, pred) in &tenants {
+            assert_eq!(idx.stored_bytes_where(pred).unwrap(), scanned(&idx, pred));
+        }
+        idx.clear().unwrap();
+        assert_eq!(idx.stored_bytes_where(|_| true).unwrap(), 0);
+    }
+
+    /// The counts come from the records alone: records written behind the index's back (as
+    /// by an older ckptd) are counted when it is opened.
+    #[test]
+    fn counts_are_taken_from_the_records_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let idx = Index::open(dir.path(), 1 << 20).unwrap();
+            for (i, job) in ["a/x", "a/x", "b/z"].iter().enumerate() {
+                let mut v = [0u8; 16];
+                v[..8].copy_from_slice(&(100 * (i as u64 + 1)).to_le_bytes());
+                idx.chunks.insert(job_key(job, &ChunkHash::of(&[i as u8]).0), &v).unwrap();
+            }
+            assert_eq!(idx.stored_bytes_where(|_| true).unwrap(), 0, "written behind the counts");
+            idx.db.flush().unwrap();
+        }
+        let idx = reopen(dir.path());
+        assert_eq!(idx.stored_bytes_where(|j| j == "a/x").unwrap(), 300);
+        assert_eq!(idx.stored_bytes_where(|j| j == "b/z").unwrap(), 300);
+    }
+
+    /// Writers racing on the same records (puts of new lengths, removes, a job cleared) leave
+    /// counts equal to the records.
+    #[test]
+    fn concurrent_writers_leave_exact_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = Index::open(dir.path(), 1 << 20).unwrap();
+        let seed = 0xc0_ffee_u64;
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let idx = &idx;
+                s.spawn(move || {
+                    let mut r = seed ^ t;
+                    for _ in 0..2000 {
+                        r = r.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        let job = ["a/x", "b/z"][(r >> 60) as usize & 1];
+                        let h = ChunkHash::of(&((r >> 40) % 8).to_le_bytes());
+                        match (r >> 20) % 16 {
+                            0..=9 => idx.put_chunk(job, &h, (r >> 8) % 1000 + 1, None).unwrap(),
+                            10..=14 => idx.remove_chunks(job, &[h]).unwrap(),
+                            _ => {
+                                let _ = idx.clear_job_chunks(job).unwrap();
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        for job in ["a/x", "b/z"] {
+            assert_eq!(
+                idx.stored_bytes_where(|j| j == job).unwrap(),
+                scanned(&idx, |j| j == job),
+                "seed {seed:#x}, {job}"
+            );
+        }
+        assert_eq!(idx.stored_bytes_where(|_| true).unwrap(), scanned(&idx, |_| true), "seed {seed:#x}");
     }
 }

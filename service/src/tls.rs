@@ -2,8 +2,9 @@
 //!
 //! Design note.
 //! * Reload: the server's certificate comes from a resolver that holds the current certified
-//!   key. A task compares the certificate's and key's modification times every `reload_s` and
-//!   loads them again when either changed; a pair that fails to load (a half-written renewal)
+//!   key. A task hashes the certificate's and key's contents every `reload_s` and loads them
+//!   again when either changed (contents, not modification times: a renewal copied with its
+//!   times kept, or two within the clock's granularity, still counts); a pair that fails to load (a half-written renewal)
 //!   is logged and the previous one kept, so a renewal never takes the API down. Handshakes
 //!   already under way keep the key they started with.
 //! * Mutual TLS: with `client_ca`, client certificates must chain to it (webpki). With
@@ -17,7 +18,7 @@
 
 use std::path::Path;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -63,9 +64,16 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ServiceError>
     Ok(certs)
 }
 
-fn modified(cfg: &TlsConfig) -> Option<(SystemTime, SystemTime)> {
-    let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    Some((m(&cfg.cert)?, m(&cfg.key)?))
+/// What the certificate and key files hold now (None while either cannot be read): two small
+/// files read every `reload_s`.
+fn contents(cfg: &TlsConfig) -> Option<blake3::Hash> {
+    let mut h = blake3::Hasher::new();
+    for p in [&cfg.cert, &cfg.key] {
+        let bytes = std::fs::read(p).ok()?;
+        h.update(&(bytes.len() as u64).to_le_bytes());
+        h.update(&bytes);
+    }
+    Some(h.finalize())
 }
 
 /// The acceptor for `cfg`, and a task that reloads its certificate while the returned guard
@@ -73,7 +81,7 @@ fn modified(cfg: &TlsConfig) -> Option<(SystemTime, SystemTime)> {
 pub fn acceptor(cfg: &TlsConfig) -> Result<(tokio_rustls::TlsAcceptor, ReloadGuard), ServiceError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     // Taken before the first load, so a change while it loads is seen at the first check.
-    let first_seen = modified(cfg);
+    let first_seen = contents(cfg);
     let resolver = Arc::new(Reloading { current: RwLock::new(Arc::new(load_certified_key(cfg, &provider)?)) });
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -100,7 +108,8 @@ pub fn acceptor(cfg: &TlsConfig) -> Result<(tokio_rustls::TlsAcceptor, ReloadGua
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let now = modified(&cfg);
+            let c = cfg.clone();
+            let now = tokio::task::spawn_blocking(move || contents(&c)).await.ok().flatten();
             if now.is_none() || now == seen {
                 continue;
             }

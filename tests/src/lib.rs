@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod fsync_audit;
+pub mod raw_http;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -7,25 +7,13 @@ use std::time::Duration;
 
 use ckpt_core::{ChunkHash, ChunkRef, DType, ShardIndex, TensorEntry};
 use ckpt_tests::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// The status and JSON body of a hand-written request (the body must be JSON).
 async fn raw(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, serde_json::Value) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await.unwrap();
-    s.write_all(body).await.unwrap();
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp).await.unwrap();
-    let text = String::from_utf8_lossy(&resp).into_owned();
-    let status: u16 =
-        text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("bad response: {text}"));
-    let json = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    let value =
-        serde_json::from_str(json).unwrap_or_else(|e| panic!("{method} {path}: body is not JSON ({e}): {text}"));
-    (status, value)
+    let r = ckpt_tests::raw_http::raw_request(addr, method, path, None, body).await;
+    let value = serde_json::from_str(&r.body)
+        .unwrap_or_else(|e| panic!("{method} {path}: body is not JSON ({e}): {} {}", r.status, r.body));
+    (r.status, value)
 }
 
 fn assert_refused(what: &str, (status, body): (u16, serde_json::Value), code: &str) {

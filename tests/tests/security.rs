@@ -3,13 +3,13 @@
 //! tokens kept out of the log. Requests go over a raw socket so paths and headers reach ckptd
 //! exactly as written.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ckpt_client::{Client, ClientOptions, Token};
 use ckpt_core::ChunkHash;
+use ckpt_tests::raw_http::raw_request as raw;
 use ckpt_tests::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 const TOKEN_A: &str = "tok-a-5f1c9e0b7d2a4e6f8a1b3c5d7e9f0a2b";
 const TOKEN_B: &str = "tok-b-0e2d4c6b8a9f1e3d5c7b9a0f2e4d6c8b";
@@ -67,43 +67,6 @@ admin = true
         hash(TOKEN_C),
         hash(TOKEN_ADMIN)
     )
-}
-
-struct Resp {
-    status: u16,
-    headers: BTreeMap<String, String>,
-    body: String,
-}
-
-impl Resp {
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body).unwrap_or(serde_json::Value::Null)
-    }
-}
-
-async fn raw(addr: &str, method: &str, path: &str, auth: Option<&str>, body: &[u8]) -> Resp {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let auth = auth.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await.unwrap();
-    // A refused request may be answered before its body is read; the rest then meets a
-    // closed socket, which is fine.
-    let _ = s.write_all(body).await;
-    let mut resp = Vec::new();
-    let _ = s.read_to_end(&mut resp).await;
-    let text = String::from_utf8_lossy(&resp).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("bad response: {text}"));
-    let headers = head
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    Resp { status, headers, body: body.to_string() }
 }
 
 fn bearer(t: &str) -> String {

@@ -189,6 +189,26 @@ async fn tls_and_mutual_tls_on_loopback() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert_eq!(served, renewed_der, "the renewed certificate was not served within 10 s");
+        // A renewal copied with its old modification times kept (`cp -p`, some secret
+        // managers) is seen too: the files' contents are compared, not their times.
+        let times = |f: &str| std::fs::metadata(d_path.join(f)).unwrap().modified().unwrap();
+        let (cert_time, key_time) = (times("server.pem"), times("server.key"));
+        let (third_pem, third_key) = leaf(&ca, &["localhost"], ExtendedKeyUsagePurpose::ServerAuth);
+        for (name, text, time) in [("server.key", &third_key, key_time), ("server.pem", &third_pem, cert_time)] {
+            let tmp = write(d_path, &format!("{name}.new"), text);
+            std::fs::File::options().write(true).open(&tmp).unwrap().set_modified(time).unwrap();
+            std::fs::rename(&tmp, d_path.join(name)).unwrap();
+        }
+        assert_eq!(times("server.pem"), cert_time, "the copy kept its time");
+        let third_der = rustls::pki_types::CertificateDer::from_pem_slice(third_pem.as_bytes()).unwrap().to_vec();
+        for _ in 0..100 {
+            served = served_cert(&addr, &ca.pem).await;
+            if served == third_der {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(served, third_der, "a renewal with its old times kept was not served within 10 s");
         // and the service still works over it.
         assert_eq!(c.list("a-tls").await.unwrap().committed.len(), 1);
         drop(d);

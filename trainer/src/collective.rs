@@ -39,6 +39,11 @@ pub enum CollectiveError {
     Protocol(String),
     #[error("the hub reported: {0}")]
     Hub(String),
+    /// An NCCL call failed (the `nccl` backend); "collective" in the text is what the launcher
+    /// looks for to tell a rank broken under a collective from one that failed by itself.
+    #[cfg(feature = "nccl")]
+    #[error("collective over NCCL failed: {0}")]
+    Nccl(#[from] ckpt_kernels::cuda::CudaError),
 }
 
 pub type Result<T> = std::result::Result<T, CollectiveError>;
@@ -59,6 +64,10 @@ pub trait Collective {
     fn broadcast(&mut self, data: &mut [f32], root: usize) -> Result<()>;
     /// Returns once every rank has entered; `tag` and `step` label it as for `all_reduce_sum`.
     fn barrier(&mut self, tag: u8, step: u64) -> Result<()>;
+    /// The flight recorder of this rank's rounds, where the backend keeps one.
+    fn recorder(&mut self) -> Option<&mut crate::flight::Recorder> {
+        None
+    }
 }
 
 /// An all-reduce tagged `TAG_LOSS` carries each rank's loss for `step`: the launcher records
@@ -224,8 +233,10 @@ impl HubClient {
         self.recorder = Some(r);
     }
 
-    pub fn recorder(&mut self) -> Option<&mut crate::flight::Recorder> {
-        self.recorder.as_mut()
+    /// Stops recording and hands the recorder over (to a backend that records all its calls,
+    /// these rounds among them, under one sequence).
+    pub fn take_recorder(&mut self) -> Option<crate::flight::Recorder> {
+        self.recorder.take()
     }
 
     fn round(&mut self, op: Op, tag: u8, step: u64, payload: &[f32], expect: usize) -> Result<Vec<f32>> {
@@ -301,6 +312,10 @@ impl Collective for HubClient {
 
     fn barrier(&mut self, tag: u8, step: u64) -> Result<()> {
         self.round(Op::Barrier, tag, step, &[], 0).map(|_| ())
+    }
+
+    fn recorder(&mut self) -> Option<&mut crate::flight::Recorder> {
+        self.recorder.as_mut()
     }
 }
 

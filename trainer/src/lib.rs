@@ -7,6 +7,8 @@ pub mod config;
 pub mod data;
 pub mod flight;
 pub mod model;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod optim;
 pub mod replica;
 pub mod spec;

@@ -155,12 +155,35 @@ struct LaunchArgs {
     /// trainer computes on device), or a byte compare with the staging buffer.
     #[arg(long, default_value = "fingerprint", value_parser = ["fingerprint", "compare"])]
     change_detection: String,
+    /// Which backend carries the collectives: the CPU hub (the reference), or NCCL on one GPU per
+    /// rank (built with `--features nccl`; the hub still carries control and step records).
+    #[arg(long, default_value = "hub", value_parser = ["hub", "nccl"])]
+    collective: String,
     /// Where the collective hub listens (default: a free loopback port).
     #[arg(long)]
     hub_listen: Option<String>,
     /// The address ranks dial for the hub, when it differs from where it listens (a proxy).
     #[arg(long)]
     hub_advertise: Option<String>,
+}
+
+/// The backend `name` names, refused here, before any rank starts, when this build or this
+/// machine cannot give it to `ranks` ranks.
+fn collective_backend(name: &str, ranks: usize) -> Result<ckpt_trainer::spec::CollectiveBackend> {
+    use ckpt_trainer::spec::CollectiveBackend;
+    if name != "nccl" {
+        return Ok(CollectiveBackend::Hub);
+    }
+    #[cfg(feature = "nccl")]
+    {
+        ckpt_trainer::nccl::check(ranks).map_err(|e| anyhow::anyhow!("--collective nccl: {e}"))?;
+        Ok(CollectiveBackend::Nccl)
+    }
+    #[cfg(not(feature = "nccl"))]
+    {
+        let _ = ranks;
+        bail!("--collective nccl: this ckpt-train was built without the `nccl` feature (cargo build --features nccl)")
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -259,6 +282,7 @@ fn run() -> Result<()> {
                 freeze_embeddings: false,
                 chunk_kib: 4096,
                 change_detection: "fingerprint".into(),
+                collective: "hub".into(),
                 hub_listen: None,
                 hub_advertise: None,
             };
@@ -340,6 +364,7 @@ fn run_launch(args: &LaunchArgs) -> Result<Option<(report::Report, PathBuf)>> {
             } else {
                 ckpt_client::ChangeDetection::Fingerprint
             },
+            collective: collective_backend(&args.collective, args.nproc)?,
         },
         nproc: args.nproc,
         max_restarts: args.max_restarts,

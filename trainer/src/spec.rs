@@ -31,6 +31,19 @@ pub struct RunConfig {
     /// How a save finds the chunks that did not change since the last one.
     #[serde(default = "fingerprints")]
     pub change_detection: ckpt_client::ChangeDetection,
+    /// Which backend carries the ranks' collectives.
+    #[serde(default)]
+    pub collective: CollectiveBackend,
+}
+
+/// The CPU hub is the default and the reference; NCCL (feature `nccl`) moves the data between
+/// GPUs and keeps the hub for control (`ckpt_trainer::nccl`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CollectiveBackend {
+    #[default]
+    Hub,
+    Nccl,
 }
 
 fn default_chunk_bytes() -> u64 {

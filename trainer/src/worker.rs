@@ -35,7 +35,7 @@ use ckpt_trainer::data::{corpus, Sampler, SamplerState};
 use ckpt_trainer::model::{init_params, param_ranges, Llama};
 use ckpt_trainer::optim::{clip_factor, owned_range, AdamW};
 use ckpt_trainer::replica;
-use ckpt_trainer::spec::{InjectKind, Injection, RunSpec};
+use ckpt_trainer::spec::{CollectiveBackend, InjectKind, Injection, RunSpec};
 use serde::{Deserialize, Serialize};
 
 #[cfg(target_endian = "big")]
@@ -104,6 +104,19 @@ struct PendingSave {
     ticket: SaveTicket,
 }
 
+/// The group's backend, joined over `hub` (which the NCCL backend keeps for control).
+fn collective(hub: HubClient, backend: CollectiveBackend) -> Result<Box<dyn Collective>> {
+    match backend {
+        CollectiveBackend::Hub => Ok(Box::new(hub)),
+        #[cfg(feature = "nccl")]
+        CollectiveBackend::Nccl => {
+            Ok(Box::new(ckpt_trainer::nccl::NcclCollective::join(hub).context("joining the NCCL communicator")?))
+        }
+        #[cfg(not(feature = "nccl"))]
+        CollectiveBackend::Nccl => bail!("this ckpt-train was built without the `nccl` feature"),
+    }
+}
+
 pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
     let started = Instant::now();
     // First thing: host maintenance may come while the rank is still starting up.
@@ -133,14 +146,16 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
 
     let p = spec.run.model.param_count() as usize;
     let mine = owned_range(p, rank, world);
-    let mut comm =
+    let mut hub =
         HubClient::connect(&spec.hub, rank, world, spec.generation, Duration::from_millis(spec.rank_timeout_ms))
             .context("joining the group")?;
     match ckpt_trainer::flight::Recorder::create(&ckpt_trainer::flight::path(&spec.run.run_dir, rank), spec.generation)
     {
-        Ok(r) => comm.record_to(r),
+        Ok(r) => hub.record_to(r),
         Err(e) => tracing::warn!(error = %e, "no flight recorder"),
     }
+    let mut comm = collective(hub, spec.run.collective)?;
+    let comm = comm.as_mut();
 
     let mut full: Vec<f32>;
     let mut own: Vec<f32>;
@@ -184,7 +199,7 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
         }
     }
     // The replica every rank starts from is checked like any other before it is used.
-    replica::check(&mut comm, &full, &own).map_err(|e| anyhow::anyhow!("{e} before the first step"))?;
+    replica::check(comm, &full, &own).map_err(|e| anyhow::anyhow!("{e} before the first step"))?;
     let model = Llama::new(&spec.run.model, &full, &ckpt_trainer::model::device()?)?;
     let restore_ms = started.elapsed().as_millis() as u64;
     comm.barrier(TAG_READY, step)?;
@@ -278,7 +293,7 @@ pub fn run(spec: &RunSpec, rank: usize) -> Result<()> {
             full[at] = f32::from_bits(full[at].to_bits() ^ (1 << 20));
             fire(&mut events, inj, &format!("flipped bit 20 of params[{at}] in this rank's replica"));
         }
-        if let Err(e) = replica::check(&mut comm, &full, &own) {
+        if let Err(e) = replica::check(comm, &full, &own) {
             if let replica::ReplicaError::Mismatch(m) = &e {
                 events.emit(serde_json::json!({
                     "kind": "sdc_detected", "step": step, "victim": m.rank, "owner": m.owner,

@@ -40,6 +40,19 @@ fn bad_arguments_fail_clearly_and_start_nothing() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("--until-step"), "{}", stderr(&o));
 
+    // NCCL needs the `nccl` feature and then a GPU per rank; either refusal comes before anything
+    // starts.
+    // (On a machine with a GPU per rank the nccl build would launch, so it is asked for more
+    // ranks than any machine here has GPUs.)
+    let o = with(&["--collective", "nccl", "--nproc", "12"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    if cfg!(feature = "nccl") {
+        assert!(err.contains("no CUDA device") || err.contains("one rank on each GPU"), "{err}");
+    } else {
+        assert!(err.contains("built without the `nccl` feature"), "{err}");
+    }
+
     // Nothing was started: no store, no ckptd state.
     assert!(!std::path::Path::new(data).exists(), "a refused launch created {data}");
 }

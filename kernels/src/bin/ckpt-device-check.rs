@@ -10,6 +10,10 @@
 //! and each result is checked against its CPU twin or the plain copy before anything is timed.
 //!
 //! Usage: ckpt-device-check [--gib N] [--snapshot-gib N] [--reps N]
+//!        ckpt-device-check --cubin PATH [--arch 90]
+//!
+//! The second form needs NVRTC but no GPU: it writes the kernels' machine code for `sm_<arch>`
+//! to PATH, for reading with `cuobjdump -sass` (how many instructions a loop costs per word).
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -23,10 +27,12 @@ struct Args {
     gib: f64,
     snapshot_gib: f64,
     reps: usize,
+    cubin: Option<std::path::PathBuf>,
+    arch: u32,
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut args = Args { gib: 8.0, snapshot_gib: 4.0, reps: 7 };
+    let mut args = Args { gib: 8.0, snapshot_gib: 4.0, reps: 7, cubin: None, arch: 90 };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
@@ -35,6 +41,8 @@ fn parse_args() -> Result<Args, String> {
             "--gib" => args.gib = value.parse().map_err(|_| bad())?,
             "--snapshot-gib" => args.snapshot_gib = value.parse().map_err(|_| bad())?,
             "--reps" => args.reps = value.parse().map_err(|_| bad())?,
+            "--cubin" => args.cubin = Some(value.into()),
+            "--arch" => args.arch = value.parse().ok().filter(|a| (50..200).contains(a)).ok_or_else(bad)?,
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -85,6 +93,22 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(path) = &args.cubin {
+        let (major, minor) = (args.arch / 10, args.arch % 10);
+        return match ckpt_kernels::cuda::compile_kernels(major as i32, minor as i32)
+            .map_err(|e| e.to_string())
+            .and_then(|image| std::fs::write(path, &image).map(|_| image.len()).map_err(|e| e.to_string()))
+        {
+            Ok(n) => {
+                println!("sm_{}: {n} bytes of machine code written to {}", args.arch, path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ckpt-device-check: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let device = match Device::open(0) {
         Ok(d) => d,
         Err(CudaError::NoDevice) => {

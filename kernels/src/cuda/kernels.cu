@@ -9,23 +9,28 @@ typedef unsigned long long u64;
 typedef unsigned int u32;
 typedef unsigned short u16;
 
-#define LANE_KEY_0 0x9e3779b97f4a7c15ULL
-#define LANE_KEY_1 0xc2b2ae3d27d4eb4fULL
-#define POSITION_KEY_0 0xd6e8feb86659fd93ULL
-#define POSITION_KEY_1 0xa0761d6478bd642fULL
+// fingerprint.rs's POSITION_KEYS and LANE_KEYS: lane l's key for position i is the high half of
+// i * POSITION_KEY_l + LANE_KEY_l.
+#define POSITION_KEY_0 0x9e3779b97f4a7c15ULL
+#define POSITION_KEY_1 0xd6e8feb86659fd93ULL
+#define LANE_KEY_0 0xc2b2ae3d27d4eb4fULL
+#define LANE_KEY_1 0xa0761d6478bd642fULL
 
+// The SplitMix64 finaliser, for the test pattern only (pattern.rs).
 __device__ __forceinline__ u64 mix(u64 z) {
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
     return z ^ (z >> 31);
 }
 
-// `k0` and `k1` are the lane keys of this word's position; callers step them by the position
-// keys instead of multiplying per word.
+// `k0` and `k1` are the 64-bit Weyl values of this word's position (callers step them by the
+// position keys rather than multiplying per word); their high halves key the lanes. Each lane's
+// square-and-add is one 32x32->64 multiply-add instruction.
 __device__ __forceinline__ void add_word(u32 w, u64 k0, u64 k1, u64 &a0, u64 &a1) {
-    u64 x = ((u64)w << 32) | (u64)w;
-    a0 += mix(x ^ k0);
-    a1 += mix(x ^ k1);
+    const u32 x = w + (u32)(k0 >> 32);
+    const u32 y = w ^ (u32)(k1 >> 32);
+    a0 += (u64)x * x;
+    a1 += (u64)y * y;
 }
 
 __device__ __forceinline__ u64 warp_sum(u64 v) {
@@ -149,9 +154,10 @@ extern "C" __global__ void bf16_to_f32(const u16 *__restrict__ src, u32 *__restr
     for (u64 i = 4 * groups + (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) dst[i] = (u32)src[i] << 16;
 }
 
-// Test and benchmark data, the twin of pattern.rs.
+// Test and benchmark data, the twin of pattern.rs (its own index key, not the fingerprint's).
+#define PATTERN_INDEX_KEY 0xd6e8feb86659fd93ULL
 extern "C" __global__ void fill_pattern(u32 *__restrict__ dst, u64 n, u64 seed) {
     const u64 stride = (u64)gridDim.x * blockDim.x;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
-        dst[i] = (u32)(mix((i * POSITION_KEY_0) ^ seed) >> 32);
+        dst[i] = (u32)(mix((i * PATTERN_INDEX_KEY) ^ seed) >> 32);
 }

@@ -68,6 +68,28 @@ pub fn driver_present() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
+/// How many GPUs the driver shows this process: 0 without a driver, or with a driver and no GPU.
+pub fn device_count() -> Result<usize> {
+    if !driver_present() {
+        return Ok(0);
+    }
+    match CudaContext::device_count() {
+        Ok(n) => Ok(n.max(0) as usize),
+        // cuInit's answer on a machine whose driver is installed but has no GPU.
+        Err(DriverError(cudarc::driver::sys::CUresult::CUDA_ERROR_NO_DEVICE)) => Ok(0),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A context on GPU `ordinal`, without compiling anything (no NVRTC needed): for NCCL, which
+/// needs a device but none of the kernels. [`CudaError::NoDevice`] when there is no such GPU.
+pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
+    if ordinal >= device_count()? {
+        return Err(CudaError::NoDevice);
+    }
+    Ok(CudaContext::new(ordinal)?)
+}
+
 /// Whether NVRTC can be loaded.
 pub fn nvrtc_present() -> bool {
     // SAFETY: as for `driver_present`.
@@ -150,19 +172,7 @@ impl Device {
     /// Opens GPU `ordinal` and compiles the kernels for it. [`CudaError::NoDevice`] when there is
     /// no driver or no such GPU; any other error is a real failure.
     pub fn open(ordinal: usize) -> Result<Device> {
-        if !driver_present() {
-            return Err(CudaError::NoDevice);
-        }
-        let count = match CudaContext::device_count() {
-            Ok(n) => n.max(0) as usize,
-            // cuInit's answer on a machine whose driver is installed but has no GPU.
-            Err(DriverError(cudarc::driver::sys::CUresult::CUDA_ERROR_NO_DEVICE)) => 0,
-            Err(e) => return Err(e.into()),
-        };
-        if ordinal >= count {
-            return Err(CudaError::NoDevice);
-        }
-        let ctx = CudaContext::new(ordinal)?;
+        let ctx = context(ordinal)?;
         let (major, minor) = ctx.compute_capability()?;
         let image = compile_kernels(major, minor)?;
         let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image))?;
