@@ -128,14 +128,21 @@ impl NcclRank {
         self.fetch(&buf, data)
     }
 
+    /// The padded block length for a vector of `len` elements, once `part` is checked to be
+    /// this rank's owned length of it.
+    fn block_for(&self, len: usize, part: usize) -> Result<usize> {
+        let (world, rank) = (self.world(), self.rank());
+        let owned = owned_range(len, rank, world).len();
+        if part != owned {
+            return Err(CudaError::Invalid(format!("rank {rank} owns {owned} elements, not {part}")));
+        }
+        Ok(block_len(len, world))
+    }
+
     /// Element-wise sum over ranks of `full`; `out` receives this rank's `owned_range`.
     pub fn reduce_scatter_sum(&mut self, full: &[f32], out: &mut [f32]) -> Result<()> {
-        let (world, rank) = (self.world(), self.rank());
-        let owned = owned_range(full.len(), rank, world);
-        if out.len() != owned.len() {
-            return Err(CudaError::Invalid(format!("rank {rank} owns {} elements, not {}", owned.len(), out.len())));
-        }
-        let block = block_len(full.len(), world);
+        let world = self.world();
+        let block = self.block_for(full.len(), out.len())?;
         if block == 0 {
             return Ok(());
         }
@@ -144,18 +151,15 @@ impl NcclRank {
         self.comm.reduce_scatter(&send, &mut recv, &ReduceOp::Sum).map_err(|e| nccl_err("reduce-scatter", e))?;
         let mut mine = vec![0f32; block];
         self.fetch(&recv, &mut mine)?;
-        out.copy_from_slice(&mine[..owned.len()]);
+        let n = out.len();
+        out.copy_from_slice(&mine[..n]);
         Ok(())
     }
 
     /// Concatenates every rank's `owned_range` part, in rank order, into `full`.
     pub fn all_gather(&mut self, mine: &[f32], full: &mut [f32]) -> Result<()> {
-        let (world, rank) = (self.world(), self.rank());
-        let owned = owned_range(full.len(), rank, world);
-        if mine.len() != owned.len() {
-            return Err(CudaError::Invalid(format!("rank {rank} owns {} elements, not {}", owned.len(), mine.len())));
-        }
-        let block = block_len(full.len(), world);
+        let world = self.world();
+        let block = self.block_for(full.len(), mine.len())?;
         if block == 0 {
             return Ok(());
         }

@@ -309,6 +309,11 @@ impl Config {
         toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source: Box::new(source) })
     }
 
+    /// Whether the index must keep each job's stored bytes: only a stored-bytes quota reads them.
+    pub fn counts_stored_bytes(&self) -> bool {
+        self.tenants.iter().any(|t| t.quota.stored_bytes_max.is_some())
+    }
+
     pub fn handoff_dir(&self) -> PathBuf {
         self.handoff_dir.clone().unwrap_or_else(|| self.data_dir.join("handoff"))
     }

@@ -58,7 +58,9 @@ impl Harness {
             crate::durable::ensure_dir(&config.data_dir).expect("the data dir");
             crate::durable::ensure_dir(&config.handoff_dir()).expect("the handoff dir");
             crate::prepare_tenant_dirs(&config.handoff_dir(), &config.tenants).expect("the tenants' handoff dirs");
-            let index = crate::index::Index::open(&config.data_dir.join("index"), 16 << 20).expect("the index");
+            let index =
+                crate::index::Index::open(&config.data_dir.join("index"), 16 << 20, config.counts_stored_bytes())
+                    .expect("the index");
             let coordinator = Coordinator::start(store, index, config.clone());
             coordinator.recover().await.expect("recovery of an empty store");
             let (_, router) = crate::app(coordinator.clone(), &config, None);

@@ -15,8 +15,10 @@
 //!   wrote before it started, so thousands of concurrent index puts share a handful of syncs. Chunk records are not flushed per put (the store answers for
 //!   them after a crash). On start, `Coordinator::recover` reconciles the index with the store:
 //!   a missing or foreign index is rebuilt from the store's listings.
-//! * Stored bytes per job: counted once when the index opens (one pass over the chunk records),
-//!   then kept in memory, moved by the old value that each chunk record's insert or remove
+//! * Stored bytes per job, kept only where a tenant has a stored-bytes quota (the pass at open
+//!   costs about 1.3 s per million chunk records, which a node without quotas need not pay on
+//!   every restart): counted once when the index opens (one pass over the chunk records), then
+//!   kept in memory, moved by the old value that each chunk record's insert or remove
 //!   returns (exact under concurrent writers, with no transaction and no lock around sled), so
 //!   a tenant's usage (its quota) is a pass over its jobs, not over every chunk record. Nothing
 //!   of it is stored, so a crash, or an older ckptd writing this index, cannot leave a stale
@@ -36,14 +38,16 @@ pub enum IndexError {
     Sled(#[from] sled::Error),
     #[error("index entry {key} is damaged: {reason}")]
     Damaged { key: String, reason: String },
+    #[error("this index was opened without counting stored bytes (no tenant has a stored-bytes quota)")]
+    NotCounted,
 }
 
 #[derive(Clone)]
 pub struct Index {
     db: sled::Db,
     chunks: sled::Tree,
-    /// Stored bytes of each job's chunk records (see the design note).
-    job_bytes: Arc<Mutex<HashMap<String, i64>>>,
+    /// Stored bytes of each job's chunk records, when counted (see the design note).
+    job_bytes: Option<Arc<Mutex<HashMap<String, i64>>>>,
     manifests: sled::Tree,
     saves: sled::Tree,
     save_ranks: sled::Tree,
@@ -102,49 +106,54 @@ fn rank_key(job: &str, step: u64, rank: u32) -> Vec<u8> {
     k
 }
 
+/// Every job's stored bytes, from one pass over the chunk records (at open, before anyone else
+/// can write).
+fn count_job_bytes(chunks: &sled::Tree) -> Result<HashMap<String, i64>, IndexError> {
+    let mut totals = HashMap::<String, i64>::new();
+    for kv in chunks.iter() {
+        let (k, v) = kv?;
+        let Some(nul) = k.iter().position(|&b| b == 0) else { continue };
+        let total = totals.entry(String::from_utf8_lossy(&k[..nul]).into_owned()).or_default();
+        *total = total.saturating_add(le_u64(&v) as i64);
+    }
+    Ok(totals)
+}
+
 impl Index {
     /// Opens (or creates) the index in `dir`; sled's page cache holds at most `cache_bytes`.
-    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Index, IndexError> {
+    /// With `count_stored_bytes`, each job's stored bytes are counted now and kept
+    /// (`stored_bytes_where`).
+    pub fn open(dir: &Path, cache_bytes: u64, count_stored_bytes: bool) -> Result<Index, IndexError> {
         let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).open()?;
-        let index = Index {
-            chunks: db.open_tree("chunks")?,
-            job_bytes: Arc::default(),
+        let chunks = db.open_tree("chunks")?;
+        let job_bytes = if count_stored_bytes { Some(Arc::new(Mutex::new(count_job_bytes(&chunks)?))) } else { None };
+        Ok(Index {
+            chunks,
+            job_bytes,
             manifests: db.open_tree("manifests")?,
             saves: db.open_tree("saves")?,
             save_ranks: db.open_tree("save_ranks")?,
             flushes: Arc::new(GroupFlush::default()),
             db,
-        };
-        index.count_job_bytes()?;
-        Ok(index)
-    }
-
-    /// Counts every job's stored bytes from the chunk records; called at open, before anyone
-    /// else can write.
-    fn count_job_bytes(&self) -> Result<(), IndexError> {
-        let mut totals = HashMap::<String, i64>::new();
-        for kv in self.chunks.iter() {
-            let (k, v) = kv?;
-            let Some(nul) = k.iter().position(|&b| b == 0) else { continue };
-            let total = totals.entry(String::from_utf8_lossy(&k[..nul]).into_owned()).or_default();
-            *total = total.saturating_add(le_u64(&v) as i64);
-        }
-        *self.job_bytes.lock().unwrap_or_else(|e| e.into_inner()) = totals;
-        Ok(())
+        })
     }
 
     /// Moves `job`'s count from a record of `old` to one of `new` (None: no record). Counts are
     /// added and taken in any order, so concurrent writers of one record still sum exactly: each
     /// one's `old` is what the previous one left.
     fn count(&self, job: &str, old: Option<&[u8]>, new: Option<&[u8]>) {
+        let Some(job_bytes) = &self.job_bytes else { return };
         let (old, new) = (old.map_or(0, le_u64) as i64, new.map_or(0, le_u64) as i64);
         if old == new {
             return;
         }
-        let mut counts = self.job_bytes.lock().unwrap_or_else(|e| e.into_inner());
-        let total = counts.entry(job.to_string()).or_default();
+        let mut counts = job_bytes.lock().unwrap_or_else(|e| e.into_inner());
         // Signed: a remove's subtraction may land before the addition of the put it follows;
         // readers see such a moment as zero.
+        let total = match counts.get_mut(job) {
+            Some(t) => t,
+            None => counts.entry(job.to_string()).or_default(),
+        };
         *total = total.saturating_add(new - old);
         if *total == 0 {
             counts.remove(job);
@@ -212,7 +221,9 @@ impl Index {
         // The store's identity first: a crash part-way leaves an index that is rebuilt again.
         self.db.remove(STORE_KEY)?;
         self.chunks.clear()?;
-        self.job_bytes.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        if let Some(job_bytes) = &self.job_bytes {
+            job_bytes.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
         self.manifests.clear()?;
         self.saves.clear()?;
         self.save_ranks.clear()?;
@@ -238,10 +249,9 @@ impl Index {
 
     pub fn get_chunk(&self, job: &str, hash: &ChunkHash) -> Result<Option<ChunkRecord>, IndexError> {
         let Some(v) = self.chunks.get(job_key(job, &hash.0))? else { return Ok(None) };
-        let word = |at: usize| v.get(at..at + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
         // Records written before raw lengths were kept hold the stored length alone.
-        let stored_len = word(0).unwrap_or(0);
-        let raw_len = word(8).filter(|&r| r != RAW_LEN_UNKNOWN);
+        let stored_len = le_u64(&v);
+        let raw_len = v.get(8..16).map(le_u64).filter(|&r| r != RAW_LEN_UNKNOWN);
         Ok(Some(ChunkRecord { stored_len, raw_len }))
     }
 
@@ -293,8 +303,9 @@ impl Index {
 
     /// Stored bytes of the durable chunks of every job `pred` accepts: one counter per job
     /// (a tenant's usage), so the cost grows with the number of jobs, not of chunks.
+    /// [`IndexError::NotCounted`] unless the index was opened counting them.
     pub fn stored_bytes_where(&self, pred: impl Fn(&str) -> bool) -> Result<u64, IndexError> {
-        let counts = self.job_bytes.lock().unwrap_or_else(|e| e.into_inner());
+        let counts = self.job_bytes.as_ref().ok_or(IndexError::NotCounted)?.lock().unwrap_or_else(|e| e.into_inner());
         Ok(counts.iter().filter(|(job, _)| pred(job)).fold(0u64, |t, (_, b)| t.saturating_add((*b).max(0) as u64)))
     }
 
@@ -445,7 +456,7 @@ mod tests {
     fn reopen(dir: &Path) -> Index {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
-            match Index::open(dir, 1 << 20) {
+            match Index::open(dir, 1 << 20, true) {
                 Ok(idx) => return idx,
                 Err(IndexError::Sled(sled::Error::Io(e)))
                     if e.to_string().contains("lock") && std::time::Instant::now() < deadline =>
@@ -462,7 +473,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let h = ChunkHash::of(b"a");
         {
-            let idx = Index::open(dir.path(), 1 << 20).unwrap();
+            let idx = Index::open(dir.path(), 1 << 20, true).unwrap();
             idx.put_chunk("j", &h, 10, Some(4)).unwrap();
             for step in [300u64, 2, 10] {
                 idx.put_manifest("j", step, b"{}").unwrap();
@@ -510,7 +521,7 @@ mod tests {
         let tenants: [(&str, Owns); 3] =
             [("a", |j| j.starts_with("a/")), ("b", |j| j.starts_with("b/")), ("all", |_| true)];
         {
-            let idx = Index::open(dir.path(), 1 << 20).unwrap();
+            let idx = Index::open(dir.path(), 1 << 20, true).unwrap();
             for op in 0..600 {
                 let job = jobs[next() as usize % 3];
                 let h = ChunkHash::of(&(next() % 40).to_le_bytes());
@@ -547,7 +558,7 @@ mod tests {
     fn counts_are_taken_from_the_records_at_open() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let idx = Index::open(dir.path(), 1 << 20).unwrap();
+            let idx = Index::open(dir.path(), 1 << 20, true).unwrap();
             for (i, job) in ["a/x", "a/x", "b/z"].iter().enumerate() {
                 let mut v = [0u8; 16];
                 v[..8].copy_from_slice(&(100 * (i as u64 + 1)).to_le_bytes());
@@ -561,12 +572,23 @@ mod tests {
         assert_eq!(idx.stored_bytes_where(|j| j == "b/z").unwrap(), 300);
     }
 
+    /// Without a stored-bytes quota nothing is counted (no pass at open), and asking says so
+    /// rather than answering zero.
+    #[test]
+    fn an_index_opened_without_counting_refuses_to_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = Index::open(dir.path(), 1 << 20, false).unwrap();
+        idx.put_chunk("j", &ChunkHash::of(b"a"), 10, Some(4)).unwrap();
+        idx.remove_chunks("j", &[ChunkHash::of(b"a")]).unwrap();
+        assert!(matches!(idx.stored_bytes_where(|_| true), Err(IndexError::NotCounted)));
+    }
+
     /// Writers racing on the same records (puts of new lengths, removes, a job cleared) leave
     /// counts equal to the records.
     #[test]
     fn concurrent_writers_leave_exact_counts() {
         let dir = tempfile::tempdir().unwrap();
-        let idx = Index::open(dir.path(), 1 << 20).unwrap();
+        let idx = Index::open(dir.path(), 1 << 20, true).unwrap();
         let seed = 0xc0_ffee_u64;
         std::thread::scope(|s| {
             for t in 0..4u64 {

@@ -85,10 +85,13 @@ pub async fn serve_until(
     }
     let data_dir = config.data_dir.clone();
     let cache_bytes = config.index_cache_bytes_max;
+    let count_stored_bytes = config.counts_stored_bytes();
     let pid_file = config.data_dir.join("ckptd.pid");
-    let index = match tokio::task::spawn_blocking(move || index::Index::open(&data_dir.join("index"), cache_bytes))
-        .await
-        .map_err(error::join_error)?
+    let index = match tokio::task::spawn_blocking(move || {
+        index::Index::open(&data_dir.join("index"), cache_bytes, count_stored_bytes)
+    })
+    .await
+    .map_err(error::join_error)?
     {
         Ok(i) => i,
         Err(e) => {

@@ -2,11 +2,11 @@
 //!
 //! Design note.
 //! * Reload: the server's certificate comes from a resolver that holds the current certified
-//!   key. A task hashes the certificate's and key's contents every `reload_s` and loads them
-//!   again when either changed (contents, not modification times: a renewal copied with its
-//!   times kept, or two within the clock's granularity, still counts); a pair that fails to load (a half-written renewal)
-//!   is logged and the previous one kept, so a renewal never takes the API down. Handshakes
-//!   already under way keep the key they started with.
+//!   key. A task reads the certificate and key every `reload_s`, hashes them, and parses those
+//!   same bytes when either changed (contents, not modification times: a renewal copied with its
+//!   times kept, or two within the clock's granularity, still counts); a pair that fails to load
+//!   (a half-written renewal) is logged and the previous one kept, so a renewal never takes the
+//!   API down. Handshakes already under way keep the key they started with.
 //! * Mutual TLS: with `client_ca`, client certificates must chain to it (webpki). With
 //!   `client_cert_required` a connection without one fails its handshake; otherwise it is
 //!   accepted and must authenticate with a bearer token. A verified certificate's DNS names go
@@ -45,9 +45,32 @@ fn tls_error(what: String) -> ServiceError {
     ServiceError::Startup(format!("tls: {what}"))
 }
 
-fn load_certified_key(cfg: &TlsConfig, provider: &CryptoProvider) -> Result<CertifiedKey, ServiceError> {
-    let certs = read_certs(&cfg.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&cfg.key)
+/// The certificate and key files as read once: hashed to see a change, and parsed from these
+/// same bytes, so what is served is exactly what was compared.
+struct Pair {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+}
+
+impl Pair {
+    fn read(cfg: &TlsConfig) -> Result<Pair, ServiceError> {
+        let read = |p: &Path| std::fs::read(p).map_err(|e| tls_error(format!("cannot read {}: {e}", p.display())));
+        Ok(Pair { cert: read(&cfg.cert)?, key: read(&cfg.key)? })
+    }
+
+    fn digest(&self) -> blake3::Hash {
+        let mut h = blake3::Hasher::new();
+        for bytes in [&self.cert, &self.key] {
+            h.update(&(bytes.len() as u64).to_le_bytes());
+            h.update(bytes);
+        }
+        h.finalize()
+    }
+}
+
+fn load_certified_key(cfg: &TlsConfig, pair: &Pair, provider: &CryptoProvider) -> Result<CertifiedKey, ServiceError> {
+    let certs = parse_certs(&cfg.cert, &pair.cert)?;
+    let key = PrivateKeyDer::from_pem_slice(&pair.key)
         .map_err(|e| tls_error(format!("cannot read a private key from {}: {e}", cfg.key.display())))?;
     CertifiedKey::from_der(certs, key, provider).map_err(|e| {
         tls_error(format!("{} and {} are not a certificate and its key: {e}", cfg.cert.display(), cfg.key.display()))
@@ -55,8 +78,14 @@ fn load_certified_key(cfg: &TlsConfig, provider: &CryptoProvider) -> Result<Cert
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ServiceError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+    let bytes = std::fs::read(path).map_err(|e| tls_error(format!("cannot read {}: {e}", path.display())))?;
+    parse_certs(path, &bytes)
+}
+
+/// The certificates in `pem`, read from `path` (named in errors).
+fn parse_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, ServiceError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|e| tls_error(format!("cannot read certificates from {}: {e}", path.display())))?;
     if certs.is_empty() {
         return Err(tls_error(format!("{} holds no certificate", path.display())));
@@ -64,25 +93,13 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ServiceError>
     Ok(certs)
 }
 
-/// What the certificate and key files hold now (None while either cannot be read): two small
-/// files read every `reload_s`.
-fn contents(cfg: &TlsConfig) -> Option<blake3::Hash> {
-    let mut h = blake3::Hasher::new();
-    for p in [&cfg.cert, &cfg.key] {
-        let bytes = std::fs::read(p).ok()?;
-        h.update(&(bytes.len() as u64).to_le_bytes());
-        h.update(&bytes);
-    }
-    Some(h.finalize())
-}
-
 /// The acceptor for `cfg`, and a task that reloads its certificate while the returned guard
 /// lives.
 pub fn acceptor(cfg: &TlsConfig) -> Result<(tokio_rustls::TlsAcceptor, ReloadGuard), ServiceError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    // Taken before the first load, so a change while it loads is seen at the first check.
-    let first_seen = contents(cfg);
-    let resolver = Arc::new(Reloading { current: RwLock::new(Arc::new(load_certified_key(cfg, &provider)?)) });
+    let pair = Pair::read(cfg)?;
+    let first_seen = pair.digest();
+    let resolver = Arc::new(Reloading { current: RwLock::new(Arc::new(load_certified_key(cfg, &pair, &provider)?)) });
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| tls_error(e.to_string()))?;
@@ -108,22 +125,31 @@ pub fn acceptor(cfg: &TlsConfig) -> Result<(tokio_rustls::TlsAcceptor, ReloadGua
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let c = cfg.clone();
-            let now = tokio::task::spawn_blocking(move || contents(&c)).await.ok().flatten();
-            if now.is_none() || now == seen {
-                continue;
-            }
             let (c, p) = (cfg.clone(), provider.clone());
-            match tokio::task::spawn_blocking(move || load_certified_key(&c, &p)).await {
-                Ok(Ok(key)) => {
+            // None: unchanged, or unreadable for now (a renewal between its renames).
+            let changed = tokio::task::spawn_blocking(move || {
+                let pair = Pair::read(&c).ok()?;
+                let now = pair.digest();
+                (now != seen).then(|| (now, load_certified_key(&c, &pair, &p)))
+            })
+            .await;
+            let (now, loaded) = match changed {
+                Ok(Some(c)) => c,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "tls reload task failed");
+                    continue;
+                }
+            };
+            match loaded {
+                Ok(key) => {
                     *resolver.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(key);
                     seen = now;
                     tracing::info!(cert = %cfg.cert.display(), "tls certificate reloaded");
                 }
-                Ok(Err(e)) => {
+                Err(e) => {
                     tracing::warn!(error = %e, "tls certificate changed but cannot be loaded; keeping the previous one")
                 }
-                Err(e) => tracing::warn!(error = %e, "tls reload task failed"),
             }
         }
     });

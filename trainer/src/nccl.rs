@@ -49,8 +49,8 @@ pub fn gpu_count() -> usize {
     ckpt_kernels::cuda::device_count().unwrap_or(0)
 }
 
-/// Whether `ranks` ranks can run on NCCL here: a GPU each and the library.
-pub fn check(ranks: usize) -> std::result::Result<(), CudaError> {
+/// Whether `ranks` ranks can run on NCCL here (a GPU each, and the library); the GPU count.
+pub fn check(ranks: usize) -> std::result::Result<usize, CudaError> {
     let gpus = gpu_count();
     if gpus == 0 {
         return Err(CudaError::NoDevice);
@@ -63,7 +63,7 @@ pub fn check(ranks: usize) -> std::result::Result<(), CudaError> {
     if !nccl_present() {
         return Err(CudaError::NoNccl);
     }
-    Ok(())
+    Ok(gpus)
 }
 
 pub struct NcclCollective {
@@ -80,8 +80,8 @@ impl NcclCollective {
     /// the machine), before anything is exchanged.
     pub fn join(mut hub: HubClient) -> std::result::Result<NcclCollective, JoinError> {
         let (rank, world) = (hub.rank(), hub.world());
-        check(world)?;
-        let ctx = ckpt_kernels::cuda::context(rank % gpu_count())?;
+        let gpus = check(world)?;
+        let ctx = ckpt_kernels::cuda::context(rank % gpus)?;
         let mut id = [0f32; 128];
         if rank == 0 {
             for (v, b) in id.iter_mut().zip(UniqueId::new()?.0) {
