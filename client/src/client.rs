@@ -720,7 +720,10 @@ impl Client {
             }
             None => format!("/v1/gc?dry_run={dry_run}"),
         };
-        let bytes = self.request(reqwest::Method::POST, &path, Body::Empty).await?;
+        // A run over millions of objects outlasts `request_timeout`; ckptd finishes it even if
+        // this call gives up, and a run holding its lock longer than this is taken for dead.
+        const GC_WAIT: Duration = Duration::from_secs(6 * 3600);
+        let bytes = self.http.request_long(reqwest::Method::POST, &path, GC_WAIT).await?;
         let v: serde_json::Value =
             serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(format!("gc answer is not JSON: {e}")))?;
         Ok(match job {

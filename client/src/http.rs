@@ -110,8 +110,23 @@ impl Http {
         body: &Body,
         headers: &[(&str, &str)],
     ) -> Result<reqwest::Response, ClientError> {
+        self.send_once_within(method, path, body, headers, None).await
+    }
+
+    /// `send_once` with its own time limit in place of the client's `request_timeout`.
+    async fn send_once_within(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &Body,
+        headers: &[(&str, &str)],
+        timeout: Option<Duration>,
+    ) -> Result<reqwest::Response, ClientError> {
         let url = format!("{}{}", self.base, path);
         let mut req = self.client.request(method, &url);
+        if let Some(t) = timeout {
+            req = req.timeout(t);
+        }
         if let Ok(tp) = TRACEPARENT.try_with(|t| t.clone()) {
             req = req.header("traceparent", tp);
         }
@@ -148,10 +163,21 @@ impl Http {
         body: Body,
         headers: &[(&str, &str)],
     ) -> Result<Bytes, ClientError> {
+        self.request_within(method, path, body, headers, None).await
+    }
+
+    async fn request_within(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Body,
+        headers: &[(&str, &str)],
+        timeout: Option<Duration>,
+    ) -> Result<Bytes, ClientError> {
         let url = format!("{}{}", self.base, path);
         let mut backoff = Backoff::new(&self.retry);
         loop {
-            let outcome = match self.send_once(method.clone(), path, &body, headers).await {
+            let outcome = match self.send_once_within(method.clone(), path, &body, headers, timeout).await {
                 Ok(resp) => resp.bytes().await.map_err(|source| ClientError::Transport { url: url.clone(), source }),
                 Err(e) => Err(e),
             };
@@ -160,6 +186,17 @@ impl Http {
                 other => return other,
             }
         }
+    }
+
+    /// A request whose answer takes as long as the work behind it (a GC run), waited for up to
+    /// `timeout` instead of `request_timeout`; retried like any other.
+    pub async fn request_long(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<Bytes, ClientError> {
+        self.request_within(method, path, Body::Empty, &[], Some(timeout)).await
     }
 
     /// A single attempt, for health checks that must answer now.

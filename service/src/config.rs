@@ -238,6 +238,12 @@ pub struct TlsConfig {
     /// client may still authenticate with a bearer token).
     #[serde(default)]
     pub client_cert_required: bool,
+    /// With `client_ca`: PEM certificate revocation lists, one from each CA in the chains of
+    /// client certificates. A revoked certificate fails its handshake, so does one whose
+    /// revocation status no list gives, and so does every one once a list is past its next
+    /// update (a stale list is not trusted). Read again when the file changes.
+    #[serde(default)]
+    pub client_crl: Option<PathBuf>,
     #[serde(default = "default_reload_s")]
     pub reload_s: u64,
 }
@@ -263,11 +269,22 @@ pub struct RetentionConfig {
     /// A save's lease (how GC on any node learns it is in flight) lapses this long after its
     /// node last refreshed it; refreshed every third of it.
     pub lease_s: u64,
+    /// GC runs this node makes at once, over different jobs (a job has one run at a time,
+    /// across nodes). Each holds its job's object listings in memory, about a gigabyte per ten
+    /// million objects; more wait up to `busy_wait_ms`, then get 503.
+    pub gc_runs_max: usize,
 }
 
 impl Default for RetentionConfig {
     fn default() -> Self {
-        RetentionConfig { keep_last: None, keep_every: None, jobs: Default::default(), gc_grace_s: 3600, lease_s: 120 }
+        RetentionConfig {
+            keep_last: None,
+            keep_every: None,
+            jobs: Default::default(),
+            gc_grace_s: 3600,
+            lease_s: 120,
+            gc_runs_max: 2,
+        }
     }
 }
 
@@ -288,6 +305,9 @@ impl RetentionConfig {
         }
         if self.gc_grace_s == 0 || self.lease_s == 0 {
             return Err(ConfigError::Invalid("retention: gc_grace_s and lease_s must be positive".into()));
+        }
+        if self.gc_runs_max == 0 {
+            return Err(ConfigError::Invalid("retention: gc_runs_max must be at least 1".into()));
         }
         Ok(())
     }
@@ -408,6 +428,9 @@ impl Config {
             }
             if t.client_cert_required && t.client_ca.is_none() {
                 return Err(ConfigError::Invalid("tls.client_cert_required needs tls.client_ca".into()));
+            }
+            if t.client_crl.is_some() && t.client_ca.is_none() {
+                return Err(ConfigError::Invalid("tls.client_crl needs tls.client_ca".into()));
             }
         }
         if self.chunk_bytes_max > 1 << 30 {

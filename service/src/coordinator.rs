@@ -336,7 +336,7 @@ impl Coordinator {
         });
         let c = Arc::new(Coordinator {
             node_id,
-            gc: Default::default(),
+            gc: crate::gc::GcState::new(config.retention.gc_runs_max),
             fs_sync,
             segments,
             segment_socket: Default::default(),

@@ -19,9 +19,13 @@
 //!   if more sweeps passed, or the save's opening sweep is unknown, every object the root names
 //!   is checked in the store.
 //! * One GC run per job at a time, across nodes: a create-only lock object (`gc/lock`), taken
-//!   over once it is older than `lock_stale`.
+//!   over once it is older than `lock_stale`. This node also keeps the set of jobs it is
+//!   collecting, so a second run of one of them is refused without a store round trip, while
+//!   runs over other jobs go ahead: one tenant's long GC does not hold another's.
 //! * Memory: a run holds the job's chunk and index-object listings and the referenced set, a
-//!   few hundred bytes per object: about a gigabyte for ten million objects.
+//!   few hundred bytes per object: about a gigabyte for ten million objects. At most
+//!   `gc_runs_max` runs (dry or not) hold that at once; another waits `busy_wait_ms` for a
+//!   slot, then gets 503.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -59,12 +63,39 @@ struct LeaseHeld {
     sweep: Option<SweepSeen>,
 }
 
-#[derive(Default)]
 pub(crate) struct GcState {
     /// Condemned chunks per job, as last read from the store.
     views: Mutex<HashMap<String, HashSet<ChunkHash>>>,
     leases: Mutex<HashMap<SaveKey, LeaseHeld>>,
-    run: tokio::sync::Mutex<()>,
+    /// Slots for runs on this node (`gc_runs_max`).
+    runs: Arc<tokio::sync::Semaphore>,
+    runs_max: usize,
+    /// Jobs this node is collecting (not dry runs).
+    collecting: Arc<Mutex<HashSet<String>>>,
+}
+
+impl GcState {
+    pub(crate) fn new(runs_max: usize) -> Self {
+        GcState {
+            views: Default::default(),
+            leases: Default::default(),
+            runs: Arc::new(tokio::sync::Semaphore::new(runs_max)),
+            runs_max,
+            collecting: Default::default(),
+        }
+    }
+}
+
+/// A job in this node's collecting set, taken out when the run ends or its request is dropped.
+struct Collecting {
+    set: Arc<Mutex<HashSet<String>>>,
+    job: String,
+}
+
+impl Drop for Collecting {
+    fn drop(&mut self) {
+        self.set.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.job);
+    }
 }
 
 /// What a GC run did (or, with `dry_run`, would do).
@@ -424,10 +455,27 @@ impl Coordinator {
     }
 
     /// One GC run over `job`: retention, the sweep of the previous run's list, a new mark.
-    /// Holds the job's GC lock (not for a dry run, which changes nothing).
+    /// Holds the job's GC lock (not for a dry run, which changes nothing). The run is a task
+    /// of its own: a caller that gives up, or whose connection drops, does not cancel it half
+    /// way, which would leave the job's lock in the store until it goes stale hours later.
+    pub async fn gc(self: &Arc<Self>, job: &str, dry_run: bool) -> Result<GcReport, ServiceError> {
+        let (me, job) = (self.clone(), job.to_string());
+        tokio::spawn(async move { me.gc_locked(&job, dry_run).await }).await.map_err(crate::error::join_error)?
+    }
+
     #[tracing::instrument(name = "gc", skip(self), fields(job = %job, dry_run))]
-    pub async fn gc(&self, job: &str, dry_run: bool) -> Result<GcReport, ServiceError> {
-        let _one = self.gc.run.lock().await;
+    async fn gc_locked(&self, job: &str, dry_run: bool) -> Result<GcReport, ServiceError> {
+        let _collecting = if dry_run { None } else { Some(self.start_collecting(job)?) };
+        let _slot = match tokio::time::timeout(self.busy_wait(), self.gc.runs.clone().acquire_owned()).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(_)) => return Err(ServiceError::Busy("shutting down".into())),
+            Err(_) => {
+                return Err(ServiceError::Busy(format!(
+                    "{} GC runs in progress on this node (gc_runs_max); try later",
+                    self.gc.runs_max
+                )))
+            }
+        };
         if dry_run {
             return self.gc_run(job, true).await;
         }
@@ -453,6 +501,15 @@ impl Coordinator {
             tracing::warn!(job, error = %e, "cannot release the GC lock; it goes stale after {} s", LOCK_STALE.as_secs());
         }
         report
+    }
+
+    fn start_collecting(&self, job: &str) -> Result<Collecting, ServiceError> {
+        if !self.gc.collecting.lock().unwrap_or_else(|e| e.into_inner()).insert(job.to_string()) {
+            return Err(ServiceError::Conflict(format!(
+                "a GC of job {job} is already running on this node; try later"
+            )));
+        }
+        Ok(Collecting { set: self.gc.collecting.clone(), job: job.to_string() })
     }
 
     async fn gc_run(&self, job: &str, dry_run: bool) -> Result<GcReport, ServiceError> {
@@ -662,7 +719,7 @@ impl Coordinator {
     }
 
     /// GC over every job in the store.
-    pub async fn gc_all(&self, dry_run: bool) -> Result<Vec<GcReport>, ServiceError> {
+    pub async fn gc_all(self: &Arc<Self>, dry_run: bool) -> Result<Vec<GcReport>, ServiceError> {
         let mut out = Vec::new();
         for job in self.store.list_jobs().await? {
             out.push(self.gc(&job, dry_run).await?);

@@ -56,6 +56,15 @@ pub async fn serve_until(
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .map_err(|e| ServiceError::Startup(format!("cannot listen on {}: {e}", config.listen)))?;
+    // TLS files next, also before the disk: a certificate, key or revocation list that cannot
+    // be used stops the start here, never after the address file has announced a ready node.
+    let (tls, _reload) = match &config.tls {
+        Some(t) => {
+            let (acceptor, guard) = tls::acceptor(t)?;
+            (Some(acceptor), Some(guard))
+        }
+        None => (None, None),
+    };
     let store = store::Store::open(
         &config.store,
         &config.store_options,
@@ -135,15 +144,10 @@ pub async fn serve_until(
         std::fs::rename(&tmp, path)?;
     }
     tracing::info!(%addr, "ckptd listening");
+    if let Some(t) = &config.tls {
+        tracing::info!(cert = %t.cert.display(), mutual = t.client_ca.is_some(), crl = t.client_crl.is_some(), "serving TLS only");
+    }
 
-    let (tls, _reload) = match &config.tls {
-        Some(t) => {
-            let (acceptor, guard) = tls::acceptor(t)?;
-            tracing::info!(cert = %t.cert.display(), mutual = t.client_ca.is_some(), "serving TLS only");
-            (Some(acceptor), Some(guard))
-        }
-        None => (None, None),
-    };
     let grace = Duration::from_secs(config.shutdown_grace_s);
     let header_read_timeout = Duration::from_millis(config.header_read_timeout_ms);
     let shutdown = async move {

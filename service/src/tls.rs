@@ -11,6 +11,13 @@
 //!   `client_cert_required` a connection without one fails its handshake; otherwise it is
 //!   accepted and must authenticate with a bearer token. A verified certificate's DNS names go
 //!   into every request of the connection (`PeerCertNames`), which `auth.rs` maps to a tenant.
+//! * Revocation: with `client_crl`, the verifier checks every certificate of the chain (not the
+//!   root) against the lists and fails closed: revoked, not covered by any list, or a list past
+//!   its next update all refuse the handshake. Lists are reissued often, so the same reload task
+//!   hashes the file and, when it changed, builds a new verifier from the new lists and the
+//!   roots read at start; the acceptor reaches it through `ClientVerifier`, which only forwards.
+//!   A list that fails to parse keeps the previous verifier, as a bad certificate keeps the
+//!   previous key. The CA itself is read once (its names are the hints sent to clients).
 //! * Only TLS: when TLS is configured the port speaks nothing else; a plain HTTP request fails
 //!   the handshake and its connection is closed. Handshakes run in the connection's own task,
 //!   bounded by the header read timeout, so a client that opens a connection and stalls holds
@@ -20,11 +27,14 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 
 use crate::config::TlsConfig;
 use crate::error::ServiceError;
@@ -41,34 +51,133 @@ impl ResolvesServerCert for Reloading {
     }
 }
 
+/// The client-certificate verifier in force, replaced when the revocation lists change.
+#[derive(Debug)]
+struct ClientVerifier {
+    current: RwLock<Arc<dyn ClientCertVerifier>>,
+    /// The CA's names, from the verifier built at start: the roots never change.
+    hints: Vec<DistinguishedName>,
+}
+
+impl ClientVerifier {
+    fn get(&self) -> Arc<dyn ClientCertVerifier> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl ClientCertVerifier for ClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.get().offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.get().client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.get().verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.get().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.get().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.get().supported_verify_schemes()
+    }
+
+    fn requires_raw_public_keys(&self) -> bool {
+        self.get().requires_raw_public_keys()
+    }
+}
+
+/// A webpki verifier for the CA's `roots` and, when configured, the lists in `crl` (the
+/// file's bytes).
+fn build_verifier(
+    cfg: &TlsConfig,
+    roots: &Arc<RootCertStore>,
+    crl: Option<&[u8]>,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<dyn ClientCertVerifier>, ServiceError> {
+    let mut b = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone());
+    if !cfg.client_cert_required {
+        b = b.allow_unauthenticated();
+    }
+    if let (Some(path), Some(pem)) = (&cfg.client_crl, crl) {
+        let crls = CertificateRevocationListDer::pem_slice_iter(pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| tls_error(format!("cannot read revocation lists from {}: {e}", path.display())))?;
+        if crls.is_empty() {
+            return Err(tls_error(format!("{} holds no revocation list (PEM \"X509 CRL\")", path.display())));
+        }
+        b = b.with_crls(crls).enforce_revocation_expiration();
+    }
+    b.build().map_err(|e| match &cfg.client_crl {
+        Some(p) => tls_error(format!("client verifier with {}: {e}", p.display())),
+        None => tls_error(e.to_string()),
+    })
+}
+
 fn tls_error(what: String) -> ServiceError {
     ServiceError::Startup(format!("tls: {what}"))
 }
 
-/// The certificate and key files as read once: hashed to see a change, and parsed from these
+/// The files that are reloaded, as read once: hashed to see a change, and parsed from these
 /// same bytes, so what is served is exactly what was compared.
-struct Pair {
+struct Files {
     cert: Vec<u8>,
     key: Vec<u8>,
+    crl: Option<Vec<u8>>,
 }
 
-impl Pair {
-    fn read(cfg: &TlsConfig) -> Result<Pair, ServiceError> {
+/// What a reload compares: the certificate with its key, and the revocation lists.
+#[derive(Clone, Copy, PartialEq)]
+struct Seen {
+    pair: blake3::Hash,
+    crl: blake3::Hash,
+}
+
+impl Files {
+    fn read(cfg: &TlsConfig) -> Result<Files, ServiceError> {
         let read = |p: &Path| std::fs::read(p).map_err(|e| tls_error(format!("cannot read {}: {e}", p.display())));
-        Ok(Pair { cert: read(&cfg.cert)?, key: read(&cfg.key)? })
+        let crl = cfg.client_crl.as_deref().map(read).transpose()?;
+        Ok(Files { cert: read(&cfg.cert)?, key: read(&cfg.key)?, crl })
     }
 
-    fn digest(&self) -> blake3::Hash {
+    fn seen(&self) -> Seen {
         let mut h = blake3::Hasher::new();
         for bytes in [&self.cert, &self.key] {
             h.update(&(bytes.len() as u64).to_le_bytes());
             h.update(bytes);
         }
-        h.finalize()
+        Seen { pair: h.finalize(), crl: blake3::hash(self.crl.as_deref().unwrap_or_default()) }
     }
 }
 
-fn load_certified_key(cfg: &TlsConfig, pair: &Pair, provider: &CryptoProvider) -> Result<CertifiedKey, ServiceError> {
+fn load_certified_key(cfg: &TlsConfig, pair: &Files, provider: &CryptoProvider) -> Result<CertifiedKey, ServiceError> {
     let certs = parse_certs(&cfg.cert, &pair.cert)?;
     let key = PrivateKeyDer::from_pem_slice(&pair.key)
         .map_err(|e| tls_error(format!("cannot read a private key from {}: {e}", cfg.key.display())))?;
@@ -93,28 +202,31 @@ fn parse_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, 
     Ok(certs)
 }
 
-/// The acceptor for `cfg`, and a task that reloads its certificate while the returned guard
-/// lives.
+/// The acceptor for `cfg`, and a task that reloads its certificate and revocation lists while
+/// the returned guard lives.
 pub fn acceptor(cfg: &TlsConfig) -> Result<(tokio_rustls::TlsAcceptor, ReloadGuard), ServiceError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let pair = Pair::read(cfg)?;
-    let first_seen = pair.digest();
-    let resolver = Arc::new(Reloading { current: RwLock::new(Arc::new(load_certified_key(cfg, &pair, &provider)?)) });
+    let files = Files::read(cfg)?;
+    let first_seen = files.seen();
+    let resolver = Arc::new(Reloading { current: RwLock::new(Arc::new(load_certified_key(cfg, &files, &provider)?)) });
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| tls_error(e.to_string()))?;
-    let builder = match &cfg.client_ca {
-        None => builder.with_no_client_auth(),
+    let (builder, clients) = match &cfg.client_ca {
+        None => (builder.with_no_client_auth(), None),
         Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
+            let mut roots = RootCertStore::empty();
             for c in read_certs(ca)? {
                 roots.add(c).map_err(|e| tls_error(format!("{}: {e}", ca.display())))?;
             }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
-            let verifier = if cfg.client_cert_required { verifier } else { verifier.allow_unauthenticated() };
-            builder.with_client_cert_verifier(verifier.build().map_err(|e| tls_error(e.to_string()))?)
+            let roots = Arc::new(roots);
+            let first = build_verifier(cfg, &roots, files.crl.as_deref(), &provider)?;
+            let verifier =
+                Arc::new(ClientVerifier { hints: first.root_hint_subjects().to_vec(), current: RwLock::new(first) });
+            (builder.with_client_cert_verifier(verifier.clone()), Some((verifier, roots)))
         }
     };
+    drop(files);
     let mut server = builder.with_cert_resolver(resolver.clone());
     server.alpn_protocols = vec![b"http/1.1".to_vec()];
 
@@ -125,15 +237,19 @@ pub fn acceptor(cfg: &TlsConfig) -> Result<(tokio_rustls::TlsAcceptor, ReloadGua
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let (c, p) = (cfg.clone(), provider.clone());
+            let (c, p, was) = (cfg.clone(), provider.clone(), seen);
+            let roots = clients.as_ref().map(|(_, r)| r.clone());
             // None: unchanged, or unreadable for now (a renewal between its renames).
             let changed = tokio::task::spawn_blocking(move || {
-                let pair = Pair::read(&c).ok()?;
-                let now = pair.digest();
-                (now != seen).then(|| (now, load_certified_key(&c, &pair, &p)))
+                let files = Files::read(&c).ok()?;
+                let now = files.seen();
+                let key = (now.pair != was.pair).then(|| load_certified_key(&c, &files, &p));
+                let verifier =
+                    roots.filter(|_| now.crl != was.crl).map(|r| build_verifier(&c, &r, files.crl.as_deref(), &p));
+                (now != was).then_some((now, key, verifier))
             })
             .await;
-            let (now, loaded) = match changed {
+            let (now, key, verifier) = match changed {
                 Ok(Some(c)) => c,
                 Ok(None) => continue,
                 Err(e) => {
@@ -141,15 +257,27 @@ pub fn acceptor(cfg: &TlsConfig) -> Result<(tokio_rustls::TlsAcceptor, ReloadGua
                     continue;
                 }
             };
-            match loaded {
-                Ok(key) => {
+            match key {
+                Some(Ok(key)) => {
                     *resolver.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(key);
-                    seen = now;
+                    seen.pair = now.pair;
                     tracing::info!(cert = %cfg.cert.display(), "tls certificate reloaded");
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     tracing::warn!(error = %e, "tls certificate changed but cannot be loaded; keeping the previous one")
                 }
+                None => {}
+            }
+            match (verifier, &clients) {
+                (Some(Ok(v)), Some((installed, _))) => {
+                    *installed.current.write().unwrap_or_else(|e| e.into_inner()) = v;
+                    seen.crl = now.crl;
+                    tracing::info!(crl = ?cfg.client_crl, "client certificate revocation lists reloaded");
+                }
+                (Some(Err(e)), _) => {
+                    tracing::warn!(error = %e, "revocation lists changed but cannot be loaded; keeping the previous ones")
+                }
+                _ => {}
             }
         }
     });

@@ -189,6 +189,93 @@ async fn a_full_staging_disk_fails_the_save_visibly_and_loses_nothing() {
     .await
 }
 
+/// GC runs over different jobs go ahead side by side, up to `gc_runs_max`; one job's run is
+/// one at a time; past the limit a run is refused after `busy_wait_ms`, not queued without
+/// end. Each run is held in its first listing by an injected delay, so "still running" is
+/// the store's doing, not a race.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_runs_of_different_jobs_do_not_wait_for_each_other_and_are_bounded() {
+    bounded(Duration::from_secs(90), async {
+        const HOLD_MS: u64 = 8_000;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("ckptd.toml");
+        std::fs::write(&cfg, "busy_wait_ms = 300\n[retention]\ngc_runs_max = 2\n").unwrap();
+        let mut o = faulty(dir.path(), None);
+        o.extra_args.extend(["--config".into(), cfg.into_os_string()]);
+        let d = start_daemon_with(o).await;
+        let http = reqwest::Client::new();
+        let gc = |job: &str, dry: bool| {
+            let req = http.post(format!("{}/v1/jobs/{job}/gc?dry_run={dry}", d.url()));
+            async move {
+                let r = req.send().await.unwrap();
+                (r.status().as_u16(), r.text().await.unwrap_or_default())
+            }
+        };
+        let until_fired = |n: u64, what: &'static str| {
+            let d = &d;
+            async move {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+                while fired(d, "latency:list").await < n {
+                    assert!(tokio::time::Instant::now() < deadline, "{what}\n{}", daemon_log(d));
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        arm(&d, json!({"kind": "latency", "op": "list", "delay_ms": HOLD_MS})).await;
+        let a = tokio::spawn(gc("job-a", false));
+        until_fired(1, "job-a's GC never listed").await;
+        arm(&d, json!({"kind": "latency", "op": "list", "delay_ms": HOLD_MS})).await;
+        let b = tokio::spawn(gc("job-b", false));
+        until_fired(2, "job-b's GC did not start while job-a's ran: one job's GC held another's").await;
+
+        let (status, body) = gc("job-a", false).await;
+        assert_eq!(status, 409, "a second run of a job being collected: {body}");
+        assert!(body.contains("already running"), "{body}");
+        for dry in [false, true] {
+            let (status, body) = gc("job-c", dry).await;
+            assert_eq!(status, 503, "a third run (dry: {dry}) past gc_runs_max = 2: {body}");
+            assert!(body.contains("gc_runs_max"), "{body}");
+        }
+        assert!(!a.is_finished() && !b.is_finished(), "both held runs were still in their listing");
+
+        for (job, run) in [("job-a", a), ("job-b", b)] {
+            let (status, body) = run.await.unwrap();
+            assert_eq!(status, 200, "{job}: {body}");
+            let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(report["job"], job, "{report}");
+        }
+        // The slots and the job came back: the same runs now go through.
+        for job in ["job-c", "job-a"] {
+            let (status, body) = gc(job, false).await;
+            assert_eq!(status, 200, "{job} after the held runs ended: {body}");
+        }
+
+        // A caller that gives up mid-run does not cancel the run half way, which would leave
+        // the job's lock in the store for hours: the run goes on, ends, and lets go.
+        arm(&d, json!({"kind": "latency", "op": "list", "delay_ms": 2_000})).await;
+        let gone = tokio::spawn(gc("job-a", false));
+        until_fired(3, "the third held run never listed").await;
+        gone.abort();
+        let (status, body) = gc("job-a", false).await;
+        assert_eq!(status, 409, "the abandoned run is still going: {body}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let (status, body) = gc("job-a", false).await;
+            if status == 200 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "job-a could not be collected 15 s after its caller gave up: {status} {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let lock = dir.path().join("store").join(ckpt_core::keys::gc_lock_key("job-a"));
+        assert!(!lock.exists(), "the finished run left its lock");
+    })
+    .await
+}
+
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     if let Ok(rd) = std::fs::read_dir(dir) {

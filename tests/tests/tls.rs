@@ -1,6 +1,7 @@
 //! TLS and mutual TLS against a real ckptd on loopback, with certificates generated here
 //! (rcgen): saves over https, plain HTTP refused, client certificates mapped to tenants,
-//! certificates from another CA refused, and a renewed certificate served without a restart.
+//! certificates from another CA refused, a renewed certificate served without a restart, and
+//! revoked client certificates refused, with revocation lists read again when they change.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,7 +11,8 @@ use ckpt_client::daemon::{DaemonOptions, LocalDaemon};
 use ckpt_client::{Client, ClientOptions, TlsFiles, Token};
 use ckpt_tests::*;
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams, SerialNumber,
 };
 
 const TOKEN: &str = "tls-test-token-3e1d0c9b8a7f6e5d4c3b2a19";
@@ -25,18 +27,62 @@ fn new_ca(name: &str) -> Ca {
     let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     p.distinguished_name.push(DnType::CommonName, name);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let pem = p.self_signed(&key).unwrap().pem();
     Ca { issuer: Issuer::new(p, key), pem }
 }
 
 /// A leaf for `names`, signed by `ca`: (certificate PEM, key PEM).
 fn leaf(ca: &Ca, names: &[&str], usage: ExtendedKeyUsagePurpose) -> (String, String) {
+    numbered_leaf(ca, names, usage, None)
+}
+
+/// A leaf with a chosen serial number, which a revocation list can name.
+fn numbered_leaf(ca: &Ca, names: &[&str], usage: ExtendedKeyUsagePurpose, serial: Option<u64>) -> (String, String) {
     let key = KeyPair::generate().unwrap();
     let mut p = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
     p.extended_key_usages = vec![usage];
+    p.serial_number = serial.map(SerialNumber::from);
     p.distinguished_name.push(DnType::CommonName, names[0]);
     (p.signed_by(&key, &ca.issuer).unwrap().pem(), key.serialize_pem())
+}
+
+/// A revocation list from `ca` naming `revoked` serials, valid over `valid` (years).
+fn crl(ca: &Ca, number: u64, revoked: &[u64], valid: (i32, i32)) -> String {
+    let params = CertificateRevocationListParams {
+        this_update: rcgen::date_time_ymd(valid.0, 1, 1),
+        next_update: rcgen::date_time_ymd(valid.1, 1, 1),
+        crl_number: SerialNumber::from(number),
+        issuing_distribution_point: None,
+        revoked_certs: revoked
+            .iter()
+            .map(|&n| RevokedCertParams {
+                serial_number: SerialNumber::from(n),
+                revocation_time: rcgen::date_time_ymd(valid.0, 1, 1),
+                reason_code: None,
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    params.signed_by(&ca.issuer).unwrap().pem().unwrap()
+}
+
+/// Replaces `name` in `dir` by a rename, as a deployment tool does.
+fn replace(dir: &Path, name: &str, text: &str) {
+    let tmp = write(dir, &format!("{name}.new"), text);
+    std::fs::rename(tmp, dir.join(name)).unwrap();
+}
+
+/// A new CA and a server certificate for localhost from it, written as `ca.pem`, `server.pem`
+/// and `server.key` in `dir`.
+fn ca_and_server(dir: &Path) -> Ca {
+    let ca = new_ca("ckpt test ca");
+    let (server_pem, server_key) = leaf(&ca, &["localhost"], ExtendedKeyUsagePurpose::ServerAuth);
+    write(dir, "ca.pem", &ca.pem);
+    write(dir, "server.pem", &server_pem);
+    write(dir, "server.key", &server_key);
+    ca
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -114,11 +160,7 @@ async fn tls_and_mutual_tls_on_loopback() {
     bounded(Duration::from_secs(180), async {
         let dir = tempfile::tempdir().unwrap();
         let d_path = dir.path();
-        let ca = new_ca("ckpt test ca");
-        let (server_pem, server_key) = leaf(&ca, &["localhost"], ExtendedKeyUsagePurpose::ServerAuth);
-        write(d_path, "ca.pem", &ca.pem);
-        write(d_path, "server.pem", &server_pem);
-        write(d_path, "server.key", &server_key);
+        let ca = ca_and_server(d_path);
         let (a_pem, a_key) = leaf(&ca, &["team-a.clients.test"], ExtendedKeyUsagePurpose::ClientAuth);
         let (x_pem, x_key) = leaf(&ca, &["stranger.clients.test"], ExtendedKeyUsagePurpose::ClientAuth);
         let other_ca = new_ca("another ca");
@@ -223,6 +265,91 @@ async fn tls_and_mutual_tls_on_loopback() {
         assert!(transport(e), "a connection without a client certificate was accepted");
         let ok = client(&d, None, files(Some(("a", &a_pem, &a_key))));
         assert!(ok.list("a-tls").await.unwrap().committed.is_empty(), "a fresh store has no checkpoints");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_client_certificates_fail_the_handshake_and_lists_are_read_again() {
+    bounded(Duration::from_secs(120), async {
+        let dir = tempfile::tempdir().unwrap();
+        let d_path = dir.path();
+        let ca = ca_and_server(d_path);
+        let name = ["team-a.clients.test"];
+        let (alice_pem, alice_key) = numbered_leaf(&ca, &name, ExtendedKeyUsagePurpose::ClientAuth, Some(101));
+        let (bob_pem, bob_key) = numbered_leaf(&ca, &name, ExtendedKeyUsagePurpose::ClientAuth, Some(102));
+        let files = |n: &str, cert: &str, key: &str| TlsFiles {
+            ca: Some(d_path.join("ca.pem")),
+            cert: Some(write(d_path, &format!("{n}.pem"), cert)),
+            key: Some(write(d_path, &format!("{n}.key"), key)),
+        };
+        write(d_path, "crl.pem", &crl(&ca, 1, &[], (2025, 2099)));
+        let crl_line = format!("client_cert_required = true\nclient_crl = \"{}\"", d_path.join("crl.pem").display());
+        let d = start(d_path, &crl_line).await;
+        // Each call a new client, so a new connection: a refused handshake is what is looked for.
+        let refused = |n: &str, cert: &str, key: &str| {
+            let c = client(&d, None, files(n, cert, key));
+            async move {
+                match c.list("a-x").await {
+                    Ok(_) => false,
+                    Err(ckpt_client::ClientError::Transport { .. }) => true,
+                    Err(e) => panic!("neither served nor refused at the handshake: {e}"),
+                }
+            }
+        };
+        let alice = || refused("alice", &alice_pem, &alice_key);
+        let bob = || refused("bob", &bob_pem, &bob_key);
+        // Within 10 s: the file is checked every second.
+        async fn within_10s<F: std::future::Future<Output = bool>>(mut f: impl FnMut() -> F) -> bool {
+            for _ in 0..100 {
+                if f().await {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            false
+        }
+        assert!(!alice().await && !bob().await, "refused under a list naming nobody");
+
+        // Bob's certificate is revoked: a new list, read without a restart.
+        replace(d_path, "crl.pem", &crl(&ca, 2, &[102], (2025, 2099)));
+        assert!(within_10s(bob).await, "a revoked certificate was still accepted\n{}", daemon_log(&d));
+        assert!(!alice().await, "alice is not revoked");
+        assert!(daemon_log(&d).contains("revocation lists reloaded"), "{}", daemon_log(&d));
+
+        // A list that does not parse keeps the previous ones: bob stays out, alice in.
+        replace(d_path, "crl.pem", "-----BEGIN X509 CRL-----\nbm90IGEgbGlzdA==\n-----END X509 CRL-----\n");
+        let told = || async { daemon_log(&d).contains("revocation lists changed but cannot be loaded") };
+        assert!(within_10s(told).await, "{}", daemon_log(&d));
+        assert!(bob().await, "a bad list let a revoked certificate in");
+        assert!(!alice().await, "a bad list locked alice out");
+
+        // A list past its next update is not trusted: every client certificate fails closed.
+        replace(d_path, "crl.pem", &crl(&ca, 3, &[], (2020, 2021)));
+        assert!(within_10s(alice).await, "a certificate was accepted on an expired revocation list");
+        drop(d);
+
+        // At start-up a list that does not parse is an error that names the file, and so is a
+        // list without a CA to check it against.
+        replace(d_path, "crl.pem", "not pem at all\n");
+        let mut opts = DaemonOptions::in_dir(ckptd_exe(), d_path);
+        opts.extra_args = vec!["--config".into(), d_path.join("ckptd.toml").into()];
+        opts.start_timeout = Duration::from_secs(20);
+        let log = opts.log_file.clone();
+        assert!(LocalDaemon::start(opts).await.is_err(), "ckptd started on a revocation list that does not parse");
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        assert!(text.contains("crl.pem") && text.contains("revocation list"), "{text}");
+        let no_ca = write(
+            d_path,
+            "no-ca.toml",
+            &format!(
+                "[tls]\ncert = \"server.pem\"\nkey = \"server.key\"\nclient_crl = \"{}\"\n",
+                d_path.join("crl.pem").display()
+            ),
+        );
+        let out = std::process::Command::new(ckptd_exe()).arg("--check-config").arg(&no_ca).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("tls.client_crl needs tls.client_ca"), "{err}");
     })
     .await
 }
