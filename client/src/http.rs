@@ -163,7 +163,7 @@ impl Http {
         body: Body,
         headers: &[(&str, &str)],
     ) -> Result<Bytes, ClientError> {
-        self.request_within(method, path, body, headers, None).await
+        self.request_within(method, path, body, headers, None, &self.retry).await
     }
 
     async fn request_within(
@@ -173,9 +173,10 @@ impl Http {
         body: Body,
         headers: &[(&str, &str)],
         timeout: Option<Duration>,
+        retry: &RetryPolicy,
     ) -> Result<Bytes, ClientError> {
         let url = format!("{}{}", self.base, path);
-        let mut backoff = Backoff::new(&self.retry);
+        let mut backoff = Backoff::new(retry);
         loop {
             let outcome = match self.send_once_within(method.clone(), path, &body, headers, timeout).await {
                 Ok(resp) => resp.bytes().await.map_err(|source| ClientError::Transport { url: url.clone(), source }),
@@ -189,14 +190,17 @@ impl Http {
     }
 
     /// A request whose answer takes as long as the work behind it (a GC run), waited for up to
-    /// `timeout` instead of `request_timeout`; retried like any other.
+    /// `timeout` instead of `request_timeout`. Waits out a busy ckptd, but is not sent again
+    /// after a failure in flight: the work goes on in ckptd, and a second request would only
+    /// find it running.
     pub async fn request_long(
         &self,
         method: reqwest::Method,
         path: &str,
         timeout: Duration,
     ) -> Result<Bytes, ClientError> {
-        self.request_within(method, path, Body::Empty, &[], Some(timeout)).await
+        let once = RetryPolicy { attempts_max: 1, ..self.retry.clone() };
+        self.request_within(method, path, Body::Empty, &[], Some(timeout), &once).await
     }
 
     /// A single attempt, for health checks that must answer now.

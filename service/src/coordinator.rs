@@ -276,6 +276,8 @@ pub struct RecoveryReport {
     pub saves_aborted: usize,
     pub saves_resumed: usize,
     pub spilled_chunks_requeued: usize,
+    /// GC locks left by runs of this node that died with it.
+    pub gc_locks_released: usize,
 }
 
 pub(crate) fn now_unix_ms() -> u64 {

@@ -18,8 +18,11 @@
 //!   sweep or of the next one, the save is aborted (the object may be gone, or about to be);
 //!   if more sweeps passed, or the save's opening sweep is unknown, every object the root names
 //!   is checked in the store.
-//! * One GC run per job at a time, across nodes: a create-only lock object (`gc/lock`), taken
-//!   over once it is older than `lock_stale`. This node also keeps the set of jobs it is
+//! * One GC run per job at a time, across nodes: a create-only lock object (`gc/lock`) naming
+//!   its node, rewritten every `LOCK_REFRESH` while its run lives and taken over once it has
+//!   not been for `LOCK_STALE`. A run is a task of its own, so a caller that goes away does not
+//!   cut it short with the lock still held; a node that died mid-run deletes the locks naming
+//!   it when it starts again. This node also keeps the set of jobs it is
 //!   collecting, so a second run of one of them is refused without a store round trip, while
 //!   runs over other jobs go ahead: one tenant's long GC does not hold another's.
 //! * Memory: a run holds the job's chunk and index-object listings and the referenced set, a
@@ -125,8 +128,17 @@ fn corrupt_record(key: &str, e: impl std::fmt::Display) -> ServiceError {
     ServiceError::Internal(format!("record {key} is unreadable: {e}"))
 }
 
-/// A GC lock older than this is taken over (its run died).
+/// A GC lock not rewritten for this long is taken over (its run died).
 const LOCK_STALE: Duration = Duration::from_secs(6 * 3600);
+/// A run rewrites its lock this often, so a run longer than `LOCK_STALE` keeps it.
+const LOCK_REFRESH: Duration = Duration::from_secs(15 * 60);
+
+/// The body of a job's GC lock: which node holds it.
+#[derive(Serialize, serde::Deserialize)]
+struct GcLockBody {
+    node: String,
+    started_unix_ms: u64,
+}
 
 /// How long a commit waits for a sweep in progress before it gives up (aborts).
 const SWEEP_WAIT: Duration = Duration::from_secs(120);
@@ -480,7 +492,8 @@ impl Coordinator {
             return self.gc_run(job, true).await;
         }
         let lock = keys::gc_lock_key(job);
-        let body = Bytes::from(format!("{{\"node\":\"{}\",\"started_unix_ms\":{}}}", self.node_id, now_unix_ms()));
+        let body = GcLockBody { node: self.node_id.clone(), started_unix_ms: now_unix_ms() };
+        let body = Bytes::from(serde_json::to_vec(&body).map_err(|e| ServiceError::Internal(e.to_string()))?);
         match self.store.create_record(&lock, body.clone()).await {
             Ok(()) => {}
             Err(StoreError::AlreadyExists(_)) => {
@@ -492,11 +505,23 @@ impl Coordinator {
                 }
                 tracing::warn!(job, since, "taking over a stale GC lock");
                 self.store.delete_key(&lock).await?;
-                self.store.create_record(&lock, body).await?;
+                self.store.create_record(&lock, body.clone()).await?;
             }
             Err(e) => return Err(e.into()),
         }
-        let report = self.gc_run(job, false).await;
+        let run = self.gc_run(job, false);
+        tokio::pin!(run);
+        let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + LOCK_REFRESH, LOCK_REFRESH);
+        let report = loop {
+            tokio::select! {
+                r = &mut run => break r,
+                _ = refresh.tick() => {
+                    if let Err(e) = self.store.put_record(&lock, body.clone()).await {
+                        tracing::warn!(job, error = %e, "cannot refresh the GC lock; trying again later");
+                    }
+                }
+            }
+        };
         if let Err(e) = self.store.delete_key(&lock).await {
             tracing::warn!(job, error = %e, "cannot release the GC lock; it goes stale after {} s", LOCK_STALE.as_secs());
         }
@@ -510,6 +535,38 @@ impl Coordinator {
             )));
         }
         Ok(Collecting { set: self.gc.collecting.clone(), job: job.to_string() })
+    }
+
+    /// Deletes the GC locks of `jobs` that name this node: held by runs of an earlier life of
+    /// this process (a crash, a kill), which no one would otherwise take over for `LOCK_STALE`.
+    /// Called at start-up, before anything is served. Returns how many it deleted.
+    pub(crate) async fn release_dead_gc_locks(&self, jobs: &[String]) -> Result<usize, ServiceError> {
+        // Owned copies in each future: the start-up future must stay `Send` for any lifetime.
+        let (store, node) = (self.store.clone(), Arc::new(self.node_id.clone()));
+        let released: Vec<bool> =
+            futures::stream::iter(jobs.iter().map(|job| keys::gc_lock_key(job)).collect::<Vec<_>>())
+                .map(|lock| {
+                    let (store, node) = (store.clone(), node.clone());
+                    async move {
+                        let Some((bytes, _)) = store.get_record(&lock).await? else { return Ok(false) };
+                        match serde_json::from_slice::<GcLockBody>(&bytes) {
+                            Ok(b) if b.node == *node => {
+                                tracing::warn!(
+                                    lock,
+                                    started_unix_ms = b.started_unix_ms,
+                                    "releasing a GC lock an earlier run of this node left"
+                                );
+                                store.delete_key(&lock).await?;
+                                Ok(true)
+                            }
+                            _ => Ok::<bool, ServiceError>(false),
+                        }
+                    }
+                })
+                .buffer_unordered(self.config.store_requests_max)
+                .try_collect()
+                .await?;
+        Ok(released.into_iter().filter(|r| *r).count())
     }
 
     async fn gc_run(&self, job: &str, dry_run: bool) -> Result<GcReport, ServiceError> {

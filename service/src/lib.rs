@@ -301,7 +301,7 @@ async fn http_serve(
                     let stream = match tokio::time::timeout(header_read_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
-                            tracing::debug!(error = %e, "tls handshake failed");
+                            tls::log_handshake_failure(&e);
                             return;
                         }
                         Err(_) => {

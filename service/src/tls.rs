@@ -229,6 +229,12 @@ pub fn acceptor(cfg: &TlsConfig) -> Result<(tokio_rustls::TlsAcceptor, ReloadGua
     drop(files);
     let mut server = builder.with_cert_resolver(resolver.clone());
     server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    if clients.is_some() {
+        // A resumed session skips the client verifier: it would let a certificate revoked (or
+        // refused by a newer verifier) since its first handshake keep connecting.
+        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        server.send_tls13_tickets = 0;
+    }
 
     let (cfg, every) = (cfg.clone(), Duration::from_secs(cfg.reload_s));
     let task = tokio::spawn(async move {
@@ -241,7 +247,13 @@ pub fn acceptor(cfg: &TlsConfig) -> Result<(tokio_rustls::TlsAcceptor, ReloadGua
             let roots = clients.as_ref().map(|(_, r)| r.clone());
             // None: unchanged, or unreadable for now (a renewal between its renames).
             let changed = tokio::task::spawn_blocking(move || {
-                let files = Files::read(&c).ok()?;
+                let files = match Files::read(&c) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "tls files unreadable; keeping the ones in force");
+                        return None;
+                    }
+                };
                 let now = files.seen();
                 let key = (now.pair != was.pair).then(|| load_certified_key(&c, &files, &p));
                 let verifier =
@@ -282,6 +294,29 @@ pub fn acceptor(cfg: &TlsConfig) -> Result<(tokio_rustls::TlsAcceptor, ReloadGua
         }
     });
     Ok((tokio_rustls::TlsAcceptor::from(Arc::new(server)), ReloadGuard(task)))
+}
+
+/// Logs a failed handshake: at warn, at most every ten seconds, when the client's certificate
+/// was refused (revoked, expired lists, another CA: an operator needs to see a lock-out);
+/// otherwise at debug (scanners, clients that hang up).
+pub fn log_handshake_failure(e: &std::io::Error) {
+    static LAST_WARN_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let refused = matches!(
+        e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented)
+    );
+    let now = crate::coordinator::now_unix_ms();
+    let last = LAST_WARN_MS.load(std::sync::atomic::Ordering::Relaxed);
+    if refused
+        && now.saturating_sub(last) >= 10_000
+        && LAST_WARN_MS
+            .compare_exchange(last, now, std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(error = %e, "tls handshake refused a client certificate (further ones within 10 s at debug)");
+    } else {
+        tracing::debug!(error = %e, "tls handshake failed");
+    }
 }
 
 /// Stops the reload task when dropped.

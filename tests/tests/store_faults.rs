@@ -230,7 +230,7 @@ async fn gc_runs_of_different_jobs_do_not_wait_for_each_other_and_are_bounded() 
 
         let (status, body) = gc("job-a", false).await;
         assert_eq!(status, 409, "a second run of a job being collected: {body}");
-        assert!(body.contains("already running"), "{body}");
+        assert!(body.contains("already running on this node"), "refused by this node's own set: {body}");
         for dry in [false, true] {
             let (status, body) = gc("job-c", dry).await;
             assert_eq!(status, 503, "a third run (dry: {dry}) past gc_runs_max = 2: {body}");
@@ -258,6 +258,7 @@ async fn gc_runs_of_different_jobs_do_not_wait_for_each_other_and_are_bounded() 
         gone.abort();
         let (status, body) = gc("job-a", false).await;
         assert_eq!(status, 409, "the abandoned run is still going: {body}");
+        assert!(body.contains("already running on this node"), "{body}");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
         loop {
             let (status, body) = gc("job-a", false).await;
@@ -272,6 +273,44 @@ async fn gc_runs_of_different_jobs_do_not_wait_for_each_other_and_are_bounded() 
         }
         let lock = dir.path().join("store").join(ckpt_core::keys::gc_lock_key("job-a"));
         assert!(!lock.exists(), "the finished run left its lock");
+    })
+    .await
+}
+
+/// A node killed mid-GC leaves its job's lock in the store, which would hold off every GC of
+/// that job for hours; started again, the node releases the locks that name it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gc_lock_left_by_a_killed_node_is_released_when_it_starts_again() {
+    bounded(Duration::from_secs(90), async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = start_daemon_with(faulty(dir.path(), None)).await;
+        arm(&d, json!({"kind": "latency", "op": "list", "delay_ms": 60_000})).await;
+        let held = tokio::spawn(reqwest::Client::new().post(format!("{}/v1/jobs/job-a/gc", d.url())).send());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while fired(&d, "latency:list").await < 1 {
+            assert!(tokio::time::Instant::now() < deadline, "the GC never listed\n{}", daemon_log(&d));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let lock = dir.path().join("store").join(ckpt_core::keys::gc_lock_key("job-a"));
+        assert!(lock.exists(), "the run holds the job's lock");
+        d.kill();
+        held.abort();
+        assert!(lock.exists(), "a killed run leaves its lock behind");
+
+        d.restart().await.unwrap();
+        assert!(!lock.exists(), "the restarted node kept its dead run's lock\n{}", daemon_log(&d));
+        assert!(daemon_log(&d).contains("releasing a GC lock an earlier run of this node left"));
+        let r = reqwest::Client::new().post(format!("{}/v1/jobs/job-a/gc", d.url())).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+
+        // A lock another node holds is left alone.
+        let other = dir.path().join("store").join(ckpt_core::keys::gc_lock_key("job-b"));
+        std::fs::create_dir_all(other.parent().unwrap()).unwrap();
+        std::fs::write(&other, br#"{"node":"another-node","started_unix_ms":1}"#).unwrap();
+        d.restart().await.unwrap();
+        assert!(other.exists(), "a restart released another node's lock");
+        let r = reqwest::Client::new().post(format!("{}/v1/jobs/job-b/gc", d.url())).send().await.unwrap();
+        assert_eq!(r.status(), 409, "{}", r.text().await.unwrap_or_default());
     })
     .await
 }

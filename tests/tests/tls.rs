@@ -155,6 +155,40 @@ async fn served_cert(addr: &str, ca_pem: &str) -> Vec<u8> {
 
 use rustls::pki_types::pem::PemObject;
 
+/// Whether `GET /healthz` over a new connection made with `cfg` gets an HTTP answer. `cfg`
+/// keeps TLS sessions between calls, as every client's does, so a later call resumes when the
+/// server lets it.
+async fn answered(addr: &str, cfg: &Arc<rustls::ClientConfig>) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else { return false };
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let Ok(mut tls) = tokio_rustls::TlsConnector::from(cfg.clone()).connect(name, tcp).await else { return false };
+    if tls.write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").await.is_err() {
+        return false;
+    }
+    let mut buf = Vec::new();
+    let _ = tls.read_to_end(&mut buf).await;
+    buf.starts_with(b"HTTP/1.1 ")
+}
+
+/// A client config trusting `ca_pem` and presenting `cert_pem` with `key_pem`.
+fn client_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes()).map(|c| c.unwrap()).collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .unwrap();
+    Arc::new(cfg)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_and_mutual_tls_on_loopback() {
     bounded(Duration::from_secs(180), async {
@@ -310,12 +344,22 @@ async fn revoked_client_certificates_fail_the_handshake_and_lists_are_read_again
             false
         }
         assert!(!alice().await && !bob().await, "refused under a list naming nobody");
+        // Bob also with a client that keeps its TLS sessions, twice: the second may resume.
+        let addr = d.url().trim_start_matches("http://").to_string();
+        let bob_sessions = client_config(&ca.pem, &bob_pem, &bob_key);
+        assert!(answered(&addr, &bob_sessions).await && answered(&addr, &bob_sessions).await);
 
         // Bob's certificate is revoked: a new list, read without a restart.
         replace(d_path, "crl.pem", &crl(&ca, 2, &[102], (2025, 2099)));
         assert!(within_10s(bob).await, "a revoked certificate was still accepted\n{}", daemon_log(&d));
         assert!(!alice().await, "alice is not revoked");
         assert!(daemon_log(&d).contains("revocation lists reloaded"), "{}", daemon_log(&d));
+        assert!(!answered(&addr, &bob_sessions).await, "a revoked certificate got in by resuming an earlier session");
+        assert!(
+            daemon_log(&d).contains("tls handshake refused a client certificate"),
+            "a refused certificate is logged where an operator sees it\n{}",
+            daemon_log(&d)
+        );
 
         // A list that does not parse keeps the previous ones: bob stays out, alice in.
         replace(d_path, "crl.pem", "-----BEGIN X509 CRL-----\nbm90IGEgbGlzdA==\n-----END X509 CRL-----\n");
@@ -327,6 +371,9 @@ async fn revoked_client_certificates_fail_the_handshake_and_lists_are_read_again
         // A list past its next update is not trusted: every client certificate fails closed.
         replace(d_path, "crl.pem", &crl(&ca, 3, &[], (2020, 2021)));
         assert!(within_10s(alice).await, "a certificate was accepted on an expired revocation list");
+        // and a fresh list lets alice in again: the node was refusing, not gone.
+        replace(d_path, "crl.pem", &crl(&ca, 4, &[102], (2025, 2099)));
+        assert!(within_10s(|| async { !alice().await }).await, "a fresh list did not let alice back in");
         drop(d);
 
         // At start-up a list that does not parse is an error that names the file, and so is a

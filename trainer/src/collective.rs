@@ -388,6 +388,25 @@ struct Arrival {
     payload: Vec<f32>,
 }
 
+/// A hub serving on a thread of its own.
+pub struct RunningHub {
+    pub events: mpsc::Receiver<HubEvent>,
+    /// Set to make the hub stop.
+    pub stop: Arc<AtomicBool>,
+    pub thread: std::thread::JoinHandle<()>,
+}
+
+/// `serve_hub` for one generation on a new thread named after it.
+pub fn spawn_hub(listener: Arc<TcpListener>, cfg: HubConfig) -> std::io::Result<RunningHub> {
+    let (tx, events) = mpsc::channel();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("hub-{}", cfg.generation))
+        .spawn(move || serve_hub(&listener, cfg, tx, s))?;
+    Ok(RunningHub { events, stop, thread })
+}
+
 /// Serves one generation on `listener` until the group fails or `stop` is set; reports to
 /// `events`. Runs on the calling thread.
 pub fn serve_hub(listener: &TcpListener, cfg: HubConfig, events: mpsc::Sender<HubEvent>, stop: Arc<AtomicBool>) {
@@ -714,8 +733,6 @@ mod tests {
     fn hub(world: usize, timeout_ms: u64) -> (String, mpsc::Receiver<HubEvent>, Arc<AtomicBool>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let (tx, rx) = mpsc::channel();
-        let stop = Arc::new(AtomicBool::new(false));
         let cfg = HubConfig {
             world,
             generation: 7,
@@ -724,9 +741,8 @@ mod tests {
             startup_timeout: Duration::from_secs(10),
             frame_elems_max: 1 << 20,
         };
-        let s = stop.clone();
-        std::thread::spawn(move || serve_hub(&listener, cfg, tx, s));
-        (addr, rx, stop)
+        let hub = spawn_hub(Arc::new(listener), cfg).unwrap();
+        (addr, hub.events, hub.stop)
     }
 
     #[test]

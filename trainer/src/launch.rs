@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ckpt_client::{Client, ClientOptions, SavePhase};
-use ckpt_trainer::collective::{serve_hub, HubConfig, HubEvent};
+use ckpt_trainer::collective::{spawn_hub, HubConfig, HubEvent, RunningHub};
 use ckpt_trainer::config::ModelConfig;
 use ckpt_trainer::data::heldout_windows;
 use ckpt_trainer::model::Llama;
@@ -240,8 +240,6 @@ enum Outcome {
 fn spawn_generation(opts: &LaunchOptions, spec: &RunSpec, listener: Arc<TcpListener>) -> Result<Generation> {
     let spec_path = opts.run.run_dir.join(format!("generation-{}.json", spec.generation));
     std::fs::write(&spec_path, serde_json::to_vec_pretty(spec)?)?;
-    let (tx, rx) = mpsc::channel();
-    let hub_stop = Arc::new(AtomicBool::new(false));
     let cfg = HubConfig {
         world: spec.world,
         generation: spec.generation,
@@ -250,10 +248,7 @@ fn spawn_generation(opts: &LaunchOptions, spec: &RunSpec, listener: Arc<TcpListe
         startup_timeout: opts.startup_timeout,
         frame_elems_max: opts.run.model.param_count() + 1024,
     };
-    let stop = hub_stop.clone();
-    let hub = std::thread::Builder::new()
-        .name(format!("hub-{}", spec.generation))
-        .spawn(move || serve_hub(&listener, cfg, tx, stop))?;
+    let RunningHub { events: rx, stop: hub_stop, thread: hub } = spawn_hub(listener, cfg)?;
     let exe = std::env::current_exe().context("locating ckpt-train")?;
     let mut children = Vec::with_capacity(spec.world);
     for rank in 0..spec.world {

@@ -11,7 +11,7 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use ckpt_kernels::cuda::CudaError;
-use ckpt_trainer::collective::{serve_hub, Collective, HubClient, HubConfig, HubEvent, TAG_LOSS, TAG_READY};
+use ckpt_trainer::collective::{spawn_hub, Collective, HubClient, HubConfig, HubEvent, TAG_LOSS, TAG_READY};
 use ckpt_trainer::flight;
 use ckpt_trainer::nccl::{gpu_count, JoinError, NcclCollective};
 use ckpt_trainer::optim::owned_range;
@@ -21,8 +21,6 @@ const GENERATION: u64 = 3;
 fn hub(world: usize) -> (String, mpsc::Receiver<HubEvent>, Arc<AtomicBool>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let (tx, rx) = mpsc::channel();
-    let stop = Arc::new(AtomicBool::new(false));
     let cfg = HubConfig {
         world,
         generation: GENERATION,
@@ -31,9 +29,8 @@ fn hub(world: usize) -> (String, mpsc::Receiver<HubEvent>, Arc<AtomicBool>) {
         startup_timeout: Duration::from_secs(30),
         frame_elems_max: 1 << 20,
     };
-    let s = stop.clone();
-    std::thread::spawn(move || serve_hub(&listener, cfg, tx, s));
-    (addr, rx, stop)
+    let hub = spawn_hub(Arc::new(listener), cfg).unwrap();
+    (addr, hub.events, hub.stop)
 }
 
 /// Every collective the trainer calls, on shapes that pad (lengths not a multiple of the world)

@@ -584,7 +584,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Cmd::Gc { job, all: _, dry_run } => {
             // A run over a large job lists and reads every object of it: one job per request,
-            // each allowed an hour (a retried GC request runs again from the start, harmlessly).
+            // each waited for as long as a run may hold its job's lock (`Client::gc`); a run
+            // whose request fails in flight goes on in ckptd, so it is not sent again.
             let gc_client = cli_client(&cli.server, Duration::from_secs(3600))?;
             let jobs = match job {
                 Some(j) => {
