@@ -569,7 +569,8 @@ impl Coordinator {
         self.permit(&self.index_permits, self.config.index_requests_max, "shard-index requests").await
     }
 
-    async fn permit(
+    /// A slot from `slots` (`max` of them), waited for at most `busy_wait_ms`.
+    pub(crate) async fn permit(
         &self,
         slots: &Arc<Semaphore>,
         max: usize,

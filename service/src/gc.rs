@@ -72,7 +72,6 @@ pub(crate) struct GcState {
     leases: Mutex<HashMap<SaveKey, LeaseHeld>>,
     /// Slots for runs on this node (`gc_runs_max`).
     runs: Arc<tokio::sync::Semaphore>,
-    runs_max: usize,
     /// Jobs this node is collecting (not dry runs).
     collecting: Arc<Mutex<HashSet<String>>>,
 }
@@ -83,7 +82,6 @@ impl GcState {
             views: Default::default(),
             leases: Default::default(),
             runs: Arc::new(tokio::sync::Semaphore::new(runs_max)),
-            runs_max,
             collecting: Default::default(),
         }
     }
@@ -478,16 +476,8 @@ impl Coordinator {
     #[tracing::instrument(name = "gc", skip(self), fields(job = %job, dry_run))]
     async fn gc_locked(&self, job: &str, dry_run: bool) -> Result<GcReport, ServiceError> {
         let _collecting = if dry_run { None } else { Some(self.start_collecting(job)?) };
-        let _slot = match tokio::time::timeout(self.busy_wait(), self.gc.runs.clone().acquire_owned()).await {
-            Ok(Ok(p)) => p,
-            Ok(Err(_)) => return Err(ServiceError::Busy("shutting down".into())),
-            Err(_) => {
-                return Err(ServiceError::Busy(format!(
-                    "{} GC runs in progress on this node (gc_runs_max); try later",
-                    self.gc.runs_max
-                )))
-            }
-        };
+        let _slot =
+            self.permit(&self.gc.runs, self.config.retention.gc_runs_max, "GC runs on this node (gc_runs_max)").await?;
         if dry_run {
             return self.gc_run(job, true).await;
         }

@@ -160,11 +160,14 @@ struct Seen {
     crl: blake3::Hash,
 }
 
+fn read_file(path: &Path) -> Result<Vec<u8>, ServiceError> {
+    std::fs::read(path).map_err(|e| tls_error(format!("cannot read {}: {e}", path.display())))
+}
+
 impl Files {
     fn read(cfg: &TlsConfig) -> Result<Files, ServiceError> {
-        let read = |p: &Path| std::fs::read(p).map_err(|e| tls_error(format!("cannot read {}: {e}", p.display())));
-        let crl = cfg.client_crl.as_deref().map(read).transpose()?;
-        Ok(Files { cert: read(&cfg.cert)?, key: read(&cfg.key)?, crl })
+        let crl = cfg.client_crl.as_deref().map(read_file).transpose()?;
+        Ok(Files { cert: read_file(&cfg.cert)?, key: read_file(&cfg.key)?, crl })
     }
 
     fn seen(&self) -> Seen {
@@ -187,8 +190,7 @@ fn load_certified_key(cfg: &TlsConfig, pair: &Files, provider: &CryptoProvider) 
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ServiceError> {
-    let bytes = std::fs::read(path).map_err(|e| tls_error(format!("cannot read {}: {e}", path.display())))?;
-    parse_certs(path, &bytes)
+    parse_certs(path, &read_file(path)?)
 }
 
 /// The certificates in `pem`, read from `path` (named in errors).

@@ -18,7 +18,7 @@ use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -84,9 +84,7 @@ impl LaunchOptions {
 
 struct Generation {
     children: Vec<Child>,
-    hub_stop: Arc<AtomicBool>,
-    hub: std::thread::JoinHandle<()>,
-    events: mpsc::Receiver<HubEvent>,
+    hub: RunningHub,
     spawned: Instant,
 }
 
@@ -248,7 +246,7 @@ fn spawn_generation(opts: &LaunchOptions, spec: &RunSpec, listener: Arc<TcpListe
         startup_timeout: opts.startup_timeout,
         frame_elems_max: opts.run.model.param_count() + 1024,
     };
-    let RunningHub { events: rx, stop: hub_stop, thread: hub } = spawn_hub(listener, cfg)?;
+    let hub = spawn_hub(listener, cfg)?;
     let exe = std::env::current_exe().context("locating ckpt-train")?;
     let mut children = Vec::with_capacity(spec.world);
     for rank in 0..spec.world {
@@ -279,7 +277,7 @@ fn spawn_generation(opts: &LaunchOptions, spec: &RunSpec, listener: Arc<TcpListe
         std::fs::write(opts.run.run_dir.join(format!("rank{rank}.pid")), child.id().to_string())?;
         children.push(child);
     }
-    Ok(Generation { children, hub_stop, hub, events: rx, spawned: Instant::now() })
+    Ok(Generation { children, hub, spawned: Instant::now() })
 }
 
 fn watch(
@@ -294,7 +292,7 @@ fn watch(
     let mut done_step = None;
     let failure = loop {
         let mut failure = None;
-        match g.events.recv_timeout(Duration::from_millis(20)) {
+        match g.hub.events.recv_timeout(Duration::from_millis(20)) {
             Ok(HubEvent::Ready { step, at, .. }) => {
                 times.ready(generation, step, at, g.spawned);
                 if generation > 0 {
@@ -361,7 +359,7 @@ fn watch(
                     let bad = exited(&mut g.children, &opts.run.run_dir);
                     match bad {
                         None => {
-                            let _ = g.hub.join();
+                            let _ = g.hub.thread.join();
                             return Outcome::Done { step };
                         }
                         Some(cause) => failure = Some((cause, 0)),
@@ -382,8 +380,8 @@ fn watch(
     for c in &mut g.children {
         let _ = c.wait();
     }
-    g.hub_stop.store(true, Ordering::Relaxed);
-    let _ = g.hub.join();
+    g.hub.stop.store(true, Ordering::Relaxed);
+    let _ = g.hub.thread.join();
     Outcome::Failed { cause: failure.0, detected, detection_ms: failure.1, last_step }
 }
 
