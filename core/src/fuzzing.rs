@@ -57,6 +57,14 @@ pub fn stored_chunk(bytes: &[u8]) {
     }
 }
 
+/// Raw input for `store_key`: keys are UTF-8 (a listing never returns other bytes), so
+/// anything else is skipped rather than refused.
+pub fn store_key_bytes(bytes: &[u8]) {
+    if let Ok(key) = std::str::from_utf8(bytes) {
+        store_key(key);
+    }
+}
+
 /// An object-store key, as a listing returns it: parsed or ignored, and what parses maps back
 /// to the same key.
 pub fn store_key(key: &str) {

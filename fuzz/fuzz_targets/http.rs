@@ -15,14 +15,4 @@ fn harness() -> &'static Harness {
     .0
 }
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    // [method][auth][target length][target][body]
-    let [method, auth, len, rest @ ..] = data else { return };
-    let len = (*len as usize).min(rest.len());
-    let (target, body) = rest.split_at(len);
-    let Ok(target) = std::str::from_utf8(target) else { return };
-    if !target.starts_with('/') {
-        return;
-    }
-    harness().check(*method, target, *auth, body);
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| harness().check_bytes(data));

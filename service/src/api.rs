@@ -587,14 +587,14 @@ pub(crate) async fn gc_job(
     post,
     path = "/v1/gc",
     params(("dry_run" = Option<bool>, Query)),
-    responses((status = 200, description = "GC of every job (admin)", body = Object, content_type = "application/json"), crate::openapi::Refusals)
+    responses((status = 200, description = "GC of every job (admin): `jobs` holds the reports of the runs that finished, `failed` the jobs whose run failed (`job`, `code`, `message`; the others still ran), `not_run` the jobs not reached because the store stopped answering", body = Object, content_type = "application/json"), crate::openapi::Refusals)
 )]
 pub(crate) async fn gc_all(
     State(s): State<Arc<AppState>>,
     q: Result<Query<GcQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
     let Query(q) = q.map_err(|e| ApiError(ServiceError::BadRequest(e.body_text())))?;
-    Ok(Json(serde_json::json!({ "jobs": s.coordinator.gc_all(q.dry_run).await? })).into_response())
+    Ok(Json(s.coordinator.gc_all(q.dry_run).await?).into_response())
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]

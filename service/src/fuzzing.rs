@@ -69,6 +69,18 @@ impl Harness {
         Harness { runtime, router, _coordinator: coordinator }
     }
 
+    /// One raw fuzz input as a request, laid out `[method][auth][target length][target][body]`;
+    /// inputs that cannot be a request target are skipped.
+    pub fn check_bytes(&self, data: &[u8]) {
+        let [method, auth, len, rest @ ..] = data else { return };
+        let len = (*len as usize).min(rest.len());
+        let (target, body) = rest.split_at(len);
+        let Ok(target) = std::str::from_utf8(target) else { return };
+        if target.starts_with('/') {
+            self.check(*method, target, *auth, body);
+        }
+    }
+
     /// Sends one request and checks the property; returns the status.
     pub fn check(&self, method: u8, path: &str, auth: u8, body: &[u8]) -> u16 {
         let method = ["GET", "PUT", "POST", "DELETE", "HEAD", "PATCH"][method as usize % 6];

@@ -122,6 +122,23 @@ pub struct GcReport {
     pub parts_removed: usize,
 }
 
+/// A GC over every job (`POST /v1/gc`): the runs that finished, the jobs whose run failed, and
+/// the jobs not reached because the store stopped answering.
+#[derive(Debug, Default, Serialize)]
+pub struct GcAllReport {
+    pub jobs: Vec<GcReport>,
+    pub failed: Vec<GcFailure>,
+    pub not_run: Vec<String>,
+}
+
+/// One job's failed run in a GC over every job: the error its own request would have had.
+#[derive(Debug, Serialize)]
+pub struct GcFailure {
+    pub job: String,
+    pub code: &'static str,
+    pub message: String,
+}
+
 fn corrupt_record(key: &str, e: impl std::fmt::Display) -> ServiceError {
     ServiceError::Internal(format!("record {key} is unreadable: {e}"))
 }
@@ -489,8 +506,16 @@ impl Coordinator {
             Err(StoreError::AlreadyExists(_)) => {
                 let since = self.store.modified_ms(&lock).await?.unwrap_or(0);
                 if since.saturating_add(LOCK_STALE.as_millis() as u64) > now_unix_ms() {
+                    // Which node runs it, for the operator who must decide whether it is alive
+                    // (a lock from before locks named their node, or one just released, says
+                    // nothing).
+                    let holder = match self.store.get_record(&lock).await {
+                        Ok(Some((bytes, _))) => serde_json::from_slice::<GcLockBody>(&bytes).ok().map(|b| b.node),
+                        _ => None,
+                    };
+                    let on = holder.map(|n| format!(" on node {n}")).unwrap_or_default();
                     return Err(ServiceError::Conflict(format!(
-                        "a GC of job {job} is already running (its lock {lock} was taken at {since} ms); try later"
+                        "a GC of job {job} is already running{on} (its lock {lock} was last written at {since} ms); try later"
                     )));
                 }
                 tracing::warn!(job, since, "taking over a stale GC lock");
@@ -765,11 +790,27 @@ impl Coordinator {
         Ok(n)
     }
 
-    /// GC over every job in the store.
-    pub async fn gc_all(self: &Arc<Self>, dry_run: bool) -> Result<Vec<GcReport>, ServiceError> {
-        let mut out = Vec::new();
-        for job in self.store.list_jobs().await? {
-            out.push(self.gc(&job, dry_run).await?);
+    /// GC over every job in the store, one after another. A job whose run fails (its lock held
+    /// elsewhere, a record that does not parse) is reported and the next job runs: one bad job
+    /// must not keep garbage in every job listed after it. A store that stops answering ends
+    /// the round, since every job after it would fail the same way after its retries; the jobs
+    /// not reached are named.
+    pub async fn gc_all(self: &Arc<Self>, dry_run: bool) -> Result<GcAllReport, ServiceError> {
+        let jobs = self.store.list_jobs().await?;
+        let mut out = GcAllReport::default();
+        for (i, job) in jobs.iter().enumerate() {
+            match self.gc(job, dry_run).await {
+                Ok(report) => out.jobs.push(report),
+                Err(e) => {
+                    tracing::warn!(job = %job, error = %e, "GC of this job failed; going on with the next");
+                    let unavailable = matches!(&e, ServiceError::Store(s) if !s.is_permanent());
+                    out.failed.push(GcFailure { job: job.clone(), code: e.code(), message: e.to_string() });
+                    if unavailable {
+                        out.not_run = jobs[i + 1..].to_vec();
+                        break;
+                    }
+                }
+            }
         }
         Ok(out)
     }

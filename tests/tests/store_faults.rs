@@ -329,3 +329,86 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A GC over every job goes past a job whose run fails (here its lock is held by another
+/// node): the other jobs are collected, the failed one is named with its error, in ckptd's
+/// `POST /v1/gc` and in `ckpt gc --all`, which exits with that error's status. A store that
+/// stops answering ends the round instead, naming the jobs it did not reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gc_over_every_job_goes_past_a_job_whose_run_fails() {
+    bounded(Duration::from_secs(90), async {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("ckptd.toml");
+        std::fs::write(&cfg, "store_attempts_max = 2\n").unwrap();
+        let mut o = faulty(dir.path(), None);
+        o.extra_args.extend(["--config".into(), cfg.into_os_string()]);
+        let d = start_daemon_with(o).await;
+        let c = client(&d);
+        let states: Vec<_> = (0..WORLD).map(|r| rank_tensors(seed(0x6c_a11), r, WORLD, 64 << 10)).collect();
+        for job in ["job-a", "job-b", "job-c"] {
+            save_step(&c, job, 1, &states).await.unwrap();
+        }
+        let lock = dir.path().join("store").join(ckpt_core::keys::gc_lock_key("job-b"));
+        std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
+        std::fs::write(&lock, br#"{"node":"another-node","started_unix_ms":1}"#).unwrap();
+
+        // (A dry run takes no lock; these runs have nothing to delete either way.)
+        let r = reqwest::Client::new().post(format!("{}/v1/gc", d.url())).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let all: serde_json::Value = r.json().await.unwrap();
+        let ran: Vec<&str> = all["jobs"].as_array().unwrap().iter().map(|j| j["job"].as_str().unwrap()).collect();
+        assert_eq!(ran, ["job-a", "job-c"], "the jobs after the failed one ran too: {all}");
+        let failed = all["failed"].as_array().unwrap();
+        assert_eq!(failed.len(), 1, "{all}");
+        assert_eq!(failed[0]["job"], "job-b");
+        assert_eq!(failed[0]["code"], "conflict");
+        assert!(failed[0]["message"].as_str().unwrap().contains("another-node"), "{all}");
+        assert_eq!(all["not_run"], json!([]));
+
+        let ckpt = |json: bool| {
+            let mut cmd = std::process::Command::new(ckpt_exe());
+            cmd.args(["--server", &d.url()]);
+            if json {
+                cmd.arg("--json");
+            }
+            cmd.args(["gc", "--all"]).output().unwrap()
+        };
+        let out = tokio::task::block_in_place(|| ckpt(true));
+        assert_eq!(out.status.code(), Some(5), "a refused job's status: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["jobs"].as_array().unwrap().len(), 2, "{v}");
+        assert_eq!(v["failed"][0]["job"], "job-b", "{v}");
+        assert_eq!(v["failed"][0]["code"], "conflict", "{v}");
+        let out = tokio::task::block_in_place(|| ckpt(false));
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.status.code(), Some(5), "{stderr}");
+        assert!(stdout.contains("job-a:") && stdout.contains("job-c:") && !stdout.contains("job-b:"), "{stdout}");
+        assert!(stderr.contains("job-b: GC failed") && stderr.contains("1 of 3 jobs"), "{stderr}");
+
+        std::fs::remove_file(&lock).unwrap();
+        let out = tokio::task::block_in_place(|| ckpt(true));
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["jobs"].as_array().unwrap().len(), 3, "{v}");
+        assert_eq!(v["failed"], json!([]), "{v}");
+
+        // The store fails job-a's listing on every attempt: the round stops there.
+        arm(&d, json!({"kind": "latency", "op": "list", "delay_ms": 1_500})).await;
+        let round = tokio::spawn(reqwest::Client::new().post(format!("{}/v1/gc?dry_run=true", d.url())).send());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while fired(&d, "latency:list").await < 1 {
+            assert!(tokio::time::Instant::now() < deadline, "the round never listed its jobs\n{}", daemon_log(&d));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        arm(&d, json!({"kind": "error", "op": "list", "count": 2})).await;
+        let r = round.await.unwrap().unwrap();
+        assert_eq!(r.status(), 200);
+        let all: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(fired(&d, "error:list").await, 2, "{all}");
+        assert_eq!(all["jobs"], json!([]), "{all}");
+        assert_eq!(all["failed"][0]["job"], "job-a", "{all}");
+        assert_eq!(all["failed"][0]["code"], "store_error", "{all}");
+        assert_eq!(all["not_run"], json!(["job-b", "job-c"]), "{all}");
+    })
+    .await
+}

@@ -278,8 +278,11 @@ async fn the_demo_recovers_and_its_loss_falls_well_below_the_initial_loss() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("demo.json");
     let out = tokio::task::block_in_place(|| {
+        // Half the README's 240 steps: the same kill, hang and averaging (their steps scale with
+        // it) in half the time of this suite's longest test, and the loss still falls below 0.4
+        // of the first (to about 0.07 of it).
         Command::new(ckpt_train_exe())
-            .arg("demo")
+            .args(["demo", "--steps", "120"])
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .arg("--json")

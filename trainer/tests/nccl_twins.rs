@@ -190,3 +190,25 @@ fn without_a_gpu_joining_says_no_cuda_device() {
     assert!(matches!(err, JoinError::Cuda(CudaError::NoDevice)), "{err}");
     stop.store(true, Ordering::Relaxed);
 }
+
+/// `ckpt-train launch --collective nccl` built with `nccl` refuses, before starting anything, a
+/// group it cannot run: here no GPU, or fewer GPUs than ranks. (The build without the feature
+/// says so instead: tests/cli.rs.)
+#[test]
+fn a_launch_it_cannot_run_is_refused_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // More ranks than any machine here has GPUs, so a GPU machine refuses too.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_ckpt-train"))
+        .args(["launch", "--collective", "nccl", "--nproc", "12", "--data-dir"])
+        .arg(&data)
+        .arg("--run-dir")
+        .arg(dir.path())
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("no CUDA device") || err.contains("one rank on each GPU"), "{err}");
+    assert!(!data.exists(), "a refused launch created {}", data.display());
+}

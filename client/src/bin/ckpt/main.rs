@@ -151,7 +151,8 @@ enum Cmd {
         /// The job; every job with --all.
         #[arg(required_unless_present = "all", conflicts_with = "all")]
         job: Option<String>,
-        /// Every job.
+        /// Every job, one after another; a job whose GC fails is reported and the others still
+        /// run (the exit status is the first failure's).
         #[arg(long)]
         all: bool,
         /// Show what would go, and how many bytes, without deleting anything.
@@ -594,17 +595,36 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 }
                 None => gc_client.jobs().await?,
             };
-            let mut reports = Vec::new();
+            // One job's failure (its lock held by another node, a store error on its records)
+            // is reported and the next job runs; ckptd unreachable or the token refused ends it.
+            let (mut reports, mut failed, mut exit) = (Vec::new(), Vec::new(), 0);
             for j in &jobs {
-                let r = gc_client.gc(Some(j), dry_run).await?;
-                reports.extend(r["jobs"].as_array().cloned().unwrap_or_default());
+                match gc_client.gc(Some(j), dry_run).await {
+                    Ok(r) => reports.extend(r["jobs"].as_array().cloned().unwrap_or_default()),
+                    Err(e) => {
+                        let e = anyhow::Error::from(e);
+                        let f = output::classify(&e, &cli.server);
+                        if f.exit == output::exit::UNREACHABLE || f.code == "unauthorized" {
+                            return Err(e);
+                        }
+                        if !cli.json {
+                            eprintln!("{j}: GC failed: {}", f.message);
+                        }
+                        exit = if exit == 0 { f.exit } else { exit };
+                        failed.push(serde_json::json!({ "job": j, "code": f.code, "message": f.message }));
+                    }
+                }
             }
-            let report = serde_json::json!({ "jobs": reports });
+            let report = serde_json::json!({ "jobs": reports, "failed": failed });
             if cli.json {
                 print_json(&report)?;
             } else {
                 print_gc(&report, dry_run);
+                if !failed.is_empty() {
+                    eprintln!("GC failed for {} of {} jobs (above); the others ran", failed.len(), jobs.len());
+                }
             }
+            return Ok(exit);
         }
         Cmd::Pin { job, step } => pin(&client, cli.json, &job, step, true).await?,
         Cmd::Unpin { job, step } => pin(&client, cli.json, &job, step, false).await?,
