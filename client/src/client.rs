@@ -711,7 +711,8 @@ impl Client {
     /// Deletes a committed checkpoint. The newest one is refused unless `force`.
     /// Runs retention and garbage collection over `job` (every job with `None`); with
     /// `dry_run`, reports what would go without deleting anything. The answer is ckptd's
-    /// report as JSON (one per job).
+    /// report as JSON: `{"jobs": [report]}` for one job; for every job, `POST /v1/gc`'s
+    /// `{jobs, failed, not_run}` (a job whose run failed is in `failed`, the others ran).
     pub async fn gc(&self, job: Option<&str>, dry_run: bool) -> Result<serde_json::Value, ClientError> {
         let path = match job {
             Some(j) => {

@@ -38,6 +38,10 @@ pub struct Config {
     /// A connection that has not sent a complete request head this long after it opened (or
     /// after its previous request) is closed.
     pub header_read_timeout_ms: u64,
+    /// A connection open this long is closed once its request in flight is answered (0: never);
+    /// the client connects again. Bounds how long a revoked client certificate (or a tenant
+    /// removed from the config) keeps working on a connection opened before.
+    pub connection_max_age_s: u64,
     /// How often ckptd retries the commit of a save whose chunks are all durable but whose
     /// manifest write failed (the store's own retries exhausted).
     pub commit_retry_ms: u64,
@@ -128,6 +132,7 @@ impl Default for Config {
             busy_wait_ms: 2_000,
             body_progress_timeout_ms: 10_000,
             header_read_timeout_ms: 10_000,
+            connection_max_age_s: 600,
             commit_retry_ms: 1_000,
             part_takeover_ms: 30_000,
             saves_in_flight_max: 256,

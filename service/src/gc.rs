@@ -22,7 +22,9 @@
 //!   its node, rewritten every `LOCK_REFRESH` while its run lives and taken over once it has
 //!   not been for `LOCK_STALE`. A run is a task of its own, so a caller that goes away does not
 //!   cut it short with the lock still held; a node that died mid-run deletes the locks naming
-//!   it when it starts again. This node also keeps the set of jobs it is
+//!   it when it starts again, and a node shutting down stops its runs, which release their
+//!   locks before it exits (stopped anywhere, a run leaves what a crash would, which the
+//!   protocol survives). This node also keeps the set of jobs it is
 //!   collecting, so a second run of one of them is refused without a store round trip, while
 //!   runs over other jobs go ahead: one tenant's long GC does not hold another's.
 //! * Memory: a run holds the job's chunk and index-object listings and the referenced set, a
@@ -74,6 +76,9 @@ pub(crate) struct GcState {
     runs: Arc<tokio::sync::Semaphore>,
     /// Jobs this node is collecting (not dry runs).
     collecting: Arc<Mutex<HashSet<String>>>,
+    /// Cancelled when ckptd shuts down: runs stop and release their locks while the store is
+    /// still there, instead of leaving them to the next start of this node (or `LOCK_STALE`).
+    stop: tokio_util::sync::CancellationToken,
 }
 
 impl GcState {
@@ -83,6 +88,7 @@ impl GcState {
             leases: Default::default(),
             runs: Arc::new(tokio::sync::Semaphore::new(runs_max)),
             collecting: Default::default(),
+            stop: Default::default(),
         }
     }
 }
@@ -492,6 +498,9 @@ impl Coordinator {
 
     #[tracing::instrument(name = "gc", skip(self), fields(job = %job, dry_run))]
     async fn gc_locked(&self, job: &str, dry_run: bool) -> Result<GcReport, ServiceError> {
+        if self.gc.stop.is_cancelled() {
+            return Err(ServiceError::Busy("ckptd is shutting down".into()));
+        }
         let _collecting = if dry_run { None } else { Some(self.start_collecting(job)?) };
         let _slot =
             self.permit(&self.gc.runs, self.config.retention.gc_runs_max, "GC runs on this node (gc_runs_max)").await?;
@@ -530,6 +539,12 @@ impl Coordinator {
         let report = loop {
             tokio::select! {
                 r = &mut run => break r,
+                // A run stopped anywhere is what a crash leaves, which GC is built to survive;
+                // only the lock would outlive it.
+                _ = self.gc.stop.cancelled() => {
+                    tracing::warn!(job, "ckptd is shutting down: the GC run stops before it ends");
+                    break Err(ServiceError::Busy(format!("ckptd is shutting down; the GC of {job} stopped before it ended")));
+                }
                 _ = refresh.tick() => {
                     if let Err(e) = self.store.put_record(&lock, body.clone()).await {
                         tracing::warn!(job, error = %e, "cannot refresh the GC lock; trying again later");
@@ -541,6 +556,27 @@ impl Coordinator {
             tracing::warn!(job, error = %e, "cannot release the GC lock; it goes stale after {} s", LOCK_STALE.as_secs());
         }
         report
+    }
+
+    /// At shutdown: stops this node's GC runs (each releases its lock as it ends) and refuses
+    /// new ones.
+    pub fn stop_gc_runs(&self) {
+        self.gc.stop.cancel();
+    }
+
+    /// Waits, up to `wait`, until the runs `stop_gc_runs` stopped have released their locks.
+    /// Returns the jobs still being collected when the wait ended (their locks are released
+    /// at this node's next start).
+    pub async fn gc_runs_ended(&self, wait: Duration) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left: Vec<String> =
+                self.gc.collecting.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect();
+            if left.is_empty() || tokio::time::Instant::now() >= deadline {
+                return left;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     fn start_collecting(&self, job: &str) -> Result<Collecting, ServiceError> {
@@ -791,10 +827,10 @@ impl Coordinator {
     }
 
     /// GC over every job in the store, one after another. A job whose run fails (its lock held
-    /// elsewhere, a record that does not parse) is reported and the next job runs: one bad job
-    /// must not keep garbage in every job listed after it. A store that stops answering ends
-    /// the round, since every job after it would fail the same way after its retries; the jobs
-    /// not reached are named.
+    /// elsewhere, a record that does not parse, a store error on its objects) is reported and
+    /// the next job runs: one bad job must not keep garbage in every job listed after it. A
+    /// store that stops answering ends the round, since every job after it would fail the same
+    /// way after its retries; the jobs not reached are named.
     pub async fn gc_all(self: &Arc<Self>, dry_run: bool) -> Result<GcAllReport, ServiceError> {
         let jobs = self.store.list_jobs().await?;
         let mut out = GcAllReport::default();
@@ -803,11 +839,16 @@ impl Coordinator {
                 Ok(report) => out.jobs.push(report),
                 Err(e) => {
                     tracing::warn!(job = %job, error = %e, "GC of this job failed; going on with the next");
-                    let unavailable = matches!(&e, ServiceError::Store(s) if !s.is_permanent());
+                    let transient = matches!(&e, ServiceError::Store(s) if !s.is_permanent());
                     out.failed.push(GcFailure { job: job.clone(), code: e.code(), message: e.to_string() });
-                    if unavailable {
-                        out.not_run = jobs[i + 1..].to_vec();
-                        break;
+                    // Retries ran out: on this job's objects only (one prefix failing), or on
+                    // the store itself? The readiness probe's listing tells them apart.
+                    if transient {
+                        if let Err(p) = self.store.probe().await {
+                            tracing::warn!(error = %p, "the store does not answer; the GC round ends here");
+                            out.not_run = jobs[i + 1..].to_vec();
+                            break;
+                        }
                     }
                 }
             }

@@ -45,6 +45,9 @@ pub async fn serve(config: Config, telemetry: Option<Arc<ckpt_telemetry::Telemet
 }
 
 /// `serve` until `stop` completes (for embedding ckptd in another process, and tests).
+/// How long a shutdown waits for stopped GC runs to release their locks (one delete each).
+const GC_STOP_WAIT: Duration = Duration::from_secs(10);
+
 pub async fn serve_until(
     config: Config,
     telemetry: Option<Arc<ckpt_telemetry::Telemetry>>,
@@ -136,7 +139,7 @@ pub async fn serve_until(
 
     let addr = listener.local_addr()?;
     let _observed = metrics::observe(&coordinator);
-    let (state, app) = app(coordinator, &config, telemetry);
+    let (state, app) = app(coordinator.clone(), &config, telemetry);
     if let Some(path) = &config.addr_file {
         // Written via a rename so a reader never sees a half-written address.
         let tmp = path.with_extension("tmp");
@@ -150,12 +153,21 @@ pub async fn serve_until(
 
     let grace = Duration::from_secs(config.shutdown_grace_s);
     let header_read_timeout = Duration::from_millis(config.header_read_timeout_ms);
+    let gc = coordinator.clone();
     let shutdown = async move {
         stop.await;
         state.shutting_down.store(true, Ordering::Relaxed);
         tracing::info!("shutdown requested; finishing in-flight requests");
+        // GC runs can last hours, longer than any grace: they stop now, while the store is
+        // reachable to take their locks back, and their requests are answered.
+        gc.stop_gc_runs();
     };
-    http_serve(listener, app, tls, header_read_timeout, grace, shutdown).await;
+    let max_age = (config.connection_max_age_s > 0).then(|| Duration::from_secs(config.connection_max_age_s));
+    http_serve(listener, app, tls, header_read_timeout, max_age, grace, shutdown).await;
+    let left = coordinator.gc_runs_ended(GC_STOP_WAIT).await;
+    if !left.is_empty() {
+        tracing::warn!(?left, "GC runs did not release their locks in time; the next start of this node will");
+    }
     index.flush().await?;
     let _ = std::fs::remove_file(&pid_file);
     tracing::info!("ckptd stopped");
@@ -262,18 +274,20 @@ pub(crate) fn save_context(job: &str, step: u64) -> opentelemetry::Context {
 /// open connections `grace` to finish their requests. axum::serve cannot set a header read
 /// timeout, so connections are served with hyper's own builder: a client that opens
 /// connections and sends half a request head would otherwise hold a connection and a task
-/// each, forever.
+/// each, forever. A connection older than `max_age` is closed after its request in flight, so
+/// the client connects again and shows its certificate again.
 async fn http_serve(
     listener: tokio::net::TcpListener,
     app: axum::Router,
     tls: Option<tokio_rustls::TlsAcceptor>,
     header_read_timeout: Duration,
+    max_age: Option<Duration>,
     grace: Duration,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_read_timeout);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let (stop, connections) = (tokio_util::sync::CancellationToken::new(), tokio_util::task::TaskTracker::new());
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -288,12 +302,13 @@ async fn http_serve(
             },
             _ = &mut shutdown => break,
         };
-        let (watcher, app, http, tls) = (graceful.watcher(), app.clone(), http.clone(), tls.clone());
-        tokio::spawn(async move {
+        let (stop, app, http, tls) = (stop.clone(), app.clone(), http.clone(), tls.clone());
+        connections.spawn(async move {
             let ended = match tls {
                 None => {
                     let service = hyper_util::service::TowerToHyperService::new(app);
-                    watcher.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service)).await
+                    let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                    serve_connection(conn, &stop, max_age).await
                 }
                 Some(acceptor) => {
                     // The handshake is bounded like a request head: a client that connects and
@@ -312,7 +327,8 @@ async fn http_serve(
                     let names = tls::peer_names(stream.get_ref().1).unwrap_or(auth::PeerCertNames(Vec::new()));
                     let app = tower_http::add_extension::AddExtension::new(app, names);
                     let service = hyper_util::service::TowerToHyperService::new(app);
-                    watcher.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service)).await
+                    let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                    serve_connection(conn, &stop, max_age).await
                 }
             };
             if let Err(e) = ended {
@@ -321,9 +337,41 @@ async fn http_serve(
         });
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    stop.cancel();
+    connections.close();
+    if tokio::time::timeout(grace, connections.wait()).await.is_err() {
         tracing::warn!(grace_s = grace.as_secs(), "grace period over; dropping remaining requests");
     }
+}
+
+/// Drives one connection until it ends, or until ckptd stops or the connection reaches
+/// `max_age`: then it is closed once the request in flight (if any) is answered.
+async fn serve_connection<I, S, B>(
+    conn: hyper::server::conn::http1::Connection<I, S>,
+    stop: &tokio_util::sync::CancellationToken,
+    max_age: Option<Duration>,
+) -> hyper::Result<()>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut conn = std::pin::pin!(conn);
+    let aged = async {
+        match max_age {
+            Some(age) => tokio::time::sleep(age).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        ended = conn.as_mut() => return ended,
+        _ = stop.cancelled() => {}
+        _ = aged => tracing::debug!("connection reached connection_max_age_s; closing it after its request"),
+    }
+    conn.as_mut().graceful_shutdown();
+    conn.await
 }
 
 async fn shutdown_signal() {

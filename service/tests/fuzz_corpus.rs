@@ -1,5 +1,5 @@
 //! Every input the fuzz targets' corpus keeps (`fuzz/corpus/<target>`: what cargo-fuzz found
-//! interesting, and the inputs of the crashes it found) through the same properties the targets
+//! interesting, minimised; add a crash's input there when fixing it) through the same properties the targets
 //! check (`ckpt_core::fuzzing`, `ckpt_service::fuzzing`), on stable, so CI replays it on every
 //! change. The sanitizer builds of the targets themselves are `.ci/fuzz-replay` (nightly).
 

@@ -31,6 +31,23 @@ async fn fired(d: &ckpt_client::daemon::LocalDaemon, key: &str) -> u64 {
     v["fired"][key].as_u64().unwrap_or(0)
 }
 
+/// Starts a GC of `job` and returns once it is held in its first listing (an injected minute of
+/// latency), lock taken; the request is the handle's.
+async fn gc_held_in_its_listing(
+    d: &ckpt_client::daemon::LocalDaemon,
+    job: &str,
+) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
+    let before = fired(d, "latency:list").await;
+    arm(d, json!({"kind": "latency", "op": "list", "delay_ms": 60_000})).await;
+    let held = tokio::spawn(reqwest::Client::new().post(format!("{}/v1/jobs/{job}/gc", d.url())).send());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while fired(d, "latency:list").await <= before {
+        assert!(tokio::time::Instant::now() < deadline, "the GC never listed\n{}", daemon_log(d));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    held
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_acknowledgement_on_the_manifest_write_commits_exactly_once() {
     bounded(Duration::from_secs(120), async {
@@ -284,13 +301,7 @@ async fn a_gc_lock_left_by_a_killed_node_is_released_when_it_starts_again() {
     bounded(Duration::from_secs(90), async {
         let dir = tempfile::tempdir().unwrap();
         let mut d = start_daemon_with(faulty(dir.path(), None)).await;
-        arm(&d, json!({"kind": "latency", "op": "list", "delay_ms": 60_000})).await;
-        let held = tokio::spawn(reqwest::Client::new().post(format!("{}/v1/jobs/job-a/gc", d.url())).send());
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while fired(&d, "latency:list").await < 1 {
-            assert!(tokio::time::Instant::now() < deadline, "the GC never listed\n{}", daemon_log(&d));
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let held = gc_held_in_its_listing(&d, "job-a").await;
         let lock = dir.path().join("store").join(ckpt_core::keys::gc_lock_key("job-a"));
         assert!(lock.exists(), "the run holds the job's lock");
         d.kill();
@@ -332,8 +343,9 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 /// A GC over every job goes past a job whose run fails (here its lock is held by another
 /// node): the other jobs are collected, the failed one is named with its error, in ckptd's
-/// `POST /v1/gc` and in `ckpt gc --all`, which exits with that error's status. A store that
-/// stops answering ends the round instead, naming the jobs it did not reach.
+/// `POST /v1/gc` and in `ckpt gc --all`, which exits with that error's status. A store error
+/// on one job's objects does the same; a store that stops answering ends the round instead,
+/// naming the jobs it did not reach.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gc_over_every_job_goes_past_a_job_whose_run_fails() {
     bounded(Duration::from_secs(90), async {
@@ -392,23 +404,64 @@ async fn a_gc_over_every_job_goes_past_a_job_whose_run_fails() {
         assert_eq!(v["jobs"].as_array().unwrap().len(), 3, "{v}");
         assert_eq!(v["failed"], json!([]), "{v}");
 
-        // The store fails job-a's listing on every attempt: the round stops there.
-        arm(&d, json!({"kind": "latency", "op": "list", "delay_ms": 1_500})).await;
-        let round = tokio::spawn(reqwest::Client::new().post(format!("{}/v1/gc?dry_run=true", d.url())).send());
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while fired(&d, "latency:list").await < 1 {
-            assert!(tokio::time::Instant::now() < deadline, "the round never listed its jobs\n{}", daemon_log(&d));
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        // Faults are taken in the order they were armed: the round's own listing of the jobs
+        // gets the harmless latency, job-a's listing the errors (store_attempts_max = 2).
+        // First the store still answers the readiness probe after job-a's failure (one
+        // prefix failing): the round goes on. Then it does not: the round stops after job-a.
+        for (errors, ran, not_run) in
+            [(2, json!(["job-b", "job-c"]), json!([])), (3, json!([]), json!(["job-b", "job-c"]))]
+        {
+            let before = fired(&d, "error:list").await;
+            arm(&d, json!({"kind": "latency", "op": "list", "delay_ms": 1})).await;
+            arm(&d, json!({"kind": "error", "op": "list", "count": errors})).await;
+            let r = reqwest::Client::new().post(format!("{}/v1/gc?dry_run=true", d.url())).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            let all: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(fired(&d, "error:list").await - before, errors, "{all}");
+            let got: Vec<&str> = all["jobs"].as_array().unwrap().iter().map(|j| j["job"].as_str().unwrap()).collect();
+            assert_eq!(json!(got), ran, "{errors} errors: {all}");
+            assert_eq!(all["failed"][0]["job"], "job-a", "{all}");
+            assert_eq!(all["failed"][0]["code"], "store_error", "{all}");
+            assert_eq!(all["not_run"], not_run, "{errors} errors: {all}");
+
+            // `ckpt gc --all` the same way (its list of jobs comes from ckptd's index, not a
+            // listing; the readiness probe is `/readyz`).
+            arm(&d, json!({"kind": "error", "op": "list", "count": errors})).await;
+            let out = tokio::task::block_in_place(|| ckpt(true));
+            assert_eq!(out.status.code(), Some(6), "a store error's status: {}", String::from_utf8_lossy(&out.stderr));
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let got: Vec<&str> = v["jobs"].as_array().unwrap().iter().map(|j| j["job"].as_str().unwrap()).collect();
+            assert_eq!(json!(got), ran, "ckpt, {errors} errors: {v}");
+            assert_eq!(v["failed"][0]["code"], "store_error", "{v}");
+            assert_eq!(v["not_run"], not_run, "ckpt, {errors} errors: {v}");
         }
-        arm(&d, json!({"kind": "error", "op": "list", "count": 2})).await;
-        let r = round.await.unwrap().unwrap();
-        assert_eq!(r.status(), 200);
-        let all: serde_json::Value = r.json().await.unwrap();
-        assert_eq!(fired(&d, "error:list").await, 2, "{all}");
-        assert_eq!(all["jobs"], json!([]), "{all}");
-        assert_eq!(all["failed"][0]["job"], "job-a", "{all}");
-        assert_eq!(all["failed"][0]["code"], "store_error", "{all}");
-        assert_eq!(all["not_run"], json!(["job-b", "job-c"]), "{all}");
+    })
+    .await
+}
+
+/// A node asked to stop (SIGTERM) in the middle of a GC run stops the run, answers its
+/// request, and releases the job's lock before it exits: neither the job nor this node's next
+/// start is left with a lock to clear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_shut_down_mid_gc_releases_the_lock_before_it_exits() {
+    bounded(Duration::from_secs(90), async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = start_daemon_with(faulty(dir.path(), None)).await;
+        let held = gc_held_in_its_listing(&d, "job-a").await;
+        let lock = dir.path().join("store").join(ckpt_core::keys::gc_lock_key("job-a"));
+        assert!(lock.exists(), "the run holds the job's lock");
+
+        assert!(d.terminate(Duration::from_secs(30)).await, "ckptd did not exit on SIGTERM\n{}", daemon_log(&d));
+        assert!(!lock.exists(), "the stopped run left its lock\n{}", daemon_log(&d));
+        let r = held.await.unwrap().unwrap();
+        assert_eq!(r.status(), 503, "the held request is answered");
+        assert!(r.text().await.unwrap().contains("shutting down"));
+        assert!(daemon_log(&d).contains("the GC run stops before it ends"));
+
+        d.restart().await.unwrap();
+        assert!(!daemon_log(&d).contains("releasing a GC lock an earlier run of this node left"));
+        let r = reqwest::Client::new().post(format!("{}/v1/jobs/job-a/gc", d.url())).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
     })
     .await
 }

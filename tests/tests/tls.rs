@@ -92,8 +92,14 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 }
 
 async fn start(dir: &Path, tls: &str) -> LocalDaemon {
+    start_with(dir, "", tls).await
+}
+
+/// As `start`, with `top` as top-level settings of ckptd's config.
+async fn start_with(dir: &Path, top: &str, tls: &str) -> LocalDaemon {
     let cfg = format!(
         r#"
+{top}
 [tls]
 cert = "{}"
 key = "{}"
@@ -397,6 +403,64 @@ async fn revoked_client_certificates_fail_the_handshake_and_lists_are_read_again
         let out = std::process::Command::new(ckptd_exe()).arg("--check-config").arg(&no_ca).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains("tls.client_crl needs tls.client_ca"), "{err}");
+    })
+    .await
+}
+
+/// A connection opened before a revocation is closed at `connection_max_age_s`, once its
+/// request in flight is answered; the client connects again and its revoked certificate fails
+/// the handshake. Without the age limit the pooled connection would go on being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_connections_are_closed_at_their_maximum_age_so_a_revocation_reaches_them() {
+    bounded(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let d_path = dir.path();
+        let ca = ca_and_server(d_path);
+        let (bob_pem, bob_key) =
+            numbered_leaf(&ca, &["team-a.clients.test"], ExtendedKeyUsagePurpose::ClientAuth, Some(102));
+        write(d_path, "crl.pem", &crl(&ca, 1, &[], (2025, 2099)));
+        let crl_line = format!("client_cert_required = true\nclient_crl = \"{}\"", d_path.join("crl.pem").display());
+        let d = start_with(d_path, "connection_max_age_s = 3", &crl_line).await;
+        let files = TlsFiles {
+            ca: Some(d_path.join("ca.pem")),
+            cert: Some(write(d_path, "bob.pem", &bob_pem)),
+            key: Some(write(d_path, "bob.key", &bob_key)),
+        };
+        // One client throughout: its pool keeps the connection open between requests.
+        let bob = client(&d, None, files);
+        bob.list("a-x").await.unwrap();
+
+        replace(d_path, "crl.pem", &crl(&ca, 2, &[102], (2025, 2099)));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !daemon_log(&d).contains("revocation lists reloaded") {
+            assert!(tokio::time::Instant::now() < deadline, "the new list was not read\n{}", daemon_log(&d));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let revoked = std::time::Instant::now();
+        loop {
+            match bob.list("a-x").await {
+                Ok(_) => {}
+                Err(ckpt_client::ClientError::Transport { .. }) => break,
+                Err(e) => panic!("neither served nor refused at the handshake: {e}"),
+            }
+            assert!(
+                revoked.elapsed() < Duration::from_secs(15),
+                "a connection opened before the revocation was still served after 15 s\n{}",
+                daemon_log(&d)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // That error may be a request that met its connection closing; the next one is on a new
+        // connection, whose handshake is refused.
+        assert!(
+            matches!(bob.list("a-x").await, Err(ckpt_client::ClientError::Transport { .. })),
+            "a new connection after the revocation was served"
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !daemon_log(&d).contains("tls handshake refused a client certificate") {
+            assert!(tokio::time::Instant::now() < deadline, "no refused handshake\n{}", daemon_log(&d));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     })
     .await
 }

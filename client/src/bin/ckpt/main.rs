@@ -588,43 +588,35 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             // each waited for as long as a run may hold its job's lock (`Client::gc`); a run
             // whose request fails in flight goes on in ckptd, so it is not sent again.
             let gc_client = cli_client(&cli.server, Duration::from_secs(3600))?;
-            let jobs = match job {
+            let report = match job {
                 Some(j) => {
                     ensure_job(&gc_client, &j).await?;
-                    vec![j]
+                    gc_client.gc(Some(&j), dry_run).await?
                 }
-                None => gc_client.jobs().await?,
-            };
-            // One job's failure (its lock held by another node, a store error on its records)
-            // is reported and the next job runs; ckptd unreachable or the token refused ends it.
-            let (mut reports, mut failed, mut exit) = (Vec::new(), Vec::new(), 0);
-            for j in &jobs {
-                match gc_client.gc(Some(j), dry_run).await {
-                    Ok(r) => reports.extend(r["jobs"].as_array().cloned().unwrap_or_default()),
-                    Err(e) => {
-                        let e = anyhow::Error::from(e);
-                        let f = output::classify(&e, &cli.server);
-                        if f.exit == output::exit::UNREACHABLE || f.code == "unauthorized" {
-                            return Err(e);
+                None => {
+                    let (report, exit) = gc_every_job(&gc_client, &cli.server, dry_run, cli.json).await?;
+                    if cli.json {
+                        print_json(&report)?;
+                    } else {
+                        print_gc(&report, dry_run);
+                        let count = |k: &str| report[k].as_array().map_or(0, Vec::len);
+                        if count("failed") > 0 {
+                            let total = count("jobs") + count("failed") + count("not_run");
+                            eprintln!(
+                                "GC failed for {} of {total} jobs (above); {} not reached",
+                                count("failed"),
+                                count("not_run")
+                            );
                         }
-                        if !cli.json {
-                            eprintln!("{j}: GC failed: {}", f.message);
-                        }
-                        exit = if exit == 0 { f.exit } else { exit };
-                        failed.push(serde_json::json!({ "job": j, "code": f.code, "message": f.message }));
                     }
+                    return Ok(exit);
                 }
-            }
-            let report = serde_json::json!({ "jobs": reports, "failed": failed });
+            };
             if cli.json {
                 print_json(&report)?;
             } else {
                 print_gc(&report, dry_run);
-                if !failed.is_empty() {
-                    eprintln!("GC failed for {} of {} jobs (above); the others ran", failed.len(), jobs.len());
-                }
             }
-            return Ok(exit);
         }
         Cmd::Pin { job, step } => pin(&client, cli.json, &job, step, true).await?,
         Cmd::Unpin { job, step } => pin(&client, cli.json, &job, step, false).await?,
@@ -967,6 +959,50 @@ async fn demo(ranks: u32, size_mib: u64, dir: Option<PathBuf>, seed: u64) -> any
     println!("9. ckptd stopped with SIGTERM ({})", if clean { "clean shutdown" } else { "had to be killed" });
     println!("demo finished: crash mid-save lost nothing committed, the interrupted step completed on retry, corruption was caught");
     Ok(0)
+}
+
+/// `ckpt gc --all`: each job in turn, as `POST /v1/gc` does it in ckptd. A job whose run fails
+/// (its lock held by another node, a store error on its objects) is reported and the next one
+/// runs; ckptd unreachable, the token refused, or ckptd's store not answering (its readiness
+/// probe fails) ends the round, and the jobs not reached are named. Returns the report, shaped
+/// as `POST /v1/gc`'s, and the exit status: the first failure's, or 0.
+async fn gc_every_job(
+    client: &Client,
+    server: &str,
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<(serde_json::Value, i32)> {
+    let jobs = client.jobs().await?;
+    let (mut reports, mut failed, mut not_run, mut exit) = (Vec::new(), Vec::new(), Vec::new(), 0);
+    for (i, j) in jobs.iter().enumerate() {
+        let e = match client.gc(Some(j), dry_run).await {
+            Ok(r) => {
+                reports.extend(r["jobs"].as_array().cloned().unwrap_or_default());
+                continue;
+            }
+            Err(e) => e,
+        };
+        // ckptd's own code where it answered (`conflict`, `store_error`), as its round reports it.
+        let served = match &e {
+            ckpt_client::ClientError::Api { code, .. } => Some(code.clone()),
+            _ => None,
+        };
+        let e = anyhow::Error::from(e);
+        let f = output::classify(&e, server);
+        if !json {
+            eprintln!("{j}: GC failed: {}", f.message);
+        }
+        exit = if exit == 0 { f.exit } else { exit };
+        let store_down = served.as_deref() == Some("store_error") && client.health().await.is_err();
+        let ends = f.exit == output::exit::UNREACHABLE || f.code == "unauthorized" || store_down;
+        let code = served.unwrap_or_else(|| f.code.to_string());
+        failed.push(serde_json::json!({ "job": j, "code": code, "message": f.message }));
+        if ends {
+            not_run = jobs[i + 1..].to_vec();
+            break;
+        }
+    }
+    Ok((serde_json::json!({ "jobs": reports, "failed": failed, "not_run": not_run }), exit))
 }
 
 /// One paragraph per job of a GC report.
