@@ -39,8 +39,8 @@ pub struct Config {
     /// after its previous request) is closed.
     pub header_read_timeout_ms: u64,
     /// A connection open this long is closed once its request in flight is answered (0: never);
-    /// the client connects again. Bounds how long a revoked client certificate (or a tenant
-    /// removed from the config) keeps working on a connection opened before.
+    /// the client connects again. Bounds how long a revoked client certificate keeps working
+    /// on a connection opened before the revocation.
     pub connection_max_age_s: u64,
     /// How often ckptd retries the commit of a save whose chunks are all durable but whose
     /// manifest write failed (the store's own retries exhausted).

@@ -498,14 +498,21 @@ impl Coordinator {
 
     #[tracing::instrument(name = "gc", skip(self), fields(job = %job, dry_run))]
     async fn gc_locked(&self, job: &str, dry_run: bool) -> Result<GcReport, ServiceError> {
-        if self.gc.stop.is_cancelled() {
-            return Err(ServiceError::Busy("ckptd is shutting down".into()));
-        }
+        let stopping = || ServiceError::Busy(format!("ckptd is shutting down; the GC of {job} did not run to its end"));
         let _collecting = if dry_run { None } else { Some(self.start_collecting(job)?) };
-        let _slot =
-            self.permit(&self.gc.runs, self.config.retention.gc_runs_max, "GC runs on this node (gc_runs_max)").await?;
+        let _slot = tokio::select! {
+            slot = self.permit(&self.gc.runs, self.config.retention.gc_runs_max, "GC runs on this node (gc_runs_max)") => slot?,
+            _ = self.gc.stop.cancelled() => return Err(stopping()),
+        };
+        if self.gc.stop.is_cancelled() {
+            return Err(stopping());
+        }
         if dry_run {
-            return self.gc_run(job, true).await;
+            // Nothing to release: a dry run just ends, answered.
+            return tokio::select! {
+                r = self.gc_run(job, true) => r,
+                _ = self.gc.stop.cancelled() => Err(stopping()),
+            };
         }
         let lock = keys::gc_lock_key(job);
         let body = GcLockBody { node: self.node_id.clone(), started_unix_ms: now_unix_ms() };
@@ -543,7 +550,7 @@ impl Coordinator {
                 // only the lock would outlive it.
                 _ = self.gc.stop.cancelled() => {
                     tracing::warn!(job, "ckptd is shutting down: the GC run stops before it ends");
-                    break Err(ServiceError::Busy(format!("ckptd is shutting down; the GC of {job} stopped before it ended")));
+                    break Err(stopping());
                 }
                 _ = refresh.tick() => {
                     if let Err(e) = self.store.put_record(&lock, body.clone()).await {
@@ -830,11 +837,15 @@ impl Coordinator {
     /// elsewhere, a record that does not parse, a store error on its objects) is reported and
     /// the next job runs: one bad job must not keep garbage in every job listed after it. A
     /// store that stops answering ends the round, since every job after it would fail the same
-    /// way after its retries; the jobs not reached are named.
+    /// way after its retries, and so does ckptd shutting down; the jobs not reached are named.
     pub async fn gc_all(self: &Arc<Self>, dry_run: bool) -> Result<GcAllReport, ServiceError> {
         let jobs = self.store.list_jobs().await?;
         let mut out = GcAllReport::default();
         for (i, job) in jobs.iter().enumerate() {
+            if self.gc.stop.is_cancelled() {
+                out.not_run = jobs[i..].to_vec();
+                break;
+            }
             match self.gc(job, dry_run).await {
                 Ok(report) => out.jobs.push(report),
                 Err(e) => {

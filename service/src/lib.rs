@@ -44,10 +44,10 @@ pub async fn serve(config: Config, telemetry: Option<Arc<ckpt_telemetry::Telemet
     serve_until(config, telemetry, shutdown_signal()).await
 }
 
-/// `serve` until `stop` completes (for embedding ckptd in another process, and tests).
 /// How long a shutdown waits for stopped GC runs to release their locks (one delete each).
 const GC_STOP_WAIT: Duration = Duration::from_secs(10);
 
+/// `serve` until `stop` completes (for embedding ckptd in another process, and tests).
 pub async fn serve_until(
     config: Config,
     telemetry: Option<Arc<ckpt_telemetry::Telemetry>>,

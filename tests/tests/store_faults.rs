@@ -439,23 +439,41 @@ async fn a_gc_over_every_job_goes_past_a_job_whose_run_fails() {
     .await
 }
 
-/// A node asked to stop (SIGTERM) in the middle of a GC run stops the run, answers its
-/// request, and releases the job's lock before it exits: neither the job nor this node's next
-/// start is left with a lock to clear.
+/// A node asked to stop (SIGTERM) in the middle of a GC over every job stops the run under
+/// way, which releases the job's lock before the node exits, and ends the round: the answer
+/// names the stopped job and the one not reached. Neither the job nor this node's next start
+/// is left with a lock to clear.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_shut_down_mid_gc_releases_the_lock_before_it_exits() {
     bounded(Duration::from_secs(90), async {
         let dir = tempfile::tempdir().unwrap();
         let mut d = start_daemon_with(faulty(dir.path(), None)).await;
-        let held = gc_held_in_its_listing(&d, "job-a").await;
+        let states: Vec<_> = (0..WORLD).map(|r| rank_tensors(seed(0x5709), r, WORLD, 64 << 10)).collect();
+        for job in ["job-a", "job-b"] {
+            save_step(&client(&d), job, 1, &states).await.unwrap();
+        }
+        // Taken in the order armed: the round's listing of its jobs, then job-a's first listing.
+        arm(&d, json!({"kind": "latency", "op": "list", "delay_ms": 1})).await;
+        arm(&d, json!({"kind": "latency", "op": "list", "delay_ms": 60_000})).await;
+        let round = tokio::spawn(reqwest::Client::new().post(format!("{}/v1/gc", d.url())).send());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while fired(&d, "latency:list").await < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "job-a's GC never listed\n{}", daemon_log(&d));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let lock = dir.path().join("store").join(ckpt_core::keys::gc_lock_key("job-a"));
         assert!(lock.exists(), "the run holds the job's lock");
 
         assert!(d.terminate(Duration::from_secs(30)).await, "ckptd did not exit on SIGTERM\n{}", daemon_log(&d));
         assert!(!lock.exists(), "the stopped run left its lock\n{}", daemon_log(&d));
-        let r = held.await.unwrap().unwrap();
-        assert_eq!(r.status(), 503, "the held request is answered");
-        assert!(r.text().await.unwrap().contains("shutting down"));
+        let r = round.await.unwrap().unwrap();
+        assert_eq!(r.status(), 200, "the round is answered");
+        let all: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(all["jobs"], json!([]), "{all}");
+        assert_eq!(all["failed"][0]["job"], "job-a", "{all}");
+        assert_eq!(all["failed"][0]["code"], "busy", "{all}");
+        assert!(all["failed"][0]["message"].as_str().unwrap().contains("shutting down"), "{all}");
+        assert_eq!(all["not_run"], json!(["job-b"]), "{all}");
         assert!(daemon_log(&d).contains("the GC run stops before it ends"));
 
         d.restart().await.unwrap();

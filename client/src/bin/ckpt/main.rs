@@ -962,10 +962,11 @@ async fn demo(ranks: u32, size_mib: u64, dir: Option<PathBuf>, seed: u64) -> any
 }
 
 /// `ckpt gc --all`: each job in turn, as `POST /v1/gc` does it in ckptd. A job whose run fails
-/// (its lock held by another node, a store error on its objects) is reported and the next one
-/// runs; ckptd unreachable, the token refused, or ckptd's store not answering (its readiness
-/// probe fails) ends the round, and the jobs not reached are named. Returns the report, shaped
-/// as `POST /v1/gc`'s, and the exit status: the first failure's, or 0.
+/// (its lock held by another node, a store error on its objects, its connection reset) is
+/// reported and the next one runs; ckptd unreachable or not ckptd, the token refused, or
+/// ckptd's store not answering (its readiness probe fails) ends the round, and the jobs not
+/// reached are named. Returns the report, shaped as `POST /v1/gc`'s, and the exit status: the
+/// first failure's, or 0.
 async fn gc_every_job(
     client: &Client,
     server: &str,
@@ -973,6 +974,8 @@ async fn gc_every_job(
     json: bool,
 ) -> anyhow::Result<(serde_json::Value, i32)> {
     let jobs = client.jobs().await?;
+    // The probe answers at once or not at all; the GC client waits an hour for a request.
+    let probe = cli_client(server, Duration::from_secs(30))?;
     let (mut reports, mut failed, mut not_run, mut exit) = (Vec::new(), Vec::new(), Vec::new(), 0);
     for (i, j) in jobs.iter().enumerate() {
         let e = match client.gc(Some(j), dry_run).await {
@@ -993,8 +996,8 @@ async fn gc_every_job(
             eprintln!("{j}: GC failed: {}", f.message);
         }
         exit = if exit == 0 { f.exit } else { exit };
-        let store_down = served.as_deref() == Some("store_error") && client.health().await.is_err();
-        let ends = f.exit == output::exit::UNREACHABLE || f.code == "unauthorized" || store_down;
+        let store_down = served.as_deref() == Some("store_error") && probe.health().await.is_err();
+        let ends = ["unreachable", "not_ckptd", "invalid_url", "unauthorized"].contains(&f.code) || store_down;
         let code = served.unwrap_or_else(|| f.code.to_string());
         failed.push(serde_json::json!({ "job": j, "code": code, "message": f.message }));
         if ends {
