@@ -4,9 +4,11 @@
 //! * Consistency: the store is the source of truth. Chunks are written with plain puts (a chunk's
 //!   key is its content hash, so a rewrite writes the same bytes); the manifest is written with a
 //!   create-only put and is the commit point.
-//! * Retries: one helper retries transient errors with exponential backoff, bounded by
-//!   `store_attempts_max`; errors that say something about the object (not found, already exists,
-//!   precondition) are permanent and returned at once.
+//! * Retries: one helper retries transient errors with exponential backoff, each wait at most
+//!   `RETRY_DELAY_MAX` and drawn between half and all of its delay (callers that failed
+//!   together do not retry together), bounded by `store_attempts_max`; errors that say
+//!   something about the object (not found, already exists, precondition) are permanent and
+//!   returned at once.
 //! * Crash consistency: a local directory is opened with fsync, so a put that returned is on disk
 //!   (file and directory entry). A put interrupted by a crash leaves at most a temporary file,
 //!   which `keys::parse_key` ignores.
@@ -64,6 +66,10 @@ impl StoreError {
         }
     }
 }
+
+/// The longest wait between two attempts of a store call. Doubling without a cap would, at 12
+/// attempts from 250 ms, wait over four minutes before the last, long after the store recovered.
+const RETRY_DELAY_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct Store {
@@ -180,8 +186,8 @@ impl Store {
                     crate::metrics::METRICS
                         .store_retries
                         .add(1, &[opentelemetry::KeyValue::new("op", what.to_string())]);
-                    tokio::time::sleep(delay).await;
-                    delay = delay.saturating_mul(2);
+                    tokio::time::sleep(delay / 2 + delay.mul_f64(rand::random::<f64>() / 2.0)).await;
+                    delay = delay.saturating_mul(2).min(RETRY_DELAY_MAX);
                     attempt += 1;
                 }
             }
