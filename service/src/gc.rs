@@ -520,15 +520,14 @@ impl Coordinator {
         match self.store.create_record(&lock, body.clone()).await {
             Ok(()) => {}
             Err(StoreError::AlreadyExists(_)) => {
-                let since = self.store.modified_ms(&lock).await?.unwrap_or(0);
+                // One read gives the lock's age and the node that holds it (for the operator who
+                // must decide whether it is alive; a lock just released, or an unreadable body,
+                // names none).
+                let (holder, since) = match self.store.get_record(&lock).await? {
+                    Some((bytes, since)) => (serde_json::from_slice::<GcLockBody>(&bytes).ok().map(|b| b.node), since),
+                    None => (None, 0),
+                };
                 if since.saturating_add(LOCK_STALE.as_millis() as u64) > now_unix_ms() {
-                    // Which node runs it, for the operator who must decide whether it is alive
-                    // (a lock from before locks named their node, or one just released, says
-                    // nothing).
-                    let holder = match self.store.get_record(&lock).await {
-                        Ok(Some((bytes, _))) => serde_json::from_slice::<GcLockBody>(&bytes).ok().map(|b| b.node),
-                        _ => None,
-                    };
                     let on = holder.map(|n| format!(" on node {n}")).unwrap_or_default();
                     return Err(ServiceError::Conflict(format!(
                         "a GC of job {job} is already running{on} (its lock {lock} was last written at {since} ms); try later"
