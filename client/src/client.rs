@@ -722,7 +722,7 @@ impl Client {
             None => format!("/v1/gc?dry_run={dry_run}"),
         };
         // A run over millions of objects outlasts `request_timeout`; ckptd finishes it even if
-        // this call gives up, and a run holding its lock longer than this is taken for dead.
+        // this call gives up (six hours is ckptd's default `gc_lock_stale_s`).
         const GC_WAIT: Duration = Duration::from_secs(6 * 3600);
         let bytes = self.http.request_long(reqwest::Method::POST, &path, GC_WAIT).await?;
         let v: serde_json::Value =

@@ -278,6 +278,11 @@ pub struct RetentionConfig {
     /// across nodes). Each holds its job's object listings in memory, about a gigabyte per ten
     /// million objects; more wait up to `busy_wait_ms`, then get 503.
     pub gc_runs_max: usize,
+    /// A job's GC lock not rewritten for this long is taken over by another node (its run is
+    /// taken for dead). A run rewrites it every 24th of this and stops, deleting nothing more,
+    /// once its last rewrite is half of this old (`gc_lock.rs`), so clocks may disagree by up
+    /// to half of it.
+    pub gc_lock_stale_s: u64,
 }
 
 impl Default for RetentionConfig {
@@ -289,6 +294,7 @@ impl Default for RetentionConfig {
             gc_grace_s: 3600,
             lease_s: 120,
             gc_runs_max: 2,
+            gc_lock_stale_s: 6 * 3600,
         }
     }
 }
@@ -313,6 +319,11 @@ impl RetentionConfig {
         }
         if self.gc_runs_max == 0 {
             return Err(ConfigError::Invalid("retention: gc_runs_max must be at least 1".into()));
+        }
+        if self.gc_lock_stale_s < 2 {
+            return Err(ConfigError::Invalid(
+                "retention: gc_lock_stale_s must be at least 2 (a run's lease is half of it, in whole seconds of store time)".into(),
+            ));
         }
         Ok(())
     }

@@ -18,13 +18,13 @@
 //!   sweep or of the next one, the save is aborted (the object may be gone, or about to be);
 //!   if more sweeps passed, or the save's opening sweep is unknown, every object the root names
 //!   is checked in the store.
-//! * One GC run per job at a time, across nodes: a create-only lock object (`gc/lock`) naming
-//!   its node, rewritten every `LOCK_REFRESH` while its run lives and taken over once it has
-//!   not been for `LOCK_STALE`. A run is a task of its own, so a caller that goes away does not
-//!   cut it short with the lock still held; a node that died mid-run deletes the locks naming
-//!   it when it starts again, and a node shutting down stops its runs, which release their
-//!   locks before it exits (stopped anywhere, a run leaves what a crash would, which the
-//!   protocol survives). This node also keeps the set of jobs it is
+//! * One GC run per job at a time, across nodes: the job's lock (`gc_lock.rs`), a lease that
+//!   another node takes over once it is `gc_lock_stale_s` old; a run asks it before each step
+//!   that changes GC state, and stops when it lapsed. A run is a task of its own, so a caller
+//!   that goes away does not cut it short with the lock still held; a node that died mid-run
+//!   deletes the locks naming it when it starts again, and a node shutting down stops its
+//!   runs, which release their locks before it exits (stopped anywhere, a run leaves what a
+//!   crash would, which the protocol survives). This node also keeps the set of jobs it is
 //!   collecting, so a second run of one of them is refused without a store round trip, while
 //!   runs over other jobs go ahead: one tenant's long GC does not hold another's.
 //! * Memory: a run holds the job's chunk and index-object listings and the referenced set, a
@@ -47,7 +47,7 @@ use serde::Serialize;
 
 use crate::coordinator::{now_unix_ms, Coordinator, SaveKey};
 use crate::error::ServiceError;
-use crate::store::StoreError;
+use crate::gc_lock::GcLock;
 
 /// A sweep as a node last read it: its number and the keys it deletes.
 #[derive(Clone, Default)]
@@ -77,7 +77,7 @@ pub(crate) struct GcState {
     /// Jobs this node is collecting (not dry runs).
     collecting: Arc<Mutex<HashSet<String>>>,
     /// Cancelled when ckptd shuts down: runs stop and release their locks while the store is
-    /// still there, instead of leaving them to the next start of this node (or `LOCK_STALE`).
+    /// still there, instead of leaving them to the next start of this node (or `gc_lock_stale_s`).
     stop: tokio_util::sync::CancellationToken,
 }
 
@@ -147,18 +147,6 @@ pub struct GcFailure {
 
 fn corrupt_record(key: &str, e: impl std::fmt::Display) -> ServiceError {
     ServiceError::Internal(format!("record {key} is unreadable: {e}"))
-}
-
-/// A GC lock not rewritten for this long is taken over (its run died).
-const LOCK_STALE: Duration = Duration::from_secs(6 * 3600);
-/// A run rewrites its lock this often, so a run longer than `LOCK_STALE` keeps it.
-const LOCK_REFRESH: Duration = Duration::from_secs(15 * 60);
-
-/// The body of a job's GC lock: which node holds it.
-#[derive(Serialize, serde::Deserialize)]
-struct GcLockBody {
-    node: String,
-    started_unix_ms: u64,
 }
 
 /// How long a commit waits for a sweep in progress before it gives up (aborts).
@@ -343,9 +331,7 @@ impl Coordinator {
             if swept.done {
                 return Ok(Ok(Some(swept)));
             }
-            let lock = self.store.modified_ms(&keys::gc_lock_key(job)).await?;
-            let running = lock.is_some_and(|t| t.saturating_add(LOCK_STALE.as_millis() as u64) > now_unix_ms());
-            if !running {
+            if !crate::gc_lock::is_held(&self.store, job, self.lock_stale()).await? {
                 return Ok(Ok(Some(swept)));
             }
             if Instant::now() >= deadline {
@@ -510,57 +496,36 @@ impl Coordinator {
         if dry_run {
             // Nothing to release: a dry run just ends, answered.
             return tokio::select! {
-                r = self.gc_run(job, true) => r,
+                r = self.gc_run(job, None) => r,
                 _ = self.gc.stop.cancelled() => Err(stopping()),
             };
         }
-        let lock = keys::gc_lock_key(job);
-        let body = GcLockBody { node: self.node_id.clone(), started_unix_ms: now_unix_ms() };
-        let body = Bytes::from(serde_json::to_vec(&body).map_err(|e| ServiceError::Internal(e.to_string()))?);
-        match self.store.create_record(&lock, body.clone()).await {
-            Ok(()) => {}
-            Err(StoreError::AlreadyExists(_)) => {
-                // One read gives the lock's age and the node that holds it (for the operator who
-                // must decide whether it is alive; a lock just released, or an unreadable body,
-                // names none).
-                let (holder, since) = match self.store.get_record(&lock).await? {
-                    Some((bytes, since)) => (serde_json::from_slice::<GcLockBody>(&bytes).ok().map(|b| b.node), since),
-                    None => (None, 0),
-                };
-                if since.saturating_add(LOCK_STALE.as_millis() as u64) > now_unix_ms() {
-                    let on = holder.map(|n| format!(" on node {n}")).unwrap_or_default();
-                    return Err(ServiceError::Conflict(format!(
-                        "a GC of job {job} is already running{on} (its lock {lock} was last written at {since} ms); try later"
-                    )));
-                }
-                tracing::warn!(job, since, "taking over a stale GC lock");
-                self.store.delete_key(&lock).await?;
-                self.store.create_record(&lock, body.clone()).await?;
-            }
-            Err(e) => return Err(e.into()),
-        }
-        let run = self.gc_run(job, false);
-        tokio::pin!(run);
-        let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + LOCK_REFRESH, LOCK_REFRESH);
-        let report = loop {
-            tokio::select! {
-                r = &mut run => break r,
-                // A run stopped anywhere is what a crash leaves, which GC is built to survive;
-                // only the lock would outlive it.
-                _ = self.gc.stop.cancelled() => {
-                    tracing::warn!(job, "ckptd is shutting down: the GC run stops before it ends");
-                    break Err(stopping());
-                }
-                _ = refresh.tick() => {
-                    if let Err(e) = self.store.put_record(&lock, body.clone()).await {
-                        tracing::warn!(job, error = %e, "cannot refresh the GC lock; trying again later");
+        let lock = GcLock::acquire(&self.store, job, &self.node_id, self.lock_stale()).await?;
+        let report = {
+            let run = self.gc_run(job, Some(&lock));
+            tokio::pin!(run);
+            let every = lock.refresh_every();
+            let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    r = &mut run => break r,
+                    // A run stopped anywhere is what a crash leaves, which GC is built to
+                    // survive; only the lock would outlive it.
+                    _ = self.gc.stop.cancelled() => {
+                        tracing::warn!(job, "ckptd is shutting down: the GC run stops before it ends");
+                        break Err(stopping());
+                    }
+                    _ = refresh.tick() => {
+                        if let Err(e) = lock.refresh(&self.store).await {
+                            tracing::error!(job, error = %e, "the GC run lost its lock");
+                            break Err(e);
+                        }
                     }
                 }
             }
         };
-        if let Err(e) = self.store.delete_key(&lock).await {
-            tracing::warn!(job, error = %e, "cannot release the GC lock; it goes stale after {} s", LOCK_STALE.as_secs());
-        }
+        lock.release(&self.store).await;
         report
     }
 
@@ -594,39 +559,20 @@ impl Coordinator {
         Ok(Collecting { set: self.gc.collecting.clone(), job: job.to_string() })
     }
 
-    /// Deletes the GC locks of `jobs` that name this node: held by runs of an earlier life of
-    /// this process (a crash, a kill), which no one would otherwise take over for `LOCK_STALE`.
-    /// Called at start-up, before anything is served. Returns how many it deleted.
+    /// Deletes the GC locks of `jobs` that an earlier life of this node left (`gc_lock.rs`).
     pub(crate) async fn release_dead_gc_locks(&self, jobs: &[String]) -> Result<usize, ServiceError> {
-        // Owned copies in each future: the start-up future must stay `Send` for any lifetime.
-        let (store, node) = (self.store.clone(), Arc::new(self.node_id.clone()));
-        let released: Vec<bool> =
-            futures::stream::iter(jobs.iter().map(|job| keys::gc_lock_key(job)).collect::<Vec<_>>())
-                .map(|lock| {
-                    let (store, node) = (store.clone(), node.clone());
-                    async move {
-                        let Some((bytes, _)) = store.get_record(&lock).await? else { return Ok(false) };
-                        match serde_json::from_slice::<GcLockBody>(&bytes) {
-                            Ok(b) if b.node == *node => {
-                                tracing::warn!(
-                                    lock,
-                                    started_unix_ms = b.started_unix_ms,
-                                    "releasing a GC lock an earlier run of this node left"
-                                );
-                                store.delete_key(&lock).await?;
-                                Ok(true)
-                            }
-                            _ => Ok::<bool, ServiceError>(false),
-                        }
-                    }
-                })
-                .buffer_unordered(self.config.store_requests_max)
-                .try_collect()
-                .await?;
-        Ok(released.into_iter().filter(|r| *r).count())
+        crate::gc_lock::release_dead(&self.store, &self.node_id, jobs, self.config.store_requests_max).await
     }
 
-    async fn gc_run(&self, job: &str, dry_run: bool) -> Result<GcReport, ServiceError> {
+    fn lock_stale(&self) -> Duration {
+        Duration::from_secs(self.config.retention.gc_lock_stale_s)
+    }
+
+    /// One run; `lock` is `None` for a dry run. Every step that deletes or rewrites GC state
+    /// first asks the lock whether this run still holds it (`GcLock::ensure`).
+    async fn gc_run(&self, job: &str, lock: Option<&GcLock>) -> Result<GcReport, ServiceError> {
+        let dry_run = lock.is_none();
+        let fence = || lock.map_or(Ok(()), GcLock::ensure);
         // The previous list and the leases first, the roots after: a save that commits in
         // between is held by its lease or is in the listing of roots.
         let list_key = keys::condemned_key(job);
@@ -658,6 +604,7 @@ impl Coordinator {
         };
         if !dry_run {
             for &step in &delete {
+                fence()?;
                 self.remove_root(job, step, "retention").await?;
             }
         }
@@ -692,10 +639,11 @@ impl Coordinator {
                     if dry_run {
                         report.swept_objects = doomed.len();
                         report.swept_bytes = doomed.iter().map(|(_, s)| s).sum();
-                    } else {
-                        let (n, bytes) = self.sweep(job, *list_ms, doomed).await?;
+                    } else if let Some(lock) = lock {
+                        let (n, bytes) = self.sweep(job, *list_ms, doomed, lock).await?;
                         report.swept_objects = n;
                         report.swept_bytes = bytes;
+                        fence()?;
                         self.store.delete_key(&list_key).await?;
                     }
                 }
@@ -723,6 +671,7 @@ impl Coordinator {
                     keys: condemned.into_iter().map(|(k, _)| k).collect(),
                 };
                 let body = serde_json::to_vec(&list).map_err(|e| ServiceError::Internal(e.to_string()))?;
+                fence()?;
                 self.store.put_record(&list_key, Bytes::from(body)).await?;
             }
         }
@@ -732,14 +681,20 @@ impl Coordinator {
             self.gc_refresh_view(job).await?;
         }
         report.stale_local_files = self.gc_local_files(dry_run).await?;
-        report.parts_removed = self.gc_parts(job, &committed, now, dry_run).await?;
+        report.parts_removed = self.gc_parts(job, &committed, now, lock).await?;
         tracing::info!(job, dry_run, ?report, "gc");
         Ok(report)
     }
 
     /// Records the sweep (its keys, for the commit check and other nodes' chunk records), then
     /// deletes each key unless it was written again since the list. Returns what it deleted.
-    async fn sweep(&self, job: &str, list_ms: u64, doomed: Vec<(String, u64)>) -> Result<(usize, u64), ServiceError> {
+    async fn sweep(
+        &self,
+        job: &str,
+        list_ms: u64,
+        doomed: Vec<(String, u64)>,
+        lock: &GcLock,
+    ) -> Result<(usize, u64), ServiceError> {
         if doomed.is_empty() {
             return Ok((0, 0));
         }
@@ -757,16 +712,18 @@ impl Coordinator {
             done: false,
         };
         let body = serde_json::to_vec(&swept).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        lock.ensure()?;
         self.store.put_record(&key, Bytes::from(body)).await?;
-        let store = self.store.clone();
+        let store = &self.store;
         let deleted: Vec<Option<u64>> = futures::stream::iter(doomed)
-            .map(|(k, size)| {
-                let store = store.clone();
-                async move {
-                    match store.modified_ms(&k).await? {
-                        Some(m) if m <= list_ms => store.delete_key(&k).await.map(|()| Some(size)),
-                        _ => Ok(None),
+            .map(|(k, size)| async move {
+                lock.ensure()?;
+                match store.modified_ms(&k).await? {
+                    Some(m) if m <= list_ms => {
+                        lock.ensure()?;
+                        store.delete_key(&k).await.map(|()| Some(size)).map_err(ServiceError::from)
                     }
+                    _ => Ok(None),
                 }
             })
             .buffer_unordered(self.config.store_requests_max)
@@ -774,6 +731,7 @@ impl Coordinator {
             .await?;
         let swept = Swept { done: true, ..swept };
         let body = serde_json::to_vec(&swept).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        lock.ensure()?;
         self.store.put_record(&key, Bytes::from(body)).await?;
         self.apply_sweep(job, &swept).await?;
         let sizes: Vec<u64> = deleted.into_iter().flatten().collect();

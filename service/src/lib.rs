@@ -16,6 +16,7 @@ pub mod error;
 pub mod faults;
 pub mod fuzzing;
 pub mod gc;
+mod gc_lock;
 pub mod index;
 mod intake;
 mod metrics;

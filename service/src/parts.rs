@@ -279,7 +279,7 @@ impl Coordinator {
         job: &str,
         committed: &[u64],
         now_ms: u64,
-        dry_run: bool,
+        lock: Option<&crate::gc_lock::GcLock>,
     ) -> Result<usize, ServiceError> {
         let old_ms = self.config.retention.gc_grace_s.saturating_mul(1000).max(self.config.save_idle_abort_ms);
         let done: Vec<String> = self
@@ -294,8 +294,9 @@ impl Coordinator {
             })
             .map(|(k, _, _)| k)
             .collect();
-        if !dry_run {
+        if let Some(lock) = lock {
             for k in &done {
+                lock.ensure()?;
                 self.store.delete_key(k).await?;
             }
         }

@@ -223,6 +223,18 @@ pub fn daemon_log(d: &LocalDaemon) -> String {
     std::fs::read_to_string(&d.options().log_file).unwrap_or_default()
 }
 
+/// Arms a store fault in a ckptd started with `--fault-injection` (`service/src/faults.rs`).
+pub async fn arm(d: &LocalDaemon, fault: serde_json::Value) {
+    let r = reqwest::Client::new().post(format!("{}/v1/faults", d.url())).json(&fault).send().await.unwrap();
+    assert_eq!(r.status(), 204, "arming {fault}: {}", r.text().await.unwrap_or_default());
+}
+
+/// How often faults of one `kind:op` (e.g. `latency:list`) fired in that ckptd.
+pub async fn fired(d: &LocalDaemon, key: &str) -> u64 {
+    let v: serde_json::Value = reqwest::get(format!("{}/v1/faults", d.url())).await.unwrap().json().await.unwrap();
+    v["fired"][key].as_u64().unwrap_or(0)
+}
+
 /// ckptd's `/v1/stats`.
 pub async fn stats(d: &LocalDaemon) -> serde_json::Value {
     reqwest::get(format!("{}/v1/stats", d.url())).await.expect("stats").json().await.expect("stats json")

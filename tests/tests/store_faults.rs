@@ -21,16 +21,6 @@ fn faulty(dir: &std::path::Path, plan: Option<serde_json::Value>) -> DaemonOptio
     o
 }
 
-async fn arm(d: &ckpt_client::daemon::LocalDaemon, fault: serde_json::Value) {
-    let r = reqwest::Client::new().post(format!("{}/v1/faults", d.url())).json(&fault).send().await.unwrap();
-    assert_eq!(r.status(), 204, "arming {fault}: {}", r.text().await.unwrap_or_default());
-}
-
-async fn fired(d: &ckpt_client::daemon::LocalDaemon, key: &str) -> u64 {
-    let v: serde_json::Value = reqwest::get(format!("{}/v1/faults", d.url())).await.unwrap().json().await.unwrap();
-    v["fired"][key].as_u64().unwrap_or(0)
-}
-
 /// Starts a GC of `job` and returns once it is held in its first listing (an injected minute of
 /// latency), lock taken; the request is the handle's.
 async fn gc_held_in_its_listing(

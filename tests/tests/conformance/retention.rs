@@ -16,6 +16,7 @@ ckpt_tests::conformance!(300;
     a_save_in_flight_during_gc_commits_and_verifies,
     gc_racing_a_missing_query_never_deletes_what_the_save_relies_on,
     a_sweep_after_a_node_died_mid_save_is_caught_at_commit,
+    a_gc_run_stalled_past_its_lock_is_fenced_when_it_wakes,
 );
 
 /// A second and a bit: the shortest grace period ckptd takes is one second.
@@ -27,6 +28,16 @@ async fn start(store: &TestStore, dir: &std::path::Path, retention: &str) -> ckp
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(&cfg, format!("[retention]\ngc_grace_s = 1\nlease_s = 3\n{retention}\n")).unwrap();
     o.extra_args = vec!["--config".into(), cfg.into_os_string()];
+    start_daemon_with(o).await
+}
+
+/// As `start`, with store faults armable (`--fault-injection`).
+async fn start_faulty(store: &TestStore, dir: &std::path::Path, retention: &str) -> ckpt_client::daemon::LocalDaemon {
+    let mut o = store.daemon_options(dir);
+    let cfg = dir.join("ckptd.toml");
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(&cfg, format!("[retention]\ngc_grace_s = 1\nlease_s = 3\n{retention}\n")).unwrap();
+    o.extra_args = vec!["--config".into(), cfg.into_os_string(), "--fault-injection".into()];
     start_daemon_with(o).await
 }
 
@@ -261,4 +272,111 @@ async fn a_sweep_after_a_node_died_mid_save_is_caught_at_commit(backend: Backend
     // Saved again from scratch, it commits.
     save_step(&ca, "job", 4, &old).await.unwrap();
     assert!(ca.verify("job", 4, |_| {}).await.unwrap().ok());
+}
+
+/// Sends SIGCONT to a stopped process when dropped, so a failing test leaves nothing stopped.
+struct Stopped(libc::pid_t);
+
+impl Stopped {
+    fn stop(d: &ckpt_client::daemon::LocalDaemon) -> Stopped {
+        let pid = d.pid().expect("ckptd runs") as libc::pid_t;
+        // SAFETY: kill(2) on a pid this test started and has not reaped.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "cannot stop ckptd");
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// A GC run renews its lock past the takeover time, so another node is refused. When its
+/// process stops for longer (SIGSTOP: a frozen VM, a swap storm), another node takes the lock
+/// over and the checkpoint it would delete is pinned meanwhile. Woken, the stalled run deletes
+/// nothing more and leaves the new run's lock alone; the new run keeps the pin.
+async fn a_gc_run_stalled_past_its_lock_is_fenced_when_it_wakes(backend: Backend) {
+    let seed = seed(0x5eed_0c24);
+    let dir = tempfile::tempdir().unwrap();
+    let store = TestStore::new(backend, dir.path()).await;
+    let retention = "keep_last = 1\ngc_lock_stale_s = 3";
+    let a = start_faulty(&store, &dir.path().join("a"), retention).await;
+    let b = start_faulty(&store, &dir.path().join("b"), retention).await;
+    let (ca, cb) = (client(&a), client(&b));
+    for step in 1..=3u64 {
+        let states: Vec<_> = (0..2).map(|r| rank_tensors(seed + step, r, 2, 64 << 10)).collect();
+        save_step(&ca, "job", step, &states).await.unwrap();
+    }
+    tokio::time::sleep(PAST_GRACE).await;
+    // A's first listing of the pins (none), which the stale answer below replays.
+    gc(&ca, "job", true).await;
+    // A's run is held 7 s before its listing of roots; then its listing of pins is answered
+    // as it was before, as for a run that read the pins just before its process stopped.
+    arm(&a, serde_json::json!({"kind": "latency", "op": "list", "delay_ms": 7_000})).await;
+    arm(&a, serde_json::json!({"kind": "stale_list", "op": "list"})).await;
+    let post_gc = |d: &ckpt_client::daemon::LocalDaemon| {
+        tokio::spawn(reqwest::Client::new().post(format!("{}/v1/jobs/job/gc", d.url())).send())
+    };
+    let a_run = post_gc(&a);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while fired(&a, "latency:list").await < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "A's GC never listed\n{}", daemon_log(&a));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let lock_key = ckpt_core::keys::gc_lock_key("job");
+    let holder = |body: Option<bytes::Bytes>| {
+        let body = body.expect("the job's GC lock is in the store");
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap()["node"].as_str().unwrap().to_string()
+    };
+    let node_a = holder(store.get(&lock_key).await);
+
+    // Renewed every 24th of its stale time, the lock outlives it: B is refused.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let r = post_gc(&b).await.unwrap().unwrap();
+    let text = r.text().await.unwrap_or_default();
+    assert!(text.contains("already running") && text.contains(&node_a), "B must be refused: {text}");
+
+    // A stops; once its lock is past its stale time, B's run takes it over (held 4 s in its
+    // listing), and step 2, which A's run would delete, is pinned.
+    let stopped = Stopped::stop(&a);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    arm(&b, serde_json::json!({"kind": "latency", "op": "list", "delay_ms": 4_000})).await;
+    let b_run = post_gc(&b);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let node_b = loop {
+        let now = holder(store.get(&lock_key).await);
+        if now != node_a {
+            break now;
+        }
+        assert!(!b_run.is_finished(), "B's run ended without taking the lock over\n{}", daemon_log(&b));
+        assert!(tokio::time::Instant::now() < deadline, "B never took the stale lock over\n{}", daemon_log(&b));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    cb.pin("job", 2, true).await.unwrap();
+
+    // A wakes: its run stops, refused, deleting nothing and leaving B's lock.
+    drop(stopped);
+    let r = a_run.await.unwrap().unwrap();
+    let status = r.status();
+    let text = r.text().await.unwrap_or_default();
+    assert_eq!(status, 409, "the stalled run must stop: {text}\n{}", daemon_log(&a));
+    assert!(text.contains("nothing more was deleted"), "{text}");
+    let steps_now: BTreeSet<u64> = store.manifests().await.iter().map(|m| m.step).collect();
+    assert!(steps_now.contains(&2), "the stalled run deleted the checkpoint pinned while it slept\n{}", daemon_log(&a));
+    assert_eq!(holder(store.get(&lock_key).await), node_b, "the stalled run wrote over B's lock");
+    assert!(daemon_log(&a).contains("the GC run lost its lock"), "{}", daemon_log(&a));
+
+    // B's run ends as if A never woke: step 1 deleted, the pin kept, the lock released.
+    let r = b_run.await.unwrap().unwrap();
+    assert_eq!(r.status(), 200);
+    let report: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(steps(&report["checkpoints_deleted"]), vec![1], "{report}");
+    assert_eq!(steps(&report["pinned"]), vec![2], "{report}");
+    assert!(store.get(&lock_key).await.is_none(), "B released its lock");
+    let steps_now: BTreeSet<u64> = store.manifests().await.iter().map(|m| m.step).collect();
+    assert_eq!(steps_now, BTreeSet::from([2, 3]));
+    store.assert_complete().await;
+    assert_eq!(gc(&ca, "job", false).await["checkpoints_kept"], serde_json::json!([2, 3]));
 }

@@ -1,0 +1,298 @@
+//! A job's GC lock: one run per job at a time across ckptd nodes, held as a lease that fences a
+//! run which lost it.
+//!
+//! Design note.
+//! * The lock is a create-only object (`jobs/<job>/gc/lock`) whose body names the node and the
+//!   run (a random id: a node restarted, or two runs of one node, are told apart). A run
+//!   rewrites it every `stale / 24` (15 minutes for the default six hours); another node takes
+//!   it over once it has not been written for `stale`, by the object's store time against that
+//!   node's clock.
+//! * The lease: the run holds the lock only while its last successful rewrite *began* less
+//!   than `stale / 2` ago, by both this process's monotonic clock and its wall clock (a frozen
+//!   VM may not advance the first; a stepped clock may move the second). Half the takeover
+//!   time leaves room for clock skew between this node, the store and the node taking over,
+//!   and for stores whose times count whole seconds.
+//! * Fencing: every step of a run that deletes or rewrites GC state asks `ensure` first. A run
+//!   whose lease lapsed (its process stopped, its VM frozen, its store writes failing for
+//!   hours) stops there with 409 and changes nothing more; a rewrite that finds the lock
+//!   naming another run, or gone, stops the run at once, and never writes over that run's
+//!   lock. Release deletes the lock only while it names this run. Without conditional deletes
+//!   in every store, what is left is one request: a process stopped between `ensure` and the
+//!   store acting on the request it then sends.
+//! * Two nodes that find one stale lock at the same moment may both take it over (delete, then
+//!   create): the second delete removes the first's new lock. The first finds that out at its
+//!   next rewrite and stops; until then the sweep's own checks (each object is looked at again
+//!   just before its delete) keep the two runs from deleting anything live.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use ckpt_core::keys;
+use serde::{Deserialize, Serialize};
+
+use crate::coordinator::now_unix_ms;
+use crate::error::ServiceError;
+use crate::store::{Store, StoreError};
+
+/// The body of a job's GC lock.
+#[derive(Serialize, Deserialize)]
+struct LockBody {
+    node: String,
+    started_unix_ms: u64,
+    /// Absent in locks written before runs had ids (their node's restart releases them).
+    #[serde(default)]
+    run: Option<String>,
+}
+
+/// When the lease was last renewed: the start of the last successful rewrite, on both clocks.
+struct Renewed {
+    at: Instant,
+    at_wall: SystemTime,
+    lost: Option<String>,
+}
+
+/// The GC lock of one job, held by this run.
+pub(crate) struct GcLock {
+    job: String,
+    key: String,
+    run: String,
+    body: Bytes,
+    stale: Duration,
+    renewed: Mutex<Renewed>,
+}
+
+impl GcLock {
+    /// Takes the job's lock, or over a lock not written for `stale`. A lock held elsewhere is
+    /// 409, naming the node that holds it for the operator who must decide whether it lives.
+    pub(crate) async fn acquire(store: &Store, job: &str, node: &str, stale: Duration) -> Result<GcLock, ServiceError> {
+        let key = keys::gc_lock_key(job);
+        let run = format!("{:016x}", rand::random::<u64>());
+        let body = LockBody { node: node.to_string(), started_unix_ms: now_unix_ms(), run: Some(run.clone()) };
+        let body = Bytes::from(serde_json::to_vec(&body).map_err(|e| ServiceError::Internal(e.to_string()))?);
+        let started = (Instant::now(), SystemTime::now());
+        match store.create_record(&key, body.clone()).await {
+            Ok(()) => {}
+            Err(StoreError::AlreadyExists(_)) => {
+                // One read gives the lock's age and its holder (a lock just released, or an
+                // unreadable body, names none).
+                let (holder, since) = match store.get_record(&key).await? {
+                    Some((bytes, since)) => (serde_json::from_slice::<LockBody>(&bytes).ok().map(|b| b.node), since),
+                    None => (None, 0),
+                };
+                if since.saturating_add(stale.as_millis() as u64) > now_unix_ms() {
+                    let on = holder.map(|n| format!(" on node {n}")).unwrap_or_default();
+                    return Err(ServiceError::Conflict(format!(
+                        "a GC of job {job} is already running{on} (its lock {key} was last written at {since} ms); try later"
+                    )));
+                }
+                tracing::warn!(job, since, holder, "taking over a stale GC lock");
+                store.delete_key(&key).await?;
+                store.create_record(&key, body.clone()).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(GcLock {
+            job: job.to_string(),
+            key,
+            run,
+            body,
+            stale,
+            renewed: Mutex::new(Renewed { at: started.0, at_wall: started.1, lost: None }),
+        })
+    }
+
+    /// How often the run rewrites its lock.
+    pub(crate) fn refresh_every(&self) -> Duration {
+        (self.stale / 24).max(Duration::from_millis(10))
+    }
+
+    fn lease(&self) -> Duration {
+        self.stale / 2
+    }
+
+    /// Ok while this run still holds the lock; asked before each step that changes GC state.
+    pub(crate) fn ensure(&self) -> Result<(), ServiceError> {
+        let mut r = self.renewed.lock().unwrap_or_else(|e| e.into_inner());
+        if r.lost.is_none() {
+            // The longer of the two clocks' readings: either may have missed the stall.
+            let wall = r.at_wall.elapsed().unwrap_or_default();
+            let held = r.at.elapsed().max(wall);
+            if held >= self.lease() {
+                r.lost = Some(format!(
+                    "its lock was last renewed {} s ago, past its lease of {} s (this node stalled, or the store refused the rewrites), so another node may have taken it over",
+                    held.as_secs(),
+                    self.lease().as_secs()
+                ));
+            }
+        }
+        match &r.lost {
+            None => Ok(()),
+            Some(why) => Err(ServiceError::Conflict(format!(
+                "the GC of job {} stopped: {why}; nothing more was deleted",
+                self.job
+            ))),
+        }
+    }
+
+    fn lose(&self, why: String) -> ServiceError {
+        self.renewed.lock().unwrap_or_else(|e| e.into_inner()).lost.get_or_insert(why);
+        self.ensure().expect_err("a lost lock refuses")
+    }
+
+    /// Rewrites the lock if it still names this run. Err when the lock is lost (the run must
+    /// stop); a store error is only logged, since the lease lapses on its own if they last.
+    pub(crate) async fn refresh(&self, store: &Store) -> Result<(), ServiceError> {
+        self.ensure()?;
+        let started = (Instant::now(), SystemTime::now());
+        match store.get_record(&self.key).await {
+            Ok(Some((bytes, _))) if self.names_this_run(&bytes) => {}
+            Ok(Some((bytes, _))) => {
+                let holder = serde_json::from_slice::<LockBody>(&bytes).map(|b| b.node).unwrap_or_default();
+                return Err(self.lose(format!("its lock was taken over by another run (node {holder:?})")));
+            }
+            Ok(None) => return Err(self.lose("its lock was deleted by someone else".into())),
+            Err(e) => {
+                tracing::warn!(job = self.job, error = %e, "cannot read the GC lock to renew it; trying again later");
+                return Ok(());
+            }
+        }
+        // Read and checked within the lease: no other node can have taken the lock over since.
+        self.ensure()?;
+        match store.put_record(&self.key, self.body.clone()).await {
+            Ok(()) => {
+                let mut r = self.renewed.lock().unwrap_or_else(|e| e.into_inner());
+                r.at = started.0;
+                r.at_wall = started.1;
+            }
+            Err(e) => tracing::warn!(job = self.job, error = %e, "cannot renew the GC lock; trying again later"),
+        }
+        Ok(())
+    }
+
+    /// Deletes the lock if it still names this run.
+    pub(crate) async fn release(&self, store: &Store) {
+        let result = match store.get_record(&self.key).await {
+            Ok(Some((bytes, _))) if self.names_this_run(&bytes) => store.delete_key(&self.key).await,
+            Ok(_) => {
+                tracing::warn!(job = self.job, "the GC lock is no longer this run's; left in place");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            tracing::warn!(job = self.job, error = %e, "cannot release the GC lock; it goes stale after {} s", self.stale.as_secs());
+        }
+    }
+
+    fn names_this_run(&self, bytes: &[u8]) -> bool {
+        serde_json::from_slice::<LockBody>(bytes).is_ok_and(|b| b.run.as_deref() == Some(self.run.as_str()))
+    }
+
+    #[cfg(test)]
+    fn renewed_ago(&self, ago: Duration) {
+        let mut r = self.renewed.lock().unwrap();
+        r.at = Instant::now() - ago;
+        r.at_wall = SystemTime::now() - ago;
+    }
+}
+
+/// Deletes the GC locks of `jobs` that name `node`: held by runs of an earlier life of this
+/// process (a crash, a kill), which no one would otherwise take over for the stale time.
+/// Called at start-up, before anything is served. Returns how many it deleted.
+pub(crate) async fn release_dead(
+    store: &Store,
+    node: &str,
+    jobs: &[String],
+    concurrency: usize,
+) -> Result<usize, ServiceError> {
+    use futures::{StreamExt, TryStreamExt};
+    // Owned copies in each future: the start-up future must stay `Send` for any lifetime.
+    let node = std::sync::Arc::new(node.to_string());
+    let released: Vec<bool> = futures::stream::iter(jobs.iter().map(|job| keys::gc_lock_key(job)).collect::<Vec<_>>())
+        .map(|lock| {
+            let (store, node) = (store.clone(), node.clone());
+            async move {
+                let Some((bytes, _)) = store.get_record(&lock).await? else { return Ok(false) };
+                match serde_json::from_slice::<LockBody>(&bytes) {
+                    Ok(b) if b.node == *node => {
+                        tracing::warn!(
+                            lock,
+                            started_unix_ms = b.started_unix_ms,
+                            "releasing a GC lock an earlier run of this node left"
+                        );
+                        store.delete_key(&lock).await?;
+                        Ok(true)
+                    }
+                    _ => Ok::<bool, ServiceError>(false),
+                }
+            }
+        })
+        .buffer_unordered(concurrency)
+        .try_collect()
+        .await?;
+    Ok(released.into_iter().filter(|r| *r).count())
+}
+
+/// Whether the job's lock was written within `stale` (its run lives, or may).
+pub(crate) async fn is_held(store: &Store, job: &str, stale: Duration) -> Result<bool, StoreError> {
+    let lock = store.modified_ms(&keys::gc_lock_key(job)).await?;
+    Ok(lock.is_some_and(|t| t.saturating_add(stale.as_millis() as u64) > now_unix_ms()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn local_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Store::open(&dir.path().display().to_string(), &Default::default(), 2, Duration::from_millis(1)).unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn a_run_past_its_lease_is_fenced_and_leaves_a_lock_taken_over_alone() {
+        let (_dir, store) = local_store().await;
+        let stale = Duration::from_secs(60);
+        let a = GcLock::acquire(&store, "job", "node-a", stale).await.unwrap();
+        a.ensure().unwrap();
+        let busy = GcLock::acquire(&store, "job", "node-b", stale).await.err().unwrap();
+        assert!(busy.to_string().contains("on node node-a"), "{busy}");
+        // Renewed within its lease, the run goes on; past it, it stops and stays stopped.
+        a.renewed_ago(Duration::from_secs(29));
+        a.ensure().unwrap();
+        a.refresh(&store).await.unwrap();
+        a.ensure().unwrap();
+        a.renewed_ago(Duration::from_secs(31));
+        let e = a.ensure().unwrap_err();
+        assert!(e.to_string().contains("past its lease of 30 s"), "{e}");
+        assert!(a.refresh(&store).await.is_err(), "a lapsed run must not renew");
+        // Another node takes the lock over; the fenced run neither renews nor releases it.
+        store.delete_key(&keys::gc_lock_key("job")).await.unwrap();
+        let b = GcLock::acquire(&store, "job", "node-b", stale).await.unwrap();
+        a.release(&store).await;
+        b.refresh(&store).await.unwrap();
+        b.ensure().unwrap();
+        b.release(&store).await;
+        assert!(store.get_record(&keys::gc_lock_key("job")).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_run_whose_lock_was_taken_over_stops_at_its_next_renewal() {
+        let (_dir, store) = local_store().await;
+        let stale = Duration::from_secs(60);
+        let a = GcLock::acquire(&store, "job", "node-a", stale).await.unwrap();
+        // Two takeovers at once: the second deleted the first's new lock.
+        store.delete_key(&keys::gc_lock_key("job")).await.unwrap();
+        let b = GcLock::acquire(&store, "job", "node-b", stale).await.unwrap();
+        let e = a.refresh(&store).await.unwrap_err();
+        assert!(e.to_string().contains("taken over by another run (node \"node-b\")"), "{e}");
+        assert!(a.ensure().is_err(), "stays stopped");
+        a.release(&store).await;
+        b.refresh(&store).await.unwrap();
+        // Gone under a run: it stops too.
+        store.delete_key(&keys::gc_lock_key("job")).await.unwrap();
+        assert!(b.refresh(&store).await.unwrap_err().to_string().contains("deleted by someone else"));
+    }
+}
