@@ -40,6 +40,15 @@ tokio::task_local! {
     pub(crate) static TRACEPARENT: String;
 }
 
+/// Which connection a request goes on.
+#[derive(Clone, Copy)]
+enum Conn {
+    /// A pooled one, kept alive between requests.
+    Pooled,
+    /// One of its own, with its own time limit in place of `request_timeout` when given.
+    Own { timeout: Option<Duration> },
+}
+
 pub(crate) enum Body {
     Empty,
     Json(Vec<u8>),
@@ -66,6 +75,11 @@ pub(crate) struct Security {
 #[derive(Clone)]
 pub(crate) struct Http {
     client: reqwest::Client,
+    /// For requests sent once (a GC run, a health probe): a connection of their own each. On a
+    /// pooled connection, ckptd closing it as the request arrives (it closes idle connections
+    /// at `connection_max_age_s`, as any server may at its keep-alive limit) would fail the
+    /// request with nothing answered, and nothing would send it again.
+    unpooled: reqwest::Client,
     base: String,
     retry: RetryPolicy,
 }
@@ -88,15 +102,22 @@ impl Http {
         if let Some(t) = &security.token {
             headers.insert(reqwest::header::AUTHORIZATION, t.header()?);
         }
-        let builder = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(connect_timeout)
-            .pool_max_idle_per_host(idle_per_host)
-            .default_headers(headers);
-        let client = crate::auth::apply_tls(builder, &security.tls)?
-            .build()
-            .map_err(|e| ClientError::Internal(format!("building the http client: {e}")))?;
-        Ok(Http { client, base: base_url.trim_end_matches('/').to_string(), retry })
+        let build = |idle: usize| {
+            let builder = reqwest::Client::builder()
+                .timeout(timeout)
+                .connect_timeout(connect_timeout)
+                .pool_max_idle_per_host(idle)
+                .default_headers(headers.clone());
+            crate::auth::apply_tls(builder, &security.tls)?
+                .build()
+                .map_err(|e| ClientError::Internal(format!("building the http client: {e}")))
+        };
+        Ok(Http {
+            client: build(idle_per_host)?,
+            unpooled: build(0)?,
+            base: base_url.trim_end_matches('/').to_string(),
+            retry,
+        })
     }
 
     pub fn base(&self) -> &str {
@@ -110,23 +131,29 @@ impl Http {
         body: &Body,
         headers: &[(&str, &str)],
     ) -> Result<reqwest::Response, ClientError> {
-        self.send_once_within(method, path, body, headers, None).await
+        self.send_once_on(method, path, body, headers, Conn::Pooled).await
     }
 
-    /// `send_once` with its own time limit in place of the client's `request_timeout`.
-    async fn send_once_within(
+    /// `send_once` on the connection `conn` says.
+    async fn send_once_on(
         &self,
         method: reqwest::Method,
         path: &str,
         body: &Body,
         headers: &[(&str, &str)],
-        timeout: Option<Duration>,
+        conn: Conn,
     ) -> Result<reqwest::Response, ClientError> {
         let url = format!("{}{}", self.base, path);
-        let mut req = self.client.request(method, &url);
-        if let Some(t) = timeout {
-            req = req.timeout(t);
-        }
+        let mut req = match conn {
+            Conn::Pooled => self.client.request(method, &url),
+            Conn::Own { timeout } => {
+                let req = self.unpooled.request(method, &url);
+                match timeout {
+                    Some(t) => req.timeout(t),
+                    None => req,
+                }
+            }
+        };
         if let Ok(tp) = TRACEPARENT.try_with(|t| t.clone()) {
             req = req.header("traceparent", tp);
         }
@@ -163,7 +190,7 @@ impl Http {
         body: Body,
         headers: &[(&str, &str)],
     ) -> Result<Bytes, ClientError> {
-        self.request_within(method, path, body, headers, None, &self.retry).await
+        self.request_within(method, path, body, headers, &self.retry, Conn::Pooled).await
     }
 
     async fn request_within(
@@ -172,13 +199,13 @@ impl Http {
         path: &str,
         body: Body,
         headers: &[(&str, &str)],
-        timeout: Option<Duration>,
         retry: &RetryPolicy,
+        conn: Conn,
     ) -> Result<Bytes, ClientError> {
         let url = format!("{}{}", self.base, path);
         let mut backoff = Backoff::new(retry);
         loop {
-            let outcome = match self.send_once_within(method.clone(), path, &body, headers, timeout).await {
+            let outcome = match self.send_once_on(method.clone(), path, &body, headers, conn).await {
                 Ok(resp) => resp.bytes().await.map_err(|source| ClientError::Transport { url: url.clone(), source }),
                 Err(e) => Err(e),
             };
@@ -192,7 +219,7 @@ impl Http {
     /// A request whose answer takes as long as the work behind it (a GC run), waited for up to
     /// `timeout` instead of `request_timeout`. Waits out a busy ckptd, but is not sent again
     /// after a failure in flight: the work goes on in ckptd, and a second request would only
-    /// find it running.
+    /// find it running. So it goes on a connection of its own (`unpooled`).
     pub async fn request_long(
         &self,
         method: reqwest::Method,
@@ -200,12 +227,12 @@ impl Http {
         timeout: Duration,
     ) -> Result<Bytes, ClientError> {
         let once = RetryPolicy { attempts_max: 1, ..self.retry.clone() };
-        self.request_within(method, path, Body::Empty, &[], Some(timeout), &once).await
+        self.request_within(method, path, Body::Empty, &[], &once, Conn::Own { timeout: Some(timeout) }).await
     }
 
-    /// A single attempt, for health checks that must answer now.
+    /// A single attempt, for health checks that must answer now, on a connection of its own.
     pub async fn request_once(&self, method: reqwest::Method, path: &str) -> Result<(), ClientError> {
-        self.send_once(method, path, &Body::Empty, &[]).await.map(|_| ())
+        self.send_once_on(method, path, &Body::Empty, &[], Conn::Own { timeout: None }).await.map(|_| ())
     }
 
     pub async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
