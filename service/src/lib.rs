@@ -10,6 +10,7 @@ pub mod auth;
 mod commit;
 pub mod config;
 pub mod coordinator;
+mod crl;
 pub mod durable;
 pub mod encoders;
 pub mod error;

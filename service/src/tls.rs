@@ -16,8 +16,9 @@
 //!   its next update all refuse the handshake. Lists are reissued often, so the same reload task
 //!   hashes the file and, when it changed, builds a new verifier from the new lists and the
 //!   roots read at start; the acceptor reaches it through `ClientVerifier`, which only forwards.
-//!   A list that fails to parse keeps the previous verifier, as a bad certificate keeps the
-//!   previous key. The CA itself is read once (its names are the hints sent to clients).
+//!   A list that fails to parse, is not issued and signed by the CA, or is older than the one
+//!   in force (`crl.rs`) keeps the previous verifier, as a bad certificate keeps the previous
+//!   key. The CA itself is read once (its names are the hints sent to clients).
 //! * Only TLS: when TLS is configured the port speaks nothing else; a plain HTTP request fails
 //!   the handshake and its connection is closed. Handshakes run in the connection's own task,
 //!   bounded by the header read timeout, so a client that opens a connection and stalls holds
@@ -37,6 +38,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 
 use crate::config::TlsConfig;
+use crate::crl;
 use crate::error::ServiceError;
 
 /// The server's current certificate, replaced when its files change.
@@ -114,31 +116,71 @@ impl ClientCertVerifier for ClientVerifier {
     }
 }
 
-/// A webpki verifier for the CA's `roots` and, when configured, the lists in `crl` (the
-/// file's bytes).
+/// The revocation lists in `pem` (the file's bytes, read from `path`), checked against the
+/// CA's certificates and, on a reload, the lists in force (`crl.rs`).
+fn read_lists(
+    path: &Path,
+    pem: &[u8],
+    ca: &[CertificateDer<'_>],
+    in_force: Option<&crl::InForce>,
+    provider: &CryptoProvider,
+) -> Result<(Vec<CertificateRevocationListDer<'static>>, crl::InForce), ServiceError> {
+    let lists = CertificateRevocationListDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| tls_error(format!("cannot read revocation lists from {}: {e}", path.display())))?;
+    if lists.is_empty() {
+        return Err(tls_error(format!("{} holds no revocation list (PEM \"X509 CRL\")", path.display())));
+    }
+    let fresh = crl::check(&lists, ca, in_force, &provider.signature_verification_algorithms)
+        .map_err(|e| tls_error(format!("{}: {e}", path.display())))?;
+    Ok((lists, fresh))
+}
+
+/// A webpki verifier for the CA's `roots` and, when configured, the checked `lists`.
 fn build_verifier(
     cfg: &TlsConfig,
     roots: &Arc<RootCertStore>,
-    crl: Option<&[u8]>,
+    lists: Option<Vec<CertificateRevocationListDer<'static>>>,
     provider: &Arc<CryptoProvider>,
 ) -> Result<Arc<dyn ClientCertVerifier>, ServiceError> {
     let mut b = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone());
     if !cfg.client_cert_required {
         b = b.allow_unauthenticated();
     }
-    if let (Some(path), Some(pem)) = (&cfg.client_crl, crl) {
-        let crls = CertificateRevocationListDer::pem_slice_iter(pem)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| tls_error(format!("cannot read revocation lists from {}: {e}", path.display())))?;
-        if crls.is_empty() {
-            return Err(tls_error(format!("{} holds no revocation list (PEM \"X509 CRL\")", path.display())));
-        }
-        b = b.with_crls(crls).enforce_revocation_expiration();
+    if let Some(lists) = lists {
+        b = b.with_crls(lists).enforce_revocation_expiration();
     }
     b.build().map_err(|e| match &cfg.client_crl {
         Some(p) => tls_error(format!("client verifier with {}: {e}", p.display())),
         None => tls_error(e.to_string()),
     })
+}
+
+/// The client CA's certificates and roots, and the lists in force: what a reload of the lists
+/// is built from and checked against.
+struct ClientTrust {
+    verifier: Arc<ClientVerifier>,
+    roots: Arc<RootCertStore>,
+    ca: Arc<Vec<CertificateDer<'static>>>,
+}
+
+/// The verifier for the lists in `pem`, if `client_crl` is set, and their freshness.
+fn verifier_for(
+    cfg: &TlsConfig,
+    roots: &Arc<RootCertStore>,
+    ca: &[CertificateDer<'_>],
+    pem: Option<&[u8]>,
+    in_force: Option<&crl::InForce>,
+    provider: &Arc<CryptoProvider>,
+) -> Result<(Arc<dyn ClientCertVerifier>, crl::InForce), ServiceError> {
+    let (lists, fresh) = match (&cfg.client_crl, pem) {
+        (Some(path), Some(pem)) => {
+            let (lists, fresh) = read_lists(path, pem, ca, in_force, provider)?;
+            (Some(lists), fresh)
+        }
+        _ => (None, crl::InForce::new()),
+    };
+    Ok((build_verifier(cfg, roots, lists, provider)?, fresh))
 }
 
 fn tls_error(what: String) -> ServiceError {
@@ -214,18 +256,20 @@ pub fn acceptor(cfg: &TlsConfig) -> Result<(tokio_rustls::TlsAcceptor, ReloadGua
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| tls_error(e.to_string()))?;
-    let (builder, clients) = match &cfg.client_ca {
-        None => (builder.with_no_client_auth(), None),
+    let (builder, clients, first_lists) = match &cfg.client_ca {
+        None => (builder.with_no_client_auth(), None, crl::InForce::new()),
         Some(ca) => {
+            let ca_certs = read_certs(ca)?;
             let mut roots = RootCertStore::empty();
-            for c in read_certs(ca)? {
-                roots.add(c).map_err(|e| tls_error(format!("{}: {e}", ca.display())))?;
+            for c in &ca_certs {
+                roots.add(c.clone()).map_err(|e| tls_error(format!("{}: {e}", ca.display())))?;
             }
             let roots = Arc::new(roots);
-            let first = build_verifier(cfg, &roots, files.crl.as_deref(), &provider)?;
+            let (first, lists) = verifier_for(cfg, &roots, &ca_certs, files.crl.as_deref(), None, &provider)?;
             let verifier =
                 Arc::new(ClientVerifier { hints: first.root_hint_subjects().to_vec(), current: RwLock::new(first) });
-            (builder.with_client_cert_verifier(verifier.clone()), Some((verifier, roots)))
+            let trust = ClientTrust { verifier: verifier.clone(), roots, ca: Arc::new(ca_certs) };
+            (builder.with_client_cert_verifier(verifier), Some(trust), lists)
         }
     };
     drop(files);
@@ -241,12 +285,13 @@ pub fn acceptor(cfg: &TlsConfig) -> Result<(tokio_rustls::TlsAcceptor, ReloadGua
     let (cfg, every) = (cfg.clone(), Duration::from_secs(cfg.reload_s));
     let task = tokio::spawn(async move {
         let mut seen = first_seen;
+        let mut in_force = first_lists;
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let (c, p, was) = (cfg.clone(), provider.clone(), seen);
-            let roots = clients.as_ref().map(|(_, r)| r.clone());
+            let (c, p, was, lists_now) = (cfg.clone(), provider.clone(), seen, in_force.clone());
+            let trust = clients.as_ref().map(|t| (t.roots.clone(), t.ca.clone()));
             // None: unchanged, or unreadable for now (a renewal between its renames).
             let changed = tokio::task::spawn_blocking(move || {
                 let files = match Files::read(&c) {
@@ -258,8 +303,9 @@ pub fn acceptor(cfg: &TlsConfig) -> Result<(tokio_rustls::TlsAcceptor, ReloadGua
                 };
                 let now = files.seen();
                 let key = (now.pair != was.pair).then(|| load_certified_key(&c, &files, &p));
-                let verifier =
-                    roots.filter(|_| now.crl != was.crl).map(|r| build_verifier(&c, &r, files.crl.as_deref(), &p));
+                let verifier = trust
+                    .filter(|_| now.crl != was.crl)
+                    .map(|(roots, ca)| verifier_for(&c, &roots, &ca, files.crl.as_deref(), Some(&lists_now), &p));
                 (now != was).then_some((now, key, verifier))
             })
             .await;
@@ -283,8 +329,9 @@ pub fn acceptor(cfg: &TlsConfig) -> Result<(tokio_rustls::TlsAcceptor, ReloadGua
                 None => {}
             }
             match (verifier, &clients) {
-                (Some(Ok(v)), Some((installed, _))) => {
-                    *installed.current.write().unwrap_or_else(|e| e.into_inner()) = v;
+                (Some(Ok((v, lists))), Some(trust)) => {
+                    *trust.verifier.current.write().unwrap_or_else(|e| e.into_inner()) = v;
+                    in_force = lists;
                     seen.crl = now.crl;
                     tracing::info!(crl = ?cfg.client_crl, "client certificate revocation lists reloaded");
                 }

@@ -380,6 +380,23 @@ async fn revoked_client_certificates_fail_the_handshake_and_lists_are_read_again
         // and a fresh list lets alice in again: the node was refusing, not gone.
         replace(d_path, "crl.pem", &crl(&ca, 4, &[102], (2025, 2099)));
         assert!(within_10s(|| async { !alice().await }).await, "a fresh list did not let alice back in");
+
+        // An older list that parses (a restored backup: number 1, naming nobody) is not
+        // installed: it would un-revoke bob.
+        replace(d_path, "crl.pem", &crl(&ca, 1, &[], (2025, 2099)));
+        let older = || async { daemon_log(&d).contains("is older than the one in force") };
+        assert!(within_10s(older).await, "{}", daemon_log(&d));
+        assert!(bob().await, "an older list un-revoked bob");
+        // Nor is a list under the CA's name signed by another key: it would lock everyone out.
+        let impostor = new_ca("ckpt test ca");
+        replace(d_path, "crl.pem", &crl(&impostor, 9, &[], (2025, 2099)));
+        let forged = || async { daemon_log(&d).contains("signature does not verify") };
+        assert!(within_10s(forged).await, "{}", daemon_log(&d));
+        assert!(!alice().await, "a forged list locked alice out");
+        assert!(bob().await, "a forged list un-revoked bob");
+        // A newer list is taken.
+        replace(d_path, "crl.pem", &crl(&ca, 5, &[101, 102], (2025, 2099)));
+        assert!(within_10s(alice).await, "the newer list naming alice was not installed\n{}", daemon_log(&d));
         drop(d);
 
         // At start-up a list that does not parse is an error that names the file, and so is a
@@ -389,9 +406,21 @@ async fn revoked_client_certificates_fail_the_handshake_and_lists_are_read_again
         opts.extra_args = vec!["--config".into(), d_path.join("ckptd.toml").into()];
         opts.start_timeout = Duration::from_secs(20);
         let log = opts.log_file.clone();
-        assert!(LocalDaemon::start(opts).await.is_err(), "ckptd started on a revocation list that does not parse");
-        let text = std::fs::read_to_string(log).unwrap_or_default();
+        assert!(
+            LocalDaemon::start(opts.clone()).await.is_err(),
+            "ckptd started on a revocation list that does not parse"
+        );
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
         assert!(text.contains("crl.pem") && text.contains("revocation list"), "{text}");
+        // So is a list from a CA that is not client_ca.
+        replace(d_path, "crl.pem", &crl(&new_ca("another ca"), 1, &[], (2025, 2099)));
+        let logged = text.len();
+        assert!(LocalDaemon::start(opts).await.is_err(), "ckptd started on another CA's revocation list");
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            text[logged..].contains("is issued by \"CN=another ca\", which is not a certificate of client_ca"),
+            "{text}"
+        );
         let no_ca = write(
             d_path,
             "no-ca.toml",
