@@ -281,7 +281,7 @@ pub struct RetentionConfig {
     /// A job's GC lock not rewritten for this long is taken over by another node (its run is
     /// taken for dead). A run rewrites it every 24th of this and stops, deleting nothing more,
     /// once its last rewrite is half of this old (`gc_lock.rs`), so clocks may disagree by up
-    /// to half of it.
+    /// to half of it, less the store's time granularity (a second on S3).
     pub gc_lock_stale_s: u64,
 }
 

@@ -4,14 +4,21 @@
 //!
 //! Design note.
 //! * Why: webpki checks a list's signature only when a certificate of its issuer connects, so a
-//!   list from another CA, or a damaged one, was installed and then refused every client (fail
-//!   closed, but a lock-out). And a list that parses but is older than the one in force (a
+//!   list signed by another key, or a damaged one, was installed and then refused every client
+//!   (fail closed, but a lock-out). And a list that parses but is older than the one in force (a
 //!   restored backup, a sync from a stale mirror) was installed too, and un-revoked what the
 //!   newer list revoked. Both are now refused when the file is read: at start-up ckptd does not
 //!   start; on a reload the lists in force stay, as for a list that does not parse.
+//! * Signatures are checked here for issuers that are certificates of `client_ca` (any of them
+//!   under the issuer's name: a CA rolling its key has two). An intermediate CA of the clients'
+//!   chains is not in that file; its list is taken on its freshness, and webpki checks its
+//!   signature when a certificate it issued connects.
 //! * Older: RFC 5280's CRL number (5.2.3) is monotonic per issuer; where either list lacks
-//!   one, `thisUpdate` decides. An issuer's newest list in the file counts. A number or a
-//!   `thisUpdate` equal to the one in force is the same list, or a reissue of it, and is taken.
+//!   one, `thisUpdate` decides. A number or a `thisUpdate` equal to the one in force is the
+//!   same list, or a reissue of it, and is taken. webpki uses the first list of an issuer it
+//!   finds, so a file with two lists of one issuer is refused (the older could be first). The
+//!   floor of an issuer the file no longer holds is kept, so leaving it out of one reload does
+//!   not let an old list of it in at the next.
 //! * Not kept across restarts: what is in force lives in the reload task. A node started on an
 //!   older list than it last ran with cannot tell; the issuer and signature checks still hold.
 //! * Parsing is x509-parser's. Signatures are checked with the algorithms of rustls's crypto
@@ -44,14 +51,6 @@ impl Freshness {
         }
     }
 
-    fn newer(self, other: Freshness) -> Freshness {
-        if other.older_than(&self) {
-            self
-        } else {
-            other
-        }
-    }
-
     fn describe(&self) -> String {
         let number = match &self.number {
             Some(n) if n.len() <= 16 => {
@@ -70,7 +69,8 @@ impl Freshness {
 pub(crate) type InForce = BTreeMap<Vec<u8>, Freshness>;
 
 /// Checks `lists` against the certificates of `client_ca` and, on a reload, against the lists
-/// in force. Returns what the lists say of their freshness, to be in force once they are.
+/// in force. Returns the lists in force once these are: theirs, and the earlier ones of issuers
+/// the file no longer holds (so leaving an issuer out of one reload cannot clear its floor).
 pub(crate) fn check(
     lists: &[CertificateRevocationListDer<'_>],
     ca: &[CertificateDer<'_>],
@@ -87,14 +87,22 @@ pub(crate) fn check(
         let (_, list) = CertificateRevocationList::from_der(der)
             .map_err(|e| format!("revocation list {nth} does not parse: {e}"))?;
         let issuer = list.issuer();
-        let Some(signer) = ca.iter().find(|c| c.subject().as_raw() == issuer.as_raw()) else {
-            return Err(format!(
-                "revocation list {nth} is issued by \"{issuer}\", which is not a certificate of client_ca"
-            ));
-        };
-        verify_signature(&list, signer.public_key(), algs).map_err(|e| {
-            format!("revocation list {nth}'s signature does not verify with the key of \"{issuer}\": {e}")
-        })?;
+        // Every certificate of client_ca under the issuer's name (a CA rolling its key has two).
+        // An issuer that is none of them is an intermediate of the clients' chains: webpki
+        // checks its list's signature when a certificate it issued connects.
+        let signers: Vec<&X509Certificate<'_>> =
+            ca.iter().filter(|c| c.subject().as_raw() == issuer.as_raw()).collect();
+        if !signers.is_empty() {
+            let tried: Vec<Result<(), String>> =
+                signers.iter().map(|c| verify_signature(&list, c.public_key(), algs)).collect();
+            if let Some(why) =
+                tried.iter().all(Result::is_err).then(|| tried.into_iter().find_map(Result::err)).flatten()
+            {
+                return Err(format!(
+                    "revocation list {nth}'s signature does not verify with the key of \"{issuer}\": {why}"
+                ));
+            }
+        }
         let fresh = Freshness {
             number: list.crl_number().map(|n| n.to_bytes_be()).map(|mut b| {
                 let zeros = b.iter().take_while(|x| **x == 0).count();
@@ -103,28 +111,30 @@ pub(crate) fn check(
             }),
             this_update: list.last_update().timestamp(),
         };
-        let key = issuer.as_raw().to_vec();
-        let fresh = match found.remove(&key) {
-            Some(other) => fresh.newer(other),
-            None => fresh,
-        };
-        found.insert(key, fresh);
-    }
-    if let Some(in_force) = in_force {
-        for (issuer, fresh) in &found {
-            if let Some(current) = in_force.get(issuer).filter(|c| fresh.older_than(c)) {
-                let name = x509_parser::x509::X509Name::from_der(issuer)
-                    .map(|(_, n)| n.to_string())
-                    .unwrap_or_else(|_| "?".into());
-                return Err(format!(
-                    "the revocation list of \"{name}\" ({}) is older than the one in force ({}): it would un-revoke what the newer one revoked",
-                    fresh.describe(),
-                    current.describe()
-                ));
-            }
+        // webpki uses the first list of an issuer it finds, so an older list ahead of a newer
+        // one would be the one in force: one list per issuer.
+        if found.insert(issuer.as_raw().to_vec(), fresh).is_some() {
+            return Err(format!(
+                "the file holds more than one revocation list of \"{issuer}\" (list {nth} is another); keep only the newest"
+            ));
         }
     }
-    Ok(found)
+    let Some(in_force) = in_force else { return Ok(found) };
+    for (issuer, fresh) in &found {
+        if let Some(current) = in_force.get(issuer).filter(|c| fresh.older_than(c)) {
+            let name = x509_parser::x509::X509Name::from_der(issuer)
+                .map(|(_, n)| n.to_string())
+                .unwrap_or_else(|_| "?".into());
+            return Err(format!(
+                "the revocation list of \"{name}\" ({}) is older than the one in force ({}): it would un-revoke what the newer one revoked",
+                fresh.describe(),
+                current.describe()
+            ));
+        }
+    }
+    let mut merged = in_force.clone();
+    merged.extend(found);
+    Ok(merged)
 }
 
 /// The DER contents of an AlgorithmIdentifier SEQUENCE, the form rustls's algorithms name
@@ -167,6 +177,71 @@ fn verify_signature(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType, IsCa, Issuer, KeyPair};
+
+    /// A CA named `name` with a new key: its certificate and what signs for it.
+    fn ca(name: &str) -> (CertificateDer<'static>, Issuer<'static, KeyPair>) {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+        let cert = p.self_signed(&key).unwrap().der().clone();
+        (cert, Issuer::new(p, key))
+    }
+
+    fn list(by: &Issuer<'static, KeyPair>, number: u64) -> CertificateRevocationListDer<'static> {
+        let params = CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2025, 1, 1),
+            next_update: rcgen::date_time_ymd(2099, 1, 1),
+            crl_number: rcgen::SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs: Vec::new(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        params.signed_by(by).unwrap().der().clone()
+    }
+
+    fn algs() -> WebPkiSupportedAlgorithms {
+        rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms
+    }
+
+    #[test]
+    fn lists_are_checked_against_the_ca_and_never_go_back() {
+        let ((a_cert, a), (b_cert, b)) = (ca("ca a"), ca("ca b"));
+        let cas = [a_cert.clone(), b_cert];
+        let first = check(&[list(&a, 5), list(&b, 3)], &cas, None, &algs()).unwrap();
+        assert_eq!(first.len(), 2);
+        // A reload without b's list keeps b's floor: an old list of b is refused later.
+        let second = check(&[list(&a, 6)], &cas, Some(&first), &algs()).unwrap();
+        assert_eq!(second.len(), 2, "b's floor was dropped");
+        let e = check(&[list(&a, 6), list(&b, 1)], &cas, Some(&second), &algs()).unwrap_err();
+        assert!(
+            e.contains(
+                "\"CN=ca b\" (number 1, issued at 1735689600 (Unix s)) is older than the one in force (number 3"
+            ),
+            "{e}"
+        );
+        assert!(check(&[list(&a, 4)], &cas, Some(&second), &algs()).unwrap_err().contains("older"));
+        // Two lists of one issuer: webpki would use whichever comes first.
+        let e = check(&[list(&a, 7), list(&a, 8)], &cas, Some(&second), &algs()).unwrap_err();
+        assert!(e.contains("more than one revocation list of \"CN=ca a\""), "{e}");
+    }
+
+    #[test]
+    fn signatures_are_checked_with_every_key_of_the_issuer_and_intermediates_are_left_to_webpki() {
+        let (old_cert, _old) = ca("ca");
+        let (new_cert, new) = ca("ca");
+        // A key rollover: two certificates under one name; the list verifies with the second.
+        check(&[list(&new, 1)], &[old_cert.clone(), new_cert], None, &algs()).unwrap();
+        // Under the CA's name but signed by another key.
+        let e = check(&[list(&new, 1)], std::slice::from_ref(&old_cert), None, &algs()).unwrap_err();
+        assert!(e.contains("signature does not verify with the key of \"CN=ca\""), "{e}");
+        // An issuer that is not in client_ca (an intermediate): taken on its freshness.
+        let (_, intermediate) = ca("intermediate");
+        let lists = check(&[list(&intermediate, 2)], &[old_cert], None, &algs()).unwrap();
+        assert_eq!(lists.len(), 1);
+    }
 
     fn at(number: Option<&[u8]>, this_update: i64) -> Freshness {
         Freshness { number: number.map(<[u8]>::to_vec), this_update }
@@ -181,7 +256,6 @@ mod tests {
         // Without a number on either side, thisUpdate.
         assert!(at(None, 99).older_than(&at(Some(&[9]), 100)));
         assert!(!at(Some(&[1]), 100).older_than(&at(None, 100)));
-        assert_eq!(at(Some(&[3]), 1).newer(at(Some(&[4]), 0)), at(Some(&[4]), 0));
         assert_eq!(
             at(Some(&[1; 20]), 0).describe(),
             "number 0x0101010101010101010101010101010101010101, issued at 0 (Unix s)"

@@ -517,6 +517,15 @@ impl Coordinator {
                         break Err(stopping());
                     }
                     _ = refresh.tick() => {
+                        // Test-only switch: a run whose rewrites never happen, so that its
+                        // lease lapses while it runs and the run's own checks must stop it.
+                        let skip: bool = (|| {
+                            fail::fail_point!("gc::skip_lock_refresh", |_| true);
+                            false
+                        })();
+                        if skip {
+                            continue;
+                        }
                         if let Err(e) = lock.refresh(&self.store).await {
                             tracing::error!(job, error = %e, "the GC run lost its lock");
                             break Err(e);

@@ -21,8 +21,12 @@
 //!   store acting on the request it then sends.
 //! * Two nodes that find one stale lock at the same moment may both take it over (delete, then
 //!   create): the second delete removes the first's new lock. The first finds that out at its
-//!   next rewrite and stops; until then the sweep's own checks (each object is looked at again
-//!   just before its delete) keep the two runs from deleting anything live.
+//!   next rewrite and stops. Until then both run: each sweep delete still skips an object
+//!   written since its list, but the two runs' sweep records (`gc/swept.json`) can overwrite
+//!   each other, which weakens the commit-time check for saves of that window. A lock released
+//!   between a failed create and the read that followed is created again, never deleted.
+//! * Clock skew allowed: half the stale time, less the store's time granularity (a second on
+//!   S3, whose `Last-Modified` counts whole seconds).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
@@ -43,6 +47,13 @@ struct LockBody {
     /// Absent in locks written before runs had ids (their node's restart releases them).
     #[serde(default)]
     run: Option<String>,
+}
+
+/// 409 for a lock held by another run (on `holder`, last written at `since` ms, when known).
+fn held(job: &str, key: &str, holder: Option<String>, since: Option<u64>) -> ServiceError {
+    let on = holder.map(|n| format!(" on node {n}")).unwrap_or_default();
+    let at = since.map(|t| format!(" (its lock {key} was last written at {t} ms)")).unwrap_or_default();
+    ServiceError::Conflict(format!("a GC of job {job} is already running{on}{at}; try later"))
 }
 
 /// When the lease was last renewed: the start of the last successful rewrite, on both clocks.
@@ -71,25 +82,32 @@ impl GcLock {
         let body = LockBody { node: node.to_string(), started_unix_ms: now_unix_ms(), run: Some(run.clone()) };
         let body = Bytes::from(serde_json::to_vec(&body).map_err(|e| ServiceError::Internal(e.to_string()))?);
         let started = (Instant::now(), SystemTime::now());
+        let this_run =
+            |bytes: &[u8]| serde_json::from_slice::<LockBody>(bytes).is_ok_and(|b| b.run.as_deref() == Some(&*run));
         match store.create_record(&key, body.clone()).await {
             Ok(()) => {}
-            Err(StoreError::AlreadyExists(_)) => {
-                // One read gives the lock's age and its holder (a lock just released, or an
-                // unreadable body, names none).
-                let (holder, since) = match store.get_record(&key).await? {
-                    Some((bytes, since)) => (serde_json::from_slice::<LockBody>(&bytes).ok().map(|b| b.node), since),
-                    None => (None, 0),
-                };
-                if since.saturating_add(stale.as_millis() as u64) > now_unix_ms() {
-                    let on = holder.map(|n| format!(" on node {n}")).unwrap_or_default();
-                    return Err(ServiceError::Conflict(format!(
-                        "a GC of job {job} is already running{on} (its lock {key} was last written at {since} ms); try later"
-                    )));
+            Err(StoreError::AlreadyExists(_)) => match store.get_record(&key).await? {
+                // The create's retry after its acknowledgement was lost: this run's own lock.
+                Some((bytes, _)) if this_run(&bytes) => {}
+                Some((bytes, since)) => {
+                    let holder = serde_json::from_slice::<LockBody>(&bytes).ok().map(|b| b.node);
+                    if since.saturating_add(stale.as_millis() as u64) > now_unix_ms() {
+                        return Err(held(job, &key, holder, Some(since)));
+                    }
+                    tracing::warn!(job, since, holder, "taking over a stale GC lock");
+                    store.delete_key(&key).await?;
+                    store.create_record(&key, body.clone()).await.map_err(|e| match e {
+                        StoreError::AlreadyExists(_) => held(job, &key, None, None),
+                        e => e.into(),
+                    })?;
                 }
-                tracing::warn!(job, since, holder, "taking over a stale GC lock");
-                store.delete_key(&key).await?;
-                store.create_record(&key, body.clone()).await?;
-            }
+                // Released between the create and the read: create again, never delete (the
+                // lock may be another node's by now).
+                None => store.create_record(&key, body.clone()).await.map_err(|e| match e {
+                    StoreError::AlreadyExists(_) => held(job, &key, None, None),
+                    e => e.into(),
+                })?,
+            },
             Err(e) => return Err(e.into()),
         }
         Ok(GcLock {
@@ -120,9 +138,9 @@ impl GcLock {
             let held = r.at.elapsed().max(wall);
             if held >= self.lease() {
                 r.lost = Some(format!(
-                    "its lock was last renewed {} s ago, past its lease of {} s (this node stalled, or the store refused the rewrites), so another node may have taken it over",
-                    held.as_secs(),
-                    self.lease().as_secs()
+                    "its lock was last renewed {:.1} s ago, past its lease of {:.1} s (this node stalled, or the store refused the rewrites), so another node may have taken it over",
+                    held.as_secs_f64(),
+                    self.lease().as_secs_f64()
                 ));
             }
         }
@@ -266,7 +284,7 @@ mod tests {
         a.ensure().unwrap();
         a.renewed_ago(Duration::from_secs(31));
         let e = a.ensure().unwrap_err();
-        assert!(e.to_string().contains("past its lease of 30 s"), "{e}");
+        assert!(e.to_string().contains("past its lease of 30.0 s"), "{e}");
         assert!(a.refresh(&store).await.is_err(), "a lapsed run must not renew");
         // Another node takes the lock over; the fenced run neither renews nor releases it.
         store.delete_key(&keys::gc_lock_key("job")).await.unwrap();

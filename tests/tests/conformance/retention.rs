@@ -17,6 +17,7 @@ ckpt_tests::conformance!(300;
     gc_racing_a_missing_query_never_deletes_what_the_save_relies_on,
     a_sweep_after_a_node_died_mid_save_is_caught_at_commit,
     a_gc_run_stalled_past_its_lock_is_fenced_when_it_wakes,
+    a_gc_run_past_its_lease_stops_before_its_next_delete,
 );
 
 /// A second and a bit: the shortest grace period ckptd takes is one second.
@@ -31,9 +32,18 @@ async fn start(store: &TestStore, dir: &std::path::Path, retention: &str) -> ckp
     start_daemon_with(o).await
 }
 
-/// As `start`, with store faults armable (`--fault-injection`).
-async fn start_faulty(store: &TestStore, dir: &std::path::Path, retention: &str) -> ckpt_client::daemon::LocalDaemon {
+/// As `start`, with store faults armable (`--fault-injection`) and `failpoints` (the
+/// FAILPOINTS variable) set.
+async fn start_faulty(
+    store: &TestStore,
+    dir: &std::path::Path,
+    retention: &str,
+    failpoints: &str,
+) -> ckpt_client::daemon::LocalDaemon {
     let mut o = store.daemon_options(dir);
+    if !failpoints.is_empty() {
+        o.envs.push(("FAILPOINTS".into(), failpoints.into()));
+    }
     let cfg = dir.join("ckptd.toml");
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(&cfg, format!("[retention]\ngc_grace_s = 1\nlease_s = 3\n{retention}\n")).unwrap();
@@ -302,8 +312,8 @@ async fn a_gc_run_stalled_past_its_lock_is_fenced_when_it_wakes(backend: Backend
     let dir = tempfile::tempdir().unwrap();
     let store = TestStore::new(backend, dir.path()).await;
     let retention = "keep_last = 1\ngc_lock_stale_s = 3";
-    let a = start_faulty(&store, &dir.path().join("a"), retention).await;
-    let b = start_faulty(&store, &dir.path().join("b"), retention).await;
+    let a = start_faulty(&store, &dir.path().join("a"), retention, "").await;
+    let b = start_faulty(&store, &dir.path().join("b"), retention, "").await;
     let (ca, cb) = (client(&a), client(&b));
     for step in 1..=3u64 {
         let states: Vec<_> = (0..2).map(|r| rank_tensors(seed + step, r, 2, 64 << 10)).collect();
@@ -379,4 +389,33 @@ async fn a_gc_run_stalled_past_its_lock_is_fenced_when_it_wakes(backend: Backend
     assert_eq!(steps_now, BTreeSet::from([2, 3]));
     store.assert_complete().await;
     assert_eq!(gc(&ca, "job", false).await["checkpoints_kept"], serde_json::json!([2, 3]));
+}
+
+/// A run whose lock rewrites do not happen (a failpoint skips them) outlives its lease in a
+/// slow listing: its own check before the first delete stops it, with nothing deleted and its
+/// lock released. (In the stalled-process test above the refresh may see the lapse first.)
+async fn a_gc_run_past_its_lease_stops_before_its_next_delete(backend: Backend) {
+    let seed = seed(0x5eed_0c25);
+    let dir = tempfile::tempdir().unwrap();
+    let store = TestStore::new(backend, dir.path()).await;
+    let retention = "keep_last = 1\ngc_lock_stale_s = 3";
+    let d = start_faulty(&store, &dir.path().join("a"), retention, "gc::skip_lock_refresh=return").await;
+    let c = client(&d);
+    for step in 1..=3u64 {
+        let states: Vec<_> = (0..2).map(|r| rank_tensors(seed + step, r, 2, 64 << 10)).collect();
+        save_step(&c, "job", step, &states).await.unwrap();
+    }
+    tokio::time::sleep(PAST_GRACE).await;
+    // Held 2.5 s before its listing of roots: past its lease (1.5 s), within the stale time.
+    arm(&d, serde_json::json!({"kind": "latency", "op": "list", "delay_ms": 2_500})).await;
+    let r = reqwest::Client::new().post(format!("{}/v1/jobs/job/gc", d.url())).send().await.unwrap();
+    let status = r.status();
+    let text = r.text().await.unwrap_or_default();
+    assert_eq!(status, 409, "the run past its lease must stop: {text}\n{}", daemon_log(&d));
+    assert!(text.contains("past its lease of 1.5 s") && text.contains("nothing more was deleted"), "{text}");
+    assert_eq!(fired(&d, "latency:list").await, 1);
+    let steps_now: BTreeSet<u64> = store.manifests().await.iter().map(|m| m.step).collect();
+    assert_eq!(steps_now, BTreeSet::from([1, 2, 3]), "the run deleted roots after its lease lapsed");
+    assert!(store.get(&ckpt_core::keys::condemned_key("job")).await.is_none(), "it wrote a condemned list");
+    assert!(store.get(&ckpt_core::keys::gc_lock_key("job")).await.is_none(), "it left its lock");
 }
