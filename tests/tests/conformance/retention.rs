@@ -284,6 +284,18 @@ async fn a_sweep_after_a_node_died_mid_save_is_caught_at_commit(backend: Backend
     assert!(ca.verify("job", 4, |_| {}).await.unwrap().ok());
 }
 
+/// The GC lock tests' retention: the newest step kept, locks stale after 3 s.
+const SHORT_LOCK: &str = "keep_last = 1\ngc_lock_stale_s = 3";
+
+/// Saves steps 1 to 3 of "job" (two ranks) and waits past the grace period.
+async fn three_steps_past_grace(c: &Client, seed: u64) {
+    for step in 1..=3u64 {
+        let states: Vec<_> = (0..2).map(|r| rank_tensors(seed + step, r, 2, 64 << 10)).collect();
+        save_step(c, "job", step, &states).await.unwrap();
+    }
+    tokio::time::sleep(PAST_GRACE).await;
+}
+
 /// Sends SIGCONT to a stopped process when dropped, so a failing test leaves nothing stopped.
 struct Stopped(libc::pid_t);
 
@@ -311,15 +323,10 @@ async fn a_gc_run_stalled_past_its_lock_is_fenced_when_it_wakes(backend: Backend
     let seed = seed(0x5eed_0c24);
     let dir = tempfile::tempdir().unwrap();
     let store = TestStore::new(backend, dir.path()).await;
-    let retention = "keep_last = 1\ngc_lock_stale_s = 3";
-    let a = start_faulty(&store, &dir.path().join("a"), retention, "").await;
-    let b = start_faulty(&store, &dir.path().join("b"), retention, "").await;
+    let a = start_faulty(&store, &dir.path().join("a"), SHORT_LOCK, "").await;
+    let b = start_faulty(&store, &dir.path().join("b"), SHORT_LOCK, "").await;
     let (ca, cb) = (client(&a), client(&b));
-    for step in 1..=3u64 {
-        let states: Vec<_> = (0..2).map(|r| rank_tensors(seed + step, r, 2, 64 << 10)).collect();
-        save_step(&ca, "job", step, &states).await.unwrap();
-    }
-    tokio::time::sleep(PAST_GRACE).await;
+    three_steps_past_grace(&ca, seed).await;
     // A's first listing of the pins (none), which the stale answer below replays.
     gc(&ca, "job", true).await;
     // A's run is held 7 s before its listing of roots; then its listing of pins is answered
@@ -398,14 +405,9 @@ async fn a_gc_run_past_its_lease_stops_before_its_next_delete(backend: Backend) 
     let seed = seed(0x5eed_0c25);
     let dir = tempfile::tempdir().unwrap();
     let store = TestStore::new(backend, dir.path()).await;
-    let retention = "keep_last = 1\ngc_lock_stale_s = 3";
-    let d = start_faulty(&store, &dir.path().join("a"), retention, "gc::skip_lock_refresh=return").await;
+    let d = start_faulty(&store, &dir.path().join("a"), SHORT_LOCK, "gc::skip_lock_refresh=return").await;
     let c = client(&d);
-    for step in 1..=3u64 {
-        let states: Vec<_> = (0..2).map(|r| rank_tensors(seed + step, r, 2, 64 << 10)).collect();
-        save_step(&c, "job", step, &states).await.unwrap();
-    }
-    tokio::time::sleep(PAST_GRACE).await;
+    three_steps_past_grace(&c, seed).await;
     // Held 2.5 s before its listing of roots: past its lease (1.5 s), within the stale time.
     arm(&d, serde_json::json!({"kind": "latency", "op": "list", "delay_ms": 2_500})).await;
     let r = reqwest::Client::new().post(format!("{}/v1/jobs/job/gc", d.url())).send().await.unwrap();
