@@ -568,11 +568,6 @@ impl Coordinator {
         Ok(Collecting { set: self.gc.collecting.clone(), job: job.to_string() })
     }
 
-    /// Deletes the GC locks of `jobs` that an earlier life of this node left (`gc_lock.rs`).
-    pub(crate) async fn release_dead_gc_locks(&self, jobs: &[String]) -> Result<usize, ServiceError> {
-        crate::gc_lock::release_dead(&self.store, &self.node_id, jobs, self.config.store_requests_max).await
-    }
-
     fn lock_stale(&self) -> Duration {
         Duration::from_secs(self.config.retention.gc_lock_stale_s)
     }

@@ -56,6 +56,11 @@ fn held(job: &str, key: &str, holder: Option<String>, since: Option<u64>) -> Ser
     ServiceError::Conflict(format!("a GC of job {job} is already running{on}{at}; try later"))
 }
 
+/// Whether a lock's body names the run `run`.
+fn names_run(bytes: &[u8], run: &str) -> bool {
+    serde_json::from_slice::<LockBody>(bytes).is_ok_and(|b| b.run.as_deref() == Some(run))
+}
+
 /// When the lease was last renewed: the start of the last successful rewrite, on both clocks.
 struct Renewed {
     at: Instant,
@@ -82,31 +87,27 @@ impl GcLock {
         let body = LockBody { node: node.to_string(), started_unix_ms: now_unix_ms(), run: Some(run.clone()) };
         let body = Bytes::from(serde_json::to_vec(&body).map_err(|e| ServiceError::Internal(e.to_string()))?);
         let started = (Instant::now(), SystemTime::now());
-        let this_run =
-            |bytes: &[u8]| serde_json::from_slice::<LockBody>(bytes).is_ok_and(|b| b.run.as_deref() == Some(&*run));
         match store.create_record(&key, body.clone()).await {
             Ok(()) => {}
             Err(StoreError::AlreadyExists(_)) => match store.get_record(&key).await? {
                 // The create's retry after its acknowledgement was lost: this run's own lock.
-                Some((bytes, _)) if this_run(&bytes) => {}
-                Some((bytes, since)) => {
-                    let holder = serde_json::from_slice::<LockBody>(&bytes).ok().map(|b| b.node);
-                    if since.saturating_add(stale.as_millis() as u64) > now_unix_ms() {
-                        return Err(held(job, &key, holder, Some(since)));
+                Some((bytes, _)) if names_run(&bytes, &run) => {}
+                found => {
+                    if let Some((bytes, since)) = found {
+                        let holder = serde_json::from_slice::<LockBody>(&bytes).ok().map(|b| b.node);
+                        if since.saturating_add(stale.as_millis() as u64) > now_unix_ms() {
+                            return Err(held(job, &key, holder, Some(since)));
+                        }
+                        tracing::warn!(job, since, holder, "taking over a stale GC lock");
+                        store.delete_key(&key).await?;
                     }
-                    tracing::warn!(job, since, holder, "taking over a stale GC lock");
-                    store.delete_key(&key).await?;
+                    // Taken over, or released between the create and the read: create again,
+                    // never delete again (the lock may be another node's by now).
                     store.create_record(&key, body.clone()).await.map_err(|e| match e {
                         StoreError::AlreadyExists(_) => held(job, &key, None, None),
                         e => e.into(),
                     })?;
                 }
-                // Released between the create and the read: create again, never delete (the
-                // lock may be another node's by now).
-                None => store.create_record(&key, body.clone()).await.map_err(|e| match e {
-                    StoreError::AlreadyExists(_) => held(job, &key, None, None),
-                    e => e.into(),
-                })?,
             },
             Err(e) => return Err(e.into()),
         }
@@ -204,7 +205,7 @@ impl GcLock {
     }
 
     fn names_this_run(&self, bytes: &[u8]) -> bool {
-        serde_json::from_slice::<LockBody>(bytes).is_ok_and(|b| b.run.as_deref() == Some(self.run.as_str()))
+        names_run(bytes, &self.run)
     }
 
     #[cfg(test)]

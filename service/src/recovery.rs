@@ -36,7 +36,8 @@ impl Coordinator {
             report.rebuilt = true;
         }
         let jobs = self.store.list_jobs().await?;
-        report.gc_locks_released = self.release_dead_gc_locks(&jobs).await?;
+        report.gc_locks_released =
+            crate::gc_lock::release_dead(&self.store, &self.node_id, &jobs, self.config.store_requests_max).await?;
         let mut in_store = BTreeSet::new();
         for job in &jobs {
             for step in self.store.list_manifest_steps(job).await? {

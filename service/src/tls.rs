@@ -136,35 +136,16 @@ fn read_lists(
     Ok((lists, fresh))
 }
 
-/// A webpki verifier for the CA's `roots` and, when configured, the checked `lists`.
-fn build_verifier(
-    cfg: &TlsConfig,
-    roots: &Arc<RootCertStore>,
-    lists: Option<Vec<CertificateRevocationListDer<'static>>>,
-    provider: &Arc<CryptoProvider>,
-) -> Result<Arc<dyn ClientCertVerifier>, ServiceError> {
-    let mut b = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone());
-    if !cfg.client_cert_required {
-        b = b.allow_unauthenticated();
-    }
-    if let Some(lists) = lists {
-        b = b.with_crls(lists).enforce_revocation_expiration();
-    }
-    b.build().map_err(|e| match &cfg.client_crl {
-        Some(p) => tls_error(format!("client verifier with {}: {e}", p.display())),
-        None => tls_error(e.to_string()),
-    })
-}
-
-/// The client CA's certificates and roots, and the lists in force: what a reload of the lists
-/// is built from and checked against.
+/// The client CA's certificates, and the roots made of them: what a reload of the lists is
+/// built from and checked against.
 struct ClientTrust {
     verifier: Arc<ClientVerifier>,
     roots: Arc<RootCertStore>,
     ca: Arc<Vec<CertificateDer<'static>>>,
 }
 
-/// The verifier for the lists in `pem`, if `client_crl` is set, and their freshness.
+/// A webpki verifier for the CA's `roots` and, if `client_crl` is set, the lists in `pem`
+/// (checked by `read_lists`), with the lists' freshness.
 fn verifier_for(
     cfg: &TlsConfig,
     roots: &Arc<RootCertStore>,
@@ -173,14 +154,21 @@ fn verifier_for(
     in_force: Option<&crl::InForce>,
     provider: &Arc<CryptoProvider>,
 ) -> Result<(Arc<dyn ClientCertVerifier>, crl::InForce), ServiceError> {
-    let (lists, fresh) = match (&cfg.client_crl, pem) {
-        (Some(path), Some(pem)) => {
-            let (lists, fresh) = read_lists(path, pem, ca, in_force, provider)?;
-            (Some(lists), fresh)
-        }
-        _ => (None, crl::InForce::new()),
-    };
-    Ok((build_verifier(cfg, roots, lists, provider)?, fresh))
+    let mut b = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone());
+    if !cfg.client_cert_required {
+        b = b.allow_unauthenticated();
+    }
+    let mut fresh = crl::InForce::new();
+    if let (Some(path), Some(pem)) = (&cfg.client_crl, pem) {
+        let (lists, checked) = read_lists(path, pem, ca, in_force, provider)?;
+        b = b.with_crls(lists).enforce_revocation_expiration();
+        fresh = checked;
+    }
+    let verifier = b.build().map_err(|e| match &cfg.client_crl {
+        Some(p) => tls_error(format!("client verifier with {}: {e}", p.display())),
+        None => tls_error(e.to_string()),
+    })?;
+    Ok((verifier, fresh))
 }
 
 fn tls_error(what: String) -> ServiceError {
