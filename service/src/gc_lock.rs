@@ -20,11 +20,14 @@
 //!   in every store, what is left is one request: a process stopped between `ensure` and the
 //!   store acting on the request it then sends.
 //! * Two nodes that find one stale lock at the same moment may both take it over (delete, then
-//!   create): the second delete removes the first's new lock. The first finds that out at its
-//!   next rewrite and stops. Until then both run: each sweep delete still skips an object
-//!   written since its list, but the two runs' sweep records (`gc/swept.json`) can overwrite
-//!   each other, which weakens the commit-time check for saves of that window. A lock released
-//!   between a failed create and the read that followed is created again, never deleted.
+//!   create): the second delete removes the first's new lock. So a run that took a lock over
+//!   waits (a 24th of the stale time, at most 5 s) and reads it again before it does anything;
+//!   a lock that no longer names it is 409. Only a node stalled for longer between reading the
+//!   stale lock and deleting it gets past that: the first run finds out at its next rewrite and
+//!   stops. Until then both run: each sweep delete still skips an object written since its
+//!   list, but the two runs' sweep records (`gc/swept.json`) can overwrite each other, which
+//!   weakens the commit-time check for saves of that window. A lock released between a failed
+//!   create and the read that followed is created again, never deleted.
 //! * Clock skew allowed: half the stale time, less the store's time granularity (a second on
 //!   S3, whose `Last-Modified` counts whole seconds).
 
@@ -54,6 +57,18 @@ fn held(job: &str, key: &str, holder: Option<String>, since: Option<u64>) -> Ser
     let on = holder.map(|n| format!(" on node {n}")).unwrap_or_default();
     let at = since.map(|t| format!(" (its lock {key} was last written at {t} ms)")).unwrap_or_default();
     ServiceError::Conflict(format!("a GC of job {job} is already running{on}{at}; try later"))
+}
+
+/// How long a run that took a stale lock over waits before it reads the lock again: longer
+/// than another node that read the stale lock at the same moment takes to delete it and create
+/// its own (a few store requests), and short against the takeover time.
+fn settle_for(stale: Duration) -> Duration {
+    (stale / 24).min(Duration::from_secs(5))
+}
+
+/// The node a lock's body names.
+fn node_of(bytes: &[u8]) -> Option<String> {
+    serde_json::from_slice::<LockBody>(bytes).ok().map(|b| b.node)
 }
 
 /// Whether a lock's body names the run `run`.
@@ -94,7 +109,7 @@ impl GcLock {
                 Some((bytes, _)) if names_run(&bytes, &run) => {}
                 found => {
                     if let Some((bytes, since)) = found {
-                        let holder = serde_json::from_slice::<LockBody>(&bytes).ok().map(|b| b.node);
+                        let holder = node_of(&bytes);
                         if since.saturating_add(stale.as_millis() as u64) > now_unix_ms() {
                             return Err(held(job, &key, holder, Some(since)));
                         }
@@ -107,6 +122,17 @@ impl GcLock {
                         StoreError::AlreadyExists(_) => held(job, &key, None, None),
                         e => e.into(),
                     })?;
+                    // Another node that read the stale lock when this one did deletes this
+                    // run's new lock with it, and creates its own: settle, then look again.
+                    tokio::time::sleep(settle_for(stale)).await;
+                    match store.get_record(&key).await? {
+                        Some((bytes, _)) if names_run(&bytes, &run) => {}
+                        now => {
+                            let holder = now.and_then(|(b, _)| node_of(&b));
+                            tracing::warn!(job, holder, "another node took the stale GC lock over at the same time");
+                            return Err(held(job, &key, holder, None));
+                        }
+                    }
                 }
             },
             Err(e) => return Err(e.into()),
@@ -167,7 +193,7 @@ impl GcLock {
         match store.get_record(&self.key).await {
             Ok(Some((bytes, _))) if self.names_this_run(&bytes) => {}
             Ok(Some((bytes, _))) => {
-                let holder = serde_json::from_slice::<LockBody>(&bytes).map(|b| b.node).unwrap_or_default();
+                let holder = node_of(&bytes).unwrap_or_default();
                 return Err(self.lose(format!("its lock was taken over by another run (node {holder:?})")));
             }
             Ok(None) => return Err(self.lose("its lock was deleted by someone else".into())),
@@ -295,6 +321,46 @@ mod tests {
         b.ensure().unwrap();
         b.release(&store).await;
         assert!(store.get_record(&keys::gc_lock_key("job")).await.unwrap().is_none());
+    }
+
+    /// Leaves a lock as a run of `node` that died holding it, last written `ago` ago.
+    async fn dead_lock(dir: &std::path::Path, store: &Store, node: &str, ago: Duration) {
+        let key = keys::gc_lock_key("job");
+        let body = LockBody { node: node.into(), started_unix_ms: 0, run: Some(format!("run-of-{node}")) };
+        store.create_record(&key, serde_json::to_vec(&body).unwrap().into()).await.unwrap();
+        let file = std::fs::File::options().write(true).open(dir.join(&key)).unwrap();
+        file.set_modified(SystemTime::now() - ago).unwrap();
+    }
+
+    fn holder(record: Option<(Bytes, u64)>) -> Option<String> {
+        record.and_then(|(b, _)| node_of(&b))
+    }
+
+    #[tokio::test]
+    async fn of_two_nodes_taking_one_stale_lock_over_at_once_one_runs() {
+        let (dir, store) = local_store().await;
+        let (stale, key) = (Duration::from_secs(60), keys::gc_lock_key("job"));
+        dead_lock(dir.path(), &store, "dead", stale * 2).await;
+        let a = tokio::spawn({
+            let store = store.clone();
+            async move { GcLock::acquire(&store, "job", "node-a", stale).await }
+        });
+        // Node b read the stale lock when a did: its delete removes a's new lock, and it creates
+        // its own, while a settles (2.5 s for this stale time).
+        while holder(store.get_record(&key).await.unwrap()).as_deref() != Some("node-a") {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        store.delete_key(&key).await.unwrap();
+        dead_lock(dir.path(), &store, "node-b", Duration::ZERO).await;
+        let e = a.await.unwrap().err().expect("node a must not run beside node b");
+        assert!(e.to_string().contains("already running on node node-b"), "{e}");
+        assert_eq!(holder(store.get_record(&key).await.unwrap()).as_deref(), Some("node-b"), "b's lock stays");
+        // Alone, a takeover settles and runs.
+        store.delete_key(&key).await.unwrap();
+        dead_lock(dir.path(), &store, "node-b", stale * 2).await;
+        let c = GcLock::acquire(&store, "job", "node-c", stale).await.unwrap();
+        c.ensure().unwrap();
+        assert_eq!(holder(store.get_record(&key).await.unwrap()).as_deref(), Some("node-c"));
     }
 
     #[tokio::test]
