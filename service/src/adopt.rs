@@ -175,11 +175,8 @@ fn adopt_with_hook(
     } else {
         verify_encoded(&file, &path, len, &header, stored_bytes_max)?
     };
-    let skip_fsync: bool = (|| {
-        // Test-only switch (power-loss audit): adopt the file without syncing its bytes.
-        fail::fail_point!("adopt::skip_fsync", |_| true);
-        false
-    })();
+    // Test-only switch (power-loss audit): adopt the file without syncing its bytes.
+    let skip_fsync = crate::switch_armed("adopt::skip_fsync");
     // The bytes are durable before the name points at them (a power cut never leaves a torn
     // chunk under its key); the group sync shares the flush with concurrent adopts.
     if !skip_fsync {

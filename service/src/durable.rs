@@ -102,10 +102,7 @@ pub fn ensure_dir(dir: &Path) -> Result<(), DurableError> {
         }
     }
     // Test-only switch (power-loss audit): leave new directories unsynced.
-    let skip_fsync: bool = (|| {
-        fail::fail_point!("durable::skip_new_dir_fsync", |_| true);
-        false
-    })();
+    let skip_fsync = crate::switch_armed("durable::skip_new_dir_fsync");
     for d in missing.iter().rev() {
         match std::fs::create_dir(d) {
             Ok(()) => {}
@@ -248,10 +245,7 @@ pub fn write_new<T>(dest: &Path, fill: impl FnOnce(&mut File) -> io::Result<T>) 
             .map_err(|source| DurableError::Write { path: tmp.clone(), source })?;
         let out = fill(&mut f).map_err(|source| DurableError::Write { path: tmp.clone(), source })?;
         // Test-only switch (power-loss audit): leave the new file's bytes unsynced.
-        let skip: bool = (|| {
-            fail::fail_point!("durable::skip_file_fsync", |_| true);
-            false
-        })();
+        let skip = crate::switch_armed("durable::skip_file_fsync");
         if !skip {
             f.sync_all().map_err(|source| DurableError::Sync { path: tmp.clone(), source })?;
         }
@@ -310,10 +304,7 @@ pub fn write_new_grouped(dest: &Path, image: &[u8], len: u64, align: usize, fs: 
             Err(source) => return Err(DurableError::Write { path: tmp.clone(), source }),
         };
         // Test-only switch (power-loss audit): leave the new file's bytes unsynced.
-        let skip: bool = (|| {
-            fail::fail_point!("durable::skip_file_fsync", |_| true);
-            false
-        })();
+        let skip = crate::switch_armed("durable::skip_file_fsync");
         if !skip {
             fs.sync()?;
         }

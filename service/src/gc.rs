@@ -519,10 +519,7 @@ impl Coordinator {
                     _ = refresh.tick() => {
                         // Test-only switch: a run whose rewrites never happen, so that its
                         // lease lapses while it runs and the run's own checks must stop it.
-                        let skip: bool = (|| {
-                            fail::fail_point!("gc::skip_lock_refresh", |_| true);
-                            false
-                        })();
+                        let skip = crate::switch_armed("gc::skip_lock_refresh");
                         if skip {
                             continue;
                         }

@@ -27,7 +27,10 @@
 //!   stops. Until then both run: each sweep delete still skips an object written since its
 //!   list, but the two runs' sweep records (`gc/swept.json`) can overwrite each other, which
 //!   weakens the commit-time check for saves of that window. A lock released between a failed
-//!   create and the read that followed is created again, never deleted.
+//!   create and the read that followed is created again, never deleted. A create whose
+//!   acknowledgement was lost is told from another node's by the read after settling; a failed
+//!   read there lets the run go on (refusing would strand its lock for the stale time), and its
+//!   first rewrite reads the lock again.
 //! * Clock skew allowed: half the stale time, less the store's time granularity (a second on
 //!   S3, whose `Last-Modified` counts whole seconds).
 
@@ -117,20 +120,26 @@ impl GcLock {
                         store.delete_key(&key).await?;
                     }
                     // Taken over, or released between the create and the read: create again,
-                    // never delete again (the lock may be another node's by now).
-                    store.create_record(&key, body.clone()).await.map_err(|e| match e {
-                        StoreError::AlreadyExists(_) => held(job, &key, None, None),
-                        e => e.into(),
-                    })?;
+                    // never delete again (the lock may be another node's by now). Exists: another
+                    // node's, or this one's after a lost acknowledgement; the read below tells.
+                    match store.create_record(&key, body.clone()).await {
+                        Ok(()) | Err(StoreError::AlreadyExists(_)) => {}
+                        Err(e) => return Err(e.into()),
+                    }
                     // Another node that read the stale lock when this one did deletes this
                     // run's new lock with it, and creates its own: settle, then look again.
                     tokio::time::sleep(settle_for(stale)).await;
-                    match store.get_record(&key).await? {
-                        Some((bytes, _)) if names_run(&bytes, &run) => {}
-                        now => {
+                    match store.get_record(&key).await {
+                        Ok(Some((bytes, _))) if names_run(&bytes, &run) => {}
+                        Ok(now) => {
                             let holder = now.and_then(|(b, _)| node_of(&b));
                             tracing::warn!(job, holder, "another node took the stale GC lock over at the same time");
                             return Err(held(job, &key, holder, None));
+                        }
+                        // The lock may be this run's: an error here would leave it for the stale
+                        // time. Go on; the first rewrite reads it again and stops a run it lost.
+                        Err(e) => {
+                            tracing::warn!(job, error = %e, "cannot read the GC lock after taking it over; going on")
                         }
                     }
                 }
@@ -339,15 +348,17 @@ mod tests {
     #[tokio::test]
     async fn of_two_nodes_taking_one_stale_lock_over_at_once_one_runs() {
         let (dir, store) = local_store().await;
-        let (stale, key) = (Duration::from_secs(60), keys::gc_lock_key("job"));
+        let (stale, key) = (Duration::from_secs(120), keys::gc_lock_key("job"));
         dead_lock(dir.path(), &store, "dead", stale * 2).await;
         let a = tokio::spawn({
             let store = store.clone();
             async move { GcLock::acquire(&store, "job", "node-a", stale).await }
         });
         // Node b read the stale lock when a did: its delete removes a's new lock, and it creates
-        // its own, while a settles (2.5 s for this stale time).
+        // its own, while a settles (5 s for this stale time).
+        let began = Instant::now();
         while holder(store.get_record(&key).await.unwrap()).as_deref() != Some("node-a") {
+            assert!(!a.is_finished() && began.elapsed() < Duration::from_secs(4), "node a wrote no lock");
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         store.delete_key(&key).await.unwrap();
@@ -357,6 +368,7 @@ mod tests {
         assert_eq!(holder(store.get_record(&key).await.unwrap()).as_deref(), Some("node-b"), "b's lock stays");
         // Alone, a takeover settles and runs.
         store.delete_key(&key).await.unwrap();
+        let stale = Duration::from_secs(24);
         dead_lock(dir.path(), &store, "node-b", stale * 2).await;
         let c = GcLock::acquire(&store, "job", "node-c", stale).await.unwrap();
         c.ensure().unwrap();

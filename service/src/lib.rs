@@ -258,6 +258,15 @@ impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
     }
 }
 
+/// Whether the test-only failpoint `name` is armed (`FAILPOINTS=name=return`): the switches
+/// the power-loss audit and the GC lock tests throw (skip an fsync, skip a lock rewrite).
+/// Always false in a build without the `failpoints` feature, where the macro is empty.
+pub(crate) fn switch_armed(name: &str) -> bool {
+    let _ = name;
+    fail::fail_point!(name, |_| true);
+    false
+}
+
 /// The save's trace as a parent context, for spans ckptd makes outside any request of it
 /// (a commit that runs when the last upload lands).
 pub(crate) fn save_context(job: &str, step: u64) -> opentelemetry::Context {

@@ -354,11 +354,8 @@ impl Staging {
             if actual != hash {
                 return Err(ckpt_core::CoreError::HashMismatch { expected: hash, actual }.into());
             }
-            let skip_fsync: bool = (|| {
-                // Test-only switch (power-loss audit): ack a spilled chunk without syncing it.
-                fail::fail_point!("staging::skip_spill_fsync", |_| true);
-                false
-            })();
+            // Test-only switch (power-loss audit): ack a spilled chunk without syncing it.
+            let skip_fsync = crate::switch_armed("staging::skip_spill_fsync");
             // tokio's File writes in the background and keeps a failed write's error (ENOSPC on
             // a full spill disk) for the next write or flush; `sync_data` does not report it.
             file.flush().await?;

@@ -113,10 +113,7 @@ impl Store {
         crate::durable::ensure_dir(&dir).map_err(|e| bad(e.to_string()))?;
         let dir = dir.canonicalize().map_err(|e| bad(e.to_string()))?;
         // Test-only switch (power-loss audit): a local store that does not fsync.
-        let fsync: bool = (|| {
-            fail::fail_point!("store::skip_fsync", |_| false);
-            true
-        })();
+        let fsync = !crate::switch_armed("store::skip_fsync");
         let fs = LocalFileSystem::new_with_prefix(&dir).map_err(|e| bad(e.to_string()))?.with_fsync(fsync);
         Ok(store(Arc::new(fs), format!("file://{}", dir.display()), Some(dir)))
     }
