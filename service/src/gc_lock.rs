@@ -74,6 +74,11 @@ fn node_of(bytes: &[u8]) -> Option<String> {
     serde_json::from_slice::<LockBody>(bytes).ok().map(|b| b.node)
 }
 
+/// The node a lock record names, if there is one.
+fn holder(record: Option<(Bytes, u64)>) -> Option<String> {
+    record.and_then(|(b, _)| node_of(&b))
+}
+
 /// Whether a lock's body names the run `run`.
 fn names_run(bytes: &[u8], run: &str) -> bool {
     serde_json::from_slice::<LockBody>(bytes).is_ok_and(|b| b.run.as_deref() == Some(run))
@@ -132,7 +137,7 @@ impl GcLock {
                     match store.get_record(&key).await {
                         Ok(Some((bytes, _))) if names_run(&bytes, &run) => {}
                         Ok(now) => {
-                            let holder = now.and_then(|(b, _)| node_of(&b));
+                            let holder = holder(now);
                             tracing::warn!(job, holder, "another node took the stale GC lock over at the same time");
                             return Err(held(job, &key, holder, None));
                         }
@@ -339,10 +344,6 @@ mod tests {
         store.create_record(&key, serde_json::to_vec(&body).unwrap().into()).await.unwrap();
         let file = std::fs::File::options().write(true).open(dir.join(&key)).unwrap();
         file.set_modified(SystemTime::now() - ago).unwrap();
-    }
-
-    fn holder(record: Option<(Bytes, u64)>) -> Option<String> {
-        record.and_then(|(b, _)| node_of(&b))
     }
 
     #[tokio::test]
