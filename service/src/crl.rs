@@ -19,13 +19,19 @@
 //!   finds, so a file with two lists of one issuer is refused (the older could be first). The
 //!   floor of an issuer the file no longer holds is kept, so leaving it out of one reload does
 //!   not let an old list of it in at the next.
-//! * Not kept across restarts: what is in force lives in the reload task. A node started on an
-//!   older list than it last ran with cannot tell; the issuer and signature checks still hold.
+//! * Kept across restarts: what is in force is written (durably) to `crl-floor.json` in the
+//!   data directory at start and after every reload, and a start checks the file's lists against
+//!   it as a reload does. A node restarted on a stale copy (a rebuilt image, a mirror behind)
+//!   does not start, and its error names the floor file: removing that file is how an operator
+//!   goes back on purpose (a CA re-created with its numbers starting again).
 //! * Parsing is x509-parser's. Signatures are checked with the algorithms of rustls's crypto
 //!   provider, matched by their DER algorithm identifiers as webpki matches them, so a list
 //!   passes here exactly when webpki could verify it; webpki still does the revocation checks.
 
 use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
 
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer};
@@ -36,7 +42,7 @@ use x509_parser::x509::{AlgorithmIdentifier, SubjectPublicKeyInfo};
 
 /// How new an issuer's list is: its CRL number (big-endian, no leading zeros) and its
 /// `thisUpdate` (Unix seconds).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Freshness {
     number: Option<Vec<u8>>,
     this_update: i64,
@@ -67,6 +73,61 @@ impl Freshness {
 
 /// The lists in force, by issuer (the DER of its name).
 pub(crate) type InForce = BTreeMap<Vec<u8>, Freshness>;
+
+/// The floor file's contents: one entry per issuer.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FloorFile {
+    format: u32,
+    issuers: Vec<FloorEntry>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FloorEntry {
+    /// The issuer's name as text, for a reader of the file; not read back.
+    name: String,
+    /// The DER of the issuer's name: the key.
+    issuer: Vec<u8>,
+    #[serde(flatten)]
+    fresh: Freshness,
+}
+
+const FLOOR_FORMAT: u32 = 1;
+
+/// The lists in force when this node last ran, from the floor file at `path`; `None` when
+/// there is none (a first start, or an operator removed it). A file that cannot be read or
+/// parsed is an error, never taken as "no floor": that would let an old list in.
+pub(crate) fn read_floor(path: &Path) -> Result<Option<InForce>, String> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let file: FloorFile = serde_json::from_slice(&bytes).map_err(|e| {
+        format!("{} does not parse ({e}); remove it to take the lists in the file as they are", path.display())
+    })?;
+    if file.format != FLOOR_FORMAT {
+        return Err(format!("{} has format {}, this ckptd reads {FLOOR_FORMAT}", path.display(), file.format));
+    }
+    Ok(Some(file.issuers.into_iter().map(|e| (e.issuer, e.fresh)).collect()))
+}
+
+/// Writes `in_force` to the floor file at `path`, durably (a power cut leaves the old file or
+/// the new one).
+pub(crate) fn write_floor(path: &Path, in_force: &InForce) -> Result<(), crate::durable::DurableError> {
+    let issuers = in_force
+        .iter()
+        .map(|(issuer, fresh)| FloorEntry { name: issuer_name(issuer), issuer: issuer.clone(), fresh: fresh.clone() })
+        .collect();
+    let bytes = serde_json::to_vec_pretty(&FloorFile { format: FLOOR_FORMAT, issuers })
+        .expect("a floor of byte strings and integers serialises");
+    crate::durable::write_new(path, |f| std::io::Write::write_all(f, &bytes))
+}
+
+fn issuer_name(der: &[u8]) -> String {
+    x509_parser::x509::X509Name::from_der(der).map(|(_, n)| n.to_string()).unwrap_or_else(|_| "?".into())
+}
 
 /// Checks `lists` against the certificates of `client_ca` and, on a reload, against the lists
 /// in force. Returns the lists in force once these are: theirs, and the earlier ones of issuers
@@ -122,11 +183,9 @@ pub(crate) fn check(
     let Some(in_force) = in_force else { return Ok(found) };
     for (issuer, fresh) in &found {
         if let Some(current) = in_force.get(issuer).filter(|c| fresh.older_than(c)) {
-            let name = x509_parser::x509::X509Name::from_der(issuer)
-                .map(|(_, n)| n.to_string())
-                .unwrap_or_else(|_| "?".into());
             return Err(format!(
-                "the revocation list of \"{name}\" ({}) is older than the one in force ({}): it would un-revoke what the newer one revoked",
+                "the revocation list of \"{}\" ({}) is older than the one in force ({}): it would un-revoke what the newer one revoked",
+                issuer_name(issuer),
                 fresh.describe(),
                 current.describe()
             ));
@@ -241,6 +300,29 @@ mod tests {
         let (_, intermediate) = ca("intermediate");
         let lists = check(&[list(&intermediate, 2)], &[old_cert], None, &algs()).unwrap();
         assert_eq!(lists.len(), 1);
+    }
+
+    #[test]
+    fn the_floor_file_keeps_what_is_in_force_and_a_damaged_one_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state").join("crl-floor.json");
+        assert_eq!(read_floor(&path).unwrap(), None, "no file is no floor");
+        let ((a_cert, a), (b_cert, b)) = (ca("ca a"), ca("ca b"));
+        let in_force = check(&[list(&a, 5), list(&b, 300)], &[a_cert.clone(), b_cert.clone()], None, &algs()).unwrap();
+        write_floor(&path, &in_force).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("\"CN=ca b\""), "names are written for a reader: {text}");
+        let back = read_floor(&path).unwrap().unwrap();
+        assert_eq!(back, in_force);
+        // Read back, it refuses an older list as the in-memory one does.
+        let e = check(&[list(&b, 299)], &[a_cert, b_cert], Some(&back), &algs()).unwrap_err();
+        assert!(e.contains("(number 299") && e.contains("in force (number 300"), "{e}");
+        // A damaged file is never taken as no floor.
+        std::fs::write(&path, &text[..text.len() / 2]).unwrap();
+        let e = read_floor(&path).unwrap_err();
+        assert!(e.contains("does not parse") && e.contains("remove it"), "{e}");
+        std::fs::write(&path, text.replace("\"format\": 1", "\"format\": 2")).unwrap();
+        assert!(read_floor(&path).unwrap_err().contains("has format 2"));
     }
 
     fn at(number: Option<&[u8]>, this_update: i64) -> Freshness {

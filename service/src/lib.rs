@@ -65,7 +65,7 @@ pub async fn serve_until(
     // be used stops the start here, never after the address file has announced a ready node.
     let (tls, _reload) = match &config.tls {
         Some(t) => {
-            let (acceptor, guard) = tls::acceptor(t)?;
+            let (acceptor, guard) = tls::acceptor(t, &config.data_dir.join("crl-floor.json"))?;
             (Some(acceptor), Some(guard))
         }
         None => (None, None),

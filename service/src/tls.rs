@@ -18,7 +18,9 @@
 //!   roots read at start; the acceptor reaches it through `ClientVerifier`, which only forwards.
 //!   A list that fails to parse, is not issued and signed by the CA, or is older than the one
 //!   in force (`crl.rs`) keeps the previous verifier, as a bad certificate keeps the previous
-//!   key. The CA itself is read once (its names are the hints sent to clients).
+//!   key; at start it stops the start, with the lists this node last ran with as the ones in
+//!   force (kept in `<data_dir>/crl-floor.json`). The CA itself is read once (its names are
+//!   the hints sent to clients).
 //! * Only TLS: when TLS is configured the port speaks nothing else; a plain HTTP request fails
 //!   the handshake and its connection is closed. Handshakes run in the connection's own task,
 //!   bounded by the header read timeout, so a client that opens a connection and stalls holds
@@ -235,8 +237,9 @@ fn parse_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, 
 }
 
 /// The acceptor for `cfg`, and a task that reloads its certificate and revocation lists while
-/// the returned guard lives.
-pub fn acceptor(cfg: &TlsConfig) -> Result<(tokio_rustls::TlsAcceptor, ReloadGuard), ServiceError> {
+/// the returned guard lives. `floor` is the file that keeps the lists in force across restarts
+/// (`crl.rs`); it is read and written only with `client_crl`.
+pub fn acceptor(cfg: &TlsConfig, floor: &Path) -> Result<(tokio_rustls::TlsAcceptor, ReloadGuard), ServiceError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let files = Files::read(cfg)?;
     let first_seen = files.seen();
@@ -253,7 +256,24 @@ pub fn acceptor(cfg: &TlsConfig) -> Result<(tokio_rustls::TlsAcceptor, ReloadGua
                 roots.add(c.clone()).map_err(|e| tls_error(format!("{}: {e}", ca.display())))?;
             }
             let roots = Arc::new(roots);
-            let (first, lists) = verifier_for(cfg, &roots, &ca_certs, files.crl.as_deref(), None, &provider)?;
+            let last_run = match cfg.client_crl {
+                Some(_) => crl::read_floor(floor).map_err(tls_error)?,
+                None => None,
+            };
+            let (first, lists) =
+                verifier_for(cfg, &roots, &ca_certs, files.crl.as_deref(), last_run.as_ref(), &provider).map_err(
+                    |e| match &last_run {
+                        Some(_) => tls_error(format!(
+                            "{e} (the lists in force are those this node last ran with, kept in {}; remove that file to go back on purpose)",
+                            floor.display()
+                        )),
+                        None => e,
+                    },
+                )?;
+            if cfg.client_crl.is_some() && last_run.as_ref() != Some(&lists) {
+                crl::write_floor(floor, &lists)
+                    .map_err(|e| tls_error(format!("cannot keep the lists in force in {}: {e}", floor.display())))?;
+            }
             let verifier =
                 Arc::new(ClientVerifier { hints: first.root_hint_subjects().to_vec(), current: RwLock::new(first) });
             let trust = ClientTrust { verifier: verifier.clone(), roots, ca: Arc::new(ca_certs) };
@@ -270,7 +290,7 @@ pub fn acceptor(cfg: &TlsConfig) -> Result<(tokio_rustls::TlsAcceptor, ReloadGua
         server.send_tls13_tickets = 0;
     }
 
-    let (cfg, every) = (cfg.clone(), Duration::from_secs(cfg.reload_s));
+    let (cfg, every, floor) = (cfg.clone(), Duration::from_secs(cfg.reload_s), floor.to_path_buf());
     let task = tokio::spawn(async move {
         let mut seen = first_seen;
         let mut in_force = first_lists;
@@ -280,6 +300,7 @@ pub fn acceptor(cfg: &TlsConfig) -> Result<(tokio_rustls::TlsAcceptor, ReloadGua
             tick.tick().await;
             let (c, p, was, lists_now) = (cfg.clone(), provider.clone(), seen, in_force.clone());
             let trust = clients.as_ref().map(|t| (t.roots.clone(), t.ca.clone()));
+            let floor = floor.clone();
             // None: unchanged, or unreadable for now (a renewal between its renames).
             let changed = tokio::task::spawn_blocking(move || {
                 let files = match Files::read(&c) {
@@ -294,6 +315,13 @@ pub fn acceptor(cfg: &TlsConfig) -> Result<(tokio_rustls::TlsAcceptor, ReloadGua
                 let verifier = trust
                     .filter(|_| now.crl != was.crl)
                     .map(|(roots, ca)| verifier_for(&c, &roots, &ca, files.crl.as_deref(), Some(&lists_now), &p));
+                // Kept before it is installed (which cannot fail): a crash between leaves the
+                // floor at the newer lists, which are the file's.
+                if let Some(Ok((_, lists))) = verifier.as_ref().filter(|_| c.client_crl.is_some()) {
+                    if let Err(e) = crl::write_floor(&floor, lists) {
+                        tracing::warn!(error = %e, "cannot keep the revocation lists in force across restarts");
+                    }
+                }
                 (now != was).then_some((now, key, verifier))
             })
             .await;

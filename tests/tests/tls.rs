@@ -1,7 +1,8 @@
 //! TLS and mutual TLS against a real ckptd on loopback, with certificates generated here
 //! (rcgen): saves over https, plain HTTP refused, client certificates mapped to tenants,
 //! certificates from another CA refused, a renewed certificate served without a restart, and
-//! revoked client certificates refused, with revocation lists read again when they change.
+//! revoked client certificates refused, with revocation lists read again when they change and
+//! never going back to an older one, across restarts too.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -399,13 +400,43 @@ async fn revoked_client_certificates_fail_the_handshake_and_lists_are_read_again
         assert!(within_10s(alice).await, "the newer list naming alice was not installed\n{}", daemon_log(&d));
         drop(d);
 
-        // At start-up a list that does not parse is an error that names the file, and so is a
-        // list without a CA to check it against.
-        replace(d_path, "crl.pem", "not pem at all\n");
         let mut opts = DaemonOptions::in_dir(ckptd_exe(), d_path);
         opts.extra_args = vec!["--config".into(), d_path.join("ckptd.toml").into()];
         opts.start_timeout = Duration::from_secs(20);
         let log = opts.log_file.clone();
+        // A restart keeps the floor: on a copy older than the list the node last ran with
+        // (number 4, which un-revokes alice) it does not start, and says which file to remove
+        // to go back on purpose.
+        let floor = opts.data_dir.join("crl-floor.json");
+        replace(d_path, "crl.pem", &crl(&ca, 4, &[102], (2025, 2099)));
+        let logged = std::fs::read_to_string(&log).unwrap_or_default().len();
+        assert!(LocalDaemon::start(opts.clone()).await.is_err(), "ckptd restarted on an older revocation list");
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            text[logged..].contains("(number 4, issued at")
+                && text[logged..].contains("older than the one in force (number 5")
+                && text[logged..].contains(&floor.display().to_string()),
+            "{text}"
+        );
+        // The list it last ran with starts it, with alice still refused.
+        replace(d_path, "crl.pem", &crl(&ca, 5, &[101, 102], (2025, 2099)));
+        let d = LocalDaemon::start(opts.clone()).await.unwrap();
+        let (carol_pem, carol_key) = numbered_leaf(&ca, &name, ExtendedKeyUsagePurpose::ClientAuth, Some(103));
+        let addr = d.url().trim_start_matches("http://").to_string();
+        assert!(answered(&addr, &client_config(&ca.pem, &carol_pem, &carol_key)).await, "{}", daemon_log(&d));
+        assert!(
+            !answered(&addr, &client_config(&ca.pem, &alice_pem, &alice_key)).await,
+            "alice let in after a restart"
+        );
+        drop(d);
+        // With the floor removed, the operator's older list is taken.
+        std::fs::remove_file(&floor).unwrap();
+        replace(d_path, "crl.pem", &crl(&ca, 4, &[102], (2025, 2099)));
+        drop(LocalDaemon::start(opts.clone()).await.unwrap());
+
+        // At start-up a list that does not parse is an error that names the file, and so is a
+        // list without a CA to check it against.
+        replace(d_path, "crl.pem", "not pem at all\n");
         assert!(
             LocalDaemon::start(opts.clone()).await.is_err(),
             "ckptd started on a revocation list that does not parse"
