@@ -22,11 +22,15 @@
 //! * Two nodes that find one stale lock at the same moment may both take it over (delete, then
 //!   create): the second delete removes the first's new lock. So a run that took a lock over
 //!   waits (a 24th of the stale time, at most 5 s) and reads it again before it does anything;
-//!   a lock that no longer names it is 409. Only a node stalled for longer between reading the
-//!   stale lock and deleting it gets past that: the first run finds out at its next rewrite and
-//!   stops. Until then both run: each sweep delete still skips an object written since its
-//!   list, but the two runs' sweep records (`gc/swept.json`) can overwrite each other, which
-//!   weakens the commit-time check for saves of that window. A lock released between a failed
+//!   a lock that no longer names it is 409. A node that finds, just before its delete, that
+//!   half that wait has passed since it began reading the stale lock (it stalled, or the store
+//!   answered that slowly) gives up with 409 rather than delete what may by now be a settled
+//!   run's lock; a retry reads again. What gets past both is, again, one request: a node
+//!   stopped between that check and the store acting on its delete. The run it deleted finds
+//!   out at its next rewrite and stops; until then both run: each sweep delete still skips an
+//!   object written since its list, but the two runs' sweep records (`gc/swept.json`) can
+//!   overwrite each other, which weakens the commit-time check for saves of that window. A
+//!   lock released between a failed
 //!   create and the read that followed is created again, never deleted. A create whose
 //!   acknowledgement was lost is told from another node's by the read after settling; a failed
 //!   read there lets the run go on (refusing would strand its lock for the stale time), and its
@@ -84,10 +88,27 @@ fn names_run(bytes: &[u8], run: &str) -> bool {
     serde_json::from_slice::<LockBody>(bytes).is_ok_and(|b| b.run.as_deref() == Some(run))
 }
 
-/// When the lease was last renewed: the start of the last successful rewrite, on both clocks.
+/// A moment on both clocks: a frozen VM may not advance the monotonic one, a stepped clock may
+/// move the wall one, so what has elapsed since is the longer of the two readings.
+#[derive(Clone, Copy)]
+struct Stamp {
+    mono: Instant,
+    wall: SystemTime,
+}
+
+impl Stamp {
+    fn now() -> Stamp {
+        Stamp { mono: Instant::now(), wall: SystemTime::now() }
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.mono.elapsed().max(self.wall.elapsed().unwrap_or_default())
+    }
+}
+
+/// When the lease was last renewed: the start of the last successful rewrite.
 struct Renewed {
-    at: Instant,
-    at_wall: SystemTime,
+    at: Stamp,
     lost: Option<String>,
 }
 
@@ -109,56 +130,76 @@ impl GcLock {
         let run = format!("{:016x}", rand::random::<u64>());
         let body = LockBody { node: node.to_string(), started_unix_ms: now_unix_ms(), run: Some(run.clone()) };
         let body = Bytes::from(serde_json::to_vec(&body).map_err(|e| ServiceError::Internal(e.to_string()))?);
-        let started = (Instant::now(), SystemTime::now());
-        match store.create_record(&key, body.clone()).await {
-            Ok(()) => {}
-            Err(StoreError::AlreadyExists(_)) => match store.get_record(&key).await? {
-                // The create's retry after its acknowledgement was lost: this run's own lock.
-                Some((bytes, _)) if names_run(&bytes, &run) => {}
-                found => {
-                    if let Some((bytes, since)) = found {
-                        let holder = node_of(&bytes);
-                        if since.saturating_add(stale.as_millis() as u64) > now_unix_ms() {
-                            return Err(held(job, &key, holder, Some(since)));
-                        }
-                        tracing::warn!(job, since, holder, "taking over a stale GC lock");
-                        store.delete_key(&key).await?;
-                    }
-                    // Taken over, or released between the create and the read: create again,
-                    // never delete again (the lock may be another node's by now). Exists: another
-                    // node's, or this one's after a lost acknowledgement; the read below tells.
-                    match store.create_record(&key, body.clone()).await {
-                        Ok(()) | Err(StoreError::AlreadyExists(_)) => {}
-                        Err(e) => return Err(e.into()),
-                    }
-                    // Another node that read the stale lock when this one did deletes this
-                    // run's new lock with it, and creates its own: settle, then look again.
-                    tokio::time::sleep(settle_for(stale)).await;
-                    match store.get_record(&key).await {
-                        Ok(Some((bytes, _))) if names_run(&bytes, &run) => {}
-                        Ok(now) => {
-                            let holder = holder(now);
-                            tracing::warn!(job, holder, "another node took the stale GC lock over at the same time");
-                            return Err(held(job, &key, holder, None));
-                        }
-                        // The lock may be this run's: an error here would leave it for the stale
-                        // time. Go on; the first rewrite reads it again and stops a run it lost.
-                        Err(e) => {
-                            tracing::warn!(job, error = %e, "cannot read the GC lock after taking it over; going on")
-                        }
-                    }
-                }
-            },
-            Err(e) => return Err(e.into()),
-        }
-        Ok(GcLock {
+        let lock = GcLock {
             job: job.to_string(),
             key,
             run,
             body,
             stale,
-            renewed: Mutex::new(Renewed { at: started.0, at_wall: started.1, lost: None }),
-        })
+            renewed: Mutex::new(Renewed { at: Stamp::now(), lost: None }),
+        };
+        match store.create_record(&lock.key, lock.body.clone()).await {
+            Ok(()) => {}
+            Err(StoreError::AlreadyExists(_)) => {
+                let read_at = Stamp::now();
+                match store.get_record(&lock.key).await? {
+                    // The create's retry after its acknowledgement was lost: this run's own lock.
+                    Some((bytes, _)) if lock.names_this_run(&bytes) => {}
+                    found => lock.take_over(store, found, read_at).await?,
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(lock)
+    }
+
+    /// The lock exists and is not this run's: `found`, as read at `read_at` (None: released
+    /// since the create failed). Takes it over if it is stale, and settles; Err(409) if it is
+    /// held, or another node takes it over at the same time.
+    async fn take_over(&self, store: &Store, found: Option<(Bytes, u64)>, read_at: Stamp) -> Result<(), ServiceError> {
+        let (job, key, settle) = (self.job.as_str(), self.key.as_str(), settle_for(self.stale));
+        if let Some((bytes, since)) = found {
+            let holder = node_of(&bytes);
+            if since.saturating_add(self.stale.as_millis() as u64) > now_unix_ms() {
+                return Err(held(job, key, holder, Some(since)));
+            }
+            // A read older than half the settle time may be of a lock another node has taken
+            // over since, and settled past: deleting now would delete its live lock.
+            let waited = read_at.elapsed();
+            if waited >= settle / 2 {
+                tracing::warn!(job, ?waited, "too long between reading a stale GC lock and taking it over");
+                return Err(ServiceError::Conflict(format!(
+                    "the GC of job {job} did not start: {:.1} s passed between reading its stale lock {key} and taking it over (this node stalled), so another node may have taken it since; try again",
+                    waited.as_secs_f64()
+                )));
+            }
+            tracing::warn!(job, since, holder, "taking over a stale GC lock");
+            store.delete_key(key).await?;
+        }
+        // Taken over, or released between the create and the read: create again, never delete
+        // again (the lock may be another node's by now). Exists: another node's, or this one's
+        // after a lost acknowledgement; the read below tells.
+        match store.create_record(key, self.body.clone()).await {
+            Ok(()) | Err(StoreError::AlreadyExists(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        // Another node that read the stale lock when this one did deletes this run's new lock
+        // with it, and creates its own: settle, then look again.
+        tokio::time::sleep(settle).await;
+        match store.get_record(key).await {
+            Ok(Some((bytes, _))) if self.names_this_run(&bytes) => Ok(()),
+            Ok(now) => {
+                let holder = holder(now);
+                tracing::warn!(job, holder, "another node took the stale GC lock over at the same time");
+                Err(held(job, key, holder, None))
+            }
+            // The lock may be this run's: an error here would leave it for the stale time. Go
+            // on; the first rewrite reads it again and stops a run it lost.
+            Err(e) => {
+                tracing::warn!(job, error = %e, "cannot read the GC lock after taking it over; going on");
+                Ok(())
+            }
+        }
     }
 
     /// How often the run rewrites its lock.
@@ -174,9 +215,7 @@ impl GcLock {
     pub(crate) fn ensure(&self) -> Result<(), ServiceError> {
         let mut r = self.renewed.lock().unwrap_or_else(|e| e.into_inner());
         if r.lost.is_none() {
-            // The longer of the two clocks' readings: either may have missed the stall.
-            let wall = r.at_wall.elapsed().unwrap_or_default();
-            let held = r.at.elapsed().max(wall);
+            let held = r.at.elapsed();
             if held >= self.lease() {
                 r.lost = Some(format!(
                     "its lock was last renewed {:.1} s ago, past its lease of {:.1} s (this node stalled, or the store refused the rewrites), so another node may have taken it over",
@@ -203,7 +242,7 @@ impl GcLock {
     /// stop); a store error is only logged, since the lease lapses on its own if they last.
     pub(crate) async fn refresh(&self, store: &Store) -> Result<(), ServiceError> {
         self.ensure()?;
-        let started = (Instant::now(), SystemTime::now());
+        let started = Stamp::now();
         match store.get_record(&self.key).await {
             Ok(Some((bytes, _))) if self.names_this_run(&bytes) => {}
             Ok(Some((bytes, _))) => {
@@ -220,9 +259,7 @@ impl GcLock {
         self.ensure()?;
         match store.put_record(&self.key, self.body.clone()).await {
             Ok(()) => {
-                let mut r = self.renewed.lock().unwrap_or_else(|e| e.into_inner());
-                r.at = started.0;
-                r.at_wall = started.1;
+                self.renewed.lock().unwrap_or_else(|e| e.into_inner()).at = started;
             }
             Err(e) => tracing::warn!(job = self.job, error = %e, "cannot renew the GC lock; trying again later"),
         }
@@ -250,9 +287,7 @@ impl GcLock {
 
     #[cfg(test)]
     fn renewed_ago(&self, ago: Duration) {
-        let mut r = self.renewed.lock().unwrap();
-        r.at = Instant::now() - ago;
-        r.at_wall = SystemTime::now() - ago;
+        self.renewed.lock().unwrap().at = Stamp { mono: Instant::now() - ago, wall: SystemTime::now() - ago };
     }
 }
 
@@ -374,6 +409,43 @@ mod tests {
         let c = GcLock::acquire(&store, "job", "node-c", stale).await.unwrap();
         c.ensure().unwrap();
         assert_eq!(holder(store.get_record(&key).await.unwrap()).as_deref(), Some("node-c"));
+    }
+
+    #[tokio::test]
+    async fn a_node_that_stalled_after_reading_a_stale_lock_leaves_the_lock_taken_since_alone() {
+        let (dir, store) = local_store().await;
+        let (stale, key) = (Duration::from_secs(120), keys::gc_lock_key("job"));
+        dead_lock(dir.path(), &store, "dead", stale * 2).await;
+        // Node b read the dead lock, then stalled; node a took the lock over and settled.
+        let stale_read = store.get_record(&key).await.unwrap();
+        let read_at = Stamp::now();
+        let a = GcLock::acquire(&store, "job", "node-a", stale).await.unwrap();
+        assert!(read_at.elapsed() >= settle_for(stale), "a settled");
+        // b wakes and goes on from its old read: it must not delete a's lock.
+        let b = GcLock {
+            job: "job".into(),
+            key: key.clone(),
+            run: "run-of-b".into(),
+            body: serde_json::to_vec(&LockBody {
+                node: "node-b".into(),
+                started_unix_ms: 0,
+                run: Some("run-of-b".into()),
+            })
+            .unwrap()
+            .into(),
+            stale,
+            renewed: Mutex::new(Renewed { at: Stamp::now(), lost: None }),
+        };
+        let e = b.take_over(&store, stale_read.clone(), read_at).await.unwrap_err();
+        assert!(e.to_string().contains("between reading its stale lock") && e.to_string().contains("try again"), "{e}");
+        assert_eq!(holder(store.get_record(&key).await.unwrap()).as_deref(), Some("node-a"), "a's lock was deleted");
+        a.refresh(&store).await.unwrap();
+        // The same read, taken over at once (the wait is this process's, not the store's).
+        a.release(&store).await;
+        dead_lock(dir.path(), &store, "dead", stale * 2).await;
+        let fresh_read = store.get_record(&key).await.unwrap();
+        b.take_over(&store, fresh_read, Stamp::now()).await.unwrap();
+        assert_eq!(store.get_record(&key).await.unwrap().unwrap().0, b.body, "b's lock");
     }
 
     #[tokio::test]
