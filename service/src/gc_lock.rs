@@ -23,18 +23,19 @@
 //!   create): the second delete removes the first's new lock. So a run that took a lock over
 //!   waits (a 24th of the stale time, at most 5 s) and reads it again before it does anything;
 //!   a lock that no longer names it is 409. A node that finds, just before its delete, that
-//!   half that wait has passed since it began reading the stale lock (it stalled, or the store
-//!   answered that slowly) gives up with 409 rather than delete what may by now be a settled
-//!   run's lock; a retry reads again. What gets past both is, again, one request: a node
-//!   stopped between that check and the store acting on its delete. The run it deleted finds
-//!   out at its next rewrite and stops; until then both run: each sweep delete still skips an
-//!   object written since its list, but the two runs' sweep records (`gc/swept.json`) can
-//!   overwrite each other, which weakens the commit-time check for saves of that window. A
-//!   lock released between a failed
-//!   create and the read that followed is created again, never deleted. A create whose
-//!   acknowledgement was lost is told from another node's by the read after settling; a failed
-//!   read there lets the run go on (refusing would strand its lock for the stale time), and its
-//!   first rewrite reads the lock again.
+//!   half that wait has passed since the store answered its read of the stale lock (it
+//!   stalled) gives up with 409 rather than delete what may by now be a settled run's lock; a
+//!   retry reads again. What gets past both is, as for every step, a request held in flight
+//!   for longer than the settle time: the read's answer on its way back, or the delete on its
+//!   way to the store (the read's own time is not counted, so a slow store does not stop every
+//!   takeover). The run it deleted finds out at its next rewrite and stops; until then both
+//!   run: each sweep delete still skips an object written since its list, but the two runs'
+//!   sweep records (`gc/swept.json`) can overwrite each other, which weakens the commit-time
+//!   check for saves of that window.
+//! * A lock released between a failed create and the read that followed is created again,
+//!   never deleted. A create whose acknowledgement was lost is told from another node's by the
+//!   read after settling; a failed read there lets the run go on (refusing would strand its
+//!   lock for the stale time), and its first rewrite reads the lock again.
 //! * Clock skew allowed: half the stale time, less the store's time granularity (a second on
 //!   S3, whose `Last-Modified` counts whole seconds).
 
@@ -141,8 +142,10 @@ impl GcLock {
         match store.create_record(&lock.key, lock.body.clone()).await {
             Ok(()) => {}
             Err(StoreError::AlreadyExists(_)) => {
+                let found = store.get_record(&lock.key).await?;
+                // From the answer, not the request: a slow store is not a stall of this node.
                 let read_at = Stamp::now();
-                match store.get_record(&lock.key).await? {
+                match found {
                     // The create's retry after its acknowledgement was lost: this run's own lock.
                     Some((bytes, _)) if lock.names_this_run(&bytes) => {}
                     found => lock.take_over(store, found, read_at).await?,
@@ -163,8 +166,9 @@ impl GcLock {
             if since.saturating_add(self.stale.as_millis() as u64) > now_unix_ms() {
                 return Err(held(job, key, holder, Some(since)));
             }
-            // A read older than half the settle time may be of a lock another node has taken
-            // over since, and settled past: deleting now would delete its live lock.
+            // A read answered more than half the settle time ago may be of a lock another
+            // node has taken over since, and settled past: deleting now would delete its live
+            // lock.
             let waited = read_at.elapsed();
             if waited >= settle / 2 {
                 tracing::warn!(job, ?waited, "too long between reading a stale GC lock and taking it over");
