@@ -66,10 +66,48 @@ impl Modify for BearerAuth {
     }
 }
 
+/// Examples for the path parameters that name a checkpoint, all in one place: the trainer's
+/// default job, its newest checkpoint (`latest`, or step 1), rank 0. A reader gets a request
+/// that works against a trainer's first run, and the API fuzzing (`.ci/schemathesis`) saves
+/// such a job first, so these requests reach stored checkpoints and their answers' schemas are
+/// checked on real bodies, not only on 404s.
+struct PathExamples;
+
+impl Modify for PathExamples {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::path::{ParameterBuilder, ParameterIn};
+        use utoipa::openapi::schema::{Schema, SchemaType, Type};
+        use utoipa::openapi::RefOr;
+        for item in openapi.paths.paths.values_mut() {
+            let ops = [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch];
+            for param in ops.into_iter().flatten().flat_map(|op| op.parameters.iter_mut().flatten()) {
+                if param.parameter_in != ParameterIn::Path {
+                    continue;
+                }
+                let is_string = matches!(
+                    &param.schema,
+                    Some(RefOr::T(Schema::Object(o))) if o.schema_type == SchemaType::Type(Type::String)
+                );
+                let example = match (param.name.as_str(), is_string) {
+                    ("job", _) => serde_json::json!(EXAMPLE_JOB),
+                    ("step", true) => serde_json::json!("latest"),
+                    ("step", false) => serde_json::json!(1),
+                    ("rank", _) => serde_json::json!(0),
+                    _ => continue,
+                };
+                *param = ParameterBuilder::from(param.clone()).example(Some(example)).build();
+            }
+        }
+    }
+}
+
+/// The job the path examples name: the trainer's default (`ckpt-train launch --job`).
+pub const EXAMPLE_JOB: &str = "llama-tiny";
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "ckptd", description = "The ckpt checkpoint service's HTTP API."),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &PathExamples),
     security(("bearer" = [])),
     components(schemas(ErrorBody, ErrorDetail)),
     paths(
@@ -147,5 +185,32 @@ mod tests {
                 assert!(responses.contains_key("401") && responses.contains_key("429"), "{op}");
             }
         }
+    }
+
+    /// Every path parameter naming a job, step or rank has an example of its schema's type.
+    #[test]
+    fn checkpoint_path_parameters_have_examples() {
+        let doc: serde_json::Value = serde_json::from_str(super::document()).unwrap();
+        let mut seen = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                for p in op["parameters"].as_array().into_iter().flatten() {
+                    let name = p["name"].as_str().unwrap();
+                    if p["in"] != "path" || !["job", "step", "rank"].contains(&name) {
+                        continue;
+                    }
+                    let (example, ty) = (&p["example"], p["schema"]["type"].as_str().unwrap_or_default());
+                    let fits = match ty {
+                        "string" => example.is_string(),
+                        "integer" => example.is_u64(),
+                        _ => false,
+                    };
+                    assert!(fits, "{method} {path}: {name} has example {example} for a schema of type {ty:?}");
+                    seen.insert((name.to_string(), example.to_string()));
+                }
+            }
+        }
+        let want = [("job", "\"llama-tiny\""), ("rank", "0"), ("step", "\"latest\""), ("step", "1")];
+        assert_eq!(seen, want.iter().map(|(n, e)| (n.to_string(), e.to_string())).collect());
     }
 }
