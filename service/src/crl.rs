@@ -20,16 +20,21 @@
 //!   floor of an issuer the file no longer holds is kept, so leaving it out of one reload does
 //!   not let an old list of it in at the next.
 //! * Kept across restarts: what is in force is written (durably) to `crl-floor.json` in the
-//!   data directory at start and after every reload, and a start checks the file's lists against
-//!   it as a reload does. A node restarted on a stale copy (a rebuilt image, a mirror behind)
-//!   does not start, and its error names the floor file: removing that file is how an operator
-//!   goes back on purpose (a CA re-created with its numbers starting again).
+//!   data directory once the node owns it (its index open) and after every reload, a failed
+//!   write tried again every reload tick (`Floor`); a start checks the file's lists against it
+//!   as a reload does. A node restarted on a stale copy (a rebuilt image, a mirror behind) does
+//!   not start, and its error names the floor file: removing that file is how an operator goes
+//!   back on purpose (a CA re-created with its numbers starting again). Only an older list
+//!   gets that hint; any other refusal is not the floor's. A config without `client_crl`
+//!   leaves the file as it is, and it applies again when `client_crl` comes back.
 //! * Parsing is x509-parser's. Signatures are checked with the algorithms of rustls's crypto
 //!   provider, matched by their DER algorithm identifiers as webpki matches them, so a list
 //!   passes here exactly when webpki could verify it; webpki still does the revocation checks.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
@@ -73,6 +78,18 @@ impl Freshness {
 
 /// The lists in force, by issuer (the DER of its name).
 pub(crate) type InForce = BTreeMap<Vec<u8>, Freshness>;
+
+/// Why a file's lists are not installed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Refused {
+    /// A list older than the one in force for its issuer: the only refusal that a floor an
+    /// operator means to lower can cause.
+    #[error("{0}")]
+    Older(String),
+    /// A list that does not parse, a signature that does not verify, two lists of one issuer.
+    #[error("{0}")]
+    Invalid(String),
+}
 
 /// The floor file's contents: one entry per issuer.
 #[derive(Serialize, Deserialize)]
@@ -125,6 +142,60 @@ pub(crate) fn write_floor(path: &Path, in_force: &InForce) -> Result<(), crate::
     crate::durable::write_new(path, |f| std::io::Write::write_all(f, &bytes))
 }
 
+/// The lists in force as kept in the floor file. Nothing is written until the node owns its
+/// data directory (`own`, once its index is open): a start that fails before that, or a second
+/// ckptd started on the same directory, writes nothing. Then the lists are written at once,
+/// and after each reload; a write that fails stays pending and is tried again (`flush`, every
+/// reload tick) until one succeeds.
+pub(crate) struct Floor {
+    path: PathBuf,
+    owned: AtomicBool,
+    /// Lists in force that the file does not hold yet (short holds only).
+    pending: Mutex<Option<InForce>>,
+    /// Held over a whole write, so two writes never cross and an older one never lands last.
+    writing: Mutex<()>,
+}
+
+impl Floor {
+    pub(crate) fn new(path: PathBuf) -> Floor {
+        Floor { path, owned: AtomicBool::new(false), pending: Mutex::new(None), writing: Mutex::new(()) }
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `lists` are in force now.
+    pub(crate) fn stage(&self, lists: InForce) {
+        *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some(lists);
+    }
+
+    pub(crate) fn is_pending(&self) -> bool {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
+    /// The node owns its data directory: writes may start. Blocking (see `flush`).
+    pub(crate) fn own(&self) -> Result<(), crate::durable::DurableError> {
+        self.owned.store(true, Ordering::Release);
+        self.flush()
+    }
+
+    /// Writes the pending lists, if the node owns its directory. Blocking: a write and fsyncs.
+    pub(crate) fn flush(&self) -> Result<(), crate::durable::DurableError> {
+        if !self.owned.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _one = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(lists) = self.pending.lock().unwrap_or_else(|e| e.into_inner()).clone() else { return Ok(()) };
+        write_floor(&self.path, &lists)?;
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.as_ref() == Some(&lists) {
+            *pending = None;
+        }
+        Ok(())
+    }
+}
+
 fn issuer_name(der: &[u8]) -> String {
     x509_parser::x509::X509Name::from_der(der).map(|(_, n)| n.to_string()).unwrap_or_else(|_| "?".into())
 }
@@ -137,16 +208,16 @@ pub(crate) fn check(
     ca: &[CertificateDer<'_>],
     in_force: Option<&InForce>,
     algs: &WebPkiSupportedAlgorithms,
-) -> Result<InForce, String> {
+) -> Result<InForce, Refused> {
     let ca: Vec<X509Certificate<'_>> = ca
         .iter()
-        .map(|c| X509Certificate::from_der(c).map(|(_, c)| c).map_err(|e| format!("client_ca: {e}")))
+        .map(|c| X509Certificate::from_der(c).map(|(_, c)| c).map_err(|e| Refused::Invalid(format!("client_ca: {e}"))))
         .collect::<Result<_, _>>()?;
     let mut found = InForce::new();
     for (i, der) in lists.iter().enumerate() {
         let nth = i + 1;
         let (_, list) = CertificateRevocationList::from_der(der)
-            .map_err(|e| format!("revocation list {nth} does not parse: {e}"))?;
+            .map_err(|e| Refused::Invalid(format!("revocation list {nth} does not parse: {e}")))?;
         let issuer = list.issuer();
         // Every certificate of client_ca under the issuer's name (a CA rolling its key has two).
         // An issuer that is none of them is an intermediate of the clients' chains: webpki
@@ -159,9 +230,9 @@ pub(crate) fn check(
             if let Some(why) =
                 tried.iter().all(Result::is_err).then(|| tried.into_iter().find_map(Result::err)).flatten()
             {
-                return Err(format!(
+                return Err(Refused::Invalid(format!(
                     "revocation list {nth}'s signature does not verify with the key of \"{issuer}\": {why}"
-                ));
+                )));
             }
         }
         let fresh = Freshness {
@@ -175,20 +246,20 @@ pub(crate) fn check(
         // webpki uses the first list of an issuer it finds, so an older list ahead of a newer
         // one would be the one in force: one list per issuer.
         if found.insert(issuer.as_raw().to_vec(), fresh).is_some() {
-            return Err(format!(
+            return Err(Refused::Invalid(format!(
                 "the file holds more than one revocation list of \"{issuer}\" (list {nth} is another); keep only the newest"
-            ));
+            )));
         }
     }
     let Some(in_force) = in_force else { return Ok(found) };
     for (issuer, fresh) in &found {
         if let Some(current) = in_force.get(issuer).filter(|c| fresh.older_than(c)) {
-            return Err(format!(
+            return Err(Refused::Older(format!(
                 "the revocation list of \"{}\" ({}) is older than the one in force ({}): it would un-revoke what the newer one revoked",
                 issuer_name(issuer),
                 fresh.describe(),
                 current.describe()
-            ));
+            )));
         }
     }
     let mut merged = in_force.clone();
@@ -275,15 +346,19 @@ mod tests {
         let second = check(&[list(&a, 6)], &cas, Some(&first), &algs()).unwrap();
         assert_eq!(second.len(), 2, "b's floor was dropped");
         let e = check(&[list(&a, 6), list(&b, 1)], &cas, Some(&second), &algs()).unwrap_err();
+        assert!(matches!(e, Refused::Older(_)), "{e:?}");
+        let e = e.to_string();
         assert!(
             e.contains(
                 "\"CN=ca b\" (number 1, issued at 1735689600 (Unix s)) is older than the one in force (number 3"
             ),
             "{e}"
         );
-        assert!(check(&[list(&a, 4)], &cas, Some(&second), &algs()).unwrap_err().contains("older"));
+        assert!(check(&[list(&a, 4)], &cas, Some(&second), &algs()).unwrap_err().to_string().contains("older"));
         // Two lists of one issuer: webpki would use whichever comes first.
         let e = check(&[list(&a, 7), list(&a, 8)], &cas, Some(&second), &algs()).unwrap_err();
+        assert!(matches!(e, Refused::Invalid(_)), "{e:?}");
+        let e = e.to_string();
         assert!(e.contains("more than one revocation list of \"CN=ca a\""), "{e}");
     }
 
@@ -294,7 +369,7 @@ mod tests {
         // A key rollover: two certificates under one name; the list verifies with the second.
         check(&[list(&new, 1)], &[old_cert.clone(), new_cert], None, &algs()).unwrap();
         // Under the CA's name but signed by another key.
-        let e = check(&[list(&new, 1)], std::slice::from_ref(&old_cert), None, &algs()).unwrap_err();
+        let e = check(&[list(&new, 1)], std::slice::from_ref(&old_cert), None, &algs()).unwrap_err().to_string();
         assert!(e.contains("signature does not verify with the key of \"CN=ca\""), "{e}");
         // An issuer that is not in client_ca (an intermediate): taken on its freshness.
         let (_, intermediate) = ca("intermediate");
@@ -315,7 +390,7 @@ mod tests {
         let back = read_floor(&path).unwrap().unwrap();
         assert_eq!(back, in_force);
         // Read back, it refuses an older list as the in-memory one does.
-        let e = check(&[list(&b, 299)], &[a_cert, b_cert], Some(&back), &algs()).unwrap_err();
+        let e = check(&[list(&b, 299)], &[a_cert, b_cert], Some(&back), &algs()).unwrap_err().to_string();
         assert!(e.contains("(number 299") && e.contains("in force (number 300"), "{e}");
         // A damaged file is never taken as no floor.
         std::fs::write(&path, &text[..text.len() / 2]).unwrap();
@@ -323,6 +398,27 @@ mod tests {
         assert!(e.contains("does not parse") && e.contains("remove it"), "{e}");
         std::fs::write(&path, text.replace("\"format\": 1", "\"format\": 2")).unwrap();
         assert!(read_floor(&path).unwrap_err().contains("has format 2"));
+    }
+
+    #[test]
+    fn the_floor_is_written_once_owned_and_a_failed_write_is_tried_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state").join("crl-floor.json");
+        let (a_cert, a) = ca("ca a");
+        let lists = |n| check(&[list(&a, n)], std::slice::from_ref(&a_cert), None, &algs()).unwrap();
+        let floor = Floor::new(path.clone());
+        floor.stage(lists(1));
+        floor.flush().unwrap();
+        assert!(!path.exists() && floor.is_pending(), "written before the node owned its directory");
+        // The directory cannot be made (a file is in its place): the write fails and stays.
+        std::fs::write(dir.path().join("state"), b"in the way").unwrap();
+        assert!(floor.own().is_err());
+        floor.stage(lists(2));
+        assert!(floor.flush().is_err() && floor.is_pending());
+        std::fs::remove_file(dir.path().join("state")).unwrap();
+        floor.flush().unwrap();
+        assert!(!floor.is_pending());
+        assert_eq!(read_floor(&path).unwrap(), Some(lists(2)), "the newest staged lists");
     }
 
     fn at(number: Option<&[u8]>, this_update: i64) -> Freshness {

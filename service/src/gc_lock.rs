@@ -25,10 +25,11 @@
 //!   a lock that no longer names it is 409. A node that finds, just before its delete, that
 //!   half that wait has passed since the store answered its read of the stale lock (it
 //!   stalled) gives up with 409 rather than delete what may by now be a settled run's lock; a
-//!   retry reads again. What gets past both is, as for every step, a request held in flight
-//!   for longer than the settle time: the read's answer on its way back, or the delete on its
-//!   way to the store (the read's own time is not counted, so a slow store does not stop every
-//!   takeover). The run it deleted finds out at its next rewrite and stops; until then both
+//!   retry reads again. What gets past both is, as for every step, requests held in flight:
+//!   the read's answer on its way back and the delete on its way to the store (with the
+//!   retries of ckptd's helper and of the store's client) taking more than half the settle
+//!   time together. The read's own time is not counted, so a slow store does not refuse every
+//!   takeover. The run it deleted finds out at its next rewrite and stops; until then both
 //!   run: each sweep delete still skips an object written since its list, but the two runs'
 //!   sweep records (`gc/swept.json`) can overwrite each other, which weakens the commit-time
 //!   check for saves of that window.
@@ -450,6 +451,27 @@ mod tests {
         let fresh_read = store.get_record(&key).await.unwrap();
         b.take_over(&store, fresh_read, Stamp::now()).await.unwrap();
         assert_eq!(store.get_record(&key).await.unwrap().unwrap().0, b.body, "b's lock");
+    }
+
+    #[tokio::test]
+    async fn a_slow_store_does_not_refuse_a_takeover() {
+        let (dir, store) = local_store().await;
+        let store = store.with_faults();
+        // Settles 1 s, so a wait of 0.5 s from the read's answer to the delete is a stall.
+        let stale = Duration::from_secs(24);
+        dead_lock(dir.path(), &store, "dead", stale * 2).await;
+        // The failed create and the read of the stale lock each take 0.7 s to be answered.
+        let slow = crate::faults::FaultRequest {
+            kind: crate::faults::FaultKind::Latency,
+            op: crate::faults::FaultOp::Any,
+            count: 2,
+            delay_ms: 700,
+        };
+        store.faults().unwrap().arm(slow).unwrap();
+        let a = GcLock::acquire(&store, "job", "node-a", stale).await.unwrap();
+        assert_eq!(store.faults().unwrap().report().fired.values().sum::<u64>(), 2);
+        a.ensure().unwrap();
+        assert_eq!(holder(store.get_record(&keys::gc_lock_key("job")).await.unwrap()).as_deref(), Some("node-a"));
     }
 
     #[tokio::test]

@@ -63,7 +63,9 @@ pub async fn serve_until(
         .map_err(|e| ServiceError::Startup(format!("cannot listen on {}: {e}", config.listen)))?;
     // TLS files next, also before the disk: a certificate, key or revocation list that cannot
     // be used stops the start here, never after the address file has announced a ready node.
-    let (tls, _reload) = match &config.tls {
+    // (The revocation lists' floor is only read from the data directory here; it is written
+    // once the index is open, which proves this node owns the directory.)
+    let (tls, reload) = match &config.tls {
         Some(t) => {
             let (acceptor, guard) = tls::acceptor(t, &config.data_dir.join("crl-floor.json"))?;
             (Some(acceptor), Some(guard))
@@ -126,6 +128,9 @@ pub async fn serve_until(
             )));
         }
     };
+    if let Some(r) = &reload {
+        r.own_floor().await?;
+    }
     if let Err(e) = std::fs::write(&pid_file, format!("{}\n", std::process::id())) {
         tracing::warn!(error = %e, path = %pid_file.display(), "cannot record this process's pid");
     }

@@ -66,11 +66,12 @@ impl Modify for BearerAuth {
     }
 }
 
-/// Examples for the path parameters that name a checkpoint, all in one place: the trainer's
-/// default job, its newest checkpoint (`latest`, or step 1), rank 0. A reader gets a request
+/// Examples for the path parameters of reads that name a checkpoint, all in one place: the
+/// trainer's default job, its newest checkpoint (`latest`, or step 1). A reader gets a request
 /// that works against a trainer's first run, and the API fuzzing (`.ci/schemathesis`) saves
 /// such a job first, so these requests reach stored checkpoints and their answers' schemas are
-/// checked on real bodies, not only on 404s.
+/// checked on real bodies, not only on 404s. Only reads (GET): a document's "try it out"
+/// must not come with a delete or a fence of the trainer's job filled in.
 struct PathExamples;
 
 impl Modify for PathExamples {
@@ -79,8 +80,7 @@ impl Modify for PathExamples {
         use utoipa::openapi::schema::{Schema, SchemaType, Type};
         use utoipa::openapi::RefOr;
         for item in openapi.paths.paths.values_mut() {
-            let ops = [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch];
-            for param in ops.into_iter().flatten().flat_map(|op| op.parameters.iter_mut().flatten()) {
+            for param in item.get.iter_mut().flat_map(|op| op.parameters.iter_mut().flatten()) {
                 if param.parameter_in != ParameterIn::Path {
                     continue;
                 }
@@ -92,7 +92,6 @@ impl Modify for PathExamples {
                     ("job", _) => serde_json::json!(EXAMPLE_JOB),
                     ("step", true) => serde_json::json!("latest"),
                     ("step", false) => serde_json::json!(1),
-                    ("rank", _) => serde_json::json!(0),
                     _ => continue,
                 };
                 *param = ParameterBuilder::from(param.clone()).example(Some(example)).build();
@@ -187,16 +186,21 @@ mod tests {
         }
     }
 
-    /// Every path parameter naming a job, step or rank has an example of its schema's type.
+    /// Every path parameter of a read naming a job or a step has an example of its schema's
+    /// type, and no other operation has one.
     #[test]
-    fn checkpoint_path_parameters_have_examples() {
+    fn the_path_parameters_of_reads_have_examples() {
         let doc: serde_json::Value = serde_json::from_str(super::document()).unwrap();
         let mut seen = BTreeSet::new();
         for (path, item) in doc["paths"].as_object().unwrap() {
             for (method, op) in item.as_object().unwrap() {
                 for p in op["parameters"].as_array().into_iter().flatten() {
                     let name = p["name"].as_str().unwrap();
-                    if p["in"] != "path" || !["job", "step", "rank"].contains(&name) {
+                    if method != "get" {
+                        assert!(p.get("example").is_none(), "{method} {path}: {name} has an example");
+                        continue;
+                    }
+                    if p["in"] != "path" || !["job", "step"].contains(&name) {
                         continue;
                     }
                     let (example, ty) = (&p["example"], p["schema"]["type"].as_str().unwrap_or_default());
@@ -210,7 +214,7 @@ mod tests {
                 }
             }
         }
-        let want = [("job", "\"llama-tiny\""), ("rank", "0"), ("step", "\"latest\""), ("step", "1")];
+        let want = [("job", "\"llama-tiny\""), ("step", "\"latest\""), ("step", "1")];
         assert_eq!(seen, want.iter().map(|(n, e)| (n.to_string(), e.to_string())).collect());
     }
 }

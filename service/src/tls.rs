@@ -118,13 +118,29 @@ impl ClientCertVerifier for ClientVerifier {
     }
 }
 
+/// The lists in force that a file's lists are checked against: the running node's (a reload),
+/// or those it last ran with, kept in the floor file (a start).
+#[derive(Clone, Copy)]
+enum InForce<'a> {
+    Running(&'a crl::InForce),
+    LastRun(&'a crl::InForce, &'a Path),
+}
+
+impl<'a> InForce<'a> {
+    fn lists(self) -> &'a crl::InForce {
+        match self {
+            InForce::Running(l) | InForce::LastRun(l, _) => l,
+        }
+    }
+}
+
 /// The revocation lists in `pem` (the file's bytes, read from `path`), checked against the
-/// CA's certificates and, on a reload, the lists in force (`crl.rs`).
+/// CA's certificates and the lists in force, if any (`crl.rs`).
 fn read_lists(
     path: &Path,
     pem: &[u8],
     ca: &[CertificateDer<'_>],
-    in_force: Option<&crl::InForce>,
+    in_force: Option<InForce<'_>>,
     provider: &CryptoProvider,
 ) -> Result<(Vec<CertificateRevocationListDer<'static>>, crl::InForce), ServiceError> {
     let lists = CertificateRevocationListDer::pem_slice_iter(pem)
@@ -133,8 +149,15 @@ fn read_lists(
     if lists.is_empty() {
         return Err(tls_error(format!("{} holds no revocation list (PEM \"X509 CRL\")", path.display())));
     }
-    let fresh = crl::check(&lists, ca, in_force, &provider.signature_verification_algorithms)
-        .map_err(|e| tls_error(format!("{}: {e}", path.display())))?;
+    let fresh = crl::check(&lists, ca, in_force.map(InForce::lists), &provider.signature_verification_algorithms)
+        .map_err(|e| match (e, in_force) {
+            (crl::Refused::Older(why), Some(InForce::LastRun(_, floor))) => tls_error(format!(
+                "{}: {why}; the list in force is the one this node last ran with, kept in {}: remove that file to go back on purpose",
+                path.display(),
+                floor.display()
+            )),
+            (e, _) => tls_error(format!("{}: {e}", path.display())),
+        })?;
     Ok((lists, fresh))
 }
 
@@ -153,7 +176,7 @@ fn verifier_for(
     roots: &Arc<RootCertStore>,
     ca: &[CertificateDer<'_>],
     pem: Option<&[u8]>,
-    in_force: Option<&crl::InForce>,
+    in_force: Option<InForce<'_>>,
     provider: &Arc<CryptoProvider>,
 ) -> Result<(Arc<dyn ClientCertVerifier>, crl::InForce), ServiceError> {
     let mut b = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone());
@@ -238,8 +261,10 @@ fn parse_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, 
 
 /// The acceptor for `cfg`, and a task that reloads its certificate and revocation lists while
 /// the returned guard lives. `floor` is the file that keeps the lists in force across restarts
-/// (`crl.rs`); it is read and written only with `client_crl`.
+/// (`crl.rs`): read here, and written only with `client_crl`, once `ReloadGuard::own_floor`
+/// says this node owns its data directory.
 pub fn acceptor(cfg: &TlsConfig, floor: &Path) -> Result<(tokio_rustls::TlsAcceptor, ReloadGuard), ServiceError> {
+    let floor = Arc::new(crl::Floor::new(floor.to_path_buf()));
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let files = Files::read(cfg)?;
     let first_seen = files.seen();
@@ -257,22 +282,13 @@ pub fn acceptor(cfg: &TlsConfig, floor: &Path) -> Result<(tokio_rustls::TlsAccep
             }
             let roots = Arc::new(roots);
             let last_run = match cfg.client_crl {
-                Some(_) => crl::read_floor(floor).map_err(tls_error)?,
+                Some(_) => crl::read_floor(floor.path()).map_err(tls_error)?,
                 None => None,
             };
-            let (first, lists) =
-                verifier_for(cfg, &roots, &ca_certs, files.crl.as_deref(), last_run.as_ref(), &provider).map_err(
-                    |e| match &last_run {
-                        Some(_) => tls_error(format!(
-                            "{e} (the lists in force are those this node last ran with, kept in {}; remove that file to go back on purpose)",
-                            floor.display()
-                        )),
-                        None => e,
-                    },
-                )?;
+            let in_force = last_run.as_ref().map(|l| InForce::LastRun(l, floor.path()));
+            let (first, lists) = verifier_for(cfg, &roots, &ca_certs, files.crl.as_deref(), in_force, &provider)?;
             if cfg.client_crl.is_some() && last_run.as_ref() != Some(&lists) {
-                crl::write_floor(floor, &lists)
-                    .map_err(|e| tls_error(format!("cannot keep the lists in force in {}: {e}", floor.display())))?;
+                floor.stage(lists.clone());
             }
             let verifier =
                 Arc::new(ClientVerifier { hints: first.root_hint_subjects().to_vec(), current: RwLock::new(first) });
@@ -290,7 +306,7 @@ pub fn acceptor(cfg: &TlsConfig, floor: &Path) -> Result<(tokio_rustls::TlsAccep
         server.send_tls13_tickets = 0;
     }
 
-    let (cfg, every, floor) = (cfg.clone(), Duration::from_secs(cfg.reload_s), floor.to_path_buf());
+    let (cfg, every, task_floor) = (cfg.clone(), Duration::from_secs(cfg.reload_s), floor.clone());
     let task = tokio::spawn(async move {
         let mut seen = first_seen;
         let mut in_force = first_lists;
@@ -298,9 +314,10 @@ pub fn acceptor(cfg: &TlsConfig, floor: &Path) -> Result<(tokio_rustls::TlsAccep
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            // A write that failed at an earlier tick.
+            keep_floor(&task_floor).await;
             let (c, p, was, lists_now) = (cfg.clone(), provider.clone(), seen, in_force.clone());
             let trust = clients.as_ref().map(|t| (t.roots.clone(), t.ca.clone()));
-            let floor = floor.clone();
             // None: unchanged, or unreadable for now (a renewal between its renames).
             let changed = tokio::task::spawn_blocking(move || {
                 let files = match Files::read(&c) {
@@ -312,16 +329,9 @@ pub fn acceptor(cfg: &TlsConfig, floor: &Path) -> Result<(tokio_rustls::TlsAccep
                 };
                 let now = files.seen();
                 let key = (now.pair != was.pair).then(|| load_certified_key(&c, &files, &p));
-                let verifier = trust
-                    .filter(|_| now.crl != was.crl)
-                    .map(|(roots, ca)| verifier_for(&c, &roots, &ca, files.crl.as_deref(), Some(&lists_now), &p));
-                // Kept before it is installed (which cannot fail): a crash between leaves the
-                // floor at the newer lists, which are the file's.
-                if let Some(Ok((_, lists))) = verifier.as_ref().filter(|_| c.client_crl.is_some()) {
-                    if let Err(e) = crl::write_floor(&floor, lists) {
-                        tracing::warn!(error = %e, "cannot keep the revocation lists in force across restarts");
-                    }
-                }
+                let verifier = trust.filter(|_| now.crl != was.crl).map(|(roots, ca)| {
+                    verifier_for(&c, &roots, &ca, files.crl.as_deref(), Some(InForce::Running(&lists_now)), &p)
+                });
                 (now != was).then_some((now, key, verifier))
             })
             .await;
@@ -346,6 +356,13 @@ pub fn acceptor(cfg: &TlsConfig, floor: &Path) -> Result<(tokio_rustls::TlsAccep
             }
             match (verifier, &clients) {
                 (Some(Ok((v, lists))), Some(trust)) => {
+                    // On disk before in force: a crash between leaves the floor at the file's
+                    // newer lists, never a node that enforced lists its floor lacks. A write
+                    // that fails does not hold the newer lists back.
+                    if cfg.client_crl.is_some() {
+                        task_floor.stage(lists.clone());
+                        keep_floor(&task_floor).await;
+                    }
                     *trust.verifier.current.write().unwrap_or_else(|e| e.into_inner()) = v;
                     in_force = lists;
                     seen.crl = now.crl;
@@ -358,7 +375,24 @@ pub fn acceptor(cfg: &TlsConfig, floor: &Path) -> Result<(tokio_rustls::TlsAccep
             }
         }
     });
-    Ok((tokio_rustls::TlsAcceptor::from(Arc::new(server)), ReloadGuard(task)))
+    Ok((tokio_rustls::TlsAcceptor::from(Arc::new(server)), ReloadGuard { task, floor }))
+}
+
+/// Writes the floor's pending lists, if any, off the runtime; a failure is logged and left
+/// pending for the next reload tick.
+async fn keep_floor(floor: &Arc<crl::Floor>) {
+    if !floor.is_pending() {
+        return;
+    }
+    let floor = floor.clone();
+    match tokio::task::spawn_blocking(move || floor.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(
+            error = %e,
+            "cannot keep the revocation lists in force across restarts; trying again at the next reload tick"
+        ),
+        Err(e) => tracing::warn!(error = %e, "tls reload task failed"),
+    }
 }
 
 /// Logs a failed handshake: at warn, at most every ten seconds, when the client's certificate
@@ -385,11 +419,26 @@ pub fn log_handshake_failure(e: &std::io::Error) {
 }
 
 /// Stops the reload task when dropped.
-pub struct ReloadGuard(tokio::task::JoinHandle<()>);
+pub struct ReloadGuard {
+    task: tokio::task::JoinHandle<()>,
+    floor: Arc<crl::Floor>,
+}
+
+impl ReloadGuard {
+    /// This node owns its data directory (its index is open): the lists in force are written
+    /// to the floor file now, and after every reload from here on.
+    pub async fn own_floor(&self) -> Result<(), ServiceError> {
+        let floor = self.floor.clone();
+        tokio::task::spawn_blocking(move || floor.own().map_err(|e| (floor.path().to_path_buf(), e)))
+            .await
+            .map_err(crate::error::join_error)?
+            .map_err(|(path, e)| tls_error(format!("cannot keep the lists in force in {}: {e}", path.display())))
+    }
+}
 
 impl Drop for ReloadGuard {
     fn drop(&mut self) {
-        self.0.abort();
+        self.task.abort();
     }
 }
 

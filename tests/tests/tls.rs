@@ -429,10 +429,13 @@ async fn revoked_client_certificates_fail_the_handshake_and_lists_are_read_again
             "alice let in after a restart"
         );
         drop(d);
-        // With the floor removed, the operator's older list is taken.
+        // With the floor removed, the operator's older list is taken, and is the floor from
+        // then on (written at start, once the node owns its data directory).
         std::fs::remove_file(&floor).unwrap();
         replace(d_path, "crl.pem", &crl(&ca, 4, &[102], (2025, 2099)));
         drop(LocalDaemon::start(opts.clone()).await.unwrap());
+        let kept: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&floor).unwrap()).unwrap();
+        assert_eq!(kept["issuers"][0]["number"], serde_json::json!([4]), "{kept}");
 
         // At start-up a list that does not parse is an error that names the file, and so is a
         // list without a CA to check it against.
