@@ -357,8 +357,9 @@ pub fn acceptor(cfg: &TlsConfig, floor: &Path) -> Result<(tokio_rustls::TlsAccep
             match (verifier, &clients) {
                 (Some(Ok((v, lists))), Some(trust)) => {
                     // On disk before in force: a crash between leaves the floor at the file's
-                    // newer lists, never a node that enforced lists its floor lacks. A write
-                    // that fails does not hold the newer lists back.
+                    // newer lists. A write that fails does not hold the newer lists back, so
+                    // until a retry succeeds the floor lags what is enforced, and a restart
+                    // in that window would take a list between the two.
                     if cfg.client_crl.is_some() {
                         task_floor.stage(lists.clone());
                         keep_floor(&task_floor).await;
@@ -391,7 +392,7 @@ async fn keep_floor(floor: &Arc<crl::Floor>) {
             error = %e,
             "cannot keep the revocation lists in force across restarts; trying again at the next reload tick"
         ),
-        Err(e) => tracing::warn!(error = %e, "tls reload task failed"),
+        Err(e) => tracing::warn!(error = %e, "the floor's write task failed; trying again at the next reload tick"),
     }
 }
 

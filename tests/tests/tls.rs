@@ -428,14 +428,27 @@ async fn revoked_client_certificates_fail_the_handshake_and_lists_are_read_again
             !answered(&addr, &client_config(&ca.pem, &alice_pem, &alice_key)).await,
             "alice let in after a restart"
         );
+        // A second ckptd started by mistake on the same data directory, on a newer list of its
+        // own, fails at the index and writes nothing: the floor stays the running node's.
+        let floor_number = || {
+            let kept: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&floor).unwrap()).unwrap();
+            kept["issuers"][0]["number"].clone()
+        };
+        assert_eq!(floor_number(), serde_json::json!([5]));
+        let second = std::fs::read_to_string(d_path.join("ckptd.toml")).unwrap().replace("crl.pem", "crl-b.pem");
+        write(d_path, "crl-b.pem", &crl(&ca, 6, &[], (2025, 2099)));
+        let mut b = opts.clone();
+        b.extra_args = vec!["--config".into(), write(d_path, "ckptd-b.toml", &second).into()];
+        b.log_file = d_path.join("ckptd-b.log");
+        assert!(LocalDaemon::start(b).await.is_err(), "a second ckptd ran on one data directory");
+        assert_eq!(floor_number(), serde_json::json!([5]), "the second ckptd wrote the floor");
         drop(d);
         // With the floor removed, the operator's older list is taken, and is the floor from
         // then on (written at start, once the node owns its data directory).
         std::fs::remove_file(&floor).unwrap();
         replace(d_path, "crl.pem", &crl(&ca, 4, &[102], (2025, 2099)));
         drop(LocalDaemon::start(opts.clone()).await.unwrap());
-        let kept: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&floor).unwrap()).unwrap();
-        assert_eq!(kept["issuers"][0]["number"], serde_json::json!([4]), "{kept}");
+        assert_eq!(floor_number(), serde_json::json!([4]));
 
         // At start-up a list that does not parse is an error that names the file, and so is a
         // list without a CA to check it against.
@@ -452,6 +465,8 @@ async fn revoked_client_certificates_fail_the_handshake_and_lists_are_read_again
         assert!(LocalDaemon::start(opts).await.is_err(), "ckptd started on a forged revocation list");
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         assert!(text[logged..].contains("signature does not verify with the key of \"CN=ckpt test ca\""), "{text}");
+        // Only an older list is the floor's doing: no hint to remove it here.
+        assert!(!text[logged..].contains(&floor.display().to_string()), "{text}");
         let no_ca = write(
             d_path,
             "no-ca.toml",
