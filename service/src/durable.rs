@@ -22,8 +22,9 @@
 //!   the per-file and per-directory fsyncs did, and more.
 //! * Everything here blocks: call it from `spawn_blocking`.
 //! * Used by the node-local adopt (`adopt.rs`), the spill files of the staging tier
-//!   (`staging.rs`), the revocation lists' floor (`crl.rs`) and the directories they need. Chunk puts to the store go through
-//!   object_store's local backend, which does the same (fsync of files and new directories).
+//!   (`staging.rs`), the revocation lists' floor (`crl.rs`) and the directories they need.
+//!   Chunk puts to the store go through object_store's local backend, which does the same
+//!   (fsync of files and new directories).
 
 use std::fs::File;
 use std::io;

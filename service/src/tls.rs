@@ -121,15 +121,15 @@ impl ClientCertVerifier for ClientVerifier {
 /// The lists in force that a file's lists are checked against: the running node's (a reload),
 /// or those it last ran with, kept in the floor file (a start).
 #[derive(Clone, Copy)]
-enum InForce<'a> {
+enum CheckedAgainst<'a> {
     Running(&'a crl::InForce),
     LastRun(&'a crl::InForce, &'a Path),
 }
 
-impl<'a> InForce<'a> {
+impl<'a> CheckedAgainst<'a> {
     fn lists(self) -> &'a crl::InForce {
         match self {
-            InForce::Running(l) | InForce::LastRun(l, _) => l,
+            CheckedAgainst::Running(l) | CheckedAgainst::LastRun(l, _) => l,
         }
     }
 }
@@ -140,7 +140,7 @@ fn read_lists(
     path: &Path,
     pem: &[u8],
     ca: &[CertificateDer<'_>],
-    in_force: Option<InForce<'_>>,
+    in_force: Option<CheckedAgainst<'_>>,
     provider: &CryptoProvider,
 ) -> Result<(Vec<CertificateRevocationListDer<'static>>, crl::InForce), ServiceError> {
     let lists = CertificateRevocationListDer::pem_slice_iter(pem)
@@ -149,9 +149,9 @@ fn read_lists(
     if lists.is_empty() {
         return Err(tls_error(format!("{} holds no revocation list (PEM \"X509 CRL\")", path.display())));
     }
-    let fresh = crl::check(&lists, ca, in_force.map(InForce::lists), &provider.signature_verification_algorithms)
+    let fresh = crl::check(&lists, ca, in_force.map(CheckedAgainst::lists), &provider.signature_verification_algorithms)
         .map_err(|e| match (e, in_force) {
-            (crl::Refused::Older(why), Some(InForce::LastRun(_, floor))) => tls_error(format!(
+            (crl::Refused::Older(why), Some(CheckedAgainst::LastRun(_, floor))) => tls_error(format!(
                 "{}: {why}; the list in force is the one this node last ran with, kept in {}: remove that file to go back on purpose",
                 path.display(),
                 floor.display()
@@ -176,7 +176,7 @@ fn verifier_for(
     roots: &Arc<RootCertStore>,
     ca: &[CertificateDer<'_>],
     pem: Option<&[u8]>,
-    in_force: Option<InForce<'_>>,
+    in_force: Option<CheckedAgainst<'_>>,
     provider: &Arc<CryptoProvider>,
 ) -> Result<(Arc<dyn ClientCertVerifier>, crl::InForce), ServiceError> {
     let mut b = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone());
@@ -285,7 +285,7 @@ pub fn acceptor(cfg: &TlsConfig, floor: &Path) -> Result<(tokio_rustls::TlsAccep
                 Some(_) => crl::read_floor(floor.path()).map_err(tls_error)?,
                 None => None,
             };
-            let in_force = last_run.as_ref().map(|l| InForce::LastRun(l, floor.path()));
+            let in_force = last_run.as_ref().map(|l| CheckedAgainst::LastRun(l, floor.path()));
             let (first, lists) = verifier_for(cfg, &roots, &ca_certs, files.crl.as_deref(), in_force, &provider)?;
             if cfg.client_crl.is_some() && last_run.as_ref() != Some(&lists) {
                 floor.stage(lists.clone());
@@ -330,7 +330,7 @@ pub fn acceptor(cfg: &TlsConfig, floor: &Path) -> Result<(tokio_rustls::TlsAccep
                 let now = files.seen();
                 let key = (now.pair != was.pair).then(|| load_certified_key(&c, &files, &p));
                 let verifier = trust.filter(|_| now.crl != was.crl).map(|(roots, ca)| {
-                    verifier_for(&c, &roots, &ca, files.crl.as_deref(), Some(InForce::Running(&lists_now)), &p)
+                    verifier_for(&c, &roots, &ca, files.crl.as_deref(), Some(CheckedAgainst::Running(&lists_now)), &p)
                 });
                 (now != was).then_some((now, key, verifier))
             })
@@ -430,10 +430,10 @@ impl ReloadGuard {
     /// to the floor file now, and after every reload from here on.
     pub async fn own_floor(&self) -> Result<(), ServiceError> {
         let floor = self.floor.clone();
-        tokio::task::spawn_blocking(move || floor.own().map_err(|e| (floor.path().to_path_buf(), e)))
+        tokio::task::spawn_blocking(move || floor.own())
             .await
             .map_err(crate::error::join_error)?
-            .map_err(|(path, e)| tls_error(format!("cannot keep the lists in force in {}: {e}", path.display())))
+            .map_err(|e| tls_error(format!("cannot keep the lists in force in {}: {e}", self.floor.path().display())))
     }
 }
 
