@@ -508,8 +508,11 @@ impl Coordinator {
             let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
+                // Biased: a rewrite that is due goes before the run's next step, so a run
+                // woken from a stall (its store call and its rewrite both ready) learns it has
+                // lost the lock from the lock itself, before the run takes another step.
                 tokio::select! {
-                    r = &mut run => break r,
+                    biased;
                     // A run stopped anywhere is what a crash leaves, which GC is built to
                     // survive; only the lock would outlive it.
                     _ = self.gc.stop.cancelled() => {
@@ -528,6 +531,7 @@ impl Coordinator {
                             break Err(e);
                         }
                     }
+                    r = &mut run => break r,
                 }
             }
         };

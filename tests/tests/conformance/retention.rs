@@ -400,7 +400,7 @@ async fn a_gc_run_stalled_past_its_lock_is_fenced_when_it_wakes(backend: Backend
 
 /// A run whose lock rewrites do not happen (a failpoint skips them) outlives its lease in a
 /// slow listing: its own check before the first delete stops it, with nothing deleted and its
-/// lock released. (In the stalled-process test above the refresh may see the lapse first.)
+/// lock released. (In the stalled-process test above the rewrite, due first, sees the loss.)
 async fn a_gc_run_past_its_lease_stops_before_its_next_delete(backend: Backend) {
     let seed = seed(0x5eed_0c25);
     let dir = tempfile::tempdir().unwrap();
