@@ -146,10 +146,14 @@ pub(crate) fn write_floor(path: &Path, in_force: &InForce) -> Result<(), crate::
 /// data directory (`own`, once its index is open): a start that fails before that, or a second
 /// ckptd started on the same directory, writes nothing. Then the lists are written at once,
 /// and after each reload; a write that fails stays pending and is tried again (`flush`, every
-/// reload tick) until one succeeds.
+/// reload tick) until one succeeds. The reload task waits for a write at most a tick (`keep`):
+/// a write stuck on a hung disk is left to finish, no second one starts beside it, and the
+/// task goes on renewing certificates.
 pub(crate) struct Floor {
     path: PathBuf,
     owned: AtomicBool,
+    /// A `keep` write is running (it may have outlived its wait).
+    in_flight: AtomicBool,
     /// Lists in force that the file does not hold yet (short holds only).
     pending: Mutex<Option<InForce>>,
     /// Held over a whole write, so two writes never cross and an older one never lands last.
@@ -158,7 +162,13 @@ pub(crate) struct Floor {
 
 impl Floor {
     pub(crate) fn new(path: PathBuf) -> Floor {
-        Floor { path, owned: AtomicBool::new(false), pending: Mutex::new(None), writing: Mutex::new(()) }
+        Floor {
+            path,
+            owned: AtomicBool::new(false),
+            in_flight: AtomicBool::new(false),
+            pending: Mutex::new(None),
+            writing: Mutex::new(()),
+        }
     }
 
     pub(crate) fn path(&self) -> &Path {
@@ -193,6 +203,65 @@ impl Floor {
             *pending = None;
         }
         Ok(())
+    }
+}
+
+/// What one `Floor::keep` did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Kept {
+    /// Nothing was pending, or the pending lists are on disk now.
+    Written,
+    /// The write failed; the lists stay pending.
+    Failed,
+    /// The write did not end within the wait (it goes on, and the lists stay pending until it
+    /// lands), or one started earlier is still running.
+    Stuck,
+}
+
+impl Floor {
+    /// Writes the pending lists off the runtime, waiting at most `wait`. Failures are logged
+    /// here; the lists stay pending for the next call.
+    pub(crate) async fn keep(self: &std::sync::Arc<Self>, wait: std::time::Duration) -> Kept {
+        if !self.is_pending() {
+            return Kept::Written;
+        }
+        if self.in_flight.swap(true, Ordering::AcqRel) {
+            tracing::error!(
+                path = %self.path.display(),
+                "the revocation lists' floor write started earlier has not ended (a stuck disk?); not starting another"
+            );
+            return Kept::Stuck;
+        }
+        let floor = self.clone();
+        let write = tokio::task::spawn_blocking(move || {
+            let r = floor.flush();
+            floor.in_flight.store(false, Ordering::Release);
+            r
+        });
+        match tokio::time::timeout(wait, write).await {
+            Ok(Ok(Ok(()))) => Kept::Written,
+            Ok(Ok(Err(e))) => {
+                tracing::error!(
+                    error = %e,
+                    "cannot keep the revocation lists in force across restarts; trying again at the next reload tick"
+                );
+                Kept::Failed
+            }
+            Ok(Err(e)) => {
+                // A panicked write never cleared its flag.
+                self.in_flight.store(false, Ordering::Release);
+                tracing::error!(error = %e, "the floor's write task failed; trying again at the next reload tick");
+                Kept::Failed
+            }
+            Err(_) => {
+                tracing::error!(
+                    path = %self.path.display(),
+                    wait_s = wait.as_secs_f64(),
+                    "the revocation lists' floor write has not ended (a stuck disk?); reloads go on without it"
+                );
+                Kept::Stuck
+            }
+        }
     }
 }
 
@@ -419,6 +488,48 @@ mod tests {
         floor.flush().unwrap();
         assert!(!floor.is_pending());
         assert_eq!(read_floor(&path).unwrap(), Some(lists(2)), "the newest staged lists");
+    }
+
+    #[tokio::test]
+    async fn a_stuck_floor_write_is_waited_for_a_tick_and_never_doubled() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("crl-floor.json");
+        let (a_cert, a) = ca("ca a");
+        let lists = |n| check(&[list(&a, n)], std::slice::from_ref(&a_cert), None, &algs()).unwrap();
+        let floor = std::sync::Arc::new(Floor::new(path.clone()));
+        floor.own().unwrap();
+        floor.stage(lists(1));
+        let wait = std::time::Duration::from_millis(200);
+        // A write that cannot end: another thread holds the file's write lock, as a hung fsync
+        // would, until told to let go.
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let holder = floor.clone();
+        let stuck = std::thread::spawn(move || {
+            let _held = holder.writing.lock().unwrap();
+            held_tx.send(()).unwrap();
+            release_rx.recv().ok();
+        });
+        held_rx.recv().unwrap();
+        let bounded = tokio::time::timeout(std::time::Duration::from_secs(5), floor.keep(wait)).await;
+        assert_eq!(bounded.expect("keep waited on the stuck write past its wait"), Kept::Stuck);
+        assert!(floor.is_pending() && !path.exists());
+        // The next tick does not start a second write beside the stuck one.
+        let t0 = std::time::Instant::now();
+        assert_eq!(floor.keep(wait).await, Kept::Stuck);
+        assert!(t0.elapsed() < wait, "it waited on the stuck write again");
+        // The disk comes back: the write started first lands, with the newest lists.
+        floor.stage(lists(2));
+        release_tx.send(()).unwrap();
+        stuck.join().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while floor.in_flight.load(Ordering::Acquire) {
+            assert!(std::time::Instant::now() < deadline, "the stuck write never ended");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(!floor.is_pending());
+        assert_eq!(read_floor(&path).unwrap(), Some(lists(2)));
+        assert_eq!(floor.keep(wait).await, Kept::Written);
     }
 
     fn at(number: Option<&[u8]>, this_update: i64) -> Freshness {

@@ -314,8 +314,8 @@ pub fn acceptor(cfg: &TlsConfig, floor: &Path) -> Result<(tokio_rustls::TlsAccep
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            // A write that failed at an earlier tick.
-            keep_floor(&task_floor).await;
+            // A write that failed (or had not ended) at an earlier tick.
+            task_floor.keep(every).await;
             let (c, p, was, lists_now) = (cfg.clone(), provider.clone(), seen, in_force.clone());
             let trust = clients.as_ref().map(|t| (t.roots.clone(), t.ca.clone()));
             // None: unchanged, or unreadable for now (a renewal between its renames).
@@ -357,12 +357,12 @@ pub fn acceptor(cfg: &TlsConfig, floor: &Path) -> Result<(tokio_rustls::TlsAccep
             match (verifier, &clients) {
                 (Some(Ok((v, lists))), Some(trust)) => {
                     // On disk before in force: a crash between leaves the floor at the file's
-                    // newer lists. A write that fails does not hold the newer lists back, so
-                    // until a retry succeeds the floor lags what is enforced, and a restart
-                    // in that window would take a list between the two.
+                    // newer lists. A write that fails, or has not ended within a tick, does not
+                    // hold the newer lists back, so until one lands the floor lags what is
+                    // enforced, and a restart in that window would take a list between the two.
                     if cfg.client_crl.is_some() {
                         task_floor.stage(lists.clone());
-                        keep_floor(&task_floor).await;
+                        task_floor.keep(every).await;
                     }
                     *trust.verifier.current.write().unwrap_or_else(|e| e.into_inner()) = v;
                     in_force = lists;
@@ -377,23 +377,6 @@ pub fn acceptor(cfg: &TlsConfig, floor: &Path) -> Result<(tokio_rustls::TlsAccep
         }
     });
     Ok((tokio_rustls::TlsAcceptor::from(Arc::new(server)), ReloadGuard { task, floor }))
-}
-
-/// Writes the floor's pending lists, if any, off the runtime; a failure is logged and left
-/// pending for the next reload tick.
-async fn keep_floor(floor: &Arc<crl::Floor>) {
-    if !floor.is_pending() {
-        return;
-    }
-    let floor = floor.clone();
-    match tokio::task::spawn_blocking(move || floor.flush()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(
-            error = %e,
-            "cannot keep the revocation lists in force across restarts; trying again at the next reload tick"
-        ),
-        Err(e) => tracing::warn!(error = %e, "the floor's write task failed; trying again at the next reload tick"),
-    }
 }
 
 /// Logs a failed handshake: at warn, at most every ten seconds, when the client's certificate
