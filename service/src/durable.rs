@@ -9,7 +9,12 @@
 //!   although its own directory was fsync'd, because `chunks/` never recorded `<hh>`.
 //! * Concurrency: two threads may create the same directory at once. The one that loses the
 //!   race (`AlreadyExists`) still fsyncs the parent: otherwise it could return, and ack a chunk,
-//!   before the winner's fsync of the parent has happened.
+//!   before the winner's fsync of the parent has happened. A thread that finds the directory
+//!   already there has the same problem when the creator is between its `mkdir` and that fsync,
+//!   so directories are listed (`CREATING`) from before their `mkdir` to after it, and a thread
+//!   that finds a listed one fsyncs its parent too.
+//! * A failed `syncfs` fails every caller it was to cover, however many syncs fail before they
+//!   wake (`FsSync` keeps each failure until no waiting caller's ticket is in its range).
 //! * Temporary files are named `.<name>.<pid>-<seq>.tmp` next to their destination, so they are
 //!   on the destination's filesystem (the rename is atomic) and parsers of store keys and spill
 //!   names ignore them. A crash can leave one behind; it is garbage, never data.
@@ -22,7 +27,8 @@
 //!   the per-file and per-directory fsyncs did, and more.
 //! * Everything here blocks: call it from `spawn_blocking`.
 //! * Used by the node-local adopt (`adopt.rs`), the spill files of the staging tier
-//!   (`staging.rs`), the revocation lists' floor (`crl.rs`) and the directories they need.
+//!   (`staging.rs`), the revocation lists' floor (`crl.rs`), the sled index's flushes
+//!   (`index.rs`, a group sync after each) and the directories they need.
 //!   Chunk puts to the store go through object_store's local backend, which does the same
 //!   (fsync of files and new directories).
 
@@ -84,7 +90,15 @@ pub fn ensure_dir(dir: &Path) -> Result<(), DurableError> {
     let mut d = dir;
     loop {
         match std::fs::metadata(d) {
-            Ok(m) if m.is_dir() => break,
+            Ok(m) if m.is_dir() => {
+                // Made by a thread that may not have fsync'd its parent yet (the module note).
+                // Only the first existing one can be: a creator fsyncs each parent before it
+                // makes the next directory down.
+                if creating().contains_key(d) {
+                    sync_dir(parent_dir(d))?;
+                }
+                break;
+            }
             Ok(_) => {
                 return Err(DurableError::CreateDir {
                     path: d.into(),
@@ -105,6 +119,7 @@ pub fn ensure_dir(dir: &Path) -> Result<(), DurableError> {
     // Test-only switch (power-loss audit): leave new directories unsynced.
     let skip_fsync = crate::switch_armed("durable::skip_new_dir_fsync");
     for d in missing.iter().rev() {
+        let _listed = Creating::list(d);
         match std::fs::create_dir(d) {
             Ok(()) => {}
             // Created concurrently: its creator may not have fsync'd the parent yet, so the
@@ -119,6 +134,37 @@ pub fn ensure_dir(dir: &Path) -> Result<(), DurableError> {
         sync_dir(parent_dir(d))?;
     }
     Ok(())
+}
+
+/// Directories between their `mkdir` and the fsync of their parent, with how many threads are
+/// making each.
+static CREATING: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<PathBuf, usize>>> =
+    std::sync::LazyLock::new(Default::default);
+
+fn creating() -> std::sync::MutexGuard<'static, std::collections::HashMap<PathBuf, usize>> {
+    CREATING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One thread's listing of a directory it is making; unlisted when dropped, on every return.
+struct Creating(PathBuf);
+
+impl Creating {
+    fn list(dir: &Path) -> Creating {
+        *creating().entry(dir.to_path_buf()).or_default() += 1;
+        Creating(dir.to_path_buf())
+    }
+}
+
+impl Drop for Creating {
+    fn drop(&mut self) {
+        let mut listed = creating();
+        if let Some(n) = listed.get_mut(&self.0) {
+            *n -= 1;
+            if *n == 0 {
+                listed.remove(&self.0);
+            }
+        }
+    }
 }
 
 /// The directory holding `path`; "." for a bare file name.
@@ -144,9 +190,28 @@ struct SyncState {
     /// Every ticket up to this one is covered.
     completed: u64,
     running: bool,
-    /// The last failed syncfs: it covered tickets up to `.0` and they get its error.
-    failed: Option<(u64, u64, String)>,
+    /// Failed syncfs calls: each was to cover the tickets `.0..=.1`, which get its error. Kept
+    /// while a caller holding one of those tickets has not returned.
+    failed: Vec<(u64, u64, String)>,
+    /// Tickets whose callers have not returned yet.
+    waiting: std::collections::BTreeSet<u64>,
     syncs: u64,
+}
+
+impl SyncState {
+    /// What the caller holding `ticket` returns, once it is done: the error of the failed sync
+    /// that was to cover it, or success once a sync covered it.
+    fn outcome(&mut self, ticket: u64) -> Option<Result<(), String>> {
+        let failure = self.failed.iter().find(|(from, to, _)| (*from..=*to).contains(&ticket)).map(|f| f.2.clone());
+        if failure.is_none() && self.completed < ticket {
+            return None;
+        }
+        self.waiting.remove(&ticket);
+        // A failure whose range ends before the oldest waiting ticket can fail no one now.
+        let oldest = self.waiting.first().copied().unwrap_or(u64::MAX);
+        self.failed.retain(|(_, to, _)| *to >= oldest);
+        Some(failure.map_or(Ok(()), Err))
+    }
 }
 
 impl FsSync {
@@ -163,14 +228,11 @@ impl FsSync {
         let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
         g.requested += 1;
         let ticket = g.requested;
+        g.waiting.insert(ticket);
         loop {
-            if let Some((from, to, why)) = &g.failed {
-                if (*from..=*to).contains(&ticket) {
-                    return Err(DurableError::Sync { path: self.path.clone(), source: io::Error::other(why.clone()) });
-                }
-            }
-            if g.completed >= ticket {
-                return Ok(());
+            if let Some(done) = g.outcome(ticket) {
+                return done
+                    .map_err(|why| DurableError::Sync { path: self.path.clone(), source: io::Error::other(why) });
             }
             if !g.running {
                 g.running = true;
@@ -183,7 +245,7 @@ impl FsSync {
                 g.running = false;
                 g.syncs += 1;
                 if let Some(e) = err {
-                    g.failed = Some((from, target, e.to_string()));
+                    g.failed.push((from, target, e.to_string()));
                 }
                 g.completed = g.completed.max(target);
                 self.done.notify_all();
@@ -354,6 +416,47 @@ mod tests {
         rename_into_place(&r.join("f"), &r.join("a/d/f")).unwrap();
         let expected: std::collections::BTreeSet<PathBuf> = [r.join("a"), r.join("a/d")].into_iter().collect();
         assert_eq!(synced_dirs(), expected, "the destination directory holds the new entry");
+    }
+
+    #[test]
+    fn a_directory_found_while_its_creator_is_between_mkdir_and_fsync_gets_its_parent_fsynced() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        let made = r.join("a/b");
+        std::fs::create_dir_all(&made).unwrap();
+        synced_dirs();
+        // Another thread made `a/b` and has not fsync'd `a` yet.
+        let other = Creating::list(&made);
+        ensure_dir(&made.join("c")).unwrap();
+        let expected: std::collections::BTreeSet<PathBuf> =
+            [r.join("a"), made.clone(), made.join("c")].into_iter().collect();
+        assert_eq!(synced_dirs(), expected, "the creator's pending fsync of the parent was not done");
+        drop(other);
+        ensure_dir(&made).unwrap();
+        assert!(synced_dirs().is_empty(), "once its creator is done, an existing directory needs no fsync");
+        assert!(!creating().contains_key(&made), "the listing outlived its creator");
+    }
+
+    #[test]
+    fn a_failed_syncfs_fails_its_waiters_even_after_later_ones_fail() {
+        let root = tempfile::tempdir().unwrap();
+        let fs = FsSync::open(root.path()).unwrap();
+        // Two callers wait on two syncs that both failed, recorded before either caller woke.
+        {
+            let mut g = fs.state.lock().unwrap();
+            g.requested = 2;
+            g.completed = 2;
+            g.waiting.extend([1, 2]);
+            g.failed.push((1, 1, "first".into()));
+            g.failed.push((2, 2, "second".into()));
+        }
+        let wake = |ticket: u64| fs.state.lock().unwrap().outcome(ticket).expect("a done caller").err();
+        assert_eq!(wake(1).as_deref(), Some("first"));
+        assert_eq!(wake(2).as_deref(), Some("second"), "the first caller's return forgot the second failure");
+        assert!(fs.state.lock().unwrap().failed.is_empty(), "failures outlived every caller they covered");
+        // A new caller gets a sync of its own, not an old failure.
+        fs.sync().unwrap();
+        assert_eq!(fs.syncs(), 1);
     }
 
     #[test]

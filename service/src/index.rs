@@ -10,7 +10,11 @@
 //!   create returned. A chunk the index does not know is looked up in the store before anyone
 //!   is told it is missing, so a lagging index costs a re-check, never a wrong answer.
 //! * Crash consistency: sled syncs in the background, so the journal is flushed before a request
-//!   that changed it is acked. Flushes are grouped: a caller whose writes a flush already in
+//!   that changed it is acked. sled's flush is a `sync_file_range` of its log: it neither
+//!   flushes the disk's write cache nor persists the file's size, and sled writes values past
+//!   its blob threshold (large shard indexes) to files of their own that it never fsyncs. So a
+//!   flush here is sled's, then a `syncfs` of the index's filesystem (the group sync of
+//!   `durable::FsSync`), which makes the log, the blobs and their directory entries durable. Flushes are grouped: a caller whose writes a flush already in
 //!   progress cannot cover waits for the next one, and one flush serves every caller that
 //!   wrote before it started, so thousands of concurrent index puts share a handful of syncs. Chunk records are not flushed per put (the store answers for
 //!   them after a crash). On start, `Coordinator::recover` reconciles the index with the store:
@@ -40,6 +44,10 @@ pub enum IndexError {
     Damaged { key: String, reason: String },
     #[error("this index was opened without counting stored bytes (no tenant has a stored-bytes quota)")]
     NotCounted,
+    #[error("index: {0}")]
+    Durable(#[from] crate::durable::DurableError),
+    #[error("index: the sync task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
 }
 
 #[derive(Clone)]
@@ -52,6 +60,8 @@ pub struct Index {
     saves: sled::Tree,
     save_ranks: sled::Tree,
     flushes: Arc<GroupFlush>,
+    /// The index's filesystem, synced after each sled flush (see the design note).
+    fs: Arc<crate::durable::FsSync>,
 }
 
 /// Group commit of sled flushes (see the design note).
@@ -124,7 +134,11 @@ impl Index {
     /// With `count_stored_bytes`, each job's stored bytes are counted now and kept
     /// (`stored_bytes_where`).
     pub fn open(dir: &Path, cache_bytes: u64, count_stored_bytes: bool) -> Result<Index, IndexError> {
+        crate::durable::ensure_dir(dir)?;
         let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).open()?;
+        let fs = crate::durable::FsSync::open(dir)?;
+        // What sled created or recovered at open is durable before anything is acked.
+        fs.sync()?;
         let chunks = db.open_tree("chunks")?;
         let job_bytes = if count_stored_bytes { Some(Arc::new(Mutex::new(count_job_bytes(&chunks)?))) } else { None };
         Ok(Index {
@@ -134,6 +148,7 @@ impl Index {
             saves: db.open_tree("saves")?,
             save_ranks: db.open_tree("save_ranks")?,
             flushes: Arc::new(GroupFlush::default()),
+            fs: Arc::new(fs),
             db,
         })
     }
@@ -183,6 +198,8 @@ impl Index {
         // Every ticket issued so far belongs to a caller that finished its writes before taking it.
         let covers = g.tickets.load(Ordering::SeqCst);
         self.db.flush_async().await?;
+        let fs = self.fs.clone();
+        tokio::task::spawn_blocking(move || fs.sync()).await??;
         g.flushes.fetch_add(1, Ordering::Relaxed);
         g.covered.fetch_max(covers, Ordering::SeqCst);
         Ok(())
@@ -466,6 +483,24 @@ mod tests {
                 Err(e) => panic!("reopening the index: {e}"),
             }
         }
+    }
+
+    /// sled's own flush leaves the disk cache, the log's size and blob files volatile; each
+    /// flush (and the open) ends with a syncfs of the index's filesystem, shared by callers.
+    #[tokio::test]
+    async fn every_flush_ends_with_a_sync_of_the_index_filesystem() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = Index::open(&dir.path().join("index"), 1 << 20, false).unwrap();
+        assert_eq!(idx.fs.syncs(), 1, "what sled made at open was not synced");
+        idx.set_store_description("s").unwrap();
+        idx.flush().await.unwrap();
+        assert_eq!((idx.flush_count(), idx.fs.syncs()), (1, 2), "a flush did not sync the filesystem");
+        let (a, b) = (idx.clone(), idx.clone());
+        a.set_store_description("t").unwrap();
+        let (ra, rb) = tokio::join!(a.flush(), b.flush());
+        ra.unwrap();
+        rb.unwrap();
+        assert!(idx.fs.syncs() >= 3 && idx.fs.syncs() <= 4, "{} syncs", idx.fs.syncs());
     }
 
     #[test]
