@@ -201,7 +201,11 @@ impl Coordinator {
         }
         let before = (g.state.metadata.clone(), g.state.part);
         g.state.reopen(req.world_size, req.metadata, part)?;
-        g.last_progress = Instant::now();
+        // Opening again is not progress: a client re-opening a save it never feeds would
+        // otherwise keep it, and its slot, from the idle abort for ever.
+        if created {
+            g.last_progress = Instant::now();
+        }
         if created || !g.journalled || (&g.state.metadata, g.state.part) != (&before.0, before.1) {
             // A save opened afresh may reuse the key of an aborted one: its ranks go first.
             let fresh = created;

@@ -182,6 +182,40 @@ async fn an_abandoned_save_is_aborted_after_its_timeout_and_frees_its_slot() {
     .await
 }
 
+/// Opening a save again is not progress: a client that re-opens its saves every few moments
+/// cannot keep them, and their slots, from the idle abort.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn re_opening_a_save_does_not_keep_it_from_the_idle_abort() {
+    bounded(Duration::from_secs(60), async {
+        let seed = seed(0x5eed_0806);
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = DaemonOptions::in_dir(ckptd_exe(), dir.path());
+        o.extra_args = config(dir.path(), "save_idle_abort_ms = 1500\ncommit_retry_ms = 100\n");
+        let d = start_daemon_with(o).await;
+        let c = impatient_client(&d);
+        c.save(&spec("job", 1, 0, 2), &rank_tensors(seed, 0, 2, 64 << 10), Wait::Staged).await.unwrap();
+        let started = std::time::Instant::now();
+        // The abort shows in the status, or as a re-open that found the save gone and opened
+        // it afresh (no rank in yet).
+        loop {
+            let s = c.save_status("job", 1).await.unwrap();
+            if s.phase == SavePhase::Aborted {
+                let reason = s.error.unwrap_or_default();
+                assert!(reason.contains("no progress"), "{reason}");
+                break;
+            }
+            let again = c.open_save(&spec("job", 1, 0, 2)).await.unwrap();
+            if again.ranks_received == 0 {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(15), "re-opens kept the idle save alive: {s:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(started.elapsed() >= Duration::from_millis(1000), "aborted too early: {:?}", started.elapsed());
+    })
+    .await
+}
+
 /// A store written by the previous format (one manifest with every index inline) still lists,
 /// restores and verifies, and new checkpoints written over it use the new format and name the
 /// old one as their predecessor.
