@@ -53,7 +53,7 @@ impl ApiError {
             ServiceError::NotFound(_) | ServiceError::Store(StoreError::NotFound(_)) => StatusCode::NOT_FOUND,
             ServiceError::Conflict(_) | ServiceError::Fenced { .. } => StatusCode::CONFLICT,
             ServiceError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ServiceError::BodyStalled { .. } => StatusCode::REQUEST_TIMEOUT,
+            ServiceError::BodyStalled { .. } | ServiceError::BodyTooSlow { .. } => StatusCode::REQUEST_TIMEOUT,
             ServiceError::BodyMismatch { .. } => StatusCode::BAD_REQUEST,
             ServiceError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ServiceError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -153,7 +153,8 @@ async fn verify_body_digest(
     next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await
 }
 
-/// `BodyStalled` when `e` comes from the body progress timeout (`RequestBodyTimeoutLayer`).
+/// `BodyStalled` when `e` comes from the body progress timeout (`RequestBodyTimeoutLayer`),
+/// `BodyTooSlow` when from the whole body's deadline (`body_deadline`).
 fn stalled(e: &(dyn std::error::Error + 'static), s: &AppState) -> Option<ServiceError> {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(c) = cause {
@@ -161,9 +162,70 @@ fn stalled(e: &(dyn std::error::Error + 'static), s: &AppState) -> Option<Servic
             let idle_ms = s.coordinator.body_progress_timeout().as_millis() as u64;
             return Some(ServiceError::BodyStalled { idle_ms });
         }
+        if let Some(late) = c.downcast_ref::<BodyPastDeadline>() {
+            return Some(ServiceError::BodyTooSlow {
+                within_ms: late.0.as_millis() as u64,
+                min_bytes_per_s: s.coordinator.body_min_bytes_per_s(),
+            });
+        }
         cause = c.source();
     }
     None
+}
+
+/// Puts a deadline on the whole request body (`Coordinator::body_deadline`): the progress
+/// timeout restarts at every frame, so a body that trickles a byte at a time would otherwise
+/// hold its slot and staging space for as long as its client likes.
+async fn body_deadline(
+    State(s): State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if http_body::Body::is_end_stream(req.body()) {
+        return next.run(req).await;
+    }
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let within = s.coordinator.body_deadline(declared);
+    let (parts, body) = req.into_parts();
+    let body = DeadlineBody { inner: body, late: Box::pin(tokio::time::sleep(within)), within };
+    next.run(axum::extract::Request::from_parts(parts, axum::body::Body::new(body))).await
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("request body not received within {0:?}")]
+struct BodyPastDeadline(Duration);
+
+struct DeadlineBody {
+    inner: axum::body::Body,
+    late: std::pin::Pin<Box<tokio::time::Sleep>>,
+    within: Duration,
+}
+
+impl http_body::Body for DeadlineBody {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::BoxError>>> {
+        if std::future::Future::poll(self.late.as_mut(), cx).is_ready() {
+            return std::task::Poll::Ready(Some(Err(Box::new(BodyPastDeadline(self.within)))));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx).map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -174,6 +236,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     // otherwise hold its chunk slot and staging reservation for as long as it keeps the
     // connection open. The timer runs only while a handler waits for the next frame.
     let body_timeout = RequestBodyTimeoutLayer::new(state.coordinator.body_progress_timeout());
+    let deadline = axum::middleware::from_fn_with_state(state.clone(), body_deadline);
     // JSON bodies a client sent with a digest are checked before they are parsed; for shard
     // indexes inside the index permit, so the bodies read whole stay bounded.
     let digest = || axum::middleware::from_fn_with_state(state.clone(), verify_body_digest);
@@ -217,6 +280,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             (StatusCode::METHOD_NOT_ALLOWED, Json(body))
         })
         .layer(body_timeout)
+        .layer(deadline)
         .layer(axum::middleware::from_fn_with_state(state.clone(), crate::auth::authenticate))
         .with_state(state)
 }

@@ -35,6 +35,11 @@ pub struct Config {
     /// A request body that delivers no bytes for this long is dropped (408): a stalled client
     /// must not keep its chunk slot and staging space.
     pub body_progress_timeout_ms: u64,
+    /// A request body must arrive at this average rate or better: one of N bytes (its
+    /// Content-Length, else the JSON limit) that has not arrived within
+    /// `body_progress_timeout_ms` + N / this rate is dropped (408), however steadily it
+    /// trickles. Bounds how long a slow or hostile client holds a slot and its staging space.
+    pub body_min_bytes_per_s: u64,
     /// A connection that has not sent a complete request head this long after it opened (or
     /// after its previous request) is closed.
     pub header_read_timeout_ms: u64,
@@ -131,6 +136,7 @@ impl Default for Config {
             index_requests_max: 1024,
             busy_wait_ms: 2_000,
             body_progress_timeout_ms: 10_000,
+            body_min_bytes_per_s: 64 << 10,
             header_read_timeout_ms: 10_000,
             connection_max_age_s: 600,
             commit_retry_ms: 1_000,
@@ -390,6 +396,7 @@ impl Config {
             ("save_idle_abort_ms", self.save_idle_abort_ms),
             ("index_cache_bytes_max", self.index_cache_bytes_max),
             ("body_progress_timeout_ms", self.body_progress_timeout_ms),
+            ("body_min_bytes_per_s", self.body_min_bytes_per_s),
             ("header_read_timeout_ms", self.header_read_timeout_ms),
         ];
         for (name, v) in positive {

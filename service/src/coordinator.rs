@@ -545,6 +545,19 @@ impl Coordinator {
         Duration::from_millis(self.config.body_progress_timeout_ms)
     }
 
+    /// How long a request body of `declared` bytes (None: not declared, so up to the JSON
+    /// limit) may take to arrive, at `body_min_bytes_per_s`, after a grace of one
+    /// `body_progress_timeout`.
+    pub fn body_deadline(&self, declared: Option<u64>) -> Duration {
+        let bytes = declared.unwrap_or(self.config.shard_index_bytes_max);
+        let rate = self.config.body_min_bytes_per_s.max(1);
+        self.body_progress_timeout() + Duration::from_millis(bytes.saturating_mul(1000) / rate)
+    }
+
+    pub fn body_min_bytes_per_s(&self) -> u64 {
+        self.config.body_min_bytes_per_s
+    }
+
     /// The largest JSON body (shard index, existence query) the API accepts.
     pub fn json_body_bytes_max(&self) -> u64 {
         self.config.shard_index_bytes_max

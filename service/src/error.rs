@@ -29,6 +29,8 @@ pub enum ServiceError {
     BodyMismatch { expected: String, actual: String },
     #[error("request body sent nothing for {idle_ms} ms; dropped")]
     BodyStalled { idle_ms: u64 },
+    #[error("request body not received within {within_ms} ms (body_min_bytes_per_s = {min_bytes_per_s}); dropped")]
+    BodyTooSlow { within_ms: u64, min_bytes_per_s: u64 },
     #[error("request body too large: {0}")]
     TooLarge(String),
     #[error("chunk {hash} of job {job} is corrupt in the store: {reason}")]
@@ -91,6 +93,7 @@ impl ServiceError {
             ServiceError::Fenced { .. } => "fenced",
             ServiceError::Busy(_) => "busy",
             ServiceError::BodyStalled { .. } => "body_stalled",
+            ServiceError::BodyTooSlow { .. } => "body_too_slow",
             ServiceError::BodyMismatch { .. } => "body_mismatch",
             ServiceError::TooLarge(_) => "too_large",
             ServiceError::CorruptChunk { .. } => "chunk_corrupt",

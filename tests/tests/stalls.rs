@@ -1,5 +1,6 @@
 //! No client can hold the service: connections that send a chunk upload's head and then
-//! nothing lose their chunk slot and staging space after `body_progress_timeout_ms`, and a
+//! nothing lose their chunk slot and staging space after `body_progress_timeout_ms`, one whose
+//! body trickles in slower than `body_min_bytes_per_s` loses them at its deadline, and a
 //! connection that never finishes its request head is closed after `header_read_timeout_ms`.
 
 use std::time::{Duration, Instant};
@@ -15,6 +16,7 @@ const BODY_PROGRESS_TIMEOUT: Duration = Duration::from_millis(2000);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_millis(1000);
 const STALLED_CONNECTIONS: usize = 200;
 const STALLED_BODY_BYTES: u64 = 4 << 20;
+const BODY_MIN_BYTES_PER_S: u64 = 1000;
 
 async fn start(dir: &std::path::Path) -> LocalDaemon {
     let cfg = dir.join("ckptd.toml");
@@ -23,7 +25,7 @@ async fn start(dir: &std::path::Path) -> LocalDaemon {
         &cfg,
         format!(
             "chunk_requests_max = {CHUNK_REQUESTS_MAX}\nbody_progress_timeout_ms = {}\nheader_read_timeout_ms = {}\n\
-             busy_wait_ms = 200\nstaging_memory_bytes_max = {}\ncompression_level = 0\n",
+             busy_wait_ms = 200\nstaging_memory_bytes_max = {}\ncompression_level = 0\nbody_min_bytes_per_s = {BODY_MIN_BYTES_PER_S}\n",
             BODY_PROGRESS_TIMEOUT.as_millis(),
             HEADER_READ_TIMEOUT.as_millis(),
             4 * STALLED_BODY_BYTES,
@@ -166,6 +168,75 @@ async fn a_connection_that_sends_half_a_request_head_is_closed() {
         );
         // The service still answers on a fresh connection.
         reqwest::get(format!("{}/healthz", d.url())).await.unwrap().error_for_status().unwrap();
+    })
+    .await
+}
+
+/// A body that sends a byte every quarter second never trips the progress timeout (it restarts
+/// at every frame), but it must arrive at `body_min_bytes_per_s`: at its deadline (the progress
+/// timeout, then its length at that rate) it is dropped with 408 and its staging space freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_trickles_is_dropped_at_its_deadline() {
+    bounded(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let d = start(dir.path()).await;
+        let declared: u64 = 3000;
+        let deadline = BODY_PROGRESS_TIMEOUT + Duration::from_millis(declared * 1000 / BODY_MIN_BYTES_PER_S);
+        let hash = ckpt_core::ChunkHash::of(&vec![7u8; declared as usize]);
+        let s = TcpStream::connect(addr(&d)).await.unwrap();
+        let (mut rx, mut tx) = s.into_split();
+        let head = format!(
+            "PUT /v1/jobs/trickle/chunks/{hash} HTTP/1.1\r\nHost: {}\r\nContent-Length: {declared}\r\n\r\n",
+            addr(&d)
+        );
+        tx.write_all(head.as_bytes()).await.unwrap();
+        let opened = Instant::now();
+        let trickle = tokio::spawn(async move {
+            for _ in 0..declared {
+                if tx.write_all(&[7u8]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        });
+        let mut answer = Vec::new();
+        let read = async {
+            let mut buf = [0u8; 4096];
+            loop {
+                match rx.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => answer.extend_from_slice(&buf[..n]),
+                }
+                if answer.windows(4).any(|w| w == b"\r\n\r\n") && answer.ends_with(b"}") {
+                    return;
+                }
+            }
+        };
+        let limit = deadline + Duration::from_secs(10);
+        tokio::time::timeout(limit, read)
+            .await
+            .unwrap_or_else(|_| panic!("a trickling body was still being read {limit:?} after its head"));
+        trickle.abort();
+        let after = opened.elapsed();
+        let answer = String::from_utf8_lossy(&answer);
+        eprintln!("answered after {after:?}: {answer}");
+        assert!(answer.starts_with("HTTP/1.1 408") && answer.contains("\"body_too_slow\""), "{answer}");
+        assert!(
+            after >= deadline - Duration::from_millis(200),
+            "dropped after {after:?}, before its deadline {deadline:?}"
+        );
+        // Its reservation is released.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let s = stats(&d).await;
+            let reserved =
+                s["staging"]["memory_bytes"].as_u64().unwrap() + s["staging"]["spill_bytes"].as_u64().unwrap();
+            if reserved == 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the trickling body's staging space was not released: {s}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     })
     .await
 }
