@@ -199,6 +199,45 @@ async fn body_deadline(
 #[error("request body not received within {0:?}")]
 struct BodyPastDeadline(Duration);
 
+/// A response body that keeps `held` (the request's transfer slots) until it is sent or the
+/// connection drops: the slots bound what is in flight, and an answer being written is. It is
+/// handed to hyper a frame at a time, since hyper drops a body once it holds its last frame,
+/// and queues at most a few hundred KiB of a connection's writes before it asks for more.
+fn held_until_sent<H: Send + Unpin + 'static>(bytes: Bytes, held: H) -> axum::body::Body {
+    axum::body::Body::new(Holding { rest: bytes, _held: held })
+}
+
+struct Holding<H> {
+    rest: Bytes,
+    _held: H,
+}
+
+const HELD_FRAME_BYTES: usize = 256 << 10;
+
+impl<H: Unpin> http_body::Body for Holding<H> {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if self.rest.is_empty() {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.rest.len().min(HELD_FRAME_BYTES);
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(self.rest.split_to(n)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.rest.len() as u64)
+    }
+}
+
 struct DeadlineBody {
     inner: axum::body::Body,
     late: std::pin::Pin<Box<tokio::time::Sleep>>,
@@ -748,11 +787,13 @@ pub(crate) async fn get_chunk(
     let hash: ChunkHash = hash.parse()?;
     // A client that verifies every byte itself says so; ckptd then skips its own hash pass.
     let verify = headers.get("x-ckpt-client-verifies").is_none_or(|v| v.as_bytes() != b"true");
-    let _permits = chunk_permits(&s, &who).await?;
+    let permits = chunk_permits(&s, &who).await?;
     let raw = s.coordinator.get_chunk(&job, hash, verify).await?;
     let len = raw.len() as u64;
     let Some(range) = headers.get(header::RANGE) else {
-        return Ok(([(header::CONTENT_TYPE, "application/octet-stream")], raw).into_response());
+        return Ok(
+            ([(header::CONTENT_TYPE, "application/octet-stream")], held_until_sent(raw, permits)).into_response()
+        );
     };
     let unsatisfiable = || {
         let mut r = StatusCode::RANGE_NOT_SATISFIABLE.into_response();
@@ -770,7 +811,8 @@ pub(crate) async fn get_chunk(
     // One range per request: that is what chunk readers need, and it keeps responses simple.
     let [range] = ranges.as_slice() else { return Ok(unsatisfiable()) };
     let (start, end) = (*range.start(), *range.end());
-    let part = raw.slice(start as usize..=end as usize);
+    // A copy: a slice would keep the whole decoded chunk for as long as the range is sent.
+    let part = held_until_sent(Bytes::copy_from_slice(&raw[start as usize..=end as usize]), permits);
     let content_range = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}"))
         .map_err(|e| ServiceError::Internal(e.to_string()))?;
     Ok((

@@ -33,7 +33,9 @@ pub struct Config {
     /// How long a request waits for a free slot before ckptd answers 503 with Retry-After.
     pub busy_wait_ms: u64,
     /// A request body that delivers no bytes for this long is dropped (408): a stalled client
-    /// must not keep its chunk slot and staging space.
+    /// must not keep its chunk slot and staging space. A connection whose answer the client
+    /// does not read (a write that makes no progress for this long) is closed, for the same
+    /// reason: a chunk being sent holds its chunk slot until it is sent.
     pub body_progress_timeout_ms: u64,
     /// A request body must arrive at this average rate or better: one of N bytes (its
     /// Content-Length, else the JSON limit) that has not arrived within
@@ -43,6 +45,9 @@ pub struct Config {
     /// A connection that has not sent a complete request head this long after it opened (or
     /// after its previous request) is closed.
     pub header_read_timeout_ms: u64,
+    /// Connections served at once; more wait in the listen backlog until one closes. Each
+    /// costs buffers and a task (about 70 KiB at 16,384), which no other limit covers.
+    pub connections_max: usize,
     /// A connection open this long is closed once its request in flight is answered (0: never);
     /// the client connects again. Bounds how long a revoked client certificate keeps working
     /// on a connection opened before the revocation.
@@ -138,6 +143,7 @@ impl Default for Config {
             body_progress_timeout_ms: 10_000,
             body_min_bytes_per_s: 64 << 10,
             header_read_timeout_ms: 10_000,
+            connections_max: 32_768,
             connection_max_age_s: 600,
             commit_retry_ms: 1_000,
             part_takeover_ms: 30_000,
@@ -398,6 +404,7 @@ impl Config {
             ("body_progress_timeout_ms", self.body_progress_timeout_ms),
             ("body_min_bytes_per_s", self.body_min_bytes_per_s),
             ("header_read_timeout_ms", self.header_read_timeout_ms),
+            ("connections_max", self.connections_max as u64),
         ];
         for (name, v) in positive {
             if v == 0 {

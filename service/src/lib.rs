@@ -158,8 +158,13 @@ pub async fn serve_until(
         tracing::info!(cert = %t.cert.display(), mutual = t.client_ca.is_some(), crl = t.client_crl.is_some(), "serving TLS only");
     }
 
-    let grace = Duration::from_secs(config.shutdown_grace_s);
-    let header_read_timeout = Duration::from_millis(config.header_read_timeout_ms);
+    let serving = Serving {
+        header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
+        write_stall: Duration::from_millis(config.body_progress_timeout_ms),
+        max_age: (config.connection_max_age_s > 0).then(|| Duration::from_secs(config.connection_max_age_s)),
+        grace: Duration::from_secs(config.shutdown_grace_s),
+        connections_max: config.connections_max,
+    };
     let gc = coordinator.clone();
     let shutdown = async move {
         stop.await;
@@ -169,8 +174,7 @@ pub async fn serve_until(
         // reachable to take their locks back, and their requests are answered.
         gc.stop_gc_runs();
     };
-    let max_age = (config.connection_max_age_s > 0).then(|| Duration::from_secs(config.connection_max_age_s));
-    http_serve(listener, app, tls, header_read_timeout, max_age, grace, shutdown).await;
+    http_serve(listener, app, tls, serving, shutdown).await;
     let left = coordinator.gc_runs_ended(GC_STOP_WAIT).await;
     if !left.is_empty() {
         tracing::warn!(?left, "GC runs did not release their locks in time; the next start of this node will");
@@ -290,25 +294,49 @@ pub(crate) fn save_context(job: &str, step: u64) -> opentelemetry::Context {
 /// open connections `grace` to finish their requests. axum::serve cannot set a header read
 /// timeout, so connections are served with hyper's own builder: a client that opens
 /// connections and sends half a request head would otherwise hold a connection and a task
-/// each, forever. A connection older than `max_age` is closed after its request in flight, so
-/// the client connects again and shows its certificate again.
+/// each, forever. Nor can a client that stops reading its answers: a write that makes no
+/// progress for `write_stall` closes the connection (hyper has no write timeout). A connection
+/// older than `max_age` is closed after its request in flight, so the client connects again
+/// and shows its certificate again. At most `connections_max` are served at once; the rest
+/// wait in the listen backlog.
 async fn http_serve(
     listener: tokio::net::TcpListener,
     app: axum::Router,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    header_read_timeout: Duration,
-    max_age: Option<Duration>,
-    grace: Duration,
+    serving: Serving,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    let Serving { header_read_timeout, write_stall, max_age, grace, connections_max } = serving;
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_read_timeout);
     let (stop, connections) = (tokio_util::sync::CancellationToken::new(), tokio_util::task::TaskTracker::new());
+    let slots = Arc::new(tokio::sync::Semaphore::new(connections_max));
+    let mut warned: Option<std::time::Instant> = None;
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                    warned = Some(std::time::Instant::now());
+                    tracing::warn!(
+                        connections_max,
+                        "serving connections_max connections; new ones wait in the backlog"
+                    );
+                }
+                tokio::select! {
+                    slot = slots.clone().acquire_owned() => slot.expect("the connection slots are never closed"),
+                    _ = &mut shutdown => break,
+                }
+            }
+        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => stream,
+                Ok((stream, _peer)) => {
+                    let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+                    stream.set_write_timeout(Some(write_stall));
+                    Box::pin(stream)
+                }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -320,6 +348,7 @@ async fn http_serve(
         };
         let (stop, app, http, tls) = (stop.clone(), app.clone(), http.clone(), tls.clone());
         connections.spawn(async move {
+            let _slot = slot;
             let ended = match tls {
                 None => {
                     let service = hyper_util::service::TowerToHyperService::new(app);
@@ -358,6 +387,15 @@ async fn http_serve(
     if tokio::time::timeout(grace, connections.wait()).await.is_err() {
         tracing::warn!(grace_s = grace.as_secs(), "grace period over; dropping remaining requests");
     }
+}
+
+/// How connections are served (from the config; see `http_serve`).
+struct Serving {
+    header_read_timeout: Duration,
+    write_stall: Duration,
+    max_age: Option<Duration>,
+    grace: Duration,
+    connections_max: usize,
 }
 
 /// Drives one connection until it ends, or until ckptd stops or the connection reaches

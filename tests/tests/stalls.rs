@@ -1,7 +1,9 @@
 //! No client can hold the service: connections that send a chunk upload's head and then
 //! nothing lose their chunk slot and staging space after `body_progress_timeout_ms`, one whose
-//! body trickles in slower than `body_min_bytes_per_s` loses them at its deadline, and a
-//! connection that never finishes its request head is closed after `header_read_timeout_ms`.
+//! body trickles in slower than `body_min_bytes_per_s` loses them at its deadline, one that does
+//! not read the chunk it asked for holds its slot only until its writes have stalled for
+//! `body_progress_timeout_ms`, and a connection that never finishes its request head is closed
+//! after `header_read_timeout_ms`.
 
 use std::time::{Duration, Instant};
 
@@ -224,6 +226,112 @@ async fn a_body_that_trickles_is_dropped_at_its_deadline() {
             assert!(Instant::now() < deadline, "the trickling body's staging space was not released: {s}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    })
+    .await
+}
+
+/// Clients that ask for a chunk and never read it: the chunk being sent holds its transfer slot
+/// (so the bytes in flight stay bounded), and once the writes have made no progress for
+/// `body_progress_timeout_ms` the connection is closed, the answer cut short, and the slot free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readers_that_never_read_lose_their_slots_when_their_writes_stall() {
+    bounded(Duration::from_secs(90), async {
+        let seed = seed(0x5eed_0603);
+        let dir = tempfile::tempdir().unwrap();
+        let d = start(dir.path()).await;
+        // Larger than what loopback's socket buffers absorb, so the writes do stall.
+        let mut data = vec![0u8; 32 << 20];
+        rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut data);
+        let hash = ckpt_core::ChunkHash::of(&data);
+        let url = format!("{}/v1/jobs/read/chunks/{hash}", d.url());
+        let http = reqwest::Client::new();
+        let put = http.put(&url).body(data.clone()).send().await.unwrap();
+        assert!(put.status().is_success(), "{}", put.text().await.unwrap_or_default());
+        // Reads come from the store: wait for the upload.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !http.get(&url).send().await.unwrap().status().is_success() {
+            assert!(Instant::now() < deadline, "the chunk never reached the store");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        let mut stalled = Vec::with_capacity(CHUNK_REQUESTS_MAX);
+        for _ in 0..CHUNK_REQUESTS_MAX {
+            let mut s = TcpStream::connect(addr(&d)).await.unwrap();
+            let head = format!("GET /v1/jobs/read/chunks/{hash} HTTP/1.1\r\nHost: {}\r\n\r\n", addr(&d));
+            s.write_all(head.as_bytes()).await.unwrap();
+            stalled.push(s);
+        }
+        let asked = Instant::now();
+        // Every slot is held by an answer no one reads: another reader is told to come back.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = http.get(&url).send().await.unwrap();
+            if r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+                break;
+            }
+            assert!(r.status().is_success(), "{}", r.status());
+            assert!(Instant::now() < deadline, "unread answers do not hold their slots");
+        }
+        // Once their writes stall past the timeout, the slots are free again.
+        let deadline = asked + BODY_PROGRESS_TIMEOUT + Duration::from_secs(8);
+        let got = loop {
+            let r = http.get(&url).send().await.unwrap();
+            if r.status().is_success() {
+                break r.bytes().await.unwrap();
+            }
+            assert_eq!(r.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+            assert!(Instant::now() < deadline, "readers that never read held the chunk slots past their write stall");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        eprintln!("a slot was free {:?} after the unread requests", asked.elapsed());
+        assert!(got.as_ref() == data.as_slice());
+        // Each unread answer was cut short and its connection closed.
+        for s in stalled.iter_mut() {
+            let answer =
+                read_until_closed(s, Duration::from_secs(10)).await.expect("an unread answer's connection stayed open");
+            assert!(
+                answer.starts_with(b"HTTP/1.1 200"),
+                "{}",
+                String::from_utf8_lossy(&answer[..answer.len().min(200)])
+            );
+            assert!(answer.len() < data.len(), "an unread answer was sent whole ({} bytes)", answer.len());
+        }
+    })
+    .await
+}
+
+/// At most `connections_max` connections are served; another waits in the listen backlog until
+/// one closes (here the idle ones, at `header_read_timeout_ms`), and is then served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_wait_for_one_to_close() {
+    bounded(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("ckptd.toml");
+        std::fs::write(
+            &cfg,
+            format!("connections_max = 2\nheader_read_timeout_ms = {}\n", HEADER_READ_TIMEOUT.as_millis()),
+        )
+        .unwrap();
+        let mut o = DaemonOptions::in_dir(ckptd_exe(), dir.path());
+        o.extra_args.extend(["--config".into(), cfg.into_os_string()]);
+        let d = start_daemon_with(o).await;
+        // The daemon's own readiness checks are closed by now; two idle connections fill it.
+        tokio::time::sleep(HEADER_READ_TIMEOUT + Duration::from_millis(500)).await;
+        let _idle: Vec<TcpStream> = futures::future::join_all((0..2).map(|_| TcpStream::connect(addr(&d))))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        let asked = Instant::now();
+        let mut s = TcpStream::connect(addr(&d)).await.unwrap();
+        s.write_all(format!("GET /healthz HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", addr(&d)).as_bytes())
+            .await
+            .unwrap();
+        let answer = read_until_closed(&mut s, Duration::from_secs(10)).await.expect("never answered");
+        let after = asked.elapsed();
+        eprintln!("answered after {after:?}");
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+        assert!(after >= HEADER_READ_TIMEOUT / 2, "served at once ({after:?}) past connections_max");
     })
     .await
 }
