@@ -117,14 +117,18 @@ fn json_body<T: serde::de::DeserializeOwned>(s: &AppState, body: Result<Bytes, B
     serde_json::from_slice(&body).map_err(|e| ApiError(ServiceError::BadRequest(format!("bad json body: {e}"))))
 }
 
+/// The largest body of a save's open (its world size and metadata): axum's default limit,
+/// named so the digest check reads no more.
+const OPEN_BODY_BYTES_MAX: usize = 2 << 20;
+
 /// The header a client puts the blake3 of a JSON body in (`ckpt_client`'s `send_json`).
 const BODY_DIGEST_HEADER: &str = "x-ckpt-body-blake3";
 
 /// Checks a request body against the digest its client sent, when it sent one: metadata
 /// (shard indexes, opens) has no content address, and a byte changed on the way must not be
-/// committed. The body is read whole, up to the JSON limit, and handed on unchanged.
+/// committed. The body is read whole, up to its route's limit, and handed on unchanged.
 async fn verify_body_digest(
-    State(s): State<Arc<AppState>>,
+    State((s, limit)): State<(Arc<AppState>, usize)>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
@@ -132,7 +136,6 @@ async fn verify_body_digest(
         return next.run(req).await;
     };
     let (parts, body) = req.into_parts();
-    let limit = s.coordinator.json_body_bytes_max() as usize;
     let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
         Err(e) => {
@@ -276,9 +279,15 @@ pub fn router(state: Arc<AppState>) -> Router {
     // connection open. The timer runs only while a handler waits for the next frame.
     let body_timeout = RequestBodyTimeoutLayer::new(state.coordinator.body_progress_timeout());
     let deadline = axum::middleware::from_fn_with_state(state.clone(), body_deadline);
-    // JSON bodies a client sent with a digest are checked before they are parsed; for shard
-    // indexes inside the index permit, so the bodies read whole stay bounded.
-    let digest = || axum::middleware::from_fn_with_state(state.clone(), verify_body_digest);
+    // An existence query's body: its most hashes, each quoted and comma-separated, and room
+    // for the rest of the JSON.
+    let missing_limit = state.coordinator.missing_query_hashes_max().saturating_mul(70).saturating_add(4096);
+    // JSON bodies a client sent with a digest are checked before they are parsed, read up to
+    // their route's limit (not one limit for all: a fence's body is 4 KiB at most); shard
+    // indexes and existence queries inside the index permit, so the bodies read whole stay
+    // bounded.
+    let digest = |limit: usize| axum::middleware::from_fn_with_state((state.clone(), limit), verify_body_digest);
+    let index_permit = || axum::middleware::from_fn_with_state(state.clone(), index_permit);
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -296,19 +305,29 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/gc", post(gc_all))
         .route(
             "/v1/jobs/{job}/chunks/missing",
-            post(missing_chunks).layer(DefaultBodyLimit::max(json_limit)).layer(digest()),
+            post(missing_chunks)
+                .layer(DefaultBodyLimit::max(missing_limit))
+                .layer(digest(missing_limit))
+                .layer(index_permit()),
         )
         .route("/v1/jobs/{job}/chunks/{hash}", put(put_chunk).get(get_chunk))
         .route("/v1/jobs/{job}/chunks/{hash}/adopt", post(adopt_chunk))
         .route("/v1/jobs/{job}/chunks/adopt", post(adopt_segment_chunk))
-        .route("/v1/jobs/{job}/saves/{step}", put(open_save).get(save_status).delete(abort_save).layer(digest()))
-        .route("/v1/jobs/{job}/fence", put(raise_fence).layer(DefaultBodyLimit::max(4096)).layer(digest()))
+        .route(
+            "/v1/jobs/{job}/saves/{step}",
+            put(open_save)
+                .get(save_status)
+                .delete(abort_save)
+                .layer(DefaultBodyLimit::max(OPEN_BODY_BYTES_MAX))
+                .layer(digest(OPEN_BODY_BYTES_MAX)),
+        )
+        .route("/v1/jobs/{job}/fence", put(raise_fence).layer(DefaultBodyLimit::max(4096)).layer(digest(4096)))
         .route(
             "/v1/jobs/{job}/saves/{step}/ranks/{rank}",
             put(put_shard_index)
                 .layer(DefaultBodyLimit::max(json_limit))
-                .layer(digest())
-                .layer(axum::middleware::from_fn_with_state(state.clone(), index_permit)),
+                .layer(digest(json_limit))
+                .layer(index_permit()),
         )
         // Authorization sees the matched route and its parameters, so it runs inside routing;
         // authentication runs before it, for every path.

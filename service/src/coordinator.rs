@@ -558,7 +558,11 @@ impl Coordinator {
         self.config.body_min_bytes_per_s
     }
 
-    /// The largest JSON body (shard index, existence query) the API accepts.
+    pub fn missing_query_hashes_max(&self) -> usize {
+        self.config.missing_query_hashes_max
+    }
+
+    /// The largest shard-index body the API accepts.
     pub fn json_body_bytes_max(&self) -> u64 {
         self.config.shard_index_bytes_max
     }

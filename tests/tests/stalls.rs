@@ -335,3 +335,45 @@ async fn connections_past_the_cap_wait_for_one_to_close() {
     })
     .await
 }
+
+/// A JSON body with a digest is read, for its check, only up to its route's limit: a fence's
+/// body (4 KiB at most) that declares 10 MiB is refused with 413 once 4 KiB are in, not read
+/// on (and held) until the rest comes or the body stalls; so is an existence query declared
+/// past what `missing_query_hashes_max` hashes take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_digest_check_reads_no_more_than_its_routes_limit() {
+    bounded(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let d = start(dir.path()).await;
+        let digest = blake3::hash(b"{}").to_hex();
+        for path in ["/v1/jobs/j/fence", "/v1/jobs/j/chunks/missing"] {
+            let method = if path.ends_with("fence") { "PUT" } else { "POST" };
+            let (mut rx, mut tx) = TcpStream::connect(addr(&d)).await.unwrap().into_split();
+            let head = format!(
+                "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+                 x-ckpt-body-blake3: {digest}\r\nContent-Length: {}\r\n\r\n",
+                addr(&d),
+                64u64 << 20,
+            );
+            tx.write_all(head.as_bytes()).await.unwrap();
+            // More than either limit, then nothing; read meanwhile, since the answer comes
+            // before the rest is read.
+            let writer = tokio::spawn(async move {
+                for _ in 0..128 {
+                    if tx.write_all(&[b' '; 64 << 10]).await.is_err() {
+                        return;
+                    }
+                }
+                std::future::pending::<()>().await;
+            });
+            let sent = Instant::now();
+            let answer = read_until_closed(&mut rx, BODY_PROGRESS_TIMEOUT + Duration::from_secs(5))
+                .await
+                .unwrap_or_else(|| panic!("{path}: no answer"));
+            writer.abort();
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(answer.starts_with("HTTP/1.1 413"), "{path} (after {:?}): {answer}", sent.elapsed());
+        }
+    })
+    .await
+}
