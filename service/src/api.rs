@@ -284,8 +284,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let missing_limit = state.coordinator.missing_query_hashes_max().saturating_mul(70).saturating_add(4096);
     // JSON bodies a client sent with a digest are checked before they are parsed, read up to
     // their route's limit (not one limit for all: a fence's body is 4 KiB at most); shard
-    // indexes and existence queries inside the index permit, so the bodies read whole stay
-    // bounded.
+    // indexes inside the index permit, so the bodies read whole stay bounded.
     let digest = |limit: usize| axum::middleware::from_fn_with_state((state.clone(), limit), verify_body_digest);
     let index_permit = || axum::middleware::from_fn_with_state(state.clone(), index_permit);
     Router::new()
@@ -305,10 +304,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/gc", post(gc_all))
         .route(
             "/v1/jobs/{job}/chunks/missing",
-            post(missing_chunks)
-                .layer(DefaultBodyLimit::max(missing_limit))
-                .layer(digest(missing_limit))
-                .layer(index_permit()),
+            post(missing_chunks).layer(DefaultBodyLimit::max(missing_limit)).layer(digest(missing_limit)),
         )
         .route("/v1/jobs/{job}/chunks/{hash}", put(put_chunk).get(get_chunk))
         .route("/v1/jobs/{job}/chunks/{hash}/adopt", post(adopt_chunk))

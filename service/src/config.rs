@@ -411,6 +411,10 @@ impl Config {
                 return Err(ConfigError::Invalid(format!("{name} must be positive")));
             }
         }
+        // A tokio semaphore holds at most 2^61 - 1 permits; far past any real need.
+        if self.connections_max > 1 << 24 {
+            return Err(ConfigError::Invalid(format!("connections_max = {} is over 16777216", self.connections_max)));
+        }
         if self.staging_memory_bytes_max.saturating_add(self.staging_spill_bytes_max) < self.chunk_bytes_max {
             return Err(ConfigError::Invalid(
                 "staging_memory_bytes_max + staging_spill_bytes_max must hold at least one chunk_bytes_max chunk"

@@ -234,9 +234,16 @@ impl Floor {
         }
         let floor = self.clone();
         let write = tokio::task::spawn_blocking(move || {
-            let r = floor.flush();
-            floor.in_flight.store(false, Ordering::Release);
-            r
+            // Cleared however the write ends, a panic included: a flag left set would stop
+            // every later write.
+            struct Clear<'a>(&'a AtomicBool);
+            impl Drop for Clear<'_> {
+                fn drop(&mut self) {
+                    self.0.store(false, Ordering::Release);
+                }
+            }
+            let _clear = Clear(&floor.in_flight);
+            floor.flush()
         });
         match tokio::time::timeout(wait, write).await {
             Ok(Ok(Ok(()))) => Kept::Written,
@@ -248,8 +255,6 @@ impl Floor {
                 Kept::Failed
             }
             Ok(Err(e)) => {
-                // A panicked write never cleared its flag.
-                self.in_flight.store(false, Ordering::Release);
                 tracing::error!(error = %e, "the floor's write task failed; trying again at the next reload tick");
                 Kept::Failed
             }
