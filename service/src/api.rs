@@ -826,8 +826,9 @@ pub(crate) async fn get_chunk(
     // One range per request: that is what chunk readers need, and it keeps responses simple.
     let [range] = ranges.as_slice() else { return Ok(unsatisfiable()) };
     let (start, end) = (*range.start(), *range.end());
-    // A copy: a slice would keep the whole decoded chunk for as long as the range is sent.
-    let part = held_until_sent(Bytes::copy_from_slice(&raw[start as usize..=end as usize]), permits);
+    // A slice keeps the whole decoded chunk while the range is sent, as a whole answer would;
+    // the permits it holds bound both alike.
+    let part = held_until_sent(raw.slice(start as usize..=end as usize), permits);
     let content_range = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}"))
         .map_err(|e| ServiceError::Internal(e.to_string()))?;
     Ok((

@@ -345,7 +345,7 @@ async fn connections_past_the_cap_wait_for_one_to_close() {
 }
 
 /// A JSON body with a digest is read, for its check, only up to its route's limit: a fence's
-/// body (4 KiB at most) that declares 10 MiB is refused with 413 once 4 KiB are in, not read
+/// body (4 KiB at most) that declares 64 MiB is refused with 413 once 4 KiB are in, not read
 /// on (and held) until the rest comes or the body stalls; so is an existence query declared
 /// past what `missing_query_hashes_max` hashes take.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
