@@ -280,8 +280,10 @@ pub fn router(state: Arc<AppState>) -> Router {
     let body_timeout = RequestBodyTimeoutLayer::new(state.coordinator.body_progress_timeout());
     let deadline = axum::middleware::from_fn_with_state(state.clone(), body_deadline);
     // An existence query's body: its most hashes, each quoted and comma-separated, and room
-    // for the rest of the JSON.
-    let missing_limit = state.coordinator.missing_query_hashes_max().saturating_mul(70).saturating_add(4096);
+    // for the rest of the JSON; never more than any JSON body (a query for a shard's chunks is
+    // smaller than the shard's index, which names each hash and more).
+    let missing_limit =
+        state.coordinator.missing_query_hashes_max().saturating_mul(70).saturating_add(4096).min(json_limit);
     // JSON bodies a client sent with a digest are checked before they are parsed, read up to
     // their route's limit (not one limit for all: a fence's body is 4 KiB at most); shard
     // indexes inside the index permit, so the bodies read whole stay bounded.
