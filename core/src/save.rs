@@ -82,6 +82,10 @@ pub struct SaveState {
     /// Chunk references in the received indexes (derived from `ranks`).
     #[serde(skip)]
     pub chunk_refs: u64,
+    /// The received indexes' object bytes (derived from `ranks`): what holding them costs,
+    /// metadata and names included, where `chunk_refs` counts only their chunks.
+    #[serde(skip)]
+    pub index_bytes: u64,
     /// The slices received so far, for the overlap rule (derived from `ranks`).
     #[serde(skip)]
     slices: SliceMap,
@@ -131,6 +135,7 @@ impl SaveState {
             ranks: BTreeMap::new(),
             refs: BTreeMap::new(),
             chunk_refs: 0,
+            index_bytes: 0,
             slices: SliceMap::default(),
             phase: SavePhase::Open,
             error: None,
@@ -159,6 +164,7 @@ impl SaveState {
             ranks: BTreeMap::new(),
             refs: BTreeMap::new(),
             chunk_refs: 0,
+            index_bytes: 0,
             slices: SliceMap::default(),
             phase: self.phase,
             error: self.error.clone(),
@@ -254,7 +260,9 @@ impl SaveState {
 
     fn insert_rank(&mut self, index: ShardIndex, object: Option<IndexRef>) {
         self.slices.insert(&index);
-        self.refs.insert(index.rank, object.unwrap_or_else(|| index_object(&index).1));
+        let object = object.unwrap_or_else(|| index_object(&index).1);
+        self.index_bytes += object.bytes;
+        self.refs.insert(index.rank, object);
         self.chunk_refs += index.tensors.iter().map(|t| t.chunks.len() as u64).sum::<u64>();
         self.ranks.insert(index.rank, index);
     }
@@ -532,6 +540,8 @@ mod tests {
         s.accept_index(index(0), &l).unwrap();
         assert_eq!(s.phase, SavePhase::Staged);
         assert_eq!(s.chunk_refs, 6);
+        let objects = [index(0), index(1)].iter().map(|i| index_object(i).0.len() as u64).sum::<u64>();
+        assert_eq!(s.index_bytes, objects);
         assert!(s.root().is_err(), "no root before durable");
         s.mark_durable().unwrap();
         let m = s.root().unwrap();

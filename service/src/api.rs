@@ -30,6 +30,8 @@ pub struct AppState {
     pub telemetry: Option<Arc<ckpt_telemetry::Telemetry>>,
     /// Who may call, and what each caller sees (`auth.rs`); empty: open.
     pub tenants: Arc<Tenants>,
+    /// `/readyz`'s probes, one at a time.
+    pub ready: crate::ready::Readiness,
 }
 
 pub struct ApiError(pub ServiceError);
@@ -52,7 +54,7 @@ impl ApiError {
             ServiceError::Adopt(e) if e.is_refusal() => StatusCode::BAD_REQUEST,
             ServiceError::NotFound(_) | ServiceError::Store(StoreError::NotFound(_)) => StatusCode::NOT_FOUND,
             ServiceError::Conflict(_) | ServiceError::Fenced { .. } => StatusCode::CONFLICT,
-            ServiceError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ServiceError::Busy(_) | ServiceError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
             ServiceError::BodyStalled { .. } | ServiceError::BodyTooSlow { .. } => StatusCode::REQUEST_TIMEOUT,
             ServiceError::BodyMismatch { .. } => StatusCode::BAD_REQUEST,
             ServiceError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -187,15 +189,16 @@ async fn body_deadline(
     if http_body::Body::is_end_stream(req.body()) {
         return next.run(req).await;
     }
-    let declared = req
-        .headers()
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = declared_length(req.headers());
     let within = s.coordinator.body_deadline(declared);
     let (parts, body) = req.into_parts();
     let body = DeadlineBody { inner: body, late: Box::pin(tokio::time::sleep(within)), within };
     next.run(axum::extract::Request::from_parts(parts, axum::body::Body::new(body))).await
+}
+
+/// A request's Content-Length, where it sent a valid one.
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -289,6 +292,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     // indexes inside the index permit, so the bodies read whole stay bounded.
     let digest = |limit: usize| axum::middleware::from_fn_with_state((state.clone(), limit), verify_body_digest);
     let index_permit = || axum::middleware::from_fn_with_state(state.clone(), index_permit);
+    let budget = |limit: usize| axum::middleware::from_fn_with_state((state.clone(), limit), json_budget);
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -306,18 +310,30 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/gc", post(gc_all))
         .route(
             "/v1/jobs/{job}/chunks/missing",
-            post(missing_chunks).layer(DefaultBodyLimit::max(missing_limit)).layer(digest(missing_limit)),
+            post(missing_chunks)
+                .layer(DefaultBodyLimit::max(missing_limit))
+                .layer(digest(missing_limit))
+                .layer(budget(missing_limit)),
         )
         .route("/v1/jobs/{job}/chunks/{hash}", put(put_chunk).get(get_chunk))
-        .route("/v1/jobs/{job}/chunks/{hash}/adopt", post(adopt_chunk))
-        .route("/v1/jobs/{job}/chunks/adopt", post(adopt_segment_chunk))
+        .route(
+            "/v1/jobs/{job}/chunks/{hash}/adopt",
+            post(adopt_chunk).layer(DefaultBodyLimit::max(OPEN_BODY_BYTES_MAX)).layer(budget(OPEN_BODY_BYTES_MAX)),
+        )
+        .route(
+            "/v1/jobs/{job}/chunks/adopt",
+            post(adopt_segment_chunk)
+                .layer(DefaultBodyLimit::max(OPEN_BODY_BYTES_MAX))
+                .layer(budget(OPEN_BODY_BYTES_MAX)),
+        )
         .route(
             "/v1/jobs/{job}/saves/{step}",
             put(open_save)
                 .get(save_status)
                 .delete(abort_save)
                 .layer(DefaultBodyLimit::max(OPEN_BODY_BYTES_MAX))
-                .layer(digest(OPEN_BODY_BYTES_MAX)),
+                .layer(digest(OPEN_BODY_BYTES_MAX))
+                .layer(budget(OPEN_BODY_BYTES_MAX)),
         )
         .route("/v1/jobs/{job}/fence", put(raise_fence).layer(DefaultBodyLimit::max(4096)).layer(digest(4096)))
         .route(
@@ -325,6 +341,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             put(put_shard_index)
                 .layer(DefaultBodyLimit::max(json_limit))
                 .layer(digest(json_limit))
+                .layer(budget(json_limit))
                 .layer(index_permit()),
         )
         // Authorization sees the matched route and its parameters, so it runs inside routing;
@@ -372,7 +389,7 @@ pub(crate) async fn readyz(State(s): State<Arc<AppState>>) -> ApiResult<&'static
     if s.shutting_down.load(Ordering::Relaxed) {
         return Err(ApiError(ServiceError::Busy("shutting down".into())));
     }
-    s.coordinator.store().probe().await?;
+    s.ready.check(s.coordinator.store()).await?;
     Ok("ready")
 }
 
@@ -419,6 +436,7 @@ pub(crate) async fn stats(State(s): State<Arc<AppState>>) -> Json<serde_json::Va
         "memory_overhead_bytes": staging.memory_overhead_bytes(),
         "saves_in_flight": s.coordinator.saves_in_flight(),
         "chunk_refs_in_flight": s.coordinator.chunk_refs_in_flight(),
+        "index_bytes_in_flight": s.coordinator.index_bytes_in_flight(),
         "journal_flushes": s.coordinator.journal_flushes(),
         "last_commit_after_last_index_us": s.coordinator.last_commit_after_last_index_us(),
     }))
@@ -760,10 +778,7 @@ pub(crate) async fn put_chunk(
     job_of(&job)?;
     let hash: ChunkHash = hash.parse()?;
     // The length is needed up front to reserve staging space before any byte is read.
-    let len: u64 = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
+    let len: u64 = declared_length(&headers)
         .ok_or_else(|| ServiceError::BadRequest("chunk uploads need a Content-Length".into()))?;
     // The tenant's quota and shares first (429; no node-wide slot is held while waiting for
     // them), then the node's slot (503).
@@ -963,6 +978,26 @@ async fn index_permit(
 ) -> Response {
     match s.coordinator.index_permit().await {
         Ok(_permit) => next.run(req).await,
+        Err(e) => ApiError(e).into_response(),
+    }
+}
+
+/// JSON bodies held at once are bounded in bytes (`json_bytes_in_flight_max`): a request takes
+/// its declared length (else its route's `limit`) from the budget before its body is read and
+/// gives it back once answered, so thousands of connections each sending a large body wait or
+/// get 503 instead of growing ckptd's memory. Parsed, a body takes about as much again; the
+/// budget counts what was sent.
+async fn json_budget(
+    State((s, limit)): State<(Arc<AppState>, usize)>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if http_body::Body::is_end_stream(req.body()) {
+        return next.run(req).await;
+    }
+    let declared = declared_length(req.headers()).map_or(limit as u64, |n| n.min(limit as u64));
+    match s.coordinator.json_bytes_permit(declared).await {
+        Ok(_held) => next.run(req).await,
         Err(e) => ApiError(e).into_response(),
     }
 }

@@ -290,6 +290,13 @@ impl Coordinator {
                     self.config.in_flight_chunk_refs_max
                 )));
             }
+            let held = self.index_bytes_in_flight.load(Ordering::Relaxed);
+            if held + object_ref.bytes > self.config.in_flight_index_bytes_max {
+                return Err(ServiceError::Busy(format!(
+                    "saves in flight hold {held} bytes of shard indexes; in_flight_index_bytes_max is {}",
+                    self.config.in_flight_index_bytes_max
+                )));
+            }
             // A chunk staged at the lookup may have landed since, and its upload event found no
             // pending entry: only what is still staged now stays pending.
             let pending = self.still_staged(job, not_durable, rank).await?;
@@ -317,6 +324,7 @@ impl Coordinator {
                 g.all_in_at = Some(Instant::now());
             }
             self.chunk_refs_in_flight.fetch_add(refs, Ordering::Relaxed);
+            self.index_bytes_in_flight.fetch_add(object_ref.bytes, Ordering::Relaxed);
             g.add_pending(rank, pending);
             g.last_progress = Instant::now();
             // Every chunk of this rank is durable already (the node-local path, or uploads

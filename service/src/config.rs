@@ -30,6 +30,9 @@ pub struct Config {
     /// Shard-index puts served at once (each holds its body, up to `shard_index_bytes_max`);
     /// more wait up to `busy_wait_ms`, then get 503.
     pub index_requests_max: usize,
+    /// JSON bodies (shard indexes, existence queries, opens, adopts) held at once, in bytes:
+    /// each request takes its declared length, else its route's limit, before its body is read.
+    pub json_bytes_in_flight_max: u64,
     /// How long a request waits for a free slot before ckptd answers 503 with Retry-After.
     pub busy_wait_ms: u64,
     /// A request body that delivers no bytes for this long is dropped (408): a stalled client
@@ -67,11 +70,16 @@ pub struct Config {
     /// Chunk references all saves in flight may hold together: bounds the memory of the indexes
     /// ckptd keeps for them (about 100 bytes a reference).
     pub in_flight_chunk_refs_max: u64,
+    /// Bytes of shard indexes all saves in flight hold together (their objects' size: tensor
+    /// names, shapes and metadata as well as chunk references).
+    pub in_flight_index_bytes_max: u64,
     /// A save in flight that makes no progress (no open, no index, no chunk of it made durable)
     /// for this long is aborted and frees its slot: its ranks died or were never started.
     pub save_idle_abort_ms: u64,
     /// The longest a status query may wait for its save to end (`?wait_ms=`).
     pub status_wait_ms_max: u64,
+    /// The longest `/readyz` waits for its store probe; a store slower than this is not ready.
+    pub ready_probe_timeout_ms: u64,
     /// Object-store calls a single request may have in flight (existence checks fan out).
     pub store_requests_max: usize,
     /// Attempts for a store call that fails with a transient error.
@@ -139,6 +147,7 @@ impl Default for Config {
             shard_index_bytes_max: 64 << 20,
             chunk_requests_max: 64,
             index_requests_max: 1024,
+            json_bytes_in_flight_max: 1 << 30,
             busy_wait_ms: 2_000,
             body_progress_timeout_ms: 10_000,
             body_min_bytes_per_s: 64 << 10,
@@ -150,8 +159,10 @@ impl Default for Config {
             saves_in_flight_max: 256,
             save_chunk_refs_max: 2_000_000,
             in_flight_chunk_refs_max: 4_000_000,
+            in_flight_index_bytes_max: 4 << 30,
             save_idle_abort_ms: 900_000,
             status_wait_ms_max: 30_000,
+            ready_probe_timeout_ms: 4_000,
             store_requests_max: 32,
             store_attempts_max: 5,
             store_retry_base_ms: 50,
@@ -399,17 +410,25 @@ impl Config {
             ("part_takeover_ms", self.part_takeover_ms),
             ("save_chunk_refs_max", self.save_chunk_refs_max),
             ("in_flight_chunk_refs_max", self.in_flight_chunk_refs_max),
+            ("in_flight_index_bytes_max", self.in_flight_index_bytes_max),
+            ("json_bytes_in_flight_max", self.json_bytes_in_flight_max),
             ("save_idle_abort_ms", self.save_idle_abort_ms),
             ("index_cache_bytes_max", self.index_cache_bytes_max),
             ("body_progress_timeout_ms", self.body_progress_timeout_ms),
             ("body_min_bytes_per_s", self.body_min_bytes_per_s),
             ("header_read_timeout_ms", self.header_read_timeout_ms),
             ("connections_max", self.connections_max as u64),
+            ("ready_probe_timeout_ms", self.ready_probe_timeout_ms),
         ];
         for (name, v) in positive {
             if v == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be positive")));
             }
+        }
+        if self.shard_index_bytes_max > self.json_bytes_in_flight_max {
+            return Err(ConfigError::Invalid(
+                "json_bytes_in_flight_max must hold at least one shard_index_bytes_max index".into(),
+            ));
         }
         // A tokio semaphore holds at most 2^61 - 1 permits; far past any real need.
         if self.connections_max > 1 << 24 {
@@ -494,6 +513,7 @@ mod tests {
         for zero in [
             Config { body_progress_timeout_ms: 0, ..Config::default() },
             Config { header_read_timeout_ms: 0, ..Config::default() },
+            Config { ready_probe_timeout_ms: 0, ..Config::default() },
         ] {
             assert!(zero.validate().unwrap_err().to_string().contains("_timeout_ms must be positive"));
         }

@@ -14,7 +14,9 @@
 //!   failed and aborts saves that made no progress for `save_idle_abort_ms`.
 //! * Bounds: saves in flight (`saves_in_flight_max`), shard-index requests served at once
 //!   (`index_requests_max`, taken before the body is read), chunk references per save
-//!   (`save_chunk_refs_max`) and over all saves (`in_flight_chunk_refs_max`), concurrent chunk
+//!   (`save_chunk_refs_max`) and over all saves (`in_flight_chunk_refs_max`), the bytes of the
+//!   indexes all saves hold (`in_flight_index_bytes_max`: an index of no chunks can still carry
+//!   megabytes of names and metadata), concurrent chunk
 //!   requests (`chunk_requests_max`, waited for at most `busy_wait_ms`, and lost by a request
 //!   whose body sends nothing for `body_progress_timeout_ms`), store fan-out per request
 //!   (`store_requests_max`), hashes per existence query (`missing_query_hashes_max`);
@@ -195,6 +197,8 @@ pub struct Coordinator {
     pub(crate) save_ended: tokio::sync::Notify,
     pub(crate) chunk_permits: Arc<Semaphore>,
     pub(crate) index_permits: Arc<Semaphore>,
+    /// Bytes of JSON bodies held at once (`json_bytes_in_flight_max`).
+    pub(crate) json_bytes: Arc<Semaphore>,
     pub(crate) staging: Arc<Staging>,
     /// Upload events for chunks made durable outside the upload queue (node-local adoption).
     pub(crate) events: mpsc::UnboundedSender<UploadEvent>,
@@ -209,6 +213,8 @@ pub struct Coordinator {
     pub(crate) segment_socket: std::sync::OnceLock<std::path::PathBuf>,
     /// Chunk references held by all saves in flight.
     pub(crate) chunk_refs_in_flight: AtomicU64,
+    /// Index object bytes held by all saves in flight.
+    pub(crate) index_bytes_in_flight: AtomicU64,
     /// Microseconds from the last rank's index to the root of the most recent commit.
     pub(crate) last_commit_after_last_index_us: AtomicU64,
     /// Summaries of committed roots already parsed (a root is about 90 bytes a rank; status
@@ -345,6 +351,7 @@ impl Coordinator {
             limits: config.limits(),
             chunk_permits: Arc::new(Semaphore::new(config.chunk_requests_max)),
             index_permits: Arc::new(Semaphore::new(config.index_requests_max)),
+            json_bytes: Arc::new(Semaphore::new(config.json_bytes_in_flight_max.min(1 << 60) as usize)),
             store,
             index,
             config,
@@ -355,6 +362,7 @@ impl Coordinator {
             aborted: Default::default(),
             handoff_dir,
             chunk_refs_in_flight: AtomicU64::new(0),
+            index_bytes_in_flight: AtomicU64::new(0),
             last_commit_after_last_index_us: AtomicU64::new(0),
             summaries: Default::default(),
             fences: Default::default(),
@@ -503,6 +511,10 @@ impl Coordinator {
         self.chunk_refs_in_flight.load(Ordering::Relaxed)
     }
 
+    pub fn index_bytes_in_flight(&self) -> u64 {
+        self.index_bytes_in_flight.load(Ordering::Relaxed)
+    }
+
     /// Microseconds from the last rank's index to the root, for the most recent commit.
     pub fn last_commit_after_last_index_us(&self) -> u64 {
         self.last_commit_after_last_index_us.load(Ordering::Relaxed)
@@ -522,9 +534,11 @@ impl Coordinator {
         self.saves.lock().unwrap_or_else(|e| e.into_inner()).get(&(job.to_string(), step)).cloned()
     }
 
-    /// Adds a save restored from the journal to the in-flight set, its chunk references counted.
-    pub(crate) fn track_slot(&self, key: SaveKey, chunk_refs: u64, slot: SlotRef) {
+    /// Adds a save restored from the journal to the in-flight set, its chunk references and
+    /// index bytes counted.
+    pub(crate) fn track_slot(&self, key: SaveKey, chunk_refs: u64, index_bytes: u64, slot: SlotRef) {
         self.chunk_refs_in_flight.fetch_add(chunk_refs, Ordering::Relaxed);
+        self.index_bytes_in_flight.fetch_add(index_bytes, Ordering::Relaxed);
         self.saves.lock().unwrap_or_else(|e| e.into_inner()).insert(key, slot);
     }
 
@@ -536,6 +550,9 @@ impl Coordinator {
             let _ = self
                 .chunk_refs_in_flight
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(state.chunk_refs)));
+            let _ = self
+                .index_bytes_in_flight
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(state.index_bytes)));
             self.save_ended.notify_waiters();
         }
     }
@@ -584,6 +601,21 @@ impl Coordinator {
     /// A slot for a shard-index request, or `Busy` once `busy_wait_ms` has passed without one.
     pub async fn index_permit(&self) -> Result<OwnedSemaphorePermit, ServiceError> {
         self.permit(&self.index_permits, self.config.index_requests_max, "shard-index requests").await
+    }
+
+    /// Room for a JSON body of `bytes` in the bodies held at once, or `Busy` once
+    /// `busy_wait_ms` has passed without it.
+    pub async fn json_bytes_permit(&self, bytes: u64) -> Result<OwnedSemaphorePermit, ServiceError> {
+        let n = bytes.clamp(1, self.config.json_bytes_in_flight_max).min(u32::MAX as u64) as u32;
+        let wait = Duration::from_millis(self.config.busy_wait_ms);
+        match tokio::time::timeout(wait, self.json_bytes.clone().acquire_many_owned(n)).await {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(_)) => Err(ServiceError::Busy("shutting down".into())),
+            Err(_) => Err(ServiceError::Busy(format!(
+                "JSON bodies in flight hold json_bytes_in_flight_max ({} bytes)",
+                self.config.json_bytes_in_flight_max
+            ))),
+        }
     }
 
     /// A slot from `slots` (`max` of them), waited for at most `busy_wait_ms`.

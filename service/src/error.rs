@@ -31,6 +31,9 @@ pub enum ServiceError {
     BodyStalled { idle_ms: u64 },
     #[error("request body not received within {within_ms} ms (body_min_bytes_per_s = {min_bytes_per_s}); dropped")]
     BodyTooSlow { within_ms: u64, min_bytes_per_s: u64 },
+    /// `/readyz`: the store did not answer its probe (503).
+    #[error("not ready: {0}")]
+    NotReady(String),
     #[error("request body too large: {0}")]
     TooLarge(String),
     #[error("chunk {hash} of job {job} is corrupt in the store: {reason}")]
@@ -96,6 +99,7 @@ impl ServiceError {
             ServiceError::BodyTooSlow { .. } => "body_too_slow",
             ServiceError::BodyMismatch { .. } => "body_mismatch",
             ServiceError::TooLarge(_) => "too_large",
+            ServiceError::NotReady(_) => "not_ready",
             ServiceError::CorruptChunk { .. } => "chunk_corrupt",
             ServiceError::CorruptManifest { .. } => "manifest_corrupt",
             ServiceError::Store(_) => "store_error",

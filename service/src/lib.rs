@@ -24,6 +24,7 @@ mod metrics;
 pub mod openapi;
 mod parts;
 mod reads;
+pub mod ready;
 mod recovery;
 pub mod segments;
 pub mod staging;
@@ -239,7 +240,9 @@ fn app(
     if !tenants.is_open() {
         tracing::info!(tenants = tenants.all().len(), "tenants configured: requests must authenticate");
     }
-    let state = Arc::new(api::AppState { coordinator, shutting_down: AtomicBool::new(false), telemetry, tenants });
+    let ready = ready::Readiness::new(Duration::from_millis(config.ready_probe_timeout_ms));
+    let state =
+        Arc::new(api::AppState { coordinator, shutting_down: AtomicBool::new(false), telemetry, tenants, ready });
     let router =
         api::router(state.clone()).layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(request_span));
     (state, router)

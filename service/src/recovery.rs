@@ -133,9 +133,9 @@ impl Coordinator {
                     hashes.iter().zip(known).filter(|(_, k)| !matches!(k, Known::Durable { .. })).map(|(h, _)| *h);
                 slot.add_pending(rank, pending.collect::<Vec<_>>());
             }
-            let chunk_refs = slot.state.chunk_refs;
+            let (chunk_refs, index_bytes) = (slot.state.chunk_refs, slot.state.index_bytes);
             let slot = Arc::new(tokio::sync::Mutex::new(slot));
-            self.track_slot((job.clone(), step), chunk_refs, slot.clone());
+            self.track_slot((job.clone(), step), chunk_refs, index_bytes, slot.clone());
             let mut g = slot.lock().await;
             if g.ready() {
                 match self.commit(&mut g).await {

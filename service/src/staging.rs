@@ -11,7 +11,9 @@
 //!   fails the receive, which releases the reservation and removes the spill file. Every
 //!   chunk byte ckptd holds in memory is inside the budget; the rest is a fixed per-worker
 //!   allowance (see `memory_overhead_bytes`).
-//! * Staged → durable: each staged chunk is queued for upload. A dispatcher runs at most
+//! * Staged → durable: each staged chunk is queued for upload (at most `upload_queue_max`; a
+//!   chunk that finds the queue full for `busy_wait_ms` is dropped and refused with 503, like
+//!   one that finds staging full). A dispatcher runs at most
 //!   `upload_concurrency` uploads, optionally paced to `upload_bytes_per_s`. Transient store
 //!   errors are retried with capped exponential backoff for as long as ckptd runs; a permanent
 //!   error fails the chunk, and the coordinator aborts every save that references it. Only
@@ -85,7 +87,7 @@ pub enum UploadEvent {
     Failed { job: String, hash: ChunkHash, reason: String },
 }
 
-#[derive(Default, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct StagingStats {
     pub memory_bytes: u64,
     pub memory_bytes_max: u64,
@@ -293,11 +295,23 @@ impl Staging {
         }
         let staged =
             Staged { job: job.to_string(), hash, raw_len: len, held, staged_at: Instant::now(), _share: share };
-        if self.queue.send(staged).await.is_err() {
-            self.set_pending(job, hash, None);
-            return Err(ServiceError::Busy("upload queue closed (shutting down)".into()));
+        // The queue is full only when uploads fall behind by `upload_queue_max` chunks; the
+        // request then holds its slot and staging space no longer than any other busy wait.
+        let refused = match self.queue.send_timeout(staged, self.cfg.busy_wait).await {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::SendTimeoutError::Timeout(staged)) => {
+                self.counters.busy_rejections.fetch_add(1, Ordering::Relaxed);
+                (staged, format!("the upload queue is full ({} chunks waiting)", self.cfg.upload_queue_max))
+            }
+            Err(mpsc::error::SendTimeoutError::Closed(staged)) => {
+                (staged, "upload queue closed (shutting down)".to_string())
+            }
+        };
+        self.set_pending(job, hash, None);
+        if let Held::Spill(p, _) = &refused.0.held {
+            let _ = tokio::fs::remove_file(p).await;
         }
-        Ok(())
+        Err(ServiceError::Busy(refused.1))
     }
 
     async fn receive_to_memory<S>(
@@ -633,5 +647,64 @@ mod tests {
         let noise = Bytes::from(noise);
         assert_eq!(encode(&enc, &noise, 3, 10).0, Codec::None, "random bytes are stored raw");
         assert_eq!(encode(&enc, &zeros, 0, 10).0, Codec::None, "level 0 turns compression off");
+    }
+
+    /// Uploads stalled (a store call held a minute) and a queue of one: the first chunk is
+    /// uploading, the second waits for a worker, the third fills the queue, and the fourth is
+    /// refused once `busy_wait` has passed, leaving nothing staged of it (here a spill file).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_chunk_that_finds_the_upload_queue_full_is_refused_after_the_busy_wait() {
+        const LEN: usize = 4096;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open("memory://", &Default::default(), 1, Duration::from_millis(1)).unwrap().with_faults();
+        let stall = crate::faults::FaultRequest {
+            kind: crate::faults::FaultKind::Latency,
+            op: crate::faults::FaultOp::Chunk,
+            count: 10,
+            delay_ms: crate::faults::DELAY_MS_MAX,
+        };
+        store.faults().unwrap().arm(stall).unwrap();
+        let index = crate::index::Index::open(&dir.path().join("index"), 8 << 20, false).unwrap();
+        let (events, _events) = mpsc::unbounded_channel();
+        let busy_wait = Duration::from_millis(300);
+        let cfg = StagingConfig {
+            memory_bytes_max: 3 * LEN as u64,
+            spill_bytes_max: 4 * LEN as u64,
+            spill_dir: dir.path().join("spill"),
+            upload_concurrency: 1,
+            upload_bytes_per_s: 0,
+            upload_queue_max: 1,
+            compression_level: 0,
+            compression_min_savings_pct: 10,
+            busy_wait,
+            chunk_bytes_max: LEN as u64,
+        };
+        let staging = Staging::start(cfg, store, index, events, Arc::new(crate::encoders::Encoders::new(1)), None);
+        let chunk = |i: u8| Bytes::from(vec![i; LEN]);
+        let stage = |i: u8| {
+            let staging = staging.clone();
+            async move {
+                let body = futures::stream::iter([Ok::<_, ServiceError>(chunk(i))]);
+                staging.stage("job", ChunkHash::of(&chunk(i)), LEN as u64, body, None).await
+            }
+        };
+        for i in 1..=3 {
+            tokio::time::timeout(Duration::from_secs(5), stage(i)).await.unwrap().unwrap();
+        }
+        let t = Instant::now();
+        let refused = tokio::time::timeout(Duration::from_secs(5), stage(4)).await.unwrap().unwrap_err();
+        let took = t.elapsed();
+        assert!(matches!(&refused, ServiceError::Busy(m) if m.contains("upload queue is full")), "{refused}");
+        assert!(took >= busy_wait && took < busy_wait * 5, "refused after {took:?}");
+        assert_eq!(staging.pending_raw_len("job", &ChunkHash::of(&chunk(4))), None);
+        let stats = staging.stats();
+        assert_eq!((stats.chunks_pending, stats.busy_rejections, stats.spill_bytes), (3, 1, 0), "{stats:?}");
+        let spilled: Vec<_> = walk(&dir.path().join("spill"));
+        assert!(spilled.is_empty(), "the refused chunk's spill file was left: {spilled:?}");
+    }
+
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
+        rd.flatten().flat_map(|e| if e.path().is_dir() { walk(&e.path()) } else { vec![e.path()] }).collect()
     }
 }

@@ -182,6 +182,38 @@ async fn an_abandoned_save_is_aborted_after_its_timeout_and_frees_its_slot() {
     .await
 }
 
+/// Indexes in flight are bounded in bytes as well as in chunk references: ranks whose indexes
+/// name no chunk but carry kilobytes of metadata are refused with 503 once the saves in flight
+/// hold `in_flight_index_bytes_max`, and accepted again once those saves end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn indexes_in_flight_are_bounded_in_bytes_not_only_in_chunks() {
+    bounded(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = DaemonOptions::in_dir(ckptd_exe(), dir.path());
+        o.extra_args = config(dir.path(), "in_flight_index_bytes_max = 10000\n");
+        let d = start_daemon_with(o).await;
+        let c = impatient_client(&d);
+        let index = |rank: u32| ShardIndex { rank, tensors: vec![], metadata: serde_json::json!("m".repeat(4000)) };
+        c.open_save(&spec("job", 1, 0, 4)).await.unwrap();
+        for rank in 0..2 {
+            c.put_shard_index("job", 1, &index(rank)).await.unwrap();
+        }
+        let held = stats(&d).await["index_bytes_in_flight"].as_u64().unwrap();
+        assert!((8000..10000).contains(&held), "two indexes of 4000 bytes of metadata hold {held} bytes");
+        let err = c.put_shard_index("job", 1, &index(2)).await.unwrap_err();
+        assert_eq!(api_status(&err), Some(503), "{err}");
+        assert!(err.to_string().contains("in_flight_index_bytes_max is 10000"), "{err}");
+        assert_eq!(c.save_status("job", 1).await.unwrap().ranks_received, 2, "the refused index was kept");
+        // A retry of an accepted index is not charged again.
+        c.put_shard_index("job", 1, &index(0)).await.unwrap();
+        c.abort("job", 1).await.unwrap();
+        assert_eq!(stats(&d).await["index_bytes_in_flight"], 0);
+        c.open_save(&spec("job", 2, 0, 4)).await.unwrap();
+        c.put_shard_index("job", 2, &index(2)).await.unwrap();
+    })
+    .await
+}
+
 /// Opening a save again is not progress: a client that re-opens its saves every few moments
 /// cannot keep them, and their slots, from the idle abort.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,8 +2,9 @@
 //! nothing lose their chunk slot and staging space after `body_progress_timeout_ms`, one whose
 //! body trickles in slower than `body_min_bytes_per_s` loses them at its deadline, one that does
 //! not read the chunk it asked for holds its slot only until its writes have stalled for
-//! `body_progress_timeout_ms`, and a connection that never finishes its request head is closed
-//! after `header_read_timeout_ms`.
+//! `body_progress_timeout_ms`, a connection that never finishes its request head is closed
+//! after `header_read_timeout_ms`, and JSON bodies held at once stay within
+//! `json_bytes_in_flight_max`.
 
 use std::time::{Duration, Instant};
 
@@ -381,6 +382,65 @@ async fn a_digest_check_reads_no_more_than_its_routes_limit() {
             writer.abort();
             let answer = String::from_utf8_lossy(&answer);
             assert!(answer.starts_with("HTTP/1.1 413"), "{path} (after {:?}): {answer}", sent.elapsed());
+        }
+    })
+    .await
+}
+
+/// JSON bodies held at once are bounded in bytes: three shard indexes that declare 60 KB each
+/// and then stall hold 180 KB of a 200 KB budget, so a 30 KB existence query waits
+/// `busy_wait_ms` and gets 503 while a 15 KB one is answered, and the 30 KB one goes through
+/// once a stalled connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_bodies_in_flight_are_bounded_in_bytes() {
+    bounded(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("ckptd.toml");
+        std::fs::write(
+            &cfg,
+            "shard_index_bytes_max = 65536\njson_bytes_in_flight_max = 200000\nbusy_wait_ms = 200\n\
+             body_progress_timeout_ms = 20000\n",
+        )
+        .unwrap();
+        let mut o = DaemonOptions::in_dir(ckptd_exe(), dir.path());
+        o.extra_args.extend(["--config".into(), cfg.into_os_string()]);
+        let d = start_daemon_with(o).await;
+        let mut stalled = Vec::new();
+        for rank in 0..3 {
+            let mut s = TcpStream::connect(addr(&d)).await.unwrap();
+            let head = format!(
+                "PUT /v1/jobs/j/saves/1/ranks/{rank} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+                 Content-Length: 60000\r\n\r\n{{\"rank\":",
+                addr(&d),
+            );
+            s.write_all(head.as_bytes()).await.unwrap();
+            stalled.push(s);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let query = |bytes: usize| {
+            let mut body = br#"{"hashes":[]}"#.to_vec();
+            body.resize(bytes, b' ');
+            reqwest::Client::new()
+                .post(format!("{}/v1/jobs/j/chunks/missing", d.url()))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+        };
+        let r = query(30_000).await.unwrap();
+        assert_eq!(r.status(), 503);
+        let text = r.text().await.unwrap();
+        assert!(text.contains("json_bytes_in_flight_max"), "{text}");
+        let r = query(15_000).await.unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+        drop(stalled.pop());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = query(30_000).await.unwrap();
+            if r.status() == 200 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the budget a closed connection held never came back");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
     .await

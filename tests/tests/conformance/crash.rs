@@ -122,8 +122,11 @@ async fn a_failed_manifest_write_is_retried_in_the_background(backend: Backend) 
     let dir = tempfile::tempdir().unwrap();
     let store = TestStore::new(backend, dir.path()).await;
     let mut opts = store.daemon_options(dir.path());
-    // Fails the first two creates: the one when the last index arrives and the first retry.
-    opts.envs.push(("FAILPOINTS".into(), "ckptd::commit::manifest_put=2*return".into()));
+    // Fails the first four creates. Besides the background retries, two calls try to commit:
+    // the last chunk made durable once every index is in, and the last index's put once every
+    // chunk is durable, each at most once, in either order. So at least two background retries
+    // fail, and only a background retry can succeed.
+    opts.envs.push(("FAILPOINTS".into(), "ckptd::commit::manifest_put=4*return".into()));
     let cfg = dir.path().join("ckptd.toml");
     std::fs::write(&cfg, "commit_retry_ms = 200\n").unwrap();
     opts.extra_args.extend(["--config".into(), cfg.into_os_string()]);
