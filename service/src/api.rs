@@ -18,6 +18,7 @@ use serde::Deserialize;
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::auth::{Principal, Tenants};
+use crate::bodies::{body_deadline, declared_length, held_until_sent, json_budget, stalled, verify_body_digest};
 use crate::coordinator::{Coordinator, OpenSave};
 use crate::error::ServiceError;
 use crate::store::StoreError;
@@ -123,156 +124,6 @@ fn json_body<T: serde::de::DeserializeOwned>(s: &AppState, body: Result<Bytes, B
 /// named so the digest check reads no more.
 const OPEN_BODY_BYTES_MAX: usize = 2 << 20;
 
-/// The header a client puts the blake3 of a JSON body in (`ckpt_client`'s `send_json`).
-const BODY_DIGEST_HEADER: &str = "x-ckpt-body-blake3";
-
-/// Checks a request body against the digest its client sent, when it sent one: metadata
-/// (shard indexes, opens) has no content address, and a byte changed on the way must not be
-/// committed. The body is read whole, up to its route's limit, and handed on unchanged.
-async fn verify_body_digest(
-    State((s, limit)): State<(Arc<AppState>, usize)>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let Some(expected) = req.headers().get(BODY_DIGEST_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string) else {
-        return next.run(req).await;
-    };
-    let (parts, body) = req.into_parts();
-    let bytes = match axum::body::to_bytes(body, limit).await {
-        Ok(b) => b,
-        Err(e) => {
-            let err =
-                stalled(&e, &s).unwrap_or_else(|| ServiceError::TooLarge(format!("json body over {limit} bytes")));
-            return ApiError(err).into_response();
-        }
-    };
-    let check = bytes.clone();
-    // Shard indexes reach megabytes: hash them off the runtime.
-    let actual = match tokio::task::spawn_blocking(move || blake3::hash(&check).to_hex().to_string()).await {
-        Ok(h) => h,
-        Err(e) => return ApiError(crate::error::join_error(e)).into_response(),
-    };
-    if !actual.eq_ignore_ascii_case(&expected) {
-        return ApiError(ServiceError::BodyMismatch { expected, actual }).into_response();
-    }
-    next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await
-}
-
-/// `BodyStalled` when `e` comes from the body progress timeout (`RequestBodyTimeoutLayer`),
-/// `BodyTooSlow` when from the whole body's deadline (`body_deadline`).
-fn stalled(e: &(dyn std::error::Error + 'static), s: &AppState) -> Option<ServiceError> {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(c) = cause {
-        if c.is::<tower_http::timeout::TimeoutError>() {
-            let idle_ms = s.coordinator.body_progress_timeout().as_millis() as u64;
-            return Some(ServiceError::BodyStalled { idle_ms });
-        }
-        if let Some(late) = c.downcast_ref::<BodyPastDeadline>() {
-            return Some(ServiceError::BodyTooSlow {
-                within_ms: late.0.as_millis() as u64,
-                min_bytes_per_s: s.coordinator.body_min_bytes_per_s(),
-            });
-        }
-        cause = c.source();
-    }
-    None
-}
-
-/// Puts a deadline on the whole request body (`Coordinator::body_deadline`): the progress
-/// timeout restarts at every frame, so a body that trickles a byte at a time would otherwise
-/// hold its slot and staging space for as long as its client likes.
-async fn body_deadline(
-    State(s): State<Arc<AppState>>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    if http_body::Body::is_end_stream(req.body()) {
-        return next.run(req).await;
-    }
-    let declared = declared_length(req.headers());
-    let within = s.coordinator.body_deadline(declared);
-    let (parts, body) = req.into_parts();
-    let body = DeadlineBody { inner: body, late: Box::pin(tokio::time::sleep(within)), within };
-    next.run(axum::extract::Request::from_parts(parts, axum::body::Body::new(body))).await
-}
-
-/// A request's Content-Length, where it sent a valid one.
-fn declared_length(headers: &HeaderMap) -> Option<u64> {
-    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("request body not received within {0:?}")]
-struct BodyPastDeadline(Duration);
-
-/// A response body that keeps `held` (the request's transfer slots) until it is sent or the
-/// connection drops: the slots bound what is in flight, and an answer being written is. It is
-/// handed to hyper a frame at a time, since hyper drops a body once it holds its last frame,
-/// and queues at most a few hundred KiB of a connection's writes before it asks for more.
-fn held_until_sent<H: Send + Unpin + 'static>(bytes: Bytes, held: H) -> axum::body::Body {
-    axum::body::Body::new(Holding { rest: bytes, _held: held })
-}
-
-struct Holding<H> {
-    rest: Bytes,
-    _held: H,
-}
-
-const HELD_FRAME_BYTES: usize = 256 << 10;
-
-impl<H: Unpin> http_body::Body for Holding<H> {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        if self.rest.is_empty() {
-            return std::task::Poll::Ready(None);
-        }
-        let n = self.rest.len().min(HELD_FRAME_BYTES);
-        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(self.rest.split_to(n)))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.rest.is_empty()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        http_body::SizeHint::with_exact(self.rest.len() as u64)
-    }
-}
-
-struct DeadlineBody {
-    inner: axum::body::Body,
-    late: std::pin::Pin<Box<tokio::time::Sleep>>,
-    within: Duration,
-}
-
-impl http_body::Body for DeadlineBody {
-    type Data = Bytes;
-    type Error = axum::BoxError;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::BoxError>>> {
-        if std::future::Future::poll(self.late.as_mut(), cx).is_ready() {
-            return std::task::Poll::Ready(Some(Err(Box::new(BodyPastDeadline(self.within)))));
-        }
-        std::pin::Pin::new(&mut self.inner).poll_frame(cx).map_err(Into::into)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 pub fn router(state: Arc<AppState>) -> Router {
     // Chunk bodies are bounded by their declared length (checked against chunk_bytes_max and
     // reserved from the staging budget before reading); JSON bodies by this limit.
@@ -292,7 +143,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     // indexes inside the index permit, so the bodies read whole stay bounded.
     let digest = |limit: usize| axum::middleware::from_fn_with_state((state.clone(), limit), verify_body_digest);
     let index_permit = || axum::middleware::from_fn_with_state(state.clone(), index_permit);
-    let budget = |limit: usize| axum::middleware::from_fn_with_state((state.clone(), limit), json_budget);
+    let json_bytes = |limit: usize| axum::middleware::from_fn_with_state((state.clone(), limit), json_budget);
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -313,18 +164,18 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(missing_chunks)
                 .layer(DefaultBodyLimit::max(missing_limit))
                 .layer(digest(missing_limit))
-                .layer(budget(missing_limit)),
+                .layer(json_bytes(missing_limit)),
         )
         .route("/v1/jobs/{job}/chunks/{hash}", put(put_chunk).get(get_chunk))
         .route(
             "/v1/jobs/{job}/chunks/{hash}/adopt",
-            post(adopt_chunk).layer(DefaultBodyLimit::max(OPEN_BODY_BYTES_MAX)).layer(budget(OPEN_BODY_BYTES_MAX)),
+            post(adopt_chunk).layer(DefaultBodyLimit::max(OPEN_BODY_BYTES_MAX)).layer(json_bytes(OPEN_BODY_BYTES_MAX)),
         )
         .route(
             "/v1/jobs/{job}/chunks/adopt",
             post(adopt_segment_chunk)
                 .layer(DefaultBodyLimit::max(OPEN_BODY_BYTES_MAX))
-                .layer(budget(OPEN_BODY_BYTES_MAX)),
+                .layer(json_bytes(OPEN_BODY_BYTES_MAX)),
         )
         .route(
             "/v1/jobs/{job}/saves/{step}",
@@ -333,7 +184,7 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .delete(abort_save)
                 .layer(DefaultBodyLimit::max(OPEN_BODY_BYTES_MAX))
                 .layer(digest(OPEN_BODY_BYTES_MAX))
-                .layer(budget(OPEN_BODY_BYTES_MAX)),
+                .layer(json_bytes(OPEN_BODY_BYTES_MAX)),
         )
         .route("/v1/jobs/{job}/fence", put(raise_fence).layer(DefaultBodyLimit::max(4096)).layer(digest(4096)))
         .route(
@@ -341,7 +192,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             put(put_shard_index)
                 .layer(DefaultBodyLimit::max(json_limit))
                 .layer(digest(json_limit))
-                .layer(budget(json_limit))
+                .layer(json_bytes(json_limit))
                 .layer(index_permit()),
         )
         // Authorization sees the matched route and its parameters, so it runs inside routing;
@@ -437,6 +288,7 @@ pub(crate) async fn stats(State(s): State<Arc<AppState>>) -> Json<serde_json::Va
         "saves_in_flight": s.coordinator.saves_in_flight(),
         "chunk_refs_in_flight": s.coordinator.chunk_refs_in_flight(),
         "index_bytes_in_flight": s.coordinator.index_bytes_in_flight(),
+        "json_bytes_in_flight": s.coordinator.json_bytes_in_flight(),
         "journal_flushes": s.coordinator.journal_flushes(),
         "last_commit_after_last_index_us": s.coordinator.last_commit_after_last_index_us(),
     }))
@@ -978,26 +830,6 @@ async fn index_permit(
 ) -> Response {
     match s.coordinator.index_permit().await {
         Ok(_permit) => next.run(req).await,
-        Err(e) => ApiError(e).into_response(),
-    }
-}
-
-/// JSON bodies held at once are bounded in bytes (`json_bytes_in_flight_max`): a request takes
-/// its declared length (else its route's `limit`) from the budget before its body is read and
-/// gives it back once answered, so thousands of connections each sending a large body wait or
-/// get 503 instead of growing ckptd's memory. Parsed, a body takes about as much again; the
-/// budget counts what was sent.
-async fn json_budget(
-    State((s, limit)): State<(Arc<AppState>, usize)>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    if http_body::Body::is_end_stream(req.body()) {
-        return next.run(req).await;
-    }
-    let declared = declared_length(req.headers()).map_or(limit as u64, |n| n.min(limit as u64));
-    match s.coordinator.json_bytes_permit(declared).await {
-        Ok(_held) => next.run(req).await,
         Err(e) => ApiError(e).into_response(),
     }
 }

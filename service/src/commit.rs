@@ -41,7 +41,7 @@ use ckpt_core::commit::index_object;
 use ckpt_core::{ChunkHash, CommitObject, ManifestSummary, Root, SavePhase, SaveState, ShardIndex};
 use futures::StreamExt;
 
-use crate::coordinator::{now_unix_ms, Coordinator, OpenSave, SaveStatus, Slot, SlotRef};
+use crate::coordinator::{now_unix_ms, Coordinator, InFlight, OpenSave, SaveStatus, Slot, SlotRef};
 use crate::error::ServiceError;
 use crate::intake::Known;
 use crate::store::StoreError;
@@ -283,20 +283,30 @@ impl Coordinator {
                     self.config.save_chunk_refs_max
                 )));
             }
-            let held = self.chunk_refs_in_flight.load(Ordering::Relaxed);
-            if held + refs > self.config.in_flight_chunk_refs_max {
-                return Err(ServiceError::Busy(format!(
-                    "saves in flight hold {held} chunk references; in_flight_chunk_refs_max is {}",
-                    self.config.in_flight_chunk_refs_max
+            if g.state.index_bytes + object_ref.bytes > self.config.save_index_bytes_max {
+                return Err(ServiceError::BadRequest(format!(
+                    "save {job}@{step} would hold {} bytes of shard indexes, more than save_index_bytes_max {}",
+                    g.state.index_bytes + object_ref.bytes,
+                    self.config.save_index_bytes_max
                 )));
             }
-            let held = self.index_bytes_in_flight.load(Ordering::Relaxed);
-            if held + object_ref.bytes > self.config.in_flight_index_bytes_max {
-                return Err(ServiceError::Busy(format!(
-                    "saves in flight hold {held} bytes of shard indexes; in_flight_index_bytes_max is {}",
-                    self.config.in_flight_index_bytes_max
-                )));
-            }
+            // Taken now against the limits, not checked now and added later: puts for other
+            // saves run between here and the accept. Given back if anything below fails.
+            let refs_taken = InFlight::take(&self.chunk_refs_in_flight, refs, self.config.in_flight_chunk_refs_max)
+                .map_err(|held| {
+                    ServiceError::Busy(format!(
+                        "saves in flight hold {held} chunk references; in_flight_chunk_refs_max is {}",
+                        self.config.in_flight_chunk_refs_max
+                    ))
+                })?;
+            let bytes_taken =
+                InFlight::take(&self.index_bytes_in_flight, object_ref.bytes, self.config.in_flight_index_bytes_max)
+                    .map_err(|held| {
+                        ServiceError::Busy(format!(
+                            "saves in flight hold {held} bytes of shard indexes; in_flight_index_bytes_max is {}",
+                            self.config.in_flight_index_bytes_max
+                        ))
+                    })?;
             // A chunk staged at the lookup may have landed since, and its upload event found no
             // pending entry: only what is still staged now stays pending.
             let pending = self.still_staged(job, not_durable, rank).await?;
@@ -323,8 +333,9 @@ impl Coordinator {
             if g.state.all_ranks_in() {
                 g.all_in_at = Some(Instant::now());
             }
-            self.chunk_refs_in_flight.fetch_add(refs, Ordering::Relaxed);
-            self.index_bytes_in_flight.fetch_add(object_ref.bytes, Ordering::Relaxed);
+            // Now the save's own counts: `untrack_slot` gives them back when it ends.
+            refs_taken.keep();
+            bytes_taken.keep();
             g.add_pending(rank, pending);
             g.last_progress = Instant::now();
             // Every chunk of this rank is durable already (the node-local path, or uploads

@@ -70,8 +70,10 @@ pub struct Config {
     /// Chunk references all saves in flight may hold together: bounds the memory of the indexes
     /// ckptd keeps for them (about 100 bytes a reference).
     pub in_flight_chunk_refs_max: u64,
-    /// Bytes of shard indexes all saves in flight hold together (their objects' size: tensor
-    /// names, shapes and metadata as well as chunk references).
+    /// Bytes of shard indexes one save may hold (their objects' size: tensor names, shapes and
+    /// metadata as well as chunk references); an index past it is refused (400).
+    pub save_index_bytes_max: u64,
+    /// Bytes of shard indexes all saves in flight hold together; past it an index waits (503).
     pub in_flight_index_bytes_max: u64,
     /// A save in flight that makes no progress (no open, no index, no chunk of it made durable)
     /// for this long is aborted and frees its slot: its ranks died or were never started.
@@ -159,6 +161,7 @@ impl Default for Config {
             saves_in_flight_max: 256,
             save_chunk_refs_max: 2_000_000,
             in_flight_chunk_refs_max: 4_000_000,
+            save_index_bytes_max: 2 << 30,
             in_flight_index_bytes_max: 4 << 30,
             save_idle_abort_ms: 900_000,
             status_wait_ms_max: 30_000,
@@ -410,6 +413,7 @@ impl Config {
             ("part_takeover_ms", self.part_takeover_ms),
             ("save_chunk_refs_max", self.save_chunk_refs_max),
             ("in_flight_chunk_refs_max", self.in_flight_chunk_refs_max),
+            ("save_index_bytes_max", self.save_index_bytes_max),
             ("in_flight_index_bytes_max", self.in_flight_index_bytes_max),
             ("json_bytes_in_flight_max", self.json_bytes_in_flight_max),
             ("save_idle_abort_ms", self.save_idle_abort_ms),
@@ -424,6 +428,18 @@ impl Config {
             if v == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be positive")));
             }
+        }
+        // Each bound must hold what the one below it admits, or a save could wait forever for
+        // room only its own end would free.
+        if self.shard_index_bytes_max > self.save_index_bytes_max
+            || self.save_index_bytes_max > self.in_flight_index_bytes_max
+        {
+            return Err(ConfigError::Invalid(
+                "shard_index_bytes_max <= save_index_bytes_max <= in_flight_index_bytes_max must hold".into(),
+            ));
+        }
+        if self.save_chunk_refs_max > self.in_flight_chunk_refs_max {
+            return Err(ConfigError::Invalid("save_chunk_refs_max must be at most in_flight_chunk_refs_max".into()));
         }
         if self.shard_index_bytes_max > self.json_bytes_in_flight_max {
             return Err(ConfigError::Invalid(

@@ -115,6 +115,34 @@ impl Slot {
 
 pub(crate) type SlotRef = Arc<Mutex<Slot>>;
 
+/// A share of an in-flight count (chunk references, index bytes) taken against its limit, and
+/// given back when dropped unless kept.
+pub(crate) struct InFlight<'a> {
+    counter: &'a AtomicU64,
+    n: u64,
+}
+
+impl<'a> InFlight<'a> {
+    /// Takes `n` if the count stays within `max`; otherwise the count held now.
+    pub(crate) fn take(counter: &'a AtomicU64, n: u64, max: u64) -> Result<InFlight<'a>, u64> {
+        counter
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| held.checked_add(n).filter(|&t| t <= max))
+            .map(|_| InFlight { counter, n })
+    }
+
+    /// Keeps the share taken: its owner gives it back later (`Coordinator::untrack_slot`).
+    pub(crate) fn keep(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let n = self.n;
+        let _ = self.counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| Some(held.saturating_sub(n)));
+    }
+}
+
 /// Which ranks' index objects are written, and which are being written. Kept outside the save's
 /// async lock: thousands of index puts finish their writes while others queue for the lock, and
 /// the commit waits for writes in flight instead of repeating them.
@@ -603,19 +631,14 @@ impl Coordinator {
         self.permit(&self.index_permits, self.config.index_requests_max, "shard-index requests").await
     }
 
-    /// Room for a JSON body of `bytes` in the bodies held at once, or `Busy` once
-    /// `busy_wait_ms` has passed without it.
-    pub async fn json_bytes_permit(&self, bytes: u64) -> Result<OwnedSemaphorePermit, ServiceError> {
-        let n = bytes.clamp(1, self.config.json_bytes_in_flight_max).min(u32::MAX as u64) as u32;
-        let wait = Duration::from_millis(self.config.busy_wait_ms);
-        match tokio::time::timeout(wait, self.json_bytes.clone().acquire_many_owned(n)).await {
-            Ok(Ok(p)) => Ok(p),
-            Ok(Err(_)) => Err(ServiceError::Busy("shutting down".into())),
-            Err(_) => Err(ServiceError::Busy(format!(
-                "JSON bodies in flight hold json_bytes_in_flight_max ({} bytes)",
-                self.config.json_bytes_in_flight_max
-            ))),
-        }
+    pub fn json_bytes_in_flight_max(&self) -> u64 {
+        self.config.json_bytes_in_flight_max
+    }
+
+    /// Bytes of JSON bodies received and not yet answered (`bodies.rs` `json_budget`).
+    pub fn json_bytes_in_flight(&self) -> u64 {
+        let budget = self.config.json_bytes_in_flight_max.min(1 << 60);
+        budget.saturating_sub(self.json_bytes.available_permits() as u64)
     }
 
     /// A slot from `slots` (`max` of them), waited for at most `busy_wait_ms`.

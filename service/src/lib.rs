@@ -7,6 +7,7 @@
 pub mod adopt;
 pub mod api;
 pub mod auth;
+mod bodies;
 mod commit;
 pub mod config;
 pub mod coordinator;

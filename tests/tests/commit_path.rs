@@ -182,34 +182,47 @@ async fn an_abandoned_save_is_aborted_after_its_timeout_and_frees_its_slot() {
     .await
 }
 
-/// Indexes in flight are bounded in bytes as well as in chunk references: ranks whose indexes
-/// name no chunk but carry kilobytes of metadata are refused with 503 once the saves in flight
-/// hold `in_flight_index_bytes_max`, and accepted again once those saves end.
+/// Indexes are bounded in bytes as well as in chunk references: ranks whose indexes name no
+/// chunk but carry kilobytes of metadata are refused with 400 once their save would hold more
+/// than `save_index_bytes_max`, and with 503 once the saves in flight together would hold more
+/// than `in_flight_index_bytes_max`, until another save ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn indexes_in_flight_are_bounded_in_bytes_not_only_in_chunks() {
     bounded(Duration::from_secs(60), async {
         let dir = tempfile::tempdir().unwrap();
         let mut o = DaemonOptions::in_dir(ckptd_exe(), dir.path());
-        o.extra_args = config(dir.path(), "in_flight_index_bytes_max = 10000\n");
+        o.extra_args = config(
+            dir.path(),
+            "shard_index_bytes_max = 4096\nsave_index_bytes_max = 5000\nin_flight_index_bytes_max = 8000\n",
+        );
         let d = start_daemon_with(o).await;
         let c = impatient_client(&d);
-        let index = |rank: u32| ShardIndex { rank, tensors: vec![], metadata: serde_json::json!("m".repeat(4000)) };
+        let index = |rank: u32| ShardIndex { rank, tensors: vec![], metadata: serde_json::json!("m".repeat(2000)) };
+        let held = || async { stats(&d).await["index_bytes_in_flight"].as_u64().unwrap() };
         c.open_save(&spec("job", 1, 0, 4)).await.unwrap();
         for rank in 0..2 {
             c.put_shard_index("job", 1, &index(rank)).await.unwrap();
         }
-        let held = stats(&d).await["index_bytes_in_flight"].as_u64().unwrap();
-        assert!((8000..10000).contains(&held), "two indexes of 4000 bytes of metadata hold {held} bytes");
+        let two = held().await;
+        assert!((4000..5000).contains(&two), "two indexes of 2000 bytes of metadata hold {two} bytes");
         let err = c.put_shard_index("job", 1, &index(2)).await.unwrap_err();
-        assert_eq!(api_status(&err), Some(503), "{err}");
-        assert!(err.to_string().contains("in_flight_index_bytes_max is 10000"), "{err}");
-        assert_eq!(c.save_status("job", 1).await.unwrap().ranks_received, 2, "the refused index was kept");
+        assert_eq!(api_status(&err), Some(400), "{err}");
+        assert!(err.to_string().contains("more than save_index_bytes_max 5000"), "{err}");
         // A retry of an accepted index is not charged again.
         c.put_shard_index("job", 1, &index(0)).await.unwrap();
-        c.abort("job", 1).await.unwrap();
-        assert_eq!(stats(&d).await["index_bytes_in_flight"], 0);
+        assert_eq!(held().await, two);
+
         c.open_save(&spec("job", 2, 0, 4)).await.unwrap();
-        c.put_shard_index("job", 2, &index(2)).await.unwrap();
+        c.put_shard_index("job", 2, &index(0)).await.unwrap();
+        let err = c.put_shard_index("job", 2, &index(1)).await.unwrap_err();
+        assert_eq!(api_status(&err), Some(503), "{err}");
+        assert!(err.to_string().contains("in_flight_index_bytes_max is 8000"), "{err}");
+        assert_eq!(c.save_status("job", 2).await.unwrap().ranks_received, 1, "the refused index was kept");
+        assert_eq!(held().await, two + two / 2, "a refused index left its bytes counted");
+        c.abort("job", 1).await.unwrap();
+        assert_eq!(held().await, two / 2);
+        c.put_shard_index("job", 2, &index(1)).await.unwrap();
+        assert_eq!(held().await, two);
     })
     .await
 }

@@ -387,10 +387,11 @@ async fn a_digest_check_reads_no_more_than_its_routes_limit() {
     .await
 }
 
-/// JSON bodies held at once are bounded in bytes: three shard indexes that declare 60 KB each
-/// and then stall hold 180 KB of a 200 KB budget, so a 30 KB existence query waits
-/// `busy_wait_ms` and gets 503 while a 15 KB one is answered, and the 30 KB one goes through
-/// once a stalled connection closes.
+/// JSON bodies held at once are bounded in bytes, counted as they arrive: three shard indexes
+/// that send 60 KB each and then stall hold 180 KB of a 200 KB budget, so a 30 KB existence
+/// query waits `busy_wait_ms` and gets 503 while a 15 KB one is answered, and the 30 KB one
+/// goes through once a stalled connection closes. A body that declares a length and sends
+/// nothing holds nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_bodies_in_flight_are_bounded_in_bytes() {
     bounded(Duration::from_secs(60), async {
@@ -405,18 +406,30 @@ async fn json_bodies_in_flight_are_bounded_in_bytes() {
         let mut o = DaemonOptions::in_dir(ckptd_exe(), dir.path());
         o.extra_args.extend(["--config".into(), cfg.into_os_string()]);
         let d = start_daemon_with(o).await;
-        let mut stalled = Vec::new();
-        for rank in 0..3 {
-            let mut s = TcpStream::connect(addr(&d)).await.unwrap();
+        let held = || async { stats(&d).await["json_bytes_in_flight"].as_u64().unwrap() };
+        let stall = |rank: u32, sent: usize| {
             let head = format!(
                 "PUT /v1/jobs/j/saves/1/ranks/{rank} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
-                 Content-Length: 60000\r\n\r\n{{\"rank\":",
+                 Content-Length: 60001\r\n\r\n",
                 addr(&d),
             );
-            s.write_all(head.as_bytes()).await.unwrap();
-            stalled.push(s);
+            let addr = addr(&d);
+            async move {
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                s.write_all(head.as_bytes()).await.unwrap();
+                s.write_all(&vec![b' '; sent]).await.unwrap();
+                s
+            }
+        };
+        let mut stalled = vec![stall(9, 0).await];
+        for rank in 0..3 {
+            stalled.push(stall(rank, 60_000).await);
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while held().await != 180_000 {
+            assert!(Instant::now() < deadline, "the stalled bodies hold {} bytes, not 180000", held().await);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let query = |bytes: usize| {
             let mut body = br#"{"hashes":[]}"#.to_vec();
             body.resize(bytes, b' ');
@@ -442,6 +455,57 @@ async fn json_bodies_in_flight_are_bounded_in_bytes() {
             assert!(Instant::now() < deadline, "the budget a closed connection held never came back");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    })
+    .await
+}
+
+/// A JSON body that declares no length (chunked) gets its route's deadline: an existence query
+/// (here at most 10 hashes, about 5 KB) that trickles is dropped once its own limit at
+/// `body_min_bytes_per_s` has passed, not after the minute a shard index's limit would give it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_gets_its_routes_deadline() {
+    bounded(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("ckptd.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "shard_index_bytes_max = 65536\nmissing_query_hashes_max = 10\nbody_min_bytes_per_s = {BODY_MIN_BYTES_PER_S}\n\
+                 body_progress_timeout_ms = {}\n",
+                BODY_PROGRESS_TIMEOUT.as_millis()
+            ),
+        )
+        .unwrap();
+        let mut o = DaemonOptions::in_dir(ckptd_exe(), dir.path());
+        o.extra_args.extend(["--config".into(), cfg.into_os_string()]);
+        let d = start_daemon_with(o).await;
+        let route_limit: u64 = 10 * 70 + 4096;
+        let deadline = BODY_PROGRESS_TIMEOUT + Duration::from_millis(route_limit * 1000 / BODY_MIN_BYTES_PER_S);
+        let (mut rx, mut tx) = TcpStream::connect(addr(&d)).await.unwrap().into_split();
+        let head = format!(
+            "POST /v1/jobs/j/chunks/missing HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+             Transfer-Encoding: chunked\r\n\r\n",
+            addr(&d)
+        );
+        tx.write_all(head.as_bytes()).await.unwrap();
+        let opened = Instant::now();
+        let trickle = tokio::spawn(async move {
+            loop {
+                if tx.write_all(b"1\r\n \r\n").await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        });
+        let limit = deadline + Duration::from_secs(10);
+        let answer = read_until_closed(&mut rx, limit)
+            .await
+            .unwrap_or_else(|| panic!("a trickling chunked query was still being read {limit:?} after its head"));
+        trickle.abort();
+        let after = opened.elapsed();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 408") && answer.contains("\"body_too_slow\""), "{answer}");
+        assert!(after >= deadline - Duration::from_millis(200), "dropped after {after:?}, before {deadline:?}");
     })
     .await
 }

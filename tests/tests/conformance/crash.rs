@@ -117,32 +117,40 @@ async fn sigkill_from_outside_mid_save_then_resume_without_resending(backend: Ba
 
 /// A manifest create that keeps failing past the store adapter's retries leaves the save ready
 /// but uncommitted; ckptd retries the commit in the background, with no client action.
+///
+/// Step 1 commits at its first attempt; then ten creates fail. Step 2 holds the same bytes,
+/// so every chunk is durable before its indexes arrive and no upload event tries to commit it:
+/// only the last index's put does, and it is answered with that attempt's failure. From then on
+/// only the background retry (every `commit_retry_ms`) can commit it.
 async fn a_failed_manifest_write_is_retried_in_the_background(backend: Backend) {
     let seed = seed(0x5eed_0004);
     let dir = tempfile::tempdir().unwrap();
     let store = TestStore::new(backend, dir.path()).await;
     let mut opts = store.daemon_options(dir.path());
-    // Fails the first four creates. Besides the background retries, two calls try to commit:
-    // the last chunk made durable once every index is in, and the last index's put once every
-    // chunk is durable, each at most once, in either order. So at least two background retries
-    // fail, and only a background retry can succeed.
-    opts.envs.push(("FAILPOINTS".into(), "ckptd::commit::manifest_put=4*return".into()));
+    opts.envs.push(("FAILPOINTS".into(), "ckptd::commit::manifest_put=1*off->10*return->off".into()));
     let cfg = dir.path().join("ckptd.toml");
     std::fs::write(&cfg, "commit_retry_ms = 200\n").unwrap();
     opts.extra_args.extend(["--config".into(), cfg.into_os_string()]);
     let d = start_daemon_with(opts).await;
-    // No client retries: only ckptd's own background retry may commit (a client's retried index
-    // put would commit too, and under load it can come first).
+    // No client retries: a retried index put would try to commit too.
     let once = ckpt_client::ClientOptions { attempts_max: 1, ..client(&d).options().clone() };
     let c = ckpt_client::Client::new(&d.url(), once).unwrap();
     let state: Vec<_> = (0..WORLD).map(|r| rank_tensors(seed, r, WORLD, 1 << 20)).collect();
+    save_step(&c, "job", 1, &state).await.unwrap();
     for (r, t) in state.iter().enumerate() {
-        // The last rank's index triggers the commit, which fails: the put itself reports it.
-        let _ = c.save(&spec("job", 1, r as u32, WORLD), t, ckpt_client::Wait::Staged).await;
+        let last = r as u32 == WORLD - 1;
+        let put = c.save(&spec("job", 2, r as u32, WORLD), t, ckpt_client::Wait::Staged).await;
+        match put {
+            Ok(s) => {
+                assert!(!last, "the last index's commit attempt did not fail: {s:?}\n{}", daemon_log(&d));
+                assert_eq!(s.bytes_sent, 0, "step 2's chunks were not all durable already");
+            }
+            Err(e) => assert!(last, "rank {r}: {e}"),
+        }
     }
     let committed = bounded(Duration::from_secs(20), async {
         loop {
-            if let Ok(s) = c.save_status("job", 1).await {
+            if let Ok(s) = c.save_status("job", 2).await {
                 if s.phase == ckpt_client::SavePhase::Committed {
                     return s;
                 }
@@ -155,7 +163,7 @@ async fn a_failed_manifest_write_is_retried_in_the_background(backend: Backend) 
     assert!(committed.manifest_hash.is_some());
     assert!(daemon_log(&d).contains("commit retried in the background succeeded"), "{}", daemon_log(&d));
     for r in 0..WORLD {
-        assert!(c.load_rank("job", 1, r).await.unwrap() == state[r as usize]);
+        assert!(c.load_rank("job", 2, r).await.unwrap() == state[r as usize]);
     }
     store.assert_complete().await;
 }

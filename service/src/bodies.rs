@@ -1,0 +1,299 @@
+//! Request and response bodies on their way through the API: a digest check of JSON bodies,
+//! deadlines (per frame and per body), the byte budget JSON bodies are read into, and answers
+//! that keep their transfer slots until they are sent.
+//!
+//! Design note.
+//! * Every bound on a body is enforced as its frames move, by wrapping the body, not by
+//!   trusting what the client declared: a declared length only sets a deadline or is checked
+//!   against a limit before anything is read.
+//! * Errors raised inside a wrapped body reach the handler as the body's read error; `stalled`
+//!   turns each back into the API error it stands for (408 for a stall or a missed deadline,
+//!   503 for a budget that stayed full).
+//! * The JSON budget is charged as bytes arrive, a frame at a time, and released when the
+//!   request is answered: a client holds only what it has really sent, so declaring a large
+//!   body and trickling it costs the service nothing until the bytes are there, and a large
+//!   waiter never queues small ones behind it for more than one frame.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap};
+use axum::response::{IntoResponse, Response};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::api::{ApiError, AppState};
+use crate::error::ServiceError;
+
+/// The header a client puts the blake3 of a JSON body in (`ckpt_client`'s `send_json`).
+const BODY_DIGEST_HEADER: &str = "x-ckpt-body-blake3";
+
+/// Checks a request body against the digest its client sent, when it sent one: metadata
+/// (shard indexes, opens) has no content address, and a byte changed on the way must not be
+/// committed. The body is read whole, up to its route's limit, and handed on unchanged.
+pub(crate) async fn verify_body_digest(
+    State((s, limit)): State<(Arc<AppState>, usize)>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(expected) = req.headers().get(BODY_DIGEST_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string) else {
+        return next.run(req).await;
+    };
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(e) => {
+            let err =
+                stalled(&e, &s).unwrap_or_else(|| ServiceError::TooLarge(format!("json body over {limit} bytes")));
+            return ApiError(err).into_response();
+        }
+    };
+    let check = bytes.clone();
+    // Shard indexes reach megabytes: hash them off the runtime.
+    let actual = match tokio::task::spawn_blocking(move || blake3::hash(&check).to_hex().to_string()).await {
+        Ok(h) => h,
+        Err(e) => return ApiError(crate::error::join_error(e)).into_response(),
+    };
+    if !actual.eq_ignore_ascii_case(&expected) {
+        return ApiError(ServiceError::BodyMismatch { expected, actual }).into_response();
+    }
+    next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await
+}
+
+/// `BodyStalled` when `e` comes from the body progress timeout (`RequestBodyTimeoutLayer`),
+/// `BodyTooSlow` when from the whole body's deadline (`body_deadline`), `Busy` when the JSON
+/// budget stayed full (`json_budget`).
+pub(crate) fn stalled(e: &(dyn std::error::Error + 'static), s: &AppState) -> Option<ServiceError> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.is::<tower_http::timeout::TimeoutError>() {
+            let idle_ms = s.coordinator.body_progress_timeout().as_millis() as u64;
+            return Some(ServiceError::BodyStalled { idle_ms });
+        }
+        if let Some(full) = c.downcast_ref::<BudgetFull>() {
+            return Some(ServiceError::Busy(full.to_string()));
+        }
+        if let Some(late) = c.downcast_ref::<BodyPastDeadline>() {
+            return Some(ServiceError::BodyTooSlow {
+                within_ms: late.0.as_millis() as u64,
+                min_bytes_per_s: s.coordinator.body_min_bytes_per_s(),
+            });
+        }
+        cause = c.source();
+    }
+    None
+}
+
+/// Puts a deadline on the whole request body (`Coordinator::body_deadline`): the progress
+/// timeout restarts at every frame, so a body that trickles a byte at a time would otherwise
+/// hold its slot and staging space for as long as its client likes.
+pub(crate) async fn body_deadline(
+    State(s): State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if http_body::Body::is_end_stream(req.body()) {
+        return next.run(req).await;
+    }
+    let within = s.coordinator.body_deadline(declared_length(req.headers()));
+    next.run(with_deadline(req, within)).await
+}
+
+fn with_deadline(req: axum::extract::Request, within: Duration) -> axum::extract::Request {
+    let (parts, body) = req.into_parts();
+    let body = DeadlineBody { inner: body, late: Box::pin(tokio::time::sleep(within)), within };
+    axum::extract::Request::from_parts(parts, axum::body::Body::new(body))
+}
+
+/// A request's Content-Length, where it sent a valid one.
+pub(crate) fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("request body not received within {0:?}")]
+struct BodyPastDeadline(Duration);
+
+/// A response body that keeps `held` (the request's transfer slots) until it is sent or the
+/// connection drops: the slots bound what is in flight, and an answer being written is. It is
+/// handed to hyper a frame at a time, since hyper drops a body once it holds its last frame,
+/// and queues at most a few hundred KiB of a connection's writes before it asks for more.
+pub(crate) fn held_until_sent<H: Send + Unpin + 'static>(bytes: Bytes, held: H) -> axum::body::Body {
+    axum::body::Body::new(Holding { rest: bytes, _held: held })
+}
+
+struct Holding<H> {
+    rest: Bytes,
+    _held: H,
+}
+
+const HELD_FRAME_BYTES: usize = 256 << 10;
+
+impl<H: Unpin> http_body::Body for Holding<H> {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if self.rest.is_empty() {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.rest.len().min(HELD_FRAME_BYTES);
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(self.rest.split_to(n)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.rest.len() as u64)
+    }
+}
+
+struct DeadlineBody {
+    inner: axum::body::Body,
+    late: std::pin::Pin<Box<tokio::time::Sleep>>,
+    within: Duration,
+}
+
+impl http_body::Body for DeadlineBody {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::BoxError>>> {
+        if std::future::Future::poll(self.late.as_mut(), cx).is_ready() {
+            return std::task::Poll::Ready(Some(Err(Box::new(BodyPastDeadline(self.within)))));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx).map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// JSON bodies held at once are bounded in bytes (`json_bytes_in_flight_max`, see the design
+/// note): each frame takes its bytes from the budget as it arrives, and the request gives them
+/// back once answered. Parsed, a body takes about as much again; the budget counts what was
+/// sent. A body that declares no length also gets its route's deadline (`limit` at
+/// `body_min_bytes_per_s`) rather than the largest route's, which `body_deadline` put on
+/// before routing.
+pub(crate) async fn json_budget(
+    State((s, limit)): State<(Arc<AppState>, usize)>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if http_body::Body::is_end_stream(req.body()) {
+        return next.run(req).await;
+    }
+    let req = match declared_length(req.headers()) {
+        Some(_) => req,
+        None => with_deadline(req, s.coordinator.body_deadline(Some(limit as u64))),
+    };
+    let held = Arc::new(Mutex::new(None));
+    let (parts, body) = req.into_parts();
+    let body = Budgeted {
+        inner: body,
+        budget: s.coordinator.json_bytes.clone(),
+        budget_max: s.coordinator.json_bytes_in_flight_max(),
+        wait: s.coordinator.busy_wait(),
+        held: held.clone(),
+        waiting: None,
+    };
+    let answer = next.run(axum::extract::Request::from_parts(parts, axum::body::Body::new(body))).await;
+    // The handler is done with the body's bytes once it has answered.
+    drop(held);
+    answer
+}
+
+type Acquire = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<Result<OwnedSemaphorePermit, tokio::sync::AcquireError>, tokio::time::error::Elapsed>,
+            > + Send,
+    >,
+>;
+
+/// A request body whose frames are each let through once their bytes are taken from the JSON
+/// budget, into `held`.
+struct Budgeted {
+    inner: axum::body::Body,
+    budget: Arc<Semaphore>,
+    budget_max: u64,
+    wait: Duration,
+    held: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+    /// A frame that arrived while the budget was full, and the wait for its bytes.
+    waiting: Option<(http_body::Frame<Bytes>, Acquire)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("JSON bodies in flight hold json_bytes_in_flight_max ({0} bytes)")]
+struct BudgetFull(u64);
+
+impl Budgeted {
+    fn keep(&self, permit: OwnedSemaphorePermit) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        match held.as_mut() {
+            Some(h) => h.merge(permit),
+            None => *held = Some(permit),
+        }
+    }
+}
+
+impl http_body::Body for Budgeted {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::BoxError>>> {
+        use std::task::Poll;
+        loop {
+            if let Some((_, acquire)) = self.waiting.as_mut() {
+                let got = std::task::ready!(acquire.as_mut().poll(cx));
+                let (frame, _) = self.waiting.take().expect("a frame waits");
+                return match got {
+                    Ok(Ok(permit)) => {
+                        self.keep(permit);
+                        Poll::Ready(Some(Ok(frame)))
+                    }
+                    _ => Poll::Ready(Some(Err(Box::new(BudgetFull(self.budget_max))))),
+                };
+            }
+            let frame = match std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => frame,
+                other => return Poll::Ready(other.map(|r| r.map_err(Into::into))),
+            };
+            let n = frame.data_ref().map_or(0, |d| d.len()).min(u32::MAX as usize) as u32;
+            if n == 0 {
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            if let Ok(permit) = self.budget.clone().try_acquire_many_owned(n) {
+                self.keep(permit);
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            let acquire = tokio::time::timeout(self.wait, self.budget.clone().acquire_many_owned(n));
+            self.waiting = Some((frame, Box::pin(acquire)));
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.waiting.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
