@@ -9,10 +9,11 @@
 //! * Errors raised inside a wrapped body reach the handler as the body's read error; `stalled`
 //!   turns each back into the API error it stands for (408 for a stall or a missed deadline,
 //!   503 for a budget that stayed full).
-//! * The JSON budget is charged as bytes arrive, a frame at a time, and released when the
-//!   request is answered: a client holds only what it has really sent, so declaring a large
-//!   body and trickling it costs the service nothing until the bytes are there, and a large
-//!   waiter never queues small ones behind it for more than one frame.
+//! * The JSON budget is taken when a body's first bytes arrive, its whole share at once (the
+//!   declared length, else the route's limit), and released when the request is answered: a
+//!   body that declares much and sends nothing holds nothing, and a body waits for the budget
+//!   once, before it holds any, so bodies holding parts of it never wait on each other. A body
+//!   that trickles what it declared is bounded by its deadline.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -184,10 +185,11 @@ impl http_body::Body for DeadlineBody {
 }
 
 /// JSON bodies held at once are bounded in bytes (`json_bytes_in_flight_max`, see the design
-/// note): each frame takes its bytes from the budget as it arrives, and the request gives them
-/// back once answered. Parsed, a body takes about as much again; the budget counts what was
-/// sent. A body that declares no length also gets its route's deadline (`limit` at
-/// `body_min_bytes_per_s`) rather than the largest route's, which `body_deadline` put on
+/// note): when a body's first bytes arrive it takes its whole share of the budget at once (its
+/// declared length, else its route's `limit`; never more than the whole budget), and the
+/// request gives it back once answered. Parsed, a body takes about as much again; the budget
+/// counts what is sent. A body that declares no length also gets its route's deadline (`limit`
+/// at `body_min_bytes_per_s`) rather than the largest route's, which `body_deadline` put on
 /// before routing.
 pub(crate) async fn json_budget(
     State((s, limit)): State<(Arc<AppState>, usize)>,
@@ -197,16 +199,22 @@ pub(crate) async fn json_budget(
     if http_body::Body::is_end_stream(req.body()) {
         return next.run(req).await;
     }
-    let req = match declared_length(req.headers()) {
+    let declared = declared_length(req.headers());
+    let req = match declared {
         Some(_) => req,
         None => with_deadline(req, s.coordinator.body_deadline(Some(limit as u64))),
     };
+    let budget_max = s.coordinator.json_bytes_in_flight_max();
+    let share = declared.map_or(limit as u64, |n| n.min(limit as u64));
     let held = Arc::new(Mutex::new(None));
     let (parts, body) = req.into_parts();
     let body = Budgeted {
         inner: body,
         budget: s.coordinator.json_bytes.clone(),
-        budget_max: s.coordinator.json_bytes_in_flight_max(),
+        budget_max,
+        share: share.clamp(1, budget_max),
+        taken: 0,
+        passed: 0,
         wait: s.coordinator.busy_wait(),
         held: held.clone(),
         waiting: None,
@@ -225,29 +233,43 @@ type Acquire = std::pin::Pin<
     >,
 >;
 
-/// A request body whose frames are each let through once their bytes are taken from the JSON
-/// budget, into `held`.
+/// A request body that lets its first data frame through once its whole share of the JSON
+/// budget is taken, into `held`. One wait, before anything is held: bodies that each held part
+/// of the budget while waiting for more could wait on each other until all gave up. Bytes past
+/// the share (a body longer than it declared) are taken as they come.
 struct Budgeted {
     inner: axum::body::Body,
     budget: Arc<Semaphore>,
     budget_max: u64,
+    share: u64,
+    /// Bytes of the budget taken so far, and bytes of the body let through.
+    taken: u64,
+    passed: u64,
     wait: Duration,
     held: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
-    /// A frame that arrived while the budget was full, and the wait for its bytes.
-    waiting: Option<(http_body::Frame<Bytes>, Acquire)>,
+    /// A frame that needs more of the budget than is free, how much, and the wait for it.
+    waiting: Option<(http_body::Frame<Bytes>, u64, Acquire)>,
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("JSON bodies in flight hold json_bytes_in_flight_max ({0} bytes)")]
 struct BudgetFull(u64);
 
+type Frame = std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::BoxError>>>;
+
 impl Budgeted {
-    fn keep(&self, permit: OwnedSemaphorePermit) {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        match held.as_mut() {
-            Some(h) => h.merge(permit),
-            None => *held = Some(permit),
+    /// Lets `frame` through, its budget taken (`permit`, `n` bytes; none when already covered).
+    fn pass(&mut self, frame: http_body::Frame<Bytes>, taken: Option<(OwnedSemaphorePermit, u64)>) -> Frame {
+        if let Some((permit, n)) = taken {
+            self.taken += n;
+            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            match held.as_mut() {
+                Some(h) => h.merge(permit),
+                None => *held = Some(permit),
+            }
         }
+        self.passed += frame.data_ref().map_or(0, |d| d.len() as u64);
+        std::task::Poll::Ready(Some(Ok(frame)))
     }
 }
 
@@ -260,32 +282,40 @@ impl http_body::Body for Budgeted {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::BoxError>>> {
         use std::task::Poll;
-        loop {
-            if let Some((_, acquire)) = self.waiting.as_mut() {
-                let got = std::task::ready!(acquire.as_mut().poll(cx));
-                let (frame, _) = self.waiting.take().expect("a frame waits");
-                return match got {
-                    Ok(Ok(permit)) => {
-                        self.keep(permit);
-                        Poll::Ready(Some(Ok(frame)))
-                    }
-                    _ => Poll::Ready(Some(Err(Box::new(BudgetFull(self.budget_max))))),
-                };
-            }
-            let frame = match std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_frame(cx)) {
-                Some(Ok(frame)) => frame,
-                other => return Poll::Ready(other.map(|r| r.map_err(Into::into))),
+        if let Some((_, _, acquire)) = self.waiting.as_mut() {
+            let got = std::task::ready!(acquire.as_mut().poll(cx));
+            let (frame, n, _) = self.waiting.take().expect("a frame waits");
+            return match got {
+                Ok(Ok(permit)) => self.pass(frame, Some((permit, n))),
+                _ => Poll::Ready(Some(Err(Box::new(BudgetFull(self.budget_max))))),
             };
-            let n = frame.data_ref().map_or(0, |d| d.len()).min(u32::MAX as usize) as u32;
-            if n == 0 {
-                return Poll::Ready(Some(Ok(frame)));
+        }
+        let frame = match std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => frame,
+            other => return Poll::Ready(other.map(|r| r.map_err(Into::into))),
+        };
+        let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+        // The whole share with the first bytes; past it, what the frame brings beyond it.
+        // Never more than the whole budget: a body larger than it (a small budget, a large
+        // route limit) goes through alone rather than waiting for room that never comes.
+        let n = if len == 0 { 0 } else { self.share.max(self.passed + len).saturating_sub(self.taken) };
+        let n = n.min(self.budget_max.saturating_sub(self.taken)).min(u32::MAX as u64);
+        if n == 0 {
+            return self.pass(frame, None);
+        }
+        if let Ok(permit) = self.budget.clone().try_acquire_many_owned(n as u32) {
+            return self.pass(frame, Some((permit, n)));
+        }
+        let mut acquire: Acquire =
+            Box::pin(tokio::time::timeout(self.wait, self.budget.clone().acquire_many_owned(n as u32)));
+        // Registers the waker: the next poll finds the wait under way.
+        match acquire.as_mut().poll(cx) {
+            Poll::Ready(Ok(Ok(permit))) => self.pass(frame, Some((permit, n))),
+            Poll::Ready(_) => Poll::Ready(Some(Err(Box::new(BudgetFull(self.budget_max))))),
+            Poll::Pending => {
+                self.waiting = Some((frame, n, acquire));
+                Poll::Pending
             }
-            if let Ok(permit) = self.budget.clone().try_acquire_many_owned(n) {
-                self.keep(permit);
-                return Poll::Ready(Some(Ok(frame)));
-            }
-            let acquire = tokio::time::timeout(self.wait, self.budget.clone().acquire_many_owned(n));
-            self.waiting = Some((frame, Box::pin(acquire)));
         }
     }
 

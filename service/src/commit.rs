@@ -276,18 +276,20 @@ impl Coordinator {
                 self.index.flush().await?;
                 return self.settle(job, step, &slot).await;
             }
-            if g.state.chunk_refs + refs > self.config.save_chunk_refs_max {
+            if g.state.chunk_refs + refs > self.config.save_chunk_refs_limit() {
                 return Err(ServiceError::BadRequest(format!(
-                    "save {job}@{step} would hold {} chunk references, more than save_chunk_refs_max {}",
+                    "save {job}@{step} would hold {} chunk references, more than one save may ({}: \
+                     save_chunk_refs_max, at most in_flight_chunk_refs_max)",
                     g.state.chunk_refs + refs,
-                    self.config.save_chunk_refs_max
+                    self.config.save_chunk_refs_limit()
                 )));
             }
-            if g.state.index_bytes + object_ref.bytes > self.config.save_index_bytes_max {
+            if g.state.index_bytes + object_ref.bytes > self.config.save_index_bytes_limit() {
                 return Err(ServiceError::BadRequest(format!(
-                    "save {job}@{step} would hold {} bytes of shard indexes, more than save_index_bytes_max {}",
+                    "save {job}@{step} would hold {} bytes of shard indexes, more than one save may ({}: \
+                     save_index_bytes_max, at most in_flight_index_bytes_max)",
                     g.state.index_bytes + object_ref.bytes,
-                    self.config.save_index_bytes_max
+                    self.config.save_index_bytes_limit()
                 )));
             }
             // Taken now against the limits, not checked now and added later: puts for other

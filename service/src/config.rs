@@ -393,6 +393,17 @@ impl Config {
         }
     }
 
+    /// What one save may hold: its own limit, and never more than all saves in flight may, so
+    /// a save is refused (400) rather than left waiting for room only its own end would free.
+    pub fn save_chunk_refs_limit(&self) -> u64 {
+        self.save_chunk_refs_max.min(self.in_flight_chunk_refs_max)
+    }
+
+    /// As `save_chunk_refs_limit`, for the bytes of a save's shard indexes.
+    pub fn save_index_bytes_limit(&self) -> u64 {
+        self.save_index_bytes_max.min(self.in_flight_index_bytes_max)
+    }
+
     /// Every bound must be positive: a zero would either refuse all work or mean "unbounded".
     pub fn validate(&self) -> Result<(), ConfigError> {
         let positive = [
@@ -428,23 +439,6 @@ impl Config {
             if v == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be positive")));
             }
-        }
-        // Each bound must hold what the one below it admits, or a save could wait forever for
-        // room only its own end would free.
-        if self.shard_index_bytes_max > self.save_index_bytes_max
-            || self.save_index_bytes_max > self.in_flight_index_bytes_max
-        {
-            return Err(ConfigError::Invalid(
-                "shard_index_bytes_max <= save_index_bytes_max <= in_flight_index_bytes_max must hold".into(),
-            ));
-        }
-        if self.save_chunk_refs_max > self.in_flight_chunk_refs_max {
-            return Err(ConfigError::Invalid("save_chunk_refs_max must be at most in_flight_chunk_refs_max".into()));
-        }
-        if self.shard_index_bytes_max > self.json_bytes_in_flight_max {
-            return Err(ConfigError::Invalid(
-                "json_bytes_in_flight_max must hold at least one shard_index_bytes_max index".into(),
-            ));
         }
         // A tokio semaphore holds at most 2^61 - 1 permits; far past any real need.
         if self.connections_max > 1 << 24 {

@@ -61,17 +61,35 @@ impl Readiness {
             return;
         }
         *running = true;
-        let (flag, done, store, within) = (self.running.clone(), self.done.clone(), store.clone(), self.timeout);
+        let finish = Finish { running: self.running.clone(), done: self.done.clone(), outcome: None };
+        let (store, within) = (store.clone(), self.timeout);
         tokio::spawn(async move {
-            let outcome = match tokio::time::timeout(within, store.probe()).await {
+            // The whole guard moves in (a closure would take only the field it assigns).
+            let mut finish = finish;
+            finish.outcome = Some(match tokio::time::timeout(within, store.probe()).await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(format!("the store did not answer a probe: {e}")),
                 Err(_) => Err(format!("the store did not answer a probe within {} ms", within.as_millis())),
-            };
-            let mut running = flag.lock().unwrap_or_else(|e| e.into_inner());
-            *running = false;
-            let _previous = done.send_replace(outcome);
+            });
         });
+    }
+}
+
+/// Publishes a probe's outcome and lets the next one start, when the probe's task ends however
+/// it ends (a panic in the store call, the runtime shutting down): a probe that never reported
+/// would leave every later caller waiting out its timeout.
+struct Finish {
+    running: Arc<Mutex<bool>>,
+    done: Arc<watch::Sender<Result<(), String>>>,
+    outcome: Option<Result<(), String>>,
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        let outcome = self.outcome.take().unwrap_or_else(|| Err("the store probe ended without an outcome".into()));
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        *running = false;
+        let _previous = self.done.send_replace(outcome);
     }
 }
 
@@ -91,11 +109,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn callers_share_the_probe_under_way_and_none_outlives_the_timeout() {
         let store = Store::open("memory://", &Default::default(), 1, Duration::from_millis(1)).unwrap().with_faults();
-        let ready = Arc::new(Readiness::new(Duration::from_millis(500)));
+        let ready = Arc::new(Readiness::new(Duration::from_millis(3000)));
         ready.check(&store).await.unwrap();
 
         // Twenty callers while one slow probe runs: one probe, and every caller has its answer.
-        store.faults().unwrap().arm(latency(300)).unwrap();
+        store.faults().unwrap().arm(latency(1500)).unwrap();
         let callers: Vec<_> = (0..20)
             .map(|_| {
                 let (ready, store) = (ready.clone(), store.clone());
@@ -113,8 +131,8 @@ mod tests {
         let t = std::time::Instant::now();
         let err = ready.check(&store).await.unwrap_err();
         assert_eq!(err.code(), "not_ready", "{err}");
-        assert!(err.to_string().contains("within 500 ms"), "{err}");
-        assert!(t.elapsed() < Duration::from_secs(3), "told after {:?}", t.elapsed());
+        assert!(err.to_string().contains("within 3000 ms"), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(6), "told after {:?}", t.elapsed());
         ready.check(&store).await.unwrap();
     }
 }

@@ -387,11 +387,11 @@ async fn a_digest_check_reads_no_more_than_its_routes_limit() {
     .await
 }
 
-/// JSON bodies held at once are bounded in bytes, counted as they arrive: three shard indexes
-/// that send 60 KB each and then stall hold 180 KB of a 200 KB budget, so a 30 KB existence
-/// query waits `busy_wait_ms` and gets 503 while a 15 KB one is answered, and the 30 KB one
-/// goes through once a stalled connection closes. A body that declares a length and sends
-/// nothing holds nothing.
+/// JSON bodies held at once are bounded in bytes, each taking its declared length once its
+/// first bytes arrive: three shard indexes that declare 60 KB, send most of it and stall hold
+/// 180 KB of a 200 KB budget, so a 30 KB existence query waits `busy_wait_ms` and gets 503
+/// while a 15 KB one is answered, and the 30 KB one goes through once a stalled connection
+/// closes. A body that declares a length and sends nothing holds nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_bodies_in_flight_are_bounded_in_bytes() {
     bounded(Duration::from_secs(60), async {
@@ -426,8 +426,8 @@ async fn json_bodies_in_flight_are_bounded_in_bytes() {
             stalled.push(stall(rank, 60_000).await);
         }
         let deadline = Instant::now() + Duration::from_secs(10);
-        while held().await != 180_000 {
-            assert!(Instant::now() < deadline, "the stalled bodies hold {} bytes, not 180000", held().await);
+        while held().await != 3 * 60_001 {
+            assert!(Instant::now() < deadline, "the stalled bodies hold {} bytes, not 3 x 60001", held().await);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let query = |bytes: usize| {

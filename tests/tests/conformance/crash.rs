@@ -161,7 +161,13 @@ async fn a_failed_manifest_write_is_retried_in_the_background(backend: Backend) 
     })
     .await;
     assert!(committed.manifest_hash.is_some());
-    assert!(daemon_log(&d).contains("commit retried in the background succeeded"), "{}", daemon_log(&d));
+    // The status answers from the index as soon as the root is recorded; the retry logs its
+    // success only after the journal sync that follows.
+    let logged = std::time::Instant::now() + Duration::from_secs(10);
+    while !daemon_log(&d).contains("commit retried in the background succeeded") {
+        assert!(std::time::Instant::now() < logged, "{}", daemon_log(&d));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     for r in 0..WORLD {
         assert!(c.load_rank("job", 2, r).await.unwrap() == state[r as usize]);
     }
