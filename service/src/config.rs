@@ -31,7 +31,8 @@ pub struct Config {
     /// more wait up to `busy_wait_ms`, then get 503.
     pub index_requests_max: usize,
     /// JSON bodies (shard indexes, existence queries, opens, adopts) held at once, in bytes:
-    /// each request takes its declared length, else its route's limit, before its body is read.
+    /// each request takes its declared length, else its route's limit, when its first bytes
+    /// arrive, and holds it until it is answered.
     pub json_bytes_in_flight_max: u64,
     /// How long a request waits for a free slot before ckptd answers 503 with Retry-After.
     pub busy_wait_ms: u64,

@@ -15,8 +15,9 @@
 //! * Bounds: saves in flight (`saves_in_flight_max`), shard-index requests served at once
 //!   (`index_requests_max`, taken before the body is read), chunk references per save
 //!   (`save_chunk_refs_max`) and over all saves (`in_flight_chunk_refs_max`), the bytes of the
-//!   indexes all saves hold (`in_flight_index_bytes_max`: an index of no chunks can still carry
-//!   megabytes of names and metadata), concurrent chunk
+//!   indexes one save and all saves hold (`save_index_bytes_max`, `in_flight_index_bytes_max`:
+//!   an index of no chunks can still carry megabytes of names and metadata), JSON bodies held
+//!   at once (`json_bytes_in_flight_max`, see `bodies.rs`), concurrent chunk
 //!   requests (`chunk_requests_max`, waited for at most `busy_wait_ms`, and lost by a request
 //!   whose body sends nothing for `body_progress_timeout_ms`), store fan-out per request
 //!   (`store_requests_max`), hashes per existence query (`missing_query_hashes_max`);
@@ -138,9 +139,18 @@ impl<'a> InFlight<'a> {
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        let n = self.n;
-        let _ = self.counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| Some(held.saturating_sub(n)));
+        give_back(self.counter, self.n);
     }
+}
+
+/// Gives `n` back to an in-flight count, never below zero.
+fn give_back(counter: &AtomicU64, n: u64) {
+    let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| Some(held.saturating_sub(n)));
+}
+
+/// The JSON byte budget's permits: its configured bytes, within what a tokio semaphore holds.
+fn json_budget_permits(config: &Config) -> u64 {
+    config.json_bytes_in_flight_max.min(1 << 60)
 }
 
 /// Which ranks' index objects are written, and which are being written. Kept outside the save's
@@ -379,7 +389,7 @@ impl Coordinator {
             limits: config.limits(),
             chunk_permits: Arc::new(Semaphore::new(config.chunk_requests_max)),
             index_permits: Arc::new(Semaphore::new(config.index_requests_max)),
-            json_bytes: Arc::new(Semaphore::new(config.json_bytes_in_flight_max.min(1 << 60) as usize)),
+            json_bytes: Arc::new(Semaphore::new(json_budget_permits(&config) as usize)),
             store,
             index,
             config,
@@ -575,12 +585,8 @@ impl Coordinator {
         let removed = self.saves.lock().unwrap_or_else(|e| e.into_inner()).remove(&(state.job.clone(), state.step));
         if removed.is_some() {
             self.lease_close(&state.job, state.step);
-            let _ = self
-                .chunk_refs_in_flight
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(state.chunk_refs)));
-            let _ = self
-                .index_bytes_in_flight
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(state.index_bytes)));
+            give_back(&self.chunk_refs_in_flight, state.chunk_refs);
+            give_back(&self.index_bytes_in_flight, state.index_bytes);
             self.save_ended.notify_waiters();
         }
     }
@@ -637,8 +643,7 @@ impl Coordinator {
 
     /// Bytes of JSON bodies received and not yet answered (`bodies.rs` `json_budget`).
     pub fn json_bytes_in_flight(&self) -> u64 {
-        let budget = self.config.json_bytes_in_flight_max.min(1 << 60);
-        budget.saturating_sub(self.json_bytes.available_permits() as u64)
+        json_budget_permits(&self.config).saturating_sub(self.json_bytes.available_permits() as u64)
     }
 
     /// A slot from `slots` (`max` of them), waited for at most `busy_wait_ms`.

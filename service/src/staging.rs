@@ -302,19 +302,11 @@ impl Staging {
         let room = match room {
             Ok(room) if self.set_pending(job, hash, Some(len)) => room,
             // A concurrent upload of the same chunk got here first; this copy is redundant.
-            Ok(_) => return self.discard(held, Ok(())).await,
-            Err(why) => return self.discard(held, Err(ServiceError::Busy(why))).await,
+            Ok(_) => return discard(held, Ok(())).await,
+            Err(why) => return discard(held, Err(ServiceError::Busy(why))).await,
         };
         room.send(Staged { job: job.to_string(), hash, raw_len: len, held, staged_at: Instant::now(), _share: share });
         Ok(())
-    }
-
-    /// Drops a received chunk that will not be queued, its spill file included.
-    async fn discard(&self, held: Held, outcome: Result<(), ServiceError>) -> Result<(), ServiceError> {
-        if let Held::Spill(p, _) = &held {
-            let _ = tokio::fs::remove_file(p).await;
-        }
-        outcome
     }
 
     async fn receive_to_memory<S>(
@@ -446,6 +438,14 @@ impl Staging {
         }
         Ok(n)
     }
+}
+
+/// Drops a received chunk that will not be queued, its spill file included.
+async fn discard(held: Held, outcome: Result<(), ServiceError>) -> Result<(), ServiceError> {
+    if let Held::Spill(p, _) = &held {
+        let _ = tokio::fs::remove_file(p).await;
+    }
+    outcome
 }
 
 /// Paces uploads to a byte rate: each upload books its share of time on a shared timeline.
