@@ -16,6 +16,10 @@
 //!   behind a `staged` ack): the spill file must be durable;
 //! * at the end of the trace (ckptd SIGKILLed right after the last ack): every store object,
 //!   roots included.
+//!
+//! [`losses_at_end`] turns the same model into what a power cut at the end of the trace takes
+//! back, and [`power_cut`] applies that to the directories ckptd left, so a test can start
+//! ckptd again on what a disk would hold after the cut (`power_loss.rs`).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -148,6 +152,10 @@ struct Volatile {
     next_inode: u64,
     dirty_data: HashSet<u64>,
     dirty_entries: HashMap<PathBuf, HashSet<std::ffi::OsString>>,
+    /// Where a name now in use was renamed from (first source of a chain of renames).
+    renamed_from: HashMap<PathBuf, PathBuf>,
+    /// Names removed by an unlink (and not made again since).
+    unlinked: HashSet<PathBuf>,
     /// Roots of filesystems other than the test directory's: a syncfs covers only its own.
     other_filesystems: Vec<PathBuf>,
 }
@@ -172,6 +180,13 @@ impl Volatile {
         self.next_inode
     }
 
+    fn is_dirty_name(&self, p: &Path) -> bool {
+        match (p.parent(), p.file_name()) {
+            (Some(dir), Some(name)) => self.dirty_entries.get(dir).is_some_and(|names| names.contains(name)),
+            _ => false,
+        }
+    }
+
     fn touch_entry(&mut self, p: &Path) {
         if let (Some(dir), Some(name)) = (p.parent(), p.file_name()) {
             self.dirty_entries.entry(dir.to_path_buf()).or_default().insert(name.to_os_string());
@@ -181,6 +196,10 @@ impl Volatile {
     fn apply(&mut self, op: &Op) {
         match op {
             Op::Create { path, truncate } => {
+                if !self.inode_of.contains_key(path) {
+                    self.renamed_from.remove(path);
+                }
+                self.unlinked.remove(path);
                 if !self.inode_of.contains_key(path) || *truncate {
                     let i = self.inode(path);
                     if *truncate {
@@ -215,8 +234,17 @@ impl Volatile {
                     self.dirty_data.remove(&i);
                 }
             }
-            Op::Mkdir(p) => self.touch_entry(p),
+            Op::Mkdir(p) => {
+                self.renamed_from.remove(p);
+                self.unlinked.remove(p);
+                self.touch_entry(p);
+            }
             Op::Rename(a, b) => {
+                // A name its directory has synced is where an undo would stop.
+                let a_durable = !self.is_dirty_name(a);
+                let origin = self.renamed_from.remove(a).filter(|_| !a_durable).unwrap_or_else(|| a.clone());
+                self.renamed_from.insert(b.clone(), origin);
+                self.unlinked.remove(b);
                 let i = self.inode(a);
                 self.inode_of.remove(a);
                 self.inode_of.insert(b.clone(), i);
@@ -224,11 +252,15 @@ impl Volatile {
                 self.touch_entry(b);
             }
             Op::Link(a, b) => {
+                self.renamed_from.remove(b);
+                self.unlinked.remove(b);
                 let i = self.inode(a);
                 self.inode_of.insert(b.clone(), i);
                 self.touch_entry(b);
             }
             Op::Unlink(p) => {
+                self.renamed_from.remove(p);
+                self.unlinked.insert(p.clone());
                 self.inode_of.remove(p);
                 self.touch_entry(p);
             }
@@ -348,6 +380,130 @@ pub fn audit(trace: &str, layout: &Layout<'_>) -> Vec<String> {
     violations
 }
 
+/// One thing a power cut at the end of a trace takes back, by the audit's model.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Loss {
+    /// The file's bytes written since its last fsync.
+    Bytes(PathBuf),
+    /// A name (file or directory) made since its directory's last fsync.
+    Name(PathBuf),
+    /// A rename neither directory has synced since: the file is back under its first name.
+    Renamed { from: PathBuf, to: PathBuf },
+    /// A removal not synced since: the name would come back, but its bytes are no longer in
+    /// what the process left, so [`power_cut`] reports it and cannot apply it.
+    Unlinked(PathBuf),
+}
+
+/// What a power cut right after the last traced call takes back (sorted). `other_filesystems`
+/// as in [`Layout`].
+pub fn losses_at_end(trace: &str, other_filesystems: &[&Path]) -> Vec<Loss> {
+    let mut v = Volatile {
+        other_filesystems: other_filesystems.iter().map(|p| p.to_path_buf()).collect(),
+        ..Volatile::default()
+    };
+    for call in whole_calls(trace) {
+        if let Some(op) = parse(&call) {
+            v.apply(&op);
+        }
+    }
+    let mut out: Vec<Loss> =
+        v.inode_of.iter().filter(|(_, i)| v.dirty_data.contains(i)).map(|(p, _)| Loss::Bytes(p.clone())).collect();
+    for (dir, names) in &v.dirty_entries {
+        for name in names {
+            let p = dir.join(name);
+            let loss = match v.renamed_from.get(&p) {
+                Some(from) if v.is_dirty_name(from) => Loss::Renamed { from: from.clone(), to: p },
+                _ if v.unlinked.contains(&p) => Loss::Unlinked(p),
+                // A rename's source whose destination is durable: the file lives on there.
+                _ if v.renamed_from.values().any(|from| *from == p) => continue,
+                _ => Loss::Name(p),
+            };
+            out.push(loss);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Applies `losses` to the directories a killed process left, as a disk would hold them after
+/// the cut: a file with unsynced bytes is emptied, zero-filled at its length or cut to half
+/// (seeded: the three outcomes file systems show), an unsynced name is removed (a directory
+/// with all below it), an unsynced rename is undone. Paths under `keep` are left as they are.
+/// Returns a line per change made.
+pub fn power_cut(losses: &[Loss], keep: &[&Path], seed: u64) -> Vec<String> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let kept = |p: &Path| keep.iter().any(|k| p.starts_with(k));
+    let mut done = Vec::new();
+    for loss in losses {
+        let Loss::Bytes(p) = loss else { continue };
+        let Ok(len) = std::fs::metadata(p).map(|m| m.len()) else { continue };
+        if kept(p) || !p.is_file() {
+            continue;
+        }
+        let f = std::fs::OpenOptions::new().write(true).open(p).expect("open a file to cut");
+        let how = match rng.random_range(0..3) {
+            0 => {
+                f.set_len(0).unwrap();
+                "emptied"
+            }
+            1 => {
+                f.set_len(0).unwrap();
+                f.set_len(len).unwrap();
+                "zero-filled"
+            }
+            _ => {
+                f.set_len(len / 2).unwrap();
+                "cut to half"
+            }
+        };
+        done.push(format!("{how} ({len} bytes): {}", p.display()));
+    }
+    // Deepest first, so a rename inside a lost directory is undone before the directory goes.
+    let mut names: Vec<&Loss> = losses.iter().filter(|l| !matches!(l, Loss::Bytes(_))).collect();
+    let depth = |l: &Loss| match l {
+        Loss::Name(p) | Loss::Unlinked(p) | Loss::Renamed { to: p, .. } | Loss::Bytes(p) => p.components().count(),
+    };
+    names.sort_by_key(|l| std::cmp::Reverse(depth(l)));
+    for loss in names {
+        match loss {
+            Loss::Name(p) if !kept(p) => {
+                if !remove(p) {
+                    continue;
+                }
+                done.push(format!("name removed: {}", p.display()));
+            }
+            Loss::Renamed { from, to } if !kept(to) => {
+                if std::fs::symlink_metadata(to).is_err() {
+                    continue;
+                }
+                if from.parent().is_some_and(|d| d.is_dir()) {
+                    std::fs::rename(to, from).unwrap();
+                    done.push(format!("rename undone: {} is {} again", to.display(), from.display()));
+                } else {
+                    remove(to);
+                    done.push(format!("name removed (its first directory is gone): {}", to.display()));
+                }
+            }
+            Loss::Unlinked(p) if !kept(p) => {
+                done.push(format!("not applied, its bytes are gone: removal of {}", p.display()))
+            }
+            _ => {}
+        }
+    }
+    done
+}
+
+/// Removes a file or a directory with all below it; false when there was nothing there.
+fn remove(p: &Path) -> bool {
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p).unwrap(),
+        Ok(_) => std::fs::remove_file(p).unwrap(),
+        Err(_) => return false,
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -419,6 +575,59 @@ mod tests {
         assert!(found.iter().any(|v| v.contains("spilled chunk") && v.contains("bytes of")), "{found:?}");
         let same_fs = t.replace("syncfs(9</t/store>)", "syncfs(9</shm>)");
         assert!(audit(&same_fs, &layout).is_empty(), "a syncfs of the spill's own filesystem covers it");
+    }
+
+    #[test]
+    fn a_cut_takes_back_unsynced_bytes_names_and_renames_and_nothing_synced() {
+        let mut t = String::new();
+        // Synced whole: stays.
+        t += "1 openat(AT_FDCWD</t>, \"/t/d/kept\", O_WRONLY|O_CREAT, 0666) = 3</t/d/kept>\n";
+        t += "1 write(3</t/d/kept>, \"\", 9) = 9\n1 fsync(3</t/d/kept>) = 0\n";
+        // Written, renamed, file synced but not the directory: the rename is undone.
+        t += "1 openat(AT_FDCWD</t>, \"/t/d/a.tmp\", O_WRONLY|O_CREAT, 0666) = 4</t/d/a.tmp>\n";
+        t += "1 write(4</t/d/a.tmp>, \"\", 9) = 9\n1 fsync(4</t/d/a.tmp>) = 0\n";
+        t += "1 rename(\"/t/d/a.tmp\", \"/t/d/a\") = 0\n";
+        t += "1 openat(AT_FDCWD</t>, \"/t/d\", O_RDONLY|O_DIRECTORY) = 5</t/d>\n1 fsync(5</t/d>) = 0\n";
+        t += "1 rename(\"/t/d/a\", \"/t/e\") = 0\n";
+        // A new file never synced, in a new directory; and an unsynced removal.
+        t += "1 mkdir(\"/t/n\", 0777) = 0\n";
+        t += "1 openat(AT_FDCWD</t>, \"/t/n/x\", O_WRONLY|O_CREAT|O_TRUNC, 0666) = 6</t/n/x>\n";
+        t += "1 write(6</t/n/x>, \"\", 4) = 4\n";
+        t += "1 unlink(\"/t/d/kept\") = 0\n";
+        let lost = losses_at_end(&t, &[]);
+        // /t/e came from /t/d/a (the first name that /t/d's fsync made durable).
+        assert!(lost.contains(&Loss::Renamed { from: "/t/d/a".into(), to: "/t/e".into() }), "{lost:?}");
+        assert!(lost.contains(&Loss::Name("/t/n".into())) && lost.contains(&Loss::Bytes("/t/n/x".into())), "{lost:?}");
+        assert!(lost.contains(&Loss::Unlinked("/t/d/kept".into())), "{lost:?}");
+        assert!(!lost.iter().any(|l| matches!(l, Loss::Bytes(p) if p.ends_with("e") || p.ends_with("a"))), "{lost:?}");
+
+        // Applied to real directories (the trace's paths under a temporary top).
+        let dir = tempfile::tempdir().unwrap();
+        let top = dir.path();
+        let at = |p: &str| top.join(p.trim_start_matches("/t/"));
+        std::fs::create_dir_all(at("/t/d")).unwrap();
+        std::fs::create_dir_all(at("/t/n")).unwrap();
+        std::fs::create_dir_all(at("/t/k")).unwrap();
+        std::fs::write(at("/t/e"), b"123456789").unwrap();
+        std::fs::write(at("/t/n/x"), b"abcd").unwrap();
+        std::fs::write(at("/t/k/y"), b"abcd").unwrap();
+        let moved: Vec<Loss> = lost
+            .iter()
+            .map(|l| match l {
+                Loss::Bytes(p) => Loss::Bytes(at(p.to_str().unwrap())),
+                Loss::Name(p) => Loss::Name(at(p.to_str().unwrap())),
+                Loss::Unlinked(p) => Loss::Unlinked(at(p.to_str().unwrap())),
+                Loss::Renamed { from, to } => {
+                    Loss::Renamed { from: at(from.to_str().unwrap()), to: at(to.to_str().unwrap()) }
+                }
+            })
+            .chain([Loss::Bytes(at("/t/k/y")), Loss::Name(at("/t/k"))])
+            .collect();
+        let done = power_cut(&moved, &[&at("/t/k")], 7);
+        assert_eq!(std::fs::read(at("/t/d/a")).unwrap(), b"123456789", "{done:?}");
+        assert!(!at("/t/e").exists() && !at("/t/n").exists(), "{done:?}");
+        assert_eq!(std::fs::read(at("/t/k/y")).unwrap(), b"abcd", "a kept path is left alone: {done:?}");
+        assert!(done.iter().any(|l| l.starts_with("not applied")), "{done:?}");
     }
 
     #[test]
