@@ -37,6 +37,9 @@ pub enum StoreError {
     AlreadyExists(String),
     #[error("object store: {0}")]
     Other(#[source] object_store::Error),
+    /// A local directory's removal done but not made durable (its directory's fsync failed).
+    #[error("local store: {0}")]
+    Durable(#[source] crate::durable::DurableError),
 }
 
 impl StoreError {
@@ -52,6 +55,7 @@ impl StoreError {
     pub fn is_permanent(&self) -> bool {
         match self {
             StoreError::Location { .. } | StoreError::NotFound(_) | StoreError::AlreadyExists(_) => true,
+            StoreError::Durable(_) => false,
             StoreError::Other(e) => matches!(
                 e,
                 object_store::Error::Precondition { .. }
@@ -280,11 +284,32 @@ impl Store {
         self.retry("get_manifest", || async { self.inner.get(&path).await?.bytes().await }).await
     }
 
+    /// Deletes a root, durably: on a local directory the removal is fsync'd before this returns
+    /// (object_store's fsync covers writes only). A removal a power cut undid would bring the
+    /// root back after GC may have swept what only it referenced.
     pub async fn delete_manifest(&self, job: &str, step: u64) -> Result<(), StoreError> {
-        let path = Path::from(keys::manifest_key(job, step));
+        let key = keys::manifest_key(job, step);
+        let path = Path::from(key.as_str());
         match self.retry("delete_manifest", || self.inner.delete(&path)).await {
-            Ok(()) | Err(StoreError::NotFound(_)) => Ok(()),
-            Err(e) => Err(e),
+            Ok(()) | Err(StoreError::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+        let Some(dir) = self.local_root.as_ref().and_then(|root| root.join(&key).parent().map(|d| d.to_path_buf()))
+        else {
+            return Ok(());
+        };
+        if crate::switch_armed("store::skip_delete_sync") {
+            return Ok(());
+        }
+        let at = dir.clone();
+        match tokio::task::spawn_blocking(move || crate::durable::sync_dir(&dir)).await {
+            Ok(r) => r.map_err(StoreError::Durable),
+            Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+            // Only a runtime shutting down cancels a blocking task.
+            Err(join) => Err(StoreError::Durable(crate::durable::DurableError::Sync {
+                path: at,
+                source: std::io::Error::other(join.to_string()),
+            })),
         }
     }
 

@@ -15,7 +15,7 @@
 //! * when a spilled chunk is first opened for reading (its upload; the spill file is the journal
 //!   behind a `staged` ack): the spill file must be durable;
 //! * at the end of the trace (ckptd SIGKILLed right after the last ack): every store object,
-//!   roots included.
+//!   roots included, and every root's removal (an acked delete).
 //!
 //! [`losses_at_end`] turns the same model into what a power cut at the end of the trace takes
 //! back, and [`power_cut`] applies that to the directories ckptd left, so a test can start
@@ -377,6 +377,12 @@ pub fn audit(trace: &str, layout: &Layout<'_>) -> Vec<String> {
             violations.push(format!("at the end (after the last ack): {why}"));
         }
     }
+    // A deleted root must stay deleted: one a cut brings back may name objects GC swept.
+    let mut removed: Vec<&PathBuf> = v.unlinked.iter().filter(|p| is_root(p) && v.is_dirty_name(p)).collect();
+    removed.sort();
+    for p in removed {
+        violations.push(format!("at the end (after the last ack): removal of root {} not fsync'd", p.display()));
+    }
     violations
 }
 
@@ -575,6 +581,16 @@ mod tests {
         assert!(found.iter().any(|v| v.contains("spilled chunk") && v.contains("bytes of")), "{found:?}");
         let same_fs = t.replace("syncfs(9</t/store>)", "syncfs(9</shm>)");
         assert!(audit(&same_fs, &layout).is_empty(), "a syncfs of the spill's own filesystem covers it");
+    }
+
+    #[test]
+    fn a_root_removal_must_be_synced_by_the_end() {
+        let root = "/t/store/jobs/j/manifests/00000000000000000001.json";
+        let t = format!("1 unlink(\"{root}\") = 0\n");
+        let found = run(&t);
+        assert!(found.iter().any(|f| f.contains("removal of root") && f.contains(root)), "{found:?}");
+        let synced = t + "1 openat(AT_FDCWD</t>, \"/t/store/jobs/j/manifests\", O_RDONLY|O_DIRECTORY) = 4</t/store/jobs/j/manifests>\n1 fsync(4</t/store/jobs/j/manifests>) = 0\n";
+        assert!(run(&synced).is_empty(), "{:?}", run(&synced));
     }
 
     #[test]

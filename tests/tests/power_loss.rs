@@ -55,6 +55,8 @@ struct Traced {
     acked: Vec<(u64, Vec<Vec<Tensor>>)>,
     /// A step whose save the kill interrupted.
     interrupted: Option<(u64, Vec<Vec<Tensor>>)>,
+    /// Steps whose delete was acked.
+    deleted: Vec<u64>,
     _dirs: (tempfile::TempDir, tempfile::TempDir),
 }
 
@@ -146,6 +148,12 @@ async fn traced_saves(paths: Paths, failpoint: Option<&str>, cut: Option<Cut>) -
         save_step(&local_client(&d), "job", 2, &states(seed + 1)).await.unwrap();
         acked.push((2, states(seed + 1)));
     }
+    let mut deleted = Vec::new();
+    if paths == Paths::HttpAndAdopt {
+        client(&d).delete("job", 1, false).await.unwrap();
+        acked.retain(|(step, _)| *step != 1);
+        deleted.push(1);
+    }
     let mut interrupted = None;
     let mut cut_off = None;
     if let Some(Cut { seed: cut, progress: kill_at }) = cut {
@@ -205,7 +213,7 @@ async fn traced_saves(paths: Paths, failpoint: Option<&str>, cut: Option<Cut>) -
     );
     // The store is whole after the kill too (as a SIGKILL-only test would see it).
     assert_manifests_complete(Path::new(&store));
-    Traced { found, trace: text, daemon: d, top, shm_top, acked, interrupted, _dirs: (dir, shm) }
+    Traced { found, trace: text, daemon: d, top, shm_top, acked, interrupted, deleted, _dirs: (dir, shm) }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -218,6 +226,8 @@ async fn every_acked_save_is_fsynced_and_each_fsync_site_is_needed() {
         // Each site switched off alone must be caught, on the path that uses it.
         let sites = [
             (Paths::HttpAndAdopt, "store::skip_fsync"),
+            // A checkpoint's delete (its root's removal).
+            (Paths::HttpAndAdopt, "store::skip_delete_sync"),
             (Paths::HttpAndAdopt, "staging::skip_spill_fsync"),
             (Paths::HttpAndAdopt, "durable::skip_rename_dir_fsync"),
             // The chunk directories are new to the adopt across filesystems (on the HTTP path
@@ -315,6 +325,12 @@ async fn after_a_power_cut_mid_save_every_acked_checkpoint_restores_and_the_save
                     "cut seed {cut}: acked step {step} not listed after the cut: {listed:?}"
                 );
                 assert_restores(&c, *step, states).await;
+            }
+            for step in &t.deleted {
+                assert!(
+                    !listed.contains(step),
+                    "cut seed {cut}: deleted step {step} is back after the cut: {listed:?}"
+                );
             }
             if let Some((step, states)) = &t.interrupted {
                 save_step(&c, "job", *step, states)
