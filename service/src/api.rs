@@ -290,6 +290,7 @@ pub(crate) async fn stats(State(s): State<Arc<AppState>>) -> Json<serde_json::Va
         "index_bytes_in_flight": s.coordinator.index_bytes_in_flight(),
         "json_bytes_in_flight": s.coordinator.json_bytes_in_flight(),
         "journal_flushes": s.coordinator.journal_flushes(),
+        "gc_views_cached": s.coordinator.gc_views_cached(),
         "last_commit_after_last_index_us": s.coordinator.last_commit_after_last_index_us(),
     }))
 }

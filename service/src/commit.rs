@@ -85,8 +85,20 @@ impl Coordinator {
         }
         let j = job.to_string();
         let f = self.blocking(move |i| i.fence(&j)).await?.unwrap_or(0);
-        self.fences.lock().unwrap_or_else(|p| p.into_inner()).insert(job.to_string(), f);
-        Ok(f)
+        Ok(self.cache_fence(job, f))
+    }
+
+    /// Caches a fence read or raised, never below what the cache holds: a read that began
+    /// before a raise must not put the old fence back. Bounded like the summaries: cleared when
+    /// full (the index answers a miss).
+    fn cache_fence(&self, job: &str, fence: u64) -> u64 {
+        let mut cache = self.fences.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= crate::coordinator::FENCES_KEPT && !cache.contains_key(job) {
+            cache.clear();
+        }
+        let kept = cache.entry(job.to_string()).or_insert(fence);
+        *kept = (*kept).max(fence);
+        *kept
     }
 
     /// Refuses a writer whose generation the job has been fenced past. Writers that name no
@@ -110,7 +122,7 @@ impl Coordinator {
         let j = job.to_string();
         self.blocking(move |i| i.set_fence(&j, epoch)).await?;
         self.index.flush().await?;
-        self.fences.lock().unwrap_or_else(|p| p.into_inner()).insert(job.to_string(), epoch);
+        self.cache_fence(job, epoch);
         tracing::info!(job, epoch, "job fenced: writers of earlier generations are refused");
         for slot in self.slots_of(job) {
             let step = slot.lock().await.state.step;

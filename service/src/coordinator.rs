@@ -258,7 +258,7 @@ pub struct Coordinator {
     /// Summaries of committed roots already parsed (a root is about 90 bytes a rank; status
     /// polls after a commit must not parse it again each time). Bounded by `SUMMARIES_KEPT`.
     pub(crate) summaries: std::sync::Mutex<HashMap<SaveKey, ckpt_core::ManifestSummary>>,
-    /// Generation fences by job (journalled in the index), cached.
+    /// Generation fences by job (journalled in the index), cached; bounded by `FENCES_KEPT`.
     pub(crate) fences: std::sync::Mutex<HashMap<String, u64>>,
     /// This node's id (kept in the index): names its save leases in the store.
     pub(crate) node_id: String,
@@ -267,6 +267,8 @@ pub struct Coordinator {
 }
 
 pub(crate) const SUMMARIES_KEPT: usize = 4096;
+/// Jobs whose generation fence is cached (a name and a number each: a few MB at most).
+pub(crate) const FENCES_KEPT: usize = 65_536;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct OpenSave {

@@ -69,7 +69,7 @@ struct LeaseHeld {
 }
 
 pub(crate) struct GcState {
-    /// Condemned chunks per job, as last read from the store.
+    /// Condemned chunks per job, as last read from the store; only jobs with a lease held here.
     views: Mutex<HashMap<String, HashSet<ChunkHash>>>,
     leases: Mutex<HashMap<SaveKey, LeaseHeld>>,
     /// Slots for runs on this node (`gc_runs_max`).
@@ -159,6 +159,11 @@ impl Coordinator {
 
     fn lease_ms(&self) -> u64 {
         self.config.retention.lease_s.saturating_mul(1000)
+    }
+
+    /// How many jobs' views this node holds (for `/v1/stats`).
+    pub(crate) fn gc_views_cached(&self) -> usize {
+        self.gc.views.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// Whether `hash` is condemned in this node's view of `job`.
@@ -279,7 +284,16 @@ impl Coordinator {
     /// Forgets the lease of a save that left the in-flight set and deletes it in the background
     /// (a lease left behind only lapses).
     pub(crate) fn lease_close(&self, job: &str, step: u64) {
-        if self.gc.leases.lock().unwrap_or_else(|e| e.into_inner()).remove(&(job.to_string(), step)).is_some() {
+        let mut leases = self.gc.leases.lock().unwrap_or_else(|e| e.into_inner());
+        if leases.remove(&(job.to_string(), step)).is_some() {
+            // A job's view serves only its saves in flight here, and the next open loads it
+            // again: dropped with the job's last lease, so views do not pile up with every job
+            // this node has seen. Under the leases lock: an open sets its lease before it looks
+            // for the view, so it either holds this off or finds the view gone and loads it.
+            if !leases.keys().any(|(j, _)| j == job) {
+                self.gc.views.lock().unwrap_or_else(|e| e.into_inner()).remove(job);
+            }
+            drop(leases);
             let (store, key) = (self.store.clone(), keys::lease_key(job, step, &self.node_id));
             tokio::spawn(async move {
                 if let Err(e) = store.delete_key(&key).await {

@@ -40,3 +40,32 @@ async fn saves_in_flight_are_bounded_and_aborted_saves_free_their_slot() {
     })
     .await
 }
+
+/// A node keeps a job's GC view (its condemned chunks) only while a save of the job is in
+/// flight there: a long-lived ckptd that served many jobs does not hold a view for each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_views_are_held_only_for_jobs_with_a_save_in_flight() {
+    bounded(Duration::from_secs(120), async {
+        let dir = tempfile::tempdir().unwrap();
+        let d = start_daemon(dir.path()).await;
+        let c = client(&d);
+        let views = |s: serde_json::Value| s["gc_views_cached"].as_u64().expect("gc_views_cached in /v1/stats");
+        let seed = seed(0x71e5);
+        for j in 0..12u64 {
+            let job = format!("job-{j}");
+            let states: Vec<_> = (0..2).map(|r| rank_tensors(seed + j, r, 2, 64 << 10)).collect();
+            // Rank 0 alone: the save waits for rank 1 and holds its job's view.
+            c.open_save(&spec(&job, 1, 0, 2)).await.unwrap();
+            c.save(&spec(&job, 1, 0, 2), &states[0], ckpt_client::Wait::Staged).await.unwrap();
+            assert_eq!(views(stats(&d).await), 1, "{job}: one save in flight, one view");
+            // A second save of the same job shares it, and keeps it when the first ends.
+            c.open_save(&spec(&job, 2, 0, 2)).await.unwrap();
+            c.save(&spec(&job, 1, 1, 2), &states[1], ckpt_client::Wait::Committed).await.unwrap();
+            assert_eq!(views(stats(&d).await), 1, "{job}: the second save still holds the view");
+            c.abort(&job, 2).await.unwrap();
+            assert_eq!(views(stats(&d).await), 0, "{job}: no save in flight, no view");
+        }
+        assert_eq!(c.list("job-11").await.unwrap().committed.len(), 1);
+    })
+    .await
+}
