@@ -80,23 +80,33 @@ impl Coordinator {
 
     /// The job's generation fence (0 when none was set).
     async fn fence_of(&self, job: &str) -> Result<u64, ServiceError> {
-        if let Some(f) = self.fences.lock().unwrap_or_else(|p| p.into_inner()).get(job) {
-            return Ok(*f);
-        }
+        let clears = {
+            let cache = self.fences.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(f) = cache.by_job.get(job) {
+                return Ok(*f);
+            }
+            cache.clears
+        };
         let j = job.to_string();
         let f = self.blocking(move |i| i.fence(&j)).await?.unwrap_or(0);
-        Ok(self.cache_fence(job, f))
+        Ok(self.cache_fence(job, f, Some(clears)))
     }
 
-    /// Caches a fence read or raised, never below what the cache holds: a read that began
-    /// before a raise must not put the old fence back. Bounded like the summaries: cleared when
-    /// full (the index answers a miss).
-    fn cache_fence(&self, job: &str, fence: u64) -> u64 {
+    /// Caches a fence read (`read_since`: the cache's clears when the read began) or raised,
+    /// and returns the fence to apply. Never below what the cache holds, so a read that began
+    /// before a raise cannot put the old fence back; nor cached at all when the cache was
+    /// cleared since the read began (the raise it missed may have been cached, then cleared).
+    /// Bounded like the summaries: cleared when full (the index answers a miss).
+    fn cache_fence(&self, job: &str, fence: u64, read_since: Option<u64>) -> u64 {
         let mut cache = self.fences.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= crate::coordinator::FENCES_KEPT && !cache.contains_key(job) {
-            cache.clear();
+        if read_since.is_some_and(|n| n != cache.clears) {
+            return fence;
         }
-        let kept = cache.entry(job.to_string()).or_insert(fence);
+        if cache.by_job.len() >= crate::coordinator::FENCES_KEPT && !cache.by_job.contains_key(job) {
+            cache.by_job.clear();
+            cache.clears += 1;
+        }
+        let kept = cache.by_job.entry(job.to_string()).or_insert(fence);
         *kept = (*kept).max(fence);
         *kept
     }
@@ -120,17 +130,18 @@ impl Coordinator {
             return Ok(current);
         }
         let j = job.to_string();
-        self.blocking(move |i| i.set_fence(&j, epoch)).await?;
+        // The index keeps the higher of two raises at once; that is the fence from now on.
+        let fence = self.blocking(move |i| i.raise_fence(&j, epoch)).await?;
         self.index.flush().await?;
-        self.cache_fence(job, epoch);
-        tracing::info!(job, epoch, "job fenced: writers of earlier generations are refused");
+        self.cache_fence(job, fence, None);
+        tracing::info!(job, epoch = fence, "job fenced: writers of earlier generations are refused");
         for slot in self.slots_of(job) {
             let step = slot.lock().await.state.step;
             if let Err(e) = self.abort_save(job, step, &format!("fenced at generation {epoch}")).await {
                 tracing::debug!(job, step, error = %e, "save not aborted at the fence (it ended)");
             }
         }
-        Ok(epoch)
+        Ok(fence)
     }
 
     #[tracing::instrument(name = "save.open", skip(self, req), fields(job = %job, step = step))]

@@ -11,7 +11,10 @@
 //!   parallel. Nothing per request walks all ranks of a save.
 //! * Background: upload events (chunks made durable or failed) are turned into index-object
 //!   writes, commits and aborts; a periodic task retries commits of ready saves whose root write
-//!   failed and aborts saves that made no progress for `save_idle_abort_ms`.
+//!   failed and aborts saves that made no progress for `save_idle_abort_ms`. Neither waits on a
+//!   save's lock: a commit holds it through the store's retries, so an event for a busy save, a
+//!   failure, and a commit retry each get a task of their own (one slow commit holds up no other
+//!   save; `store_faults.rs` `a_commit_held_by_the_store_holds_up_no_other_save`).
 //! * Bounds: saves in flight (`saves_in_flight_max`), shard-index requests served at once
 //!   (`index_requests_max`, taken before the body is read), chunk references per save
 //!   (`save_chunk_refs_max`) and over all saves (`in_flight_chunk_refs_max`), the bytes of the
@@ -259,7 +262,7 @@ pub struct Coordinator {
     /// polls after a commit must not parse it again each time). Bounded by `SUMMARIES_KEPT`.
     pub(crate) summaries: std::sync::Mutex<HashMap<SaveKey, ckpt_core::ManifestSummary>>,
     /// Generation fences by job (journalled in the index), cached; bounded by `FENCES_KEPT`.
-    pub(crate) fences: std::sync::Mutex<HashMap<String, u64>>,
+    pub(crate) fences: std::sync::Mutex<FenceCache>,
     /// This node's id (kept in the index): names its save leases in the store.
     pub(crate) node_id: String,
     /// Save leases, condemned views and the GC lock (`gc.rs`).
@@ -269,6 +272,14 @@ pub struct Coordinator {
 pub(crate) const SUMMARIES_KEPT: usize = 4096;
 /// Jobs whose generation fence is cached (a name and a number each: a few MB at most).
 pub(crate) const FENCES_KEPT: usize = 65_536;
+
+/// Generation fences by job as the index holds them (see `commit.rs` `cache_fence`).
+#[derive(Default)]
+pub(crate) struct FenceCache {
+    pub(crate) by_job: HashMap<String, u64>,
+    /// How many times the cache was cleared.
+    pub(crate) clears: u64,
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct OpenSave {
@@ -428,15 +439,21 @@ impl Coordinator {
             let idle_max = Duration::from_millis(me.config.save_idle_abort_ms);
             let slots: Vec<SlotRef> = me.saves.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
             for slot in slots {
-                let Ok(mut g) = slot.try_lock() else { continue };
+                let Ok(mut g) = slot.try_lock_owned() else { continue };
                 let (job, step) = (g.state.job.clone(), g.state.step);
                 if g.ready() && g.split.is_none() {
-                    match me.commit(&mut g).await {
-                        Ok(()) => tracing::info!(job, step, "commit retried in the background succeeded"),
-                        Err(e) => {
-                            tracing::warn!(job, step, error = %e, "background commit retry failed; trying again later")
+                    // In a task of its own, the save's lock with it: a commit that waits out the
+                    // store's retries holds up neither the other saves' retries nor the idle
+                    // checks (the next tick skips this save while the task holds it).
+                    let me = me.clone();
+                    tokio::spawn(async move {
+                        match me.commit(&mut g).await {
+                            Ok(()) => tracing::info!(job, step, "commit retried in the background succeeded"),
+                            Err(e) => {
+                                tracing::warn!(job, step, error = %e, "background commit retry failed; trying again later")
+                            }
                         }
-                    }
+                    });
                 } else if !g.state.phase.is_final() && g.last_progress.elapsed() >= idle_max {
                     match me.may_abort(&g.state).await {
                         Ok(true) => {}
@@ -475,51 +492,76 @@ impl Coordinator {
 
     /// Turns upload outcomes into index-object writes, commits and aborts. Runs until the
     /// coordinator is dropped.
+    ///
+    /// The loop never waits on a save: a save's lock is held for the whole of its commit (store
+    /// retries included, minutes when the store is down), and the next step of the same job
+    /// uploads meanwhile. An outcome for a save that is busy, and every failure (its abort writes
+    /// to the store), is handed to a task of its own, so one slow commit holds up no other save.
+    /// Outcomes of one save may then apply out of order, which is harmless: a chunk landing is
+    /// idempotent, and a failure is ignored once the chunk is durable or staged again.
     async fn upload_events(me: std::sync::Weak<Coordinator>, mut rx: mpsc::UnboundedReceiver<UploadEvent>) {
         while let Some(ev) = rx.recv().await {
             let Some(me) = me.upgrade() else { break };
             match ev {
                 UploadEvent::Durable { job, hash } => {
                     for slot in me.slots_of(&job) {
-                        let mut g = slot.lock().await;
-                        let Some(complete) = g.chunk_durable(&hash) else { continue };
-                        g.last_progress = Instant::now();
-                        for rank in complete {
-                            me.clone().spawn_index_object_write(&g, rank);
+                        if let Ok(mut g) = slot.try_lock() {
+                            me.chunk_landed(&mut g, &slot, &hash);
+                            continue;
                         }
-                        if g.ready() {
-                            drop(g);
-                            let me = me.clone();
-                            tokio::spawn(async move {
-                                let mut g = slot.lock().await;
-                                if !g.ready() {
-                                    return;
-                                }
-                                if let Err(e) = me.commit(&mut g).await {
-                                    tracing::error!(job = g.state.job, step = g.state.step, error = %e, "commit failed");
-                                }
-                            });
-                        }
+                        let me = me.clone();
+                        tokio::spawn(async move {
+                            let mut g = slot.lock().await;
+                            me.chunk_landed(&mut g, &slot, &hash);
+                        });
                     }
                 }
                 UploadEvent::Failed { job, hash, reason } => {
                     for slot in me.slots_of(&job) {
-                        let mut g = slot.lock().await;
-                        // A chunk staged again since (its rank re-sent it) is not lost.
-                        let restaged = me.staging.pending_raw_len(&job, &hash).is_some();
-                        if !g.state.phase.is_final()
-                            && g.pending.contains_key(&hash)
-                            && !restaged
-                            && me.may_abort(&g.state).await.unwrap_or(false)
-                        {
-                            let why = format!("chunk {hash} could not be made durable: {reason}");
-                            if g.state.abort(why).is_ok() {
-                                if let Err(e) = me.retire_aborted(&g.state).await {
-                                    tracing::error!(job, error = %e, "cannot retire an aborted save");
-                                }
-                            }
-                        }
+                        let (me, job, reason) = (me.clone(), job.clone(), reason.clone());
+                        tokio::spawn(async move { me.chunk_lost(&slot, &job, hash, &reason).await });
                     }
+                }
+            }
+        }
+    }
+
+    /// A chunk of the save in `g` is durable: writes the index objects it completes, and
+    /// commits (in a task of its own) once the save is ready.
+    fn chunk_landed(self: &Arc<Self>, g: &mut Slot, slot: &SlotRef, hash: &ChunkHash) {
+        let Some(complete) = g.chunk_durable(hash) else { return };
+        g.last_progress = Instant::now();
+        for rank in complete {
+            self.clone().spawn_index_object_write(g, rank);
+        }
+        if g.ready() {
+            let (me, slot) = (self.clone(), slot.clone());
+            tokio::spawn(async move {
+                let mut g = slot.lock().await;
+                if !g.ready() {
+                    return;
+                }
+                if let Err(e) = me.commit(&mut g).await {
+                    tracing::error!(job = g.state.job, step = g.state.step, error = %e, "commit failed");
+                }
+            });
+        }
+    }
+
+    /// A chunk the save in `slot` waits for could not be made durable: the save is aborted,
+    /// unless the chunk was staged again since (its rank re-sent it).
+    async fn chunk_lost(&self, slot: &SlotRef, job: &str, hash: ChunkHash, reason: &str) {
+        let mut g = slot.lock().await;
+        let restaged = self.staging.pending_raw_len(job, &hash).is_some();
+        if !g.state.phase.is_final()
+            && g.pending.contains_key(&hash)
+            && !restaged
+            && self.may_abort(&g.state).await.unwrap_or(false)
+        {
+            let why = format!("chunk {hash} could not be made durable: {reason}");
+            if g.state.abort(why).is_ok() {
+                if let Err(e) = self.retire_aborted(&g.state).await {
+                    tracing::error!(job, error = %e, "cannot retire an aborted save");
                 }
             }
         }

@@ -198,7 +198,13 @@ impl Coordinator {
             }
             None => HashSet::new(),
         };
-        self.gc.views.lock().unwrap_or_else(|e| e.into_inner()).insert(job.to_string(), view);
+        // Installed only while a save of the job holds a lease here (see `lease_close`): a GC
+        // run's refresh racing the job's last save out would otherwise leave it for good.
+        let leases = self.gc.leases.lock().unwrap_or_else(|e| e.into_inner());
+        if leases.keys().any(|(j, _)| j == job) {
+            self.gc.views.lock().unwrap_or_else(|e| e.into_inner()).insert(job.to_string(), view);
+        }
+        drop(leases);
         Ok(sweep)
     }
 
@@ -248,8 +254,23 @@ impl Coordinator {
         self.gc.leases.lock().unwrap_or_else(|e| e.into_inner()).get(&(job.to_string(), step)).cloned()
     }
 
-    fn set_lease(&self, job: &str, step: u64, held: LeaseHeld) {
-        self.gc.leases.lock().unwrap_or_else(|e| e.into_inner()).insert((job.to_string(), step), held);
+    /// Takes a lease for a save in flight here; false (and nothing kept) when the save has
+    /// ended. Under the leases lock, so `lease_close` of a save ending now comes after.
+    fn start_lease(&self, job: &str, step: u64, held: LeaseHeld) -> bool {
+        let key = (job.to_string(), step);
+        let mut leases = self.gc.leases.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.saves.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&key) {
+            return false;
+        }
+        leases.insert(key, held);
+        true
+    }
+
+    /// Updates a lease still held: one closed while its write was under way stays closed.
+    fn update_lease(&self, job: &str, step: u64, held: LeaseHeld) {
+        if let Some(h) = self.gc.leases.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&(job.to_string(), step)) {
+            *h = held;
+        }
     }
 
     /// Before any open of a save is answered: its lease is in the store and its job's view is
@@ -257,9 +278,11 @@ impl Coordinator {
     /// restored save, or an earlier open that failed half-way) gets the conservative one.
     pub(crate) async fn gc_open(&self, job: &str, step: u64, created: bool) -> Result<(), ServiceError> {
         let held = self.lease_held(job, step);
-        if created || held.is_none() {
-            // Conservative until both writes below succeed.
-            self.set_lease(job, step, LeaseHeld { opened: 0, refreshed: None, sweep: None });
+        if (created || held.is_none())
+            && !self.start_lease(job, step, LeaseHeld { opened: 0, refreshed: None, sweep: None })
+        {
+            // The save ended meanwhile (a restored one keep_leases found): nothing to hold.
+            return Ok(());
         }
         let held = self.lease_held(job, step);
         if held.as_ref().is_some_and(|h| h.refreshed.is_none()) {
@@ -268,11 +291,11 @@ impl Coordinator {
                 self.store.put_record(&key, self.lease_body(job, step, None)?).await?;
                 let opened = self.store.modified_ms(&key).await?.unwrap_or(0);
                 let sweep = self.gc_refresh_view(job).await?;
-                self.set_lease(job, step, LeaseHeld { opened, refreshed: Some(Instant::now()), sweep: Some(sweep) });
+                self.update_lease(job, step, LeaseHeld { opened, refreshed: Some(Instant::now()), sweep: Some(sweep) });
                 return Ok(());
             }
             self.store.put_record(&key, self.lease_body(job, step, Some(0))?).await?;
-            self.set_lease(job, step, LeaseHeld { opened: 0, refreshed: Some(Instant::now()), sweep: None });
+            self.update_lease(job, step, LeaseHeld { opened: 0, refreshed: Some(Instant::now()), sweep: None });
         }
         let loaded = self.gc.views.lock().unwrap_or_else(|e| e.into_inner()).contains_key(job);
         if !loaded {
@@ -320,7 +343,7 @@ impl Coordinator {
                         let key = keys::lease_key(&job, step, &me.node_id);
                         match me.lease_body(&job, step, Some(h.opened)) {
                             Ok(body) => me.store.put_record(&key, body).await.map_err(ServiceError::from).map(|()| {
-                                me.set_lease(&job, step, LeaseHeld { refreshed: Some(Instant::now()), ..h });
+                                me.update_lease(&job, step, LeaseHeld { refreshed: Some(Instant::now()), ..h });
                             }),
                             Err(e) => Err(e),
                         }

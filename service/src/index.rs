@@ -226,10 +226,15 @@ impl Index {
         Ok(self.db.get(key)?.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
     }
 
-    pub fn set_fence(&self, job: &str, epoch: u64) -> Result<(), IndexError> {
+    /// Raises the job's fence to `epoch`, never lowers it (two raises at once leave the higher),
+    /// and returns the fence now stored.
+    pub fn raise_fence(&self, job: &str, epoch: u64) -> Result<u64, IndexError> {
         let key = [b"fence\0".as_slice(), job.as_bytes()].concat();
-        self.db.insert(key, &epoch.to_be_bytes())?;
-        Ok(())
+        let stored = self.db.update_and_fetch(key, |old| {
+            let old = old.and_then(|v| v.try_into().ok().map(u64::from_be_bytes)).unwrap_or(0);
+            Some(old.max(epoch).to_be_bytes().to_vec())
+        })?;
+        Ok(stored.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)).unwrap_or(epoch))
     }
 
     /// Forgets everything; used before a rebuild from the store. Fences stay: they are not in
@@ -501,6 +506,20 @@ mod tests {
         ra.unwrap();
         rb.unwrap();
         assert!(idx.fs.syncs() >= 3 && idx.fs.syncs() <= 4, "{} syncs", idx.fs.syncs());
+    }
+
+    #[test]
+    fn a_fence_is_only_ever_raised() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = Index::open(dir.path(), 1 << 20, true).unwrap();
+        assert_eq!(idx.fence("j").unwrap(), None);
+        assert_eq!(idx.raise_fence("j", 7).unwrap(), 7);
+        // A raise to a lower generation (one that read the fence before the first raise) keeps
+        // the higher.
+        assert_eq!(idx.raise_fence("j", 5).unwrap(), 7);
+        assert_eq!(idx.fence("j").unwrap(), Some(7));
+        assert_eq!(idx.raise_fence("j", 9).unwrap(), 9);
+        assert_eq!(idx.fence("other").unwrap(), None);
     }
 
     #[test]

@@ -303,6 +303,8 @@ impl Store {
         }
         let at = dir.clone();
         match tokio::task::spawn_blocking(move || crate::durable::sync_dir(&dir)).await {
+            // No directory, no root in it to bring back (a delete of a root already gone).
+            Ok(Err(e)) if e.io().is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound) => Ok(()),
             Ok(r) => r.map_err(StoreError::Durable),
             Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
             // Only a runtime shutting down cancels a blocking task.

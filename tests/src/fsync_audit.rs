@@ -44,24 +44,37 @@ enum Op {
     Unlink(PathBuf),
 }
 
+/// One whole call: its text, and the trace lines where it began and where it returned.
+struct Call {
+    text: String,
+    began: usize,
+    done: usize,
+}
+
 /// Joins strace's `-f` continuation lines (`<unfinished ...>` / `<... x resumed>`) into whole
-/// calls, in completion order.
-fn whole_calls(trace: &str) -> Vec<String> {
-    let mut pending: HashMap<&str, String> = HashMap::new();
+/// calls, in completion order. A call that never returned (its process was killed) comes last,
+/// as done at the end: its effect may be on disk, never synced.
+fn whole_calls(trace: &str) -> Vec<Call> {
+    let mut pending: HashMap<&str, (String, usize)> = HashMap::new();
     let mut out = Vec::new();
-    for line in trace.lines() {
+    let mut at = 0;
+    for (n, line) in trace.lines().enumerate() {
+        at = n;
         let Some((pid, rest)) = line.split_once(' ') else { continue };
         let rest = rest.trim_start();
         if let Some(head) = rest.strip_suffix("<unfinished ...>") {
-            pending.insert(pid, head.to_string());
+            pending.insert(pid, (head.to_string(), n));
         } else if rest.starts_with("<...") {
             let tail = rest.split_once("resumed>").map(|(_, t)| t).unwrap_or("");
-            let head = pending.remove(pid).unwrap_or_default();
-            out.push(format!("{head}{tail}"));
+            let (head, began) = pending.remove(pid).unwrap_or_default();
+            out.push(Call { text: format!("{head}{tail}"), began, done: n });
         } else {
-            out.push(rest.to_string());
+            out.push(Call { text: rest.to_string(), began: n, done: n });
         }
     }
+    let mut cut: Vec<(String, usize)> = pending.into_values().collect();
+    cut.sort_by_key(|(_, began)| *began);
+    out.extend(cut.into_iter().map(|(head, began)| Call { text: format!("{head}) = ?"), began, done: at + 1 }));
     out
 }
 
@@ -107,7 +120,12 @@ fn parse(call: &str) -> Option<Op> {
     // strace pads the return value with spaces: `mkdir("a", 0777)          = 0`.
     let (left, ret) = rest.rsplit_once(" = ")?;
     let args = left.trim_end().strip_suffix(')')?;
-    if ret.trim_start().starts_with('-') || ret.trim_start().starts_with('?') {
+    if ret.trim_start().starts_with('-') {
+        return None;
+    }
+    // `?`: the process was killed in the call. A change may have happened; a sync promises
+    // nothing.
+    if ret.trim_start().starts_with('?') && matches!(name, "fsync" | "fdatasync" | "syncfs") {
         return None;
     }
     match name {
@@ -150,8 +168,15 @@ fn parse(call: &str) -> Option<Op> {
 struct Volatile {
     inode_of: HashMap<PathBuf, u64>,
     next_inode: u64,
-    dirty_data: HashSet<u64>,
-    dirty_entries: HashMap<PathBuf, HashSet<std::ffi::OsString>>,
+    /// Inodes with unsynced bytes, each with the trace line where its last change returned.
+    dirty_data: HashMap<u64, usize>,
+    /// Unsynced names per directory, each with the line where its last change returned.
+    dirty_entries: HashMap<PathBuf, HashMap<std::ffi::OsString, usize>>,
+    /// Names a rename replaced while they were durable: undoing it would bring back bytes the
+    /// trace no longer has.
+    replaced: HashSet<PathBuf>,
+    /// The line where the call being applied returned.
+    now: usize,
     /// Where a name now in use was renamed from (first source of a chain of renames).
     renamed_from: HashMap<PathBuf, PathBuf>,
     /// Names removed by an unlink (and not made again since).
@@ -182,28 +207,36 @@ impl Volatile {
 
     fn is_dirty_name(&self, p: &Path) -> bool {
         match (p.parent(), p.file_name()) {
-            (Some(dir), Some(name)) => self.dirty_entries.get(dir).is_some_and(|names| names.contains(name)),
+            (Some(dir), Some(name)) => self.dirty_entries.get(dir).is_some_and(|names| names.contains_key(name)),
             _ => false,
         }
     }
 
     fn touch_entry(&mut self, p: &Path) {
         if let (Some(dir), Some(name)) = (p.parent(), p.file_name()) {
-            self.dirty_entries.entry(dir.to_path_buf()).or_default().insert(name.to_os_string());
+            self.dirty_entries.entry(dir.to_path_buf()).or_default().insert(name.to_os_string(), self.now);
         }
     }
 
-    fn apply(&mut self, op: &Op) {
+    fn touch_data(&mut self, i: u64) {
+        self.dirty_data.insert(i, self.now);
+    }
+
+    /// Applies a call that began at trace line `began` and returned at `done`. A sync covers
+    /// only changes that returned before it began: one that lands while it runs may miss it.
+    fn apply(&mut self, op: &Op, began: usize, done: usize) {
+        self.now = done;
         match op {
             Op::Create { path, truncate } => {
                 if !self.inode_of.contains_key(path) {
                     self.renamed_from.remove(path);
+                    self.replaced.remove(path);
                 }
                 self.unlinked.remove(path);
                 if !self.inode_of.contains_key(path) || *truncate {
                     let i = self.inode(path);
                     if *truncate {
-                        self.dirty_data.insert(i);
+                        self.touch_data(i);
                     }
                 }
                 self.touch_entry(path);
@@ -211,19 +244,27 @@ impl Volatile {
             Op::OpenRead(_) => {}
             Op::Write(p) => {
                 let i = self.inode(p);
-                self.dirty_data.insert(i);
+                self.touch_data(i);
             }
             Op::Fsync(p) => {
                 // A directory's fsync makes its entries durable, a file's its bytes; the trace
                 // names only the path, so both are applied (a file has no entries).
-                self.dirty_entries.remove(p);
+                if let Some(names) = self.dirty_entries.get_mut(p) {
+                    names.retain(|_, changed| *changed >= began);
+                }
                 if let Some(i) = self.inode_of.get(p) {
-                    self.dirty_data.remove(i);
+                    if self.dirty_data.get(i).is_some_and(|changed| *changed < began) {
+                        self.dirty_data.remove(i);
+                    }
                 }
             }
             Op::SyncFs(on) => {
                 let fs = self.filesystem(on);
-                self.dirty_entries.retain(|dir, _| filesystem_of(&self.other_filesystems, dir) != fs);
+                for (dir, names) in self.dirty_entries.iter_mut() {
+                    if filesystem_of(&self.other_filesystems, dir) == fs {
+                        names.retain(|_, changed| *changed >= began);
+                    }
+                }
                 let synced: Vec<u64> = self
                     .inode_of
                     .iter()
@@ -231,11 +272,14 @@ impl Volatile {
                     .map(|(_, i)| *i)
                     .collect();
                 for i in synced {
-                    self.dirty_data.remove(&i);
+                    if self.dirty_data.get(&i).is_some_and(|changed| *changed < began) {
+                        self.dirty_data.remove(&i);
+                    }
                 }
             }
             Op::Mkdir(p) => {
                 self.renamed_from.remove(p);
+                self.replaced.remove(p);
                 self.unlinked.remove(p);
                 self.touch_entry(p);
             }
@@ -243,6 +287,9 @@ impl Volatile {
                 // A name its directory has synced is where an undo would stop.
                 let a_durable = !self.is_dirty_name(a);
                 let origin = self.renamed_from.remove(a).filter(|_| !a_durable).unwrap_or_else(|| a.clone());
+                if self.inode_of.contains_key(b) && !self.is_dirty_name(b) {
+                    self.replaced.insert(b.clone());
+                }
                 self.renamed_from.insert(b.clone(), origin);
                 self.unlinked.remove(b);
                 let i = self.inode(a);
@@ -260,6 +307,7 @@ impl Volatile {
             }
             Op::Unlink(p) => {
                 self.renamed_from.remove(p);
+                self.replaced.remove(p);
                 self.unlinked.insert(p.clone());
                 self.inode_of.remove(p);
                 self.touch_entry(p);
@@ -270,7 +318,7 @@ impl Volatile {
     /// Why `path` would not survive a power cut now: unsynced bytes, or an unsynced entry on
     /// its path below `top`.
     fn why_volatile(&self, path: &Path, top: &Path) -> Option<String> {
-        if self.inode_of.get(path).is_some_and(|i| self.dirty_data.contains(i)) {
+        if self.inode_of.get(path).is_some_and(|i| self.dirty_data.contains_key(i)) {
             return Some(format!("bytes of {} not fsync'd", path.display()));
         }
         let mut p = path;
@@ -281,7 +329,7 @@ impl Volatile {
             {
                 break;
             }
-            if self.dirty_entries.get(dir).is_some_and(|d| d.contains(name)) {
+            if self.dirty_entries.get(dir).is_some_and(|d| d.contains_key(name)) {
                 return Some(format!(
                     "entry {:?} in {} (on the path of {}) not fsync'd",
                     name,
@@ -346,11 +394,12 @@ pub fn audit(trace: &str, layout: &Layout<'_>) -> Vec<String> {
             .is_some_and(|k| matches!(k, ParsedKey::Manifest { .. }))
     };
     for call in whole_calls(trace) {
-        let Some(op) = parse(&call) else { continue };
+        let Some(op) = parse(&call.text) else { continue };
         if let Op::OpenRead(p) = &op {
             if p.starts_with(foreign) && !v.inode_of.contains_key(p) {
                 let i = v.inode(p);
-                v.dirty_data.insert(i);
+                v.now = call.done;
+                v.touch_data(i);
             }
             let spilled = p.starts_with(spill) && p.file_name().is_some_and(|n| !n.to_string_lossy().starts_with('.'));
             if spilled && v.inode_of.contains_key(p) && checked_spill.insert(p.clone()) {
@@ -363,7 +412,7 @@ pub fn audit(trace: &str, layout: &Layout<'_>) -> Vec<String> {
             Op::Rename(_, b) | Op::Link(_, b) => is_root(b).then(|| b.clone()),
             _ => None,
         };
-        v.apply(&op);
+        v.apply(&op, call.began, call.done);
         if let Some(root) = creates_root {
             for p in v.store_objects(store, false) {
                 if let Some(why) = v.why_volatile(&p, top) {
@@ -396,8 +445,11 @@ pub enum Loss {
     /// A rename neither directory has synced since: the file is back under its first name.
     Renamed { from: PathBuf, to: PathBuf },
     /// A removal not synced since: the name would come back, but its bytes are no longer in
-    /// what the process left, so [`power_cut`] reports it and cannot apply it.
+    /// what the process left, so [`power_cut`] brings it back only when told its bytes.
     Unlinked(PathBuf),
+    /// A rename over a durable name not synced since: the old file would be back under it,
+    /// and its bytes are gone too (reported, not applied).
+    Replaced(PathBuf),
 }
 
 /// What a power cut right after the last traced call takes back (sorted). `other_filesystems`
@@ -408,16 +460,17 @@ pub fn losses_at_end(trace: &str, other_filesystems: &[&Path]) -> Vec<Loss> {
         ..Volatile::default()
     };
     for call in whole_calls(trace) {
-        if let Some(op) = parse(&call) {
-            v.apply(&op);
+        if let Some(op) = parse(&call.text) {
+            v.apply(&op, call.began, call.done);
         }
     }
     let mut out: Vec<Loss> =
-        v.inode_of.iter().filter(|(_, i)| v.dirty_data.contains(i)).map(|(p, _)| Loss::Bytes(p.clone())).collect();
+        v.inode_of.iter().filter(|(_, i)| v.dirty_data.contains_key(i)).map(|(p, _)| Loss::Bytes(p.clone())).collect();
     for (dir, names) in &v.dirty_entries {
-        for name in names {
+        for name in names.keys() {
             let p = dir.join(name);
             let loss = match v.renamed_from.get(&p) {
+                _ if v.replaced.contains(&p) => Loss::Replaced(p),
                 Some(from) if v.is_dirty_name(from) => Loss::Renamed { from: from.clone(), to: p },
                 _ if v.unlinked.contains(&p) => Loss::Unlinked(p),
                 // A rename's source whose destination is durable: the file lives on there.
@@ -434,9 +487,10 @@ pub fn losses_at_end(trace: &str, other_filesystems: &[&Path]) -> Vec<Loss> {
 /// Applies `losses` to the directories a killed process left, as a disk would hold them after
 /// the cut: a file with unsynced bytes is emptied, zero-filled at its length or cut to half
 /// (seeded: the three outcomes file systems show), an unsynced name is removed (a directory
-/// with all below it), an unsynced rename is undone. Paths under `keep` are left as they are.
-/// Returns a line per change made.
-pub fn power_cut(losses: &[Loss], keep: &[&Path], seed: u64) -> Vec<String> {
+/// with all below it), an unsynced rename is undone, and an unsynced removal of a file whose
+/// bytes `removed` holds is undone. Paths under `keep` are left as they are. Returns a line
+/// per change made (and per loss it could not apply).
+pub fn power_cut(losses: &[Loss], keep: &[&Path], removed: &HashMap<PathBuf, Vec<u8>>, seed: u64) -> Vec<String> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let kept = |p: &Path| keep.iter().any(|k| p.starts_with(k));
@@ -468,7 +522,9 @@ pub fn power_cut(losses: &[Loss], keep: &[&Path], seed: u64) -> Vec<String> {
     // Deepest first, so a rename inside a lost directory is undone before the directory goes.
     let mut names: Vec<&Loss> = losses.iter().filter(|l| !matches!(l, Loss::Bytes(_))).collect();
     let depth = |l: &Loss| match l {
-        Loss::Name(p) | Loss::Unlinked(p) | Loss::Renamed { to: p, .. } | Loss::Bytes(p) => p.components().count(),
+        Loss::Name(p) | Loss::Unlinked(p) | Loss::Replaced(p) | Loss::Renamed { to: p, .. } | Loss::Bytes(p) => {
+            p.components().count()
+        }
     };
     names.sort_by_key(|l| std::cmp::Reverse(depth(l)));
     for loss in names {
@@ -491,8 +547,15 @@ pub fn power_cut(losses: &[Loss], keep: &[&Path], seed: u64) -> Vec<String> {
                     done.push(format!("name removed (its first directory is gone): {}", to.display()));
                 }
             }
-            Loss::Unlinked(p) if !kept(p) => {
-                done.push(format!("not applied, its bytes are gone: removal of {}", p.display()))
+            Loss::Unlinked(p) if !kept(p) => match removed.get(p) {
+                Some(bytes) if p.parent().is_some_and(|d| d.is_dir()) && std::fs::symlink_metadata(p).is_err() => {
+                    std::fs::write(p, bytes).unwrap();
+                    done.push(format!("removal undone: {} is back", p.display()));
+                }
+                _ => done.push(format!("not applied, its bytes are gone: removal of {}", p.display())),
+            },
+            Loss::Replaced(p) if !kept(p) => {
+                done.push(format!("not applied, the replaced bytes are gone: rename over {}", p.display()))
             }
             _ => {}
         }
@@ -633,17 +696,53 @@ mod tests {
                 Loss::Bytes(p) => Loss::Bytes(at(p.to_str().unwrap())),
                 Loss::Name(p) => Loss::Name(at(p.to_str().unwrap())),
                 Loss::Unlinked(p) => Loss::Unlinked(at(p.to_str().unwrap())),
+                Loss::Replaced(p) => Loss::Replaced(at(p.to_str().unwrap())),
                 Loss::Renamed { from, to } => {
                     Loss::Renamed { from: at(from.to_str().unwrap()), to: at(to.to_str().unwrap()) }
                 }
             })
             .chain([Loss::Bytes(at("/t/k/y")), Loss::Name(at("/t/k"))])
             .collect();
-        let done = power_cut(&moved, &[&at("/t/k")], 7);
+        // The removed file's bytes are known (as a test knows a root it deleted).
+        let removed = HashMap::from([(at("/t/d/kept"), b"kept-bytes".to_vec())]);
+        let done = power_cut(&moved, &[&at("/t/k")], &removed, 7);
         assert_eq!(std::fs::read(at("/t/d/a")).unwrap(), b"123456789", "{done:?}");
         assert!(!at("/t/e").exists() && !at("/t/n").exists(), "{done:?}");
         assert_eq!(std::fs::read(at("/t/k/y")).unwrap(), b"abcd", "a kept path is left alone: {done:?}");
-        assert!(done.iter().any(|l| l.starts_with("not applied")), "{done:?}");
+        assert_eq!(std::fs::read(at("/t/d/kept")).unwrap(), b"kept-bytes", "the removal is undone: {done:?}");
+    }
+
+    #[test]
+    fn a_sync_covers_only_what_returned_before_it_began_and_a_killed_call_counts_as_done() {
+        let x = format!("/t/store/jobs/j/chunks/aa/{HASH}");
+        let root = "/t/store/jobs/j/manifests/00000000000000000001.json";
+        let mut head = format!("1 openat(AT_FDCWD</t>, \"{x}\", O_WRONLY|O_CREAT, 0666) = 6<{x}>\n");
+        head += "1 openat(AT_FDCWD</t>, \"/t/store\", O_RDONLY|O_DIRECTORY) = 9</t/store>\n";
+        head += "1 syncfs(9</t/store>) = 0\n";
+        let write = format!("1 write(6<{x}>, \"\", 3) = 3\n");
+        let link = format!("1 linkat(AT_FDCWD</t>, \"{root}.tmp\", AT_FDCWD</t>, \"{root}\", 0) = 0\n");
+        // The write returns while a syncfs runs: that syncfs may have missed it.
+        let during = format!("{head}2 syncfs(9</t/store> <unfinished ...>\n{write}2 <... syncfs resumed>) = 0\n{link}");
+        let found = run(&during);
+        assert!(found.iter().any(|f| f.starts_with("root") && f.contains("bytes of") && f.contains(&x)), "{found:?}");
+        // The write returns before the syncfs begins: covered.
+        let before = format!("{head}{write}2 syncfs(9</t/store>) = 0\n{link}");
+        let found = run(&before);
+        assert!(!found.iter().any(|f| f.starts_with("root")), "{found:?}");
+        // A write the kill cut short may be on disk, unsynced; a sync it cut short syncs nothing.
+        let cut = format!("{head}1 write(6<{x}>, \"\", 3 <unfinished ...>\n");
+        assert!(losses_at_end(&cut, &[]).contains(&Loss::Bytes(x.clone().into())));
+        let cut_sync = format!("{head}{write}2 fsync(6<{x}> <unfinished ...>\n");
+        assert!(losses_at_end(&cut_sync, &[]).contains(&Loss::Bytes(x.clone().into())));
+        // A rename over a durable name: the old bytes are gone, so it is reported, not undone.
+        let over = format!(
+            "{head}1 openat(AT_FDCWD</t>, \"/t/r.tmp\", O_WRONLY|O_CREAT, 0666) = 7</t/r.tmp>\n1 rename(\"/t/r.tmp\", \"{x}\") = 0\n"
+        );
+        assert!(
+            losses_at_end(&over, &[]).contains(&Loss::Replaced(x.clone().into())),
+            "{:?}",
+            losses_at_end(&over, &[])
+        );
     }
 
     #[test]

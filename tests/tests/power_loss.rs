@@ -57,6 +57,8 @@ struct Traced {
     interrupted: Option<(u64, Vec<Vec<Tensor>>)>,
     /// Steps whose delete was acked.
     deleted: Vec<u64>,
+    /// The bytes of the roots those deletes removed.
+    removed: std::collections::HashMap<std::path::PathBuf, Vec<u8>>,
     _dirs: (tempfile::TempDir, tempfile::TempDir),
 }
 
@@ -149,7 +151,11 @@ async fn traced_saves(paths: Paths, failpoint: Option<&str>, cut: Option<Cut>) -
         acked.push((2, states(seed + 1)));
     }
     let mut deleted = Vec::new();
+    let mut removed = std::collections::HashMap::new();
     if paths == Paths::HttpAndAdopt {
+        // The root's bytes, so that a cut that undid its removal can be replayed.
+        let root = top.join("store").join(ckpt_core::keys::manifest_key("job", 1));
+        removed.insert(root.clone(), std::fs::read(&root).expect("step 1's root"));
         client(&d).delete("job", 1, false).await.unwrap();
         acked.retain(|(step, _)| *step != 1);
         deleted.push(1);
@@ -184,12 +190,9 @@ async fn traced_saves(paths: Paths, failpoint: Option<&str>, cut: Option<Cut>) -
             acked.push((4, big));
         } else {
             // Cut off when ckptd is, not before: ckptd must not see the client go first.
-            cut_off = Some(save);
-            interrupted = Some((4, big));
+            cut_off = Some((save, big));
         }
-        eprintln!(
-            "cut seed {cut}: kill at {kill_at} chunks staged or uploaded; acked before it: {acked_before_the_kill}"
-        );
+        eprintln!("cut seed {cut}: kill at {kill_at} chunks staged or uploaded");
     }
     // SIGKILL ckptd (strace's child) at once: nothing after the last ack may fix a missing sync.
     let strace_pid = d.pid().expect("ckptd under strace is running");
@@ -200,8 +203,14 @@ async fn traced_saves(paths: Paths, failpoint: Option<&str>, cut: Option<Cut>) -
         libc::kill(ckptd_pid, libc::SIGKILL);
     }
     d.wait_exit(Duration::from_secs(30)).await.expect("strace ends with its tracee");
-    if let Some(save) = cut_off {
+    if let Some((mut save, big)) = cut_off {
+        // Acked between the last look and the kill, or not: the client's answer decides.
+        match tokio::time::timeout(Duration::from_secs(2), &mut save).await {
+            Ok(Ok(Ok(_))) => acked.push((4, big)),
+            _ => interrupted = Some((4, big)),
+        }
         save.abort();
+        eprintln!("the third save was acked before the kill: {}", interrupted.is_none());
     }
     let text = std::fs::read_to_string(&trace).unwrap();
     assert!(text.contains("fsync("), "the trace holds no fsync at all; is strace working?");
@@ -213,7 +222,7 @@ async fn traced_saves(paths: Paths, failpoint: Option<&str>, cut: Option<Cut>) -
     );
     // The store is whole after the kill too (as a SIGKILL-only test would see it).
     assert_manifests_complete(Path::new(&store));
-    Traced { found, trace: text, daemon: d, top, shm_top, acked, interrupted, deleted, _dirs: (dir, shm) }
+    Traced { found, trace: text, daemon: d, top, shm_top, acked, interrupted, deleted, removed, _dirs: (dir, shm) }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -297,17 +306,22 @@ async fn after_a_power_cut_mid_save_every_acked_checkpoint_restores_and_the_save
             }
             // The end check assumes the kill came right after the last ack. With a save under
             // way, what it has in flight carries no promise yet; the acked steps' objects were
-            // checked at their roots' creation, and spilled chunks at their uploads.
-            let found: Vec<_> =
-                t.found.iter().filter(|f| t.interrupted.is_none() || !f.starts_with("at the end")).collect();
+            // checked at their roots' creation, and spilled chunks at their uploads. The delete
+            // was acked before that save began: its root's removal is checked in every run.
+            let found: Vec<_> = t
+                .found
+                .iter()
+                .filter(|f| t.interrupted.is_none() || !f.starts_with("at the end") || f.contains("removal of root"))
+                .collect();
             assert!(found.is_empty(), "cut seed {cut}: volatile at a durability promise:\n{found:?}");
             let others = [t.shm_top.as_path()];
             let lost = losses_at_end(&t.trace, &others);
             // sled's files are kept as written, one outcome a cut allows: its log is appended
             // and its recovery keeps what was flushed; what it would lose of the tail is not
             // modelled (the audit's unit is a whole file). The log is the test's, not ckptd's.
-            let (index, log) = (t.shm_top.join("index"), t.top.join("ckptd.log"));
-            let done = power_cut(&lost, &[index.as_path(), log.as_path()], cut);
+            // The index is reached through a link under the state directory as well.
+            let (index, link, log) = (t.shm_top.join("index"), t.top.join("state/index"), t.top.join("ckptd.log"));
+            let done = power_cut(&lost, &[index.as_path(), link.as_path(), log.as_path()], &t.removed, cut);
             eprintln!("cut seed {cut}: the cut took back {} things:\n  {}", done.len(), done.join("\n  "));
             cut_anything |= done.iter().any(|l| !l.starts_with("not applied"));
 

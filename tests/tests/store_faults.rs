@@ -522,3 +522,65 @@ async fn a_flood_of_readiness_probes_costs_the_store_one_probe_at_a_time() {
     })
     .await
 }
+
+/// A commit held by a slow store holds up no other save. Step 1 of job `a` waits in its root's
+/// put (an injected quarter minute) with its save locked; step 2 of `a` uploads meanwhile, so
+/// its chunks' outcomes concern the held save too; then a save of job `b` must commit while
+/// `a`@1 is still held. Uploads are paced so that each save's last index arrives before its
+/// chunks are durable: its commit comes from the upload outcomes, not from the index put.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_held_by_the_store_holds_up_no_other_save() {
+    bounded(Duration::from_secs(120), async {
+        const HOLD_MS: u64 = 15_000;
+        let seed = seed(0xfa_0010);
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = faulty(dir.path(), None);
+        let cfg = dir.path().join("ckptd.toml");
+        std::fs::write(&cfg, "upload_bytes_per_s = 4194304\n").unwrap();
+        o.extra_args.extend(["--config".into(), cfg.into_os_string()]);
+        let d = start_daemon_with(o).await;
+        let c = client(&d);
+        let states = |s: u64| (0..WORLD).map(|r| rank_tensors(s, r, WORLD, 2 << 20)).collect::<Vec<_>>();
+        let save = |job: &'static str, step: u64, s: Vec<Vec<ckpt_client::Tensor>>| {
+            let c = c.clone();
+            tokio::spawn(async move { save_step(&c, job, step, &s).await })
+        };
+        // a@1's ranks are in (its chunks still uploading): the next manifest call is its root's.
+        let a1 = states(seed);
+        for (r, t) in a1.iter().enumerate() {
+            c.save(&spec("a", 1, r as u32, WORLD), t, ckpt_client::Wait::Staged).await.unwrap();
+        }
+        arm(&d, json!({"kind": "latency", "op": "manifest", "delay_ms": HOLD_MS})).await;
+        let held = {
+            let c = c.clone();
+            tokio::spawn(async move { c.wait_committed("a", 1).await })
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while fired(&d, "latency:manifest").await == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "a@1 never reached its root's put\n{}", daemon_log(&d));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let next = save("a", 2, states(seed + 1));
+        let started = tokio::time::Instant::now();
+        save_step(&c, "b", 1, &states(seed + 2)).await.unwrap_or_else(|e| panic!("{e}\n{}", daemon_log(&d)));
+        let took = started.elapsed();
+        held.await.unwrap().unwrap_or_else(|e| panic!("a@1: {e}\n{}", daemon_log(&d)));
+        next.await.unwrap().unwrap_or_else(|e| panic!("a@2: {e}\n{}", daemon_log(&d)));
+        for (job, step) in [("a", 1), ("a", 2), ("b", 1)] {
+            assert!(c.verify(job, step, |_| {}).await.unwrap().ok(), "{job}@{step}");
+        }
+        // The order of the commits, from ckptd's log (a status query would wait for a@1's
+        // lock, as the upload outcomes did).
+        let log = daemon_log(&d);
+        let at = |job: &str| {
+            log.find(&format!("committed job=\"{job}\" step=1"))
+                .unwrap_or_else(|| panic!("{job}@1 not committed\n{log}"))
+        };
+        assert!(
+            at("b") < at("a"),
+            "b@1 committed after a@1's held commit (its save took {took:?}): one save's commit held up another's\n{log}"
+        );
+        eprintln!("b@1 committed in {took:?} while a@1's commit was held");
+    })
+    .await
+}
