@@ -41,7 +41,7 @@ use ckpt_core::commit::index_object;
 use ckpt_core::{ChunkHash, CommitObject, ManifestSummary, Root, SavePhase, SaveState, ShardIndex};
 use futures::StreamExt;
 
-use crate::coordinator::{now_unix_ms, Coordinator, InFlight, OpenSave, SaveStatus, Slot, SlotRef};
+use crate::coordinator::{now_unix_ms, Coordinator, InFlight, OpenSave, SaveKey, SaveStatus, Slot, SlotRef};
 use crate::error::ServiceError;
 use crate::intake::Known;
 use crate::store::StoreError;
@@ -558,6 +558,7 @@ impl Coordinator {
         let span = tracing::info_span!("save.commit", job = %job, step, world_size = slot.state.world_size);
         let _ = span.set_parent(crate::save_context(&job, step));
         let started = Instant::now();
+        let _shown = Committing::show(self, &slot.state);
         let result = self.commit_inner(slot).instrument(span).await;
         // A split save's part may be written and its root still to come.
         if result.is_ok() && slot.state.phase == SavePhase::Committed {
@@ -711,6 +712,10 @@ impl Coordinator {
     }
 
     pub async fn save_status(&self, job: &str, step: u64) -> Result<SaveStatus, ServiceError> {
+        let key = (job.to_string(), step);
+        if let Some(s) = self.committing.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(s.clone());
+        }
         if let Some(slot) = self.save_slot(job, step) {
             return Ok(SaveStatus::of(&slot.lock().await.state));
         }
@@ -760,5 +765,26 @@ impl Coordinator {
             self.retire_aborted(&g.state).await?;
         }
         Ok(SaveStatus::of(&g.state))
+    }
+}
+
+/// A save's status shown to status queries while its commit runs (see
+/// `Coordinator::committing`); taken back when the commit returns, however it ends.
+struct Committing<'a> {
+    coordinator: &'a Coordinator,
+    key: SaveKey,
+}
+
+impl<'a> Committing<'a> {
+    fn show(coordinator: &'a Coordinator, state: &SaveState) -> Committing<'a> {
+        let key = (state.job.clone(), state.step);
+        coordinator.committing.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), SaveStatus::of(state));
+        Committing { coordinator, key }
+    }
+}
+
+impl Drop for Committing<'_> {
+    fn drop(&mut self) {
+        self.coordinator.committing.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.key);
     }
 }

@@ -233,6 +233,10 @@ pub struct Coordinator {
     pub(crate) limits: Limits,
     pub(crate) config: Config,
     pub(crate) saves: std::sync::Mutex<HashMap<SaveKey, SlotRef>>,
+    /// The status of each save whose commit is under way, as it began: a status query answers
+    /// from here rather than wait for the save's lock, which the commit holds through the
+    /// store's retries. At most one per save in flight.
+    pub(crate) committing: std::sync::Mutex<HashMap<SaveKey, SaveStatus>>,
     /// Woken whenever a save leaves the in-flight set (committed or aborted): status queries
     /// waiting for their save to end answer at once.
     pub(crate) save_ended: tokio::sync::Notify,
@@ -407,6 +411,7 @@ impl Coordinator {
             index,
             config,
             saves: std::sync::Mutex::new(HashMap::new()),
+            committing: Default::default(),
             save_ended: tokio::sync::Notify::new(),
             staging,
             events: tx,
@@ -626,7 +631,10 @@ impl Coordinator {
 
     /// Takes a save out of the in-flight set (committed or aborted) and releases its count.
     pub(crate) fn untrack_slot(&self, state: &SaveState) {
-        let removed = self.saves.lock().unwrap_or_else(|e| e.into_inner()).remove(&(state.job.clone(), state.step));
+        let key = (state.job.clone(), state.step);
+        let removed = self.saves.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+        // Before the end is announced: a status query woken by it must not find the snapshot.
+        self.committing.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
         if removed.is_some() {
             self.lease_close(&state.job, state.step);
             give_back(&self.chunk_refs_in_flight, state.chunk_refs);

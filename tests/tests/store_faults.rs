@@ -523,10 +523,10 @@ async fn a_flood_of_readiness_probes_costs_the_store_one_probe_at_a_time() {
     .await
 }
 
-/// A commit held by a slow store holds up no other save. Step 1 of job `a` waits in its root's
-/// put (an injected quarter minute) with its save locked; step 2 of `a` uploads meanwhile, so
-/// its chunks' outcomes concern the held save too; then a save of job `b` must commit while
-/// `a`@1 is still held. Uploads are paced so that each save's last index arrives before its
+/// A commit held by a slow store holds up no other save, nor a status query. Step 1 of job `a`
+/// waits in its root's put (an injected quarter minute) with its save locked; step 2 of `a`
+/// uploads meanwhile, so its chunks' outcomes concern the held save too; then a save of job `b`
+/// must commit while `a`@1 is still held, and a status query about `a`@1 must answer. Uploads are paced so that each save's last index arrives before its
 /// chunks are durable: its commit comes from the upload outcomes, not from the index put.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_held_by_the_store_holds_up_no_other_save() {
@@ -564,13 +564,21 @@ async fn a_commit_held_by_the_store_holds_up_no_other_save() {
         let started = tokio::time::Instant::now();
         save_step(&c, "b", 1, &states(seed + 2)).await.unwrap_or_else(|e| panic!("{e}\n{}", daemon_log(&d)));
         let took = started.elapsed();
+        // A status query about the held save answers at once, from the state its commit began
+        // with, rather than wait for the save's lock.
+        let asked = tokio::time::Instant::now();
+        let a1 = tokio::time::timeout(Duration::from_millis(HOLD_MS / 3), c.save_status("a", 1))
+            .await
+            .expect("a status query about a@1 waited for its held commit")
+            .unwrap();
+        assert_ne!(a1.phase, ckpt_client::SavePhase::Committed, "a@1 is still held");
+        eprintln!("a@1's status ({:?}) answered in {:?} while its commit was held", a1.phase, asked.elapsed());
         held.await.unwrap().unwrap_or_else(|e| panic!("a@1: {e}\n{}", daemon_log(&d)));
         next.await.unwrap().unwrap_or_else(|e| panic!("a@2: {e}\n{}", daemon_log(&d)));
         for (job, step) in [("a", 1), ("a", 2), ("b", 1)] {
             assert!(c.verify(job, step, |_| {}).await.unwrap().ok(), "{job}@{step}");
         }
-        // The order of the commits, from ckptd's log (a status query would wait for a@1's
-        // lock, as the upload outcomes did).
+        // The order of the commits, from ckptd's log.
         let log = daemon_log(&d);
         let at = |job: &str| {
             log.find(&format!("committed job=\"{job}\" step=1"))
