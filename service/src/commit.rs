@@ -89,18 +89,25 @@ impl Coordinator {
         };
         let j = job.to_string();
         let f = self.blocking(move |i| i.fence(&j)).await?.unwrap_or(0);
-        Ok(self.cache_fence(job, f, Some(clears)))
+        if let Some(kept) = self.cache_fence(job, f, Some(clears)) {
+            return Ok(kept);
+        }
+        // The cache was cleared while the index was read: a raise acked meanwhile may have been
+        // cached and dropped. A second read, begun after the clear, sees it.
+        let j = job.to_string();
+        let again = self.blocking(move |i| i.fence(&j)).await?.unwrap_or(0);
+        Ok(f.max(again))
     }
 
     /// Caches a fence read (`read_since`: the cache's clears when the read began) or raised,
     /// and returns the fence to apply. Never below what the cache holds, so a read that began
     /// before a raise cannot put the old fence back; nor cached at all when the cache was
-    /// cleared since the read began (the raise it missed may have been cached, then cleared).
-    /// Bounded like the summaries: cleared when full (the index answers a miss).
-    fn cache_fence(&self, job: &str, fence: u64, read_since: Option<u64>) -> u64 {
+    /// cleared since the read began (the raise it missed may have been cached, then cleared):
+    /// then `None`. Bounded like the summaries: cleared when full (the index answers a miss).
+    fn cache_fence(&self, job: &str, fence: u64, read_since: Option<u64>) -> Option<u64> {
         let mut cache = self.fences.lock().unwrap_or_else(|p| p.into_inner());
         if read_since.is_some_and(|n| n != cache.clears) {
-            return fence;
+            return None;
         }
         if cache.by_job.len() >= crate::coordinator::FENCES_KEPT && !cache.by_job.contains_key(job) {
             cache.by_job.clear();
@@ -108,7 +115,7 @@ impl Coordinator {
         }
         let kept = cache.by_job.entry(job.to_string()).or_insert(fence);
         *kept = (*kept).max(fence);
-        *kept
+        Some(*kept)
     }
 
     /// Refuses a writer whose generation the job has been fenced past. Writers that name no

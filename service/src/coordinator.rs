@@ -12,9 +12,10 @@
 //! * Background: upload events (chunks made durable or failed) are turned into index-object
 //!   writes, commits and aborts; a periodic task retries commits of ready saves whose root write
 //!   failed and aborts saves that made no progress for `save_idle_abort_ms`. Neither waits on a
-//!   save's lock: a commit holds it through the store's retries, so an event for a busy save, a
-//!   failure, and a commit retry each get a task of their own (one slow commit holds up no other
-//!   save; `store_faults.rs` `a_commit_held_by_the_store_holds_up_no_other_save`).
+//!   save's lock: a commit holds it through the store's retries, so upload outcomes go to a
+//!   per-save inbox drained by one task per save, and each commit retry gets a task of its own
+//!   (one slow commit holds up no other save; `store_faults.rs`
+//!   `a_commit_held_by_the_store_holds_up_no_other_save`).
 //! * Bounds: saves in flight (`saves_in_flight_max`), shard-index requests served at once
 //!   (`index_requests_max`, taken before the body is read), chunk references per save
 //!   (`save_chunk_refs_max`) and over all saves (`in_flight_chunk_refs_max`), the bytes of the
@@ -118,6 +119,12 @@ impl Slot {
 }
 
 pub(crate) type SlotRef = Arc<Mutex<Slot>>;
+
+/// An upload's outcome for one save, waiting for the save's lock.
+enum Outcome {
+    Landed(ChunkHash),
+    Lost(ChunkHash, String),
+}
 
 /// A share of an in-flight count (chunk references, index bytes) taken against its limit, and
 /// given back when dropped unless kept.
@@ -233,6 +240,9 @@ pub struct Coordinator {
     pub(crate) limits: Limits,
     pub(crate) config: Config,
     pub(crate) saves: std::sync::Mutex<HashMap<SaveKey, SlotRef>>,
+    /// Upload outcomes waiting for their save's lock, by the save's address (see
+    /// `upload_events`); an entry lives while its one drain task does.
+    inboxes: std::sync::Mutex<HashMap<usize, Vec<Outcome>>>,
     /// The status of each save whose commit is under way, as it began: a status query answers
     /// from here rather than wait for the save's lock, which the commit holds through the
     /// store's retries. At most one per save in flight.
@@ -412,6 +422,7 @@ impl Coordinator {
             config,
             saves: std::sync::Mutex::new(HashMap::new()),
             committing: Default::default(),
+            inboxes: Default::default(),
             save_ended: tokio::sync::Notify::new(),
             staging,
             events: tx,
@@ -500,40 +511,66 @@ impl Coordinator {
     ///
     /// The loop never waits on a save: a save's lock is held for the whole of its commit (store
     /// retries included, minutes when the store is down), and the next step of the same job
-    /// uploads meanwhile. An outcome for a save that is busy, and every failure (its abort writes
-    /// to the store), is handed to a task of its own, so one slow commit holds up no other save.
-    /// Outcomes of one save may then apply out of order, which is harmless: a chunk landing is
-    /// idempotent, and a failure is ignored once the chunk is durable or staged again.
+    /// uploads meanwhile. Each outcome goes to the inbox of every save of its job, and one task
+    /// per save with a non-empty inbox takes the save's lock and applies the inbox in order
+    /// (`drain_outcomes`): one slow commit holds up no other save, and the tasks waiting on
+    /// saves are never more than the saves in flight.
     async fn upload_events(me: std::sync::Weak<Coordinator>, mut rx: mpsc::UnboundedReceiver<UploadEvent>) {
         while let Some(ev) = rx.recv().await {
             let Some(me) = me.upgrade() else { break };
-            match ev {
-                UploadEvent::Durable { job, hash } => {
-                    for slot in me.slots_of(&job) {
-                        if let Ok(mut g) = slot.try_lock() {
-                            me.chunk_landed(&mut g, &slot, &hash);
-                            continue;
-                        }
-                        let me = me.clone();
-                        tokio::spawn(async move {
-                            let mut g = slot.lock().await;
-                            me.chunk_landed(&mut g, &slot, &hash);
-                        });
+            let job = match &ev {
+                UploadEvent::Durable { job, .. } | UploadEvent::Failed { job, .. } => job.clone(),
+            };
+            for slot in me.slots_of(&job) {
+                let outcome = match &ev {
+                    UploadEvent::Durable { hash, .. } => Outcome::Landed(*hash),
+                    UploadEvent::Failed { hash, reason, .. } => Outcome::Lost(*hash, reason.clone()),
+                };
+                // The address names the save while its entry lives: the drain task holds it.
+                let key = Arc::as_ptr(&slot) as usize;
+                let mut inboxes = me.inboxes.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(inbox) = inboxes.get_mut(&key) {
+                    inbox.push(outcome);
+                    continue;
+                }
+                inboxes.insert(key, vec![outcome]);
+                drop(inboxes);
+                tokio::spawn(me.clone().drain_outcomes(slot, key));
+            }
+        }
+    }
+
+    /// Applies a save's inbox under its lock until the inbox is empty, then removes it (under
+    /// the inboxes lock, so an outcome queued meanwhile is applied by this task or starts the
+    /// next one).
+    async fn drain_outcomes(self: Arc<Self>, slot: SlotRef, key: usize) {
+        let mut g = slot.lock().await;
+        loop {
+            let batch = {
+                let mut inboxes = self.inboxes.lock().unwrap_or_else(|e| e.into_inner());
+                match inboxes.get_mut(&key) {
+                    Some(inbox) if !inbox.is_empty() => std::mem::take(inbox),
+                    _ => {
+                        inboxes.remove(&key);
+                        return;
                     }
                 }
-                UploadEvent::Failed { job, hash, reason } => {
-                    for slot in me.slots_of(&job) {
-                        let (me, job, reason) = (me.clone(), job.clone(), reason.clone());
-                        tokio::spawn(async move { me.chunk_lost(&slot, &job, hash, &reason).await });
-                    }
+            };
+            for outcome in batch {
+                match outcome {
+                    Outcome::Landed(hash) => self.chunk_landed(&mut g, &slot, &hash),
+                    Outcome::Lost(hash, reason) => self.chunk_lost(&mut g, hash, &reason).await,
                 }
             }
         }
     }
 
     /// A chunk of the save in `g` is durable: writes the index objects it completes, and
-    /// commits (in a task of its own) once the save is ready.
+    /// commits (in a task of its own) once the save is ready. Nothing for a save that ended.
     fn chunk_landed(self: &Arc<Self>, g: &mut Slot, slot: &SlotRef, hash: &ChunkHash) {
+        if g.state.phase.is_final() {
+            return;
+        }
         let Some(complete) = g.chunk_durable(hash) else { return };
         g.last_progress = Instant::now();
         for rank in complete {
@@ -553,16 +590,22 @@ impl Coordinator {
         }
     }
 
-    /// A chunk the save in `slot` waits for could not be made durable: the save is aborted,
-    /// unless the chunk was staged again since (its rank re-sent it).
-    async fn chunk_lost(&self, slot: &SlotRef, job: &str, hash: ChunkHash, reason: &str) {
-        let mut g = slot.lock().await;
-        let restaged = self.staging.pending_raw_len(job, &hash).is_some();
-        if !g.state.phase.is_final()
-            && g.pending.contains_key(&hash)
-            && !restaged
-            && self.may_abort(&g.state).await.unwrap_or(false)
+    /// A chunk the save in `g` waits for could not be made durable: the save is aborted,
+    /// unless the chunk was staged again since (its rank re-sent it) or is durable after all
+    /// (a re-send that landed; the index records a chunk before staging lets it go).
+    async fn chunk_lost(&self, g: &mut Slot, hash: ChunkHash, reason: &str) {
+        let job = g.state.job.clone();
+        if g.state.phase.is_final()
+            || !g.pending.contains_key(&hash)
+            || self.staging.pending_raw_len(&job, &hash).is_some()
         {
+            return;
+        }
+        let j = job.clone();
+        if self.blocking(move |i| i.has_chunk(&j, &hash)).await.unwrap_or(false) {
+            return;
+        }
+        if self.may_abort(&g.state).await.unwrap_or(false) {
             let why = format!("chunk {hash} could not be made durable: {reason}");
             if g.state.abort(why).is_ok() {
                 if let Err(e) = self.retire_aborted(&g.state).await {

@@ -307,8 +307,14 @@ impl Coordinator {
     /// Forgets the lease of a save that left the in-flight set and deletes it in the background
     /// (a lease left behind only lapses).
     pub(crate) fn lease_close(&self, job: &str, step: u64) {
+        let key = (job.to_string(), step);
         let mut leases = self.gc.leases.lock().unwrap_or_else(|e| e.into_inner());
-        if leases.remove(&(job.to_string(), step)).is_some() {
+        // A new save opened under the same key since this one left the in-flight set: the lease
+        // (and its record) is the new save's now. Same order as `start_lease`: leases, then saves.
+        if self.saves.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&key) {
+            return;
+        }
+        if leases.remove(&key).is_some() {
             // A job's view serves only its saves in flight here, and the next open loads it
             // again: dropped with the job's last lease, so views do not pile up with every job
             // this node has seen. Under the leases lock: an open sets its lease before it looks

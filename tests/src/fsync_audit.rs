@@ -130,7 +130,8 @@ fn parse(call: &str) -> Option<Op> {
     }
     match name {
         "open" | "openat" | "creat" => {
-            let path = first_fd_path(ret)?;
+            // A call the kill cut short has no fd to name its file: the path argument does.
+            let path = first_fd_path(ret).or_else(|| path_args(args).into_iter().next())?;
             if name == "creat" || args.contains("O_CREAT") {
                 Some(Op::Create { path, truncate: args.contains("O_TRUNC") })
             } else if !args.contains("O_WRONLY") && !args.contains("O_RDWR") {
@@ -287,6 +288,7 @@ impl Volatile {
                 // A name its directory has synced is where an undo would stop.
                 let a_durable = !self.is_dirty_name(a);
                 let origin = self.renamed_from.remove(a).filter(|_| !a_durable).unwrap_or_else(|| a.clone());
+                self.replaced.remove(a);
                 if self.inode_of.contains_key(b) && !self.is_dirty_name(b) {
                     self.replaced.insert(b.clone());
                 }
@@ -300,6 +302,7 @@ impl Volatile {
             }
             Op::Link(a, b) => {
                 self.renamed_from.remove(b);
+                self.replaced.remove(b);
                 self.unlinked.remove(b);
                 let i = self.inode(a);
                 self.inode_of.insert(b.clone(), i);
@@ -734,6 +737,8 @@ mod tests {
         assert!(losses_at_end(&cut, &[]).contains(&Loss::Bytes(x.clone().into())));
         let cut_sync = format!("{head}{write}2 fsync(6<{x}> <unfinished ...>\n");
         assert!(losses_at_end(&cut_sync, &[]).contains(&Loss::Bytes(x.clone().into())));
+        let cut_create = format!("{head}1 openat(AT_FDCWD</t>, \"/t/new\", O_WRONLY|O_CREAT, 0666 <unfinished ...>\n");
+        assert!(losses_at_end(&cut_create, &[]).contains(&Loss::Name("/t/new".into())));
         // A rename over a durable name: the old bytes are gone, so it is reported, not undone.
         let over = format!(
             "{head}1 openat(AT_FDCWD</t>, \"/t/r.tmp\", O_WRONLY|O_CREAT, 0666) = 7</t/r.tmp>\n1 rename(\"/t/r.tmp\", \"{x}\") = 0\n"
