@@ -87,16 +87,17 @@ impl Coordinator {
             }
             cache.clears
         };
-        let j = job.to_string();
-        let f = self.blocking(move |i| i.fence(&j)).await?.unwrap_or(0);
+        let read = || {
+            let j = job.to_string();
+            self.blocking(move |i| i.fence(&j))
+        };
+        let f = read().await?.unwrap_or(0);
         if let Some(kept) = self.cache_fence(job, f, Some(clears)) {
             return Ok(kept);
         }
         // The cache was cleared while the index was read: a raise acked meanwhile may have been
         // cached and dropped. A second read, begun after the clear, sees it.
-        let j = job.to_string();
-        let again = self.blocking(move |i| i.fence(&j)).await?.unwrap_or(0);
-        Ok(f.max(again))
+        Ok(f.max(read().await?.unwrap_or(0)))
     }
 
     /// Caches a fence read (`read_since`: the cache's clears when the read began) or raised,

@@ -558,16 +558,23 @@ impl Coordinator {
             };
             for outcome in batch {
                 match outcome {
-                    Outcome::Landed(hash) => self.chunk_landed(&mut g, &slot, &hash),
+                    Outcome::Landed(hash) => self.chunk_landed(&mut g, &hash),
                     Outcome::Lost(hash, reason) => self.chunk_lost(&mut g, hash, &reason).await,
+                }
+            }
+            // This task holds the lock already: the commit runs here, and outcomes that arrive
+            // meanwhile wait in the inbox for the next round.
+            if g.ready() {
+                if let Err(e) = self.commit(&mut g).await {
+                    tracing::error!(job = g.state.job, step = g.state.step, error = %e, "commit failed");
                 }
             }
         }
     }
 
-    /// A chunk of the save in `g` is durable: writes the index objects it completes, and
-    /// commits (in a task of its own) once the save is ready. Nothing for a save that ended.
-    fn chunk_landed(self: &Arc<Self>, g: &mut Slot, slot: &SlotRef, hash: &ChunkHash) {
+    /// A chunk of the save in `g` is durable: writes the index objects it completes (the
+    /// caller commits once the save is ready). Nothing for a save that ended.
+    fn chunk_landed(self: &Arc<Self>, g: &mut Slot, hash: &ChunkHash) {
         if g.state.phase.is_final() {
             return;
         }
@@ -575,18 +582,6 @@ impl Coordinator {
         g.last_progress = Instant::now();
         for rank in complete {
             self.clone().spawn_index_object_write(g, rank);
-        }
-        if g.ready() {
-            let (me, slot) = (self.clone(), slot.clone());
-            tokio::spawn(async move {
-                let mut g = slot.lock().await;
-                if !g.ready() {
-                    return;
-                }
-                if let Err(e) = me.commit(&mut g).await {
-                    tracing::error!(job = g.state.job, step = g.state.step, error = %e, "commit failed");
-                }
-            });
         }
     }
 

@@ -222,19 +222,16 @@ impl Index {
 
     /// The generation fence of `job`, if one was set.
     pub fn fence(&self, job: &str) -> Result<Option<u64>, IndexError> {
-        let key = [b"fence\0".as_slice(), job.as_bytes()].concat();
-        Ok(self.db.get(key)?.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
+        Ok(self.db.get(fence_key(job))?.and_then(|v| be_u64(&v)))
     }
 
     /// Raises the job's fence to `epoch`, never lowers it (two raises at once leave the higher),
     /// and returns the fence now stored.
     pub fn raise_fence(&self, job: &str, epoch: u64) -> Result<u64, IndexError> {
-        let key = [b"fence\0".as_slice(), job.as_bytes()].concat();
-        let stored = self.db.update_and_fetch(key, |old| {
-            let old = old.and_then(|v| v.try_into().ok().map(u64::from_be_bytes)).unwrap_or(0);
-            Some(old.max(epoch).to_be_bytes().to_vec())
+        let stored = self.db.update_and_fetch(fence_key(job), |old| {
+            Some(old.and_then(be_u64).unwrap_or(0).max(epoch).to_be_bytes().to_vec())
         })?;
-        Ok(stored.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)).unwrap_or(epoch))
+        Ok(stored.and_then(|v| be_u64(&v)).unwrap_or(epoch))
     }
 
     /// Forgets everything; used before a rebuild from the store. Fences stay: they are not in
@@ -314,7 +311,7 @@ impl Index {
     /// The last GC sweep of `job` this node applied to its chunk records.
     pub fn gc_seen(&self, job: &str) -> Result<u64, IndexError> {
         let key = [b"gcseen\0".as_slice(), job.as_bytes()].concat();
-        Ok(self.db.get(key)?.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)).unwrap_or(0))
+        Ok(self.db.get(key)?.and_then(|v| be_u64(&v)).unwrap_or(0))
     }
 
     pub fn set_gc_seen(&self, job: &str, seq: u64) -> Result<(), IndexError> {
@@ -467,6 +464,15 @@ impl Index {
         }
         Ok(out)
     }
+}
+
+fn fence_key(job: &str) -> Vec<u8> {
+    [b"fence\0".as_slice(), job.as_bytes()].concat()
+}
+
+/// A big-endian u64 value; `None` for bytes of another length.
+fn be_u64(v: &[u8]) -> Option<u64> {
+    v.try_into().ok().map(u64::from_be_bytes)
 }
 
 #[cfg(test)]

@@ -289,11 +289,7 @@ impl Store {
     /// root back after GC may have swept what only it referenced.
     pub async fn delete_manifest(&self, job: &str, step: u64) -> Result<(), StoreError> {
         let key = keys::manifest_key(job, step);
-        let path = Path::from(key.as_str());
-        match self.retry("delete_manifest", || self.inner.delete(&path)).await {
-            Ok(()) | Err(StoreError::NotFound(_)) => {}
-            Err(e) => return Err(e),
-        }
+        self.delete_key(&key).await?;
         let Some(dir) = self.local_root.as_ref().and_then(|root| root.join(&key).parent().map(|d| d.to_path_buf()))
         else {
             return Ok(());
