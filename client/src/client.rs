@@ -45,9 +45,14 @@ pub struct ClientOptions {
     pub request_timeout: Duration,
     /// How long a connection may take to open.
     pub connect_timeout: Duration,
-    /// Retry (within `attempts_max`) when ckptd cannot be reached at all; interactive tools
-    /// turn it off to fail at once.
+    /// Retry (within `attempts_max`) when ckptd cannot be reached at all or did not answer in
+    /// time; interactive tools turn it off to fail at once.
     pub retry_unreachable: bool,
+    /// How long ckptd may send nothing on an open connection before a request fails: a
+    /// stopped or wedged ckptd accepts connections and never answers. `None`: only
+    /// `request_timeout` bounds it. Status waits ask ckptd to answer within half of it; long
+    /// requests (`gc`) are not bounded by it.
+    pub answer_timeout: Option<Duration>,
     /// How long `Wait::Committed` waits for the step to commit.
     pub commit_timeout: Duration,
     pub missing_batch_max: usize,
@@ -84,6 +89,7 @@ impl Default for ClientOptions {
             request_timeout: Duration::from_secs(120),
             connect_timeout: Duration::from_secs(5),
             retry_unreachable: true,
+            answer_timeout: None,
             commit_timeout: Duration::from_secs(600),
             missing_batch_max: 10_000,
             busy_retry_for: Duration::from_secs(600),
@@ -193,6 +199,7 @@ impl Client {
             base_url,
             opts.request_timeout,
             opts.connect_timeout,
+            opts.answer_timeout,
             opts.concurrency.max(1) * 2,
             retry,
             &security,
@@ -543,7 +550,9 @@ impl Client {
     /// request timeout), so the commit is seen when it happens, not at the next poll.
     pub async fn wait_committed(&self, job: &str, step: u64) -> Result<SaveStatus, ClientError> {
         let deadline = Instant::now() + self.opts.commit_timeout;
-        let hold = Duration::from_secs(10).min(self.opts.request_timeout / 2);
+        let hold = Duration::from_secs(10)
+            .min(self.opts.request_timeout / 2)
+            .min(self.opts.answer_timeout.map_or(Duration::MAX, |t| t / 2));
         let mut delay = Duration::from_millis(10);
         loop {
             let wait = deadline.saturating_duration_since(Instant::now()).min(hold);

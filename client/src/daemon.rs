@@ -121,7 +121,19 @@ impl LocalDaemon {
                 });
             }
         }
-        let mut child = cmd.spawn().map_err(|e| err(format!("starting {}: {e}", self.opts.exe.display())))?;
+        // ETXTBSY: a program written just now (a test's wrapper script) can still be open for
+        // writing in a child another thread forked before its exec closed the descriptor; it
+        // is closed within moments.
+        let mut busy = 0;
+        let mut child = loop {
+            match cmd.spawn() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && busy < 50 => {
+                    busy += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                other => break other.map_err(|e| err(format!("starting {}: {e}", self.opts.exe.display())))?,
+            }
+        };
         let deadline = Instant::now() + self.opts.start_timeout;
         loop {
             if let Ok(a) = std::fs::read_to_string(&addr_file) {

@@ -58,6 +58,11 @@ impl ClientError {
         matches!(self, ClientError::Transport { source, .. } if source.is_connect())
     }
 
+    /// The request timed out on an open connection: ckptd took it and did not answer in time.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, ClientError::Transport { source, .. } if source.is_timeout() && !source.is_connect())
+    }
+
     pub fn api_code(&self) -> Option<&str> {
         match self {
             ClientError::Api { code, .. } => Some(code),

@@ -89,6 +89,7 @@ impl Http {
         base_url: &str,
         timeout: Duration,
         connect_timeout: Duration,
+        answer_timeout: Option<Duration>,
         idle_per_host: usize,
         retry: RetryPolicy,
         security: &Security,
@@ -102,19 +103,24 @@ impl Http {
         if let Some(t) = &security.token {
             headers.insert(reqwest::header::AUTHORIZATION, t.header()?);
         }
-        let build = |idle: usize| {
-            let builder = reqwest::Client::builder()
+        let build = |idle: usize, answer_timeout: Option<Duration>| {
+            let mut builder = reqwest::Client::builder()
                 .timeout(timeout)
                 .connect_timeout(connect_timeout)
                 .pool_max_idle_per_host(idle)
                 .default_headers(headers.clone());
+            if let Some(t) = answer_timeout {
+                // Reset by every read: a transfer that keeps moving is never cut short.
+                builder = builder.read_timeout(t);
+            }
             crate::auth::apply_tls(builder, &security.tls)?
                 .build()
                 .map_err(|e| ClientError::Internal(format!("building the http client: {e}")))
         };
         Ok(Http {
-            client: build(idle_per_host)?,
-            unpooled: build(0)?,
+            client: build(idle_per_host, answer_timeout)?,
+            // Long requests (a GC run answers when it is done) and health checks.
+            unpooled: build(0, None)?,
             base: base_url.trim_end_matches('/').to_string(),
             retry,
         })
@@ -204,14 +210,28 @@ impl Http {
     ) -> Result<Bytes, ClientError> {
         let url = format!("{}{}", self.base, path);
         let mut backoff = Backoff::new(retry);
+        let mut sent_before = false;
         loop {
             let outcome = match self.send_once_on(method.clone(), path, &body, headers, conn).await {
                 Ok(resp) => resp.bytes().await.map_err(|source| ClientError::Transport { url: url.clone(), source }),
                 Err(e) => Err(e),
             };
             match outcome {
-                Err(e) if backoff.retry(&e, path).await => {}
-                other => return other,
+                // A delete sent again after its answer was lost finds what it deleted gone:
+                // that is the delete done, not a missing object.
+                Err(ClientError::Api { status: 404, .. }) if sent_before && method == reqwest::Method::DELETE => {
+                    return Ok(Bytes::new())
+                }
+                Err(e) => {
+                    // A refusal for load did nothing; any other failure may have come after
+                    // the request was carried out.
+                    let maybe_done = !matches!(e.api_code(), Some("busy" | "rate_limited"));
+                    if !backoff.retry(&e, path).await {
+                        return Err(e);
+                    }
+                    sent_before |= maybe_done;
+                }
+                ok => return ok,
             }
         }
     }
@@ -380,7 +400,7 @@ impl<'a> Backoff<'a> {
             self.delay = (self.delay * 2).min(Duration::from_secs(1));
             return true;
         }
-        if !self.policy.retry_unreachable && e.is_unreachable() {
+        if !self.policy.retry_unreachable && (e.is_unreachable() || e.is_timeout()) {
             return false;
         }
         if e.is_transient() && self.attempt < self.policy.attempts_max {

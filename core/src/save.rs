@@ -460,6 +460,10 @@ pub struct SaveStatus {
     /// split saves leaves it out, which is how a client tells it would wait for every rank.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub part: Option<PartOf>,
+    /// Its commit is under way: every rank is in and the root is being written. Left out when
+    /// false (and by a ckptd that does not report it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub committing: bool,
 }
 
 impl SaveStatus {
@@ -473,6 +477,7 @@ impl SaveStatus {
             error: s.error.clone(),
             manifest_hash: s.manifest_hash.clone(),
             part: s.part,
+            committing: false,
         }
     }
 
@@ -486,6 +491,7 @@ impl SaveStatus {
             error: None,
             manifest_hash: Some(m.hash.clone()),
             part: None,
+            committing: false,
         }
     }
 }
@@ -687,5 +693,20 @@ mod tests {
         whole.reopen(6, serde_json::Value::Null, Some(of(3, 6))).unwrap();
         assert_eq!(whole.part, Some(of(3, 6)));
         assert!(whole.reopen(6, serde_json::Value::Null, Some(of(0, 3))).is_err());
+    }
+
+    #[test]
+    fn a_status_says_committing_only_when_it_is() {
+        let s = SaveState::open("j", 5, 2, 1, None, serde_json::Value::Null, &Limits::default()).unwrap();
+        let quiet = serde_json::to_value(SaveStatus::of(&s)).unwrap();
+        assert!(quiet.get("committing").is_none(), "{quiet}");
+        let busy = SaveStatus { committing: true, ..SaveStatus::of(&s) };
+        let wire = serde_json::to_value(&busy).unwrap();
+        assert_eq!(wire["committing"], true, "{wire}");
+        let back: SaveStatus = serde_json::from_value(wire).unwrap();
+        assert_eq!(back, busy);
+        // A ckptd that does not report it reads as not committing.
+        let old: SaveStatus = serde_json::from_value(quiet).unwrap();
+        assert!(!old.committing);
     }
 }

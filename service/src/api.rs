@@ -18,7 +18,10 @@ use serde::Deserialize;
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::auth::{Principal, Tenants};
-use crate::bodies::{body_deadline, declared_length, held_until_sent, json_budget, stalled, verify_body_digest};
+use crate::bodies::{
+    body_deadline, declared_length, held_until_sent, json_budget, run_to_completion, stalled, verify_body_digest,
+    ConnectionCut,
+};
 use crate::coordinator::{Coordinator, OpenSave};
 use crate::error::ServiceError;
 use crate::store::StoreError;
@@ -33,6 +36,9 @@ pub struct AppState {
     pub tenants: Arc<Tenants>,
     /// `/readyz`'s probes, one at a time.
     pub ready: crate::ready::Readiness,
+    /// Requests running on after their client left (`bodies::run_to_completion`), at most
+    /// `connections_max`.
+    pub detached: Arc<tokio::sync::Semaphore>,
 }
 
 pub struct ApiError(pub ServiceError);
@@ -112,12 +118,52 @@ fn job_of(job: &str) -> ApiResult<()> {
 /// A JSON body: a stalled one is `BodyStalled` (408), one that cannot be read or parsed is a
 /// 4xx with the usual JSON error.
 fn json_body<T: serde::de::DeserializeOwned>(s: &AppState, body: Result<Bytes, BytesRejection>) -> ApiResult<T> {
-    let body = body.map_err(|e| match stalled(&e, s) {
+    parse_strict(&body_read(s, body)?)
+}
+
+/// A large JSON body (a shard index may be tens of MiB) is parsed on a blocking thread: it
+/// would hold a runtime worker for as long as that takes.
+async fn json_body_off_runtime<T: serde::de::DeserializeOwned + Send + 'static>(
+    s: &AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<T> {
+    const INLINE_BYTES_MAX: usize = 256 << 10;
+    let body = body_read(s, body)?;
+    if body.len() <= INLINE_BYTES_MAX {
+        return parse_strict(&body);
+    }
+    tokio::task::spawn_blocking(move || parse_strict(&body)).await.map_err(|e| ApiError(crate::error::join_error(e)))?
+}
+
+fn body_read(s: &AppState, body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
+    body.map_err(|e| match stalled(&e, s) {
         Some(stall) => ApiError(stall),
         None if e.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError(ServiceError::TooLarge(e.body_text())),
         None => ApiError(ServiceError::BadRequest(format!("cannot read the body: {}", e.body_text()))),
-    })?;
-    serde_json::from_slice(&body).map_err(|e| ApiError(ServiceError::BadRequest(format!("bad json body: {e}"))))
+    })
+}
+
+/// Parses a request's JSON, refusing any field the request type does not have: a misspelt
+/// field (`"meta"` for `"metadata"`, `"epoc"`) would otherwise be dropped without a word and
+/// the request carried out without it. Free-form values (metadata) take any keys.
+fn parse_strict<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
+    let bad = |why: String| ApiError(ServiceError::BadRequest(format!("bad json body: {why}")));
+    let mut unknown = Vec::new();
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let parsed: T = serde_ignored::deserialize(&mut de, |path| {
+        if unknown.len() < 8 {
+            unknown.push(path.to_string());
+        }
+    })
+    .map_err(|e| bad(e.to_string()))?;
+    de.end().map_err(|e| bad(e.to_string()))?;
+    if !unknown.is_empty() {
+        return Err(bad(format!(
+            "unknown field(s) {}: see /openapi.json for what this request takes",
+            unknown.join(", ")
+        )));
+    }
+    Ok(parsed)
 }
 
 /// The largest body of a save's open (its world size and metadata): axum's default limit,
@@ -206,6 +252,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(body_timeout)
         .layer(deadline)
         .layer(axum::middleware::from_fn_with_state(state.clone(), crate::auth::authenticate))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), run_to_completion))
         .with_state(state)
 }
 
@@ -290,6 +337,7 @@ pub(crate) async fn stats(State(s): State<Arc<AppState>>) -> Json<serde_json::Va
         "index_bytes_in_flight": s.coordinator.index_bytes_in_flight(),
         "json_bytes_in_flight": s.coordinator.json_bytes_in_flight(),
         "journal_flushes": s.coordinator.journal_flushes(),
+        "store_syncs": s.coordinator.store_syncs(),
         "gc_views_cached": s.coordinator.gc_views_cached(),
         "last_commit_after_last_index_us": s.coordinator.last_commit_after_last_index_us(),
     }))
@@ -462,13 +510,29 @@ async fn resolve_step(s: &AppState, job: &str, step: &str) -> ApiResult<u64> {
 )]
 pub(crate) async fn get_manifest(
     State(s): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
+    cut: Option<Extension<ConnectionCut>>,
     p: Result<Path<(String, String)>, PathRejection>,
 ) -> ApiResult<Response> {
     let (job, step) = path(p)?;
     job_of(&job)?;
     let step = resolve_step(&s, &job, &step).await?;
+    // A root is read whole (about 90 bytes a rank): it takes a transfer slot as a chunk does.
+    let permits = chunk_permits(&s, &who).await?;
     let bytes = s.coordinator.manifest_bytes(&job, step).await?;
-    Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response())
+    Ok(json_held(&s, bytes, permits, cut))
+}
+
+/// A JSON object read whole from the store, answered holding the transfer slots it was read
+/// under until it is sent (see `held_until_sent`).
+fn json_held<H: Send + Unpin + 'static>(
+    s: &AppState,
+    bytes: Bytes,
+    held: H,
+    cut: Option<Extension<ConnectionCut>>,
+) -> Response {
+    let deadline = cut.map(|Extension(c)| (s.coordinator.body_deadline(Some(bytes.len() as u64)), c));
+    ([(header::CONTENT_TYPE, "application/json")], held_until_sent(bytes, held, deadline)).into_response()
 }
 
 #[utoipa::path(
@@ -479,16 +543,21 @@ pub(crate) async fn get_manifest(
 )]
 pub(crate) async fn get_index_object(
     State(s): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
+    cut: Option<Extension<ConnectionCut>>,
     p: Result<Path<(String, String)>, PathRejection>,
 ) -> ApiResult<Response> {
     let (job, hash) = path(p)?;
     job_of(&job)?;
     let hash: ChunkHash = hash.parse()?;
+    // Up to `shard_index_bytes_max`, read whole: under a transfer slot, as a chunk is.
+    let permits = chunk_permits(&s, &who).await?;
     let bytes = s.coordinator.index_object_bytes(&job, hash).await?;
-    Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response())
+    Ok(json_held(&s, bytes, permits, cut))
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct DeleteQuery {
     #[serde(default)]
     force: bool,
@@ -552,6 +621,7 @@ async fn pin_or_unpin(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct GcQuery {
     #[serde(default)]
     dry_run: bool,
@@ -565,12 +635,15 @@ pub(crate) struct GcQuery {
 )]
 pub(crate) async fn gc_job(
     State(s): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
     p: Result<Path<String>, PathRejection>,
     q: Result<Query<GcQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
     let job = path(p)?;
     job_of(&job)?;
     let Query(q) = q.map_err(|e| ApiError(ServiceError::BadRequest(e.body_text())))?;
+    // Held for the run (this request runs to its end, `run_to_completion`).
+    let _tenants_slot = who.tenant().map(|t| t.gc_slot()).transpose()?;
     Ok(Json(s.coordinator.gc(&job, q.dry_run).await?).into_response())
 }
 
@@ -582,9 +655,11 @@ pub(crate) async fn gc_job(
 )]
 pub(crate) async fn gc_all(
     State(s): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
     q: Result<Query<GcQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
     let Query(q) = q.map_err(|e| ApiError(ServiceError::BadRequest(e.body_text())))?;
+    let _tenants_slot = who.tenant().map(|t| t.gc_slot()).transpose()?;
     Ok(Json(s.coordinator.gc_all(q.dry_run).await?).into_response())
 }
 
@@ -664,6 +739,7 @@ pub(crate) async fn put_chunk(
 pub(crate) async fn get_chunk(
     State(s): State<Arc<AppState>>,
     Extension(who): Extension<Principal>,
+    cut: Option<Extension<ConnectionCut>>,
     p: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
@@ -675,10 +751,10 @@ pub(crate) async fn get_chunk(
     let permits = chunk_permits(&s, &who).await?;
     let raw = s.coordinator.get_chunk(&job, hash, verify).await?;
     let len = raw.len() as u64;
+    let taken_by = |n: u64| cut.clone().map(|Extension(c)| (s.coordinator.body_deadline(Some(n)), c));
     let Some(range) = headers.get(header::RANGE) else {
-        return Ok(
-            ([(header::CONTENT_TYPE, "application/octet-stream")], held_until_sent(raw, permits)).into_response()
-        );
+        let body = held_until_sent(raw, permits, taken_by(len));
+        return Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response());
     };
     let unsatisfiable = || {
         let mut r = StatusCode::RANGE_NOT_SATISFIABLE.into_response();
@@ -698,7 +774,7 @@ pub(crate) async fn get_chunk(
     let (start, end) = (*range.start(), *range.end());
     // A slice keeps the whole decoded chunk while the range is sent, as a whole answer would;
     // the permits it holds bound both alike.
-    let part = held_until_sent(raw.slice(start as usize..=end as usize), permits);
+    let part = held_until_sent(raw.slice(start as usize..=end as usize), permits, taken_by(end - start + 1));
     let content_range = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}"))
         .map_err(|e| ServiceError::Internal(e.to_string()))?;
     Ok((
@@ -756,6 +832,7 @@ pub(crate) async fn open_save(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct StatusQuery {
     /// Hold the answer until the save ends, for up to this long (capped by `status_wait_ms_max`).
     #[serde(default)]
@@ -836,6 +913,7 @@ async fn index_permit(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct EpochQuery {
     epoch: Option<u64>,
 }
@@ -860,7 +938,7 @@ pub(crate) async fn put_shard_index(
     s.coordinator.check_fence(&job, q.epoch).await?;
     let rank: u32 =
         rank.parse().map_err(|_| ServiceError::BadRequest(format!("rank {rank:?} is not a non-negative integer")))?;
-    let index: ShardIndex = json_body(&s, body)?;
+    let index: ShardIndex = json_body_off_runtime(&s, body).await?;
     if index.rank != rank {
         return Err(ApiError(ServiceError::BadRequest(format!(
             "path names rank {rank} but the index is rank {}",

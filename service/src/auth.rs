@@ -49,6 +49,9 @@ pub struct Tenant {
     pub(crate) open_lock: tokio::sync::Mutex<()>,
     chunk_slots: Option<(Arc<Semaphore>, usize)>,
     staging: Option<(Arc<Semaphore>, u64)>,
+    /// GC runs this tenant may have going at once on this node: with other tenants, one fewer
+    /// than the node's `gc_runs_max`, so no tenant can hold every run slot.
+    gc_slots: (Arc<Semaphore>, usize),
     usage: Mutex<Option<(Instant, u64)>>,
 }
 
@@ -92,6 +95,15 @@ impl Tenant {
                 retry_after_s: 1,
             }),
         }
+    }
+
+    /// One of the tenant's GC run slots, or a refusal to come back later.
+    pub(crate) fn gc_slot(&self) -> Result<OwnedSemaphorePermit, ServiceError> {
+        let (slots, n) = &self.gc_slots;
+        slots.clone().try_acquire_owned().map_err(|_| ServiceError::RateLimited {
+            reason: format!("tenant {} has all {n} of its GC runs on this node in progress", self.name),
+            retry_after_s: 10,
+        })
     }
 
     /// The tenant's share of the staging budget for a chunk of `len` bytes, waiting up to
@@ -158,7 +170,13 @@ pub struct Tenants {
 }
 
 impl Tenants {
-    pub fn new(configs: &[TenantConfig], chunk_requests_max: usize, staging_bytes_max: u64) -> Tenants {
+    pub fn new(
+        configs: &[TenantConfig],
+        chunk_requests_max: usize,
+        staging_bytes_max: u64,
+        gc_runs_max: usize,
+    ) -> Tenants {
+        let gc_runs = if configs.len() > 1 { gc_runs_max.saturating_sub(1).max(1) } else { gc_runs_max.max(1) };
         let list = configs
             .iter()
             .map(|c| {
@@ -187,6 +205,7 @@ impl Tenants {
                     open_lock: tokio::sync::Mutex::new(()),
                     chunk_slots,
                     staging,
+                    gc_slots: (Arc::new(Semaphore::new(gc_runs)), gc_runs),
                     usage: Mutex::new(None),
                 })
             })
@@ -437,7 +456,7 @@ mod tests {
     fn a_token_names_its_tenant_and_nothing_else() {
         let cfg = [tenant("a", "token-a", "a-"), tenant("b", "token-b", "b-")];
         validate_tenants(&cfg, None).unwrap();
-        let t = Tenants::new(&cfg, 8, 1 << 20);
+        let t = Tenants::new(&cfg, 8, 1 << 20, 2);
         assert_eq!(t.by_token("token-a").unwrap().name, "a");
         assert_eq!(t.by_token("token-b").unwrap().name, "b");
         assert!(t.by_token("token-c").is_none());
@@ -479,7 +498,7 @@ mod tests {
             client_cert_names: certs.iter().map(|c| c.to_string()).collect(),
             ..tenant(name, token, prefix)
         };
-        let t = Tenants::new(&[with("a", "ta", "a-", &["a.test"]), with("b", "tb", "b-", &["b.test"])], 8, 1 << 20);
+        let t = Tenants::new(&[with("a", "ta", "a-", &["a.test"]), with("b", "tb", "b-", &["b.test"])], 8, 1 << 20, 2);
         let names = |n: &[&str]| PeerCertNames(n.iter().map(|s| s.to_string()).collect());
         assert_eq!(t.by_cert(&names(&["a.test"])).unwrap().name, "a");
         assert!(t.by_cert(&names(&["a.test", "b.test"])).is_none());
@@ -490,7 +509,7 @@ mod tests {
     fn the_bucket_refuses_past_the_rate_and_says_when_to_retry() {
         let mut c = tenant("a", "t", "a-");
         c.quota.requests_per_s = Some(3);
-        let t = Tenants::new(&[c], 8, 1 << 20);
+        let t = Tenants::new(&[c], 8, 1 << 20, 2);
         let a = t.by_token("t").unwrap();
         for _ in 0..3 {
             a.admit().unwrap();

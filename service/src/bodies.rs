@@ -13,7 +13,14 @@
 //!   declared length, else the route's limit), and released when the request is answered: a
 //!   body that declares much and sends nothing holds nothing, and a body waits for the budget
 //!   once, before it holds any, so bodies holding parts of it never wait on each other. A body
-//!   that trickles what it declared is bounded by its deadline.
+//!   must also keep a pace from its first read on (`body_min_bytes_per_s` after
+//!   `body_progress_timeout_ms`), so one that declares much and trickles loses its share within
+//!   seconds, not at the deadline its declared length earned.
+//! * Requests that change state run to completion when their client goes away
+//!   (`run_to_completion`): hyper drops a request's future when its connection closes, which
+//!   would stop a delete, a fence raise, an abort or a commit between its steps (the store
+//!   changed, the index or the journal not yet). Reads stay tied to their connection. The
+//!   detached requests are counted: past `connections_max` of them a request runs attached.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -86,6 +93,32 @@ pub(crate) fn stalled(e: &(dyn std::error::Error + 'static), s: &AppState) -> Op
     None
 }
 
+/// Runs a request that changes state (any method but GET and HEAD) as a task of its own, so
+/// that it goes on to its end if its connection closes (see the design note); counted by
+/// `AppState::detached`, and run in place when that count is full.
+pub(crate) async fn run_to_completion(
+    State(s): State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use tracing::Instrument;
+    let reads = matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD);
+    let Some(permit) = (!reads).then(|| s.detached.clone().try_acquire_owned().ok()).flatten() else {
+        return next.run(req).await;
+    };
+    let task = tokio::spawn(
+        async move {
+            let _counted = permit;
+            next.run(req).await
+        }
+        .instrument(tracing::Span::current()),
+    );
+    match task.await {
+        Ok(answer) => answer,
+        Err(e) => ApiError(ServiceError::Internal(format!("the request's task failed: {e}"))).into_response(),
+    }
+}
+
 /// Puts a deadline on the whole request body (`Coordinator::body_deadline`): the progress
 /// timeout restarts at every frame, so a body that trickles a byte at a time would otherwise
 /// hold its slot and staging space for as long as its client likes.
@@ -98,12 +131,20 @@ pub(crate) async fn body_deadline(
         return next.run(req).await;
     }
     let within = s.coordinator.body_deadline(declared_length(req.headers()));
-    next.run(with_deadline(req, within)).await
+    next.run(with_deadline(req, within, &s)).await
 }
 
-fn with_deadline(req: axum::extract::Request, within: Duration) -> axum::extract::Request {
+fn with_deadline(req: axum::extract::Request, within: Duration, s: &AppState) -> axum::extract::Request {
     let (parts, body) = req.into_parts();
-    let body = DeadlineBody { inner: body, late: Box::pin(tokio::time::sleep(within)), within };
+    let body = DeadlineBody {
+        inner: body,
+        late: Box::pin(tokio::time::sleep(within)),
+        within,
+        rate: s.coordinator.body_min_bytes_per_s().max(1),
+        slack: s.coordinator.body_progress_timeout(),
+        first: None,
+        got: 0,
+    };
     axum::extract::Request::from_parts(parts, axum::body::Body::new(body))
 }
 
@@ -116,17 +157,41 @@ pub(crate) fn declared_length(headers: &HeaderMap) -> Option<u64> {
 #[error("request body not received within {0:?}")]
 struct BodyPastDeadline(Duration);
 
+/// A handle on the connection a request came in on, to close it from elsewhere (every request
+/// carries one as an extension; `http_serve` watches it).
+#[derive(Clone)]
+pub(crate) struct ConnectionCut(pub(crate) tokio_util::sync::CancellationToken);
+
 /// A response body that keeps `held` (the request's transfer slots) until it is sent or the
 /// connection drops: the slots bound what is in flight, and an answer being written is. It is
 /// handed to hyper a frame at a time, since hyper drops a body once it holds its last frame,
 /// and queues at most a few hundred KiB of a connection's writes before it asks for more.
-pub(crate) fn held_until_sent<H: Send + Unpin + 'static>(bytes: Bytes, held: H) -> axum::body::Body {
-    axum::body::Body::new(Holding { rest: bytes, _held: held })
+///
+/// An answer must also be taken in time, as a request body must arrive in time: a reader that
+/// takes a little every few seconds never stalls a write, yet would keep its slots for hours.
+/// So the connection is closed at `deadline` (the same as a request body of this length gets)
+/// if the answer is still being sent; a timer of its own does it, since hyper asks a body for
+/// its next frame only when the last one is written.
+pub(crate) fn held_until_sent<H: Send + Unpin + 'static>(
+    bytes: Bytes,
+    held: H,
+    deadline: Option<(Duration, ConnectionCut)>,
+) -> axum::body::Body {
+    let timer = deadline.map(|(within, ConnectionCut(cut))| {
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            tokio::time::sleep(within).await;
+            tracing::debug!(?within, "an answer was not taken by its deadline; closing its connection");
+            cut.cancel();
+        }))
+    });
+    axum::body::Body::new(Holding { rest: bytes, _held: held, _timer: timer })
 }
 
 struct Holding<H> {
     rest: Bytes,
     _held: H,
+    /// Stopped when the answer is sent or dropped.
+    _timer: Option<tokio_util::task::AbortOnDropHandle<()>>,
 }
 
 const HELD_FRAME_BYTES: usize = 256 << 10;
@@ -155,10 +220,18 @@ impl<H: Unpin> http_body::Body for Holding<H> {
     }
 }
 
+/// A request body with a deadline for the whole of it, and a pace it must keep all along:
+/// from the handler's first read on, `rate` bytes a second after `slack`. The pace is what
+/// stops a body that declares much and trickles from holding what it reserved (its share of
+/// the JSON budget, its staging space) until the deadline its length earned.
 struct DeadlineBody {
     inner: axum::body::Body,
     late: std::pin::Pin<Box<tokio::time::Sleep>>,
     within: Duration,
+    rate: u64,
+    slack: Duration,
+    first: Option<std::time::Instant>,
+    got: u64,
 }
 
 impl http_body::Body for DeadlineBody {
@@ -172,7 +245,16 @@ impl http_body::Body for DeadlineBody {
         if std::future::Future::poll(self.late.as_mut(), cx).is_ready() {
             return std::task::Poll::Ready(Some(Err(Box::new(BodyPastDeadline(self.within)))));
         }
-        std::pin::Pin::new(&mut self.inner).poll_frame(cx).map_err(Into::into)
+        let first = *self.first.get_or_insert_with(std::time::Instant::now);
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx).map_err(Into::into);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled {
+            self.got += frame.data_ref().map_or(0, |d| d.len() as u64);
+            let owed = (first.elapsed().saturating_sub(self.slack).as_millis() as u64).saturating_mul(self.rate) / 1000;
+            if self.got < owed {
+                return std::task::Poll::Ready(Some(Err(Box::new(BodyPastDeadline(self.within)))));
+            }
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -202,7 +284,7 @@ pub(crate) async fn json_budget(
     let declared = declared_length(req.headers());
     let req = match declared {
         Some(_) => req,
-        None => with_deadline(req, s.coordinator.body_deadline(Some(limit as u64))),
+        None => with_deadline(req, s.coordinator.body_deadline(Some(limit as u64)), &s),
     };
     let budget_max = s.coordinator.json_bytes_in_flight_max();
     let share = declared.map_or(limit as u64, |n| n.min(limit as u64));

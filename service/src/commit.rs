@@ -134,19 +134,33 @@ impl Coordinator {
     /// aborts the saves in flight so none of them commits a replaced generation's indexes.
     pub async fn raise_fence(&self, job: &str, epoch: u64) -> Result<u64, ServiceError> {
         let current = self.fence_of(job).await?;
-        if epoch <= current {
-            return Ok(current);
-        }
-        let j = job.to_string();
-        // The index keeps the higher of two raises at once; that is the fence from now on.
-        let fence = self.blocking(move |i| i.raise_fence(&j, epoch)).await?;
+        let fence = if epoch > current {
+            let j = job.to_string();
+            // The index keeps the higher of two raises at once; that is the fence from now on.
+            self.blocking(move |i| i.raise_fence(&j, epoch)).await?
+        } else {
+            current
+        };
+        // Also when the fence was already there: the raise that put it may have failed before
+        // its flush, and this answer promises it is journalled.
         self.index.flush().await?;
-        self.cache_fence(job, fence, None);
-        tracing::info!(job, epoch = fence, "job fenced: writers of earlier generations are refused");
-        for slot in self.slots_of(job) {
-            let step = slot.lock().await.state.step;
-            if let Err(e) = self.abort_save(job, step, &format!("fenced at generation {epoch}")).await {
-                tracing::debug!(job, step, error = %e, "save not aborted at the fence (it ended)");
+        if fence > current {
+            self.cache_fence(job, fence, None);
+            tracing::info!(job, epoch = fence, "job fenced: writers of earlier generations are refused");
+        }
+        // Every raise, a repeated one too (the first may have stopped before its aborts), ends
+        // the saves of replaced generations; a save the fence's generation opened stays.
+        for ((_, step), slot) in self.slots_of(job) {
+            if slot.lock().await.epoch.is_some_and(|e| e >= fence) {
+                continue;
+            }
+            match self.abort_save(job, step, &format!("fenced at generation {fence}")).await {
+                Ok(_) => {}
+                // It ended meanwhile, or another node decided to commit it.
+                Err(e @ (ServiceError::NotFound(_) | ServiceError::Conflict(_))) => {
+                    tracing::debug!(job, step, error = %e, "save not aborted at the fence")
+                }
+                Err(e) => return Err(e),
             }
         }
         Ok(fence)
@@ -232,6 +246,7 @@ impl Coordinator {
         }
         let before = (g.state.metadata.clone(), g.state.part);
         g.state.reopen(req.world_size, req.metadata, part)?;
+        g.epoch = g.epoch.max(req.epoch);
         // Opening again is not progress: a client re-opening a save it never feeds would
         // otherwise keep it, and its slot, from the idle abort for ever.
         if created {
@@ -644,6 +659,9 @@ impl Coordinator {
                     tracing::warn!(job, step, "commit conflict: {reason}");
                     return Err(self.abort_decided(slot, reason).await);
                 }
+                // Present is not durable: a create whose directory sync failed, or a ckptd
+                // killed before it, leaves the root visible and unsynced.
+                self.sync_local_store().await?;
                 tracing::info!(job, step, "root already present with identical bytes; committed");
             }
             Err(e) => {
@@ -721,11 +739,8 @@ impl Coordinator {
 
     pub async fn save_status(&self, job: &str, step: u64) -> Result<SaveStatus, ServiceError> {
         let key = (job.to_string(), step);
-        if let Some(s) = self.committing.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-            return Ok(s.clone());
-        }
         if let Some(slot) = self.save_slot(job, step) {
-            return Ok(SaveStatus::of(&slot.lock().await.state));
+            return Ok(self.slot_status(&key, &slot).await);
         }
         if let Some(m) = self.committed_summary(job, step).await? {
             return Ok(SaveStatus::committed(&m));
@@ -734,6 +749,21 @@ impl Coordinator {
             return Ok(a);
         }
         Err(ServiceError::NotFound(format!("no save {job}@{step}")))
+    }
+
+    /// A save's status without waiting out its commit, which holds the save's lock for as long
+    /// as the store takes: while it runs, the status it began with is answered (marked
+    /// `committing`). Anything else holds the lock briefly; a commit that begins while this
+    /// waits is seen at the next look.
+    pub(crate) async fn slot_status(&self, key: &SaveKey, slot: &SlotRef) -> SaveStatus {
+        loop {
+            if let Some(s) = self.committing.lock().unwrap_or_else(|e| e.into_inner()).get(key) {
+                return s.clone();
+            }
+            if let Ok(g) = tokio::time::timeout(Duration::from_millis(50), slot.lock()).await {
+                return SaveStatus::of(&g.state);
+            }
+        }
     }
 
     /// `save_status` once the save has ended (committed or aborted), or after `wait` (at most
@@ -786,7 +816,8 @@ struct Committing<'a> {
 impl<'a> Committing<'a> {
     fn show(coordinator: &'a Coordinator, state: &SaveState) -> Committing<'a> {
         let key = (state.job.clone(), state.step);
-        coordinator.committing.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), SaveStatus::of(state));
+        let shown = SaveStatus { committing: true, ..SaveStatus::of(state) };
+        coordinator.committing.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), shown);
         Committing { coordinator, key }
     }
 }

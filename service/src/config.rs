@@ -366,9 +366,38 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// The most bytes ckptd reads of a file an operator names (config, certificate, key,
+/// revocation list): far above any real one, so a path pointed at a device or a huge file by
+/// mistake is refused rather than read into memory.
+pub const OPERATOR_FILE_BYTES_MAX: u64 = 64 << 20;
+
+/// Reads a file an operator named: a regular file (a FIFO would block the reader for good)
+/// of at most `OPERATOR_FILE_BYTES_MAX` bytes.
+pub(crate) fn read_operator_file(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::{Error, ErrorKind, Read};
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking, or opening a FIFO would itself wait for a writer; a regular file's reads
+    // do not heed the flag.
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
+    }
+    let mut bytes = Vec::with_capacity(meta.len().min(OPERATOR_FILE_BYTES_MAX) as usize);
+    f.take(OPERATOR_FILE_BYTES_MAX + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > OPERATOR_FILE_BYTES_MAX {
+        return Err(Error::new(ErrorKind::InvalidData, format!("larger than {OPERATOR_FILE_BYTES_MAX} bytes")));
+    }
+    Ok(bytes)
+}
+
 impl Config {
     pub fn from_toml_file(path: &std::path::Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let bytes = read_operator_file(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let text = String::from_utf8(bytes).map_err(|e| ConfigError::Read {
+            path: path.into(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.utf8_error()),
+        })?;
         toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source: Box::new(source) })
     }
 
@@ -507,6 +536,31 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn operator_files_that_are_not_small_regular_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = dir.path().join("ok.pem");
+        std::fs::write(&ok, b"bytes").unwrap();
+        assert_eq!(read_operator_file(&ok).unwrap(), b"bytes");
+        let big = dir.path().join("big.pem");
+        std::fs::File::create(&big).unwrap().set_len(OPERATOR_FILE_BYTES_MAX + 1).unwrap();
+        let e = read_operator_file(&big).unwrap_err();
+        assert!(e.to_string().contains("larger than"), "{e}");
+        let at_max = dir.path().join("max.pem");
+        std::fs::File::create(&at_max).unwrap().set_len(OPERATOR_FILE_BYTES_MAX).unwrap();
+        assert_eq!(read_operator_file(&at_max).unwrap().len() as u64, OPERATOR_FILE_BYTES_MAX);
+        // A FIFO with no writer would block a plain read for good.
+        let fifo = dir.path().join("fifo.pem");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(read_operator_file(&fifo).map(|b| b.len())));
+        let got = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("reading a FIFO blocked");
+        assert!(got.unwrap_err().to_string().contains("not a regular file"));
+        let cfg = dir.path().join("dir.toml");
+        std::fs::create_dir(&cfg).unwrap();
+        assert!(matches!(Config::from_toml_file(&cfg), Err(ConfigError::Read { .. })));
+    }
 
     #[test]
     fn toml_overrides_defaults_and_rejects_unknown_keys() {

@@ -64,6 +64,9 @@ pub(crate) struct Slot {
     /// A save split over nodes, once this node's part is written: the parts read so far and
     /// when to look again (`parts.rs`).
     pub(crate) split: Option<crate::parts::SplitWait>,
+    /// The latest writer generation seen opening it on this node (`None`: no open named one,
+    /// or restored from the journal): a fence at a later one aborts it.
+    pub(crate) epoch: Option<u64>,
 }
 
 impl Slot {
@@ -77,6 +80,7 @@ impl Slot {
             journalled: false,
             all_in_at: None,
             split: None,
+            epoch: None,
         }
     }
 
@@ -521,7 +525,7 @@ impl Coordinator {
             let job = match &ev {
                 UploadEvent::Durable { job, .. } | UploadEvent::Failed { job, .. } => job.clone(),
             };
-            for slot in me.slots_of(&job) {
+            for (_, slot) in me.slots_of(&job) {
                 let outcome = match &ev {
                     UploadEvent::Durable { hash, .. } => Outcome::Landed(*hash),
                     UploadEvent::Failed { hash, reason, .. } => Outcome::Lost(*hash, reason.clone()),
@@ -650,9 +654,9 @@ impl Coordinator {
         self.index.flush_count()
     }
 
-    pub(crate) fn slots_of(&self, job: &str) -> Vec<SlotRef> {
+    pub(crate) fn slots_of(&self, job: &str) -> Vec<(SaveKey, SlotRef)> {
         let saves = self.saves.lock().unwrap_or_else(|e| e.into_inner());
-        saves.iter().filter(|((j, _), _)| j == job).map(|(_, s)| s.clone()).collect()
+        saves.iter().filter(|((j, _), _)| j == job).map(|(k, s)| (k.clone(), s.clone())).collect()
     }
 
     pub(crate) fn save_slot(&self, job: &str, step: u64) -> Option<SlotRef> {
@@ -756,8 +760,17 @@ impl Coordinator {
     /// Called with the save's lock held (or for a save not yet in the map, at start-up).
     pub(crate) async fn retire_aborted(&self, state: &SaveState) -> Result<(), ServiceError> {
         const ABORTED_KEPT: usize = 1024;
-        // Recorded as aborted before it leaves the in-flight set, so a status query (one woken
-        // by the save's end above all) always finds it in one or the other.
+        // Journalled first: nobody may learn of the abort (a rank woken by the save's end
+        // above all) before a power cut can no longer bring the save back to commit.
+        let (job, step) = (state.job.clone(), state.step);
+        // Test-only: a slow journal, to show nobody learns of the abort before it.
+        fail::fail_point!("ckptd::abort::before_journal");
+        let journalled = match self.blocking(move |i| i.remove_save(&job, step)).await {
+            Ok(()) => self.index.flush().await.map_err(ServiceError::from),
+            Err(e) => Err(e),
+        };
+        // Recorded as aborted before it leaves the in-flight set, so a status query always
+        // finds it in one or the other.
         {
             let mut aborted = self.aborted.lock().unwrap_or_else(|e| e.into_inner());
             aborted.retain(|s| !(s.job == state.job && s.step == state.step));
@@ -766,12 +779,10 @@ impl Coordinator {
                 aborted.pop_front();
             }
         }
-        // Out of the in-flight set before the journal: a failure below must not leave a final
-        // save there.
+        // Out of the in-flight set whether or not the journal took it: a final save must not
+        // stay there.
         self.untrack_slot(state);
-        let (job, step) = (state.job.clone(), state.step);
-        self.blocking(move |i| i.remove_save(&job, step)).await?;
-        self.index.flush().await?;
+        journalled?;
         tracing::info!(job = state.job, step = state.step, reason = ?state.error, "save aborted");
         Ok(())
     }

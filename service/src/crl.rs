@@ -116,7 +116,7 @@ const FLOOR_FORMAT: u32 = 1;
 /// there is none (a first start, or an operator removed it). A file that cannot be read or
 /// parsed is an error, never taken as "no floor": that would let an old list in.
 pub(crate) fn read_floor(path: &Path) -> Result<Option<InForce>, String> {
-    let bytes = match std::fs::read(path) {
+    let bytes = match crate::config::read_operator_file(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),

@@ -12,7 +12,8 @@
 //!   before the winner's fsync of the parent has happened. A thread that finds the directory
 //!   already there has the same problem when the creator is between its `mkdir` and that fsync,
 //!   so directories are listed (`CREATING`) from before their `mkdir` to after it, and a thread
-//!   that finds a listed one fsyncs its parent too.
+//!   that finds a listed one fsyncs its parent too. `write_new_grouped` lists the directories it
+//!   makes until its group syncs have covered them.
 //! * A failed `syncfs` fails every caller it was to cover, however many syncs fail before they
 //!   wake (`FsSync` keeps each failure until no waiting caller's ticket is in its range).
 //! * Temporary files are named `.<name>.<pid>-<seq>.tmp` next to their destination, so they are
@@ -91,11 +92,13 @@ pub fn ensure_dir(dir: &Path) -> Result<(), DurableError> {
     loop {
         match std::fs::metadata(d) {
             Ok(m) if m.is_dir() => {
-                // Made by a thread that may not have fsync'd its parent yet (the module note).
-                // Only the first existing one can be: a creator fsyncs each parent before it
-                // makes the next directory down.
-                if creating().contains_key(d) {
-                    sync_dir(parent_dir(d))?;
+                // Made by a thread that may not have fsync'd its parent yet (the module note),
+                // and so may the directories above it that are listed too (`write_new_grouped`
+                // makes a whole path and leaves it to its group sync).
+                let mut up = d;
+                while creating().contains_key(up) {
+                    sync_dir(parent_dir(up))?;
+                    up = parent_dir(up);
                 }
                 break;
             }
@@ -334,6 +337,17 @@ pub fn write_new_grouped(dest: &Path, image: &[u8], len: u64, align: usize, fs: 
     use std::os::unix::fs::OpenOptionsExt;
     let dir = dest.parent().ok_or_else(|| DurableError::NoParent { path: dest.into() })?;
     // No fsync of new directories: the group syncs below cover every entry on the filesystem.
+    // Until they have, the new directories are listed as being made, so a plain durable write
+    // that finds one meanwhile syncs its entry itself (`ensure_dir`).
+    let mut _listed = Vec::new();
+    let mut d = dir;
+    while !d.is_dir() {
+        _listed.push(Creating::list(d));
+        match d.parent() {
+            Some(p) if !p.as_os_str().is_empty() => d = p,
+            _ => break,
+        }
+    }
     std::fs::create_dir_all(dir).map_err(|source| DurableError::CreateDir { path: dir.into(), source })?;
     let tmp = temp_path(dest);
     let result = (|| {
@@ -368,6 +382,8 @@ pub fn write_new_grouped(dest: &Path, image: &[u8], len: u64, align: usize, fs: 
         };
         // Test-only switch (power-loss audit): leave the new file's bytes unsynced.
         let skip = crate::switch_armed("durable::skip_file_fsync");
+        #[cfg(test)]
+        tests::LISTED_AT_SYNC.with(|l| *l.borrow_mut() = creating().keys().cloned().collect());
         if !skip {
             fs.sync()?;
         }
@@ -395,6 +411,36 @@ mod tests {
     thread_local! {
         /// Every directory `sync_dir` fsync'd on this thread, in order.
         pub(super) static SYNCED_DIRS: std::cell::RefCell<Vec<PathBuf>> = const { std::cell::RefCell::new(Vec::new()) };
+        /// The directories listed as being made when `write_new_grouped` began its group sync.
+        pub(super) static LISTED_AT_SYNC: std::cell::RefCell<Vec<PathBuf>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    #[test]
+    fn directories_a_grouped_write_makes_stay_listed_until_its_sync_and_a_finder_syncs_up_the_chain() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        let fs = FsSync::open(r).unwrap();
+        let dest = r.join("jobs/j/chunks/ab/chunk");
+        write_new_grouped(&dest, b"bytes", 5, 4096, &fs).unwrap();
+        let listed: std::collections::BTreeSet<PathBuf> = LISTED_AT_SYNC.with(|l| l.borrow().iter().cloned().collect());
+        for d in ["jobs", "jobs/j", "jobs/j/chunks", "jobs/j/chunks/ab"] {
+            assert!(
+                listed.contains(&r.join(d)),
+                "{d} was not listed while its entry waited for the group sync: {listed:?}"
+            );
+        }
+        assert!(!creating().keys().any(|k| k.starts_with(r)), "the listing outlived the write");
+        assert_eq!(std::fs::read(&dest).unwrap(), b"bytes");
+        // A plain durable write that finds such a chain (its maker still before its sync)
+        // syncs every listed directory's entry, up to the first one not listed.
+        let made = r.join("x/y");
+        std::fs::create_dir_all(&made).unwrap();
+        let _maker = (Creating::list(&r.join("x")), Creating::list(&made));
+        synced_dirs();
+        ensure_dir(&made.join("z")).unwrap();
+        let expected: std::collections::BTreeSet<PathBuf> =
+            [r.to_path_buf(), r.join("x"), made.clone(), made.join("z")].into_iter().collect();
+        assert_eq!(synced_dirs(), expected);
     }
 
     fn synced_dirs() -> std::collections::BTreeSet<PathBuf> {

@@ -273,8 +273,21 @@ impl ObjectStore for FaultyStore {
         self.around(op_of(location), Call::Read, self.inner.get_ranges(location, ranges)).await
     }
 
+    /// Each delete is a write of its key's kind (a root's delete is a `manifest` call), one at a
+    /// time.
     fn delete_stream(&self, locations: BoxStream<'static, Result<Path>>) -> BoxStream<'static, Result<Path>> {
-        self.inner.delete_stream(locations)
+        let me = FaultyStore { inner: self.inner.clone(), faults: self.faults.clone() };
+        locations
+            .then(move |location| {
+                let me = FaultyStore { inner: me.inner.clone(), faults: me.faults.clone() };
+                async move {
+                    let location = location?;
+                    let deleted = object_store::ObjectStoreExt::delete(me.inner.as_ref(), &location);
+                    me.around(op_of(&location), Call::Write, deleted).await?;
+                    Ok(location)
+                }
+            })
+            .boxed()
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {

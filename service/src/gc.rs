@@ -496,7 +496,9 @@ impl Coordinator {
             if self.store.get_record(&key).await?.is_none() {
                 return Err(ServiceError::NotFound(format!("{job}@{step} is not pinned")));
             }
-            return Ok(self.store.delete_key(&key).await?);
+            // Durably: the unpin is answered as done, and a pin a power cut brought back would
+            // keep the checkpoint from retention for good.
+            return Ok(self.store.delete_durably(&key).await?);
         }
         if self.committed_summary(job, step).await?.is_none()
             && self.store.get_record(&keys::manifest_key(job, step)).await?.is_none()
@@ -777,6 +779,8 @@ impl Coordinator {
             .buffer_unordered(self.config.store_requests_max)
             .try_collect()
             .await?;
+        // The removals are reported as done: on a local store they are made durable together.
+        self.sync_local_store().await?;
         let swept = Swept { done: true, ..swept };
         let body = serde_json::to_vec(&swept).map_err(|e| ServiceError::Internal(e.to_string()))?;
         lock.ensure()?;

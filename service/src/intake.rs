@@ -105,6 +105,10 @@ impl Coordinator {
             }
         }
         if !record.is_empty() {
+            // A file in a local store can be visible and not yet durable (renamed into place by
+            // a write or an adopt still waiting for its sync, or left by a killed ckptd): it is
+            // answered durable and recorded only once the store's filesystem is synced.
+            self.sync_local_store().await?;
             let j = job.to_string();
             // The stored size is not needed by any reader; 0 marks it unknown.
             self.blocking(move |idx| record.iter().try_for_each(|(h, len)| idx.put_chunk(&j, h, 0, Some(*len))))
@@ -333,6 +337,22 @@ impl Coordinator {
         .map_err(join_error)??;
         let _ = self.events.send(UploadEvent::Durable { job: job.to_string(), hash });
         Ok((hash, ChunkPutOutcome { written: true, state: ChunkState::Durable }))
+    }
+
+    /// Group syncs of a local-directory store's filesystem since start-up (0 for an object
+    /// store).
+    pub fn store_syncs(&self) -> u64 {
+        self.fs_sync.as_ref().map_or(0, |fs| fs.syncs())
+    }
+
+    /// Makes everything in a local-directory store durable (one group sync, shared with every
+    /// caller waiting); nothing to do for an object store, whose puts are durable when they
+    /// return.
+    pub(crate) async fn sync_local_store(&self) -> Result<(), ServiceError> {
+        match &self.fs_sync {
+            Some(fs) => settle(fs.clone()).await,
+            None => Ok(()),
+        }
     }
 
     /// The group sync of a local-directory store, or why the node-local path is refused.

@@ -237,13 +237,20 @@ fn app(
         &config.tenants,
         config.chunk_requests_max,
         config.staging_memory_bytes_max.saturating_add(config.staging_spill_bytes_max),
+        config.retention.gc_runs_max,
     ));
     if !tenants.is_open() {
         tracing::info!(tenants = tenants.all().len(), "tenants configured: requests must authenticate");
     }
     let ready = ready::Readiness::new(Duration::from_millis(config.ready_probe_timeout_ms));
-    let state =
-        Arc::new(api::AppState { coordinator, shutting_down: AtomicBool::new(false), telemetry, tenants, ready });
+    let state = Arc::new(api::AppState {
+        coordinator,
+        shutting_down: AtomicBool::new(false),
+        telemetry,
+        tenants,
+        ready,
+        detached: Arc::new(tokio::sync::Semaphore::new(config.connections_max)),
+    });
     let router =
         api::router(state.clone()).layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(request_span));
     (state, router)
@@ -350,14 +357,17 @@ async fn http_serve(
             },
             _ = &mut shutdown => break,
         };
-        let (stop, app, http, tls) = (stop.clone(), app.clone(), http.clone(), tls.clone());
+        let (stop, http, tls) = (stop.clone(), http.clone(), tls.clone());
+        // Its requests can close it (an answer not taken by its deadline, `bodies.rs`).
+        let cut = tokio_util::sync::CancellationToken::new();
+        let app = tower_http::add_extension::AddExtension::new(app.clone(), bodies::ConnectionCut(cut.clone()));
         connections.spawn(async move {
             let _slot = slot;
             let ended = match tls {
                 None => {
                     let service = hyper_util::service::TowerToHyperService::new(app);
                     let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-                    serve_connection(conn, &stop, max_age).await
+                    serve_connection(conn, &stop, &cut, max_age).await
                 }
                 Some(acceptor) => {
                     // The handshake is bounded like a request head: a client that connects and
@@ -377,7 +387,7 @@ async fn http_serve(
                     let app = tower_http::add_extension::AddExtension::new(app, names);
                     let service = hyper_util::service::TowerToHyperService::new(app);
                     let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-                    serve_connection(conn, &stop, max_age).await
+                    serve_connection(conn, &stop, &cut, max_age).await
                 }
             };
             if let Err(e) = ended {
@@ -403,10 +413,12 @@ struct Serving {
 }
 
 /// Drives one connection until it ends, or until ckptd stops or the connection reaches
-/// `max_age`: then it is closed once the request in flight (if any) is answered.
+/// `max_age`: then it is closed once the request in flight (if any) is answered. One of its
+/// requests cutting it closes it at once, its answer cut short.
 async fn serve_connection<I, S, B>(
     conn: hyper::server::conn::http1::Connection<I, S>,
     stop: &tokio_util::sync::CancellationToken,
+    cut: &tokio_util::sync::CancellationToken,
     max_age: Option<Duration>,
 ) -> hyper::Result<()>
 where
@@ -425,11 +437,15 @@ where
     };
     tokio::select! {
         ended = conn.as_mut() => return ended,
+        _ = cut.cancelled() => return Ok(()),
         _ = stop.cancelled() => {}
         _ = aged => tracing::debug!("connection reached connection_max_age_s; closing it after its request"),
     }
     conn.as_mut().graceful_shutdown();
-    conn.await
+    tokio::select! {
+        ended = conn.as_mut() => ended,
+        _ = cut.cancelled() => Ok(()),
+    }
 }
 
 async fn shutdown_signal() {

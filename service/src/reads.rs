@@ -13,7 +13,7 @@
 use bytes::Bytes;
 use ckpt_core::{ChunkHash, ChunkHeader, Codec, CommitObject};
 
-use crate::coordinator::{CheckpointList, Coordinator, SaveStatus};
+use crate::coordinator::{CheckpointList, Coordinator};
 use crate::error::{join_error, ServiceError};
 use crate::store::StoreError;
 
@@ -34,8 +34,8 @@ impl Coordinator {
             }
         }
         let mut in_flight = Vec::new();
-        for s in self.slots_of(job) {
-            in_flight.push(SaveStatus::of(&s.lock().await.state));
+        for (key, slot) in self.slots_of(job) {
+            in_flight.push(self.slot_status(&key, &slot).await);
         }
         in_flight.extend(self.recently_aborted(job, None));
         in_flight.sort_by_key(|s| s.step);
@@ -96,8 +96,8 @@ impl Coordinator {
     }
 
     /// Deletes a committed checkpoint's root. Its index objects and chunks stay until garbage
-    /// collection. The newest committed checkpoint is kept unless `force` is set: it is what a
-    /// restart needs.
+    /// collection. The newest committed checkpoint is kept unless `force` is set (it is what a
+    /// restart needs), and so is a pinned one (someone asked to keep it).
     pub async fn delete_checkpoint(&self, job: &str, step: u64, force: bool) -> Result<(), ServiceError> {
         let latest = self.latest_step(job).await.ok();
         let j = job.to_string();
@@ -108,6 +108,9 @@ impl Coordinator {
             return Err(ServiceError::Conflict(format!(
                 "{job}@{step} is the newest committed checkpoint; pass force to delete it"
             )));
+        }
+        if !force && self.store.get_record(&ckpt_core::keys::pin_key(job, step)).await?.is_some() {
+            return Err(ServiceError::Conflict(format!("{job}@{step} is pinned; unpin it or pass force to delete it")));
         }
         self.remove_root(job, step, "deleted on request").await
     }

@@ -26,6 +26,10 @@ impl Coordinator {
     /// Runs before ckptd serves requests.
     pub async fn recover(&self) -> Result<RecoveryReport, ServiceError> {
         let mut report = RecoveryReport::default();
+        // What a killed ckptd left visible in a local store may not be durable yet (a root or a
+        // chunk renamed into place before its sync): everything found below is trusted, so it
+        // is made durable first.
+        self.sync_local_store().await?;
         let described = self.blocking(|i| i.store_description()).await?;
         let store_desc = self.store.description().to_string();
         if described.as_deref() != Some(store_desc.as_str()) {

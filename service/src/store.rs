@@ -284,13 +284,18 @@ impl Store {
         self.retry("get_manifest", || async { self.inner.get(&path).await?.bytes().await }).await
     }
 
-    /// Deletes a root, durably: on a local directory the removal is fsync'd before this returns
-    /// (object_store's fsync covers writes only). A removal a power cut undid would bring the
-    /// root back after GC may have swept what only it referenced.
+    /// Deletes a root, durably. A removal a power cut undid would bring the root back after GC
+    /// may have swept what only it referenced.
     pub async fn delete_manifest(&self, job: &str, step: u64) -> Result<(), StoreError> {
-        let key = keys::manifest_key(job, step);
-        self.delete_key(&key).await?;
-        let Some(dir) = self.local_root.as_ref().and_then(|root| root.join(&key).parent().map(|d| d.to_path_buf()))
+        self.delete_durably(&keys::manifest_key(job, step)).await
+    }
+
+    /// Deletes `key`, durably: on a local directory the removal is fsync'd before this returns
+    /// (object_store's fsync covers writes only). For removals that are answered as done one
+    /// by one (a root, a pin); many at once share one `sync_all` instead.
+    pub async fn delete_durably(&self, key: &str) -> Result<(), StoreError> {
+        self.delete_key(key).await?;
+        let Some(dir) = self.local_root.as_ref().and_then(|root| root.join(key).parent().map(|d| d.to_path_buf()))
         else {
             return Ok(());
         };

@@ -216,7 +216,7 @@ struct Seen {
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, ServiceError> {
-    std::fs::read(path).map_err(|e| tls_error(format!("cannot read {}: {e}", path.display())))
+    crate::config::read_operator_file(path).map_err(|e| tls_error(format!("cannot read {}: {e}", path.display())))
 }
 
 impl Files {

@@ -15,7 +15,7 @@
 //! * when a spilled chunk is first opened for reading (its upload; the spill file is the journal
 //!   behind a `staged` ack): the spill file must be durable;
 //! * at the end of the trace (ckptd SIGKILLed right after the last ack): every store object,
-//!   roots included, and every root's removal (an acked delete).
+//!   roots included, and every root's or pin's removal (an acked delete or unpin).
 //!
 //! [`losses_at_end`] turns the same model into what a power cut at the end of the trace takes
 //! back, and [`power_cut`] applies that to the directories ckptd left, so a test can start
@@ -429,11 +429,20 @@ pub fn audit(trace: &str, layout: &Layout<'_>) -> Vec<String> {
             violations.push(format!("at the end (after the last ack): {why}"));
         }
     }
-    // A deleted root must stay deleted: one a cut brings back may name objects GC swept.
-    let mut removed: Vec<&PathBuf> = v.unlinked.iter().filter(|p| is_root(p) && v.is_dirty_name(p)).collect();
+    // A deleted root must stay deleted: one a cut brings back may name objects GC swept. So
+    // must an unpin: a pin a cut brings back keeps its checkpoint from retention for good.
+    let is_pin = |p: &Path| {
+        p.strip_prefix(store).ok().and_then(|r| r.to_str()).is_some_and(|k| {
+            k.rsplit_once('/').is_some_and(|(dir, _)| dir.ends_with("/pins"))
+                && ckpt_core::keys::parse_pin_key(k).is_some()
+        })
+    };
+    let mut removed: Vec<&PathBuf> =
+        v.unlinked.iter().filter(|p| (is_root(p) || is_pin(p)) && v.is_dirty_name(p)).collect();
     removed.sort();
     for p in removed {
-        violations.push(format!("at the end (after the last ack): removal of root {} not fsync'd", p.display()));
+        let what = if is_root(p) { "root" } else { "pin" };
+        violations.push(format!("at the end (after the last ack): removal of {what} {} not fsync'd", p.display()));
     }
     violations
 }

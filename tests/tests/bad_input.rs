@@ -127,3 +127,77 @@ async fn bad_input_gets_4xx_json_and_writes_nothing() {
     })
     .await
 }
+
+/// A misspelt field or query parameter is refused, never dropped: `?dryrun=true` would
+/// otherwise run a real GC, `"epoc"` open an unfenced save, `"meta"` commit an index without
+/// its metadata.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_fields_and_query_parameters_are_refused_and_change_nothing() {
+    bounded(Duration::from_secs(120), async {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("ckptd.toml");
+        std::fs::write(&cfg, "[retention]\nkeep_last = 1\n").unwrap();
+        let mut o = ckpt_client::daemon::DaemonOptions::in_dir(ckptd_exe(), dir.path());
+        o.extra_args.extend(["--config".into(), cfg.into_os_string()]);
+        let d = start_daemon_with(o).await;
+        let addr = d.url().trim_start_matches("http://").to_string();
+        let c = client(&d);
+        let seed = seed(0xbad_0f1e);
+        for step in [1, 2] {
+            save_step(&c, "job", step, &[rank_tensors(seed + step, 0, 1, 1 << 16)]).await.unwrap();
+        }
+        let store = dir.path().join("store");
+        let before = snapshot(&store);
+        let committed = |c: ckpt_client::Client| async move {
+            c.list("job").await.unwrap().committed.iter().map(|m| m.step).collect::<Vec<_>>()
+        };
+
+        assert_refused("gc with ?dryrun", raw(&addr, "POST", "/v1/jobs/job/gc?dryrun=true", b"").await, "bad_request");
+        assert_refused(
+            "delete with ?forse",
+            raw(&addr, "DELETE", "/v1/jobs/job/checkpoints/1?forse=true", b"").await,
+            "bad_request",
+        );
+        assert_eq!(committed(c.clone()).await, vec![1, 2], "a refused request deleted a checkpoint");
+
+        let (status, body) = raw(&addr, "PUT", "/v1/jobs/job/saves/3", br#"{"world_size": 1, "epoc": 5}"#).await;
+        assert_refused("open with \"epoc\"", (status, body.clone()), "bad_request");
+        assert!(body["error"]["message"].as_str().unwrap().contains("epoc"), "the message names the field: {body}");
+        assert!(c.save_status("job", 3).await.is_err(), "a refused open opened the save");
+
+        assert_eq!(raw(&addr, "PUT", "/v1/jobs/job/saves/3", br#"{"world_size": 1}"#).await.0, 200);
+        let t = &rank_tensors(seed + 3, 0, 1, 1 << 16)[0];
+        let index = ShardIndex {
+            rank: 0,
+            tensors: vec![TensorEntry {
+                name: t.name.clone(),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                global_shape: t.global_shape.clone(),
+                offsets: t.offsets.clone(),
+                chunks: vec![],
+            }],
+            metadata: serde_json::Value::Null,
+        };
+        let mut v = serde_json::to_value(&index).unwrap();
+        v["meta"] = serde_json::json!({"cursor": 7});
+        let r = raw(&addr, "PUT", "/v1/jobs/job/saves/3/ranks/0", &serde_json::to_vec(&v).unwrap()).await;
+        assert_refused("index with \"meta\"", r, "bad_request");
+        let mut v = serde_json::to_value(&index).unwrap();
+        v["tensors"][0]["strides"] = serde_json::json!([1]);
+        let (status, body) = raw(&addr, "PUT", "/v1/jobs/job/saves/3/ranks/0", &serde_json::to_vec(&v).unwrap()).await;
+        assert_refused("tensor with \"strides\"", (status, body.clone()), "bad_request");
+        assert!(body["error"]["message"].as_str().unwrap().contains("tensors.0.strides"), "{body}");
+        // Free-form metadata still takes any keys.
+        let mut v = serde_json::to_value(&index).unwrap();
+        v["metadata"] = serde_json::json!({"anything": {"at": "all"}});
+        v["tensors"] = serde_json::json!([]);
+        assert_eq!(raw(&addr, "PUT", "/v1/jobs/job/saves/3/ranks/0", &serde_json::to_vec(&v).unwrap()).await.0, 200);
+
+        let after = snapshot(&store);
+        assert!(before.iter().all(|(k, v)| after.get(k) == Some(v)), "a refused request changed a stored object");
+        // The gc that was asked for by its right name still works.
+        assert_eq!(raw(&addr, "POST", "/v1/jobs/job/gc?dry_run=true", b"").await.0, 200);
+    })
+    .await
+}

@@ -128,6 +128,31 @@ async fn every_command_fails_loudly_on_what_does_not_exist_or_does_not_answer() 
             assert_fails(&other.1, args, 4, "not_ckptd");
             assert_fails("localhost:7070", args, 4, "invalid_url");
         }
+        // A ckptd that takes connections and never answers (stopped with SIGSTOP, wedged): the
+        // kernel completes the handshakes of a listener that accepts nothing. Reported after
+        // --answer-timeout, not after retries for minutes.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let silent_url = format!("http://{}", silent.local_addr().unwrap());
+        let quiet: Vec<Vec<&str>> = vec![
+            vec!["ls"],
+            vec!["show", "job"],
+            vec!["verify", "--all"],
+            vec!["rm", "job", "1"],
+            vec!["gc", "job", "--dry-run"],
+            vec!["gc", "--all", "--dry-run"],
+        ];
+        for args in &quiet {
+            let started = std::time::Instant::now();
+            let mut with_timeout = vec!["--answer-timeout", "1"];
+            with_timeout.extend_from_slice(args);
+            assert_fails(&silent_url, &with_timeout, 4, "no_answer");
+            assert!(
+                started.elapsed() < Duration::from_secs(12),
+                "{args:?}: a silent ckptd took {:?}",
+                started.elapsed()
+            );
+        }
+        drop(silent);
         // A wrong command line is a usage error, as JSON too under --json.
         let r = ckpt(&ckptd, &["restore", "job", "1"]);
         assert_eq!(r.code, 2, "{}", r.stderr);
@@ -156,6 +181,139 @@ async fn every_command_fails_loudly_on_what_does_not_exist_or_does_not_answer() 
         // Completions and the man page come from the same definition.
         assert!(ckpt(&ckptd, &["completions", "bash"]).stdout.contains("ckpt"));
         assert!(ckpt(&ckptd, &["man"]).stdout.contains(".TH"));
+    })
+    .await
+}
+
+/// A `--force` restore over an earlier one that fails part way (a corrupt chunk) leaves no
+/// `tensors.json` claiming the earlier step beside files of the new one: the old labels go
+/// first, and each rank's is written after its tensors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_forced_restore_leaves_no_file_under_another_steps_label() {
+    bounded(Duration::from_secs(120), async {
+        let dir = tempfile::tempdir().unwrap();
+        let d = start_daemon(&dir.path().join("ckptd")).await;
+        let c = client(&d);
+        let seed = seed(0x5eed_0502);
+        for step in [1u64, 2] {
+            let states: Vec<_> = (0..2).map(|r| rank_tensors(seed + step, r, 2, 1 << 20)).collect();
+            save_step(&c, "job", step, &states).await.unwrap();
+        }
+        let out = dir.path().join("out");
+        let server = d.url();
+        let r = ckpt(&server, &["restore", "job", "1", "--all", "--out", out.to_str().unwrap()]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        // A chunk only rank 1 of step 2 names, flipped in the store.
+        let (one, two) = (c.manifest("job", 1).await.unwrap(), c.manifest("job", 2).await.unwrap());
+        let elsewhere: std::collections::BTreeSet<_> = one
+            .chunk_set()
+            .into_iter()
+            .chain(two.ranks[0].tensors.iter().flat_map(|t| t.chunks.iter().map(|c| c.hash)))
+            .collect();
+        let victim = two.ranks[1]
+            .tensors
+            .iter()
+            .flat_map(|t| t.chunks.iter().map(|c| c.hash))
+            .find(|h| !elsewhere.contains(h))
+            .expect("rank 1 of step 2 has a chunk of its own");
+        let p = chunk_path(&dir.path().join("ckptd").join("store"), "job", &victim);
+        let mut bytes = std::fs::read(&p).unwrap();
+        let at = bytes.len() - 10;
+        bytes[at] ^= 0x20;
+        std::fs::write(&p, bytes).unwrap();
+        let r = ckpt(&server, &["restore", "job", "2", "--all", "--force", "--out", out.to_str().unwrap()]);
+        assert_eq!(r.code, 1, "a corrupt chunk fails the restore\n{}{}", r.stdout, r.stderr);
+        for rank in 0..2 {
+            let label = out.join(format!("rank-{rank:05}")).join("tensors.json");
+            let Ok(text) = std::fs::read_to_string(&label) else { continue };
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(
+                v["step"],
+                2,
+                "{} still says step {} after a failed restore of step 2",
+                label.display(),
+                v["step"]
+            );
+        }
+        assert!(
+            !out.join("rank-00001").join("tensors.json").exists(),
+            "rank 1 failed, yet a tensors.json describes its files"
+        );
+        assert!(out.join("rank-00000").join("tensors.json").exists(), "rank 0 was restored whole and is labelled");
+    })
+    .await
+}
+
+/// Checkpoints of tensor-parallel layouts export and reshard whole: a scalar every rank holds
+/// (an optimizer's step count), a weight split by columns (a row-parallel linear layer), a 2x2
+/// grid of blocks, and tensors with a zero-size dimension.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn column_split_scalar_and_empty_tensors_export_and_reshard_whole() {
+    bounded(Duration::from_secs(120), async {
+        use ckpt_client::{DType, Tensor};
+        let dir = tempfile::tempdir().unwrap();
+        let d = start_daemon(&dir.path().join("ckptd")).await;
+        // Element (r, c) of an R x C f32 tensor is r * 1000 + c.
+        let value = |r: u64, c: u64| ((r * 1000 + c) as f32).to_le_bytes();
+        let block = |name: &str, global: [u64; 2], off: [u64; 2], shape: [u64; 2]| Tensor {
+            name: name.into(),
+            dtype: DType::F32,
+            shape: shape.to_vec(),
+            global_shape: global.to_vec(),
+            offsets: off.to_vec(),
+            data: (0..shape[0])
+                .flat_map(|r| (0..shape[1]).flat_map(move |c| value(off[0] + r, off[1] + c)))
+                .collect::<Vec<u8>>()
+                .into(),
+        };
+        let empty = |name: &str, global: Vec<u64>| Tensor::whole(name, DType::F32, global, bytes::Bytes::new());
+        let ranks: Vec<Vec<Tensor>> = (0..4u64)
+            .map(|r| {
+                vec![
+                    Tensor::whole("step", DType::I64, vec![], bytes::Bytes::copy_from_slice(&41i64.to_le_bytes())),
+                    // Ranks 0-1 and 2-3 hold the same column halves (data-parallel replicas).
+                    block("cols", [8, 4], [0, (r % 2) * 2], [8, 2]),
+                    block("grid", [6, 10], [(r / 2) * 3, (r % 2) * 5], [3, 5]),
+                    empty("no_rows", vec![0, 4]),
+                    empty("no_cols", vec![4, 0]),
+                ]
+            })
+            .collect();
+        save_step(&client(&d), "tp", 1, &ranks).await.unwrap();
+        let server = d.url();
+        let file = dir.path().join("tp.safetensors");
+        let r = ckpt(&server, &["export", "tp", "1", "--out", file.to_str().unwrap()]);
+        assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+        let bytes = std::fs::read(&file).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let whole = |rows: u64, cols: u64| -> Vec<u8> {
+            (0..rows).flat_map(|r| (0..cols).flat_map(move |c| value(r, c))).collect()
+        };
+        let t = st.tensor("step").unwrap();
+        assert!(t.shape().is_empty() && t.data() == 41i64.to_le_bytes(), "step: {:?}", t.shape());
+        let t = st.tensor("cols").unwrap();
+        assert_eq!(t.shape(), [8, 4]);
+        assert!(t.data() == whole(8, 4).as_slice(), "the column halves were not put side by side");
+        let t = st.tensor("grid").unwrap();
+        assert_eq!(t.shape(), [6, 10]);
+        assert!(t.data() == whole(6, 10).as_slice(), "the grid's blocks were not put in place");
+        assert_eq!(st.tensor("no_rows").unwrap().shape(), [0, 4]);
+        assert_eq!(st.tensor("no_cols").unwrap().shape(), [4, 0]);
+
+        // Resharded to 3 ranks: the grid cut by rows (2 each), the others whole on each rank.
+        let out = dir.path().join("three");
+        let r = ckpt(&server, &["restore", "tp", "1", "--all", "--world-size", "3", "--out", out.to_str().unwrap()]);
+        assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+        for rank in 0..3u64 {
+            let (header, tensors) = read_rank_dir(&out.join(format!("rank-{rank:05}")));
+            let mut names: Vec<&str> = tensors.iter().map(|(n, _, _)| n.as_str()).collect();
+            names.sort_unstable();
+            assert_eq!(names, ["cols", "grid", "no_cols", "no_rows", "step"], "{header}");
+            let (_, grid, _) = tensors.iter().find(|(n, _, _)| n == "grid").unwrap();
+            let expected: Vec<u8> =
+                (rank * 2..rank * 2 + 2).flat_map(|r| (0..10).flat_map(move |c| value(r, c))).collect();
+            assert!(grid[..] == expected[..], "rank {rank}'s rows of the grid");
+        }
     })
     .await
 }

@@ -347,3 +347,69 @@ async fn concurrent_index_puts_share_journal_syncs() {
     })
     .await
 }
+
+/// A chunk file in a local store that the index does not know (left by a killed ckptd, or
+/// renamed into place by a write still waiting for its sync) may not be durable yet: a put of
+/// that chunk is answered `durable` only after a sync of the store's filesystem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_found_in_the_store_but_not_in_the_index_is_synced_before_it_is_called_durable() {
+    bounded(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let d = start_daemon(dir.path()).await;
+        let data: Vec<u8> = (0..1u32 << 16).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+        let hash = ChunkHash::of(&data);
+        let http = reqwest::Client::new();
+        let put = |job: &str| http.put(format!("{}/v1/jobs/{job}/chunks/{hash}", d.url())).body(data.clone()).send();
+        assert!(put("a").await.unwrap().status().is_success());
+        wait_uploads_drained(&d).await;
+        // The same stored file under job b's key, as a write ckptd did not live to record.
+        let store = dir.path().join("store");
+        let (from, to) = (chunk_path(&store, "a", &hash), chunk_path(&store, "b", &hash));
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&from, &to).unwrap();
+        let syncs = || async { stats(&d).await["store_syncs"].as_u64().unwrap() };
+        let before = syncs().await;
+        let r = put("b").await.unwrap();
+        assert!(r.status().is_success());
+        let answer: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(answer["state"], "durable", "{answer}");
+        assert!(syncs().await > before, "a chunk found only in the store was answered durable without a sync");
+    })
+    .await
+}
+
+/// An abort is journalled before anyone learns of it: a rank that saw `aborted` must not find
+/// the save back, ready to commit, after a power cut. The journal is slowed (a failpoint); the
+/// first status query that says `aborted` comes after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nobody_learns_of_an_abort_before_it_is_journalled() {
+    bounded(Duration::from_secs(60), async {
+        const SLOW: Duration = Duration::from_millis(1500);
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = DaemonOptions::in_dir(ckptd_exe(), dir.path());
+        o.envs.push(("FAILPOINTS".into(), format!("ckptd::abort::before_journal=sleep({})", SLOW.as_millis())));
+        let d = start_daemon_with(o).await;
+        let c = client(&d);
+        let state = rank_tensors(seed(0xab_0001), 0, 2, 1 << 16);
+        c.save(&spec("job", 3, 0, 2), &state, Wait::Staged).await.unwrap();
+        let started = std::time::Instant::now();
+        let abort = {
+            let c = c.clone();
+            tokio::spawn(async move { c.abort("job", 3).await })
+        };
+        let seen = loop {
+            let s = c.save_status("job", 3).await.unwrap();
+            if s.phase == SavePhase::Aborted {
+                break started.elapsed();
+            }
+            assert!(started.elapsed() < Duration::from_secs(20), "the abort never showed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        abort.await.unwrap().unwrap();
+        assert!(
+            seen >= SLOW - Duration::from_millis(100),
+            "a status query saw the abort after {seen:?}, before its journal"
+        );
+    })
+    .await
+}

@@ -61,3 +61,35 @@ async fn a_zombie_of_an_older_generation_cannot_change_the_new_generations_save(
     })
     .await
 }
+
+/// A fence raise that finds the fence already there (a retry of one whose answer was lost, or
+/// that failed before its flush) still journals it before answering and still ends the saves of
+/// earlier generations; a save the fence's own generation opened, before or after, stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_fence_raise_is_journalled_and_spares_the_new_generations_saves() {
+    bounded(Duration::from_secs(120), async {
+        let seed = seed(0xfe_0002);
+        let dir = tempfile::tempdir().unwrap();
+        let d = start_daemon(dir.path()).await;
+        let (old, new) = (generation(&d, 1), generation(&d, 2));
+        let state: Vec<_> = (0..2).map(|r| rank_tensors(seed, r, 2, 1 << 18)).collect();
+        old.save(&spec("job", 4, 0, 2), &state[0], Wait::Staged).await.unwrap();
+        // Generation 2's first rank opens step 6 before anyone raised the fence.
+        new.save(&spec("job", 6, 0, 2), &state[0], Wait::Staged).await.unwrap();
+        let flushes = || async { stats(&d).await["journal_flushes"].as_u64().unwrap() };
+        assert_eq!(new.fence("job", 2).await.unwrap(), 2);
+        let phase = |step: u64| {
+            let c = client(&d);
+            async move { c.save_status("job", step).await.unwrap().phase.name() }
+        };
+        assert_eq!(phase(4).await, "aborted", "generation 1's save outlived the fence");
+        assert_eq!(phase(6).await, "open", "the fence's own generation's save was aborted");
+        let before = flushes().await;
+        assert_eq!(new.fence("job", 2).await.unwrap(), 2);
+        assert!(flushes().await > before, "a repeated raise was answered without a journal flush");
+        assert_eq!(phase(6).await, "open", "a repeated raise aborted the new generation's save");
+        new.save(&spec("job", 6, 1, 2), &state[1], Wait::Committed).await.unwrap();
+        assert_eq!(phase(6).await, "committed");
+    })
+    .await
+}

@@ -176,10 +176,11 @@ async fn a_connection_that_sends_half_a_request_head_is_closed() {
 }
 
 /// A body that sends a byte every quarter second never trips the progress timeout (it restarts
-/// at every frame), but it must arrive at `body_min_bytes_per_s`: at its deadline (the progress
-/// timeout, then its length at that rate) it is dropped with 408 and its staging space freed.
+/// at every frame), but it must keep `body_min_bytes_per_s` once the progress timeout has
+/// passed: it is dropped with 408 then, well before the deadline its declared length earned,
+/// and its staging space freed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_body_that_trickles_is_dropped_at_its_deadline() {
+async fn a_body_that_trickles_is_dropped_once_it_falls_behind_the_pace() {
     bounded(Duration::from_secs(60), async {
         let dir = tempfile::tempdir().unwrap();
         let d = start(dir.path()).await;
@@ -212,8 +213,12 @@ async fn a_body_that_trickles_is_dropped_at_its_deadline() {
         eprintln!("answered after {after:?}: {answer}");
         assert!(answer.starts_with("HTTP/1.1 408") && answer.contains("\"body_too_slow\""), "{answer}");
         assert!(
-            after >= deadline - Duration::from_millis(200),
-            "dropped after {after:?}, before its deadline {deadline:?}"
+            after >= BODY_PROGRESS_TIMEOUT - Duration::from_millis(200),
+            "dropped after {after:?}, before it had {BODY_PROGRESS_TIMEOUT:?} to get going"
+        );
+        assert!(
+            after + Duration::from_millis(1500) < deadline,
+            "dropped after {after:?}: at its deadline {deadline:?}, not when it fell behind the pace"
         );
         // Its reservation is released.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -305,6 +310,106 @@ async fn readers_that_never_read_lose_their_slots_when_their_writes_stall() {
                 read_until_closed(s, Duration::from_secs(10)).await.expect("an unread answer's connection stayed open");
             assert!(answer.len() < data.len(), "an unread answer was sent whole ({} bytes)", answer.len());
         }
+    })
+    .await
+}
+
+/// A reader that takes its answer a little at a time never stalls a write, yet must not keep
+/// its transfer slot for hours: the answer gets the deadline a request body of its length would
+/// (the progress timeout, then its length at `body_min_bytes_per_s`), and past it the
+/// connection is closed, the answer cut short, and the slot free. So is an index object's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readers_that_read_too_slowly_lose_their_slots_at_the_answers_deadline() {
+    bounded(Duration::from_secs(120), async {
+        const RATE: u64 = 4 << 20;
+        // Also the write stall: long enough that the reader below, which frees the socket's
+        // send buffer (its writer is woken once a third of it is free) within a second or two,
+        // never stalls a write.
+        const PROGRESS: Duration = Duration::from_millis(3000);
+        let seed = seed(0x5eed_0604);
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("ckptd.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "chunk_requests_max = 1\nbody_progress_timeout_ms = {}\nbody_min_bytes_per_s = {RATE}\n\
+                 busy_wait_ms = 200\ncompression_level = 0\n",
+                PROGRESS.as_millis()
+            ),
+        )
+        .unwrap();
+        let mut o = DaemonOptions::in_dir(ckptd_exe(), dir.path());
+        o.extra_args.extend(["--config".into(), cfg.into_os_string()]);
+        let d = start_daemon_with(o).await;
+        let mut data = vec![0u8; 32 << 20];
+        rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut data);
+        let hash = ckpt_core::ChunkHash::of(&data);
+        let path = format!("/v1/jobs/slow/chunks/{hash}");
+        let http = reqwest::Client::new();
+        let put = http.put(format!("{}{path}", d.url())).body(data.clone()).send().await.unwrap();
+        assert!(put.status().is_success(), "{}", put.text().await.unwrap_or_default());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !http.get(format!("{}{path}", d.url())).send().await.unwrap().status().is_success() {
+            assert!(Instant::now() < deadline, "the chunk never reached the store");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let answer_deadline = PROGRESS + Duration::from_millis((data.len() as u64) * 1000 / RATE);
+
+        // A reader with a 256 KiB receive buffer taking 64 KiB every 50 ms (about 1.3 MB/s): its
+        // writes always progress, and it would take about 25 s to read the chunk, past the
+        // answer's deadline (11 s).
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(256 << 10).unwrap();
+        let mut s = sock.connect(addr(&d).parse().unwrap()).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", addr(&d)).as_bytes()).await.unwrap();
+        let asked = Instant::now();
+        // Slow until told to hurry, then as fast as it can (what the kernel had buffered before
+        // the connection was closed still arrives first).
+        let hurry = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let hurry = hurry.clone();
+            tokio::spawn(async move {
+                let mut got = 0usize;
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return got,
+                        Ok(n) => got += n,
+                    }
+                    if !hurry.load(std::sync::atomic::Ordering::Relaxed) {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            })
+        };
+        // The slot is held meanwhile: another reader is told to come back.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let r = http.get(format!("{}{path}", d.url())).send().await.unwrap();
+        assert_eq!(r.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE, "the slow answer holds no slot");
+        // Free again once the answer's deadline has passed.
+        let got = loop {
+            let r = http.get(format!("{}{path}", d.url())).send().await.unwrap();
+            if r.status().is_success() {
+                break r.bytes().await.unwrap();
+            }
+            assert_eq!(r.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+            assert!(
+                asked.elapsed() < answer_deadline + Duration::from_secs(5),
+                "a slow reader held the chunk slot {:?} past its answer's deadline {answer_deadline:?}",
+                asked.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let freed = asked.elapsed();
+        assert!(got.as_ref() == data.as_slice());
+        assert!(freed >= answer_deadline - Duration::from_millis(200), "freed after {freed:?}, before its deadline");
+        hurry.store(true, std::sync::atomic::Ordering::Relaxed);
+        let read = tokio::time::timeout(Duration::from_secs(20), reader)
+            .await
+            .expect("the slow reader's connection was not closed")
+            .unwrap();
+        eprintln!("the slot was free after {freed:?}; the slow reader got {read} bytes before the close");
+        assert!(read < data.len(), "the slow reader was sent the whole chunk");
     })
     .await
 }
@@ -459,9 +564,10 @@ async fn json_bodies_in_flight_are_bounded_in_bytes() {
     .await
 }
 
-/// A JSON body that declares no length (chunked) gets its route's deadline: an existence query
-/// (here at most 10 hashes, about 5 KB) that trickles is dropped once its own limit at
-/// `body_min_bytes_per_s` has passed, not after the minute a shard index's limit would give it.
+/// A JSON body that declares no length (chunked) gets its route's deadline and the pace: an
+/// existence query (here at most 10 hashes, about 5 KB) that trickles is dropped once it falls
+/// behind `body_min_bytes_per_s`, at the latest at its own limit's deadline, never after the
+/// minute a shard index's limit would give it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunked_body_gets_its_routes_deadline() {
     bounded(Duration::from_secs(60), async {
@@ -505,7 +611,8 @@ async fn a_chunked_body_gets_its_routes_deadline() {
         let after = opened.elapsed();
         let answer = String::from_utf8_lossy(&answer);
         assert!(answer.starts_with("HTTP/1.1 408") && answer.contains("\"body_too_slow\""), "{answer}");
-        assert!(after >= deadline - Duration::from_millis(200), "dropped after {after:?}, before {deadline:?}");
+        assert!(after >= BODY_PROGRESS_TIMEOUT - Duration::from_millis(200), "dropped after {after:?}, too soon");
+        assert!(after <= deadline + Duration::from_secs(1), "dropped after {after:?}, past its deadline {deadline:?}");
     })
     .await
 }

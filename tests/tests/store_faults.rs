@@ -572,7 +572,18 @@ async fn a_commit_held_by_the_store_holds_up_no_other_save() {
             .expect("a status query about a@1 waited for its held commit")
             .unwrap();
         assert_ne!(a1.phase, ckpt_client::SavePhase::Committed, "a@1 is still held");
+        assert!(a1.committing, "a@1's status does not say its commit is under way: {a1:?}");
         eprintln!("a@1's status ({:?}) answered in {:?} while its commit was held", a1.phase, asked.elapsed());
+        // So does a listing of the job (`ckpt ls`), which once waited for every save's lock.
+        let asked = tokio::time::Instant::now();
+        let listed = tokio::time::timeout(Duration::from_millis(HOLD_MS / 3), c.list("a"))
+            .await
+            .expect("a listing of job a waited for a@1's held commit")
+            .unwrap();
+        let shown =
+            listed.in_flight.iter().find(|s| s.step == 1).unwrap_or_else(|| panic!("a@1 not listed: {listed:?}"));
+        assert!(shown.committing, "the listing does not say a@1 is committing: {shown:?}");
+        eprintln!("job a listed in {:?} while a@1's commit was held", asked.elapsed());
         held.await.unwrap().unwrap_or_else(|e| panic!("a@1: {e}\n{}", daemon_log(&d)));
         next.await.unwrap().unwrap_or_else(|e| panic!("a@2: {e}\n{}", daemon_log(&d)));
         for (job, step) in [("a", 1), ("a", 2), ("b", 1)] {
@@ -589,6 +600,148 @@ async fn a_commit_held_by_the_store_holds_up_no_other_save() {
             "b@1 committed after a@1's held commit (its save took {took:?}): one save's commit held up another's\n{log}"
         );
         eprintln!("b@1 committed in {took:?} while a@1's commit was held");
+    })
+    .await
+}
+
+/// A request that changes state runs to its end though its client gave up (hyper drops a
+/// request's handler when its connection closes): a delete held by the store is carried out
+/// after its client timed out. A client that retries such a delete and finds the checkpoint
+/// gone counts the delete as done, not as "not found".
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delete_whose_client_gave_up_is_carried_out_and_a_retry_counts_it_done() {
+    bounded(Duration::from_secs(120), async {
+        let seed = seed(0xfa_0011);
+        let dir = tempfile::tempdir().unwrap();
+        let d = start_daemon_with(faulty(dir.path(), None)).await;
+        let c = client(&d);
+        let states = |s: u64| (0..WORLD).map(|r| rank_tensors(s, r, WORLD, 1 << 16)).collect::<Vec<_>>();
+        for step in 1..=3 {
+            save_step(&c, "job", step, &states(seed + step)).await.unwrap();
+        }
+        let root = |step: u64| dir.path().join("store").join(ckpt_core::keys::manifest_key("job", step));
+        let listed = |c: ckpt_client::Client, step: u64| async move {
+            c.list("job").await.unwrap().committed.iter().any(|m| m.step == step)
+        };
+        let impatient = |timeout_ms: u64, attempts_max: u32, retry_base_ms: u64| {
+            let opts = ckpt_client::ClientOptions {
+                request_timeout: Duration::from_millis(timeout_ms),
+                attempts_max,
+                retry_base: Duration::from_millis(retry_base_ms),
+                node_local: false,
+                ..ckpt_client::ClientOptions::default()
+            };
+            ckpt_client::Client::new(&d.url(), opts).unwrap()
+        };
+
+        // Held by the store past the client's patience, sent once: carried out all the same.
+        arm(&d, json!({"kind": "latency", "op": "manifest", "delay_ms": 1500, "count": 1})).await;
+        let e = impatient(300, 1, 50).delete("job", 1, false).await.unwrap_err();
+        assert!(e.is_timeout(), "the delete should have timed out on the client: {e}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while root(1).exists() || listed(c.clone(), 1).await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the delete whose client gave up was never carried out (root there: {})\n{}",
+                root(1).exists(),
+                daemon_log(&d)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        // Held again, retried after the first attempt went through: the retry finds it gone.
+        arm(&d, json!({"kind": "latency", "op": "manifest", "delay_ms": 1000, "count": 1})).await;
+        impatient(300, 3, 1800)
+            .delete("job", 2, false)
+            .await
+            .unwrap_or_else(|e| panic!("a retried delete that found its checkpoint gone failed: {e}"));
+        assert!(!root(2).exists() && !listed(c.clone(), 2).await, "step 2 is still there");
+        // A delete of what never was is still "not found".
+        let e = c.delete("job", 99, false).await.unwrap_err();
+        assert_eq!(e.api_code(), Some("not_found"), "{e}");
+        assert!(listed(c.clone(), 3).await && c.verify("job", 3, |_| {}).await.unwrap().ok());
+    })
+    .await
+}
+
+/// With several tenants, none can hold every GC run slot of a node: tenant a's second run
+/// while its first is held is refused (429), and tenant b's run goes ahead at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenant_cannot_hold_every_gc_slot() {
+    bounded(Duration::from_secs(90), async {
+        const HOLD_MS: u64 = 8_000;
+        let hash = |t: &str| blake3::hash(t.as_bytes()).to_hex().to_string();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("ckptd.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "busy_wait_ms = 300\n[retention]\ngc_runs_max = 2\n\n[[tenants]]\nname = \"a\"\n\
+                 token_blake3 = [\"{}\"]\njob_prefixes = [\"a-\"]\n\n[[tenants]]\nname = \"b\"\n\
+                 token_blake3 = [\"{}\"]\njob_prefixes = [\"b-\"]\n\n[[tenants]]\nname = \"ops\"\n\
+                 token_blake3 = [\"{}\"]\njob_prefixes = [\"\"]\nadmin = true\n",
+                hash("token-a"),
+                hash("token-b"),
+                hash("token-ops")
+            ),
+        )
+        .unwrap();
+        let mut o = faulty(dir.path(), None);
+        o.extra_args.extend(["--config".into(), cfg.into_os_string()]);
+        let d = start_daemon_with(o).await;
+        let http = reqwest::Client::new();
+        let gc = |token: &str, job: &str| {
+            let req = http
+                .post(format!("{}/v1/jobs/{job}/gc?dry_run=true", d.url()))
+                .header("authorization", format!("Bearer {token}"));
+            async move {
+                let r = req.send().await.unwrap();
+                (r.status().as_u16(), r.text().await.unwrap_or_default())
+            }
+        };
+        // Faults are armed and read by the operator (an admin tenant).
+        let r = http
+            .post(format!("{}/v1/faults", d.url()))
+            .header("authorization", "Bearer token-ops")
+            .json(&json!({"kind": "latency", "op": "list", "delay_ms": HOLD_MS, "count": 4}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 204, "{}", r.text().await.unwrap_or_default());
+        let fired = |d: &ckpt_client::daemon::LocalDaemon, key: &'static str| {
+            let req = http.get(format!("{}/v1/faults", d.url())).header("authorization", "Bearer token-ops");
+            async move {
+                let v: serde_json::Value = req.send().await.unwrap().json().await.unwrap();
+                v["fired"][key].as_u64().unwrap_or(0)
+            }
+        };
+        let held = tokio::spawn(gc("token-a", "a-one"));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while fired(&d, "latency:list").await < 1 {
+            assert!(tokio::time::Instant::now() < deadline, "a's GC never listed\n{}", daemon_log(&d));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (status, body) = gc("token-a", "a-two").await;
+        assert_eq!(status, 429, "a second run of tenant a's while its first is held: {body}");
+        assert!(body.contains("GC runs"), "{body}");
+        // Tenant b's run takes the slot a could not, and is held in its listing in turn.
+        let b = tokio::spawn(gc("token-b", "b-one"));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while fired(&d, "latency:list").await < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "b's GC did not start while a's was held\n{}",
+                daemon_log(&d)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for (who, run) in [("a", held), ("b", b)] {
+            let (status, body) = run.await.unwrap();
+            assert_eq!(status, 200, "tenant {who}: {body}");
+        }
+        // a's slot came back with its run's end.
+        let (status, body) = gc("token-a", "a-two").await;
+        assert_eq!(status, 200, "{body}");
     })
     .await
 }

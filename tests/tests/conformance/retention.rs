@@ -88,7 +88,11 @@ async fn keep_last_two_and_a_pin_then_only_unshared_garbage_goes(backend: Backen
         states.push(s);
     }
     c.pin("job", 2, true).await.unwrap();
+    // A pinned checkpoint is deleted only when forced, as the newest is.
+    let refused = c.delete("job", 2, false).await.unwrap_err();
+    assert_eq!(refused.api_code(), Some("conflict"), "{refused}");
     let before: Vec<_> = store.manifests().await;
+    assert!(before.iter().any(|m| m.step == 2), "a refused delete removed the pinned checkpoint");
     let chunks_of = |step: u64| before.iter().find(|m| m.step == step).unwrap().chunk_set();
     tokio::time::sleep(PAST_GRACE).await;
 

@@ -58,6 +58,11 @@ struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// Seconds ckptd may send nothing on a request before the command gives up (exit 4,
+    /// `no_answer`): a stopped or wedged ckptd still accepts connections. Not for `gc`, which
+    /// answers when its run is done.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, global = true)]
+    answer_timeout: u64,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -133,13 +138,14 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
-    /// Delete a committed checkpoint (the newest one only with --force).
+    /// Delete a committed checkpoint (the newest one, or a pinned one, only with --force).
     Rm {
         /// The job.
         job: String,
         /// A step number or "latest".
         step: String,
-        /// Also delete the newest committed checkpoint (what a restart would resume from).
+        /// Also delete the newest committed checkpoint (what a restart would resume from), or a
+        /// pinned one.
         #[arg(long)]
         force: bool,
     },
@@ -332,12 +338,14 @@ fn main() {
     }
 }
 
-/// The CLI's client: interactive, so a ckptd that does not answer is reported at once.
-fn cli_client(server: &str, request_timeout: Duration) -> anyhow::Result<Client> {
+/// The CLI's client: interactive, so a ckptd that does not answer is reported at once, and
+/// one that takes a request and sends nothing within `answer_timeout` is reported then.
+fn cli_client(server: &str, request_timeout: Duration, answer_timeout: Option<Duration>) -> anyhow::Result<Client> {
     let opts = ClientOptions {
         retry_unreachable: false,
         connect_timeout: Duration::from_secs(3),
         request_timeout,
+        answer_timeout,
         ..ClientOptions::default()
     };
     Ok(Client::new(server, opts)?)
@@ -407,7 +415,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             | Cmd::BenchSplit { .. }
             | Cmd::BenchScale { .. }
     );
-    let client = cli_client(if local { "http://127.0.0.1:7070" } else { &cli.server }, Duration::from_secs(120))?;
+    let answer_timeout = Some(Duration::from_secs(cli.answer_timeout.max(1)));
+    let server = if local { "http://127.0.0.1:7070" } else { &cli.server };
+    let client = cli_client(server, Duration::from_secs(120), answer_timeout)?;
     match cli.cmd {
         Cmd::Ls { job: None } => {
             let jobs = client.jobs().await?;
@@ -485,6 +495,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             let step = resolve_step(&client, &job, &step).await?;
             restore_cmd::check_out(&out, force)?;
             let cp = client.checkpoint(&job, step).await?;
+            restore_cmd::unlabel(&out)?;
             let mut written = Vec::new();
             match (rank, world_size) {
                 (Some(rank), _) => {
@@ -587,14 +598,15 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             // A run over a large job lists and reads every object of it: one job per request,
             // each waited for as long as a run may hold its job's lock (`Client::gc`); a run
             // whose request fails in flight goes on in ckptd, so it is not sent again.
-            let gc_client = cli_client(&cli.server, Duration::from_secs(3600))?;
+            let gc_client = cli_client(&cli.server, Duration::from_secs(3600), None)?;
             let report = match job {
                 Some(j) => {
-                    ensure_job(&gc_client, &j).await?;
+                    ensure_job(&client, &j).await?;
                     gc_client.gc(Some(&j), dry_run).await?
                 }
                 None => {
-                    let (report, exit) = gc_every_job(&gc_client, &cli.server, dry_run, cli.json).await?;
+                    let (report, exit) =
+                        gc_every_job(&gc_client, &cli.server, answer_timeout, dry_run, cli.json).await?;
                     if cli.json {
                         print_json(&report)?;
                     } else {
@@ -734,7 +746,7 @@ fn print_list(list: &ckpt_core::save::CheckpointList) {
             s.world_size,
             "-",
             "-",
-            s.phase.name(),
+            if s.committing { "committing" } else { s.phase.name() },
             s.ranks_received,
             output::count(s.world_size as u64, "rank", "ranks"),
             s.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
@@ -970,12 +982,14 @@ async fn demo(ranks: u32, size_mib: u64, dir: Option<PathBuf>, seed: u64) -> any
 async fn gc_every_job(
     client: &Client,
     server: &str,
+    answer_timeout: Option<Duration>,
     dry_run: bool,
     json: bool,
 ) -> anyhow::Result<(serde_json::Value, i32)> {
-    let jobs = client.jobs().await?;
-    // The probe answers at once or not at all; the GC client waits an hour for a request.
-    let probe = cli_client(server, Duration::from_secs(30))?;
+    // The probe answers at once or not at all (the listing too); the GC client waits an hour
+    // for a request.
+    let probe = cli_client(server, Duration::from_secs(30), answer_timeout)?;
+    let jobs = probe.jobs().await?;
     let (mut reports, mut failed, mut not_run, mut exit) = (Vec::new(), Vec::new(), Vec::new(), 0);
     for (i, j) in jobs.iter().enumerate() {
         let e = match client.gc(Some(j), dry_run).await {

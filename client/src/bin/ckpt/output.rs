@@ -67,6 +67,11 @@ pub fn classify(e: &anyhow::Error, server: &str) -> Failure {
             exit: exit::UNREACHABLE,
             message: format!("{message} (is ckptd running there? set --server or CKPT_SERVER)"),
         },
+        ClientError::Transport { .. } if c.is_timeout() => Failure {
+            code: "no_answer",
+            exit: exit::UNREACHABLE,
+            message: format!("{message} (ckptd at {server} took the request and did not answer in time: stopped or overloaded? see --answer-timeout)"),
+        },
         ClientError::Transport { .. } => f("transport", exit::UNREACHABLE),
         ClientError::InvalidUrl { .. } => f("invalid_url", exit::UNREACHABLE),
         ClientError::Api { code, status, .. } if code == "http_error" => Failure {

@@ -29,6 +29,30 @@ pub fn check_out(out: &Path, force: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Removes the `tensors.json` an earlier restore left in `out` and in each of its
+/// `rank-NNNNN` directories, before anything is written: a restore that then fails part way
+/// must not leave files of this step under another step's label. A rank's `tensors.json` is
+/// written last, so one that is there describes every file beside it.
+pub fn unlabel(out: &Path) -> anyhow::Result<()> {
+    let mut labels = vec![out.join("tensors.json")];
+    if let Ok(entries) = std::fs::read_dir(out) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with("rank-") {
+                labels.push(e.path().join("tensors.json"));
+            }
+        }
+    }
+    for l in labels {
+        match std::fs::remove_file(&l) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", l.display()))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Removes `rank-NNNNN` directories an earlier restore left in `out` beyond `world` ranks (a
 /// `--force` restore into it must not leave another world size's ranks beside its own).
 pub fn remove_extra_ranks(out: &Path, world: u32) -> anyhow::Result<()> {
@@ -65,12 +89,16 @@ pub fn write_rank(
         "job": cp.job(), "step": cp.step(), "root_hash": cp.root.hash, "rank": rank, "world_size": world,
         "byte_order": "little-endian", "tensors": listing,
     });
-    std::fs::write(dir.join("tensors.json"), serde_json::to_vec_pretty(&header)?)?;
+    // Whole or not at all, after every file it describes.
+    let (label, tmp) = (dir.join("tensors.json"), dir.join(".tensors.json.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&header)?).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &label).with_context(|| format!("writing {}", label.display()))?;
     Ok(header)
 }
 
-/// Rank `rank` of `world` new ranks: every row-split tensor cut evenly by rows (the first ranks
-/// take one row more), tensors every rank held whole given whole to each.
+/// Rank `rank` of `world` new ranks: every tensor cut evenly by rows (the first ranks take one
+/// row more), whatever dimensions it was saved cut along; tensors every rank held whole (and
+/// scalars) given whole to each.
 pub async fn resharded(client: &Client, cp: &Checkpoint, rank: u32, world: u32) -> anyhow::Result<Vec<Tensor>> {
     let mut out = Vec::new();
     for layout in &cp.root.tensors {
@@ -83,9 +111,7 @@ pub async fn resharded(client: &Client, cp: &Checkpoint, rank: u32, world: u32) 
             let r = rank as u64;
             (r * base + r.min(extra), base + u64::from(r < extra))
         };
-        if take == 0 {
-            continue;
-        }
+        // A rank may get no rows of a short tensor: it still gets the tensor, with none.
         let (data, global_shape) = client
             .load_rows(cp, &layout.name, start, take)
             .await
