@@ -48,10 +48,11 @@ pub struct ClientOptions {
     /// Retry (within `attempts_max`) when ckptd cannot be reached at all or did not answer in
     /// time; interactive tools turn it off to fail at once.
     pub retry_unreachable: bool,
-    /// How long ckptd may send nothing on an open connection before a request fails: a
-    /// stopped or wedged ckptd accepts connections and never answers. `None`: only
-    /// `request_timeout` bounds it. Status waits ask ckptd to answer within half of it; long
-    /// requests (`gc`) are not bounded by it.
+    /// How long ckptd may take to answer a request without a body (a query, a delete), and
+    /// then send nothing while its answer is read, before the request fails: a stopped or
+    /// wedged ckptd accepts connections and never answers. `None`: only `request_timeout`
+    /// bounds it. Status waits ask ckptd to answer within half of it; requests that send a
+    /// body, and long ones (`gc`), are not bounded by it.
     pub answer_timeout: Option<Duration>,
     /// How long `Wait::Committed` waits for the step to commit.
     pub commit_timeout: Duration,
@@ -745,15 +746,16 @@ impl Client {
     /// Pins (or unpins) a committed checkpoint: retention never deletes a pinned one.
     pub async fn pin(&self, job: &str, step: u64, pinned: bool) -> Result<(), ClientError> {
         validate_job(job)?;
-        let method = if pinned { reqwest::Method::PUT } else { reqwest::Method::DELETE };
-        self.request(method, &format!("/v1/jobs/{job}/checkpoints/{step}/pin"), Body::Empty).await.map(|_| ())
+        let path = format!("/v1/jobs/{job}/checkpoints/{step}/pin");
+        if !pinned {
+            return self.http.delete_idempotent(&path).await;
+        }
+        self.request(reqwest::Method::PUT, &path, Body::Empty).await.map(|_| ())
     }
 
     pub async fn delete(&self, job: &str, step: u64, force: bool) -> Result<(), ClientError> {
         validate_job(job)?;
         let q = if force { "?force=true" } else { "" };
-        self.request(reqwest::Method::DELETE, &format!("/v1/jobs/{job}/checkpoints/{step}{q}"), Body::Empty)
-            .await
-            .map(|_| ())
+        self.http.delete_idempotent(&format!("/v1/jobs/{job}/checkpoints/{step}{q}")).await
     }
 }

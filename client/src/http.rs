@@ -75,6 +75,10 @@ pub(crate) struct Security {
 #[derive(Clone)]
 pub(crate) struct Http {
     client: reqwest::Client,
+    /// The pooled client for requests without a body when an answer timeout is set. reqwest's
+    /// read timeout runs from the request's start until the answer's head, so a request that
+    /// sends a body (a chunk, an index put that commits) would count its upload against it.
+    asking: Option<reqwest::Client>,
     /// For requests sent once (a GC run, a health probe): a connection of their own each. On a
     /// pooled connection, ckptd closing it as the request arrives (it closes idle connections
     /// at `connection_max_age_s`, as any server may at its keep-alive limit) would fail the
@@ -110,7 +114,7 @@ impl Http {
                 .pool_max_idle_per_host(idle)
                 .default_headers(headers.clone());
             if let Some(t) = answer_timeout {
-                // Reset by every read: a transfer that keeps moving is never cut short.
+                // Past the head, reset by every read: an answer that keeps moving is not cut.
                 builder = builder.read_timeout(t);
             }
             crate::auth::apply_tls(builder, &security.tls)?
@@ -118,7 +122,8 @@ impl Http {
                 .map_err(|e| ClientError::Internal(format!("building the http client: {e}")))
         };
         Ok(Http {
-            client: build(idle_per_host, answer_timeout)?,
+            client: build(idle_per_host, None)?,
+            asking: answer_timeout.map(|t| build(idle_per_host, Some(t))).transpose()?,
             // Long requests (a GC run answers when it is done) and health checks.
             unpooled: build(0, None)?,
             base: base_url.trim_end_matches('/').to_string(),
@@ -150,9 +155,10 @@ impl Http {
         conn: Conn,
     ) -> Result<reqwest::Response, ClientError> {
         let url = format!("{}{}", self.base, path);
-        let mut req = match conn {
-            Conn::Pooled => self.client.request(method, &url),
-            Conn::Own { timeout } => {
+        let mut req = match (conn, &self.asking) {
+            (Conn::Pooled, Some(asking)) if matches!(body, Body::Empty) => asking.request(method, &url),
+            (Conn::Pooled, _) => self.client.request(method, &url),
+            (Conn::Own { timeout }, _) => {
                 let req = self.unpooled.request(method, &url);
                 match timeout {
                     Some(t) => req.timeout(t),
@@ -196,9 +202,18 @@ impl Http {
         body: Body,
         headers: &[(&str, &str)],
     ) -> Result<Bytes, ClientError> {
-        self.request_within(method, path, body, headers, &self.retry, Conn::Pooled).await
+        self.request_within(method, path, body, headers, &self.retry, Conn::Pooled, false).await
     }
 
+    /// A DELETE of something that stays gone once deleted (a checkpoint, a pin), retried like
+    /// any request; a retry that finds it gone after an attempt that may have gone through
+    /// counts as done: that attempt's answer was lost, not the object.
+    pub async fn delete_idempotent(&self, path: &str) -> Result<(), ClientError> {
+        let (method, conn) = (reqwest::Method::DELETE, Conn::Pooled);
+        self.request_within(method, path, Body::Empty, &[], &self.retry, conn, true).await.map(|_| ())
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn request_within(
         &self,
         method: reqwest::Method,
@@ -207,6 +222,7 @@ impl Http {
         headers: &[(&str, &str)],
         retry: &RetryPolicy,
         conn: Conn,
+        gone_is_done: bool,
     ) -> Result<Bytes, ClientError> {
         let url = format!("{}{}", self.base, path);
         let mut backoff = Backoff::new(retry);
@@ -217,15 +233,11 @@ impl Http {
                 Err(e) => Err(e),
             };
             match outcome {
-                // A delete sent again after its answer was lost finds what it deleted gone:
-                // that is the delete done, not a missing object.
-                Err(ClientError::Api { status: 404, .. }) if sent_before && method == reqwest::Method::DELETE => {
-                    return Ok(Bytes::new())
-                }
+                Err(ClientError::Api { status: 404, .. }) if gone_is_done && sent_before => return Ok(Bytes::new()),
                 Err(e) => {
-                    // A refusal for load did nothing; any other failure may have come after
-                    // the request was carried out.
-                    let maybe_done = !matches!(e.api_code(), Some("busy" | "rate_limited"));
+                    // Nothing reached ckptd, or it refused for load: nothing was done. Any other
+                    // failure may have come after the request was carried out.
+                    let maybe_done = !matches!(e.api_code(), Some("busy" | "rate_limited")) && !e.is_unreachable();
                     if !backoff.retry(&e, path).await {
                         return Err(e);
                     }
@@ -247,7 +259,7 @@ impl Http {
         timeout: Duration,
     ) -> Result<Bytes, ClientError> {
         let once = RetryPolicy { attempts_max: 1, ..self.retry.clone() };
-        self.request_within(method, path, Body::Empty, &[], &once, Conn::Own { timeout: Some(timeout) }).await
+        self.request_within(method, path, Body::Empty, &[], &once, Conn::Own { timeout: Some(timeout) }, false).await
     }
 
     /// A single attempt, for health checks that must answer now, on a connection of its own.

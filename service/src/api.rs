@@ -37,8 +37,9 @@ pub struct AppState {
     /// `/readyz`'s probes, one at a time.
     pub ready: crate::ready::Readiness,
     /// Requests running on after their client left (`bodies::run_to_completion`), at most
-    /// `connections_max`.
+    /// `connections_max`; a shutdown waits for them as for connections.
     pub detached: Arc<tokio::sync::Semaphore>,
+    pub detached_tasks: tokio_util::task::TaskTracker,
 }
 
 pub struct ApiError(pub ServiceError);
@@ -945,5 +946,5 @@ pub(crate) async fn put_shard_index(
             index.rank
         ))));
     }
-    Ok(Json(s.coordinator.put_shard_index(&job, step, index).await?).into_response())
+    Ok(Json(s.coordinator.put_shard_index(&job, step, index, q.epoch).await?).into_response())
 }

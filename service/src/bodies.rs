@@ -106,7 +106,7 @@ pub(crate) async fn run_to_completion(
     let Some(permit) = (!reads).then(|| s.detached.clone().try_acquire_owned().ok()).flatten() else {
         return next.run(req).await;
     };
-    let task = tokio::spawn(
+    let task = s.detached_tasks.spawn(
         async move {
             let _counted = permit;
             next.run(req).await

@@ -149,19 +149,30 @@ impl Coordinator {
             tracing::info!(job, epoch = fence, "job fenced: writers of earlier generations are refused");
         }
         // Every raise, a repeated one too (the first may have stopped before its aborts), ends
-        // the saves of replaced generations; a save the fence's generation opened stays.
+        // the saves of replaced generations: those an earlier generation opened or fed. A
+        // save only the fence's own generation touched stays; so, at a repeated raise, does
+        // one that names no generation (opened by a plain client, or restored from the
+        // journal, which keeps no generation), which the first raise ended if it was there.
+        let repeated = fence <= current;
+        let reason = format!("fenced at generation {fence}");
         for ((_, step), slot) in self.slots_of(job) {
-            if slot.lock().await.epoch.is_some_and(|e| e >= fence) {
+            let mut g = slot.lock().await;
+            // Checked under the lock it is aborted under: it may have committed or been aborted
+            // meanwhile, or the step may be a new save by now (a new generation's).
+            let same = self.save_slot(job, step).is_some_and(|now| Arc::ptr_eq(&now, &slot));
+            let replaced = match g.epoch {
+                Some(e) => e < fence,
+                None => !repeated,
+            };
+            if !same || g.state.phase.is_final() || !replaced {
                 continue;
             }
-            match self.abort_save(job, step, &format!("fenced at generation {fence}")).await {
-                Ok(_) => {}
-                // It ended meanwhile, or another node decided to commit it.
-                Err(e @ (ServiceError::NotFound(_) | ServiceError::Conflict(_))) => {
-                    tracing::debug!(job, step, error = %e, "save not aborted at the fence")
-                }
-                Err(e) => return Err(e),
+            if !self.may_abort(&g.state).await? {
+                tracing::debug!(job, step, "save not aborted at the fence: decided for commit on another node");
+                continue;
             }
+            g.state.abort(reason.clone())?;
+            self.retire_aborted(&g.state).await?;
         }
         Ok(fence)
     }
@@ -246,7 +257,7 @@ impl Coordinator {
         }
         let before = (g.state.metadata.clone(), g.state.part);
         g.state.reopen(req.world_size, req.metadata, part)?;
-        g.epoch = g.epoch.max(req.epoch);
+        g.note_epoch(req.epoch);
         // Opening again is not progress: a client re-opening a save it never feeds would
         // otherwise keep it, and its slot, from the idle abort for ever.
         if created {
@@ -284,7 +295,13 @@ impl Coordinator {
     /// journal write; the chunk lookups come before it and the journal sync after it, so
     /// thousands of ranks' puts proceed together and share syncs (see the design note).
     #[tracing::instrument(name = "save.index", skip(self, index), fields(job = %job, step = step, rank = index.rank))]
-    pub async fn put_shard_index(&self, job: &str, step: u64, index: ShardIndex) -> Result<SaveStatus, ServiceError> {
+    pub async fn put_shard_index(
+        &self,
+        job: &str,
+        step: u64,
+        index: ShardIndex,
+        epoch: Option<u64>,
+    ) -> Result<SaveStatus, ServiceError> {
         if let Some(committed) = self.committed_object(job, step).await? {
             return self.compare_with_committed(&committed, &index);
         }
@@ -360,6 +377,7 @@ impl Coordinator {
             let pending = self.still_staged(job, not_durable, rank).await?;
             // Checked, then journalled, then applied: a failed journal write changes nothing.
             g.state.check_index(&index, &self.limits)?;
+            g.note_epoch(epoch);
             let completes = g.state.ranks.len() + 1 == g.state.expected_ranks().len();
             // The save's own journal entry changes only when its phase does (the last rank in),
             // or was never written (its opener's request failed or was cancelled).

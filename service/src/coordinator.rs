@@ -64,12 +64,21 @@ pub(crate) struct Slot {
     /// A save split over nodes, once this node's part is written: the parts read so far and
     /// when to look again (`parts.rs`).
     pub(crate) split: Option<crate::parts::SplitWait>,
-    /// The latest writer generation seen opening it on this node (`None`: no open named one,
-    /// or restored from the journal): a fence at a later one aborts it.
+    /// The oldest writer generation seen opening it or sending it an index on this node
+    /// (`None`: none named one, or restored from the journal): a fence past it aborts the save,
+    /// so no save mixes a replaced generation's ranks with the new one's.
     pub(crate) epoch: Option<u64>,
 }
 
 impl Slot {
+    /// Records a writer's generation (see `epoch`).
+    pub(crate) fn note_epoch(&mut self, epoch: Option<u64>) {
+        self.epoch = match (self.epoch, epoch) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+
     pub(crate) fn new(state: SaveState) -> Slot {
         Slot {
             state,

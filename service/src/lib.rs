@@ -168,6 +168,7 @@ pub async fn serve_until(
         connections_max: config.connections_max,
     };
     let gc = coordinator.clone();
+    let detached = state.detached_tasks.clone();
     let shutdown = async move {
         stop.await;
         state.shutting_down.store(true, Ordering::Relaxed);
@@ -176,7 +177,14 @@ pub async fn serve_until(
         // reachable to take their locks back, and their requests are answered.
         gc.stop_gc_runs();
     };
+    let grace = serving.grace;
     http_serve(listener, app, tls, serving, shutdown).await;
+    // Requests whose clients left run on detached from any connection: they too get the grace
+    // period to end before the journal's last flush.
+    detached.close();
+    if tokio::time::timeout(grace, detached.wait()).await.is_err() {
+        tracing::warn!(left = detached.len(), "requests whose clients left did not end within the grace period");
+    }
     let left = coordinator.gc_runs_ended(GC_STOP_WAIT).await;
     if !left.is_empty() {
         tracing::warn!(?left, "GC runs did not release their locks in time; the next start of this node will");
@@ -250,6 +258,7 @@ fn app(
         tenants,
         ready,
         detached: Arc::new(tokio::sync::Semaphore::new(config.connections_max)),
+        detached_tasks: tokio_util::task::TaskTracker::new(),
     });
     let router =
         api::router(state.clone()).layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(request_span));

@@ -76,6 +76,9 @@ async fn a_repeated_fence_raise_is_journalled_and_spares_the_new_generations_sav
         old.save(&spec("job", 4, 0, 2), &state[0], Wait::Staged).await.unwrap();
         // Generation 2's first rank opens step 6 before anyone raised the fence.
         new.save(&spec("job", 6, 0, 2), &state[0], Wait::Staged).await.unwrap();
+        // Step 8 mixes the generations: generation 1 opened it, generation 2 sent an index.
+        old.open_save(&spec("job", 8, 0, 2)).await.unwrap();
+        new.save(&spec("job", 8, 1, 2), &state[1], Wait::Staged).await.unwrap();
         let flushes = || async { stats(&d).await["journal_flushes"].as_u64().unwrap() };
         assert_eq!(new.fence("job", 2).await.unwrap(), 2);
         let phase = |step: u64| {
@@ -84,6 +87,7 @@ async fn a_repeated_fence_raise_is_journalled_and_spares_the_new_generations_sav
         };
         assert_eq!(phase(4).await, "aborted", "generation 1's save outlived the fence");
         assert_eq!(phase(6).await, "open", "the fence's own generation's save was aborted");
+        assert_eq!(phase(8).await, "aborted", "a save generation 1 opened outlived the fence");
         let before = flushes().await;
         assert_eq!(new.fence("job", 2).await.unwrap(), 2);
         assert!(flushes().await > before, "a repeated raise was answered without a journal flush");

@@ -613,7 +613,8 @@ async fn a_delete_whose_client_gave_up_is_carried_out_and_a_retry_counts_it_done
     bounded(Duration::from_secs(120), async {
         let seed = seed(0xfa_0011);
         let dir = tempfile::tempdir().unwrap();
-        let d = start_daemon_with(faulty(dir.path(), None)).await;
+        let mut d = start_daemon_with(faulty(dir.path(), None)).await;
+        let url = d.url();
         let c = client(&d);
         let states = |s: u64| (0..WORLD).map(|r| rank_tensors(s, r, WORLD, 1 << 16)).collect::<Vec<_>>();
         for step in 1..=3 {
@@ -631,7 +632,7 @@ async fn a_delete_whose_client_gave_up_is_carried_out_and_a_retry_counts_it_done
                 node_local: false,
                 ..ckpt_client::ClientOptions::default()
             };
-            ckpt_client::Client::new(&d.url(), opts).unwrap()
+            ckpt_client::Client::new(&url, opts).unwrap()
         };
 
         // Held by the store past the client's patience, sent once: carried out all the same.
@@ -660,6 +661,15 @@ async fn a_delete_whose_client_gave_up_is_carried_out_and_a_retry_counts_it_done
         let e = c.delete("job", 99, false).await.unwrap_err();
         assert_eq!(e.api_code(), Some("not_found"), "{e}");
         assert!(listed(c.clone(), 3).await && c.verify("job", 3, |_| {}).await.unwrap().ok());
+
+        // A shutdown right after the client left waits for the request as for a connection.
+        save_step(&c, "job", 4, &states(seed + 4)).await.unwrap();
+        arm(&d, json!({"kind": "latency", "op": "manifest", "delay_ms": 1500, "count": 1})).await;
+        impatient(300, 1, 50).delete("job", 3, false).await.unwrap_err();
+        assert!(d.terminate(Duration::from_secs(20)).await, "ckptd did not stop by itself");
+        assert!(!root(3).exists(), "ckptd stopped with the delete its client had left half done");
+        d.restart().await.unwrap();
+        assert!(!listed(client(&d), 3).await, "step 3 came back after the restart");
     })
     .await
 }

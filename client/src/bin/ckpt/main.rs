@@ -58,9 +58,10 @@ struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
-    /// Seconds ckptd may send nothing on a request before the command gives up (exit 4,
-    /// `no_answer`): a stopped or wedged ckptd still accepts connections. Not for `gc`, which
-    /// answers when its run is done.
+    /// Seconds ckptd may take to answer a query, a delete or a pin, or stay silent while its
+    /// answer is read, before the command gives up (exit 4, `no_answer`): a stopped or wedged
+    /// ckptd still accepts connections. Not for `gc`, which answers when its run is done, nor
+    /// for requests that send data (`average`).
     #[arg(long, value_name = "SECONDS", default_value_t = 30, global = true)]
     answer_timeout: u64,
     #[command(subcommand)]
