@@ -292,7 +292,7 @@ impl Store {
 
     /// Deletes `key`, durably: on a local directory the removal is fsync'd before this returns
     /// (object_store's fsync covers writes only). For removals that are answered as done one
-    /// by one (a root, a pin); many at once share one `sync_all` instead.
+    /// by one (a root, a pin); many at once (a GC sweep) share one `Coordinator::sync_local_store`.
     pub async fn delete_durably(&self, key: &str) -> Result<(), StoreError> {
         self.delete_key(key).await?;
         let Some(dir) = self.local_root.as_ref().and_then(|root| root.join(key).parent().map(|d| d.to_path_buf()))
