@@ -24,7 +24,8 @@ pub use auth::{TlsFiles, Token};
 pub use checkpoint::Checkpoint;
 pub use client::{Client, ClientOptions, SaveReport, SaveSpec, VerifyReport, Wait};
 pub use error::ClientError;
+pub use reshard::RowReader;
 pub use restore::{RestoreReport, RestoreTarget};
 pub use tensor::Tensor;
 
-pub use ckpt_core::{DType, Manifest, ManifestSummary, SavePhase};
+pub use ckpt_core::{DType, Manifest, ManifestSummary, SavePhase, ShardIndex, TensorEntry};

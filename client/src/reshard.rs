@@ -1,102 +1,180 @@
 //! Reading a checkpoint under another layout, and averaging checkpoints.
 //!
-//! Resharding: a tensor saved as row slices (dimension 0) by any number of ranks can be read
-//! back as any row range; the range is assembled from the overlapping slices of whichever
-//! ranks hold them, reading only those ranks' index objects (the root's layout names them) and
-//! only the chunks that cover the range, each verified. Gaps and overlaps in the saved layout
-//! are errors, never silently filled.
+//! Resharding: any row range of a tensor can be read back whatever layout saved it. A
+//! [`RowReader`] is opened on a row range of one tensor: it fetches the index objects of the
+//! ranks the root names for those rows (one rank per distinct row range while every slice is
+//! full-width; every rank meeting the rows once a slice cut along another dimension is found)
+//! and keeps only this tensor's entries, one per distinct saved box. Each read then takes, from
+//! each box that meets the rows asked for, only the bytes of the rows that meet (a slice's rows
+//! are contiguous in it, row-major): a full-width slice's bytes land straight in place; a
+//! slice cut along columns is read into a scratch buffer of its meeting rows and copied
+//! element-wise. Memory is the caller's buffer, the boxes' scratch (at most the same size), one
+//! chunk per read worker and the entries, so a tensor of any size can be streamed in blocks of
+//! rows. Every chunk is verified. Gaps and overlaps in the saved layout are errors, never
+//! silently filled: the root's distinct row ranges must tile the rows (a grid whose column
+//! groups are cut at different rows is refused), the boxes met by a read must not overlap, and
+//! they must hold every element asked for.
 //!
 //! Averaging (the Llama 3 recipe averages the checkpoints of its annealing phase): element-wise
 //! mean of f32 tensors over several committed checkpoints of one job with one layout, summed in
 //! step order so the result is reproducible, saved as a new checkpoint.
 
+use std::ops::Range;
+
 use bytes::Bytes;
-use ckpt_core::{DType, ShardIndex, TensorEntry};
+use ckpt_core::commit::TensorLayout;
+use ckpt_core::{DType, TensorEntry};
 
 use crate::checkpoint::Checkpoint;
 use crate::client::{Client, SaveSpec, Wait};
 use crate::error::ClientError;
+use crate::restore::{range_reads, Read, RestoreReport};
 use crate::tensor::Tensor;
 
-/// A chunk read planned for a row range: bytes `within` of chunk `hash` go to `dest_at`.
-pub(crate) struct PlannedRead {
-    pub hash: ckpt_core::ChunkHash,
-    pub len: u64,
-    pub within: std::ops::Range<usize>,
-    pub dest_at: usize,
-}
-
-/// How `row_pieces` says a slice is cut along another dimension than rows (`load_rows` then
-/// assembles the rows element-wise instead).
-const NOT_ROWS: &str = "is not a row range";
-
-/// One rank's piece of a row-sliced tensor.
-struct Piece<'a> {
-    entry: &'a TensorEntry,
-    first_row: u64,
-    rows: u64,
-}
-
-/// Checks from the root's layout alone that the saved slices of `name` tile its rows with no gap
-/// and no overlap. Returns the tensor's rows and the bytes of one row.
-fn check_layout(cp: &Checkpoint, name: &str) -> Result<(u64, u64), ClientError> {
-    let bad = |reason: String| ClientError::InvalidTensor { name: name.to_string(), reason };
-    let t = cp.root.tensor(name).ok_or_else(|| bad(format!("not in {}@{}", cp.job(), cp.step())))?;
-    let Some((&total_rows, rest)) = t.global_shape.split_first() else {
-        return Err(bad("saved without a global layout".into()));
-    };
-    // Replicas (ranks holding the same rows) are byte-identical by the save rule: counted once.
+/// Checks from the root's layout alone that the saved slices of a tensor with dimensions tile
+/// its rows with no gap and no overlap (ranks holding the same rows, replicas or column shards,
+/// counted once).
+fn check_rows_tiled(layout: &TensorLayout) -> Result<(), String> {
+    let total_rows = layout.global_shape.first().copied().unwrap_or(1);
     let mut next = 0;
-    for r in &t.row_ranges() {
+    for r in &layout.row_ranges() {
         if r.start != next {
-            return Err(bad(format!("saved slices leave rows {next}..{} uncovered or overlap", r.start)));
+            return Err(format!("saved slices leave rows {next}..{} uncovered or overlap", r.start));
         }
         next = r.end;
     }
     if next != total_rows {
-        return Err(bad(format!("saved slices cover {next} of {total_rows} rows")));
+        return Err(format!("saved slices cover {next} of {total_rows} rows"));
     }
-    Ok((total_rows, rest.iter().product::<u64>() * t.dtype.size_bytes()))
+    Ok(())
 }
 
-/// The pieces of `name` in the fetched indexes, each checked against the layout the root gives.
-fn row_pieces<'a>(cp: &Checkpoint, shards: &'a [ShardIndex], name: &str) -> Result<Vec<Piece<'a>>, ClientError> {
-    let bad = |reason: String| ClientError::InvalidTensor { name: name.to_string(), reason };
-    let layout = cp.root.tensor(name).ok_or_else(|| bad(format!("not in {}@{}", cp.job(), cp.step())))?;
-    let mut pieces = Vec::new();
-    for shard in shards {
-        let t = shard
-            .tensors
-            .iter()
-            .find(|t| t.name == name)
-            .ok_or_else(|| bad(format!("the root says rank {} holds it, its index does not", shard.rank)))?;
-        if t.shape.is_empty() || t.shape.len() != t.global_shape.len() || t.offsets.len() != t.shape.len() {
-            return Err(bad(format!("rank {} saved it without a global layout", shard.rank)));
-        }
-        if t.shape[1..] != t.global_shape[1..] || t.offsets[1..].iter().any(|&o| o != 0) {
-            return Err(bad(format!("rank {} saved a slice that {NOT_ROWS}", shard.rank)));
-        }
-        if t.global_shape != layout.global_shape || t.dtype != layout.dtype {
-            return Err(bad(format!("rank {}'s index disagrees with the root on its type or shape", shard.rank)));
-        }
-        let rows = t.offsets[0]..t.offsets[0] + t.shape[0];
-        if !layout.says(shard.rank, &rows) {
-            return Err(bad(format!("rank {}'s index disagrees with the root's layout", shard.rank)));
-        }
-        pieces.push(Piece { entry: t, first_row: rows.start, rows: t.shape[0] });
-    }
-    pieces.sort_by_key(|p| p.first_row);
-    Ok(pieces)
+/// Whether a saved slice holds whole rows (all of every dimension after the first).
+fn full_width(e: &TensorEntry) -> bool {
+    !e.shape.is_empty() && e.shape[1..] == e.global_shape[1..]
+}
+
+/// Bytes of one row of a box of `shape` (a scalar is one row of one element); `None` when a
+/// hostile shape overflows.
+fn row_bytes_of(shape: &[u64], esize: u64) -> Option<u64> {
+    shape.iter().skip(1).try_fold(esize, |n, &d| n.checked_mul(d))
+}
+
+/// One tensor of a committed checkpoint, opened for reading rows of a range; see the module
+/// note. Made by [`Client::row_reader`].
+pub struct RowReader<'c> {
+    client: &'c Client,
+    job: String,
+    step: u64,
+    name: String,
+    esize: u64,
+    row_bytes: u64,
+    global: Vec<u64>,
+    /// The rows it was opened for (`0..1` for a scalar).
+    rows: Range<u64>,
+    /// The distinct saved boxes meeting `rows`, each as the entry of one rank that holds it.
+    slices: Vec<TensorEntry>,
 }
 
 impl Client {
+    /// Opens tensor `name` of `cp` for reading rows within `rows` (a scalar has the one row
+    /// `0..1`): checks the root's layout and fetches the index objects that hold those rows.
+    pub async fn row_reader(
+        &self,
+        cp: &Checkpoint,
+        name: &str,
+        rows: Range<u64>,
+    ) -> Result<RowReader<'_>, ClientError> {
+        let bad = |reason: String| ClientError::InvalidTensor { name: name.to_string(), reason };
+        let layout = cp.root.tensor(name).ok_or_else(|| bad(format!("not in {}@{}", cp.job(), cp.step())))?;
+        let global = layout.global_shape.clone();
+        let row_bytes = row_bytes_of(&global, layout.dtype.size_bytes())
+            .ok_or_else(|| bad(format!("its shape {global:?} is too large to address")))?;
+        match global.first() {
+            None if rows == (0..1) => {}
+            None => return Err(bad(format!("a scalar has one row, not rows {}..{}", rows.start, rows.end))),
+            Some(&total) => {
+                if rows.start > rows.end || rows.end > total {
+                    return Err(bad(format!("rows {}..{} are outside its {total} rows", rows.start, rows.end)));
+                }
+                // A tensor with no elements has nothing to tile (empty slices are not recorded
+                // as covering anything by the save rule).
+                if !global.contains(&0) {
+                    check_rows_tiled(layout).map_err(bad)?;
+                }
+            }
+        }
+        // A scalar's holders all hold its one element; otherwise the lowest rank of each
+        // distinct row range is enough unless some slice turns out not to be full-width.
+        let meeting = |r: &Range<u64>| global.is_empty() || (r.start < rows.end && rows.start < r.end);
+        let mut ranks: Vec<u32> = if global.is_empty() {
+            layout.runs.first().map(|run| vec![run.first_rank()]).unwrap_or_default()
+        } else {
+            layout.ranks_overlapping(&rows)
+        };
+        let mut slices = self.slices_of(cp, layout, &ranks).await?;
+        if slices.iter().any(|e| !full_width(e)) && !global.is_empty() {
+            ranks = layout
+                .runs
+                .iter()
+                .flat_map(|run| (0..run.ranks()).map(move |i| (run.first_rank() + i, run.rows_of(i))))
+                .filter(|(_, r)| meeting(r))
+                .map(|(rank, _)| rank)
+                .collect();
+            ranks.sort_unstable();
+            ranks.dedup();
+            slices = self.slices_of(cp, layout, &ranks).await?;
+        }
+        Ok(RowReader {
+            client: self,
+            job: cp.job().to_string(),
+            step: cp.step(),
+            name: name.to_string(),
+            esize: layout.dtype.size_bytes(),
+            row_bytes,
+            global,
+            rows,
+            slices,
+        })
+    }
+
+    /// This tensor's entries in the indexes of `ranks`, each checked against the root, one per
+    /// distinct box.
+    async fn slices_of(
+        &self,
+        cp: &Checkpoint,
+        layout: &TensorLayout,
+        ranks: &[u32],
+    ) -> Result<Vec<TensorEntry>, ClientError> {
+        let name = &layout.name;
+        let bad = |reason: String| ClientError::InvalidTensor { name: name.clone(), reason };
+        let mut slices: Vec<TensorEntry> = Vec::new();
+        for shard in self.shard_indexes(cp, ranks).await? {
+            let e = shard
+                .tensors
+                .into_iter()
+                .find(|t| t.name == *name)
+                .ok_or_else(|| bad(format!("the root says rank {} holds it, its index does not", shard.rank)))?;
+            if e.global_shape != layout.global_shape || e.dtype != layout.dtype {
+                return Err(bad(format!("rank {}'s index disagrees with the root on its type or shape", shard.rank)));
+            }
+            if let (Some(&first), Some(&rows)) = (e.offsets.first(), e.shape.first()) {
+                if !layout.says(shard.rank, &(first..first + rows)) {
+                    return Err(bad(format!("rank {}'s index disagrees with the root's layout", shard.rank)));
+                }
+            }
+            // Replicas hold the same box, byte-identical by the save rule: read once.
+            if !slices.iter().any(|s| s.offsets == e.offsets && s.shape == e.shape) {
+                slices.push(e);
+            }
+        }
+        Ok(slices)
+    }
+
     /// Rows `start..start + rows` of tensor `name` from a committed checkpoint, whatever world
-    /// size wrote it. Returns the bytes (row-major) and the tensor's global shape. See
-    /// [`Client::load_rows_into`] to read into a buffer you own.
-    ///
-    /// A tensor saved as slices along other dimensions (the column shards of a tensor-parallel
-    /// layer), a scalar, or a tensor with a zero-size dimension is assembled element-wise from
-    /// the slices that meet the rows asked for (each of those read whole, every chunk verified).
+    /// size and layout wrote it (row slices, column shards, replicas). Returns the bytes
+    /// (row-major) and the tensor's global shape. See [`Client::load_rows_into`] to read into a
+    /// buffer you own, and [`Client::row_reader`] to read a large range in blocks.
     pub async fn load_rows(
         &self,
         cp: &Checkpoint,
@@ -104,170 +182,180 @@ impl Client {
         start: u64,
         rows: u64,
     ) -> Result<(Vec<u8>, Vec<u64>), ClientError> {
-        let layout = cp.root.tensor(name).ok_or_else(|| ClientError::InvalidTensor {
+        let end = start.checked_add(rows).ok_or_else(|| ClientError::InvalidTensor {
             name: name.to_string(),
-            reason: format!("not in {}@{}", cp.job(), cp.step()),
+            reason: format!("rows {start}+{rows} are outside it"),
         })?;
-        if layout.global_shape.is_empty() || layout.global_shape.contains(&0) {
-            return self.assemble_rows(cp, name, start, rows).await;
-        }
-        match self.load_row_slices(cp, name, start, rows).await {
-            Err(ClientError::InvalidTensor { reason, .. }) if reason.ends_with(NOT_ROWS) => {
-                self.assemble_rows(cp, name, start, rows).await
-            }
-            other => other,
-        }
+        let reader = self.row_reader(cp, name, start..end).await?;
+        let len = reader.bytes_of(rows)?;
+        let mut out = vec![0u8; len];
+        reader.read_rows(start, rows, &mut out).await?;
+        Ok((out, reader.global.clone()))
     }
 
-    async fn load_row_slices(
+    /// Rows `start..start + out.len() / row_bytes` of tensor `name` of a committed checkpoint,
+    /// whatever world size wrote it, into `out` (exactly the rows' bytes). Reads only the index
+    /// objects of the ranks holding those rows and only the chunks covering them.
+    pub async fn load_rows_into(
         &self,
         cp: &Checkpoint,
         name: &str,
         start: u64,
-        rows: u64,
-    ) -> Result<(Vec<u8>, Vec<u64>), ClientError> {
-        let (_, row_bytes) = check_layout(cp, name)?;
-        let len = rows.checked_mul(row_bytes).ok_or_else(|| ClientError::InvalidTensor {
-            name: name.to_string(),
-            reason: format!("{rows} rows are too many"),
-        })?;
-        let mut out = vec![0u8; len as usize];
-        self.load_rows_into(cp, name, start, &mut out).await?;
-        let global_shape = cp.root.tensor(name).map(|t| t.global_shape.clone()).unwrap_or_default();
-        Ok((out, global_shape))
-    }
-
-    /// Rows `start..start + rows` of `name` (all of every other dimension; a scalar is one
-    /// row), copied element by element out of every distinct saved slice that meets them.
-    /// Distinct slices never overlap (the save rule in `ckpt_core::layout`), so the rows are
-    /// whole exactly when the elements copied add up to theirs.
-    async fn assemble_rows(
-        &self,
-        cp: &Checkpoint,
-        name: &str,
-        start: u64,
-        rows: u64,
-    ) -> Result<(Vec<u8>, Vec<u64>), ClientError> {
+        out: &mut [u8],
+    ) -> Result<RestoreReport, ClientError> {
         let bad = |reason: String| ClientError::InvalidTensor { name: name.to_string(), reason };
         let layout = cp.root.tensor(name).ok_or_else(|| bad(format!("not in {}@{}", cp.job(), cp.step())))?;
-        let global = layout.global_shape.clone();
-        let esize = layout.dtype.size_bytes();
-        let (want_off, want_shape) = match global.split_first() {
-            None if (start, rows) == (0, 1) => (vec![], vec![]),
-            None => return Err(bad(format!("a scalar has one row, not rows {start}+{rows}"))),
-            Some((&total, rest)) => {
-                if start.checked_add(rows).is_none_or(|end| end > total) {
-                    return Err(bad(format!("rows {start}+{rows} are outside its {total} rows")));
-                }
-                let mut off = vec![0; global.len()];
+        let row_bytes = row_bytes_of(&layout.global_shape, layout.dtype.size_bytes()).unwrap_or(0);
+        if row_bytes == 0 || out.len() as u64 % row_bytes != 0 {
+            return Err(bad(format!("the buffer is {} bytes, not a whole number of {row_bytes}-byte rows", out.len())));
+        }
+        let rows = out.len() as u64 / row_bytes;
+        let end = start.checked_add(rows).ok_or_else(|| bad(format!("rows {start}+{rows} are outside it")))?;
+        self.row_reader(cp, name, start..end).await?.read_rows(start, rows, out).await
+    }
+}
+
+impl RowReader<'_> {
+    /// The tensor's shape across every rank.
+    pub fn global_shape(&self) -> &[u64] {
+        &self.global
+    }
+
+    /// Bytes of one row (of a scalar, its one element); 0 when a later dimension is empty.
+    pub fn row_bytes(&self) -> u64 {
+        self.row_bytes
+    }
+
+    /// Bytes of `rows` rows, or an error when they could not be held.
+    pub fn bytes_of(&self, rows: u64) -> Result<usize, ClientError> {
+        rows.checked_mul(self.row_bytes()).and_then(|n| usize::try_from(n).ok()).ok_or_else(|| {
+            ClientError::InvalidTensor { name: self.name.clone(), reason: format!("{rows} rows are too large to hold") }
+        })
+    }
+
+    /// Rows `start..start + rows` (within the ones it was opened for) into `out`, exactly
+    /// their bytes, every chunk read verified.
+    pub async fn read_rows(&self, start: u64, rows: u64, out: &mut [u8]) -> Result<RestoreReport, ClientError> {
+        let bad = |reason: String| ClientError::InvalidTensor { name: self.name.clone(), reason };
+        let end = start.checked_add(rows).filter(|&e| start >= self.rows.start && e <= self.rows.end);
+        if end.is_none() {
+            return Err(bad(format!(
+                "rows {start}+{rows} are outside rows {}..{} it was opened for",
+                self.rows.start, self.rows.end
+            )));
+        }
+        if out.len() != self.bytes_of(rows)? {
+            return Err(bad(format!("the buffer is {} bytes, {rows} rows are {}", out.len(), self.bytes_of(rows)?)));
+        }
+        if rows == 0 {
+            return Ok(RestoreReport { tensors: 1, ..RestoreReport::default() });
+        }
+        let (want_off, want_shape) = match self.global.split_first() {
+            None => (vec![], vec![]),
+            Some((_, rest)) => {
+                let mut off = vec![0; self.global.len()];
                 off[0] = start;
                 (off, [&[rows][..], rest].concat())
             }
         };
-        let elements = want_shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d));
-        let len = elements
-            .and_then(|n| n.checked_mul(esize))
-            .and_then(|n| usize::try_from(n).ok())
-            .ok_or_else(|| bad(format!("rows {start}+{rows} are too large to hold")))?;
-        let mut out = vec![0u8; len];
-        // Every rank whose rows meet the ones asked for (replicas and column shards alike; the
-        // distinct slices are told apart below).
-        let wanted = start..start.saturating_add(rows.max(1));
-        let mut ranks: Vec<u32> = layout
-            .runs
+        let elements = want_shape
             .iter()
-            .flat_map(|run| (0..run.ranks()).map(move |i| (run.first_rank() + i, run.rows_of(i))))
-            .filter(|(_, r)| r.start < wanted.end && wanted.start < r.end || global.is_empty())
-            .map(|(rank, _)| rank)
-            .collect();
-        ranks.sort_unstable();
-        ranks.dedup();
-        let mut seen: Vec<(Vec<u64>, Vec<u64>)> = Vec::new();
-        let mut copied = 0u64;
-        for shard in self.shard_indexes(cp, &ranks).await? {
-            let t = shard
-                .tensors
-                .iter()
-                .find(|t| t.name == name)
-                .ok_or_else(|| bad(format!("the root says rank {} holds it, its index does not", shard.rank)))?;
-            if t.global_shape != global || t.dtype != layout.dtype || t.shape.len() != global.len() {
-                return Err(bad(format!("rank {}'s index disagrees with the root on its type or shape", shard.rank)));
+            .try_fold(1u64, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| bad(format!("rows {start}+{rows} are too large to hold")))?;
+        let (esize, row_bytes) = (self.esize, self.row_bytes());
+        // Full-width slices land in place (their ranges of `out` are disjoint by the save rule,
+        // checked below); the others go through scratch boxes of their meeting rows.
+        let mut direct: Vec<(usize, Part<'_>)> = Vec::new();
+        let mut boxed: Vec<Part<'_>> = Vec::new();
+        for e in &self.slices {
+            let Some(meet) = intersect(&e.offsets, &e.shape, &want_off, &want_shape) else { continue };
+            let src = match meet.first() {
+                None => 0..esize,
+                Some(m) => {
+                    let srb = row_bytes_of(&e.shape, esize)
+                        .ok_or_else(|| bad(format!("a slice of shape {:?} is too large", e.shape)))?;
+                    (m.start - e.offsets[0]) * srb..(m.end - e.offsets[0]) * srb
+                }
+            };
+            match meet.first() {
+                Some(m) if full_width(e) => {
+                    direct.push((((m.start - start) * row_bytes) as usize, Part { e, src, meet }))
+                }
+                _ => boxed.push(Part { e, src, meet }),
             }
-            if seen.iter().any(|(o, sh)| *o == t.offsets && *sh == t.shape) {
-                continue;
-            }
-            seen.push((t.offsets.clone(), t.shape.clone()));
-            let Some(meet) = intersect(&t.offsets, &t.shape, &want_off, &want_shape) else { continue };
-            let one = ShardIndex { rank: shard.rank, tensors: vec![t.clone()], metadata: serde_json::Value::Null };
-            let loaded = self.load_shard(cp.job(), cp.step(), &one, |_| {}).await?;
-            let piece = &loaded.first().ok_or_else(|| ClientError::Protocol(format!("{name} did not load")))?.data;
-            copied += copy_box(&mut out, (&want_off, &want_shape), piece, (&t.offsets, &t.shape), &meet, esize);
         }
-        if Some(copied) != elements {
-            return Err(bad(format!(
-                "saved slices cover {copied} of the {} elements of rows {start}+{rows}",
-                elements.unwrap_or(0)
-            )));
-        }
-        Ok((out, global))
-    }
-
-    /// The reads that assemble `len` bytes of rows from row `start` of `name`, in order: each
-    /// names a chunk, the part of it wanted, and where that part goes.
-    pub(crate) async fn plan_rows(
-        &self,
-        cp: &Checkpoint,
-        name: &str,
-        start: u64,
-        len: u64,
-    ) -> Result<Vec<PlannedRead>, ClientError> {
-        let (total_rows, row_bytes) = check_layout(cp, name)?;
-        let bad = |reason: String| ClientError::InvalidTensor { name: name.to_string(), reason };
-        if row_bytes == 0 || len % row_bytes != 0 {
-            return Err(bad(format!("the buffer is {len} bytes, not a whole number of {row_bytes}-byte rows")));
-        }
-        let rows = len / row_bytes;
-        let end = start
-            .checked_add(rows)
-            .filter(|&e| e <= total_rows)
-            .ok_or_else(|| bad(format!("rows {start}+{rows} are outside its {total_rows} rows")))?;
-        let layout = cp.root.tensor(name).ok_or_else(|| ClientError::Protocol(format!("{name} left the layout")))?;
-        let ranks = layout.ranks_overlapping(&(start..end));
-        let shards = self.shard_indexes(cp, &ranks).await?;
-        let pieces = row_pieces(cp, &shards, name)?;
-        let mut plan = Vec::new();
-        // Replicas hold the same rows: the first piece covering a row wins.
-        let mut next_row = start;
-        for p in &pieces {
-            let lo = next_row.max(p.first_row);
-            let hi = end.min(p.first_row + p.rows);
-            if lo >= hi || lo != next_row {
-                continue;
-            }
-            next_row = hi;
-            let (want_lo, want_hi) = ((lo - p.first_row) * row_bytes, (hi - p.first_row) * row_bytes);
-            let mut at = 0u64;
-            for c in &p.entry.chunks {
-                let (c_lo, c_hi) = (at, at + c.len);
-                at = c_hi;
-                let (a, b) = (want_lo.max(c_lo), want_hi.min(c_hi));
-                if a < b {
-                    let dest_at = ((lo - start) * row_bytes + (a - want_lo)) as usize;
-                    plan.push(PlannedRead {
-                        hash: c.hash,
-                        len: c.len,
-                        within: (a - c_lo) as usize..(b - c_lo) as usize,
-                        dest_at,
-                    });
+        direct.sort_by_key(|(at, _)| *at);
+        // The save rule keeps distinct boxes apart; a server that broke it must not get an
+        // overlap and a gap of the same size past the element count below.
+        let mut meets: Vec<&[Range<u64>]> =
+            direct.iter().map(|(_, p)| &p.meet[..]).chain(boxed.iter().map(|p| &p.meet[..])).collect();
+        meets.sort_by_key(|m| m.first().map(|r| r.start));
+        for (i, a) in meets.iter().enumerate() {
+            let a_end = a.first().map(|r| r.end);
+            for b in meets[i + 1..].iter().take_while(|b| b.first().map(|r| r.start) < a_end) {
+                let boxes = |m: &[Range<u64>]| -> (Vec<u64>, Vec<u64>) {
+                    (m.iter().map(|r| r.start).collect(), m.iter().map(|r| r.end - r.start).collect())
+                };
+                let ((ao, ash), (bo, bsh)) = (boxes(a), boxes(b));
+                if intersect(&ao, &ash, &bo, &bsh).is_some() {
+                    return Err(bad(format!("saved slices overlap in rows {start}+{rows}")));
                 }
             }
         }
-        if next_row != end {
-            return Err(bad(format!("rows {next_row}..{end} are in no rank's index")));
+        let mut scratch: Vec<Vec<u8>> = boxed.iter().map(|p| vec![0u8; p.len()]).collect();
+        let mut copied = 0u64;
+        let mut report = {
+            let mut reads: Vec<Read<'_>> = Vec::new();
+            let mut rest: &mut [u8] = &mut *out;
+            let mut at = 0usize;
+            for (dest, p) in &direct {
+                if *dest < at || dest + p.len() > at + rest.len() {
+                    return Err(bad("saved slices overlap".into()));
+                }
+                let (_, tail) = std::mem::take(&mut rest).split_at_mut(dest - at);
+                let (here, tail) = tail.split_at_mut(p.len());
+                range_reads(&p.e.chunks, p.src.clone(), here, &mut reads)?;
+                copied += p.len() as u64 / esize;
+                rest = tail;
+                at = dest + p.len();
+            }
+            for (p, buf) in boxed.iter().zip(scratch.iter_mut()) {
+                range_reads(&p.e.chunks, p.src.clone(), buf, &mut reads)?;
+            }
+            self.client.read_all(&self.job, self.step, reads).await?
+        };
+        for (p, buf) in boxed.iter().zip(&scratch) {
+            let (src_off, src_shape): (Vec<u64>, Vec<u64>) = match p.meet.first() {
+                None => (vec![], vec![]),
+                Some(m) => {
+                    ([&[m.start][..], &p.e.offsets[1..]].concat(), [&[m.end - m.start][..], &p.e.shape[1..]].concat())
+                }
+            };
+            copied += copy_box(out, (&want_off, &want_shape), buf, (&src_off, &src_shape), &p.meet, esize);
         }
-        Ok(plan)
+        if copied != elements {
+            return Err(bad(format!("saved slices cover {copied} of the {elements} elements of rows {start}+{rows}")));
+        }
+        report.tensors = 1;
+        Ok(report)
     }
+}
 
+/// What one saved box gives a read of rows: bytes `src` of its slice `e` (its rows that meet),
+/// which are the elements `meet` in global coordinates.
+struct Part<'e> {
+    e: &'e TensorEntry,
+    src: Range<u64>,
+    meet: Vec<Range<u64>>,
+}
+
+impl Part<'_> {
+    fn len(&self) -> usize {
+        (self.src.end - self.src.start) as usize
+    }
+}
+
+impl Client {
     /// Averages f32 tensors `names` over the committed checkpoints `steps` of `job` (same world
     /// size and layout) and saves the result as `out_job` at the last of `steps`, every rank
     /// keeping its layout. Returns the step written.

@@ -28,7 +28,6 @@ use std::time::Instant;
 use ckpt_core::{ChunkHash, ShardIndex};
 use serde::Serialize;
 
-use crate::checkpoint::Checkpoint;
 use crate::client::Client;
 use crate::error::ClientError;
 use crate::transport::{Outcome, ReadFailure};
@@ -72,11 +71,44 @@ pub(crate) fn whole_tensor_reads<'a>(
             reason: format!("the buffer is {} bytes, the checkpoint holds {total}", buf.len()),
         });
     }
-    let mut rest = buf;
+    range_reads(chunks, 0..total, buf, reads)
+}
+
+/// Splits `dest` (exactly `want`'s length) into the reads of bytes `want` of a slice whose
+/// chunks are `chunks`: whole chunks, and parts of the chunks at either end. An error, never
+/// bytes left unread, when the chunks do not hold them all.
+pub(crate) fn range_reads<'a>(
+    chunks: &[ckpt_core::ChunkRef],
+    want: Range<u64>,
+    dest: &'a mut [u8],
+    reads: &mut Vec<Read<'a>>,
+) -> Result<(), ClientError> {
+    if dest.len() as u64 != want.end.saturating_sub(want.start) {
+        return Err(ClientError::Internal(format!(
+            "bytes {}..{} planned into {} bytes",
+            want.start,
+            want.end,
+            dest.len()
+        )));
+    }
+    let (from, to) = (want.start, want.end);
+    let mut rest = dest;
+    let mut at = 0u64;
     for c in chunks {
-        let (dest, tail) = std::mem::take(&mut rest).split_at_mut(c.len as usize);
-        reads.push(Read { hash: c.hash, len: c.len, within: 0..c.len as usize, dest });
-        rest = tail;
+        let (lo, hi) = (at, at + c.len);
+        at = hi;
+        let (a, b) = (want.start.max(lo), want.end.min(hi));
+        if a < b {
+            let (here, tail) = std::mem::take(&mut rest).split_at_mut((b - a) as usize);
+            reads.push(Read { hash: c.hash, len: c.len, within: (a - lo) as usize..(b - lo) as usize, dest: here });
+            rest = tail;
+        }
+        if at >= want.end {
+            break;
+        }
+    }
+    if !rest.is_empty() {
+        return Err(ClientError::Protocol(format!("the chunks of a slice hold {at} bytes, not bytes {from}..{to}")));
     }
     Ok(())
 }
@@ -239,28 +271,32 @@ impl Client {
         Err(ClientError::Internal(format!("no transport read chunk {hash}")))
     }
 
-    /// Rows `start..start + out.len() / row_bytes` of tensor `name` of a committed checkpoint,
-    /// whatever world size wrote it, into `out` (exactly the rows' bytes). Reads only the index
-    /// objects of the ranks holding those rows and only the chunks covering them.
-    pub async fn load_rows_into(
+    /// Bytes `range` of one rank's saved slice `entry` (from a shard index of `job`@`step`) into
+    /// `out`, exactly their length: only the chunks they touch are read, each verified. For
+    /// streaming a slice too large to hold in blocks.
+    pub async fn load_slice_range(
         &self,
-        cp: &Checkpoint,
-        name: &str,
-        start: u64,
+        job: &str,
+        step: u64,
+        entry: &ckpt_core::TensorEntry,
+        range: Range<u64>,
         out: &mut [u8],
     ) -> Result<RestoreReport, ClientError> {
-        let plan = self.plan_rows(cp, name, start, out.len() as u64).await?;
-        let mut reads = Vec::with_capacity(plan.len());
-        let mut rest = out;
-        let mut at = 0usize;
-        for p in plan {
-            debug_assert_eq!(p.dest_at, at);
-            let (dest, tail) = std::mem::take(&mut rest).split_at_mut(p.within.len());
-            at += p.within.len();
-            reads.push(Read { hash: p.hash, len: p.len, within: p.within, dest });
-            rest = tail;
+        let total: u64 = entry.chunks.iter().map(|c| c.len).sum();
+        if range.start > range.end || range.end > total || out.len() as u64 != range.end - range.start {
+            return Err(ClientError::InvalidTensor {
+                name: entry.name.clone(),
+                reason: format!(
+                    "bytes {}..{} into a {}-byte buffer, of a {total}-byte slice",
+                    range.start,
+                    range.end,
+                    out.len()
+                ),
+            });
         }
-        let mut report = self.read_all(cp.job(), cp.step(), reads).await?;
+        let mut reads = Vec::new();
+        range_reads(&entry.chunks, range, out, &mut reads)?;
+        let mut report = self.read_all(job, step, reads).await?;
         report.tensors = 1;
         Ok(report)
     }

@@ -240,6 +240,25 @@ async fn a_failed_forced_restore_leaves_no_file_under_another_steps_label() {
             "rank 1 failed, yet a tensors.json describes its files"
         );
         assert!(out.join("rank-00000").join("tensors.json").exists(), "rank 0 was restored whole and is labelled");
+
+        // A corrupt chunk in a rank's last tensor: its first tensor streamed and verified
+        // whole, yet no tensor file of the rank appears, and no partial file is left.
+        let last = one.ranks[1].tensors.len() - 2;
+        let victim = one.ranks[1].tensors[last].chunks[0].hash;
+        assert!(
+            !two.chunk_set().contains(&victim)
+                && !one.ranks[0].tensors.iter().any(|t| t.chunks.iter().any(|c| c.hash == victim))
+        );
+        let p = chunk_path(&dir.path().join("ckptd").join("store"), "job", &victim);
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes[0] ^= 0x01;
+        std::fs::write(&p, bytes).unwrap();
+        let fresh = dir.path().join("fresh");
+        let r = ckpt(&server, &["restore", "job", "1", "--rank", "1", "--out", fresh.to_str().unwrap()]);
+        assert_eq!(r.code, 1, "a corrupt chunk fails the restore\n{}{}", r.stdout, r.stderr);
+        let left: Vec<_> =
+            std::fs::read_dir(&fresh).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+        assert!(left.is_empty(), "a failed restore left {left:?}");
     })
     .await
 }
@@ -274,6 +293,9 @@ async fn column_split_scalar_and_empty_tensors_export_and_reshard_whole() {
                     // Ranks 0-1 and 2-3 hold the same column halves (data-parallel replicas).
                     block("cols", [8, 4], [0, (r % 2) * 2], [8, 2]),
                     block("grid", [6, 10], [(r / 2) * 3, (r % 2) * 5], [3, 5]),
+                    // 1.2 MB boxes of a 4.9 MB tensor: streamed with --buffer-mib 1, a block
+                    // of rows ends inside a box and a rank's box takes two blocks.
+                    block("wide", [2048, 600], [(r / 2) * 1024, (r % 2) * 300], [1024, 300]),
                     empty("no_rows", vec![0, 4]),
                     empty("no_cols", vec![4, 0]),
                 ]
@@ -282,13 +304,25 @@ async fn column_split_scalar_and_empty_tensors_export_and_reshard_whole() {
         save_step(&client(&d), "tp", 1, &ranks).await.unwrap();
         let server = d.url();
         let file = dir.path().join("tp.safetensors");
-        let r = ckpt(&server, &["export", "tp", "1", "--out", file.to_str().unwrap()]);
+        let r = ckpt(&server, &["export", "tp", "1", "--buffer-mib", "1", "--out", file.to_str().unwrap()]);
         assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+        assert!(!dir.path().join("tp.safetensors.partial").exists(), "the temporary file was renamed");
         let bytes = std::fs::read(&file).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let whole = |rows: u64, cols: u64| -> Vec<u8> {
             (0..rows).flat_map(|r| (0..cols).flat_map(move |c| value(r, c))).collect()
         };
+        let t = st.tensor("wide").unwrap();
+        assert_eq!(t.shape(), [2048, 600]);
+        assert!(t.data() == whole(2048, 600).as_slice(), "the wide tensor's blocks were not put in place");
+        // One rank's slices as it saved them, streamed in blocks of a box.
+        let rank3 = dir.path().join("tp-rank3.safetensors");
+        let r =
+            ckpt(&server, &["export", "tp", "1", "--rank", "3", "--buffer-mib", "1", "--out", rank3.to_str().unwrap()]);
+        assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+        let rank3 = std::fs::read(&rank3).unwrap();
+        let st3 = safetensors::SafeTensors::deserialize(&rank3).unwrap();
+        assert!(st3.tensor("wide").unwrap().data() == ranks[3][3].data, "rank 3's box of the wide tensor");
         let t = st.tensor("step").unwrap();
         assert!(t.shape().is_empty() && t.data() == 41i64.to_le_bytes(), "step: {:?}", t.shape());
         let t = st.tensor("cols").unwrap();
@@ -302,18 +336,38 @@ async fn column_split_scalar_and_empty_tensors_export_and_reshard_whole() {
 
         // Resharded to 3 ranks: the grid cut by rows (2 each), the others whole on each rank.
         let out = dir.path().join("three");
-        let r = ckpt(&server, &["restore", "tp", "1", "--all", "--world-size", "3", "--out", out.to_str().unwrap()]);
+        let r = ckpt(
+            &server,
+            &["restore", "tp", "1", "--all", "--world-size", "3", "--buffer-mib", "1", "--out", out.to_str().unwrap()],
+        );
         assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+        let mut wide_rows = 0;
         for rank in 0..3u64 {
             let (header, tensors) = read_rank_dir(&out.join(format!("rank-{rank:05}")));
             let mut names: Vec<&str> = tensors.iter().map(|(n, _, _)| n.as_str()).collect();
             names.sort_unstable();
-            assert_eq!(names, ["cols", "grid", "no_cols", "no_rows", "step"], "{header}");
+            assert_eq!(names, ["cols", "grid", "no_cols", "no_rows", "step", "wide"], "{header}");
             let (_, grid, _) = tensors.iter().find(|(n, _, _)| n == "grid").unwrap();
             let expected: Vec<u8> =
                 (rank * 2..rank * 2 + 2).flat_map(|r| (0..10).flat_map(move |c| value(r, c))).collect();
             assert!(grid[..] == expected[..], "rank {rank}'s rows of the grid");
+            // 2048 rows over 3 ranks: 683, 683, 682.
+            let (_, wide, off) = tensors.iter().find(|(n, _, _)| n == "wide").unwrap();
+            let n = 682 + u64::from(rank < 2);
+            assert_eq!(off[0], wide_rows, "rank {rank}'s first row of the wide tensor");
+            let expected: Vec<u8> =
+                (wide_rows..wide_rows + n).flat_map(|r| (0..600).flat_map(move |c| value(r, c))).collect();
+            assert!(wide[..] == expected[..], "rank {rank}'s rows of the wide tensor");
+            wide_rows += n;
         }
+        // A rank as saved, its 1.2 MB box streamed in two blocks.
+        let one = dir.path().join("one");
+        let r =
+            ckpt(&server, &["restore", "tp", "1", "--rank", "2", "--buffer-mib", "1", "--out", one.to_str().unwrap()]);
+        assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+        let (_, tensors) = read_rank_dir(&one);
+        let (_, wide, _) = tensors.iter().find(|(n, _, _)| n == "wide").unwrap();
+        assert!(wide[..] == ranks[2][3].data[..], "rank 2's box of the wide tensor");
     })
     .await
 }

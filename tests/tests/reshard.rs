@@ -1,4 +1,4 @@
-//! Reading a checkpoint under another layout (`load_rows`) and averaging checkpoints, against a
+//! Reading a checkpoint under another layout (`load_rows`, `RowReader`) and averaging checkpoints, against a
 //! real ckptd. Chunks are deliberately smaller than a row and not aligned to rows, so ranges
 //! cut through chunks.
 
@@ -62,6 +62,78 @@ async fn any_row_range_reads_back_from_any_layout() {
     assert!(err.to_string().contains("outside"), "{err}");
     let err = client.load_rows(&m, "nope", 0, 1).await.unwrap_err();
     assert!(err.to_string().contains("not in rows@1"), "{err}");
+}
+
+/// A tensor cut into a 2 x 3 grid of boxes (rows 0..7 and 7..20, columns 0..2, 2..5 and 5..9),
+/// with a replica of every box on a second group of ranks, read back in blocks of rows of
+/// random sizes through one `RowReader`: each block must be the global rows, whichever boxes
+/// and chunks it cuts through. Element (r, c) is r * 100 + c.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_reader_streams_a_grid_layout_in_blocks_of_any_size() {
+    let s = seed(11);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(s);
+    let dir = tempfile::tempdir().unwrap();
+    let d = start_daemon(dir.path()).await;
+    // 20-byte chunks: no box row (8 to 16 bytes) lines up with them.
+    let client =
+        Client::new(&d.url(), ClientOptions { chunk_bytes: 20, node_local: false, ..Default::default() }).unwrap();
+    let (rows, cols) = (20u64, 9u64);
+    let value = |r: u64, c: u64| (r * 100 + c) as f32;
+    let row_cuts = [0u64, 7, 20];
+    let col_cuts = [0u64, 2, 5, 9];
+    let mut ranks = Vec::new();
+    for _replica in 0..2 {
+        for rw in row_cuts.windows(2) {
+            for cw in col_cuts.windows(2) {
+                let data: Vec<u8> =
+                    (rw[0]..rw[1]).flat_map(|r| (cw[0]..cw[1]).flat_map(move |c| value(r, c).to_le_bytes())).collect();
+                ranks.push(vec![
+                    Tensor {
+                        name: "grid".into(),
+                        dtype: DType::F32,
+                        shape: vec![rw[1] - rw[0], cw[1] - cw[0]],
+                        global_shape: vec![rows, cols],
+                        offsets: vec![rw[0], cw[0]],
+                        data: Bytes::from(data),
+                    },
+                    Tensor::whole("count", DType::I64, vec![], Bytes::copy_from_slice(&41i64.to_le_bytes())),
+                ]);
+            }
+        }
+    }
+    bounded(Duration::from_secs(60), save_step(&client, "grid", 1, &ranks)).await.unwrap();
+    let cp = client.checkpoint("grid", 1).await.unwrap();
+    for _ in 0..8 {
+        let start = rng.random_range(0..rows);
+        let end = rng.random_range(start..=rows);
+        let reader = client.row_reader(&cp, "grid", start..end).await.unwrap();
+        assert_eq!((reader.global_shape(), reader.row_bytes()), (&[rows, cols][..], cols * 4));
+        let mut at = start;
+        while at < end {
+            let n = rng.random_range(1..=end - at);
+            let mut out = vec![0u8; reader.bytes_of(n).unwrap()];
+            reader.read_rows(at, n, &mut out).await.unwrap();
+            let want: Vec<f32> = (at..at + n).flat_map(|r| (0..cols).map(move |c| value(r, c))).collect();
+            assert_eq!(floats(&out), want, "seed {s}: rows {at}+{n} of a reader on {start}..{end}");
+            at += n;
+        }
+        // Only the rows it was opened for: the boxes it fetched may not cover the others.
+        if end < rows {
+            let mut out = vec![0u8; reader.bytes_of(1).unwrap()];
+            let err = reader.read_rows(end, 1, &mut out).await.unwrap_err();
+            assert!(err.to_string().contains("opened for"), "seed {s}: {err}");
+        }
+    }
+    // A scalar is one row; reading none of it reads nothing.
+    let scalar = client.row_reader(&cp, "count", 0..1).await.unwrap();
+    scalar.read_rows(0, 0, &mut []).await.unwrap();
+    let mut one = [0u8; 8];
+    scalar.read_rows(0, 1, &mut one).await.unwrap();
+    assert_eq!(i64::from_le_bytes(one), 41);
+    // load_rows goes through the same reader.
+    let (bytes, shape) = client.load_rows(&cp, "grid", 3, 10).await.unwrap();
+    assert_eq!(shape, vec![rows, cols]);
+    assert_eq!(floats(&bytes), (3..13).flat_map(|r| (0..cols).map(move |c| value(r, c))).collect::<Vec<_>>());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -117,6 +117,10 @@ enum Cmd {
         /// Write into a non-empty --out (files of the same name are replaced).
         #[arg(long)]
         force: bool,
+        /// Size of the blocks tensors are streamed to their files in, in MiB (at least one row,
+        /// or one chunk of a rank's slice; twice that is held for a tensor cut along columns).
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+        buffer_mib: u64,
     },
     /// Export a checkpoint as one safetensors file: every tensor whole (assembled from the
     /// ranks that saved it), or one rank's slices with --rank.
@@ -138,6 +142,10 @@ enum Cmd {
         /// Replace an existing --out.
         #[arg(long)]
         force: bool,
+        /// Size of the blocks tensors are streamed into the file in, in MiB (at least one row,
+        /// or one chunk of a rank's slice; twice that is held for a tensor cut along columns).
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+        buffer_mib: u64,
     },
     /// Delete a committed checkpoint (the newest one, or a pinned one, only with --force).
     Rm {
@@ -492,28 +500,35 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             return Ok(if ok { 0 } else { output::exit::CORRUPT });
         }
-        Cmd::Restore { job, step, rank, all: _, world_size, out, force } => {
+        Cmd::Restore { job, step, rank, all: _, world_size, out, force, buffer_mib } => {
             let step = resolve_step(&client, &job, &step).await?;
             restore_cmd::check_out(&out, force)?;
             let cp = client.checkpoint(&job, step).await?;
             restore_cmd::unlabel(&out)?;
+            let buffer = buffer_mib << 20;
             let mut written = Vec::new();
             match (rank, world_size) {
                 (Some(rank), _) => {
                     // The root and this rank's index object; nothing of the other ranks is read.
                     let shard = client.shard_index(&cp, rank).await?;
                     let pb = progress(shard.byte_len(), cli.json, &format!("restore {job}@{step} rank {rank}"));
-                    let tensors = client.load_shard(&job, step, &shard, |n| pb.inc(n)).await?;
+                    let tensors = restore_cmd::as_saved(&shard);
+                    let id = (rank, cp.world_size());
+                    written.push(
+                        restore_cmd::write_rank(&client, &cp, id, &tensors, &out, buffer, &mut |n| pb.inc(n)).await?,
+                    );
                     pb.finish_and_clear();
-                    written.push(restore_cmd::write_rank(&out, &cp, rank, cp.world_size(), &tensors)?);
                 }
                 (None, None) => {
                     restore_cmd::remove_extra_ranks(&out, cp.world_size())?;
                     for r in 0..cp.world_size() {
                         let shard = client.shard_index(&cp, r).await?;
-                        let tensors = client.load_shard(&job, step, &shard, |_| {}).await?;
+                        let tensors = restore_cmd::as_saved(&shard);
                         let dir = out.join(format!("rank-{r:05}"));
-                        written.push(restore_cmd::write_rank(&dir, &cp, r, cp.world_size(), &tensors)?);
+                        let id = (r, cp.world_size());
+                        written.push(
+                            restore_cmd::write_rank(&client, &cp, id, &tensors, &dir, buffer, &mut |_| {}).await?,
+                        );
                     }
                 }
                 (None, Some(world)) => {
@@ -522,9 +537,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     }
                     restore_cmd::remove_extra_ranks(&out, world)?;
                     for r in 0..world {
-                        let tensors = restore_cmd::resharded(&client, &cp, r, world).await?;
+                        let tensors = restore_cmd::resharded(&cp, r, world);
                         let dir = out.join(format!("rank-{r:05}"));
-                        written.push(restore_cmd::write_rank(&dir, &cp, r, world, &tensors)?);
+                        written.push(
+                            restore_cmd::write_rank(&client, &cp, (r, world), &tensors, &dir, buffer, &mut |_| {})
+                                .await?,
+                        );
                     }
                 }
             }
@@ -540,7 +558,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 );
             }
         }
-        Cmd::Export { job, step, format: _, rank, out, force } => {
+        Cmd::Export { job, step, format: _, rank, out, force, buffer_mib } => {
             let step = resolve_step(&client, &job, &step).await?;
             if out.exists() && !force {
                 return Err(
@@ -548,15 +566,20 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 );
             }
             let cp = client.checkpoint(&job, step).await?;
-            let tensors = match rank {
-                Some(r) => {
-                    let shard = client.shard_index(&cp, r).await?;
-                    client.load_shard(&job, step, &shard, |_| {}).await?
-                }
-                None => restore_cmd::resharded(&client, &cp, 0, 1).await?,
+            let shard = match rank {
+                Some(r) => Some(client.shard_index(&cp, r).await?),
+                None => None,
             };
-            restore_cmd::write_safetensors(&out, &cp, &tensors)?;
-            let bytes: u64 = tensors.iter().map(|t| t.data.len() as u64).sum();
+            let tensors = match &shard {
+                Some(shard) => restore_cmd::as_saved(shard),
+                None => restore_cmd::resharded(&cp, 0, 1),
+            };
+            let total = tensors.iter().map(restore_cmd::Planned::bytes).sum::<anyhow::Result<u64>>()?;
+            let pb = progress(total, cli.json, &format!("export {job}@{step}"));
+            let bytes =
+                restore_cmd::write_safetensors(&client, &cp, &tensors, &out, buffer_mib << 20, &mut |n| pb.inc(n))
+                    .await?;
+            pb.finish_and_clear();
             if cli.json {
                 print_json(
                     &serde_json::json!({ "job": job, "step": step, "file": out, "tensors": tensors.len(), "bytes": bytes }),

@@ -5,13 +5,159 @@
 //! (as the trainer's memory holds them on x86 and ARM), and `tensors.json`: the job, step,
 //! root hash, rank and world size, and per tensor its name, dtype, shape, global shape,
 //! offsets in the global tensor, file and bytes. Every byte is verified before it is written.
+//!
+//! Design note: a 405B checkpoint is terabytes and one tensor of it can be gigabytes, so no
+//! tensor is held whole. Each is streamed to its file in blocks of at most `--buffer-mib`
+//! (a rank's slice as byte ranges of it, a resharded or exported tensor as blocks of rows read
+//! through a `RowReader`), one block in memory at a time. A safetensors file's header is
+//! known from the layout before any data is read, so it is written first and the data after
+//! it, into a temporary file renamed into place once every byte is written and synced.
 
-use std::path::Path;
+use std::io::Write;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use ckpt_client::{Checkpoint, Client, DType, Tensor};
+use ckpt_client::{Checkpoint, Client, DType, ShardIndex, TensorEntry};
 
 use crate::output::CliError;
+
+/// One tensor to write: its description and where its bytes come from.
+pub struct Planned<'a> {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+    pub global_shape: Vec<u64>,
+    pub offsets: Vec<u64>,
+    source: Source<'a>,
+}
+
+enum Source<'a> {
+    /// A rank's saved slice, as it saved it.
+    Slice(&'a TensorEntry),
+    /// Rows of the global tensor, whatever layout saved it.
+    Rows(Range<u64>),
+}
+
+impl Planned<'_> {
+    /// Its bytes; an error for a shape too large to address (only a hostile root has one).
+    pub fn bytes(&self) -> anyhow::Result<u64> {
+        self.shape
+            .iter()
+            .try_fold(self.dtype.size_bytes(), |n, &d| n.checked_mul(d))
+            .with_context(|| format!("tensor {}: shape {:?} is too large", self.name, self.shape))
+    }
+}
+
+/// A rank's tensors as it saved them.
+pub fn as_saved(shard: &ShardIndex) -> Vec<Planned<'_>> {
+    shard
+        .tensors
+        .iter()
+        .map(|e| Planned {
+            name: e.name.clone(),
+            dtype: e.dtype,
+            shape: e.shape.clone(),
+            global_shape: e.global_shape.clone(),
+            offsets: e.offsets.clone(),
+            source: Source::Slice(e),
+        })
+        .collect()
+}
+
+/// Rank `rank` of `world` new ranks: every tensor cut evenly by rows (the first ranks take one
+/// row more), whatever dimensions it was saved cut along; tensors every rank held whole (and
+/// scalars) given whole to each. Rank 0 of 1 is every tensor whole.
+pub fn resharded(cp: &Checkpoint, rank: u32, world: u32) -> Vec<Planned<'static>> {
+    cp.root
+        .tensors
+        .iter()
+        .map(|layout| {
+            let rows = layout.global_shape.first().copied().unwrap_or(1);
+            let whole = layout.runs.iter().all(|r| r.2 == 0 && r.3 == rows);
+            let (start, take) = if whole {
+                (0, rows)
+            } else {
+                let (base, extra) = (rows / world as u64, rows % world as u64);
+                let r = rank as u64;
+                (r * base + r.min(extra), base + u64::from(r < extra))
+            };
+            // A rank may get no rows of a short tensor: it still gets the tensor, with none.
+            let mut shape = layout.global_shape.clone();
+            let mut offsets = vec![0; shape.len()];
+            if let (Some(s), Some(o)) = (shape.first_mut(), offsets.first_mut()) {
+                *s = take;
+                *o = start;
+            }
+            Planned {
+                name: layout.name.clone(),
+                dtype: layout.dtype,
+                shape,
+                global_shape: layout.global_shape.clone(),
+                offsets,
+                source: Source::Rows(start..start + take),
+            }
+        })
+        .collect()
+}
+
+/// Streams one planned tensor's bytes into `w`, at most `buffer` bytes held at a time (at
+/// least one row). Calls `progress` with the bytes of each block written.
+pub async fn stream(
+    client: &Client,
+    cp: &Checkpoint,
+    t: &Planned<'_>,
+    buffer: u64,
+    w: &mut impl Write,
+    progress: &mut impl FnMut(u64),
+) -> anyhow::Result<()> {
+    let mut put = |w: &mut dyn Write, bytes: &[u8]| -> anyhow::Result<()> {
+        tokio::task::block_in_place(|| w.write_all(bytes))?;
+        progress(bytes.len() as u64);
+        Ok(())
+    };
+    let mut buf = Vec::new();
+    match &t.source {
+        Source::Slice(entry) => {
+            // Blocks end on chunk boundaries, so that no chunk is read twice: as many whole
+            // chunks as fit in `buffer`, and at least one.
+            let mut ends = entry.chunks.iter().scan(0u64, |at, c| {
+                *at += c.len;
+                Some(*at)
+            });
+            let (mut at, mut end) = (0u64, ends.next());
+            while let Some(mut to) = end {
+                end = ends.next();
+                while let Some(next) = end.filter(|&e| e - at <= buffer) {
+                    to = next;
+                    end = ends.next();
+                }
+                buf.resize(usize::try_from(to - at)?, 0);
+                client.load_slice_range(cp.job(), cp.step(), entry, at..to, &mut buf).await?;
+                put(w, &buf)?;
+                at = to;
+            }
+        }
+        Source::Rows(rows) => {
+            let reader = client.row_reader(cp, &t.name, rows.clone()).await?;
+            let row_bytes = reader.row_bytes();
+            // A later dimension of size 0: no bytes at all, but the rows are still checked.
+            let per_block = buffer.checked_div(row_bytes).map_or(rows.end - rows.start, |n| n.max(1));
+            let mut start = rows.start;
+            loop {
+                let n = per_block.min(rows.end - start);
+                buf.resize(reader.bytes_of(n)?, 0);
+                reader.read_rows(start, n, &mut buf).await?;
+                put(w, &buf)?;
+                start += n;
+                if start >= rows.end {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
+}
 
 /// Refuses to write into a non-empty directory (or over a file) unless `force`.
 pub fn check_out(out: &Path, force: bool) -> anyhow::Result<()> {
@@ -28,7 +174,6 @@ pub fn check_out(out: &Path, force: bool) -> anyhow::Result<()> {
     }
     Ok(())
 }
-
 /// Removes the `tensors.json` an earlier restore left in `out` and in each of its
 /// `rank-NNNNN` directories, before anything is written: a restore that then fails part way
 /// must not leave files of this step under another step's label. A rank's `tensors.json` is
@@ -67,23 +212,47 @@ pub fn remove_extra_ranks(out: &Path, world: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes one rank's tensors and their `tensors.json` into `dir`.
-pub fn write_rank(
-    dir: &Path,
+/// Writes one rank's tensors, each to its own file, then their `tensors.json`, into `dir`.
+/// All or nothing: each tensor is streamed into `.tNNNNN.bin.partial`, and only once every one
+/// of the rank's bytes has been read and verified are they renamed into place (a corrupt chunk
+/// anywhere leaves no tensor file of this rank, and the partial files are removed).
+pub async fn write_rank(
+    client: &Client,
     cp: &Checkpoint,
-    rank: u32,
-    world: u32,
-    tensors: &[Tensor],
+    (rank, world): (u32, u32),
+    tensors: &[Planned<'_>],
+    dir: &Path,
+    buffer: u64,
+    progress: &mut impl FnMut(u64),
 ) -> anyhow::Result<serde_json::Value> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut partial: Vec<(PathBuf, PathBuf)> = Vec::new();
     let mut listing = Vec::new();
-    for (i, t) in tensors.iter().enumerate() {
-        let file = format!("t{i:05}.bin");
-        std::fs::write(dir.join(&file), &t.data).with_context(|| format!("writing {}", dir.join(&file).display()))?;
-        listing.push(serde_json::json!({
-            "name": t.name, "dtype": t.dtype, "shape": t.shape, "global_shape": t.global_shape,
-            "offsets": t.offsets, "file": file, "bytes": t.data.len(),
-        }));
+    let written = async {
+        for (i, t) in tensors.iter().enumerate() {
+            let file = format!("t{i:05}.bin");
+            let (path, tmp) = (dir.join(&file), dir.join(format!(".{file}.partial")));
+            let created = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()));
+            partial.push((tmp.clone(), path));
+            let mut w = std::io::BufWriter::new(created?);
+            stream(client, cp, t, buffer, &mut w, progress).await.with_context(|| format!("tensor {}", t.name))?;
+            w.flush().with_context(|| format!("writing {}", tmp.display()))?;
+            listing.push(serde_json::json!({
+                "name": t.name, "dtype": t.dtype, "shape": t.shape, "global_shape": t.global_shape,
+                "offsets": t.offsets, "file": file, "bytes": t.bytes()?,
+            }));
+        }
+        for (tmp, path) in &partial {
+            std::fs::rename(tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = written {
+        for (tmp, _) in &partial {
+            let _ = std::fs::remove_file(tmp);
+        }
+        return Err(e);
     }
     let header = serde_json::json!({
         "job": cp.job(), "step": cp.step(), "root_hash": cp.root.hash, "rank": rank, "world_size": world,
@@ -94,44 +263,6 @@ pub fn write_rank(
     std::fs::write(&tmp, serde_json::to_vec_pretty(&header)?).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &label).with_context(|| format!("writing {}", label.display()))?;
     Ok(header)
-}
-
-/// Rank `rank` of `world` new ranks: every tensor cut evenly by rows (the first ranks take one
-/// row more), whatever dimensions it was saved cut along; tensors every rank held whole (and
-/// scalars) given whole to each.
-pub async fn resharded(client: &Client, cp: &Checkpoint, rank: u32, world: u32) -> anyhow::Result<Vec<Tensor>> {
-    let mut out = Vec::new();
-    for layout in &cp.root.tensors {
-        let rows = layout.global_shape.first().copied().unwrap_or(1);
-        let whole = layout.runs.iter().all(|r| r.2 == 0 && r.3 == rows);
-        let (start, take) = if whole {
-            (0, rows)
-        } else {
-            let (base, extra) = (rows / world as u64, rows % world as u64);
-            let r = rank as u64;
-            (r * base + r.min(extra), base + u64::from(r < extra))
-        };
-        // A rank may get no rows of a short tensor: it still gets the tensor, with none.
-        let (data, global_shape) = client
-            .load_rows(cp, &layout.name, start, take)
-            .await
-            .with_context(|| format!("rows {start}..{} of {}", start + take, layout.name))?;
-        let mut shape = global_shape.clone();
-        let mut offsets = vec![0; global_shape.len()];
-        if let (Some(s), Some(o)) = (shape.first_mut(), offsets.first_mut()) {
-            *s = take;
-            *o = start;
-        }
-        out.push(Tensor {
-            name: layout.name.clone(),
-            dtype: layout.dtype,
-            shape,
-            global_shape,
-            offsets,
-            data: data.into(),
-        });
-    }
-    Ok(out)
 }
 
 fn safetensors_dtype(d: DType) -> safetensors::Dtype {
@@ -150,15 +281,20 @@ fn safetensors_dtype(d: DType) -> safetensors::Dtype {
     }
 }
 
-/// Writes `tensors` (whole tensors, or one rank's slices) as one safetensors file, with the
-/// job, step and root hash in its metadata.
-pub fn write_safetensors(path: &Path, cp: &Checkpoint, tensors: &[Tensor]) -> anyhow::Result<()> {
-    let mut views = Vec::new();
+/// The safetensors header for `tensors` in the order their data follows: 8 bytes of header
+/// length, then the JSON, padded with spaces to a multiple of 8 (as the format's own writer
+/// does, so that every tensor's data starts aligned).
+fn safetensors_header(cp: &Checkpoint, tensors: &[&Planned<'_>]) -> anyhow::Result<Vec<u8>> {
+    let mut infos = Vec::with_capacity(tensors.len());
+    let mut at = 0usize;
     for t in tensors {
-        let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
-        let view = safetensors::tensor::TensorView::new(safetensors_dtype(t.dtype), shape, &t.data)
-            .with_context(|| format!("tensor {}", t.name))?;
-        views.push((t.name.clone(), view));
+        let len = usize::try_from(t.bytes()?)?;
+        let shape = t.shape.iter().map(|&d| usize::try_from(d)).collect::<Result<Vec<_>, _>>()?;
+        infos.push((
+            t.name.clone(),
+            safetensors::tensor::TensorInfo { dtype: safetensors_dtype(t.dtype), shape, data_offsets: (at, at + len) },
+        ));
+        at = at.checked_add(len).context("the tensors are too large for one file")?;
     }
     let meta: std::collections::HashMap<String, String> = [
         ("job".to_string(), cp.job().to_string()),
@@ -166,5 +302,54 @@ pub fn write_safetensors(path: &Path, cp: &Checkpoint, tensors: &[Tensor]) -> an
         ("root_hash".to_string(), cp.root.hash.clone()),
     ]
     .into();
-    safetensors::serialize_to_file(views, Some(meta), path).with_context(|| format!("writing {}", path.display()))
+    let header = safetensors::tensor::Metadata::new(Some(meta), infos).context("building the safetensors header")?;
+    let mut json = serde_json::to_vec(&header)?;
+    json.resize(json.len().next_multiple_of(8), b' ');
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&json);
+    Ok(out)
+}
+
+/// Writes `tensors` (whole tensors, or one rank's slices) as one safetensors file at `path`,
+/// with the job, step and root hash in its metadata: streamed into a temporary file beside it,
+/// synced, and renamed over `path` only once complete. Returns the data bytes written.
+pub async fn write_safetensors(
+    client: &Client,
+    cp: &Checkpoint,
+    tensors: &[Planned<'_>],
+    path: &Path,
+    buffer: u64,
+    progress: &mut impl FnMut(u64),
+) -> anyhow::Result<u64> {
+    // By falling alignment, then name, as the format's own writer orders them.
+    let mut order: Vec<&Planned<'_>> = tensors.iter().collect();
+    order.sort_by(|a, b| {
+        let key = |t: &Planned<'_>| std::cmp::Reverse(safetensors_dtype(t.dtype));
+        key(a).cmp(&key(b)).then_with(|| a.name.cmp(&b.name))
+    });
+    let header = safetensors_header(cp, &order)?;
+    let mut tmp_name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    tmp_name.push(".partial");
+    let tmp: PathBuf = path.with_file_name(tmp_name);
+    let written = async {
+        let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut w = std::io::BufWriter::new(file);
+        w.write_all(&header)?;
+        for t in &order {
+            stream(client, cp, t, buffer, &mut w, progress).await.with_context(|| format!("tensor {}", t.name))?;
+        }
+        let file = w.into_inner().map_err(|e| e.into_error())?;
+        tokio::task::block_in_place(|| file.sync_all())?;
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e.context(format!("writing {}", tmp.display())));
+    }
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()));
+    }
+    tensors.iter().map(Planned::bytes).sum()
 }
