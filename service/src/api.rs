@@ -901,14 +901,24 @@ pub(crate) async fn abort_save(
 }
 
 /// Index puts in flight are bounded (`index_requests_max`): the permit is taken before the body
-/// is read, so thousands of ranks sending at once hold at most that many bodies in memory.
+/// is read, so thousands of ranks sending at once hold at most that many bodies in memory. A
+/// tenant's share (`index_share_pct`) is taken first (429 when it is used up), so one tenant's
+/// slow or stuck puts cannot hold every slot.
 async fn index_permit(
     State(s): State<Arc<AppState>>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    match s.coordinator.index_permit().await {
-        Ok(_permit) => next.run(req).await,
+    let share = match req.extensions().get::<Principal>().and_then(Principal::tenant) {
+        Some(t) => t.index_slot(s.coordinator.busy_wait()).await,
+        None => Ok(None),
+    };
+    let permits = match share {
+        Ok(share) => s.coordinator.index_permit().await.map(|node| (share, node)),
+        Err(e) => Err(e),
+    };
+    match permits {
+        Ok(_held) => next.run(req).await,
         Err(e) => ApiError(e).into_response(),
     }
 }

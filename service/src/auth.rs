@@ -48,6 +48,7 @@ pub struct Tenant {
     /// Held while a save of this tenant is opened, so the in-flight count cannot overshoot.
     pub(crate) open_lock: tokio::sync::Mutex<()>,
     chunk_slots: Option<(Arc<Semaphore>, usize)>,
+    index_slots: Option<(Arc<Semaphore>, usize)>,
     staging: Option<(Arc<Semaphore>, u64)>,
     /// GC runs this tenant may have going at once on this node: with other tenants, one fewer
     /// than the node's `gc_runs_max`, so no tenant can hold every run slot.
@@ -87,11 +88,27 @@ impl Tenant {
 
     /// A slot of the tenant's share of the chunk transfers, waiting up to `wait`.
     pub(crate) async fn chunk_slot(&self, wait: Duration) -> Result<Option<OwnedSemaphorePermit>, ServiceError> {
-        let Some((slots, n)) = &self.chunk_slots else { return Ok(None) };
+        self.share_slot(&self.chunk_slots, wait, "chunk transfers").await
+    }
+
+    /// A slot of the tenant's share of the shard-index puts, waiting up to `wait`.
+    pub(crate) async fn index_slot(&self, wait: Duration) -> Result<Option<OwnedSemaphorePermit>, ServiceError> {
+        self.share_slot(&self.index_slots, wait, "shard-index puts").await
+    }
+
+    /// A slot of one of the tenant's shares of a node's request slots (none when its share is
+    /// the whole), or 429 once `wait` has passed without one.
+    async fn share_slot(
+        &self,
+        share: &Option<(Arc<Semaphore>, usize)>,
+        wait: Duration,
+        what: &str,
+    ) -> Result<Option<OwnedSemaphorePermit>, ServiceError> {
+        let Some((slots, n)) = share else { return Ok(None) };
         match tokio::time::timeout(wait, slots.clone().acquire_owned()).await {
             Ok(Ok(p)) => Ok(Some(p)),
             _ => Err(ServiceError::RateLimited {
-                reason: format!("tenant {} has all {n} of its chunk transfers in progress", self.name),
+                reason: format!("tenant {} has all {n} of its {what} in progress", self.name),
                 retry_after_s: 1,
             }),
         }
@@ -163,6 +180,26 @@ struct Bucket {
     at: Instant,
 }
 
+/// A node's request slots and budgets, which tenants' shares are percentages of.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeSlots {
+    pub chunk_requests_max: usize,
+    pub index_requests_max: usize,
+    pub staging_bytes_max: u64,
+    pub gc_runs_max: usize,
+}
+
+impl NodeSlots {
+    pub fn of(config: &crate::config::Config) -> NodeSlots {
+        NodeSlots {
+            chunk_requests_max: config.chunk_requests_max,
+            index_requests_max: config.index_requests_max,
+            staging_bytes_max: config.staging_memory_bytes_max.saturating_add(config.staging_spill_bytes_max),
+            gc_runs_max: config.retention.gc_runs_max,
+        }
+    }
+}
+
 /// Every configured tenant.
 #[derive(Default)]
 pub struct Tenants {
@@ -170,21 +207,21 @@ pub struct Tenants {
 }
 
 impl Tenants {
-    pub fn new(
-        configs: &[TenantConfig],
-        chunk_requests_max: usize,
-        staging_bytes_max: u64,
-        gc_runs_max: usize,
-    ) -> Tenants {
+    pub fn new(configs: &[TenantConfig], node: &NodeSlots) -> Tenants {
+        let NodeSlots { chunk_requests_max, index_requests_max, staging_bytes_max, gc_runs_max } = *node;
         let gc_runs = if configs.len() > 1 { gc_runs_max.saturating_sub(1).max(1) } else { gc_runs_max.max(1) };
         let list = configs
             .iter()
             .map(|c| {
                 let share = |pct: u32, of: u64| (of as u128 * pct as u128).div_ceil(100) as u64;
-                let chunk_slots = (c.quota.chunk_share_pct < 100).then(|| {
-                    let n = share(c.quota.chunk_share_pct, chunk_requests_max as u64).max(1) as usize;
-                    (Arc::new(Semaphore::new(n)), n)
-                });
+                let slots = |pct: u32, of: usize| {
+                    (pct < 100).then(|| {
+                        let n = share(pct, of as u64).max(1) as usize;
+                        (Arc::new(Semaphore::new(n)), n)
+                    })
+                };
+                let chunk_slots = slots(c.quota.chunk_share_pct, chunk_requests_max);
+                let index_slots = slots(c.quota.index_share_pct, index_requests_max);
                 let staging = (c.quota.staging_share_pct < 100).then(|| {
                     let bytes = share(c.quota.staging_share_pct, staging_bytes_max).min(u32::MAX as u64);
                     (Arc::new(Semaphore::new(bytes as usize)), bytes)
@@ -204,6 +241,7 @@ impl Tenants {
                     }),
                     open_lock: tokio::sync::Mutex::new(()),
                     chunk_slots,
+                    index_slots,
                     staging,
                     gc_slots: (Arc::new(Semaphore::new(gc_runs)), gc_runs),
                     usage: Mutex::new(None),
@@ -412,7 +450,7 @@ pub fn validate_tenants(tenants: &[TenantConfig], tls: Option<&TlsConfig>) -> Re
             return Err(bad(t, "client_cert_names need tls.client_ca (mutual TLS)".into()));
         }
         let q = &t.quota;
-        if !(1..=100).contains(&q.staging_share_pct) || !(1..=100).contains(&q.chunk_share_pct) {
+        if ![q.staging_share_pct, q.chunk_share_pct, q.index_share_pct].iter().all(|p| (1..=100).contains(p)) {
             return Err(bad(t, "quota shares are percentages from 1 to 100".into()));
         }
         if q.saves_in_flight_max == Some(0) || q.requests_per_s == Some(0) || q.usage_refresh_s == 0 {
@@ -440,6 +478,29 @@ pub fn validate_tenants(tenants: &[TenantConfig], tls: Option<&TlsConfig>) -> Re
 mod tests {
     use super::*;
 
+    const SLOTS: NodeSlots =
+        NodeSlots { chunk_requests_max: 8, index_requests_max: 8, staging_bytes_max: 1 << 20, gc_runs_max: 2 };
+
+    #[tokio::test]
+    async fn a_tenants_index_share_is_its_percentage_of_the_nodes_slots() {
+        let mut c = tenant("a", "t", "a-");
+        c.quota.index_share_pct = 25;
+        let t = Tenants::new(&[c, tenant("b", "u", "b-")], &SLOTS);
+        let (a, b) = (t.by_token("t").unwrap(), t.by_token("u").unwrap());
+        let wait = Duration::from_millis(20);
+        let held = [a.index_slot(wait).await.unwrap(), a.index_slot(wait).await.unwrap()];
+        assert!(held.iter().all(Option::is_some), "25% of 8 is 2 slots");
+        match a.index_slot(wait).await.unwrap_err() {
+            ServiceError::RateLimited { reason, .. } => {
+                assert!(reason.contains("2 of its shard-index puts"), "{reason}")
+            }
+            e => panic!("{e}"),
+        }
+        assert!(b.index_slot(wait).await.unwrap().is_none(), "b's share is the whole: no slot of its own");
+        drop(held);
+        assert!(a.index_slot(wait).await.unwrap().is_some());
+    }
+
     fn tenant(name: &str, token: &str, prefix: &str) -> TenantConfig {
         TenantConfig {
             name: name.into(),
@@ -456,7 +517,7 @@ mod tests {
     fn a_token_names_its_tenant_and_nothing_else() {
         let cfg = [tenant("a", "token-a", "a-"), tenant("b", "token-b", "b-")];
         validate_tenants(&cfg, None).unwrap();
-        let t = Tenants::new(&cfg, 8, 1 << 20, 2);
+        let t = Tenants::new(&cfg, &SLOTS);
         assert_eq!(t.by_token("token-a").unwrap().name, "a");
         assert_eq!(t.by_token("token-b").unwrap().name, "b");
         assert!(t.by_token("token-c").is_none());
@@ -476,6 +537,10 @@ mod tests {
             (TenantConfig { client_cert_names: vec!["x".into()], ..ok.clone() }, "client_ca"),
             (
                 TenantConfig { quota: TenantQuota { staging_share_pct: 0, ..Default::default() }, ..ok.clone() },
+                "percentages",
+            ),
+            (
+                TenantConfig { quota: TenantQuota { index_share_pct: 101, ..Default::default() }, ..ok.clone() },
                 "percentages",
             ),
         ];
@@ -498,7 +563,7 @@ mod tests {
             client_cert_names: certs.iter().map(|c| c.to_string()).collect(),
             ..tenant(name, token, prefix)
         };
-        let t = Tenants::new(&[with("a", "ta", "a-", &["a.test"]), with("b", "tb", "b-", &["b.test"])], 8, 1 << 20, 2);
+        let t = Tenants::new(&[with("a", "ta", "a-", &["a.test"]), with("b", "tb", "b-", &["b.test"])], &SLOTS);
         let names = |n: &[&str]| PeerCertNames(n.iter().map(|s| s.to_string()).collect());
         assert_eq!(t.by_cert(&names(&["a.test"])).unwrap().name, "a");
         assert!(t.by_cert(&names(&["a.test", "b.test"])).is_none());
@@ -509,7 +574,7 @@ mod tests {
     fn the_bucket_refuses_past_the_rate_and_says_when_to_retry() {
         let mut c = tenant("a", "t", "a-");
         c.quota.requests_per_s = Some(3);
-        let t = Tenants::new(&[c], 8, 1 << 20, 2);
+        let t = Tenants::new(&[c], &SLOTS);
         let a = t.by_token("t").unwrap();
         for _ in 0..3 {
             a.admit().unwrap();

@@ -238,6 +238,9 @@ pub struct TenantQuota {
     pub staging_share_pct: u32,
     /// Percentage of `chunk_requests_max` the tenant's chunk transfers may hold.
     pub chunk_share_pct: u32,
+    /// Percentage of `index_requests_max` the tenant's shard-index puts may hold (a put holds
+    /// its slot from before its body is read until it is answered).
+    pub index_share_pct: u32,
     pub usage_refresh_s: u64,
 }
 
@@ -249,6 +252,7 @@ impl Default for TenantQuota {
             stored_bytes_max: None,
             staging_share_pct: 100,
             chunk_share_pct: 100,
+            index_share_pct: 100,
             usage_refresh_s: 30,
         }
     }

@@ -241,12 +241,7 @@ fn app(
     config: &Config,
     telemetry: Option<Arc<ckpt_telemetry::Telemetry>>,
 ) -> (Arc<api::AppState>, axum::Router) {
-    let tenants = Arc::new(auth::Tenants::new(
-        &config.tenants,
-        config.chunk_requests_max,
-        config.staging_memory_bytes_max.saturating_add(config.staging_spill_bytes_max),
-        config.retention.gc_runs_max,
-    ));
+    let tenants = Arc::new(auth::Tenants::new(&config.tenants, &auth::NodeSlots::of(config)));
     if !tenants.is_open() {
         tracing::info!(tenants = tenants.all().len(), "tenants configured: requests must authenticate");
     }

@@ -22,12 +22,13 @@ fn hash(token: &str) -> String {
 }
 
 /// Tenant a owns `a-*`; b owns `b-*` and may have one save in flight; slow owns `slow-*` and
-/// may make 5 requests a second; c may store 1000 bytes and hold 7% (1.12 MiB) of the 16 MiB
-/// staging budget; admin sees every job.
+/// may make 5 requests a second; c may store 1000 bytes, hold 7% (1.12 MiB) of the 16 MiB
+/// staging budget and 10% (one) of the 8 shard-index slots; admin sees every job.
 fn config() -> String {
     format!(
         r#"
 shard_index_bytes_max = 65536
+index_requests_max = 8
 chunk_bytes_max = 1048576
 staging_memory_bytes_max = 8388608
 staging_spill_bytes_max = 8388608
@@ -53,7 +54,7 @@ quota = {{ requests_per_s = 5 }}
 name = "c"
 token_blake3 = ["{}"]
 job_prefixes = ["c-"]
-quota = {{ stored_bytes_max = 1000, usage_refresh_s = 1, staging_share_pct = 7 }}
+quota = {{ stored_bytes_max = 1000, usage_refresh_s = 1, staging_share_pct = 7, index_share_pct = 10 }}
 
 [[tenants]]
 name = "admin"
@@ -448,6 +449,28 @@ async fn quotas_hold_one_tenant_and_not_the_others(
     tokio::time::sleep(Duration::from_millis(300)).await;
     let r = raw(addr, "PUT", &format!("/v1/jobs/c-job/chunks/{h}"), Some(&bearer(TOKEN_C)), &chunk).await;
     assert_eq!(r.status, 201, "{}", r.body);
+    // c's share of the shard-index slots is one. An index put whose body stalls holds it: c's
+    // next put is refused (429 rate_limited), while a's put, made at the same time, is not held
+    // (the node has 7 more slots).
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let index = br#"{"rank":0,"tensors":[],"metadata":null}"#;
+    let head = format!(
+        "PUT /v1/jobs/c-job/saves/9/ranks/0 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN_C}\r\nContent-Length: {}\r\n\r\n",
+        index.len()
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    stalled.write_all(&index[..10]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = raw(addr, "PUT", "/v1/jobs/c-job/saves/9/ranks/1", Some(&bearer(TOKEN_C)), index).await;
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "rate_limited", "{}", r.body);
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("shard-index"), "{}", r.body);
+    let r = raw(addr, "PUT", "/v1/jobs/a-job/saves/9/ranks/0", Some(&bearer(TOKEN_A)), index).await;
+    assert!(![429, 503].contains(&r.status), "a's index put was held by c's: {} {}", r.status, r.body);
+    drop(stalled);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = raw(addr, "PUT", "/v1/jobs/c-job/saves/9/ranks/1", Some(&bearer(TOKEN_C)), index).await;
+    assert!(![429, 503].contains(&r.status), "c's share was not freed: {} {}", r.status, r.body);
     // c may store 1000 bytes: its first save (4 KiB that do not compress) commits, the next one
     // is refused at open.
     let noise: Vec<u8> = (0u64..4096).map(|i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8).collect();
