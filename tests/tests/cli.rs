@@ -315,6 +315,23 @@ async fn column_split_scalar_and_empty_tensors_export_and_reshard_whole() {
         let t = st.tensor("wide").unwrap();
         assert_eq!(t.shape(), [2048, 600]);
         assert!(t.data() == whole(2048, 600).as_slice(), "the wide tensor's blocks were not put in place");
+        // Only the tensors asked for; a glob that matches nothing is refused (exit 3), not
+        // silently an empty file.
+        let some = dir.path().join("some.safetensors");
+        let r = ckpt(
+            &server,
+            &["export", "tp", "1", "--tensor", "w*", "--tensor", "st?p", "--out", some.to_str().unwrap()],
+        );
+        assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+        let some = std::fs::read(&some).unwrap();
+        let mut names: Vec<String> =
+            safetensors::SafeTensors::deserialize(&some).unwrap().names().into_iter().map(str::to_string).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["step", "wide"]);
+        let none = dir.path().join("none.safetensors");
+        let r = ckpt(&server, &["export", "tp", "1", "--tensor", "model.*", "--out", none.to_str().unwrap()]);
+        assert_eq!(r.code, 3, "{}{}", r.stdout, r.stderr);
+        assert!(r.stderr.contains("model.*") && !none.exists(), "{}", r.stderr);
         // One rank's slices as it saved them, streamed in blocks of a box.
         let rank3 = dir.path().join("tp-rank3.safetensors");
         let r =
@@ -368,6 +385,13 @@ async fn column_split_scalar_and_empty_tensors_export_and_reshard_whole() {
         let (_, tensors) = read_rank_dir(&one);
         let (_, wide, _) = tensors.iter().find(|(n, _, _)| n == "wide").unwrap();
         assert!(wide[..] == ranks[2][3].data[..], "rank 2's box of the wide tensor");
+        let only = dir.path().join("only");
+        let r =
+            ckpt(&server, &["restore", "tp", "1", "--rank", "2", "--tensor", "grid", "--out", only.to_str().unwrap()]);
+        assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+        let (_, tensors) = read_rank_dir(&only);
+        assert_eq!(tensors.len(), 1);
+        assert!(tensors[0].0 == "grid" && tensors[0].1[..] == ranks[2][2].data[..], "rank 2's grid block alone");
     })
     .await
 }

@@ -121,6 +121,10 @@ enum Cmd {
         /// or one chunk of a rank's slice; twice that is held for a tensor cut along columns).
         #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
         buffer_mib: u64,
+        /// Only tensors whose names match this glob (`*`, `?`, `[...]`), e.g. 'model.*' to leave
+        /// the optimizer state out; repeatable. Each must match some tensor.
+        #[arg(long = "tensor", value_name = "GLOB")]
+        tensors: Vec<String>,
     },
     /// Export a checkpoint as one safetensors file: every tensor whole (assembled from the
     /// ranks that saved it), or one rank's slices with --rank.
@@ -146,6 +150,10 @@ enum Cmd {
         /// or one chunk of a rank's slice; twice that is held for a tensor cut along columns).
         #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
         buffer_mib: u64,
+        /// Only tensors whose names match this glob (`*`, `?`, `[...]`), e.g. 'model.*' to leave
+        /// the optimizer state out; repeatable. Each must match some tensor.
+        #[arg(long = "tensor", value_name = "GLOB")]
+        tensors: Vec<String>,
     },
     /// Delete a committed checkpoint (the newest one, or a pinned one, only with --force).
     Rm {
@@ -500,10 +508,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             return Ok(if ok { 0 } else { output::exit::CORRUPT });
         }
-        Cmd::Restore { job, step, rank, all: _, world_size, out, force, buffer_mib } => {
+        Cmd::Restore { job, step, rank, all: _, world_size, out, force, buffer_mib, tensors: only } => {
             let step = resolve_step(&client, &job, &step).await?;
+            let only = restore_cmd::Only::parse(&only)?;
             restore_cmd::check_out(&out, force)?;
             let cp = client.checkpoint(&job, step).await?;
+            only.check(&cp)?;
             restore_cmd::unlabel(&out)?;
             let buffer = buffer_mib << 20;
             let mut written = Vec::new();
@@ -512,7 +522,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     // The root and this rank's index object; nothing of the other ranks is read.
                     let shard = client.shard_index(&cp, rank).await?;
                     let pb = progress(shard.byte_len(), cli.json, &format!("restore {job}@{step} rank {rank}"));
-                    let tensors = restore_cmd::as_saved(&shard);
+                    let tensors = only.keep(restore_cmd::as_saved(&shard));
                     let id = (rank, cp.world_size());
                     written.push(
                         restore_cmd::write_rank(&client, &cp, id, &tensors, &out, buffer, &mut |n| pb.inc(n)).await?,
@@ -523,7 +533,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     restore_cmd::remove_extra_ranks(&out, cp.world_size())?;
                     for r in 0..cp.world_size() {
                         let shard = client.shard_index(&cp, r).await?;
-                        let tensors = restore_cmd::as_saved(&shard);
+                        let tensors = only.keep(restore_cmd::as_saved(&shard));
                         let dir = out.join(format!("rank-{r:05}"));
                         let id = (r, cp.world_size());
                         written.push(
@@ -537,7 +547,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     }
                     restore_cmd::remove_extra_ranks(&out, world)?;
                     for r in 0..world {
-                        let tensors = restore_cmd::resharded(&cp, r, world);
+                        let tensors = only.keep(restore_cmd::resharded(&cp, r, world));
                         let dir = out.join(format!("rank-{r:05}"));
                         written.push(
                             restore_cmd::write_rank(&client, &cp, (r, world), &tensors, &dir, buffer, &mut |_| {})
@@ -558,22 +568,24 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 );
             }
         }
-        Cmd::Export { job, step, format: _, rank, out, force, buffer_mib } => {
+        Cmd::Export { job, step, format: _, rank, out, force, buffer_mib, tensors: only } => {
             let step = resolve_step(&client, &job, &step).await?;
+            let only = restore_cmd::Only::parse(&only)?;
             if out.exists() && !force {
                 return Err(
                     output::CliError::Refused(format!("{} exists; pass --force to replace it", out.display())).into()
                 );
             }
             let cp = client.checkpoint(&job, step).await?;
+            only.check(&cp)?;
             let shard = match rank {
                 Some(r) => Some(client.shard_index(&cp, r).await?),
                 None => None,
             };
-            let tensors = match &shard {
+            let tensors = only.keep(match &shard {
                 Some(shard) => restore_cmd::as_saved(shard),
                 None => restore_cmd::resharded(&cp, 0, 1),
-            };
+            });
             let total = tensors.iter().map(restore_cmd::Planned::bytes).sum::<anyhow::Result<u64>>()?;
             let pb = progress(total, cli.json, &format!("export {job}@{step}"));
             let bytes =

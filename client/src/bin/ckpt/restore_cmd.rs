@@ -353,3 +353,40 @@ pub async fn write_safetensors(
     }
     tensors.iter().map(Planned::bytes).sum()
 }
+
+/// The tensors `--tensor GLOB` asks for: every tensor when none is given.
+pub struct Only(Vec<glob::Pattern>);
+
+impl Only {
+    pub fn parse(globs: &[String]) -> anyhow::Result<Only> {
+        let patterns = globs
+            .iter()
+            .map(|g| glob::Pattern::new(g).map_err(|e| CliError::Usage(format!("--tensor {g:?} is not a glob: {e}"))));
+        Ok(Only(patterns.collect::<Result<_, _>>()?))
+    }
+
+    fn wants(&self, name: &str) -> bool {
+        self.0.is_empty() || self.0.iter().any(|p| p.matches(name))
+    }
+
+    /// Refuses a glob that matches no tensor of the checkpoint (a typo would otherwise write
+    /// less than was meant, silently).
+    pub fn check(&self, cp: &Checkpoint) -> anyhow::Result<()> {
+        for p in &self.0 {
+            if !cp.root.tensors.iter().any(|t| p.matches(&t.name)) {
+                return Err(CliError::NotFound(format!(
+                    "--tensor {:?} matches no tensor of {}@{}",
+                    p.as_str(),
+                    cp.job(),
+                    cp.step()
+                ))
+                .into());
+            }
+        }
+        Ok(())
+    }
+
+    pub fn keep<'a>(&self, tensors: Vec<Planned<'a>>) -> Vec<Planned<'a>> {
+        tensors.into_iter().filter(|t| self.wants(&t.name)).collect()
+    }
+}
