@@ -6,10 +6,18 @@
 //! names them). Every root is checked against its own hash and against the job and step asked
 //! for; every index object against the address and length the root gives and the rank it must
 //! be. Version-1 checkpoints (one manifest with every index inline) read the same way.
+//!
+//! Design note: index objects are content-addressed and immutable, so a parsed one is kept
+//! (`IndexCache`, least recently used out first, bounded by `ClientOptions::index_cache_bytes`
+//! of wire size) and never goes stale. An export or reshard reads every tensor through the
+//! indexes of the ranks holding it; at a 405B layout (a tensor's rows over about a thousand
+//! ranks, thousands of tensors) that would otherwise be millions of index fetches.
+
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use ckpt_core::commit::parse_index_object;
-use ckpt_core::{CommitObject, Limits, Manifest, Root, ShardIndex};
+use ckpt_core::commit::{parse_index_object, IndexRef};
+use ckpt_core::{ChunkHash, CommitObject, Limits, Manifest, Root, ShardIndex};
 use futures::{StreamExt, TryStreamExt};
 
 use crate::client::Client;
@@ -76,25 +84,51 @@ impl Client {
     /// Rank `rank`'s shard index of a checkpoint, fetched by the address its root gives and
     /// checked against it.
     pub async fn shard_index(&self, cp: &Checkpoint, rank: u32) -> Result<ShardIndex, ClientError> {
+        Ok(Arc::unwrap_or_clone(self.shared_index(cp, rank).await?))
+    }
+
+    /// [`Client::shard_index`], shared with the client's index cache.
+    pub(crate) async fn shared_index(&self, cp: &Checkpoint, rank: u32) -> Result<Arc<ShardIndex>, ClientError> {
         let no_rank =
             || ClientError::NoSuchRank { job: cp.job().into(), step: cp.step(), rank, world_size: cp.world_size() };
         if let Some(inline) = &cp.inline {
-            return inline.get(rank as usize).cloned().ok_or_else(no_rank);
+            return inline.get(rank as usize).cloned().map(Arc::new).ok_or_else(no_rank);
         }
         let r = *cp.root.ranks.get(rank as usize).ok_or_else(no_rank)?;
+        let world = cp.world_size();
+        let key = (r.hash, rank, world);
+        if let Some(hit) = self.indexes.get(&key) {
+            return Ok(hit);
+        }
         let bytes: Bytes = self
             .request(reqwest::Method::GET, &format!("/v1/jobs/{}/indexes/{}", cp.job(), r.hash), Body::Empty)
             .await?;
-        let world = cp.world_size();
-        tokio::task::spawn_blocking(move || parse_index_object(&bytes, &r, rank, world, &reader_limits()))
+        let parsed = tokio::task::spawn_blocking(move || parse_index_object(&bytes, &r, rank, world, &reader_limits()))
             .await
             .map_err(|e| ClientError::Internal(e.to_string()))?
-            .map_err(|e| ClientError::CorruptManifest { job: cp.job().into(), step: cp.step(), reason: e.to_string() })
+            .map_err(|e| ClientError::CorruptManifest {
+                job: cp.job().into(),
+                step: cp.step(),
+                reason: e.to_string(),
+            })?;
+        let parsed = Arc::new(parsed);
+        self.indexes.put(key, &r, parsed.clone());
+        Ok(parsed)
     }
 
     /// The indexes of `ranks`, fetched concurrently, in the order given.
     pub async fn shard_indexes(&self, cp: &Checkpoint, ranks: &[u32]) -> Result<Vec<ShardIndex>, ClientError> {
-        futures::stream::iter(ranks.iter().map(|&r| self.shard_index(cp, r)))
+        let shared = self.shared_indexes(cp, ranks).await?;
+        Ok(shared.into_iter().map(Arc::unwrap_or_clone).collect())
+    }
+
+    /// [`Client::shard_indexes`], shared with the client's index cache.
+    pub(crate) async fn shared_indexes(
+        &self,
+        cp: &Checkpoint,
+        ranks: &[u32],
+    ) -> Result<Vec<Arc<ShardIndex>>, ClientError> {
+        futures::stream::iter(ranks.iter().map(|&r| self.shared_index(cp, r)))
             .buffered(self.options().concurrency.max(1))
             .try_collect()
             .await
@@ -111,5 +145,82 @@ impl Client {
             step,
             reason: e.to_string(),
         })
+    }
+}
+
+/// Index objects read lately, parsed, by their address (content-addressed, so an entry is never
+/// stale) and the rank and world size they were checked for. Bounded by the objects' sizes on
+/// the wire; the least recently used go first.
+pub(crate) struct IndexCache {
+    max: u64,
+    /// The entries, least recently used first, each with its size; and their total.
+    inner: Mutex<(IndexMap, u64)>,
+}
+
+type IndexKey = (ChunkHash, u32, u32);
+type IndexMap = hashlink::LinkedHashMap<IndexKey, (Arc<ShardIndex>, u64)>;
+
+impl IndexCache {
+    pub(crate) fn new(max_bytes: u64) -> IndexCache {
+        IndexCache { max: max_bytes, inner: Mutex::new((hashlink::LinkedHashMap::new(), 0)) }
+    }
+
+    fn get(&self, key: &IndexKey) -> Option<Arc<ShardIndex>> {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.0.to_back(key).map(|(index, _)| index.clone())
+    }
+
+    fn put(&self, key: IndexKey, at: &IndexRef, index: Arc<ShardIndex>) {
+        if at.bytes > self.max {
+            return;
+        }
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let (map, held) = &mut *g;
+        if let Some((_, bytes)) = map.insert(key, (index, at.bytes)) {
+            *held -= bytes;
+        }
+        *held += at.bytes;
+        while *held > self.max {
+            match map.pop_front() {
+                Some((_, (_, bytes))) => *held -= bytes,
+                None => break,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn index(rank: u32) -> Arc<ShardIndex> {
+        Arc::new(ShardIndex { rank, tensors: vec![], metadata: serde_json::Value::Null })
+    }
+
+    #[test]
+    fn the_index_cache_keeps_the_recently_used_within_its_bytes() {
+        let cache = IndexCache::new(100);
+        let key = |i: u8| (ChunkHash::of(&[i]), u32::from(i), 8);
+        let at = |bytes| IndexRef { hash: ChunkHash::of(&[0]), bytes };
+        for i in 0..3 {
+            cache.put(key(i), &at(40), index(u32::from(i)));
+        }
+        // 120 bytes over 100: the first in went.
+        assert!(cache.get(&key(0)).is_none());
+        assert_eq!(cache.get(&key(1)).unwrap().rank, 1);
+        // 1 was used after 2: 2 goes next.
+        cache.put(key(3), &at(40), index(3));
+        assert!(cache.get(&key(2)).is_none());
+        assert!(cache.get(&key(1)).is_some() && cache.get(&key(3)).is_some());
+        // An object larger than the whole cache is not kept, and evicts nothing.
+        cache.put(key(4), &at(101), index(4));
+        assert!(cache.get(&key(4)).is_none() && cache.get(&key(1)).is_some());
+        // The same key again replaces its entry without counting it twice.
+        cache.put(key(3), &at(40), index(3));
+        assert!(cache.get(&key(1)).is_some() && cache.get(&key(3)).is_some());
+        // A cache of 0 bytes keeps nothing.
+        let off = IndexCache::new(0);
+        off.put(key(5), &at(1), index(5));
+        assert!(off.get(&key(5)).is_none());
     }
 }

@@ -77,6 +77,10 @@ pub struct ClientOptions {
     /// TLS trust and client identity for an https URL; unset paths come from `CKPT_TLS_CA`,
     /// `CKPT_TLS_CERT` and `CKPT_TLS_KEY`.
     pub tls: crate::auth::TlsFiles,
+    /// Index objects kept after they are read, by their size on the wire: a reader of many
+    /// tensors (an export, a reshard) then fetches each rank's index once, not once per tensor.
+    /// 0 keeps none.
+    pub index_cache_bytes: u64,
 }
 
 impl Default for ClientOptions {
@@ -97,6 +101,7 @@ impl Default for ClientOptions {
             node_local: true,
             encode: ckpt_core::codec::EncodeOptions::default(),
             epoch: None,
+            index_cache_bytes: 64 << 20,
             token: None,
             tls: Default::default(),
         }
@@ -181,6 +186,7 @@ pub struct Client {
     pub(crate) node_local: Arc<NodeLocal>,
     /// In order of preference; HTTP, last, never declines.
     pub(crate) transports: Vec<Arc<dyn Transport>>,
+    pub(crate) indexes: Arc<crate::checkpoint::IndexCache>,
 }
 
 impl Client {
@@ -211,7 +217,8 @@ impl Client {
             transports.push(node_local.clone());
         }
         transports.push(Arc::new(http.clone()));
-        Ok(Client { http, opts, node_local, transports })
+        let indexes = Arc::new(crate::checkpoint::IndexCache::new(opts.index_cache_bytes));
+        Ok(Client { http, opts, node_local, transports, indexes })
     }
 
     /// The same client with its own connection pool and node-local discovery, for use on

@@ -3,8 +3,9 @@
 //! Resharding: any row range of a tensor can be read back whatever layout saved it. A
 //! [`RowReader`] is opened on a row range of one tensor: it fetches the index objects of the
 //! ranks the root names for those rows (one rank per distinct row range while every slice is
-//! full-width; every rank meeting the rows once a slice cut along another dimension is found)
-//! and keeps only this tensor's entries, one per distinct saved box. Each read then takes, from
+//! full-width; every rank meeting the rows once a slice cut along another dimension is found;
+//! through the client's index cache, so readers of a checkpoint's many tensors fetch each index
+//! once) and keeps only this tensor's entries, one per distinct saved box. Each read then takes, from
 //! each box that meets the rows asked for, only the bytes of the rows that meet (a slice's rows
 //! are contiguous in it, row-major): a full-width slice's bytes land straight in place; a
 //! slice cut along columns is read into a scratch buffer of its meeting rows and copied
@@ -149,11 +150,12 @@ impl Client {
         let name = &layout.name;
         let bad = |reason: String| ClientError::InvalidTensor { name: name.clone(), reason };
         let mut slices: Vec<TensorEntry> = Vec::new();
-        for shard in self.shard_indexes(cp, ranks).await? {
+        for shard in self.shared_indexes(cp, ranks).await? {
             let e = shard
                 .tensors
-                .into_iter()
+                .iter()
                 .find(|t| t.name == *name)
+                .cloned()
                 .ok_or_else(|| bad(format!("the root says rank {} holds it, its index does not", shard.rank)))?;
             if e.global_shape != layout.global_shape || e.dtype != layout.dtype {
                 return Err(bad(format!("rank {}'s index disagrees with the root on its type or shape", shard.rank)));

@@ -136,6 +136,30 @@ async fn a_row_reader_streams_a_grid_layout_in_blocks_of_any_size() {
     assert_eq!(floats(&bytes), (3..13).flat_map(|r| (0..cols).map(move |c| value(r, c))).collect::<Vec<_>>());
 }
 
+/// A reader of many tensors fetches each rank's index object once: with the index objects
+/// gone from the store after the first tensor was read, the second still reads through the
+/// client's cache, and a client without one fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_objects_are_fetched_once_per_client_not_once_per_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start_daemon(dir.path()).await;
+    let opts = ClientOptions { chunk_bytes: 20, node_local: false, ..Default::default() };
+    let cached = Client::new(&d.url(), opts.clone()).unwrap();
+    let uncached = Client::new(&d.url(), ClientOptions { index_cache_bytes: 0, ..opts }).unwrap();
+    let mut ranks = row_slices("a", 12, &[4, 8], 0.0);
+    for (r, b) in ranks.iter_mut().zip(row_slices("b", 12, &[4, 8], 100.0)) {
+        r.extend(b);
+    }
+    bounded(Duration::from_secs(60), save_step(&cached, "twice", 1, &ranks)).await.unwrap();
+    let cp = cached.checkpoint("twice", 1).await.unwrap();
+    cached.load_rows(&cp, "a", 0, 12).await.unwrap();
+    let indexes = dir.path().join("store").join(ckpt_core::keys::indexes_prefix("twice"));
+    std::fs::remove_dir_all(&indexes).unwrap();
+    let (bytes, _) = cached.load_rows(&cp, "b", 0, 12).await.expect("b read with the indexes a's read cached");
+    assert_eq!(floats(&bytes), (0..12 * COLS).map(|i| 100.0 + i as f32).collect::<Vec<_>>());
+    assert!(uncached.load_rows(&cp, "b", 0, 12).await.is_err(), "without a cache the indexes are fetched again");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn layouts_with_gaps_are_refused_not_filled() {
     let dir = tempfile::tempdir().unwrap();
