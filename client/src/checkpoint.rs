@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use ckpt_core::commit::{parse_index_object, IndexRef};
-use ckpt_core::{ChunkHash, CommitObject, Limits, Manifest, Root, ShardIndex};
+use ckpt_core::{CommitObject, Limits, Manifest, Root, ShardIndex};
 use futures::{StreamExt, TryStreamExt};
 
 use crate::client::Client;
@@ -84,11 +84,11 @@ impl Client {
     /// Rank `rank`'s shard index of a checkpoint, fetched by the address its root gives and
     /// checked against it.
     pub async fn shard_index(&self, cp: &Checkpoint, rank: u32) -> Result<ShardIndex, ClientError> {
-        Ok(Arc::unwrap_or_clone(self.shared_index(cp, rank).await?))
+        Ok(Arc::unwrap_or_clone(self.shared_index(cp, rank, Cache::Use).await?))
     }
 
-    /// [`Client::shard_index`], shared with the client's index cache.
-    pub(crate) async fn shared_index(&self, cp: &Checkpoint, rank: u32) -> Result<Arc<ShardIndex>, ClientError> {
+    /// [`Client::shard_index`], shared with the client's index cache unless `cache` says not.
+    async fn shared_index(&self, cp: &Checkpoint, rank: u32, cache: Cache) -> Result<Arc<ShardIndex>, ClientError> {
         let no_rank =
             || ClientError::NoSuchRank { job: cp.job().into(), step: cp.step(), rank, world_size: cp.world_size() };
         if let Some(inline) = &cp.inline {
@@ -96,8 +96,8 @@ impl Client {
         }
         let r = *cp.root.ranks.get(rank as usize).ok_or_else(no_rank)?;
         let world = cp.world_size();
-        let key = (r.hash, rank, world);
-        if let Some(hit) = self.indexes.get(&key) {
+        let key = (cp.job().to_string(), r, rank, world);
+        if let Some(hit) = self.indexes.get(&key).filter(|_| cache == Cache::Use) {
             return Ok(hit);
         }
         let bytes: Bytes = self
@@ -112,23 +112,26 @@ impl Client {
                 reason: e.to_string(),
             })?;
         let parsed = Arc::new(parsed);
-        self.indexes.put(key, &r, parsed.clone());
+        if cache == Cache::Use {
+            self.indexes.put(key, &r, parsed.clone());
+        }
         Ok(parsed)
     }
 
     /// The indexes of `ranks`, fetched concurrently, in the order given.
     pub async fn shard_indexes(&self, cp: &Checkpoint, ranks: &[u32]) -> Result<Vec<ShardIndex>, ClientError> {
-        let shared = self.shared_indexes(cp, ranks).await?;
+        let shared = self.shared_indexes(cp, ranks, Cache::Use).await?;
         Ok(shared.into_iter().map(Arc::unwrap_or_clone).collect())
     }
 
-    /// [`Client::shard_indexes`], shared with the client's index cache.
+    /// [`Client::shard_indexes`], shared with the client's index cache unless `cache` says not.
     pub(crate) async fn shared_indexes(
         &self,
         cp: &Checkpoint,
         ranks: &[u32],
+        cache: Cache,
     ) -> Result<Vec<Arc<ShardIndex>>, ClientError> {
-        futures::stream::iter(ranks.iter().map(|&r| self.shared_index(cp, r)))
+        futures::stream::iter(ranks.iter().map(|&r| self.shared_index(cp, r, cache)))
             .buffered(self.options().concurrency.max(1))
             .try_collect()
             .await
@@ -136,16 +139,25 @@ impl Client {
 
     /// The whole checkpoint: its root and every rank's index. For tools that need every rank
     /// (show, verify, average); a rank's restore needs only `checkpoint` and `shard_index`.
+    /// Every index object is read from ckptd afresh (verify vouches for the stored bytes).
     pub async fn manifest(&self, job: &str, step: u64) -> Result<Manifest, ClientError> {
         let cp = self.checkpoint(job, step).await?;
         let ranks: Vec<u32> = (0..cp.world_size()).collect();
-        let indexes = self.shard_indexes(&cp, &ranks).await?;
+        let shared = self.shared_indexes(&cp, &ranks, Cache::Bypass).await?;
+        let indexes: Vec<ShardIndex> = shared.into_iter().map(Arc::unwrap_or_clone).collect();
         Manifest::assemble(&cp.root, indexes).map_err(|e| ClientError::CorruptManifest {
             job: job.into(),
             step,
             reason: e.to_string(),
         })
     }
+}
+
+/// Whether a read of an index object may be answered from, and fill, the client's cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cache {
+    Use,
+    Bypass,
 }
 
 /// Index objects read lately, parsed, by their address (content-addressed, so an entry is never
@@ -157,7 +169,10 @@ pub(crate) struct IndexCache {
     inner: Mutex<(IndexMap, u64)>,
 }
 
-type IndexKey = (ChunkHash, u32, u32);
+/// The job (index objects are stored per job), the address and length the root gives, and the
+/// rank and world size the object was checked for: a hit is what parsing those bytes again
+/// would give.
+type IndexKey = (String, IndexRef, u32, u32);
 type IndexMap = hashlink::LinkedHashMap<IndexKey, (Arc<ShardIndex>, u64)>;
 
 impl IndexCache {
@@ -192,6 +207,7 @@ impl IndexCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ckpt_core::ChunkHash;
 
     fn index(rank: u32) -> Arc<ShardIndex> {
         Arc::new(ShardIndex { rank, tensors: vec![], metadata: serde_json::Value::Null })
@@ -200,8 +216,8 @@ mod tests {
     #[test]
     fn the_index_cache_keeps_the_recently_used_within_its_bytes() {
         let cache = IndexCache::new(100);
-        let key = |i: u8| (ChunkHash::of(&[i]), u32::from(i), 8);
         let at = |bytes| IndexRef { hash: ChunkHash::of(&[0]), bytes };
+        let key = |i: u8| ("job".to_string(), IndexRef { hash: ChunkHash::of(&[i]), bytes: 40 }, u32::from(i), 8);
         for i in 0..3 {
             cache.put(key(i), &at(40), index(u32::from(i)));
         }

@@ -78,8 +78,9 @@ pub struct ClientOptions {
     /// `CKPT_TLS_CERT` and `CKPT_TLS_KEY`.
     pub tls: crate::auth::TlsFiles,
     /// Index objects kept after they are read, by their size on the wire: a reader of many
-    /// tensors (an export, a reshard) then fetches each rank's index once, not once per tensor.
-    /// 0 keeps none.
+    /// tensors (an export, a reshard) then fetches each rank's index once, not once per tensor,
+    /// as long as the indexes it sweeps fit (least recently used go first; a sweep larger than
+    /// the cache mostly misses). 0 keeps none. `manifest` and `verify` always read afresh.
     pub index_cache_bytes: u64,
 }
 

@@ -150,7 +150,7 @@ impl Client {
         let name = &layout.name;
         let bad = |reason: String| ClientError::InvalidTensor { name: name.clone(), reason };
         let mut slices: Vec<TensorEntry> = Vec::new();
-        for shard in self.shared_indexes(cp, ranks).await? {
+        for shard in self.shared_indexes(cp, ranks, crate::checkpoint::Cache::Use).await? {
             let e = shard
                 .tensors
                 .iter()

@@ -41,7 +41,7 @@ pub const ROOT_FORMAT: &str = "ckpt.root";
 pub const ROOT_FORMAT_VERSION: u32 = 2;
 
 /// Where a rank's index object is: its content address and its length in bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct IndexRef {
     pub hash: ChunkHash,
     pub bytes: u64,

@@ -214,9 +214,15 @@ impl Tenants {
             .iter()
             .map(|c| {
                 let share = |pct: u32, of: u64| (of as u128 * pct as u128).div_ceil(100) as u64;
+                // With other tenants, a share is at most one fewer than the node's slots (as
+                // with GC runs), however it rounds: no tenant can hold every slot.
+                let others = configs.len() > 1;
                 let slots = |pct: u32, of: usize| {
-                    (pct < 100).then(|| {
-                        let n = share(pct, of as u64).max(1) as usize;
+                    (pct < 100 || others).then(|| {
+                        let mut n = share(pct, of as u64).max(1) as usize;
+                        if others {
+                            n = n.min(of.saturating_sub(1)).max(1);
+                        }
                         (Arc::new(Semaphore::new(n)), n)
                     })
                 };
@@ -496,9 +502,15 @@ mod tests {
             }
             e => panic!("{e}"),
         }
-        assert!(b.index_slot(wait).await.unwrap().is_none(), "b's share is the whole: no slot of its own");
+        // b asked for the whole, but with another tenant it gets one fewer than the node's 8.
+        let b_held: Vec<_> = futures::future::join_all((0..7).map(|_| b.index_slot(wait))).await;
+        assert!(b_held.iter().all(|s| matches!(s, Ok(Some(_)))), "7 of 8 slots are b's to take");
+        assert!(b.index_slot(wait).await.is_err(), "the 8th is not b's");
         drop(held);
         assert!(a.index_slot(wait).await.unwrap().is_some());
+        // One tenant alone may take every slot, as a node without tenants may.
+        let alone = Tenants::new(&[tenant("c", "v", "c-")], &SLOTS);
+        assert!(alone.by_token("v").unwrap().index_slot(wait).await.unwrap().is_none());
     }
 
     fn tenant(name: &str, token: &str, prefix: &str) -> TenantConfig {

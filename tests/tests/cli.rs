@@ -301,6 +301,10 @@ async fn column_split_scalar_and_empty_tensors_export_and_reshard_whole() {
                 ]
             })
             .collect();
+        // A tensor only rank 0 saved (every tensor is in the checkpoint's layout; not every rank
+        // holds every one).
+        let mut ranks = ranks;
+        ranks[0].push(Tensor::whole("only0", DType::U8, vec![3], bytes::Bytes::from_static(&[1, 2, 3])));
         save_step(&client(&d), "tp", 1, &ranks).await.unwrap();
         let server = d.url();
         let file = dir.path().join("tp.safetensors");
@@ -363,7 +367,7 @@ async fn column_split_scalar_and_empty_tensors_export_and_reshard_whole() {
             let (header, tensors) = read_rank_dir(&out.join(format!("rank-{rank:05}")));
             let mut names: Vec<&str> = tensors.iter().map(|(n, _, _)| n.as_str()).collect();
             names.sort_unstable();
-            assert_eq!(names, ["cols", "grid", "no_cols", "no_rows", "step", "wide"], "{header}");
+            assert_eq!(names, ["cols", "grid", "no_cols", "no_rows", "only0", "step", "wide"], "{header}");
             let (_, grid, _) = tensors.iter().find(|(n, _, _)| n == "grid").unwrap();
             let expected: Vec<u8> =
                 (rank * 2..rank * 2 + 2).flat_map(|r| (0..10).flat_map(move |c| value(r, c))).collect();
@@ -392,6 +396,12 @@ async fn column_split_scalar_and_empty_tensors_export_and_reshard_whole() {
         let (_, tensors) = read_rank_dir(&only);
         assert_eq!(tensors.len(), 1);
         assert!(tensors[0].0 == "grid" && tensors[0].1[..] == ranks[2][2].data[..], "rank 2's grid block alone");
+        // A rank holding none of the tensors asked for is refused, not written empty.
+        let none = dir.path().join("none");
+        let r =
+            ckpt(&server, &["restore", "tp", "1", "--rank", "2", "--tensor", "only*", "--out", none.to_str().unwrap()]);
+        assert_eq!(r.code, 3, "{}{}", r.stdout, r.stderr);
+        assert!(r.stderr.contains("rank 2 holds no tensor"), "{}", r.stderr);
     })
     .await
 }

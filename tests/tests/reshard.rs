@@ -158,6 +158,9 @@ async fn index_objects_are_fetched_once_per_client_not_once_per_tensor() {
     let (bytes, _) = cached.load_rows(&cp, "b", 0, 12).await.expect("b read with the indexes a's read cached");
     assert_eq!(floats(&bytes), (0..12 * COLS).map(|i| 100.0 + i as f32).collect::<Vec<_>>());
     assert!(uncached.load_rows(&cp, "b", 0, 12).await.is_err(), "without a cache the indexes are fetched again");
+    // What vouches for the stored bytes never answers from the cache.
+    assert!(cached.manifest("twice", 1).await.is_err(), "manifest answered from the cache");
+    assert!(cached.verify("twice", 1, |_| {}).await.is_err(), "verify answered from the cache");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -521,8 +521,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 (Some(rank), _) => {
                     // The root and this rank's index object; nothing of the other ranks is read.
                     let shard = client.shard_index(&cp, rank).await?;
-                    let pb = progress(shard.byte_len(), cli.json, &format!("restore {job}@{step} rank {rank}"));
-                    let tensors = only.keep(restore_cmd::as_saved(&shard));
+                    let tensors = only.keep_some(restore_cmd::as_saved(&shard), rank)?;
+                    let total = tensors.iter().map(restore_cmd::Planned::bytes).sum::<anyhow::Result<u64>>()?;
+                    let pb = progress(total, cli.json, &format!("restore {job}@{step} rank {rank}"));
                     let id = (rank, cp.world_size());
                     written.push(
                         restore_cmd::write_rank(&client, &cp, id, &tensors, &out, buffer, &mut |n| pb.inc(n)).await?,
@@ -582,10 +583,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 Some(r) => Some(client.shard_index(&cp, r).await?),
                 None => None,
             };
-            let tensors = only.keep(match &shard {
-                Some(shard) => restore_cmd::as_saved(shard),
-                None => restore_cmd::resharded(&cp, 0, 1),
-            });
+            let tensors = match &shard {
+                Some(shard) => only.keep_some(restore_cmd::as_saved(shard), shard.rank)?,
+                None => only.keep(restore_cmd::resharded(&cp, 0, 1)),
+            };
             let total = tensors.iter().map(restore_cmd::Planned::bytes).sum::<anyhow::Result<u64>>()?;
             let pb = progress(total, cli.json, &format!("export {job}@{step}"));
             let bytes =

@@ -213,9 +213,11 @@ pub fn remove_extra_ranks(out: &Path, world: u32) -> anyhow::Result<()> {
 }
 
 /// Writes one rank's tensors, each to its own file, then their `tensors.json`, into `dir`.
-/// All or nothing: each tensor is streamed into `.tNNNNN.bin.partial`, and only once every one
-/// of the rank's bytes has been read and verified are they renamed into place (a corrupt chunk
-/// anywhere leaves no tensor file of this rank, and the partial files are removed).
+/// All or nothing: each tensor is streamed into `.tNNNNN.bin.partial` and synced, and only once
+/// every one of the rank's bytes has been read and verified are they renamed into place (a
+/// corrupt chunk anywhere leaves no tensor file of this rank, and the partial files are
+/// removed); the label is synced and renamed last, so after a power cut too a `tensors.json`
+/// describes whole files.
 pub async fn write_rank(
     client: &Client,
     cp: &Checkpoint,
@@ -227,6 +229,7 @@ pub async fn write_rank(
 ) -> anyhow::Result<serde_json::Value> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut partial: Vec<(PathBuf, PathBuf)> = Vec::new();
+    let mut renamed = 0;
     let mut listing = Vec::new();
     let written = async {
         for (i, t) in tensors.iter().enumerate() {
@@ -236,7 +239,9 @@ pub async fn write_rank(
             partial.push((tmp.clone(), path));
             let mut w = std::io::BufWriter::new(created?);
             stream(client, cp, t, buffer, &mut w, progress).await.with_context(|| format!("tensor {}", t.name))?;
-            w.flush().with_context(|| format!("writing {}", tmp.display()))?;
+            let done =
+                w.into_inner().map_err(|e| e.into_error()).with_context(|| format!("writing {}", tmp.display()))?;
+            tokio::task::block_in_place(|| done.sync_all()).with_context(|| format!("syncing {}", tmp.display()))?;
             listing.push(serde_json::json!({
                 "name": t.name, "dtype": t.dtype, "shape": t.shape, "global_shape": t.global_shape,
                 "offsets": t.offsets, "file": file, "bytes": t.bytes()?,
@@ -244,13 +249,14 @@ pub async fn write_rank(
         }
         for (tmp, path) in &partial {
             std::fs::rename(tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+            renamed += 1;
         }
         anyhow::Ok(())
     }
     .await;
     if let Err(e) = written {
-        for (tmp, _) in &partial {
-            let _ = std::fs::remove_file(tmp);
+        for (i, (tmp, path)) in partial.iter().enumerate() {
+            let _ = std::fs::remove_file(if i < renamed { path } else { tmp });
         }
         return Err(e);
     }
@@ -260,8 +266,11 @@ pub async fn write_rank(
     });
     // Whole or not at all, after every file it describes.
     let (label, tmp) = (dir.join("tensors.json"), dir.join(".tensors.json.tmp"));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&header)?).with_context(|| format!("writing {}", tmp.display()))?;
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(&serde_json::to_vec_pretty(&header)?).with_context(|| format!("writing {}", tmp.display()))?;
+    f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
     std::fs::rename(&tmp, &label).with_context(|| format!("writing {}", label.display()))?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))?;
     Ok(header)
 }
 
@@ -351,6 +360,8 @@ pub async fn write_safetensors(
         let _ = std::fs::remove_file(&tmp);
         return Err(e).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()));
     }
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::File::open(parent).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", parent.display()))?;
     tensors.iter().map(Planned::bytes).sum()
 }
 
@@ -388,5 +399,16 @@ impl Only {
 
     pub fn keep<'a>(&self, tensors: Vec<Planned<'a>>) -> Vec<Planned<'a>> {
         tensors.into_iter().filter(|t| self.wants(&t.name)).collect()
+    }
+
+    /// `keep` for a single rank's tensors: a rank that holds none of those asked for is
+    /// refused, not written as an empty file.
+    pub fn keep_some<'a>(&self, tensors: Vec<Planned<'a>>, rank: u32) -> anyhow::Result<Vec<Planned<'a>>> {
+        let kept = self.keep(tensors);
+        if kept.is_empty() && !self.0.is_empty() {
+            let globs: Vec<&str> = self.0.iter().map(glob::Pattern::as_str).collect();
+            return Err(CliError::NotFound(format!("rank {rank} holds no tensor matching --tensor {globs:?}")).into());
+        }
+        Ok(kept)
     }
 }
