@@ -282,22 +282,44 @@ impl Client {
         range: Range<u64>,
         out: &mut [u8],
     ) -> Result<RestoreReport, ClientError> {
-        let total: u64 = entry.chunks.iter().map(|c| c.len).sum();
-        if range.start > range.end || range.end > total || out.len() as u64 != range.end - range.start {
-            return Err(ClientError::InvalidTensor {
-                name: entry.name.clone(),
-                reason: format!(
-                    "bytes {}..{} into a {}-byte buffer, of a {total}-byte slice",
-                    range.start,
-                    range.end,
-                    out.len()
-                ),
-            });
-        }
+        self.load_slice_ranges(job, step, &[(entry, range)], out).await
+    }
+
+    /// [`Client::load_slice_range`] for several slices at once, their bytes one after another
+    /// in `out` (exactly their total length), every chunk read in one parallel batch: many
+    /// small tensors (norms, biases) cost one round of reads, not one each.
+    pub async fn load_slice_ranges(
+        &self,
+        job: &str,
+        step: u64,
+        parts: &[(&ckpt_core::TensorEntry, Range<u64>)],
+        out: &mut [u8],
+    ) -> Result<RestoreReport, ClientError> {
         let mut reads = Vec::new();
-        range_reads(&entry.chunks, range, out, &mut reads)?;
+        let mut rest = out;
+        for (entry, range) in parts {
+            let total: u64 = entry.chunks.iter().map(|c| c.len).sum();
+            let len = range.end.checked_sub(range.start).filter(|_| range.end <= total);
+            let Some(here) = len.and_then(|n| usize::try_from(n).ok()).filter(|&n| n <= rest.len()) else {
+                return Err(ClientError::InvalidTensor {
+                    name: entry.name.clone(),
+                    reason: format!(
+                        "bytes {}..{} of a {total}-byte slice into the {} bytes of the buffer left",
+                        range.start,
+                        range.end,
+                        rest.len()
+                    ),
+                });
+            };
+            let (dest, tail) = std::mem::take(&mut rest).split_at_mut(here);
+            range_reads(&entry.chunks, range.clone(), dest, &mut reads)?;
+            rest = tail;
+        }
+        if !rest.is_empty() {
+            return Err(ClientError::Internal(format!("{} bytes of the buffer left over", rest.len())));
+        }
         let mut report = self.read_all(job, step, reads).await?;
-        report.tensors = 1;
+        report.tensors = parts.len();
         Ok(report)
     }
 }

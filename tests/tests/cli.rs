@@ -402,6 +402,25 @@ async fn column_split_scalar_and_empty_tensors_export_and_reshard_whole() {
             ckpt(&server, &["restore", "tp", "1", "--rank", "2", "--tensor", "only*", "--out", none.to_str().unwrap()]);
         assert_eq!(r.code, 3, "{}{}", r.stdout, r.stderr);
         assert!(r.stderr.contains("rank 2 holds no tensor"), "{}", r.stderr);
+        // A corrupt chunk in the second block of a streamed tensor, after the rank's small
+        // tensors were read in one batch and written: no file of the rank is left.
+        let m = client(&d).manifest("tp", 1).await.unwrap();
+        let wide = m.ranks[2].tensors.iter().find(|t| t.name == "wide").unwrap();
+        assert_eq!(wide.chunks.len(), 2, "a 1.2 MB box in 1 MiB chunks");
+        let p = chunk_path(&dir.path().join("ckptd").join("store"), "tp", &wide.chunks[1].hash);
+        let mut bytes = std::fs::read(&p).unwrap();
+        let at = bytes.len() - 10;
+        bytes[at] ^= 0x20;
+        std::fs::write(&p, bytes).unwrap();
+        let broken = dir.path().join("broken");
+        let r = ckpt(
+            &server,
+            &["restore", "tp", "1", "--rank", "2", "--buffer-mib", "1", "--out", broken.to_str().unwrap()],
+        );
+        assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+        let left: Vec<_> =
+            std::fs::read_dir(&broken).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+        assert!(left.is_empty(), "a failed restore left {left:?}");
     })
     .await
 }
