@@ -344,6 +344,9 @@ async fn column_split_scalar_and_empty_tensors_export_and_reshard_whole() {
         let rank3 = std::fs::read(&rank3).unwrap();
         let st3 = safetensors::SafeTensors::deserialize(&rank3).unwrap();
         assert!(st3.tensor("wide").unwrap().data() == ranks[3][3].data, "rank 3's box of the wide tensor");
+        // Its small slices, read in one batch.
+        assert!(st3.tensor("cols").unwrap().data() == ranks[3][1].data, "rank 3's column half");
+        assert!(st3.tensor("grid").unwrap().data() == ranks[3][2].data, "rank 3's grid block");
         let t = st.tensor("step").unwrap();
         assert!(t.shape().is_empty() && t.data() == 41i64.to_le_bytes(), "step: {:?}", t.shape());
         let t = st.tensor("cols").unwrap();

@@ -292,7 +292,13 @@ pub async fn write_rank(
 
 /// The rank's slices at the head of `tensors` that fit in `buffer` together, each whole
 /// (empty unless the first is a slice that fits).
-fn small_slices<'a>(tensors: &[Planned<'a>], buffer: u64) -> anyhow::Result<Vec<(&'a TensorEntry, Range<u64>)>> {
+fn small_slices<'a, 'p>(
+    tensors: impl IntoIterator<Item = &'p Planned<'a>>,
+    buffer: u64,
+) -> anyhow::Result<Vec<(&'a TensorEntry, Range<u64>)>>
+where
+    'a: 'p,
+{
     let mut batch = Vec::new();
     let mut total = 0u64;
     for t in tensors {
@@ -407,8 +413,21 @@ pub async fn write_safetensors(
         let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let mut w = std::io::BufWriter::new(file);
         w.write_all(&header)?;
-        for t in &order {
-            stream(client, cp, t, buffer, &mut w, progress).await.with_context(|| format!("tensor {}", t.name))?;
+        // Consecutive small slices (of `--rank`) in one batch of reads, as in `write_rank`.
+        let mut i = 0;
+        while i < order.len() {
+            let batch = small_slices(order[i..].iter().copied(), buffer)?;
+            if batch.len() > 1 {
+                let mut buf = vec![0u8; usize::try_from(batch.iter().map(|(_, r)| r.end).sum::<u64>())?];
+                client.load_slice_ranges(cp.job(), cp.step(), &batch, &mut buf).await?;
+                tokio::task::block_in_place(|| w.write_all(&buf))?;
+                progress(buf.len() as u64);
+                i += batch.len();
+            } else {
+                let t = order[i];
+                stream(client, cp, t, buffer, &mut w, progress).await.with_context(|| format!("tensor {}", t.name))?;
+                i += 1;
+            }
         }
         let file = w.into_inner().map_err(|e| e.into_error())?;
         tokio::task::block_in_place(|| file.sync_all())?;
