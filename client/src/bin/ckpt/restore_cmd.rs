@@ -215,9 +215,9 @@ pub fn remove_extra_ranks(out: &Path, world: u32) -> anyhow::Result<()> {
 /// Writes one rank's tensors, each to its own file, then their `tensors.json`, into `dir`.
 /// All or nothing: each tensor is streamed into `.tNNNNN.bin.partial`, and only once every one
 /// of the rank's bytes has been read and verified, and the filesystem synced, are they renamed
-/// into place (a corrupt chunk anywhere leaves no tensor file of this rank, and the partial
-/// files are removed); the label is synced and renamed last, so after a power cut too a
-/// `tensors.json` describes whole files. Consecutive small slices (norms, biases) are read in
+/// into place, the renames synced, and the label written, synced and renamed last (a failure
+/// anywhere, a corrupt chunk above all, leaves no file of this rank; after a power cut too a
+/// `tensors.json` describes whole files). Consecutive small slices (norms, biases) are read in
 /// one batch of up to `buffer` bytes, and one `syncfs` covers every file: a rank of thousands
 /// of small tensors costs neither a round of reads nor an fsync per tensor.
 pub async fn write_rank(
@@ -230,8 +230,13 @@ pub async fn write_rank(
     progress: &mut impl FnMut(u64),
 ) -> anyhow::Result<serde_json::Value> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Opened before any file is written: `syncfs` reports a write-back error only to a
+    // descriptor opened before it happened (Linux 5.8 and later).
+    let d = std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    let (label, label_tmp) = (dir.join("tensors.json"), dir.join(".tensors.json.tmp"));
     let mut partial: Vec<(PathBuf, PathBuf)> = Vec::new();
     let mut renamed = 0;
+    let mut labelled = false;
     let mut listing = Vec::new();
     let written = async {
         let mut i = 0;
@@ -240,7 +245,11 @@ pub async fn write_rank(
             if batch.len() > 1 {
                 let total = batch.iter().map(|(_, r)| r.end).sum::<u64>();
                 let mut buf = vec![0u8; usize::try_from(total)?];
-                client.load_slice_ranges(cp.job(), cp.step(), &batch, &mut buf).await?;
+                let names = (&tensors[i].name, &tensors[i + batch.len() - 1].name);
+                client
+                    .load_slice_ranges(cp.job(), cp.step(), &batch, &mut buf)
+                    .await
+                    .with_context(|| format!("tensors {} to {}", names.0, names.1))?;
                 let mut at = 0usize;
                 for (k, (_, r)) in batch.iter().enumerate() {
                     let n = r.end as usize;
@@ -259,35 +268,42 @@ pub async fn write_rank(
                 i += 1;
             }
         }
-        // Every file's bytes on disk before any of them is renamed into place.
-        let d = std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+        let sync_dir =
+            || tokio::task::block_in_place(|| d.sync_all()).with_context(|| format!("syncing {}", dir.display()));
+        // Every file's bytes on disk before any of them is renamed into place, and the renames
+        // durable before the label that describes them.
         tokio::task::block_in_place(|| nix::unistd::syncfs(&d))
             .with_context(|| format!("syncing {}", dir.display()))?;
         for (tmp, path) in &partial {
             std::fs::rename(tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
             renamed += 1;
         }
-        anyhow::Ok(())
+        sync_dir()?;
+        // Whole or not at all, after every file it describes.
+        let header = serde_json::json!({
+            "job": cp.job(), "step": cp.step(), "root_hash": cp.root.hash, "rank": rank, "world_size": world,
+            "byte_order": "little-endian", "tensors": listing,
+        });
+        let mut f = std::fs::File::create(&label_tmp).with_context(|| format!("creating {}", label_tmp.display()))?;
+        f.write_all(&serde_json::to_vec_pretty(&header)?)
+            .with_context(|| format!("writing {}", label_tmp.display()))?;
+        f.sync_all().with_context(|| format!("syncing {}", label_tmp.display()))?;
+        std::fs::rename(&label_tmp, &label).with_context(|| format!("writing {}", label.display()))?;
+        labelled = true;
+        sync_dir()?;
+        anyhow::Ok(header)
     }
     .await;
-    if let Err(e) = written {
-        for (i, (tmp, path)) in partial.iter().enumerate() {
-            let _ = std::fs::remove_file(if i < renamed { path } else { tmp });
+    match written {
+        Ok(header) => Ok(header),
+        Err(e) => {
+            for (i, (tmp, path)) in partial.iter().enumerate() {
+                let _ = std::fs::remove_file(if i < renamed { path } else { tmp });
+            }
+            let _ = std::fs::remove_file(if labelled { &label } else { &label_tmp });
+            Err(e)
         }
-        return Err(e);
     }
-    let header = serde_json::json!({
-        "job": cp.job(), "step": cp.step(), "root_hash": cp.root.hash, "rank": rank, "world_size": world,
-        "byte_order": "little-endian", "tensors": listing,
-    });
-    // Whole or not at all, after every file it describes.
-    let (label, tmp) = (dir.join("tensors.json"), dir.join(".tensors.json.tmp"));
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(&serde_json::to_vec_pretty(&header)?).with_context(|| format!("writing {}", tmp.display()))?;
-    f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &label).with_context(|| format!("writing {}", label.display()))?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))?;
-    Ok(header)
 }
 
 /// The rank's slices at the head of `tensors` that fit in `buffer` together, each whole
@@ -419,7 +435,11 @@ pub async fn write_safetensors(
             let batch = small_slices(order[i..].iter().copied(), buffer)?;
             if batch.len() > 1 {
                 let mut buf = vec![0u8; usize::try_from(batch.iter().map(|(_, r)| r.end).sum::<u64>())?];
-                client.load_slice_ranges(cp.job(), cp.step(), &batch, &mut buf).await?;
+                let names = (&order[i].name, &order[i + batch.len() - 1].name);
+                client
+                    .load_slice_ranges(cp.job(), cp.step(), &batch, &mut buf)
+                    .await
+                    .with_context(|| format!("tensors {} to {}", names.0, names.1))?;
                 tokio::task::block_in_place(|| w.write_all(&buf))?;
                 progress(buf.len() as u64);
                 i += batch.len();
