@@ -97,8 +97,10 @@ impl Client {
         let r = *cp.root.ranks.get(rank as usize).ok_or_else(no_rank)?;
         let world = cp.world_size();
         let key = (cp.job().to_string(), r, rank, world);
-        if let Some(hit) = self.indexes.get(&key).filter(|_| cache == Cache::Use) {
-            return Ok(hit);
+        if cache == Cache::Use {
+            if let Some(hit) = self.indexes.get(&key) {
+                return Ok(hit);
+            }
         }
         let bytes: Bytes = self
             .request(reqwest::Method::GET, &format!("/v1/jobs/{}/indexes/{}", cp.job(), r.hash), Body::Empty)
@@ -113,7 +115,7 @@ impl Client {
             })?;
         let parsed = Arc::new(parsed);
         if cache == Cache::Use {
-            self.indexes.put(key, &r, parsed.clone());
+            self.indexes.put(key, parsed.clone());
         }
         Ok(parsed)
     }
@@ -185,16 +187,18 @@ impl IndexCache {
         g.0.to_back(key).map(|(index, _)| index.clone())
     }
 
-    fn put(&self, key: IndexKey, at: &IndexRef, index: Arc<ShardIndex>) {
-        if at.bytes > self.max {
+    /// Keeps `index` under `key`, counted at the length its address gives.
+    fn put(&self, key: IndexKey, index: Arc<ShardIndex>) {
+        let len = key.1.bytes;
+        if len > self.max {
             return;
         }
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let (map, held) = &mut *g;
-        if let Some((_, bytes)) = map.insert(key, (index, at.bytes)) {
+        if let Some((_, bytes)) = map.insert(key, (index, len)) {
             *held -= bytes;
         }
-        *held += at.bytes;
+        *held += len;
         while *held > self.max {
             match map.pop_front() {
                 Some((_, (_, bytes))) => *held -= bytes,
@@ -216,27 +220,27 @@ mod tests {
     #[test]
     fn the_index_cache_keeps_the_recently_used_within_its_bytes() {
         let cache = IndexCache::new(100);
-        let at = |bytes| IndexRef { hash: ChunkHash::of(&[0]), bytes };
-        let key = |i: u8| ("job".to_string(), IndexRef { hash: ChunkHash::of(&[i]), bytes: 40 }, u32::from(i), 8);
+        let sized = |i: u8, bytes| ("job".to_string(), IndexRef { hash: ChunkHash::of(&[i]), bytes }, u32::from(i), 8);
+        let key = |i: u8| sized(i, 40);
         for i in 0..3 {
-            cache.put(key(i), &at(40), index(u32::from(i)));
+            cache.put(key(i), index(u32::from(i)));
         }
         // 120 bytes over 100: the first in went.
         assert!(cache.get(&key(0)).is_none());
         assert_eq!(cache.get(&key(1)).unwrap().rank, 1);
         // 1 was used after 2: 2 goes next.
-        cache.put(key(3), &at(40), index(3));
+        cache.put(key(3), index(3));
         assert!(cache.get(&key(2)).is_none());
         assert!(cache.get(&key(1)).is_some() && cache.get(&key(3)).is_some());
         // An object larger than the whole cache is not kept, and evicts nothing.
-        cache.put(key(4), &at(101), index(4));
-        assert!(cache.get(&key(4)).is_none() && cache.get(&key(1)).is_some());
+        cache.put(sized(4, 101), index(4));
+        assert!(cache.get(&sized(4, 101)).is_none() && cache.get(&key(1)).is_some());
         // The same key again replaces its entry without counting it twice.
-        cache.put(key(3), &at(40), index(3));
+        cache.put(key(3), index(3));
         assert!(cache.get(&key(1)).is_some() && cache.get(&key(3)).is_some());
         // A cache of 0 bytes keeps nothing.
         let off = IndexCache::new(0);
-        off.put(key(5), &at(1), index(5));
-        assert!(off.get(&key(5)).is_none());
+        off.put(sized(5, 1), index(5));
+        assert!(off.get(&sized(5, 1)).is_none());
     }
 }

@@ -32,6 +32,12 @@ fn row_slices(name: &str, rows: u64, cuts: &[u64], base: f32) -> Vec<Vec<Tensor>
         .collect()
 }
 
+/// 20-byte chunks over HTTP: smaller than most rows and boxes and aligned to none, so reads cut
+/// through chunks.
+fn tiny_chunks() -> ClientOptions {
+    ClientOptions { chunk_bytes: 20, node_local: false, ..Default::default() }
+}
+
 fn floats(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
@@ -43,8 +49,7 @@ async fn any_row_range_reads_back_from_any_layout() {
     let dir = tempfile::tempdir().unwrap();
     let d = start_daemon(dir.path()).await;
     // 20-byte chunks: rows are 12 bytes, so chunks straddle rows.
-    let client =
-        Client::new(&d.url(), ClientOptions { chunk_bytes: 20, node_local: false, ..Default::default() }).unwrap();
+    let client = Client::new(&d.url(), tiny_chunks()).unwrap();
     let rows = 17;
     bounded(Duration::from_secs(60), save_step(&client, "rows", 1, &row_slices("w", rows, &[5, 6, 12], 0.0)))
         .await
@@ -75,8 +80,7 @@ async fn a_row_reader_streams_a_grid_layout_in_blocks_of_any_size() {
     let dir = tempfile::tempdir().unwrap();
     let d = start_daemon(dir.path()).await;
     // 20-byte chunks: no box row (8 to 16 bytes) lines up with them.
-    let client =
-        Client::new(&d.url(), ClientOptions { chunk_bytes: 20, node_local: false, ..Default::default() }).unwrap();
+    let client = Client::new(&d.url(), tiny_chunks()).unwrap();
     let (rows, cols) = (20u64, 9u64);
     let value = |r: u64, c: u64| (r * 100 + c) as f32;
     let row_cuts = [0u64, 7, 20];
@@ -143,7 +147,7 @@ async fn a_row_reader_streams_a_grid_layout_in_blocks_of_any_size() {
 async fn index_objects_are_fetched_once_per_client_not_once_per_tensor() {
     let dir = tempfile::tempdir().unwrap();
     let d = start_daemon(dir.path()).await;
-    let opts = ClientOptions { chunk_bytes: 20, node_local: false, ..Default::default() };
+    let opts = tiny_chunks();
     let cached = Client::new(&d.url(), opts.clone()).unwrap();
     let uncached = Client::new(&d.url(), ClientOptions { index_cache_bytes: 0, ..opts }).unwrap();
     let mut ranks = row_slices("a", 12, &[4, 8], 0.0);

@@ -117,14 +117,8 @@ enum Cmd {
         /// Write into a non-empty --out (files of the same name are replaced).
         #[arg(long)]
         force: bool,
-        /// Size of the blocks tensors are streamed to their files in, in MiB (at least one row,
-        /// or one chunk of a rank's slice; twice that is held for a tensor cut along columns).
-        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
-        buffer_mib: u64,
-        /// Only tensors whose names match this glob (`*`, `?`, `[...]`), e.g. 'model.*' to leave
-        /// the optimizer state out; repeatable. Each must match some tensor.
-        #[arg(long = "tensor", value_name = "GLOB")]
-        tensors: Vec<String>,
+        #[command(flatten)]
+        select: Streamed,
     },
     /// Export a checkpoint as one safetensors file: every tensor whole (assembled from the
     /// ranks that saved it), or one rank's slices with --rank.
@@ -146,14 +140,8 @@ enum Cmd {
         /// Replace an existing --out.
         #[arg(long)]
         force: bool,
-        /// Size of the blocks tensors are streamed into the file in, in MiB (at least one row,
-        /// or one chunk of a rank's slice; twice that is held for a tensor cut along columns).
-        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
-        buffer_mib: u64,
-        /// Only tensors whose names match this glob (`*`, `?`, `[...]`), e.g. 'model.*' to leave
-        /// the optimizer state out; repeatable. Each must match some tensor.
-        #[arg(long = "tensor", value_name = "GLOB")]
-        tensors: Vec<String>,
+        #[command(flatten)]
+        select: Streamed,
     },
     /// Delete a committed checkpoint (the newest one, or a pinned one, only with --force).
     Rm {
@@ -321,6 +309,19 @@ enum Cmd {
         #[arg(long, default_value_t = 7)]
         seed: u64,
     },
+}
+
+/// What `restore` and `export` write, and in what blocks.
+#[derive(clap::Args)]
+struct Streamed {
+    /// Size of the blocks tensors are streamed in, in MiB (at least one row, or one chunk of a
+    /// rank's slice; twice that is held for a tensor cut along columns).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    buffer_mib: u64,
+    /// Only tensors whose names match this glob (`*`, `?`, `[...]`), e.g. 'model.*' to leave
+    /// the optimizer state out; repeatable. Each must match some tensor.
+    #[arg(long = "tensor", value_name = "GLOB")]
+    tensors: Vec<String>,
 }
 
 fn main() {
@@ -508,7 +509,16 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             return Ok(if ok { 0 } else { output::exit::CORRUPT });
         }
-        Cmd::Restore { job, step, rank, all: _, world_size, out, force, buffer_mib, tensors: only } => {
+        Cmd::Restore {
+            job,
+            step,
+            rank,
+            all: _,
+            world_size,
+            out,
+            force,
+            select: Streamed { buffer_mib, tensors: only },
+        } => {
             let step = resolve_step(&client, &job, &step).await?;
             let only = restore_cmd::Only::parse(&only)?;
             restore_cmd::check_out(&out, force)?;
@@ -569,7 +579,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 );
             }
         }
-        Cmd::Export { job, step, format: _, rank, out, force, buffer_mib, tensors: only } => {
+        Cmd::Export { job, step, format: _, rank, out, force, select: Streamed { buffer_mib, tensors: only } } => {
             let step = resolve_step(&client, &job, &step).await?;
             let only = restore_cmd::Only::parse(&only)?;
             if out.exists() && !force {
@@ -589,9 +599,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             };
             let total = tensors.iter().map(restore_cmd::Planned::bytes).sum::<anyhow::Result<u64>>()?;
             let pb = progress(total, cli.json, &format!("export {job}@{step}"));
-            let bytes =
-                restore_cmd::write_safetensors(&client, &cp, &tensors, &out, buffer_mib << 20, &mut |n| pb.inc(n))
-                    .await?;
+            restore_cmd::write_safetensors(&client, &cp, &tensors, &out, buffer_mib << 20, &mut |n| pb.inc(n)).await?;
+            let bytes = total;
             pb.finish_and_clear();
             if cli.json {
                 print_json(

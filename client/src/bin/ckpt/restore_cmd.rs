@@ -241,30 +241,21 @@ pub async fn write_rank(
     let written = async {
         let mut i = 0;
         while i < tensors.len() {
-            let batch = small_slices(&tensors[i..], buffer)?;
-            if batch.len() > 1 {
-                let total = batch.iter().map(|(_, r)| r.end).sum::<u64>();
-                let mut buf = vec![0u8; usize::try_from(total)?];
-                let names = (&tensors[i].name, &tensors[i + batch.len() - 1].name);
-                client
-                    .load_slice_ranges(cp.job(), cp.step(), &batch, &mut buf)
-                    .await
-                    .with_context(|| format!("tensors {} to {}", names.0, names.1))?;
+            if let Some((lens, buf)) = read_small_slices(client, cp, &tensors[i..], buffer).await? {
                 let mut at = 0usize;
-                for (k, (_, r)) in batch.iter().enumerate() {
-                    let n = r.end as usize;
-                    let mut w = begin_file(dir, i + k, &mut partial)?;
+                for (k, &n) in lens.iter().enumerate() {
+                    let (file, mut w) = begin_file(dir, i + k, &mut partial)?;
                     tokio::task::block_in_place(|| w.write_all(&buf[at..at + n]))?;
-                    end_file(w, &tensors[i + k], i + k, &mut listing)?;
+                    end_file(w, file, &tensors[i + k], &mut listing)?;
                     progress(n as u64);
                     at += n;
                 }
-                i += batch.len();
+                i += lens.len();
             } else {
                 let t = &tensors[i];
-                let mut w = begin_file(dir, i, &mut partial)?;
+                let (file, mut w) = begin_file(dir, i, &mut partial)?;
                 stream(client, cp, t, buffer, &mut w, progress).await.with_context(|| format!("tensor {}", t.name))?;
-                end_file(w, t, i, &mut listing)?;
+                end_file(w, file, t, &mut listing)?;
                 i += 1;
             }
         }
@@ -306,16 +297,16 @@ pub async fn write_rank(
     }
 }
 
-/// The rank's slices at the head of `tensors` that fit in `buffer` together, each whole
-/// (empty unless the first is a slice that fits).
-fn small_slices<'a, 'p>(
-    tensors: impl IntoIterator<Item = &'p Planned<'a>>,
+/// Reads the rank's slices at the head of `tensors` that fit in `buffer` together, each whole,
+/// in one batch of reads. Returns each one's length and their bytes one after another, or
+/// `None` when fewer than two fit (the caller streams the first alone).
+async fn read_small_slices<'p>(
+    client: &Client,
+    cp: &Checkpoint,
+    tensors: impl IntoIterator<Item = &'p Planned<'p>>,
     buffer: u64,
-) -> anyhow::Result<Vec<(&'a TensorEntry, Range<u64>)>>
-where
-    'a: 'p,
-{
-    let mut batch = Vec::new();
+) -> anyhow::Result<Option<(Vec<usize>, Vec<u8>)>> {
+    let mut batch: Vec<(&TensorEntry, Range<u64>)> = Vec::new();
     let mut total = 0u64;
     for t in tensors {
         let Source::Slice(entry) = t.source else { break };
@@ -326,31 +317,36 @@ where
         total += n;
         batch.push((entry, 0..n));
     }
-    Ok(batch)
+    let [(first, _), .., (last, _)] = batch.as_slice() else { return Ok(None) };
+    let mut buf = vec![0u8; usize::try_from(total)?];
+    client
+        .load_slice_ranges(cp.job(), cp.step(), &batch, &mut buf)
+        .await
+        .with_context(|| format!("tensors {} to {}", first.name, last.name))?;
+    Ok(Some((batch.iter().map(|(_, r)| r.end as usize).collect(), buf)))
 }
 
 /// Creates tensor `i`'s partial file in `dir`, noted in `partial` (with where it goes) so that
-/// a failure removes it.
+/// a failure removes it. Returns the file's name and a writer to it.
 fn begin_file(
     dir: &Path,
     i: usize,
     partial: &mut Vec<(PathBuf, PathBuf)>,
-) -> anyhow::Result<std::io::BufWriter<std::fs::File>> {
+) -> anyhow::Result<(String, std::io::BufWriter<std::fs::File>)> {
     let file = format!("t{i:05}.bin");
     let (path, tmp) = (dir.join(&file), dir.join(format!(".{file}.partial")));
     let created = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()));
     partial.push((tmp, path));
-    Ok(std::io::BufWriter::new(created?))
+    Ok((file, std::io::BufWriter::new(created?)))
 }
 
-/// Flushes tensor `i`'s file (synced later, with every other) and lists it.
+/// Flushes tensor `t`'s file `file` (synced later, with every other) and lists it.
 fn end_file(
     w: std::io::BufWriter<std::fs::File>,
+    file: String,
     t: &Planned<'_>,
-    i: usize,
     listing: &mut Vec<serde_json::Value>,
 ) -> anyhow::Result<()> {
-    let file = format!("t{i:05}.bin");
     w.into_inner().map_err(|e| e.into_error()).with_context(|| format!("writing {file}"))?;
     listing.push(serde_json::json!({
         "name": t.name, "dtype": t.dtype, "shape": t.shape, "global_shape": t.global_shape,
@@ -406,7 +402,7 @@ fn safetensors_header(cp: &Checkpoint, tensors: &[&Planned<'_>]) -> anyhow::Resu
 
 /// Writes `tensors` (whole tensors, or one rank's slices) as one safetensors file at `path`,
 /// with the job, step and root hash in its metadata: streamed into a temporary file beside it,
-/// synced, and renamed over `path` only once complete. Returns the data bytes written.
+/// synced, and renamed over `path` only once complete.
 pub async fn write_safetensors(
     client: &Client,
     cp: &Checkpoint,
@@ -414,7 +410,7 @@ pub async fn write_safetensors(
     path: &Path,
     buffer: u64,
     progress: &mut impl FnMut(u64),
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<()> {
     // By falling alignment, then name, as the format's own writer orders them.
     let mut order: Vec<&Planned<'_>> = tensors.iter().collect();
     order.sort_by(|a, b| {
@@ -432,17 +428,10 @@ pub async fn write_safetensors(
         // Consecutive small slices (of `--rank`) in one batch of reads, as in `write_rank`.
         let mut i = 0;
         while i < order.len() {
-            let batch = small_slices(order[i..].iter().copied(), buffer)?;
-            if batch.len() > 1 {
-                let mut buf = vec![0u8; usize::try_from(batch.iter().map(|(_, r)| r.end).sum::<u64>())?];
-                let names = (&order[i].name, &order[i + batch.len() - 1].name);
-                client
-                    .load_slice_ranges(cp.job(), cp.step(), &batch, &mut buf)
-                    .await
-                    .with_context(|| format!("tensors {} to {}", names.0, names.1))?;
+            if let Some((lens, buf)) = read_small_slices(client, cp, order[i..].iter().copied(), buffer).await? {
                 tokio::task::block_in_place(|| w.write_all(&buf))?;
                 progress(buf.len() as u64);
-                i += batch.len();
+                i += lens.len();
             } else {
                 let t = order[i];
                 stream(client, cp, t, buffer, &mut w, progress).await.with_context(|| format!("tensor {}", t.name))?;
@@ -463,8 +452,7 @@ pub async fn write_safetensors(
         return Err(e).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()));
     }
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::File::open(parent).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", parent.display()))?;
-    tensors.iter().map(Planned::bytes).sum()
+    std::fs::File::open(parent).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", parent.display()))
 }
 
 /// The tensors `--tensor GLOB` asks for: every tensor when none is given.
