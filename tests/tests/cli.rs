@@ -399,6 +399,32 @@ async fn column_split_scalar_and_empty_tensors_export_and_reshard_whole() {
         let (_, tensors) = read_rank_dir(&only);
         assert_eq!(tensors.len(), 1);
         assert!(tensors[0].0 == "grid" && tensors[0].1[..] == ranks[2][2].data[..], "rank 2's grid block alone");
+        // Forced over earlier restores, a restore leaves only the files its label lists: fewer
+        // tensors over a whole rank, `--all` over one rank, one rank over `--all`.
+        let files = |dir: &Path| -> Vec<String> {
+            let mut names: Vec<String> = std::fs::read_dir(dir)
+                .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+                .unwrap_or_default();
+            names.sort();
+            names
+        };
+        assert!(files(&one).len() > 2, "{:?}", files(&one));
+        std::fs::write(one.join(".t00007.bin.partial"), b"left by a killed restore").unwrap();
+        let r = ckpt(
+            &server,
+            &["restore", "tp", "1", "--rank", "2", "--tensor", "grid", "--force", "--out", one.to_str().unwrap()],
+        );
+        assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+        assert_eq!(files(&one), ["t00000.bin", "tensors.json"]);
+        let r = ckpt(
+            &server,
+            &["restore", "tp", "1", "--all", "--world-size", "2", "--force", "--out", one.to_str().unwrap()],
+        );
+        assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+        assert_eq!(files(&one), ["rank-00000", "rank-00001"]);
+        let r = ckpt(&server, &["restore", "tp", "1", "--rank", "2", "--force", "--out", one.to_str().unwrap()]);
+        assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+        assert!(files(&one).iter().all(|f| !f.starts_with("rank-")), "{:?}", files(&one));
         // A rank holding none of the tensors asked for is refused, not written empty.
         let none = dir.path().join("none");
         let r =

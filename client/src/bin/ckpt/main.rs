@@ -529,6 +529,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             let mut written = Vec::new();
             match (rank, world_size) {
                 (Some(rank), _) => {
+                    // Over an earlier `--all`: its rank directories are not this restore's.
+                    restore_cmd::remove_extra_ranks(&out, 0)?;
                     // The root and this rank's index object; nothing of the other ranks is read.
                     let shard = client.shard_index(&cp, rank).await?;
                     let tensors = only.keep_some(restore_cmd::as_saved(&shard), rank)?;
@@ -542,6 +544,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 }
                 (None, None) => {
                     restore_cmd::remove_extra_ranks(&out, cp.world_size())?;
+                    restore_cmd::remove_stale_files(&out, 0)?;
                     for r in 0..cp.world_size() {
                         let shard = client.shard_index(&cp, r).await?;
                         let tensors = only.keep(restore_cmd::as_saved(&shard));
@@ -557,6 +560,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                         return Err(output::CliError::Usage("--world-size must be positive".into()).into());
                     }
                     restore_cmd::remove_extra_ranks(&out, world)?;
+                    restore_cmd::remove_stale_files(&out, 0)?;
                     for r in 0..world {
                         let tensors = only.keep(restore_cmd::resharded(&cp, r, world));
                         let dir = out.join(format!("rank-{r:05}"));

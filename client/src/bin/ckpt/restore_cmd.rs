@@ -212,6 +212,34 @@ pub fn remove_extra_ranks(out: &Path, world: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Removes the files an earlier restore left in `dir` that a restore of `keep` tensors will
+/// not replace: tensor files numbered `keep` and above, and the partial files of one that was
+/// interrupted. A `--force` restore of fewer tensors (or of `--all` over one rank, where `keep`
+/// is 0) must leave only files its `tensors.json` lists. Only names a restore writes are
+/// touched; anything else of the user's in `dir` stays.
+pub fn remove_stale_files(dir: &Path, keep: usize) -> anyhow::Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+    let numbered = |name: &str| {
+        name.strip_prefix('t')
+            .and_then(|n| n.strip_suffix(".bin"))
+            .filter(|n| n.len() == 5 && n.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|n| n.parse::<usize>().ok())
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let stale = match name.strip_prefix('.') {
+            Some(hidden) => {
+                hidden == "tensors.json.tmp" || hidden.strip_suffix(".partial").and_then(numbered).is_some()
+            }
+            None => numbered(&name).is_some_and(|i| i >= keep),
+        };
+        if stale && e.file_type().is_ok_and(|t| t.is_file()) {
+            std::fs::remove_file(e.path()).with_context(|| format!("removing {}", e.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Writes one rank's tensors, each to its own file, then their `tensors.json`, into `dir`.
 /// All or nothing: each tensor is streamed into `.tNNNNN.bin.partial`, and only once every one
 /// of the rank's bytes has been read and verified, and the filesystem synced, are they renamed
@@ -230,6 +258,7 @@ pub async fn write_rank(
     progress: &mut impl FnMut(u64),
 ) -> anyhow::Result<serde_json::Value> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    remove_stale_files(dir, tensors.len())?;
     // Opened before any file is written: `syncfs` reports a write-back error only to a
     // descriptor opened before it happened (Linux 5.8 and later).
     let d = std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
