@@ -13,6 +13,7 @@
 //! indexes of the ranks holding it; at a 405B layout (a tensor's rows over about a thousand
 //! ranks, thousands of tensors) that would otherwise be millions of index fetches.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -105,6 +106,7 @@ impl Client {
         let bytes: Bytes = self
             .request(reqwest::Method::GET, &format!("/v1/jobs/{}/indexes/{}", cp.job(), r.hash), Body::Empty)
             .await?;
+        self.indexes.fetched.fetch_add(1, Ordering::Relaxed);
         let parsed = tokio::task::spawn_blocking(move || parse_index_object(&bytes, &r, rank, world, &reader_limits()))
             .await
             .map_err(|e| ClientError::Internal(e.to_string()))?
@@ -118,6 +120,12 @@ impl Client {
             self.indexes.put(key, parsed.clone());
         }
         Ok(parsed)
+    }
+
+    /// Index objects this client has fetched from ckptd so far (each cache miss, and every read
+    /// that bypasses the cache): what a reader of many tensors pays in metadata round trips.
+    pub fn index_objects_fetched(&self) -> u64 {
+        self.indexes.fetched.load(Ordering::Relaxed)
     }
 
     /// The indexes of `ranks`, fetched concurrently, in the order given.
@@ -169,6 +177,8 @@ pub(crate) struct IndexCache {
     max: u64,
     /// The entries, least recently used first, each with its size; and their total.
     inner: Mutex<(IndexMap, u64)>,
+    /// Index objects fetched from ckptd by the client that owns the cache.
+    fetched: AtomicU64,
 }
 
 /// The job (index objects are stored per job), the address and length the root gives, and the
@@ -179,7 +189,11 @@ type IndexMap = hashlink::LinkedHashMap<IndexKey, (Arc<ShardIndex>, u64)>;
 
 impl IndexCache {
     pub(crate) fn new(max_bytes: u64) -> IndexCache {
-        IndexCache { max: max_bytes, inner: Mutex::new((hashlink::LinkedHashMap::new(), 0)) }
+        IndexCache {
+            max: max_bytes,
+            inner: Mutex::new((hashlink::LinkedHashMap::new(), 0)),
+            fetched: AtomicU64::new(0),
+        }
     }
 
     fn get(&self, key: &IndexKey) -> Option<Arc<ShardIndex>> {

@@ -150,6 +150,9 @@ impl Client {
         let name = &layout.name;
         let bad = |reason: String| ClientError::InvalidTensor { name: name.clone(), reason };
         let mut slices: Vec<TensorEntry> = Vec::new();
+        // Boxes seen, by offsets and shape: a lookup, not a scan of `slices` (quadratic in the
+        // ranks, seconds per tensor at 16,384).
+        let mut boxes = std::collections::HashSet::new();
         for shard in self.shared_indexes(cp, ranks, crate::checkpoint::Cache::Use).await? {
             let e = shard
                 .tensors
@@ -166,7 +169,7 @@ impl Client {
                 }
             }
             // Replicas hold the same box, byte-identical by the save rule: read once.
-            if !slices.iter().any(|s| s.offsets == e.offsets && s.shape == e.shape) {
+            if boxes.insert((e.offsets.clone(), e.shape.clone())) {
                 slices.push(e);
             }
         }

@@ -611,6 +611,9 @@ impl Coordinator {
 
     async fn commit_inner(&self, slot: &mut Slot) -> Result<(), ServiceError> {
         let (job, step) = (slot.state.job.clone(), slot.state.step);
+        // The last put's journal sync and index object, and the wait for the save's lock.
+        let before_commit_ms = slot.all_in_at.map_or(0, |t| t.elapsed().as_millis() as u64);
+        let started = Instant::now();
         if slot.state.phase == SavePhase::Staged {
             if !slot.pending.is_empty() {
                 return Err(ServiceError::Internal(format!(
@@ -621,6 +624,7 @@ impl Coordinator {
             slot.state.mark_durable()?;
             self.journal(&slot.state).await?;
         }
+        let durable_journal_ms = started.elapsed().as_millis() as u64;
         let started = Instant::now();
         let index_objects_at_commit = slot.state.world_size as usize - slot.index_objects.counts().0;
         self.write_index_objects(slot).await?;
@@ -633,7 +637,16 @@ impl Coordinator {
         let root_build_ms = started.elapsed().as_millis() as u64;
         let chunks: Vec<ChunkHash> = slot.state.ranks.values().flat_map(|r| r.chunk_hashes()).collect();
         self.create_root(slot, root, &chunks).await?;
-        tracing::info!(job, step, index_objects_at_commit, index_objects_ms, root_build_ms, "commit timings");
+        tracing::info!(
+            job,
+            step,
+            before_commit_ms,
+            durable_journal_ms,
+            index_objects_at_commit,
+            index_objects_ms,
+            root_build_ms,
+            "commit timings"
+        );
         Ok(())
     }
 
@@ -652,6 +665,7 @@ impl Coordinator {
         ));
         let bytes = Bytes::from(root.to_bytes());
         let index_objects: Vec<ChunkHash> = root.ranks.iter().map(|r| r.hash).collect();
+        let started = Instant::now();
         if let Err(hole) = self.gc_backstop(&job, step, &index_objects, chunks).await? {
             tracing::error!(job, step, "{hole}");
             return Err(self.abort_held(slot, hole).await);
@@ -667,6 +681,8 @@ impl Coordinator {
             )));
             r
         };
+        let backstop_ms = started.elapsed().as_millis() as u64;
+        let started = Instant::now();
         match created.await {
             Ok(()) => {}
             Err(StoreError::AlreadyExists(_)) => {
@@ -690,7 +706,10 @@ impl Coordinator {
         fail::fail_point!("ckptd::commit::after_manifest", |_| crate::coordinator::crash_now(
             "ckptd::commit::after_manifest"
         ));
+        let root_create_ms = started.elapsed().as_millis() as u64;
+        let started = Instant::now();
         self.finish_commit(&mut slot.state, root.hash.clone(), bytes.to_vec()).await?;
+        let record_ms = started.elapsed().as_millis() as u64;
         let after_last_index_us = slot.all_in_at.map_or(0, |t| t.elapsed().as_micros() as u64);
         self.last_commit_after_last_index_us.store(after_last_index_us, Ordering::Relaxed);
         tracing::info!(
@@ -700,6 +719,9 @@ impl Coordinator {
             hash = %root.hash,
             root_bytes = bytes.len(),
             after_last_index_us,
+            backstop_ms,
+            root_create_ms,
+            record_ms,
             "committed"
         );
         Ok(())

@@ -308,9 +308,22 @@ async fn column_split_scalar_and_empty_tensors_export_and_reshard_whole() {
         save_step(&client(&d), "tp", 1, &ranks).await.unwrap();
         let server = d.url();
         let file = dir.path().join("tp.safetensors");
-        let r = ckpt(&server, &["export", "tp", "1", "--buffer-mib", "1", "--out", file.to_str().unwrap()]);
+        let r = ckpt(&server, &["--json", "export", "tp", "1", "--buffer-mib", "1", "--out", file.to_str().unwrap()]);
         assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
         assert!(!dir.path().join("tp.safetensors.partial").exists(), "the temporary file was renamed");
+        // Every tensor is read across the ranks: each rank's index object is fetched once for
+        // the whole export, not once per tensor; with no index cache, once per tensor, and the
+        // export says so before it starts.
+        let fetched = |r: &Ran| serde_json::from_str::<Value>(&r.stdout).unwrap()["index_objects_fetched"].as_u64();
+        assert!(fetched(&r).is_some_and(|n| n <= 4), "{}", r.stdout);
+        assert!(!r.stderr.contains("note:"), "{}", r.stderr);
+        let uncached = dir.path().join("uncached.safetensors");
+        let args = ["--json", "export", "tp", "1", "--index-cache-mib", "0", "--out", uncached.to_str().unwrap()];
+        let r = ckpt(&server, &args);
+        assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+        assert!(fetched(&r).is_some_and(|n| n > 4), "{}", r.stdout);
+        assert!(r.stderr.contains("more than --index-cache-mib 0"), "{}", r.stderr);
+        assert!(std::fs::read(&uncached).unwrap() == std::fs::read(&file).unwrap());
         let bytes = std::fs::read(&file).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let whole = |rows: u64, cols: u64| -> Vec<u8> {

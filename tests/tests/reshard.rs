@@ -156,10 +156,18 @@ async fn index_objects_are_fetched_once_per_client_not_once_per_tensor() {
     }
     bounded(Duration::from_secs(60), save_step(&cached, "twice", 1, &ranks)).await.unwrap();
     let cp = cached.checkpoint("twice", 1).await.unwrap();
+    let world = u64::from(cp.world_size());
     cached.load_rows(&cp, "a", 0, 12).await.unwrap();
+    // Counted: one fetch per rank, not per tensor; and without a cache, per tensor.
+    let counted = cached.index_objects_fetched();
+    for _ in 0..2 {
+        uncached.load_rows(&cp, "a", 0, 12).await.unwrap();
+    }
+    assert_eq!((counted, uncached.index_objects_fetched()), (world, 2 * world));
     let indexes = dir.path().join("store").join(ckpt_core::keys::indexes_prefix("twice"));
     std::fs::remove_dir_all(&indexes).unwrap();
     let (bytes, _) = cached.load_rows(&cp, "b", 0, 12).await.expect("b read with the indexes a's read cached");
+    assert_eq!(cached.index_objects_fetched(), world);
     assert_eq!(floats(&bytes), (0..12 * COLS).map(|i| 100.0 + i as f32).collect::<Vec<_>>());
     assert!(uncached.load_rows(&cp, "b", 0, 12).await.is_err(), "without a cache the indexes are fetched again");
     // What vouches for the stored bytes never answers from the cache.

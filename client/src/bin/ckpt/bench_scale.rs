@@ -9,8 +9,12 @@
 //! index-put latency (p50, p99, and the first and last eighth by completion), the time from the
 //! last index to the root (ckptd's own clock), ckptd's peak RSS, the root's bytes and the
 //! metadata bytes one rank reads to restore (root plus its index object), which the benchmark
-//! then reads back and verifies. Optionally a save of `distinct_chunks` distinct chunks (1.5 M
-//! for a 405B checkpoint in 4 MiB chunks) through the ordinary save path.
+//! then reads back and verifies. Then the checkpoint is read across ranks by fresh clients
+//! with `index_cache_mib` of index cache: every tensor opened on all its rows (what an export or
+//! a reshard does first: every rank's index object fetched and checked), and one rank of a
+//! world an eighth the size reading its rows of every tensor (an elastic restart on fewer
+//! nodes). Optionally a save of `distinct_chunks` distinct chunks (1.5 M for a 405B checkpoint
+//! in 4 MiB chunks) through the ordinary save path.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -34,6 +38,8 @@ pub struct ScaleOptions {
     /// Ranks for the distinct-chunk save.
     pub distinct_ranks: u32,
     pub seed: u64,
+    /// The index cache of the readers (`ClientOptions::index_cache_bytes`), MiB.
+    pub index_cache_mib: u64,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -56,6 +62,14 @@ pub struct WorldRow {
     pub root_bytes: u64,
     pub restore_metadata_bytes: u64,
     pub journal_syncs: u64,
+    /// Every tensor opened on all its rows, as an export or a reshard to another layout opens
+    /// them, by a fresh client: seconds, and the index objects it fetched.
+    pub sweep_open_s: f64,
+    pub sweep_index_fetches: u64,
+    /// A restart on an eighth of the ranks: one new rank's rows of every tensor (eight old
+    /// ranks' slices) opened and read by a fresh client: seconds, index objects fetched.
+    pub eighth_rank_s: f64,
+    pub eighth_rank_index_fetches: u64,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -249,6 +263,27 @@ async fn one_world(opts: &ScaleOptions, world: u32) -> Result<WorldRow, ClientEr
     if restored.len() != t as usize {
         return Err(ClientError::Protocol(format!("rank {probe} restored {} tensors", restored.len())));
     }
+    let reader = || {
+        let index_cache_bytes = opts.index_cache_mib << 20;
+        Client::new(&url, ClientOptions { node_local: false, index_cache_bytes, ..ClientOptions::default() })
+    };
+    let (slice, names) = (c * CHUNK_BYTES as u64, (0..t).map(|ti| format!("layers.{ti}.weight")));
+    let sweep = reader()?;
+    let started = Instant::now();
+    for name in names.clone() {
+        sweep.row_reader(&cp, &name, 0..slice * world as u64).await?;
+    }
+    let sweep_open_s = started.elapsed().as_secs_f64();
+    let eighth = reader()?;
+    let started = Instant::now();
+    let old = probe.min(world.saturating_sub(8)) as u64;
+    let rows = old * slice..(old + 8.min(world as u64)) * slice;
+    for name in names {
+        let r = eighth.row_reader(&cp, &name, rows.clone()).await?;
+        let mut buf = vec![0u8; r.bytes_of(rows.end - rows.start)?];
+        r.read_rows(rows.start, rows.end - rows.start, &mut buf).await?;
+    }
+    let eighth_rank_s = started.elapsed().as_secs_f64();
     let row = WorldRow {
         world,
         chunk_refs: world as u64 * t * c,
@@ -266,6 +301,10 @@ async fn one_world(opts: &ScaleOptions, world: u32) -> Result<WorldRow, ClientEr
         root_bytes,
         restore_metadata_bytes: root_bytes + cp.root.ranks[probe as usize].bytes,
         journal_syncs: st["journal_flushes"].as_u64().unwrap_or(0).saturating_sub(syncs_before),
+        sweep_open_s,
+        sweep_index_fetches: sweep.index_objects_fetched(),
+        eighth_rank_s,
+        eighth_rank_index_fetches: eighth.index_objects_fetched(),
     };
     if status.manifest_hash.as_deref() != Some(cp.root.hash.as_str()) {
         return Err(ClientError::Protocol("the committed root is not the one read back".into()));
@@ -391,6 +430,17 @@ pub fn print(r: &ScaleReport) {
             w.root_bytes,
             w.restore_metadata_bytes,
             w.journal_syncs
+        );
+    }
+    println!("reading across ranks, each by a fresh client:");
+    println!(
+        "{:>6} {:>18} {:>16} | {:>22} {:>16}",
+        "ranks", "all tensors opened", "index fetches", "one rank of W/8 reads", "index fetches"
+    );
+    for w in &r.worlds {
+        println!(
+            "{:>6} {:>16.2} s {:>16} | {:>20.3} s {:>16}",
+            w.world, w.sweep_open_s, w.sweep_index_fetches, w.eighth_rank_s, w.eighth_rank_index_fetches
         );
     }
     if let (Some(small), Some(big)) = (r.worlds.first(), r.worlds.last()) {

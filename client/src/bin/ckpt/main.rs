@@ -272,6 +272,9 @@ enum Cmd {
         /// Seed of the generated data.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Index cache of the clients that read the checkpoint back, MiB.
+        #[arg(long, default_value_t = 64)]
+        index_cache_mib: u64,
     },
     /// Benchmark the commit of a save split over ckptd nodes at a cluster's node count: a real
     /// leader ckptd, the other nodes' parts written into its local store over a spread of
@@ -322,6 +325,12 @@ struct Streamed {
     /// the optimizer state out; repeatable. Each must match some tensor.
     #[arg(long = "tensor", value_name = "GLOB")]
     tensors: Vec<String>,
+    /// Index objects kept after they are read, in MiB of their size on the wire. A tensor cut
+    /// over many ranks is read through every one of their indexes; while all the indexes fit,
+    /// each is fetched once for the whole command instead of once per tensor (a 405B
+    /// checkpoint of 16,384 ranks has about 135 MiB of them).
+    #[arg(long, default_value_t = 1024)]
+    index_cache_mib: u64,
 }
 
 fn main() {
@@ -358,8 +367,14 @@ fn main() {
 
 /// The CLI's client: interactive, so a ckptd that does not answer is reported at once, and
 /// one that takes a request and sends nothing within `answer_timeout` is reported then.
-fn cli_client(server: &str, request_timeout: Duration, answer_timeout: Option<Duration>) -> anyhow::Result<Client> {
+fn cli_client(
+    server: &str,
+    request_timeout: Duration,
+    answer_timeout: Option<Duration>,
+    index_cache_bytes: u64,
+) -> anyhow::Result<Client> {
     let opts = ClientOptions {
+        index_cache_bytes,
         retry_unreachable: false,
         connect_timeout: Duration::from_secs(3),
         request_timeout,
@@ -435,7 +450,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     );
     let answer_timeout = Some(Duration::from_secs(cli.answer_timeout.max(1)));
     let server = if local { "http://127.0.0.1:7070" } else { &cli.server };
-    let client = cli_client(server, Duration::from_secs(120), answer_timeout)?;
+    let index_cache = match &cli.cmd {
+        Cmd::Restore { select, .. } | Cmd::Export { select, .. } => select.index_cache_mib.saturating_mul(1 << 20),
+        _ => ClientOptions::default().index_cache_bytes,
+    };
+    let client = cli_client(server, Duration::from_secs(120), answer_timeout, index_cache)?;
     match cli.cmd {
         Cmd::Ls { job: None } => {
             let jobs = client.jobs().await?;
@@ -517,7 +536,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             world_size,
             out,
             force,
-            select: Streamed { buffer_mib, tensors: only },
+            select: Streamed { buffer_mib, tensors: only, index_cache_mib },
         } => {
             let step = resolve_step(&client, &job, &step).await?;
             let only = restore_cmd::Only::parse(&only)?;
@@ -561,6 +580,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     }
                     restore_cmd::remove_extra_ranks(&out, world)?;
                     restore_cmd::remove_stale_files(&out, 0)?;
+                    restore_cmd::warn_if_indexes_overflow(&cp, index_cache_mib);
                     for r in 0..world {
                         let tensors = only.keep(restore_cmd::resharded(&cp, r, world));
                         let dir = out.join(format!("rank-{r:05}"));
@@ -572,7 +592,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 }
             }
             if cli.json {
-                print_json(&serde_json::json!({ "job": job, "step": step, "dir": out, "ranks": written }))?;
+                print_json(&serde_json::json!({
+                    "job": job, "step": step, "dir": out, "ranks": written,
+                    "index_objects_fetched": client.index_objects_fetched(),
+                }))?;
             } else {
                 let tensors: usize = written.iter().map(|w| w["tensors"].as_array().map_or(0, Vec::len)).sum();
                 println!(
@@ -583,7 +606,15 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 );
             }
         }
-        Cmd::Export { job, step, format: _, rank, out, force, select: Streamed { buffer_mib, tensors: only } } => {
+        Cmd::Export {
+            job,
+            step,
+            format: _,
+            rank,
+            out,
+            force,
+            select: Streamed { buffer_mib, tensors: only, index_cache_mib },
+        } => {
             let step = resolve_step(&client, &job, &step).await?;
             let only = restore_cmd::Only::parse(&only)?;
             if out.exists() && !force {
@@ -602,14 +633,18 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 None => only.keep(restore_cmd::resharded(&cp, 0, 1)),
             };
             let total = tensors.iter().map(restore_cmd::Planned::bytes).sum::<anyhow::Result<u64>>()?;
+            if rank.is_none() {
+                restore_cmd::warn_if_indexes_overflow(&cp, index_cache_mib);
+            }
             let pb = progress(total, cli.json, &format!("export {job}@{step}"));
             restore_cmd::write_safetensors(&client, &cp, &tensors, &out, buffer_mib << 20, &mut |n| pb.inc(n)).await?;
             let bytes = total;
             pb.finish_and_clear();
             if cli.json {
-                print_json(
-                    &serde_json::json!({ "job": job, "step": step, "file": out, "tensors": tensors.len(), "bytes": bytes }),
-                )?;
+                print_json(&serde_json::json!({
+                    "job": job, "step": step, "file": out, "tensors": tensors.len(), "bytes": bytes,
+                    "index_objects_fetched": client.index_objects_fetched(),
+                }))?;
             } else {
                 println!(
                     "exported {job}@{step}: {}, {}, verified, into {} (safetensors)",
@@ -648,7 +683,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             // A run over a large job lists and reads every object of it: one job per request,
             // each waited for as long as a run may hold its job's lock (`Client::gc`); a run
             // whose request fails in flight goes on in ckptd, so it is not sent again.
-            let gc_client = cli_client(&cli.server, Duration::from_secs(3600), None)?;
+            let gc_client = cli_client(&cli.server, Duration::from_secs(3600), None, 0)?;
             let report = match job {
                 Some(j) => {
                     ensure_job(&client, &j).await?;
@@ -745,7 +780,16 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 bench_split::print(&rows);
             }
         }
-        Cmd::BenchScale { dir, worlds, tensors, chunks_per_tensor, distinct_chunks, distinct_ranks, seed } => {
+        Cmd::BenchScale {
+            dir,
+            worlds,
+            tensors,
+            chunks_per_tensor,
+            distinct_chunks,
+            distinct_ranks,
+            seed,
+            index_cache_mib,
+        } => {
             if worlds.is_empty() || worlds.contains(&0) || tensors == 0 || chunks_per_tensor == 0 {
                 return Err(output::CliError::Usage(
                     "--worlds, --tensors and --chunks-per-tensor must be positive".into(),
@@ -760,6 +804,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 distinct_chunks,
                 distinct_ranks,
                 seed,
+                index_cache_mib,
             };
             let report = bench_scale::run(opts).await?;
             if cli.json {
@@ -1038,7 +1083,7 @@ async fn gc_every_job(
 ) -> anyhow::Result<(serde_json::Value, i32)> {
     // The probe answers at once or not at all (the listing too); the GC client waits an hour
     // for a request.
-    let probe = cli_client(server, Duration::from_secs(30), answer_timeout)?;
+    let probe = cli_client(server, Duration::from_secs(30), answer_timeout, 0)?;
     let jobs = probe.jobs().await?;
     let (mut reports, mut failed, mut not_run, mut exit) = (Vec::new(), Vec::new(), Vec::new(), 0);
     for (i, j) in jobs.iter().enumerate() {

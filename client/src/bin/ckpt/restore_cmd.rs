@@ -159,6 +159,21 @@ pub async fn stream(
     Ok(())
 }
 
+/// Warns when reading every tensor across ranks will fetch index objects more than once: the
+/// root's indexes together exceed the index cache, so a tensor's sweep over its ranks evicts
+/// what the next tensor needs.
+pub fn warn_if_indexes_overflow(cp: &Checkpoint, cache_mib: u64) {
+    let total: u64 = cp.root.ranks.iter().map(|r| r.bytes).sum();
+    if total > cache_mib.saturating_mul(1 << 20) {
+        eprintln!(
+            "note: the {} ranks' index objects take {} MiB, more than --index-cache-mib {cache_mib}: \
+             they may be fetched again for each tensor (raise it to fetch each once)",
+            cp.world_size(),
+            total.div_ceil(1 << 20)
+        );
+    }
+}
+
 /// Refuses to write into a non-empty directory (or over a file) unless `force`.
 pub fn check_out(out: &Path, force: bool) -> anyhow::Result<()> {
     let occupied = match std::fs::read_dir(out) {
