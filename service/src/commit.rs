@@ -264,8 +264,12 @@ impl Coordinator {
             g.last_progress = Instant::now();
         }
         if created || !g.journalled || (&g.state.metadata, g.state.part) != (&before.0, before.1) {
-            // A save opened afresh may reuse the key of an aborted one: its ranks go first.
+            // A save opened afresh may reuse the key of an aborted one: its ranks go first; or
+            // of a committed (and since deleted) one, whose ranks may still be going.
             let fresh = created;
+            if fresh {
+                self.wait_retired(job, step).await?;
+            }
             let (job_s, header) = (job.to_string(), g.state.clone_fields());
             self.blocking(move |i| {
                 if fresh {
@@ -762,18 +766,58 @@ impl Coordinator {
     ) -> Result<(), ServiceError> {
         state.mark_committed(hash)?;
         let (job, step) = (state.job.clone(), state.step);
+        // The save's ranks are removed after the answer, behind a gate a fresh open of the
+        // same key waits at: at 16,384 ranks their removal was most of the commit's time.
+        let key = (job.clone(), step);
+        let gate = Arc::new(tokio::sync::Mutex::new(()));
+        let held = gate.clone().try_lock_owned().map_err(|e| ServiceError::Internal(e.to_string()))?;
+        self.retiring.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), gate.clone());
         let recorded = self
             .blocking(move |i| {
                 i.put_manifest(&job, step, &bytes)?;
-                i.remove_save(&job, step)
+                i.remove_save_entry(&job, step)
             })
             .await;
         // Out of the in-flight set whatever happened (a final save must not stay there), but
         // only once the index knows the commit: a status query in between must find one or
         // the other, never neither.
         self.untrack_slot(state);
+        let (index, retiring) = (self.index.clone(), self.retiring.clone());
+        let remove_ranks = move || {
+            fail::fail_point!("ckptd::commit::before_rank_removal");
+            if let Err(e) = index.remove_save_ranks(&key.0, key.1) {
+                // Orphans: cleared at the next start (`remove_orphan_ranks`).
+                tracing::warn!(job = key.0, step = key.1, error = %e, "removing a committed save's ranks failed");
+            }
+            let mut map = retiring.lock().unwrap_or_else(|e| e.into_inner());
+            if map.get(&key).is_some_and(|g| Arc::ptr_eq(g, &gate)) {
+                map.remove(&key);
+            }
+            drop(held);
+        };
+        if recorded.is_ok() {
+            tokio::task::spawn_blocking(remove_ranks);
+        } else {
+            // The save's entry may still be there: its ranks stay with it.
+            drop(remove_ranks);
+        }
         recorded?;
         self.index.flush().await?;
+        Ok(())
+    }
+
+    /// Waits until the ranks of a committed save under this key are removed (`finish_commit`),
+    /// at most `busy_wait_ms`; then `Busy`, for the client to retry.
+    async fn wait_retired(&self, job: &str, step: u64) -> Result<(), ServiceError> {
+        let gate = self.retiring.lock().unwrap_or_else(|e| e.into_inner()).get(&(job.to_string(), step)).cloned();
+        let Some(gate) = gate else { return Ok(()) };
+        let wait = Duration::from_millis(self.config.busy_wait_ms);
+        let passed = tokio::time::timeout(wait, gate.lock()).await.is_ok();
+        if !passed {
+            return Err(ServiceError::Busy(format!(
+                "{job}@{step}: the ranks of its last commit are still being removed"
+            )));
+        }
         Ok(())
     }
 

@@ -260,6 +260,11 @@ pub struct Coordinator {
     /// from here rather than wait for the save's lock, which the commit holds through the
     /// store's retries. At most one per save in flight.
     pub(crate) committing: std::sync::Mutex<HashMap<SaveKey, SaveStatus>>,
+    /// Committed saves whose journalled ranks are still being removed (`finish_commit` does
+    /// it after answering), each with a gate held until the removal ends: a save opened afresh
+    /// under the same key waits at it, so the removal cannot take the new save's ranks.
+    /// At most one entry per save committed in the last moments.
+    pub(crate) retiring: Arc<std::sync::Mutex<HashMap<SaveKey, Arc<tokio::sync::Mutex<()>>>>>,
     /// Woken whenever a save leaves the in-flight set (committed or aborted): status queries
     /// waiting for their save to end answer at once.
     pub(crate) save_ended: tokio::sync::Notify,
@@ -435,6 +440,7 @@ impl Coordinator {
             config,
             saves: std::sync::Mutex::new(HashMap::new()),
             committing: Default::default(),
+            retiring: Default::default(),
             inboxes: Default::default(),
             save_ended: tokio::sync::Notify::new(),
             staging,

@@ -413,3 +413,34 @@ async fn nobody_learns_of_an_abort_before_it_is_journalled() {
     })
     .await
 }
+
+/// A committed save's journalled ranks are removed after its commit is answered (at 16,384
+/// ranks their removal was most of the commit's time), behind a gate: a save opened afresh under
+/// the same key (the checkpoint deleted and its step saved again) waits for the removal, which
+/// would otherwise take the new save's ranks with it. The removal is slowed (a failpoint); the
+/// new save's rank must still be journalled after a SIGKILL and a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_step_saved_again_keeps_its_ranks_while_the_last_commits_are_removed() {
+    bounded(Duration::from_secs(90), async {
+        const SLOW: Duration = Duration::from_millis(1500);
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = DaemonOptions::in_dir(ckptd_exe(), dir.path());
+        o.envs.push(("FAILPOINTS".into(), format!("ckptd::commit::before_rank_removal=sleep({})", SLOW.as_millis())));
+        let mut d = start_daemon_with(o).await;
+        let c = client(&d);
+        let states: Vec<_> = (0..2).map(|r| rank_tensors(seed(0xab_0002), r, 2, 1 << 16)).collect();
+        save_step(&c, "job", 3, &states).await.unwrap();
+        c.delete("job", 3, true).await.unwrap();
+        c.save(&spec("job", 3, 0, 2), &states[0], Wait::Staged).await.unwrap();
+        // The removal began before the delete: it has ended by now; another commit's journal
+        // syncs make it durable (else the kill would lose it, and with it what it took).
+        tokio::time::sleep(SLOW).await;
+        save_step(&c, "other", 1, &states).await.unwrap();
+        d.kill();
+        d.restart().await.unwrap();
+        let s = client(&d).save_status("job", 3).await.unwrap();
+        assert_eq!((s.ranks_received, s.world_size), (1, 2), "the new save's rank 0 was lost from the journal: {s:?}");
+        assert!(!matches!(s.phase, SavePhase::Committed | SavePhase::Aborted), "{s:?}");
+    })
+    .await
+}
