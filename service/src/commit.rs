@@ -20,7 +20,11 @@
 //!   writer won, and this save is aborted with a conflict.
 //! * Journal: at open the save's fields, at each index put that rank's index (O(1) per put),
 //!   at each phase change the fields again; each is flushed (group commit, see `index.rs`)
-//!   before the request is acked, so an acked index survives a crash of ckptd.
+//!   before the request is acked, so an acked index survives a crash of ckptd. A committed
+//!   save's entry goes with its commit record; its ranks' entries after the answer (16,384 of
+//!   them took up to a second to remove), behind a per-key gate (`Coordinator::retiring`)
+//!   that a save opened afresh under the same key waits at; a crash in between leaves orphan
+//!   ranks that start-up clears.
 //! * Validation: an index is accepted only if every chunk it names is staged or durable with
 //!   the raw length the index states; an index for a committed step is accepted only if it is
 //!   the committed one (else 409); per save and over all saves the chunk references held are
@@ -206,6 +210,10 @@ impl Coordinator {
         let (slot, created) = match self.save_slot(job, step) {
             Some(s) => (s, false),
             None => {
+                // A committed (and since deleted) save of this key may still have ranks
+                // journalled: they go before a slot exists, so a `Busy` here leaves none behind
+                // for a retry or another rank to journal into unwaited.
+                self.wait_retired(job, step).await?;
                 if let Some(p) = part {
                     if self.decided(job, step, p.epoch).await? == Some(ckpt_core::part::Decision::Abort) {
                         return Err(ServiceError::Conflict(format!(
@@ -264,12 +272,8 @@ impl Coordinator {
             g.last_progress = Instant::now();
         }
         if created || !g.journalled || (&g.state.metadata, g.state.part) != (&before.0, before.1) {
-            // A save opened afresh may reuse the key of an aborted one: its ranks go first; or
-            // of a committed (and since deleted) one, whose ranks may still be going.
+            // A save opened afresh may reuse the key of an aborted one: its ranks go first.
             let fresh = created;
-            if fresh {
-                self.wait_retired(job, step).await?;
-            }
             let (job_s, header) = (job.to_string(), g.state.clone_fields());
             self.blocking(move |i| {
                 if fresh {
@@ -768,10 +772,7 @@ impl Coordinator {
         let (job, step) = (state.job.clone(), state.step);
         // The save's ranks are removed after the answer, behind a gate a fresh open of the
         // same key waits at: at 16,384 ranks their removal was most of the commit's time.
-        let key = (job.clone(), step);
-        let gate = Arc::new(tokio::sync::Mutex::new(()));
-        let held = gate.clone().try_lock_owned().map_err(|e| ServiceError::Internal(e.to_string()))?;
-        self.retiring.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), gate.clone());
+        let gate = Retiring::begin(&self.retiring, (job.clone(), step))?;
         let recorded = self
             .blocking(move |i| {
                 i.put_manifest(&job, step, &bytes)?;
@@ -782,18 +783,15 @@ impl Coordinator {
         // only once the index knows the commit: a status query in between must find one or
         // the other, never neither.
         self.untrack_slot(state);
-        let (index, retiring) = (self.index.clone(), self.retiring.clone());
+        let index = self.index.clone();
         let remove_ranks = move || {
             fail::fail_point!("ckptd::commit::before_rank_removal");
-            if let Err(e) = index.remove_save_ranks(&key.0, key.1) {
+            let (job, step) = &gate.key;
+            if let Err(e) = index.remove_save_ranks(job, *step) {
                 // Orphans: cleared at the next start (`remove_orphan_ranks`).
-                tracing::warn!(job = key.0, step = key.1, error = %e, "removing a committed save's ranks failed");
+                tracing::warn!(job, step, error = %e, "removing a committed save's ranks failed");
             }
-            let mut map = retiring.lock().unwrap_or_else(|e| e.into_inner());
-            if map.get(&key).is_some_and(|g| Arc::ptr_eq(g, &gate)) {
-                map.remove(&key);
-            }
-            drop(held);
+            drop(gate);
         };
         if recorded.is_ok() {
             tokio::task::spawn_blocking(remove_ranks);
@@ -806,7 +804,7 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Waits until the ranks of a committed save under this key are removed (`finish_commit`),
+    /// Waits until the ranks of a committed save under this key are removed (`Retiring`),
     /// at most `busy_wait_ms`; then `Busy`, for the client to retry.
     async fn wait_retired(&self, job: &str, step: u64) -> Result<(), ServiceError> {
         let gate = self.retiring.lock().unwrap_or_else(|e| e.into_inner()).get(&(job.to_string(), step)).cloned();
@@ -909,5 +907,58 @@ impl<'a> Committing<'a> {
 impl Drop for Committing<'_> {
     fn drop(&mut self) {
         self.coordinator.committing.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.key);
+    }
+}
+
+type Gates = std::sync::Mutex<std::collections::HashMap<SaveKey, Arc<tokio::sync::Mutex<()>>>>;
+
+/// The gate of a committed save whose journalled ranks are being removed (`finish_commit`):
+/// locked while it lives, and out of `Coordinator::retiring` when it goes, on every path (the
+/// removal done or failed, its task panicking or never run, the commit cancelled), so no entry
+/// outlives its removal.
+struct Retiring {
+    key: SaveKey,
+    gate: Arc<tokio::sync::Mutex<()>>,
+    gates: Arc<Gates>,
+    _held: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Retiring {
+    fn begin(gates: &Arc<Gates>, key: SaveKey) -> Result<Retiring, ServiceError> {
+        let gate = Arc::new(tokio::sync::Mutex::new(()));
+        let held = gate.clone().try_lock_owned().map_err(|e| ServiceError::Internal(e.to_string()))?;
+        gates.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), gate.clone());
+        Ok(Retiring { key, gate, gates: gates.clone(), _held: held })
+    }
+}
+
+impl Drop for Retiring {
+    fn drop(&mut self) {
+        let mut gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
+        // A later commit of the same key may have put its own gate here.
+        if gates.get(&self.key).is_some_and(|g| Arc::ptr_eq(g, &self.gate)) {
+            gates.remove(&self.key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retiring_gate_leaves_the_map_when_it_goes_and_only_its_own_entry() {
+        let gates: Arc<Gates> = Default::default();
+        let key = ("job".to_string(), 3);
+        let first = Retiring::begin(&gates, key.clone()).unwrap();
+        let waiter = gates.lock().unwrap().get(&key).cloned().unwrap();
+        assert!(waiter.try_lock().is_err(), "the gate is shut while its removal runs");
+        // A later commit of the same key: the first gate going must not take the second's entry.
+        let second = Retiring::begin(&gates, key.clone()).unwrap();
+        drop(first);
+        assert!(waiter.try_lock().is_ok(), "the first gate opened when it went");
+        assert!(gates.lock().unwrap().get(&key).is_some_and(|g| Arc::ptr_eq(g, &second.gate)));
+        drop(second);
+        assert!(gates.lock().unwrap().is_empty(), "no entry outlives its removal");
     }
 }

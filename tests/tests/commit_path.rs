@@ -417,15 +417,18 @@ async fn nobody_learns_of_an_abort_before_it_is_journalled() {
 /// A committed save's journalled ranks are removed after its commit is answered (at 16,384
 /// ranks their removal was most of the commit's time), behind a gate: a save opened afresh under
 /// the same key (the checkpoint deleted and its step saved again) waits for the removal, which
-/// would otherwise take the new save's ranks with it. The removal is slowed (a failpoint); the
-/// new save's rank must still be journalled after a SIGKILL and a restart.
+/// would otherwise take the new save's ranks with it. The removal is slowed (a failpoint) past
+/// `busy_wait_ms`, so the open is first refused (503) and retried by the client: a refused open
+/// must leave nothing that lets the retry skip the gate. The new save's rank must still be
+/// journalled after a SIGKILL and a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_step_saved_again_keeps_its_ranks_while_the_last_commits_are_removed() {
     bounded(Duration::from_secs(90), async {
-        const SLOW: Duration = Duration::from_millis(1500);
+        const SLOW: Duration = Duration::from_millis(3000);
         let dir = tempfile::tempdir().unwrap();
         let mut o = DaemonOptions::in_dir(ckptd_exe(), dir.path());
         o.envs.push(("FAILPOINTS".into(), format!("ckptd::commit::before_rank_removal=sleep({})", SLOW.as_millis())));
+        o.extra_args = config(dir.path(), "busy_wait_ms = 200\n");
         let mut d = start_daemon_with(o).await;
         let c = client(&d);
         let states: Vec<_> = (0..2).map(|r| rank_tensors(seed(0xab_0002), r, 2, 1 << 16)).collect();
