@@ -45,7 +45,9 @@ use ckpt_core::commit::index_object;
 use ckpt_core::{ChunkHash, CommitObject, ManifestSummary, Root, SavePhase, SaveState, ShardIndex};
 use futures::StreamExt;
 
-use crate::coordinator::{now_unix_ms, Coordinator, InFlight, OpenSave, SaveKey, SaveStatus, Slot, SlotRef};
+use crate::coordinator::{
+    now_unix_ms, Coordinator, InFlight, OpenSave, RetiringGates, SaveKey, SaveStatus, Slot, SlotRef,
+};
 use crate::error::ServiceError;
 use crate::intake::Known;
 use crate::store::StoreError;
@@ -171,14 +173,22 @@ impl Coordinator {
             if !same || g.state.phase.is_final() || !replaced {
                 continue;
             }
-            if !self.may_abort(&g.state).await? {
+            if !self.abort_unless_decided(&mut g, reason.clone()).await? {
                 tracing::debug!(job, step, "save not aborted at the fence: decided for commit on another node");
-                continue;
             }
-            g.state.abort(reason.clone())?;
-            self.retire_aborted(&g.state).await?;
         }
         Ok(fence)
+    }
+
+    /// Aborts `g`'s save and journals it, unless another node has decided it for commit
+    /// (then false, and nothing changes).
+    async fn abort_unless_decided(&self, g: &mut Slot, reason: String) -> Result<bool, ServiceError> {
+        if !self.may_abort(&g.state).await? {
+            return Ok(false);
+        }
+        g.state.abort(reason)?;
+        self.retire_aborted(&g.state).await?;
+        Ok(true)
     }
 
     #[tracing::instrument(name = "save.open", skip(self, req), fields(job = %job, step = step))]
@@ -875,14 +885,10 @@ impl Coordinator {
             .save_slot(job, step)
             .ok_or_else(|| ServiceError::NotFound(format!("no save {job}@{step} in flight")))?;
         let mut g = slot.lock().await;
-        if g.state.phase != SavePhase::Aborted {
-            if !self.may_abort(&g.state).await? {
-                return Err(ServiceError::Conflict(format!(
-                    "{job}@{step} is decided for commit on another node; it cannot be aborted now"
-                )));
-            }
-            g.state.abort(reason.to_string())?;
-            self.retire_aborted(&g.state).await?;
+        if g.state.phase != SavePhase::Aborted && !self.abort_unless_decided(&mut g, reason.to_string()).await? {
+            return Err(ServiceError::Conflict(format!(
+                "{job}@{step} is decided for commit on another node; it cannot be aborted now"
+            )));
         }
         Ok(SaveStatus::of(&g.state))
     }
@@ -910,8 +916,6 @@ impl Drop for Committing<'_> {
     }
 }
 
-type Gates = std::sync::Mutex<std::collections::HashMap<SaveKey, Arc<tokio::sync::Mutex<()>>>>;
-
 /// The gate of a committed save whose journalled ranks are being removed (`finish_commit`):
 /// locked while it lives, and out of `Coordinator::retiring` when it goes, on every path (the
 /// removal done or failed, its task panicking or never run, the commit cancelled), so no entry
@@ -919,12 +923,12 @@ type Gates = std::sync::Mutex<std::collections::HashMap<SaveKey, Arc<tokio::sync
 struct Retiring {
     key: SaveKey,
     gate: Arc<tokio::sync::Mutex<()>>,
-    gates: Arc<Gates>,
+    gates: Arc<RetiringGates>,
     _held: tokio::sync::OwnedMutexGuard<()>,
 }
 
 impl Retiring {
-    fn begin(gates: &Arc<Gates>, key: SaveKey) -> Result<Retiring, ServiceError> {
+    fn begin(gates: &Arc<RetiringGates>, key: SaveKey) -> Result<Retiring, ServiceError> {
         let gate = Arc::new(tokio::sync::Mutex::new(()));
         let held = gate.clone().try_lock_owned().map_err(|e| ServiceError::Internal(e.to_string()))?;
         gates.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), gate.clone());
@@ -948,7 +952,7 @@ mod tests {
 
     #[test]
     fn a_retiring_gate_leaves_the_map_when_it_goes_and_only_its_own_entry() {
-        let gates: Arc<Gates> = Default::default();
+        let gates: Arc<RetiringGates> = Default::default();
         let key = ("job".to_string(), 3);
         let first = Retiring::begin(&gates, key.clone()).unwrap();
         let waiter = gates.lock().unwrap().get(&key).cloned().unwrap();

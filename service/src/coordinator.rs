@@ -45,6 +45,9 @@ use crate::store::Store;
 
 pub(crate) type SaveKey = (String, u64);
 
+/// The gates of committed saves whose journalled ranks are still being removed, by save.
+pub(crate) type RetiringGates = std::sync::Mutex<HashMap<SaveKey, Arc<Mutex<()>>>>;
+
 /// An in-flight save: its state (journalled) and what it still waits for (derived from the
 /// journal and the store, rebuilt at start-up).
 pub(crate) struct Slot {
@@ -264,7 +267,7 @@ pub struct Coordinator {
     /// it after answering), each with a gate held until the removal ends: a save opened afresh
     /// under the same key waits at it, so the removal cannot take the new save's ranks.
     /// At most one entry per save committed in the last moments.
-    pub(crate) retiring: Arc<std::sync::Mutex<HashMap<SaveKey, Arc<tokio::sync::Mutex<()>>>>>,
+    pub(crate) retiring: Arc<RetiringGates>,
     /// Woken whenever a save leaves the in-flight set (committed or aborted): status queries
     /// waiting for their save to end answer at once.
     pub(crate) save_ended: tokio::sync::Notify,

@@ -416,6 +416,20 @@ pub fn audit(trace: &str, layout: &Layout<'_>) -> Vec<String> {
             _ => None,
         };
         v.apply(&op, call.began, call.done);
+        // An adopt that copies across filesystems removes the client's handoff file (named
+        // `<hash>.<pid>.<seq>`) once its copy is durable: from then the store's copy is the
+        // only one, and it was acked.
+        if let Op::Unlink(p) = &op {
+            let hash = p.starts_with(foreign).then(|| p.file_name()).flatten().and_then(|n| n.to_str());
+            if let Some(hash) = hash.and_then(|n| n.split('.').next()) {
+                for c in v.store_objects(store, false).iter().filter(|c| c.file_name().is_some_and(|n| n == hash)) {
+                    if let Some(why) = v.why_volatile(c, top) {
+                        violations
+                            .push(format!("handoff file {} removed while its copy is volatile: {why}", p.display()));
+                    }
+                }
+            }
+        }
         if let Some(root) = creates_root {
             for p in v.store_objects(store, false) {
                 if let Some(why) = v.why_volatile(&p, top) {
@@ -635,6 +649,32 @@ mod tests {
         assert!(no_file.iter().any(|v| v.contains("bytes of") && v.contains("chunks/aa")), "{no_file:?}");
         let no_dir = run(&chunk_put(true, false));
         assert!(no_dir.iter().any(|v| v.starts_with("root") && v.contains("entry")), "{no_dir:?}");
+    }
+
+    #[test]
+    fn a_handoff_file_removed_before_its_copy_is_durable_is_named() {
+        // A copy into a new chunk directory, file synced; then the handoff file's removal.
+        let dest = format!("/t/store/jobs/j/chunks/aa/{HASH}");
+        let handoff = format!("/t/state/handoff/{HASH}.7.0");
+        let mut t = String::new();
+        t += "1 mkdir(\"/t/store/jobs/j/chunks/aa\", 0777) = 0\n";
+        t += &format!("1 openat(AT_FDCWD</t>, \"{dest}#1\", O_WRONLY|O_CREAT|O_EXCL, 0666) = 6<{dest}#1>\n");
+        t += &format!("1 write(6<{dest}#1>, \"abc\", 3) = 3\n1 fsync(6<{dest}#1>) = 0\n");
+        t += &format!("1 rename(\"{dest}#1\", \"{dest}\") = 0\n");
+        t += "1 openat(AT_FDCWD</t>, \"/t/store/jobs/j/chunks/aa\", O_RDONLY|O_DIRECTORY) = 4</t/store/jobs/j/chunks/aa>\n";
+        t += "1 fsync(4</t/store/jobs/j/chunks/aa>) = 0\n";
+        let synced_parent = "1 openat(AT_FDCWD</t>, \"/t/store/jobs/j/chunks\", O_RDONLY|O_DIRECTORY) = 5</t/store/jobs/j/chunks>\n1 fsync(5</t/store/jobs/j/chunks>) = 0\n";
+        let unlink = format!("1 unlink(\"{handoff}\") = 0\n");
+        // The new directory's own entry (in `chunks/`) was never synced: the removal is early.
+        let found = run(&(t.clone() + &unlink));
+        assert!(
+            found.iter().any(|f| f.starts_with("handoff file") && f.contains("entry") && f.contains("chunks/aa")),
+            "{found:?}"
+        );
+        // Synced first: nothing to name (and a later syncfs does not excuse an early removal).
+        assert!(run(&(t.clone() + synced_parent + &unlink)).is_empty());
+        let late = run(&(t + &unlink + "1 syncfs(9</t/store>) = 0\n"));
+        assert!(late.iter().any(|f| f.starts_with("handoff file")), "{late:?}");
     }
 
     #[test]

@@ -39,24 +39,59 @@ pub enum Data {
     Trained,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct BenchOptions {
+    /// Directory on the disk to measure (store, spill and the raw-write file go here).
+    #[arg(long, default_value = "ckpt-bench")]
     pub dir: PathBuf,
+    /// Ranks saving at once (threads of this process, each with its own saver).
+    #[arg(long, default_value_t = 4)]
     pub ranks: u32,
+    /// State per rank, in MiB.
+    #[arg(long = "mib", default_value_t = 512)]
     pub mib_per_rank: u64,
+    /// ckptd's staging memory budget.
+    #[arg(long, default_value_t = 1024)]
     pub staging_mib: u64,
+    /// Chunk size in MiB.
+    #[arg(long, default_value_t = 4)]
     pub chunk_mib: u64,
+    /// Seed of the generated state.
+    #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Use the node-local path (handoff files, direct reads) instead of HTTP for chunk bytes.
-    pub node_local: bool,
-    /// Nice value for checkpoint background work: ckptd and the savers' background threads.
+    /// How chunk bytes travel.
+    #[arg(long, value_enum, default_value_t = Transport::Local)]
+    pub transport: Transport,
+    /// Nice value for checkpoint background work (ckptd and the savers' threads); 0 runs
+    /// it at the trainer's priority.
+    #[arg(long, default_value_t = ckpt_client::async_save::BACKGROUND_NICE)]
     pub background_nice: i32,
+    /// Runs of every limit and every ckpt figure (interleaved); the table gives medians.
+    #[arg(long, default_value_t = 3)]
     pub repeat: usize,
+    /// The state saved: random bytes, or fp32 shaped like a trained checkpoint.
+    #[arg(long, value_enum, default_value_t = Data::Random)]
     pub data: Data,
-    pub json: bool,
-    /// Also stream a burst of this many GiB over HTTP (chunks generated as they are sent) and
-    /// report ckptd's peak RSS for it; 0 skips it.
+    /// Also stream a burst of this many GiB over HTTP and report ckptd's peak RSS (0: skip).
+    #[arg(long, default_value_t = 0)]
     pub rss_burst_gib: u64,
+    /// Print JSON instead of the table (the global `--json`).
+    #[arg(skip)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    /// Handoff files and direct reads (same host).
+    Local,
+    /// Over ckptd's HTTP API.
+    Http,
+}
+
+impl BenchOptions {
+    fn node_local(&self) -> bool {
+        self.transport == Transport::Local
+    }
 }
 
 const MIB: u64 = 1 << 20;
@@ -539,7 +574,7 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
         opts.data,
         opts.chunk_mib,
         opts.staging_mib,
-        if opts.node_local { "node-local" } else { "http" },
+        if opts.node_local() { "node-local" } else { "http" },
         opts.background_nice,
         opts.repeat,
         load_average(),
@@ -593,7 +628,7 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
         let daemon = start(&opts, &sub).await?;
         let copts = ClientOptions {
             chunk_bytes: opts.chunk_mib * MIB,
-            node_local: opts.node_local,
+            node_local: opts.node_local(),
             ..ClientOptions::default()
         };
         let client = Client::new(&daemon.url(), copts)?;
@@ -764,7 +799,7 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
             f.committed.show("MiB/s", 0),
             format!("sequential fsync'd write, best of buffered and direct {}", f.write_limit.show("MiB/s", 0)),
             &f.committed_ratio,
-            Target::AtLeast(if opts.node_local { 0.8 } else { 0.6 }),
+            Target::AtLeast(if opts.node_local() { 0.8 } else { 0.6 }),
         ),
         row(
             "bytes stored / raw bytes",
@@ -826,7 +861,7 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
             Target::AtMost(1.0),
         ),
         row(
-            &format!("client heap allocations per chunk ({})", if opts.node_local { "node-local" } else { "http" }),
+            &format!("client heap allocations per chunk ({})", if opts.node_local() { "node-local" } else { "http" }),
             format!("save {}, restore {}", f.allocs_save.show("", 1), f.allocs_restore.show("", 1)),
             "-".into(),
             &Samples::default(),
@@ -851,7 +886,7 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
         });
         let out = serde_json::json!({
             "bench": { "ranks": n, "mib_per_rank": opts.mib_per_rank, "data": opts.data, "chunk_mib": opts.chunk_mib,
-                       "transport": if opts.node_local { "node-local" } else { "http" }, "repeat": opts.repeat,
+                       "transport": if opts.node_local() { "node-local" } else { "http" }, "repeat": opts.repeat,
                        "cores": cores, "load_after": load_average() },
             "rows": rows,
             "samples": figures,

@@ -27,18 +27,32 @@ use crate::bench::peak_rss_bytes;
 use ckpt_client::daemon::{find_ckptd, DaemonOptions, LocalDaemon};
 use ckpt_client::{Client, ClientError, ClientOptions, SaveSpec, Tensor, Wait};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct ScaleOptions {
+    /// Directory for the stores (each removed after its run).
+    #[arg(long, default_value = "ckpt-bench-scale")]
     pub dir: PathBuf,
+    /// World sizes to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1024,4096,16384")]
     pub worlds: Vec<u32>,
+    /// Row-sliced tensors in each rank's index.
+    #[arg(long, default_value_t = 3)]
     pub tensors: u32,
+    /// Chunk references per tensor (3 x 32 per rank is a 405B rank's ~96 at 16,384 ranks).
+    #[arg(long, default_value_t = 32)]
     pub chunks_per_tensor: u32,
-    /// Also save this many distinct chunks through the ordinary save path (0 skips it).
+    /// Also save this many distinct chunks through the ordinary save path (1500000 for a
+    /// 405B checkpoint in 4 MiB chunks; 0 skips it).
+    #[arg(long, default_value_t = 0)]
     pub distinct_chunks: u64,
     /// Ranks for the distinct-chunk save.
+    #[arg(long, default_value_t = 64)]
     pub distinct_ranks: u32,
+    /// Seed of the generated data.
+    #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// The index cache of the readers (`ClientOptions::index_cache_bytes`), MiB.
+    /// Index cache of the clients that read the checkpoint back, MiB.
+    #[arg(long, default_value_t = 64)]
     pub index_cache_mib: u64,
 }
 

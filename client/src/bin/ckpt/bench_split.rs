@@ -21,12 +21,22 @@ use crate::bench::peak_rss_bytes;
 use ckpt_client::daemon::{find_ckptd, DaemonOptions, LocalDaemon};
 use ckpt_client::{Client, ClientError, ClientOptions, SaveSpec};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct SplitOptions {
+    /// Directory for the stores (each removed after its run).
+    #[arg(long, default_value = "ckpt-bench-split")]
     pub dir: PathBuf,
+    /// Node counts to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "256,2048")]
     pub nodes: Vec<u32>,
+    /// Ranks each node serves (a host's GPUs).
+    #[arg(long, default_value_t = 8)]
     pub ranks_per_node: u32,
+    /// Seconds over which the other nodes' parts arrive after the leader's.
+    #[arg(long, default_value_t = 10.0)]
     pub spread_s: f64,
+    /// Seed of the generated data.
+    #[arg(long, default_value_t = 1)]
     pub seed: u64,
 }
 

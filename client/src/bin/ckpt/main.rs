@@ -209,93 +209,16 @@ enum Cmd {
     /// Benchmark saves and restores through a private ckptd against this machine's limits for
     /// the same bytes (memcpy, sequential fsync'd write, read + blake3 warm and with direct
     /// I/O), interleaved and repeated; prints one table of medians with their spread.
-    Bench {
-        /// Directory on the disk to measure (store, spill and the raw-write file go here).
-        #[arg(long, default_value = "ckpt-bench")]
-        dir: PathBuf,
-        /// Ranks saving at once (threads of this process, each with its own saver).
-        #[arg(long, default_value_t = 4)]
-        ranks: u32,
-        /// State per rank, in MiB.
-        #[arg(long, default_value_t = 512)]
-        mib: u64,
-        /// ckptd's staging memory budget.
-        #[arg(long, default_value_t = 1024)]
-        staging_mib: u64,
-        /// Chunk size in MiB.
-        #[arg(long, default_value_t = 4)]
-        chunk_mib: u64,
-        /// Seed of the generated state.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// How chunk bytes travel: "local" (handoff files and direct reads, same host) or "http".
-        #[arg(long, default_value = "local", value_parser = ["local", "http"])]
-        transport: String,
-        /// Nice value for checkpoint background work (ckptd and the savers' threads); 0 runs
-        /// it at the trainer's priority.
-        #[arg(long, default_value_t = ckpt_client::async_save::BACKGROUND_NICE)]
-        background_nice: i32,
-        /// Runs of every limit and every ckpt figure (interleaved); the table gives medians.
-        #[arg(long, default_value_t = 3)]
-        repeat: usize,
-        /// The state saved: random bytes, or fp32 shaped like a trained checkpoint.
-        #[arg(long, value_enum, default_value_t = bench::Data::Random)]
-        data: bench::Data,
-        /// Also stream a burst of this many GiB over HTTP and report ckptd's peak RSS (0: skip).
-        #[arg(long, default_value_t = 0)]
-        rss_burst_gib: u64,
-    },
+    Bench(bench::BenchOptions),
     /// Benchmark the commit path at a 405B job's rank and chunk counts with tiny real chunks:
     /// index-put latency with every rank's put in flight at once, time from the last index to
     /// the commit, ckptd's peak RSS, root bytes, metadata a rank reads to restore; one private
     /// ckptd per world size, fsync'd local store. Prints one table.
-    BenchScale {
-        /// Directory for the stores (each removed after its run).
-        #[arg(long, default_value = "ckpt-bench-scale")]
-        dir: PathBuf,
-        /// World sizes to measure, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "1024,4096,16384")]
-        worlds: Vec<u32>,
-        /// Row-sliced tensors in each rank's index.
-        #[arg(long, default_value_t = 3)]
-        tensors: u32,
-        /// Chunk references per tensor (3 x 32 per rank is a 405B rank's ~96 at 16,384 ranks).
-        #[arg(long, default_value_t = 32)]
-        chunks_per_tensor: u32,
-        /// Also save this many distinct chunks through the ordinary save path (1500000 for a
-        /// 405B checkpoint in 4 MiB chunks; 0 skips it).
-        #[arg(long, default_value_t = 0)]
-        distinct_chunks: u64,
-        /// Ranks for the distinct-chunk save.
-        #[arg(long, default_value_t = 64)]
-        distinct_ranks: u32,
-        /// Seed of the generated data.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Index cache of the clients that read the checkpoint back, MiB.
-        #[arg(long, default_value_t = 64)]
-        index_cache_mib: u64,
-    },
+    BenchScale(bench_scale::ScaleOptions),
     /// Benchmark the commit of a save split over ckptd nodes at a cluster's node count: a real
     /// leader ckptd, the other nodes' parts written into its local store over a spread of
     /// time; prints the time from the last part to the commit and the leader's LIST calls.
-    BenchSplit {
-        /// Directory for the stores (each removed after its run).
-        #[arg(long, default_value = "ckpt-bench-split")]
-        dir: PathBuf,
-        /// Node counts to measure, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "256,2048")]
-        nodes: Vec<u32>,
-        /// Ranks each node serves (a host's GPUs).
-        #[arg(long, default_value_t = 8)]
-        ranks_per_node: u32,
-        /// Seconds over which the other nodes' parts arrive after the leader's.
-        #[arg(long, default_value_t = 10.0)]
-        spread_s: f64,
-        /// Seed of the generated data.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-    },
+    BenchSplit(bench_split::SplitOptions),
     /// Start a private ckptd, save a multi-rank checkpoint, crash ckptd mid-save, restart it,
     /// finish the save, restore and verify, and show a corrupted chunk being caught.
     Demo {
@@ -441,12 +364,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     // Commands that start their own ckptd, or need none, do not depend on --server.
     let local = matches!(
         cli.cmd,
-        Cmd::Completions { .. }
-            | Cmd::Man
-            | Cmd::Demo { .. }
-            | Cmd::Bench { .. }
-            | Cmd::BenchSplit { .. }
-            | Cmd::BenchScale { .. }
+        Cmd::Completions { .. } | Cmd::Man | Cmd::Demo { .. } | Cmd::Bench(_) | Cmd::BenchSplit(_) | Cmd::BenchScale(_)
     );
     let answer_timeout = Some(Duration::from_secs(cli.answer_timeout.max(1)));
     let server = if local { "http://127.0.0.1:7070" } else { &cli.server };
@@ -730,82 +648,40 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
         }
         Cmd::Demo { ranks, mib: size, dir, seed } => return demo(ranks, size, dir, seed).await,
-        Cmd::Bench {
-            dir,
-            ranks,
-            mib,
-            staging_mib,
-            chunk_mib,
-            seed,
-            transport,
-            background_nice,
-            repeat,
-            data,
-            rss_burst_gib,
-        } => {
-            if ranks == 0 || mib == 0 || chunk_mib == 0 || repeat == 0 {
+        Cmd::Bench(opts) => {
+            if opts.ranks == 0 || opts.mib_per_rank == 0 || opts.chunk_mib == 0 || opts.repeat == 0 {
                 return Err(output::CliError::Usage(
                     "--ranks, --mib, --chunk-mib and --repeat must be positive".into(),
                 )
                 .into());
             }
-            bench::run(bench::BenchOptions {
-                dir,
-                ranks,
-                mib_per_rank: mib,
-                staging_mib,
-                chunk_mib,
-                seed,
-                node_local: transport == "local",
-                background_nice,
-                repeat,
-                data,
-                json: cli.json,
-                rss_burst_gib,
-            })
-            .await?;
+            bench::run(bench::BenchOptions { json: cli.json, ..opts }).await?;
         }
-        Cmd::BenchSplit { dir, nodes, ranks_per_node, spread_s, seed } => {
-            if nodes.is_empty() || nodes.contains(&0) || ranks_per_node == 0 || !(0.0..=3600.0).contains(&spread_s) {
+        Cmd::BenchSplit(opts) => {
+            if opts.nodes.is_empty()
+                || opts.nodes.contains(&0)
+                || opts.ranks_per_node == 0
+                || !(0.0..=3600.0).contains(&opts.spread_s)
+            {
                 return Err(output::CliError::Usage(
                     "--nodes and --ranks-per-node must be positive, --spread-s within 0..=3600".into(),
                 )
                 .into());
             }
-            let rows =
-                bench_split::run(bench_split::SplitOptions { dir, nodes, ranks_per_node, spread_s, seed }).await?;
+            let rows = bench_split::run(opts).await?;
             if cli.json {
                 print_json(&rows)?;
             } else {
                 bench_split::print(&rows);
             }
         }
-        Cmd::BenchScale {
-            dir,
-            worlds,
-            tensors,
-            chunks_per_tensor,
-            distinct_chunks,
-            distinct_ranks,
-            seed,
-            index_cache_mib,
-        } => {
-            if worlds.is_empty() || worlds.contains(&0) || tensors == 0 || chunks_per_tensor == 0 {
+        Cmd::BenchScale(opts) => {
+            if opts.worlds.is_empty() || opts.worlds.contains(&0) || opts.tensors == 0 || opts.chunks_per_tensor == 0 {
                 return Err(output::CliError::Usage(
                     "--worlds, --tensors and --chunks-per-tensor must be positive".into(),
                 )
                 .into());
             }
-            let opts = bench_scale::ScaleOptions {
-                dir,
-                worlds,
-                tensors,
-                chunks_per_tensor,
-                distinct_chunks,
-                distinct_ranks,
-                seed,
-                index_cache_mib,
-            };
             let report = bench_scale::run(opts).await?;
             if cli.json {
                 print_json(&report)?;
@@ -1184,5 +1060,25 @@ mod tests {
         let mut missing = Vec::new();
         walk(&<super::Cli as clap::CommandFactory>::command(), "ckpt", &mut missing);
         assert!(missing.is_empty(), "options without help: {missing:?}");
+    }
+
+    /// The benchmarks' options parse straight into the structs their runs take.
+    #[test]
+    fn bench_options_parse_into_their_runs_options() {
+        use clap::Parser;
+        let parse = |args: &[&str]| super::Cli::try_parse_from(args).unwrap().cmd;
+        let super::Cmd::Bench(b) = parse(&["ckpt", "bench", "--mib", "8", "--transport", "http"]) else { panic!() };
+        assert_eq!((b.mib_per_rank, b.ranks, b.transport), (8, 4, crate::bench::Transport::Http));
+        assert!(!b.json, "--json is the global flag's, set when the run starts");
+        let super::Cmd::BenchScale(s) = parse(&["ckpt", "bench-scale", "--worlds", "2,3", "--index-cache-mib", "0"])
+        else {
+            panic!()
+        };
+        assert_eq!((s.worlds, s.index_cache_mib, s.tensors), (vec![2, 3], 0, 3));
+        let super::Cmd::BenchSplit(p) = parse(&["ckpt", "bench-split", "--nodes", "4", "--spread-s", "0.5"]) else {
+            panic!()
+        };
+        assert_eq!((p.nodes, p.spread_s, p.ranks_per_node), (vec![4], 0.5, 8));
+        assert!(super::Cli::try_parse_from(["ckpt", "bench", "--transport", "carrier-pigeon"]).is_err());
     }
 }

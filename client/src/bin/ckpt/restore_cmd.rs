@@ -417,7 +417,8 @@ fn safetensors_dtype(d: DType) -> safetensors::Dtype {
 
 /// The safetensors header for `tensors` in the order their data follows: 8 bytes of header
 /// length, then the JSON, padded with spaces to a multiple of 8 (as the format's own writer
-/// does, so that every tensor's data starts aligned).
+/// does, so that every tensor's data starts aligned). The same checkpoint always gives the same
+/// bytes, so that an export can be checked against another by its hash.
 fn safetensors_header(cp: &Checkpoint, tensors: &[&Planned<'_>]) -> anyhow::Result<Vec<u8>> {
     let mut infos = Vec::with_capacity(tensors.len());
     let mut at = 0usize;
@@ -430,18 +431,37 @@ fn safetensors_header(cp: &Checkpoint, tensors: &[&Planned<'_>]) -> anyhow::Resu
         ));
         at = at.checked_add(len).context("the tensors are too large for one file")?;
     }
-    let meta: std::collections::HashMap<String, String> = [
-        ("job".to_string(), cp.job().to_string()),
-        ("step".to_string(), cp.step().to_string()),
-        ("root_hash".to_string(), cp.root.hash.clone()),
-    ]
-    .into();
-    let header = safetensors::tensor::Metadata::new(Some(meta), infos).context("building the safetensors header")?;
-    let mut json = serde_json::to_vec(&header)?;
+    // The format's own `Metadata` checks the offsets, but it keeps the free-form metadata in a
+    // HashMap, whose order changes from run to run: the JSON is written here, keys sorted.
+    safetensors::tensor::Metadata::new(None, infos.clone()).context("building the safetensors header")?;
+    let meta = std::collections::BTreeMap::from([
+        ("job", cp.job().to_string()),
+        ("step", cp.step().to_string()),
+        ("root_hash", cp.root.hash.clone()),
+    ]);
+    let mut json = serde_json::to_vec(&SafetensorsHeader { meta, tensors: &infos })?;
     json.resize(json.len().next_multiple_of(8), b' ');
     let mut out = (json.len() as u64).to_le_bytes().to_vec();
     out.extend_from_slice(&json);
     Ok(out)
+}
+
+/// The header's JSON object: `__metadata__` first, then the tensors in data order.
+struct SafetensorsHeader<'a> {
+    meta: std::collections::BTreeMap<&'static str, String>,
+    tensors: &'a [(String, safetensors::tensor::TensorInfo)],
+}
+
+impl serde::Serialize for SafetensorsHeader<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(self.tensors.len() + 1))?;
+        map.serialize_entry("__metadata__", &self.meta)?;
+        for (name, info) in self.tensors {
+            map.serialize_entry(name, info)?;
+        }
+        map.end()
+    }
 }
 
 /// Writes `tensors` (whole tensors, or one rank's slices) as one safetensors file at `path`,
