@@ -287,6 +287,11 @@ pub fn rename_into_place(from: &Path, to: &Path) -> Result<(), DurableError> {
     sync_dir(parent_dir(to))
 }
 
+/// Whether a file name is one [`temp_path`] makes (what a crash mid-write can leave behind).
+pub fn is_temp_name(name: &str) -> bool {
+    name.len() >= ".x.tmp".len() && name.starts_with('.') && name.ends_with(".tmp")
+}
+
 /// A fresh temporary path next to `dest` (same directory, so same filesystem).
 pub fn temp_path(dest: &Path) -> PathBuf {
     static SEQ: AtomicU64 = AtomicU64::new(0);
@@ -406,6 +411,15 @@ pub fn write_new_grouped(dest: &Path, image: &[u8], len: u64, align: usize, fs: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn temporary_names_are_told_from_keys() {
+        let t = temp_path(Path::new("/s/jobs/j/chunks/ab/abcd"));
+        assert!(is_temp_name(t.file_name().unwrap().to_str().unwrap()), "{t:?}");
+        for key in ["abcd", "abcd.tmp", "00000000000000000001.json", ".tmp", "."] {
+            assert!(!is_temp_name(key), "{key}");
+        }
+    }
     use std::io::Write;
 
     thread_local! {

@@ -122,7 +122,8 @@ pub struct GcReport {
     /// Objects this run condemned (deleted by a later run), and their bytes.
     pub condemned_objects: usize,
     pub condemned_bytes: u64,
-    /// Handoff and spill files older than the grace period, removed.
+    /// Handoff and spill files, and temporary files a crash left in a local store, older than
+    /// the grace period, removed.
     pub stale_local_files: usize,
     /// Parts of split saves that had done their work, removed (`parts.rs`).
     pub parts_removed: usize,
@@ -731,6 +732,23 @@ impl Coordinator {
             self.gc_refresh_view(job).await?;
         }
         report.stale_local_files = self.gc_local_files(dry_run).await?;
+        // Temporary files a crash left next to their key in a local store (`durable::temp_path`):
+        // never an object, never referenced, only space.
+        let grace = self.grace_ms();
+        let leftovers: Vec<&str> = objects
+            .iter()
+            .filter(|(k, _, m)| {
+                m.saturating_add(grace) <= now && k.rsplit('/').next().is_some_and(crate::durable::is_temp_name)
+            })
+            .map(|(k, _, _)| k.as_str())
+            .collect();
+        if !dry_run {
+            for k in &leftovers {
+                fence()?;
+                self.store.delete_key(k).await?;
+            }
+        }
+        report.stale_local_files += leftovers.len();
         report.parts_removed = self.gc_parts(job, &committed, now, lock).await?;
         tracing::info!(job, dry_run, ?report, "gc");
         Ok(report)

@@ -49,6 +49,8 @@ struct Call {
     text: String,
     began: usize,
     done: usize,
+    /// The thread that made it (strace's `-f` prefix).
+    thread: String,
 }
 
 /// Joins strace's `-f` continuation lines (`<unfinished ...>` / `<... x resumed>`) into whole
@@ -67,14 +69,20 @@ fn whole_calls(trace: &str) -> Vec<Call> {
         } else if rest.starts_with("<...") {
             let tail = rest.split_once("resumed>").map(|(_, t)| t).unwrap_or("");
             let (head, began) = pending.remove(pid).unwrap_or_default();
-            out.push(Call { text: format!("{head}{tail}"), began, done: n });
+            out.push(Call { text: format!("{head}{tail}"), began, done: n, thread: pid.to_string() });
         } else {
-            out.push(Call { text: rest.to_string(), began: n, done: n });
+            out.push(Call { text: rest.to_string(), began: n, done: n, thread: pid.to_string() });
         }
     }
-    let mut cut: Vec<(String, usize)> = pending.into_values().collect();
-    cut.sort_by_key(|(_, began)| *began);
-    out.extend(cut.into_iter().map(|(head, began)| Call { text: format!("{head}) = ?"), began, done: at + 1 }));
+    let mut cut: Vec<(&str, String, usize)> =
+        pending.into_iter().map(|(pid, (head, began))| (pid, head, began)).collect();
+    cut.sort_by_key(|(_, _, began)| *began);
+    out.extend(cut.into_iter().map(|(pid, head, began)| Call {
+        text: format!("{head}) = ?"),
+        began,
+        done: at + 1,
+        thread: pid.to_string(),
+    }));
     out
 }
 
@@ -389,6 +397,8 @@ pub fn audit(trace: &str, layout: &Layout<'_>) -> Vec<String> {
     };
     let mut violations = Vec::new();
     let mut checked_spill = HashSet::new();
+    // The thread whose rename (or link) last put each name in place.
+    let mut placed_by: HashMap<PathBuf, String> = HashMap::new();
     let is_root = |p: &Path| {
         p.strip_prefix(store)
             .ok()
@@ -416,13 +426,21 @@ pub fn audit(trace: &str, layout: &Layout<'_>) -> Vec<String> {
             _ => None,
         };
         v.apply(&op, call.began, call.done);
+        if let Op::Rename(_, b) | Op::Link(_, b) = &op {
+            placed_by.insert(b.clone(), call.thread.clone());
+        }
         // An adopt that copies across filesystems removes the client's handoff file (named
         // `<hash>.<pid>.<seq>`) once its copy is durable: from then the store's copy is the
-        // only one, and it was acked.
+        // only one, and it was acked. Its copy is the one its own thread renamed into place;
+        // a copy of the same chunk that another adopt renamed over it since is that adopt's
+        // to make durable (and is checked at that adopt's removal).
         if let Op::Unlink(p) = &op {
             let hash = p.starts_with(foreign).then(|| p.file_name()).flatten().and_then(|n| n.to_str());
             if let Some(hash) = hash.and_then(|n| n.split('.').next()) {
-                for c in v.store_objects(store, false).iter().filter(|c| c.file_name().is_some_and(|n| n == hash)) {
+                let its_copy = |c: &&PathBuf| {
+                    c.file_name().is_some_and(|n| n == hash) && placed_by.get(*c).is_none_or(|t| *t == call.thread)
+                };
+                for c in v.store_objects(store, false).iter().filter(its_copy) {
                     if let Some(why) = v.why_volatile(c, top) {
                         violations
                             .push(format!("handoff file {} removed while its copy is volatile: {why}", p.display()));
@@ -675,6 +693,36 @@ mod tests {
         assert!(run(&(t.clone() + synced_parent + &unlink)).is_empty());
         let late = run(&(t + &unlink + "1 syncfs(9</t/store>) = 0\n"));
         assert!(late.iter().any(|f| f.starts_with("handoff file")), "{late:?}");
+    }
+
+    #[test]
+    fn a_copy_another_adopt_renamed_over_is_that_adopts_to_sync() {
+        // Two adopts of one chunk, threads 1 and 2: 2's rename lands while 1's directory fsync
+        // runs, so the entry is dirty when 1 removes its handoff file; 1's own copy was made
+        // durable, and 2's is checked at 2's removal.
+        let dest = format!("/t/store/jobs/j/chunks/aa/{HASH}");
+        let dir = "/t/store/jobs/j/chunks/aa";
+        let mut t = String::new();
+        t += &format!("1 mkdir(\"{dir}\", 0777) = 0\n");
+        t += "1 openat(AT_FDCWD</t>, \"/t/store/jobs/j/chunks\", O_RDONLY|O_DIRECTORY) = 5</t/store/jobs/j/chunks>\n1 fsync(5</t/store/jobs/j/chunks>) = 0\n";
+        for th in ["1", "2"] {
+            t += &format!(
+                "{th} openat(AT_FDCWD</t>, \"{dest}#{th}\", O_WRONLY|O_CREAT|O_EXCL, 0666) = 6<{dest}#{th}>\n"
+            );
+            t += &format!("{th} write(6<{dest}#{th}>, \"abc\", 3) = 3\n{th} fsync(6<{dest}#{th}>) = 0\n");
+        }
+        t += &format!("1 rename(\"{dest}#1\", \"{dest}\") = 0\n");
+        t += &format!("1 openat(AT_FDCWD</t>, \"{dir}\", O_RDONLY|O_DIRECTORY) = 4<{dir}>\n");
+        t += &format!("1 fsync(4<{dir}> <unfinished ...>\n");
+        t += &format!("2 rename(\"{dest}#2\", \"{dest}\") = 0\n");
+        t += "1 <... fsync resumed>) = 0\n";
+        t += &format!("1 unlink(\"/t/state/handoff/{HASH}.7.0\") = 0\n");
+        assert!(run(&t).iter().all(|f| !f.starts_with("handoff file")), "{:?}", run(&t));
+        // 2 removes its handoff file with no directory fsync of its own: named.
+        let early = run(&(t.clone() + &format!("2 unlink(\"/t/state/handoff/{HASH}.7.1\") = 0\n")));
+        assert!(early.iter().any(|f| f.starts_with("handoff file") && f.contains(".7.1")), "{early:?}");
+        let synced = t + &format!("2 fsync(4<{dir}>) = 0\n2 unlink(\"/t/state/handoff/{HASH}.7.1\") = 0\n");
+        assert!(run(&synced).is_empty(), "{:?}", run(&synced));
     }
 
     #[test]

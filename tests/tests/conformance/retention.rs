@@ -425,3 +425,47 @@ async fn a_gc_run_past_its_lease_stops_before_its_next_delete(backend: Backend) 
     assert!(store.get(&ckpt_core::keys::condemned_key("job")).await.is_none(), "it wrote a condemned list");
     assert!(store.get(&ckpt_core::keys::gc_lock_key("job")).await.is_none(), "it left its lock");
 }
+
+/// Temporary files a crash left next to their keys in a local store (a write killed between its
+/// temporary file and its rename) are removed by GC once older than the grace period; a fresh
+/// one may be a write in progress and stays, and so does every object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_removes_temporary_files_a_crash_left_in_a_local_store() {
+    bounded(Duration::from_secs(120), async {
+        let seed = seed(0x5eed_0c21);
+        let dir = tempfile::tempdir().unwrap();
+        let store = TestStore::new(Backend::Local, dir.path()).await;
+        let mut o = store.daemon_options(dir.path());
+        let cfg = dir.path().join("ckptd.toml");
+        std::fs::write(&cfg, "[retention]\ngc_grace_s = 600\nlease_s = 3\n").unwrap();
+        o.extra_args = vec!["--config".into(), cfg.into_os_string()];
+        let d = start_daemon_with(o).await;
+        let c = client(&d);
+        let state = vec![rank_tensors(seed, 0, 1, 1 << 20)];
+        save_step(&c, "job", 1, &state).await.unwrap();
+        let root = store.local.clone().unwrap();
+        let keys_before = store.keys().await;
+        let at = |rel: &str| root.join(rel);
+        let old = [at("jobs/job/chunks/ab/.abcd.77-1.tmp"), at("jobs/job/indexes/cd/.cdef.json.77-2.tmp")];
+        let fresh = at("jobs/job/chunks/ab/.abce.77-3.tmp");
+        let hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+        for p in old.iter().chain([&fresh]) {
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, b"half a chunk").unwrap();
+        }
+        for p in &old {
+            std::fs::File::options().write(true).open(p).unwrap().set_modified(hours_ago).unwrap();
+        }
+        let dry = gc(&c, "job", true).await;
+        assert_eq!(dry["stale_local_files"], 2, "{dry}");
+        assert!(old.iter().all(|p| p.exists()), "a dry run removed a file");
+        let run = gc(&c, "job", false).await;
+        assert_eq!(run["stale_local_files"], 2, "{run}");
+        assert!(old.iter().all(|p| !p.exists()), "the old temporary files are still there");
+        assert!(fresh.exists(), "a temporary file younger than the grace period was removed");
+        assert_eq!(store.keys().await.iter().filter(|k| !k.contains(".tmp")).count(), keys_before.len());
+        let back = c.load_rank("job", 1, 0).await.unwrap();
+        assert!(back.iter().zip(&state[0]).all(|(a, b)| a.data == b.data), "the checkpoint changed");
+    })
+    .await
+}

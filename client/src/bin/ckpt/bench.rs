@@ -48,7 +48,7 @@ pub struct BenchOptions {
     #[arg(long, default_value_t = 4)]
     pub ranks: u32,
     /// State per rank, in MiB.
-    #[arg(long = "mib", default_value_t = 512)]
+    #[arg(long = "mib", value_name = "MIB", default_value_t = 512)]
     pub mib_per_rank: u64,
     /// ckptd's staging memory budget.
     #[arg(long, default_value_t = 1024)]

@@ -78,8 +78,11 @@ pub struct WorldRow {
     pub journal_syncs: u64,
     /// Every tensor opened on all its rows, as an export or a reshard to another layout opens
     /// them, by a fresh client: seconds, and the index objects it fetched.
-    pub sweep_open_s: f64,
+    pub sweep_open_s: (f64, f64, f64),
     pub sweep_index_fetches: u64,
+    /// The sweep's limit: every rank's index object fetched once and parsed, the plainest way.
+    /// Both as (median, min, max) of `SWEEP_RUNS` interleaved runs, seconds.
+    pub sweep_limit_s: (f64, f64, f64),
     /// A restart on an eighth of the ranks: one new rank's rows of every tensor (eight old
     /// ranks' slices) opened and read by a fresh client: seconds, index objects fetched.
     pub eighth_rank_s: f64,
@@ -282,12 +285,20 @@ async fn one_world(opts: &ScaleOptions, world: u32) -> Result<WorldRow, ClientEr
         Client::new(&url, ClientOptions { node_local: false, index_cache_bytes, ..ClientOptions::default() })
     };
     let (slice, names) = (c * CHUNK_BYTES as u64, (0..t).map(|ti| format!("layers.{ti}.weight")));
-    let sweep = reader()?;
-    let started = Instant::now();
-    for name in names.clone() {
-        sweep.row_reader(&cp, &name, 0..slice * world as u64).await?;
+    // The sweep, interleaved with its limit: the same index objects fetched and parsed the
+    // plainest way (one GET each at the client's concurrency, serde into a `ShardIndex`, no
+    // checks, no cache), each by a fresh client.
+    let (mut sweeps, mut limits, mut sweep_index_fetches) = (Vec::new(), Vec::new(), 0);
+    for _ in 0..SWEEP_RUNS {
+        let sweep = reader()?;
+        let started = Instant::now();
+        for name in names.clone() {
+            sweep.row_reader(&cp, &name, 0..slice * world as u64).await?;
+        }
+        sweeps.push(started.elapsed().as_secs_f64());
+        sweep_index_fetches = sweep.index_objects_fetched();
+        limits.push(plain_index_fetches(&url, &cp).await?);
     }
-    let sweep_open_s = started.elapsed().as_secs_f64();
     let eighth = reader()?;
     let started = Instant::now();
     let old = probe.min(world.saturating_sub(8)) as u64;
@@ -315,8 +326,9 @@ async fn one_world(opts: &ScaleOptions, world: u32) -> Result<WorldRow, ClientEr
         root_bytes,
         restore_metadata_bytes: root_bytes + cp.root.ranks[probe as usize].bytes,
         journal_syncs: st["journal_flushes"].as_u64().unwrap_or(0).saturating_sub(syncs_before),
-        sweep_open_s,
-        sweep_index_fetches: sweep.index_objects_fetched(),
+        sweep_open_s: median_range(&sweeps),
+        sweep_index_fetches,
+        sweep_limit_s: median_range(&limits),
         eighth_rank_s,
         eighth_rank_index_fetches: eighth.index_objects_fetched(),
     };
@@ -392,6 +404,41 @@ async fn distinct(opts: &ScaleOptions) -> Result<DistinctRow, ClientError> {
     Ok(row)
 }
 
+/// Interleaved runs of the sweep and of its limit.
+const SWEEP_RUNS: usize = 3;
+
+/// (median, min, max).
+fn median_range(v: &[f64]) -> (f64, f64, f64) {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let mid = if v.len() % 2 == 1 { v[v.len() / 2] } else { (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0 };
+    (mid, v[0], v[v.len() - 1])
+}
+
+/// Seconds to fetch every rank's index object of `cp` once with plain GETs, at the client's
+/// default concurrency, and parse each into a `ShardIndex`.
+async fn plain_index_fetches(url: &str, cp: &ckpt_client::Checkpoint) -> Result<f64, ClientError> {
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    let parsed: Vec<ShardIndex> = futures::stream::iter(cp.root.ranks.iter().map(|r| {
+        let (http, at) = (&http, format!("{url}/v1/jobs/{}/indexes/{}", cp.job(), r.hash));
+        async move {
+            let bad = |e: String| ClientError::Protocol(format!("plain index fetch: {e}"));
+            let answer =
+                http.get(at).send().await.and_then(|a| a.error_for_status()).map_err(|e| bad(e.to_string()))?;
+            let bytes = answer.bytes().await.map_err(|e| bad(e.to_string()))?;
+            serde_json::from_slice::<ShardIndex>(&bytes).map_err(|e| bad(e.to_string()))
+        }
+    }))
+    .buffer_unordered(ClientOptions::default().concurrency.max(1))
+    .try_collect()
+    .await?;
+    if parsed.len() != cp.root.ranks.len() {
+        return Err(ClientError::Protocol(format!("{} of {} index objects parsed", parsed.len(), cp.root.ranks.len())));
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
 pub async fn run(opts: ScaleOptions) -> Result<ScaleReport, ClientError> {
     raise_open_files_limit();
     let mut worlds = Vec::new();
@@ -446,15 +493,28 @@ pub fn print(r: &ScaleReport) {
             w.journal_syncs
         );
     }
-    println!("reading across ranks, each by a fresh client:");
+    println!("reading across ranks, each by a fresh client (all tensors opened and its limit: median [min-max] of {SWEEP_RUNS}):");
     println!(
-        "{:>6} {:>18} {:>16} | {:>22} {:>16}",
-        "ranks", "all tensors opened", "index fetches", "one rank of W/8 reads", "index fetches"
+        "{:>6} {:>24} {:>14} {:>24} {:>6} | {:>22} {:>14}",
+        "ranks",
+        "all tensors opened",
+        "index fetches",
+        "limit: plain fetch+parse",
+        "ratio",
+        "one rank of W/8 reads",
+        "index fetches"
     );
+    let span = |(m, lo, hi): (f64, f64, f64)| format!("{m:.2} s [{lo:.2}-{hi:.2}]");
     for w in &r.worlds {
         println!(
-            "{:>6} {:>16.2} s {:>16} | {:>20.3} s {:>16}",
-            w.world, w.sweep_open_s, w.sweep_index_fetches, w.eighth_rank_s, w.eighth_rank_index_fetches
+            "{:>6} {:>24} {:>14} {:>24} {:>6.2} | {:>20.3} s {:>14}",
+            w.world,
+            span(w.sweep_open_s),
+            w.sweep_index_fetches,
+            span(w.sweep_limit_s),
+            w.sweep_open_s.0 / w.sweep_limit_s.0.max(1e-9),
+            w.eighth_rank_s,
+            w.eighth_rank_index_fetches
         );
     }
     if let (Some(small), Some(big)) = (r.worlds.first(), r.worlds.last()) {
