@@ -287,9 +287,14 @@ pub fn rename_into_place(from: &Path, to: &Path) -> Result<(), DurableError> {
     sync_dir(parent_dir(to))
 }
 
-/// Whether a file name is one [`temp_path`] makes (what a crash mid-write can leave behind).
+/// Whether a file name is one [`temp_path`] makes (what a crash mid-write can leave behind):
+/// `.<name>.<pid>-<seq>.tmp`.
 pub fn is_temp_name(name: &str) -> bool {
-    name.len() >= ".x.tmp".len() && name.starts_with('.') && name.ends_with(".tmp")
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let Some(inner) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) else { return false };
+    inner.rsplit_once('.').is_some_and(|(dest, unique)| {
+        !dest.is_empty() && unique.split_once('-').is_some_and(|(pid, seq)| digits(pid) && digits(seq))
+    })
 }
 
 /// A fresh temporary path next to `dest` (same directory, so same filesystem).
@@ -416,7 +421,8 @@ mod tests {
     fn temporary_names_are_told_from_keys() {
         let t = temp_path(Path::new("/s/jobs/j/chunks/ab/abcd"));
         assert!(is_temp_name(t.file_name().unwrap().to_str().unwrap()), "{t:?}");
-        for key in ["abcd", "abcd.tmp", "00000000000000000001.json", ".tmp", "."] {
+        for key in ["abcd", "abcd.tmp", "00000000000000000001.json", ".tmp", ".", ".a.b.tmp", "..1-2.tmp", ".x.1-.tmp"]
+        {
             assert!(!is_temp_name(key), "{key}");
         }
     }

@@ -732,23 +732,10 @@ impl Coordinator {
             self.gc_refresh_view(job).await?;
         }
         report.stale_local_files = self.gc_local_files(dry_run).await?;
-        // Temporary files a crash left next to their key in a local store (`durable::temp_path`):
-        // never an object, never referenced, only space.
-        let grace = self.grace_ms();
-        let leftovers: Vec<&str> = objects
-            .iter()
-            .filter(|(k, _, m)| {
-                m.saturating_add(grace) <= now && k.rsplit('/').next().is_some_and(crate::durable::is_temp_name)
-            })
-            .map(|(k, _, _)| k.as_str())
-            .collect();
-        if !dry_run {
-            for k in &leftovers {
-                fence()?;
-                self.store.delete_key(k).await?;
-            }
+        if self.store.local_root().is_some() {
+            fence()?;
+            report.stale_local_files += self.gc_store_leftovers(job, &objects, dry_run).await?;
         }
-        report.stale_local_files += leftovers.len();
         report.parts_removed = self.gc_parts(job, &committed, now, lock).await?;
         tracing::info!(job, dry_run, ?report, "gc");
         Ok(report)
@@ -809,51 +796,75 @@ impl Coordinator {
         Ok((sizes.len(), sizes.iter().sum()))
     }
 
+    /// Temporary files a crash left in a local store, older than the grace period (younger
+    /// ones may be writes in progress): ckptd's own beside chunks (`durable::temp_path`, which
+    /// the listing `objects` shows) and object_store's staged puts (`<key>#<n>`) beside index
+    /// objects, roots and records, which its listings hide, so the job's directories other
+    /// than `chunks/` (the large one, whose puts are ckptd's own) are walked. Never objects:
+    /// nothing references them.
+    async fn gc_store_leftovers(
+        &self,
+        job: &str,
+        objects: &[(String, u64, u64)],
+        dry_run: bool,
+    ) -> Result<usize, ServiceError> {
+        let Some(root) = self.store.local_root().map(|r| r.to_path_buf()) else { return Ok(0) };
+        let grace = Duration::from_millis(self.grace_ms());
+        let mut found: Vec<std::path::PathBuf> = objects
+            .iter()
+            .filter(|(k, _, _)| k.rsplit('/').next().is_some_and(crate::durable::is_temp_name))
+            .map(|(k, _, _)| root.join(k))
+            .collect();
+        let job_dir = root.join(keys::JOBS_PREFIX).join(job);
+        let n = tokio::task::spawn_blocking(move || {
+            let mut dirs = vec![job_dir.clone()];
+            while let Some(dir) = dirs.pop() {
+                let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+                for e in rd.flatten() {
+                    let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+                    if is_dir && !(dir == job_dir && e.file_name() == "chunks") {
+                        dirs.push(e.path());
+                    } else if !is_dir && crate::store::is_staged_put_name(&e.file_name().to_string_lossy()) {
+                        found.push(e.path());
+                    }
+                }
+            }
+            remove_stale(found, grace, dry_run)
+        })
+        .await
+        .map_err(crate::error::join_error)?;
+        Ok(n)
+    }
+
     /// Handoff files and temporary spill files older than the grace period: what clients or
     /// uploads that died left behind on this node.
     async fn gc_local_files(&self, dry_run: bool) -> Result<usize, ServiceError> {
         let grace = Duration::from_millis(self.grace_ms());
         let (handoff, spill) = (self.handoff_dir.clone(), self.config.spill_dir());
         let n = tokio::task::spawn_blocking(move || {
-            let old = |p: &std::path::Path| {
-                std::fs::symlink_metadata(p)
-                    .ok()
-                    .filter(|m| m.is_file())
-                    .and_then(|m| m.modified().ok())
-                    .and_then(|t| t.elapsed().ok())
-                    .is_some_and(|age| age >= grace)
-            };
-            let mut stale: Vec<std::path::PathBuf> = Vec::new();
+            let mut candidates: Vec<std::path::PathBuf> = Vec::new();
             if let Ok(rd) = std::fs::read_dir(&handoff) {
-                stale.extend(rd.flatten().map(|e| e.path()).filter(|p| old(p)));
+                candidates.extend(rd.flatten().map(|e| e.path()));
             }
-            // Each tenant's handoff directory too (`old` looks at regular files only, never
+            // Each tenant's handoff directory too (`remove_stale` takes regular files only, never
             // through a link).
             if let Ok(tenants) = std::fs::read_dir(handoff.join("tenants")) {
                 for dir in tenants.flatten().filter(|d| d.file_type().is_ok_and(|t| t.is_dir())) {
                     if let Ok(rd) = std::fs::read_dir(dir.path()) {
-                        stale.extend(rd.flatten().map(|e| e.path()).filter(|p| old(p)));
+                        candidates.extend(rd.flatten().map(|e| e.path()));
                     }
                 }
             }
             if let Ok(jobs) = std::fs::read_dir(&spill) {
                 for dir in jobs.flatten() {
                     if let Ok(rd) = std::fs::read_dir(dir.path()) {
-                        stale.extend(
-                            rd.flatten()
-                                .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
-                                .map(|e| e.path())
-                                .filter(|p| old(p)),
+                        candidates.extend(
+                            rd.flatten().filter(|e| e.file_name().to_string_lossy().starts_with('.')).map(|e| e.path()),
                         );
                     }
                 }
             }
-            if !dry_run {
-                for p in &stale {
-                    let _ = std::fs::remove_file(p);
-                }
-            }
-            stale.len()
+            remove_stale(candidates, grace, dry_run)
         })
         .await
         .map_err(crate::error::join_error)?;
@@ -905,4 +916,23 @@ pub(crate) async fn parse_record<T: serde::de::DeserializeOwned + Send + 'static
     tokio::task::spawn_blocking(move || serde_json::from_slice(&bytes).map_err(|e| corrupt_record(&k, e)))
         .await
         .map_err(crate::error::join_error)?
+}
+
+/// Of `paths`, the regular files (never through a link) last modified at least `grace` ago,
+/// removed unless `dry_run`: how many. Blocking.
+fn remove_stale(mut paths: Vec<std::path::PathBuf>, grace: Duration, dry_run: bool) -> usize {
+    paths.retain(|p| {
+        std::fs::symlink_metadata(p)
+            .ok()
+            .filter(|m| m.is_file())
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= grace)
+    });
+    if !dry_run {
+        for p in &paths {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    paths.len()
 }

@@ -75,6 +75,14 @@ impl StoreError {
 /// attempts from 250 ms, wait over four minutes before the last, long after the store recovered.
 const RETRY_DELAY_MAX: Duration = Duration::from_secs(5);
 
+/// Whether a file name in a local store is one of object_store's staged puts (`<key>#<n>`,
+/// renamed onto `<key>` when complete): what a crash mid-put leaves behind. Its listings hide
+/// them.
+pub fn is_staged_put_name(name: &str) -> bool {
+    name.rsplit_once('#')
+        .is_some_and(|(key, n)| !key.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<dyn ObjectStore>,

@@ -397,8 +397,8 @@ pub fn audit(trace: &str, layout: &Layout<'_>) -> Vec<String> {
     };
     let mut violations = Vec::new();
     let mut checked_spill = HashSet::new();
-    // The thread whose rename (or link) last put each name in place.
-    let mut placed_by: HashMap<PathBuf, String> = HashMap::new();
+    // The threads whose renames (or links) put each name in place, in order.
+    let mut placed_by: HashMap<PathBuf, Vec<String>> = HashMap::new();
     let is_root = |p: &Path| {
         p.strip_prefix(store)
             .ok()
@@ -427,19 +427,21 @@ pub fn audit(trace: &str, layout: &Layout<'_>) -> Vec<String> {
         };
         v.apply(&op, call.began, call.done);
         if let Op::Rename(_, b) | Op::Link(_, b) = &op {
-            placed_by.insert(b.clone(), call.thread.clone());
+            placed_by.entry(b.clone()).or_default().push(call.thread.clone());
         }
         // An adopt that copies across filesystems removes the client's handoff file (named
         // `<hash>.<pid>.<seq>`) once its copy is durable: from then the store's copy is the
-        // only one, and it was acked. Its copy is the one its own thread renamed into place;
-        // a copy of the same chunk that another adopt renamed over it since is that adopt's
-        // to make durable (and is checked at that adopt's removal).
+        // only one, and it was acked. So does an adopt that finds the chunk already stored.
+        // Its copy is the one its own thread renamed into place, if any: a copy of the same
+        // chunk that another adopt renamed over it since is that adopt's to make durable (and
+        // is checked at that adopt's removal).
         if let Op::Unlink(p) = &op {
             let hash = p.starts_with(foreign).then(|| p.file_name()).flatten().and_then(|n| n.to_str());
             if let Some(hash) = hash.and_then(|n| n.split('.').next()) {
-                let its_copy = |c: &&PathBuf| {
-                    c.file_name().is_some_and(|n| n == hash) && placed_by.get(*c).is_none_or(|t| *t == call.thread)
+                let replaced_since = |c: &PathBuf| {
+                    placed_by.get(c).is_some_and(|ts| ts.contains(&call.thread) && ts.last() != Some(&call.thread))
                 };
+                let its_copy = |c: &&PathBuf| c.file_name().is_some_and(|n| n == hash) && !replaced_since(c);
                 for c in v.store_objects(store, false).iter().filter(its_copy) {
                     if let Some(why) = v.why_volatile(c, top) {
                         violations
@@ -721,6 +723,10 @@ mod tests {
         // 2 removes its handoff file with no directory fsync of its own: named.
         let early = run(&(t.clone() + &format!("2 unlink(\"/t/state/handoff/{HASH}.7.1\") = 0\n")));
         assert!(early.iter().any(|f| f.starts_with("handoff file") && f.contains(".7.1")), "{early:?}");
+        // A third adopt finds the chunk stored and removes its handoff file while 2's rename is
+        // still unsynced: it placed no copy, so the stored one is checked.
+        let third = run(&(t.clone() + &format!("3 unlink(\"/t/state/handoff/{HASH}.7.2\") = 0\n")));
+        assert!(third.iter().any(|f| f.starts_with("handoff file") && f.contains(".7.2")), "{third:?}");
         let synced = t + &format!("2 fsync(4<{dir}>) = 0\n2 unlink(\"/t/state/handoff/{HASH}.7.1\") = 0\n");
         assert!(run(&synced).is_empty(), "{:?}", run(&synced));
     }

@@ -427,8 +427,9 @@ async fn a_gc_run_past_its_lease_stops_before_its_next_delete(backend: Backend) 
 }
 
 /// Temporary files a crash left next to their keys in a local store (a write killed between its
-/// temporary file and its rename) are removed by GC once older than the grace period; a fresh
-/// one may be a write in progress and stays, and so does every object.
+/// temporary file and its rename: ckptd's own beside chunks, object_store's staged puts beside
+/// index objects and roots) are removed by GC once older than the grace period; a fresh one may
+/// be a write in progress and stays, and so does every object. So are old handoff files.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gc_removes_temporary_files_a_crash_left_in_a_local_store() {
     bounded(Duration::from_secs(120), async {
@@ -444,9 +445,16 @@ async fn gc_removes_temporary_files_a_crash_left_in_a_local_store() {
         let state = vec![rank_tensors(seed, 0, 1, 1 << 20)];
         save_step(&c, "job", 1, &state).await.unwrap();
         let root = store.local.clone().unwrap();
-        let keys_before = store.keys().await;
+        let objects = || async { store.keys().await.into_iter().filter(|k| !k.ends_with(".tmp")).collect::<Vec<_>>() };
+        let keys_before = objects().await;
         let at = |rel: &str| root.join(rel);
-        let old = [at("jobs/job/chunks/ab/.abcd.77-1.tmp"), at("jobs/job/indexes/cd/.cdef.json.77-2.tmp")];
+        let old = [
+            at("jobs/job/chunks/ab/.abcd.77-1.tmp"),
+            at("jobs/job/indexes/cd/cdef.json#2"),
+            at("jobs/job/manifests/00000000000000000002.json#7"),
+            // And on this node: a handoff file a client that died left behind.
+            dir.path().join("state/handoff/abandoned.1.2"),
+        ];
         let fresh = at("jobs/job/chunks/ab/.abce.77-3.tmp");
         let hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
         for p in old.iter().chain([&fresh]) {
@@ -457,13 +465,13 @@ async fn gc_removes_temporary_files_a_crash_left_in_a_local_store() {
             std::fs::File::options().write(true).open(p).unwrap().set_modified(hours_ago).unwrap();
         }
         let dry = gc(&c, "job", true).await;
-        assert_eq!(dry["stale_local_files"], 2, "{dry}");
+        assert_eq!(dry["stale_local_files"], 4, "{dry}");
         assert!(old.iter().all(|p| p.exists()), "a dry run removed a file");
         let run = gc(&c, "job", false).await;
-        assert_eq!(run["stale_local_files"], 2, "{run}");
+        assert_eq!(run["stale_local_files"], 4, "{run}");
         assert!(old.iter().all(|p| !p.exists()), "the old temporary files are still there");
         assert!(fresh.exists(), "a temporary file younger than the grace period was removed");
-        assert_eq!(store.keys().await.iter().filter(|k| !k.contains(".tmp")).count(), keys_before.len());
+        assert_eq!(objects().await, keys_before, "an object was removed");
         let back = c.load_rank("job", 1, 0).await.unwrap();
         assert!(back.iter().zip(&state[0]).all(|(a, b)| a.data == b.data), "the checkpoint changed");
     })
