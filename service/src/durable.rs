@@ -416,16 +416,6 @@ pub fn write_new_grouped(dest: &Path, image: &[u8], len: u64, align: usize, fs: 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn temporary_names_are_told_from_keys() {
-        let t = temp_path(Path::new("/s/jobs/j/chunks/ab/abcd"));
-        assert!(is_temp_name(t.file_name().unwrap().to_str().unwrap()), "{t:?}");
-        for key in ["abcd", "abcd.tmp", "00000000000000000001.json", ".tmp", ".", ".a.b.tmp", "..1-2.tmp", ".x.1-.tmp"]
-        {
-            assert!(!is_temp_name(key), "{key}");
-        }
-    }
     use std::io::Write;
 
     thread_local! {
@@ -571,5 +561,15 @@ mod tests {
         std::fs::write(&from, b"x").unwrap();
         let e = rename_into_place(&from, &here.path().join("d/f")).unwrap_err();
         assert!(e.is_cross_device(), "{e}");
+    }
+
+    #[test]
+    fn temporary_names_are_told_from_keys() {
+        let t = temp_path(Path::new("/s/jobs/j/chunks/ab/abcd"));
+        assert!(is_temp_name(t.file_name().unwrap().to_str().unwrap()), "{t:?}");
+        for key in ["abcd", "abcd.tmp", "00000000000000000001.json", ".tmp", ".", ".a.b.tmp", "..1-2.tmp", ".x.1-.tmp"]
+        {
+            assert!(!is_temp_name(key), "{key}");
+        }
     }
 }

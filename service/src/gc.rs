@@ -732,9 +732,9 @@ impl Coordinator {
             self.gc_refresh_view(job).await?;
         }
         report.stale_local_files = self.gc_local_files(dry_run).await?;
-        if self.store.local_root().is_some() {
+        if let Some(root) = self.store.local_root() {
             fence()?;
-            report.stale_local_files += self.gc_store_leftovers(job, &objects, dry_run).await?;
+            report.stale_local_files += self.gc_store_leftovers(root.to_path_buf(), job, &objects, dry_run).await?;
         }
         report.parts_removed = self.gc_parts(job, &committed, now, lock).await?;
         tracing::info!(job, dry_run, ?report, "gc");
@@ -796,7 +796,7 @@ impl Coordinator {
         Ok((sizes.len(), sizes.iter().sum()))
     }
 
-    /// Temporary files a crash left in a local store, older than the grace period (younger
+    /// Temporary files a crash left in the local store at `root`, older than the grace period (younger
     /// ones may be writes in progress): ckptd's own beside chunks (`durable::temp_path`, which
     /// the listing `objects` shows) and object_store's staged puts (`<key>#<n>`) beside index
     /// objects, roots and records, which its listings hide, so the job's directories other
@@ -804,11 +804,11 @@ impl Coordinator {
     /// nothing references them.
     async fn gc_store_leftovers(
         &self,
+        root: std::path::PathBuf,
         job: &str,
         objects: &[(String, u64, u64)],
         dry_run: bool,
     ) -> Result<usize, ServiceError> {
-        let Some(root) = self.store.local_root().map(|r| r.to_path_buf()) else { return Ok(0) };
         let grace = Duration::from_millis(self.grace_ms());
         let mut found: Vec<std::path::PathBuf> = objects
             .iter()

@@ -23,13 +23,18 @@ ckpt_tests::conformance!(300;
 /// A second and a bit: the shortest grace period ckptd takes is one second.
 const PAST_GRACE: Duration = Duration::from_millis(1_100);
 
-async fn start(store: &TestStore, dir: &std::path::Path, retention: &str) -> ckpt_client::daemon::LocalDaemon {
+/// ckptd options for `store` with `[retention]` set to `retention` (a config file in `dir`).
+fn with_retention(store: &TestStore, dir: &std::path::Path, retention: &str) -> ckpt_client::daemon::DaemonOptions {
     let mut o = store.daemon_options(dir);
     let cfg = dir.join("ckptd.toml");
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(&cfg, format!("[retention]\ngc_grace_s = 1\nlease_s = 3\n{retention}\n")).unwrap();
+    std::fs::write(&cfg, format!("[retention]\n{retention}\n")).unwrap();
     o.extra_args = vec!["--config".into(), cfg.into_os_string()];
-    start_daemon_with(o).await
+    o
+}
+
+async fn start(store: &TestStore, dir: &std::path::Path, retention: &str) -> ckpt_client::daemon::LocalDaemon {
+    start_daemon_with(with_retention(store, dir, &format!("gc_grace_s = 1\nlease_s = 3\n{retention}"))).await
 }
 
 /// As `start`, with store faults armable (`--fault-injection`) and `failpoints` (the
@@ -40,14 +45,11 @@ async fn start_faulty(
     retention: &str,
     failpoints: &str,
 ) -> ckpt_client::daemon::LocalDaemon {
-    let mut o = store.daemon_options(dir);
+    let mut o = with_retention(store, dir, &format!("gc_grace_s = 1\nlease_s = 3\n{retention}"));
     if !failpoints.is_empty() {
         o.envs.push(("FAILPOINTS".into(), failpoints.into()));
     }
-    let cfg = dir.join("ckptd.toml");
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(&cfg, format!("[retention]\ngc_grace_s = 1\nlease_s = 3\n{retention}\n")).unwrap();
-    o.extra_args = vec!["--config".into(), cfg.into_os_string(), "--fault-injection".into()];
+    o.extra_args.push("--fault-injection".into());
     start_daemon_with(o).await
 }
 
@@ -436,11 +438,7 @@ async fn gc_removes_temporary_files_a_crash_left_in_a_local_store() {
         let seed = seed(0x5eed_0c21);
         let dir = tempfile::tempdir().unwrap();
         let store = TestStore::new(Backend::Local, dir.path()).await;
-        let mut o = store.daemon_options(dir.path());
-        let cfg = dir.path().join("ckptd.toml");
-        std::fs::write(&cfg, "[retention]\ngc_grace_s = 600\nlease_s = 3\n").unwrap();
-        o.extra_args = vec!["--config".into(), cfg.into_os_string()];
-        let d = start_daemon_with(o).await;
+        let d = start_daemon_with(with_retention(&store, dir.path(), "gc_grace_s = 600\nlease_s = 3")).await;
         let c = client(&d);
         let state = vec![rank_tensors(seed, 0, 1, 1 << 20)];
         save_step(&c, "job", 1, &state).await.unwrap();

@@ -122,7 +122,7 @@ fn load_average() -> String {
 
 /// Every sample of one figure across the repeats.
 #[derive(Default, Clone, Serialize)]
-struct Samples(Vec<f64>);
+pub(crate) struct Samples(pub(crate) Vec<f64>);
 
 impl Samples {
     fn push(&mut self, x: f64) {
@@ -145,12 +145,17 @@ impl Samples {
             (v[n / 2 - 1] + v[n / 2]) / 2.0
         }
     }
-    fn show(&self, unit: &str, digits: usize) -> String {
+    /// (median, min, max); NaN for no samples.
+    pub(crate) fn median_min_max(&self) -> (f64, f64, f64) {
         let v = self.sorted();
-        match v.as_slice() {
-            [] => "-".into(),
-            [x] => format!("{x:.digits$} {unit}"),
-            _ => format!("{:.digits$} {unit} ({:.digits$}–{:.digits$})", self.median(), v[0], v[v.len() - 1]),
+        (self.median(), v.first().copied().unwrap_or(f64::NAN), v.last().copied().unwrap_or(f64::NAN))
+    }
+    fn show(&self, unit: &str, digits: usize) -> String {
+        let (median, min, max) = self.median_min_max();
+        match self.0.len() {
+            0 => "-".into(),
+            1 => format!("{median:.digits$} {unit}"),
+            _ => format!("{median:.digits$} {unit} ({min:.digits$}–{max:.digits$})"),
         }
     }
 }

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use ckpt_core::{ChunkHash, ChunkRef, DType, ShardIndex, TensorEntry};
 use futures::{StreamExt, TryStreamExt};
 
-use crate::bench::peak_rss_bytes;
+use crate::bench::{peak_rss_bytes, Samples};
 use ckpt_client::daemon::{find_ckptd, DaemonOptions, LocalDaemon};
 use ckpt_client::{Client, ClientError, ClientOptions, SaveSpec, Tensor, Wait};
 
@@ -332,9 +332,9 @@ async fn one_world(opts: &ScaleOptions, world: u32) -> Result<WorldRow, ClientEr
         root_bytes,
         restore_metadata_bytes: root_bytes + cp.root.ranks[probe as usize].bytes,
         journal_syncs: st["journal_flushes"].as_u64().unwrap_or(0).saturating_sub(syncs_before),
-        sweep_open_s: median_range(&sweeps),
+        sweep_open_s: Samples(sweeps).median_min_max(),
         sweep_index_fetches,
-        sweep_limit_s: median_range(&limits),
+        sweep_limit_s: Samples(limits).median_min_max(),
         eighth_rank_s,
         eighth_rank_index_fetches: eighth.index_objects_fetched(),
     };
@@ -412,14 +412,6 @@ async fn distinct(opts: &ScaleOptions) -> Result<DistinctRow, ClientError> {
 
 /// Interleaved runs of the sweep and of its limit.
 const SWEEP_RUNS: usize = 3;
-
-/// (median, min, max).
-fn median_range(v: &[f64]) -> (f64, f64, f64) {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    let mid = if v.len() % 2 == 1 { v[v.len() / 2] } else { (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0 };
-    (mid, v[0], v[v.len() - 1])
-}
 
 /// Seconds to fetch every rank's index object of `cp` once with plain GETs, at the client's
 /// default concurrency, and parse each into a `ShardIndex`.
