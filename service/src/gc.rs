@@ -441,7 +441,7 @@ impl Coordinator {
         steps: &[u64],
     ) -> Result<(HashSet<ChunkHash>, HashSet<ChunkHash>), ServiceError> {
         let mut chunks = HashSet::new();
-        let mut wanted: HashMap<ChunkHash, (ckpt_core::IndexRef, u32, u32)> = HashMap::new();
+        let mut wanted: HashMap<ChunkHash, (ckpt_core::IndexRef, u32, u32, u64)> = HashMap::new();
         for &step in steps {
             let bytes = self.manifest_bytes(job, step).await?;
             let limits = self.limits;
@@ -453,7 +453,7 @@ impl Coordinator {
                 CommitObject::V1(m) => chunks.extend(m.chunk_set()),
                 CommitObject::Root(root) => {
                     for (rank, r) in root.ranks.iter().enumerate() {
-                        wanted.entry(r.hash).or_insert((*r, rank as u32, root.world_size));
+                        wanted.entry(r.hash).or_insert((*r, rank as u32, root.world_size, step));
                     }
                 }
             }
@@ -461,11 +461,32 @@ impl Coordinator {
         let indexes: HashSet<ChunkHash> = wanted.keys().copied().collect();
         let limits = self.limits;
         let lists: Vec<Vec<ChunkHash>> = futures::stream::iter(wanted.into_values())
-            .map(|(r, rank, world)| async move {
-                let bytes = self.index_object_bytes(job, r.hash).await?;
-                let index = ckpt_core::commit::parse_index_object(&bytes, &r, rank, world, &limits)
-                    .map_err(|e| ServiceError::Internal(format!("index object {} of {job}: {e}", r.hash)))?;
-                Ok::<_, ServiceError>(index.chunk_hashes().collect())
+            .map(|(r, rank, world, step)| async move {
+                let bytes = match self.store.get_index_object_sized(job, &r.hash, r.bytes).await {
+                    Err(crate::store::StoreError::NotFound(_)) => {
+                        // GC alone deletes index objects, one run per job at a time: one a kept
+                        // root names and the store lacks was lost.
+                        return Err(ServiceError::CorruptManifest {
+                            job: job.into(),
+                            step,
+                            reason: format!("index object {} of rank {rank} is missing", r.hash),
+                        });
+                    }
+                    got => got?,
+                };
+                // Its size and hash checked against the root as it is parsed, off the runtime.
+                let job = job.to_string();
+                tokio::task::spawn_blocking(move || {
+                    ckpt_core::commit::parse_index_object(&bytes, &r, rank, world, &limits)
+                        .map(|index| index.chunk_hashes().collect::<Vec<_>>())
+                        .map_err(|e| ServiceError::CorruptManifest {
+                            job,
+                            step,
+                            reason: format!("index object {}: {e}", r.hash),
+                        })
+                })
+                .await
+                .map_err(crate::error::join_error)?
             })
             .buffer_unordered(self.config.store_requests_max)
             .try_collect()
@@ -653,13 +674,16 @@ impl Coordinator {
             pinned: pinned.iter().copied().collect(),
             ..GcReport::default()
         };
+        // What the kept checkpoints reference before any root goes: a kept root or index object
+        // that cannot be read stops the run while the checkpoints retention would retire (the
+        // last good ones, perhaps) are still there.
+        let (ref_chunks, ref_indexes) = self.gc_referenced(job, &kept).await?;
         if !dry_run {
             for &step in &delete {
                 fence()?;
                 self.remove_root(job, step, "retention").await?;
             }
         }
-        let (ref_chunks, ref_indexes) = self.gc_referenced(job, &kept).await?;
         let referenced = |key: &str| match keys::parse_key(key) {
             Some(ParsedKey::Chunk { hash, .. }) => ref_chunks.contains(&hash),
             Some(ParsedKey::Index { hash, .. }) => ref_indexes.contains(&hash),

@@ -18,6 +18,7 @@ ckpt_tests::conformance!(300;
     a_sweep_after_a_node_died_mid_save_is_caught_at_commit,
     a_gc_run_stalled_past_its_lock_is_fenced_when_it_wakes,
     a_gc_run_past_its_lease_stops_before_its_next_delete,
+    gc_stops_at_a_damaged_index_object_and_deletes_nothing,
 );
 
 /// A second and a bit: the shortest grace period ckptd takes is one second.
@@ -164,6 +165,54 @@ async fn keep_last_two_and_a_pin_then_only_unshared_garbage_goes(backend: Backen
     let index_objects =
         store.keys().await.iter().filter(|k| matches!(parse_key(k), Some(ParsedKey::Index { .. }))).count();
     assert_eq!(index_objects, 3 + 1, "rank 0's index of each kept step, and rank 1's, the same in all three");
+}
+
+/// GC reads every index object a kept root names (by its size, in one ranged read where it can):
+/// one cut short, one with a byte flipped and one missing each stop the run with the step and
+/// the object named, before anything is deleted; put back whole, the same run goes ahead.
+async fn gc_stops_at_a_damaged_index_object_and_deletes_nothing(backend: Backend) {
+    let seed = seed(0x5eed_0c26);
+    let dir = tempfile::tempdir().unwrap();
+    let store = TestStore::new(backend, dir.path()).await;
+    let d = start(&store, dir.path(), "keep_last = 1").await;
+    let c = client(&d);
+    for step in 1..=2u64 {
+        let s: Vec<_> = (0..2).map(|r| rank_tensors(seed + step * 2 + r as u64, r, 2, 1 << 20)).collect();
+        save_step(&c, "job", step, &s).await.unwrap();
+    }
+    tokio::time::sleep(PAST_GRACE).await;
+    let r = c.checkpoint("job", 2).await.unwrap().root.ranks[1];
+    let key = ckpt_core::keys::index_key("job", &r.hash);
+    let whole = store.get(&key).await.expect("rank 1's index object of step 2");
+    assert_eq!(whole.len() as u64, r.bytes);
+    let mut flipped = whole.to_vec();
+    flipped[whole.len() / 2] ^= 0x20;
+    let damage: [(&str, Option<bytes::Bytes>, &str); 3] = [
+        ("cut short", Some(whole.slice(..whole.len() / 2)), "the root says"),
+        ("a byte flipped", Some(flipped.into()), "content hashes to"),
+        ("missing", None, "is missing"),
+    ];
+    for (what, bytes, says) in damage {
+        match bytes {
+            Some(b) => store.put(&key, b).await,
+            None => store.delete(&key).await,
+        }
+        let keys = store.keys().await;
+        for dry_run in [true, false] {
+            let e = c.gc(Some("job"), dry_run).await.unwrap_err();
+            let text = e.to_string();
+            assert_eq!(e.api_code(), Some("manifest_corrupt"), "{what}, dry run {dry_run}: {text}");
+            assert!(
+                text.contains("job@2") && text.contains(&r.hash.to_string()) && text.contains(says),
+                "{what}, dry run {dry_run}: {text}"
+            );
+            assert_eq!(store.keys().await, keys, "{what}, dry run {dry_run}: GC changed the store");
+        }
+    }
+    store.put(&key, whole).await;
+    let run = gc(&c, "job", false).await;
+    assert_eq!(steps(&run["checkpoints_deleted"]), vec![1], "{run}");
+    assert!(c.verify("job", 2, |_| {}).await.unwrap().ok());
 }
 
 async fn a_save_in_flight_during_gc_commits_and_verifies(backend: Backend) {

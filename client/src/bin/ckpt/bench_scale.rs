@@ -13,8 +13,10 @@
 //! with `index_cache_mib` of index cache: every tensor opened on all its rows (what an export or
 //! a reshard does first: every rank's index object fetched and checked), and one rank of a
 //! world an eighth the size reading its rows of every tensor (an elastic restart on fewer
-//! nodes). Optionally a save of `distinct_chunks` distinct chunks (1.5 M for a 405B checkpoint
-//! in 4 MiB chunks) through the ordinary save path.
+//! nodes). Then GC of the job with retention keeping the last step: dry runs against their limit
+//! (`bench_gc`), a real run that retires step 1 and condemns its index objects, and the sweep a
+//! grace period later. Optionally a save of `distinct_chunks` distinct chunks (1.5 M for a 405B
+//! checkpoint in 4 MiB chunks) through the ordinary save path, and GC's dry runs over it.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -24,6 +26,7 @@ use ckpt_core::{ChunkHash, ChunkRef, DType, ShardIndex, TensorEntry};
 use futures::{StreamExt, TryStreamExt};
 
 use crate::bench::{peak_rss_bytes, Samples};
+use crate::bench_gc::GcRow;
 use ckpt_client::daemon::{find_ckptd, DaemonOptions, LocalDaemon};
 use ckpt_client::{Client, ClientError, ClientOptions, SaveSpec, Tensor, Wait};
 
@@ -54,6 +57,10 @@ pub struct ScaleOptions {
     /// Index cache of the clients that read the checkpoint back, MiB.
     #[arg(long, default_value_t = 64)]
     pub index_cache_mib: u64,
+    /// Dry GC runs of each save's job, interleaved with their limit, before a real run that
+    /// collects the first step (0 skips GC).
+    #[arg(long, default_value_t = 3)]
+    pub gc_runs: usize,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -87,6 +94,8 @@ pub struct WorldRow {
     /// ranks' slices) opened and read by a fresh client: seconds, index objects fetched.
     pub eighth_rank_s: f64,
     pub eighth_rank_index_fetches: u64,
+    /// GC with retention keeping the last step only (step 1's index objects are garbage).
+    pub gc: Option<GcRow>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -97,6 +106,7 @@ pub struct DistinctRow {
     pub committed: bool,
     pub ckptd_peak_rss_mib: f64,
     pub root_bytes: u64,
+    pub gc: Option<GcRow>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -106,6 +116,10 @@ pub struct ScaleReport {
 }
 
 const CHUNK_BYTES: usize = 16;
+/// ckptd's settings for these runs (before its `[retention]` table).
+const CONFIG: &str = "chunk_requests_max = 256\nupload_concurrency = 16\n";
+/// The shortest grace period ckptd takes, so the sweep runs a second after its list.
+const GC_GRACE_S: u64 = 1;
 /// Concurrent index puts in the second measurement (the issue measured 16 clients).
 pub const FIXED_CLIENTS: usize = 16;
 const POOL: usize = 1024;
@@ -185,7 +199,7 @@ async fn open_all(client: &Client, specs: Vec<SaveSpec>) -> Result<(), ClientErr
 
 async fn one_world(opts: &ScaleOptions, world: u32) -> Result<WorldRow, ClientError> {
     let dir = opts.dir.join(format!("world-{world}"));
-    let d = start(&dir, "chunk_requests_max = 256\nupload_concurrency = 16\n").await?;
+    let d = start(&dir, &format!("{CONFIG}[retention]\nkeep_last = 1\ngc_grace_s = {GC_GRACE_S}\n")).await?;
     let url = d.url();
     let http = reqwest::Client::new();
     let client = Client::new(&url, ClientOptions { node_local: false, ..ClientOptions::default() })?;
@@ -217,7 +231,7 @@ async fn one_world(opts: &ScaleOptions, world: u32) -> Result<WorldRow, ClientEr
     wait_drained(&http, &url).await?;
     let pool_refs: Vec<ChunkRef> =
         pool.iter().map(|b| ChunkRef { hash: ChunkHash::of(b), len: CHUNK_BYTES as u64 }).collect();
-    let indexes: Vec<ShardIndex> = (0..world)
+    let mut indexes: Vec<ShardIndex> = (0..world)
         .map(|r| {
             let slice = c * CHUNK_BYTES as u64;
             let tensors = (0..t)
@@ -255,7 +269,11 @@ async fn one_world(opts: &ScaleOptions, world: u32) -> Result<WorldRow, ClientEr
     let status = client.wait_committed(&job, 1).await?;
     let st = stats(&http, &url).await?;
     let (p50, p99, first, last) = summarise(lat);
-    // The next step's puts from a fixed number of clients.
+    // The next step's puts from a fixed number of clients; its indexes differ from step 1's in
+    // their metadata, so that once step 1 is retired its index objects are garbage for GC.
+    for i in &mut indexes {
+        i.metadata = serde_json::json!({ "rank": i.rank, "step": 2 });
+    }
     open_all(&client, (0..world).map(|r| spec(r, 2)).collect()).await?;
     let started = Instant::now();
     let fixed: Vec<(Duration, Duration)> = futures::stream::iter(indexes.iter())
@@ -315,6 +333,26 @@ async fn one_world(opts: &ScaleOptions, world: u32) -> Result<WorldRow, ClientEr
         r.read_rows(rows.start, rows.end - rows.start, &mut buf).await?;
     }
     let eighth_rank_s = started.elapsed().as_secs_f64();
+    let gc = if opts.gc_runs > 0 {
+        // Step 1's index objects become old enough to be condemned.
+        let grace = Duration::from_millis(GC_GRACE_S * 1000 + 100);
+        tokio::time::sleep(grace).await;
+        let store = dir.join("store");
+        Some(
+            crate::bench_gc::measure(
+                &client,
+                d.pid(),
+                &store,
+                &job,
+                &[2],
+                opts.gc_runs,
+                Some((1, world as u64, grace)),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
     let row = WorldRow {
         world,
         chunk_refs: world as u64 * t * c,
@@ -337,6 +375,7 @@ async fn one_world(opts: &ScaleOptions, world: u32) -> Result<WorldRow, ClientEr
         sweep_limit_s: Samples(limits).median_min_max(),
         eighth_rank_s,
         eighth_rank_index_fetches: eighth.index_objects_fetched(),
+        gc,
     };
     if status.manifest_hash.as_deref() != Some(cp.root.hash.as_str()) {
         return Err(ClientError::Protocol("the committed root is not the one read back".into()));
@@ -350,7 +389,7 @@ async fn one_world(opts: &ScaleOptions, world: u32) -> Result<WorldRow, ClientEr
 
 async fn distinct(opts: &ScaleOptions) -> Result<DistinctRow, ClientError> {
     let dir = opts.dir.join("distinct");
-    let d = start(&dir, "chunk_requests_max = 256\nupload_concurrency = 16\n").await?;
+    let d = start(&dir, &format!("{CONFIG}[retention]\ngc_grace_s = {GC_GRACE_S}\n")).await?;
     let url = d.url();
     let ranks = opts.distinct_ranks.max(1);
     let per_rank = opts.distinct_chunks.div_ceil(ranks as u64);
@@ -397,6 +436,11 @@ async fn distinct(opts: &ScaleOptions) -> Result<DistinctRow, ClientError> {
     let status = client.wait_committed(&job, 1).await?;
     let save_s = started.elapsed().as_secs_f64();
     let cp = client.checkpoint(&job, 1).await?;
+    let gc = if opts.gc_runs > 0 {
+        Some(crate::bench_gc::measure(&client, d.pid(), &dir.join("store"), &job, &[1], opts.gc_runs, None).await?)
+    } else {
+        None
+    };
     let row = DistinctRow {
         ranks,
         chunks: cp.root.chunks,
@@ -404,6 +448,7 @@ async fn distinct(opts: &ScaleOptions) -> Result<DistinctRow, ClientError> {
         committed: status.manifest_hash.is_some(),
         ckptd_peak_rss_mib: d.pid().and_then(peak_rss_bytes).unwrap_or(0) as f64 / (1 << 20) as f64,
         root_bytes: cp.root.to_bytes().len() as u64,
+        gc,
     };
     drop(d);
     let _ = std::fs::remove_dir_all(&dir);
@@ -544,6 +589,12 @@ pub fn print(r: &ScaleReport) {
             big.world,
             big.world as f64 / small.world as f64
         );
+    }
+    let mut gc: Vec<(String, &GcRow)> =
+        r.worlds.iter().filter_map(|w| Some((format!("{} ranks", w.world), w.gc.as_ref()?))).collect();
+    gc.extend(r.distinct.iter().filter_map(|d| Some((format!("{} chunks", d.chunks), d.gc.as_ref()?))));
+    if !gc.is_empty() {
+        crate::bench_gc::print(&gc);
     }
     if let Some(dr) = &r.distinct {
         println!(

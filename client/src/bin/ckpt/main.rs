@@ -1,6 +1,7 @@
 //! The `ckpt` command line: inspect, verify, restore and delete checkpoints, and run the demo.
 
 mod bench;
+mod bench_gc;
 mod bench_scale;
 mod bench_split;
 mod output;
