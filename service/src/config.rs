@@ -306,8 +306,8 @@ pub struct RetentionConfig {
     /// node last refreshed it; refreshed every third of it.
     pub lease_s: u64,
     /// GC runs this node makes at once, over different jobs (a job has one run at a time,
-    /// across nodes). Each holds its job's object listings in memory, about a gigabyte per ten
-    /// million objects; more wait up to `busy_wait_ms`, then get 503.
+    /// across nodes). Each holds its job's object listings in memory, about 300 bytes per
+    /// object (3 GiB per ten million); more wait up to `busy_wait_ms`, then get 503.
     pub gc_runs_max: usize,
     /// A job's GC lock not rewritten for this long is taken over by another node (its run is
     /// taken for dead). A run rewrites it every 24th of this and stops, deleting nothing more,

@@ -278,24 +278,6 @@ impl Store {
         self.retry("get_index", || async { self.inner.get(&path).await?.bytes().await }).await
     }
 
-    /// Index object `hash` of `job` when the root naming it gives its size: first one ranged
-    /// read of that many bytes, which a local store serves in one blocking call where a plain get
-    /// takes two (GC reads 16,384 of them per kept checkpoint of a 405B job); on any failure (a
-    /// shorter object, a transient error) the plain get, retried. The caller checks the bytes
-    /// against the size and hash: an object longer than the root says passes only if what the
-    /// root names is its prefix, exactly.
-    pub async fn get_index_object_sized(&self, job: &str, hash: &ChunkHash, bytes: u64) -> Result<Bytes, StoreError> {
-        if bytes > 0 {
-            let path = Path::from(keys::index_key(job, hash));
-            if let Ok(Some(got)) =
-                self.inner.get_ranges(&path, std::slice::from_ref(&(0..bytes))).await.map(|mut v| v.pop())
-            {
-                return Ok(got);
-            }
-        }
-        self.get_index_object(job, hash).await
-    }
-
     /// The commit point: create the manifest only if no manifest exists for the step.
     pub async fn create_manifest(&self, job: &str, step: u64, bytes: Bytes) -> Result<(), StoreError> {
         let path = Path::from(keys::manifest_key(job, step));

@@ -167,9 +167,9 @@ async fn keep_last_two_and_a_pin_then_only_unshared_garbage_goes(backend: Backen
     assert_eq!(index_objects, 3 + 1, "rank 0's index of each kept step, and rank 1's, the same in all three");
 }
 
-/// GC reads every index object a kept root names (by its size, in one ranged read where it can):
-/// one cut short, one with a byte flipped and one missing each stop the run with the step and
-/// the object named, before anything is deleted; put back whole, the same run goes ahead.
+/// GC reads every index object a kept root names, whole: one cut short, one with bytes
+/// appended, one with a byte flipped and one missing each stop the run with the step and the
+/// object named, before anything is deleted; put back whole, the same run goes ahead.
 async fn gc_stops_at_a_damaged_index_object_and_deletes_nothing(backend: Backend) {
     let seed = seed(0x5eed_0c26);
     let dir = tempfile::tempdir().unwrap();
@@ -187,8 +187,12 @@ async fn gc_stops_at_a_damaged_index_object_and_deletes_nothing(backend: Backend
     assert_eq!(whole.len() as u64, r.bytes);
     let mut flipped = whole.to_vec();
     flipped[whole.len() / 2] ^= 0x20;
-    let damage: [(&str, Option<bytes::Bytes>, &str); 3] = [
+    let mut longer = whole.to_vec();
+    longer.extend_from_slice(b"{}");
+    let damage: [(&str, Option<bytes::Bytes>, &str); 4] = [
         ("cut short", Some(whole.slice(..whole.len() / 2)), "the root says"),
+        // What the root names, whole, then more: not the object the root sealed either.
+        ("bytes appended", Some(longer.into()), "the root says"),
         ("a byte flipped", Some(flipped.into()), "content hashes to"),
         ("missing", None, "is missing"),
     ];

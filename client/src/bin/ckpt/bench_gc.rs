@@ -9,12 +9,16 @@
 //! looked up in those sets. ckptd's run does the same through `object_store`, plus its lock,
 //! lease, pin and leftover checks. The limit's count of unreferenced objects must equal the
 //! dry run's condemned count, or the two did different work and the benchmark fails.
+//!
+//! ckptd is restarted (stopped cleanly) before the runs: one whose heap grew through the save
+//! and the read back serves GC from memory it freed, and GC's own would not show in its RSS.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ckpt_client::{Client, ClientError};
+use ckpt_client::daemon::LocalDaemon;
+use ckpt_client::{Client, ClientError, ClientOptions};
 use ckpt_core::{keys, ChunkHash, Root, ShardIndex};
 
 use crate::bench::Samples;
@@ -159,8 +163,7 @@ fn count(report: &serde_json::Value, field: &str) -> Result<u64, ClientError> {
 /// then, with `collect`, a real run that must delete root `collect.0` and condemn
 /// `collect.1` objects, and a sweep of them once the grace period `grace` has passed.
 pub async fn measure(
-    client: &Client,
-    pid: Option<u32>,
+    daemon: &mut LocalDaemon,
     store: &Path,
     job: &str,
     kept: &[u64],
@@ -177,7 +180,18 @@ pub async fn measure(
             Ok::<_, ClientError>((started.elapsed().as_secs_f64(), plain))
         }
     };
-    let (mut dry, mut limits, mut growth, mut plain) = (Vec::new(), Vec::new(), None::<f64>, None);
+    if !daemon.terminate(Duration::from_secs(60)).await {
+        // Killed instead: what follows would measure a recovery from a crash.
+        return Err(ClientError::Daemon("ckptd did not stop within 60 s of SIGTERM".into()));
+    }
+    daemon.restart().await?;
+    let pid = daemon.pid();
+    // It listens on another port now.
+    let client = &Client::new(&daemon.url(), ClientOptions { node_local: false, ..ClientOptions::default() })?;
+    // A first dry run, not timed: its memory is what GC takes on a fresh heap (the timed runs
+    // after it reuse what it freed), and it warms the caches the runs before the restart had.
+    let (_, mut growth) = with_rss_growth(pid, client.gc(Some(job), true)).await?;
+    let (mut dry, mut limits, mut plain) = (Vec::new(), Vec::new(), None);
     for run in 0..runs {
         if run % 2 == 1 {
             let (s, p) = limit().await?;

@@ -58,7 +58,8 @@ pub struct ScaleOptions {
     #[arg(long, default_value_t = 64)]
     pub index_cache_mib: u64,
     /// Dry GC runs of each save's job, interleaved with their limit, before a real run that
-    /// collects the first step (0 skips GC).
+    /// collects the first step (0 skips GC). ckptd is restarted first, and one more dry run,
+    /// not timed, measures GC's memory on its fresh heap.
     #[arg(long, default_value_t = 3)]
     pub gc_runs: usize,
 }
@@ -199,7 +200,7 @@ async fn open_all(client: &Client, specs: Vec<SaveSpec>) -> Result<(), ClientErr
 
 async fn one_world(opts: &ScaleOptions, world: u32) -> Result<WorldRow, ClientError> {
     let dir = opts.dir.join(format!("world-{world}"));
-    let d = start(&dir, &format!("{CONFIG}[retention]\nkeep_last = 1\ngc_grace_s = {GC_GRACE_S}\n")).await?;
+    let mut d = start(&dir, &format!("{CONFIG}[retention]\nkeep_last = 1\ngc_grace_s = {GC_GRACE_S}\n")).await?;
     let url = d.url();
     let http = reqwest::Client::new();
     let client = Client::new(&url, ClientOptions { node_local: false, ..ClientOptions::default() })?;
@@ -333,23 +334,14 @@ async fn one_world(opts: &ScaleOptions, world: u32) -> Result<WorldRow, ClientEr
         r.read_rows(rows.start, rows.end - rows.start, &mut buf).await?;
     }
     let eighth_rank_s = started.elapsed().as_secs_f64();
+    // Before GC, which restarts ckptd.
+    let peak_rss_mib = d.pid().and_then(peak_rss_bytes).unwrap_or(0) as f64 / (1 << 20) as f64;
     let gc = if opts.gc_runs > 0 {
         // Step 1's index objects become old enough to be condemned.
         let grace = Duration::from_millis(GC_GRACE_S * 1000 + 100);
         tokio::time::sleep(grace).await;
         let store = dir.join("store");
-        Some(
-            crate::bench_gc::measure(
-                &client,
-                d.pid(),
-                &store,
-                &job,
-                &[2],
-                opts.gc_runs,
-                Some((1, world as u64, grace)),
-            )
-            .await?,
-        )
+        Some(crate::bench_gc::measure(&mut d, &store, &job, &[2], opts.gc_runs, Some((1, world as u64, grace))).await?)
     } else {
         None
     };
@@ -366,7 +358,7 @@ async fn one_world(opts: &ScaleOptions, world: u32) -> Result<WorldRow, ClientEr
         fixed_clients_last_eighth_ms: flast,
         burst_s,
         commit_after_last_index_ms: st["last_commit_after_last_index_us"].as_u64().unwrap_or(0) as f64 / 1e3,
-        ckptd_peak_rss_mib: d.pid().and_then(peak_rss_bytes).unwrap_or(0) as f64 / (1 << 20) as f64,
+        ckptd_peak_rss_mib: peak_rss_mib,
         root_bytes,
         restore_metadata_bytes: root_bytes + cp.root.ranks[probe as usize].bytes,
         journal_syncs: st["journal_flushes"].as_u64().unwrap_or(0).saturating_sub(syncs_before),
@@ -389,7 +381,7 @@ async fn one_world(opts: &ScaleOptions, world: u32) -> Result<WorldRow, ClientEr
 
 async fn distinct(opts: &ScaleOptions) -> Result<DistinctRow, ClientError> {
     let dir = opts.dir.join("distinct");
-    let d = start(&dir, &format!("{CONFIG}[retention]\ngc_grace_s = {GC_GRACE_S}\n")).await?;
+    let mut d = start(&dir, &format!("{CONFIG}[retention]\ngc_grace_s = {GC_GRACE_S}\n")).await?;
     let url = d.url();
     let ranks = opts.distinct_ranks.max(1);
     let per_rank = opts.distinct_chunks.div_ceil(ranks as u64);
@@ -436,8 +428,9 @@ async fn distinct(opts: &ScaleOptions) -> Result<DistinctRow, ClientError> {
     let status = client.wait_committed(&job, 1).await?;
     let save_s = started.elapsed().as_secs_f64();
     let cp = client.checkpoint(&job, 1).await?;
+    let peak_rss_mib = d.pid().and_then(peak_rss_bytes).unwrap_or(0) as f64 / (1 << 20) as f64;
     let gc = if opts.gc_runs > 0 {
-        Some(crate::bench_gc::measure(&client, d.pid(), &dir.join("store"), &job, &[1], opts.gc_runs, None).await?)
+        Some(crate::bench_gc::measure(&mut d, &dir.join("store"), &job, &[1], opts.gc_runs, None).await?)
     } else {
         None
     };
@@ -446,7 +439,7 @@ async fn distinct(opts: &ScaleOptions) -> Result<DistinctRow, ClientError> {
         chunks: cp.root.chunks,
         save_s,
         committed: status.manifest_hash.is_some(),
-        ckptd_peak_rss_mib: d.pid().and_then(peak_rss_bytes).unwrap_or(0) as f64 / (1 << 20) as f64,
+        ckptd_peak_rss_mib: peak_rss_mib,
         root_bytes: cp.root.to_bytes().len() as u64,
         gc,
     };
