@@ -6,6 +6,7 @@
 //! jobs/<job>/manifests/<step:020>.json   a committed checkpoint's root (zero-padded so listings sort by step)
 //! jobs/<job>/indexes/<hh>/<hash>.json    a rank's shard index, content-addressed, named by the roots
 //! jobs/<job>/pins/<step:020>             a pinned checkpoint: retention never deletes it
+//! jobs/<job>/fences/<epoch:020>          a generation fence raised (the highest is the job's fence)
 //! jobs/<job>/gc/condemned.json           the garbage the last GC mark found, swept by a later run
 //! jobs/<job>/gc/swept.json               when a sweep last deleted anything (commits check it)
 //! jobs/<job>/gc/leases/<step:020>.<node> a save in flight on a ckptd node (see `gc.rs`)
@@ -51,6 +52,23 @@ pub fn pin_key(job: &str, step: u64) -> String {
 
 pub fn pins_prefix(job: &str) -> String {
     format!("{JOBS_PREFIX}/{job}/pins")
+}
+
+/// One raised generation fence, create-only: raises never race into a lower value, the
+/// highest key is the fence, and a raise removes the keys below its own.
+pub fn fence_key(job: &str, epoch: u64) -> String {
+    format!("{JOBS_PREFIX}/{job}/fences/{epoch:020}")
+}
+
+pub fn fences_prefix(job: &str) -> String {
+    format!("{JOBS_PREFIX}/{job}/fences")
+}
+
+/// The epoch a fence key names.
+pub fn parse_fence_key(key: &str) -> Option<u64> {
+    let mut rev = key.rsplit('/');
+    let (epoch, dir) = (rev.next()?, rev.next()?);
+    (dir == "fences" && digits(epoch, 20)).then(|| epoch.parse().ok()).flatten()
 }
 
 pub fn indexes_prefix(job: &str) -> String {
@@ -183,6 +201,11 @@ mod tests {
         assert_eq!(parse_key(&index_key("j", &h)), Some(ParsedKey::Index { job: "j".into(), hash: h }));
         assert_eq!(manifest_key("j", u64::MAX).len(), manifest_key("j", 0).len());
         assert_eq!(parse_pin_key(&pin_key("j", 7)), Some(7));
+        assert_eq!(parse_fence_key(&fence_key("j", 7)), Some(7));
+        assert_eq!(parse_fence_key(&fence_key("j", u64::MAX)), Some(u64::MAX));
+        assert_eq!(parse_fence_key("jobs/j/fences/99999999999999999999"), None, "beyond u64");
+        assert_eq!(parse_fence_key("jobs/j/pins/00000000000000000007"), None);
+        assert_eq!(parse_fence_key("jobs/j/fences/7"), None);
         let part = crate::part::PartOf { first: 16, end: 24, epoch: 3 };
         let k = part_key("j", 7, &part);
         assert!(k.starts_with(&parts_prefix("j", 7, 3)) && k.starts_with(&all_parts_prefix("j")));

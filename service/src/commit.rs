@@ -20,7 +20,8 @@
 //!   writer won, and this save is aborted with a conflict.
 //! * Journal: at open the save's fields, at each index put that rank's index (O(1) per put),
 //!   at each phase change the fields again; each is flushed (group commit, see `index.rs`)
-//!   before the request is acked, so an acked index survives a crash of ckptd. A committed
+//!   before the request is acked, so an acked index survives a crash of ckptd (not an index
+//!   sled cannot read, which start-up sets aside: see `Config::on_damaged_index`). A committed
 //!   save's entry goes with its commit record; its ranks' entries after the answer (16,384 of
 //!   them took up to a second to remove), behind a per-key gate (`Coordinator::retiring`)
 //!   that a save opened afresh under the same key waits at; a crash in between leaves orphan
@@ -42,6 +43,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ckpt_core::commit::index_object;
+use ckpt_core::keys;
 use ckpt_core::{ChunkHash, CommitObject, ManifestSummary, Root, SavePhase, SaveState, ShardIndex};
 use futures::StreamExt;
 
@@ -125,6 +127,36 @@ impl Coordinator {
         Some(*kept)
     }
 
+    /// Records `fence` in the store, where an index rebuilt from the store (or another node
+    /// starting) finds it again, and removes the job's lower fence keys: one per restart of
+    /// the job would otherwise pile up. A removal that fails is left to the next raise.
+    pub(crate) async fn record_fence(&self, job: &str, fence: u64) -> Result<(), ServiceError> {
+        if fence == 0 {
+            // Refuses no one; nothing to keep.
+            return Ok(());
+        }
+        let body = serde_json::to_vec(&serde_json::json!({ "job": job, "epoch": fence }))
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        match self.store.create_record(&keys::fence_key(job, fence), Bytes::from(body)).await {
+            Ok(()) | Err(StoreError::AlreadyExists(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        for (key, _, _) in self.store.list_meta(&keys::fences_prefix(job)).await? {
+            if keys::parse_fence_key(&key).is_some_and(|e| e < fence) {
+                if let Err(e) = self.store.delete_key(&key).await {
+                    tracing::warn!(job, key, error = %e, "cannot remove a lower fence record");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The highest fence recorded in the store for `job`, if any.
+    pub(crate) async fn stored_fence(&self, job: &str) -> Result<Option<u64>, ServiceError> {
+        let listed = self.store.list_meta(&keys::fences_prefix(job)).await?;
+        Ok(listed.iter().filter_map(|(key, _, _)| keys::parse_fence_key(key)).max())
+    }
+
     /// Refuses a writer whose generation the job has been fenced past. Writers that name no
     /// generation are not fenced (plain clients, tools).
     pub async fn check_fence(&self, job: &str, epoch: Option<u64>) -> Result<(), ServiceError> {
@@ -136,8 +168,9 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Raises the job's fence to `epoch` (never lowers it), journalled before the answer, and
-    /// aborts the saves in flight so none of them commits a replaced generation's indexes.
+    /// Raises the job's fence to `epoch` (never lowers it), journalled and recorded in the
+    /// store before the answer, and aborts the saves in flight so none of them commits a
+    /// replaced generation's indexes.
     pub async fn raise_fence(&self, job: &str, epoch: u64) -> Result<u64, ServiceError> {
         let current = self.fence_of(job).await?;
         let fence = if epoch > current {
@@ -147,11 +180,15 @@ impl Coordinator {
         } else {
             current
         };
+        // Enforced at once: refusing a replaced generation before the raise is durable is safe,
+        // and a raise that fails below must not leave the old fence cached.
+        if fence > current {
+            self.cache_fence(job, fence, None);
+        }
         // Also when the fence was already there: the raise that put it may have failed before
         // its flush, and this answer promises it is journalled.
         self.index.flush().await?;
         if fence > current {
-            self.cache_fence(job, fence, None);
             tracing::info!(job, epoch = fence, "job fenced: writers of earlier generations are refused");
         }
         // Every raise, a repeated one too (the first may have stopped before its aborts), ends
@@ -177,6 +214,9 @@ impl Coordinator {
                 tracing::debug!(job, step, "save not aborted at the fence: decided for commit on another node");
             }
         }
+        // Last, so a store that refuses it fails the answer after the aborts, not before them
+        // (a retry is a repeated raise, which spares saves that name no generation).
+        self.record_fence(job, fence).await?;
         Ok(fence)
     }
 

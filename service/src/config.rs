@@ -19,6 +19,13 @@ pub struct Config {
     pub store_options: std::collections::BTreeMap<String, String>,
     /// Local state: the sled index and journal.
     pub data_dir: PathBuf,
+    /// What start-up does with an index sled cannot open (a power cut on a disk that lies
+    /// about its flushes; damage sled finds only on a later read still stops ckptd, as does an
+    /// I/O error): `rebuild` renames it to `<data_dir>/index.damaged`
+    /// (replacing an older one) and rebuilds from the store, which loses no committed
+    /// checkpoint and no fence (both are in the store) but forgets the saves in flight (their
+    /// ranks send them again); `refuse` stops ckptd with the error, for an operator to look.
+    pub on_damaged_index: DamagedIndex,
     /// If set, the bound address is written here once ckptd is ready (for scripts and tests).
     pub addr_file: Option<PathBuf>,
     /// Largest chunk accepted, in bytes.
@@ -145,6 +152,7 @@ impl Default for Config {
             store: "ckpt-data/store".into(),
             store_options: Default::default(),
             data_dir: PathBuf::from("ckpt-data/state"),
+            on_damaged_index: DamagedIndex::Rebuild,
             addr_file: None,
             chunk_bytes_max: 64 << 20,
             shard_index_bytes_max: 64 << 20,
@@ -193,6 +201,13 @@ impl Default for Config {
             fault_plan: Vec::new(),
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DamagedIndex {
+    Rebuild,
+    Refuse,
 }
 
 /// One tenant: who it is (bearer tokens, client-certificate names), which jobs are its own

@@ -296,7 +296,8 @@ pub struct Coordinator {
     /// Summaries of committed roots already parsed (a root is about 90 bytes a rank; status
     /// polls after a commit must not parse it again each time). Bounded by `SUMMARIES_KEPT`.
     pub(crate) summaries: std::sync::Mutex<HashMap<SaveKey, ckpt_core::ManifestSummary>>,
-    /// Generation fences by job (journalled in the index), cached; bounded by `FENCES_KEPT`.
+    /// Generation fences by job (journalled in the index and recorded in the store), cached;
+    /// bounded by `FENCES_KEPT`.
     pub(crate) fences: std::sync::Mutex<FenceCache>,
     /// This node's id (kept in the index): names its save leases in the store.
     pub(crate) node_id: String,
@@ -358,6 +359,11 @@ pub enum ChunkState {
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct RecoveryReport {
     pub rebuilt: bool,
+    /// The index sled could not read was renamed to `index.damaged` (then rebuilt).
+    pub index_set_aside: bool,
+    /// Jobs whose fence the store held higher than the index (an index rebuilt, or another
+    /// node's raise).
+    pub fences_restored: usize,
     pub manifests_added: usize,
     pub manifests_dropped: usize,
     /// Roots the store's listing left out but a direct read found (an eventually consistent or
@@ -367,6 +373,8 @@ pub struct RecoveryReport {
     pub saves_committed: usize,
     pub saves_aborted: usize,
     pub saves_resumed: usize,
+    /// Journalled saves whose entries could not be read, forgotten (`Index::all_saves`).
+    pub saves_unreadable: usize,
     pub spilled_chunks_requeued: usize,
     /// GC locks left by runs of this node that died with it.
     pub gc_locks_released: usize,

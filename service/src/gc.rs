@@ -462,8 +462,16 @@ impl Coordinator {
         let limits = self.limits;
         futures::stream::iter(wanted.into_values())
             .map(|(r, rank, world, step)| async move {
-                // The whole object: one longer than its root says is as damaged as a shorter one.
-                let bytes = match self.store.get_index_object(job, &r.hash).await {
+                // Its length checked against the root's before its body is read: one longer
+                // than the root says is as damaged as a shorter one, and may be huge.
+                let bytes = match self.store.get_index_object_sized(job, &r.hash, r.bytes).await {
+                    Err(crate::store::StoreError::Size { stored, .. }) => {
+                        return Err(ServiceError::CorruptManifest {
+                            job: job.into(),
+                            step,
+                            reason: format!("index object {}: {stored} bytes, the root says {}", r.hash, r.bytes),
+                        });
+                    }
                     Err(crate::store::StoreError::NotFound(_)) => {
                         // GC alone deletes index objects, one run per job at a time: one a kept
                         // root names and the store lacks was lost.

@@ -50,6 +50,29 @@ pub enum IndexError {
     Join(#[from] tokio::task::JoinError),
 }
 
+impl IndexError {
+    /// Whether the index's own bytes are unreadable (as opposed to the disk being full, the
+    /// directory locked by another process or not permitted): what a rebuild can cure. sled
+    /// reports a format it does not know as `Unsupported` too, so a sled upgrade that changed
+    /// its format would read as damage: Cargo.lock pins it, and such an upgrade needs a
+    /// migration of its own.
+    pub fn is_damage(&self) -> bool {
+        match self {
+            IndexError::Damaged { .. } => true,
+            IndexError::Sled(
+                sled::Error::Corruption { .. } | sled::Error::Unsupported(_) | sled::Error::ReportableBug(_),
+            ) => true,
+            IndexError::Sled(sled::Error::Io(e)) => {
+                matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A journalled save that could not be read: `job@step` (or the raw key) and why.
+pub type Unreadable = (String, String);
+
 #[derive(Clone)]
 pub struct Index {
     db: sled::Db,
@@ -225,6 +248,18 @@ impl Index {
         Ok(self.db.get(fence_key(job))?.and_then(|v| be_u64(&v)))
     }
 
+    /// Every job's fence in this index.
+    pub fn fences(&self) -> Result<Vec<(String, u64)>, IndexError> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(FENCE_PREFIX) {
+            let (k, v) = kv?;
+            if let (Ok(job), Some(f)) = (std::str::from_utf8(&k[FENCE_PREFIX.len()..]), be_u64(&v)) {
+                out.push((job.to_string(), f));
+            }
+        }
+        Ok(out)
+    }
+
     /// Raises the job's fence to `epoch`, never lowers it (two raises at once leave the higher),
     /// and returns the fence now stored.
     pub fn raise_fence(&self, job: &str, epoch: u64) -> Result<u64, IndexError> {
@@ -234,8 +269,10 @@ impl Index {
         Ok(stored.and_then(|v| be_u64(&v)).unwrap_or(epoch))
     }
 
-    /// Forgets everything; used before a rebuild from the store. Fences stay: they are not in
-    /// the store, and forgetting one would let a replaced generation write again.
+    /// Forgets everything; used before a rebuild from the store. Fences stay: one raised by a
+    /// ckptd that kept it only here (an older release, or a raise whose store record failed) is
+    /// not in the store until start-up copies it there, and forgetting it would let a replaced
+    /// generation write again.
     pub fn clear(&self) -> Result<(), IndexError> {
         // The store's identity first: a crash part-way leaves an index that is rebuilt again.
         self.db.remove(STORE_KEY)?;
@@ -296,6 +333,12 @@ impl Index {
             }
         }
         Ok(keys.len())
+    }
+
+    /// Keeps `id` as this node's id (the one `<data_dir>/node_id` holds; see `lib.rs`).
+    pub fn set_node_id(&self, id: &str) -> Result<(), IndexError> {
+        self.db.insert(b"node_id", id.as_bytes())?;
+        Ok(())
     }
 
     /// This node's id, made once (random) and kept: it names the node's save leases.
@@ -450,38 +493,68 @@ impl Index {
         Ok(n)
     }
 
-    /// Every journalled save with the indexes of the ranks it received.
-    pub fn all_saves(&self) -> Result<Vec<SaveState>, IndexError> {
-        let mut out = Vec::new();
+    /// Every journalled save with the indexes of the ranks it received, and the saves whose
+    /// entries cannot be read (a damaged entry; one an incompatible ckptd wrote), as the
+    /// entry's key and why: those are forgotten here, their ranks with them, so their ranks send
+    /// them again as after any lost journal, instead of one unreadable entry keeping ckptd down.
+    pub fn all_saves(&self) -> Result<(Vec<SaveState>, Vec<Unreadable>), IndexError> {
+        let (mut out, mut unreadable) = (Vec::new(), Vec::new());
         for kv in self.saves.iter() {
             let (k, v) = kv?;
-            let damaged =
-                |reason: String| IndexError::Damaged { key: String::from_utf8_lossy(&k).into_owned(), reason };
-            let mut save: SaveState = serde_json::from_slice(&v).map_err(|e| damaged(e.to_string()))?;
-            let mut ranks = Vec::new();
-            for kv in self.save_ranks.scan_prefix(job_key(&save.job, &save.step.to_be_bytes())) {
-                let (_, v) = kv?;
-                let index = serde_json::from_slice::<ShardIndex>(&v).map_err(|e| damaged(e.to_string()))?;
-                if index.rank < save.world_size {
-                    ranks.push(index);
-                } else {
-                    tracing::warn!(
-                        job = save.job,
-                        step = save.step,
-                        rank = index.rank,
-                        "journalled rank outside the save's world; dropped"
-                    );
-                }
+            match self.journalled_save(&v)? {
+                Ok(save) => out.push(save),
+                Err(reason) => unreadable.push((k, reason)),
             }
-            save.restore_ranks(ranks).map_err(|e| damaged(e.to_string()))?;
-            out.push(save);
         }
-        Ok(out)
+        let mut dropped = Vec::with_capacity(unreadable.len());
+        for (k, reason) in unreadable {
+            let mut batch = sled::Batch::default();
+            for kv in self.save_ranks.scan_prefix(&k) {
+                batch.remove(kv?.0);
+            }
+            self.save_ranks.apply_batch(batch)?;
+            self.saves.remove(&k)?;
+            let name = match split_step_key(&k) {
+                Some((job, step)) => format!("{job}@{step}"),
+                None => String::from_utf8_lossy(&k).into_owned(),
+            };
+            dropped.push((name, reason));
+        }
+        Ok((out, dropped))
+    }
+
+    /// A journalled save's entry and its ranks' indexes, or why they cannot be read.
+    fn journalled_save(&self, entry: &[u8]) -> Result<Result<SaveState, String>, IndexError> {
+        let mut save: SaveState = match serde_json::from_slice(entry) {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        let mut ranks = Vec::new();
+        for kv in self.save_ranks.scan_prefix(job_key(&save.job, &save.step.to_be_bytes())) {
+            let (_, v) = kv?;
+            let index = match serde_json::from_slice::<ShardIndex>(&v) {
+                Ok(i) => i,
+                Err(e) => return Ok(Err(format!("a rank's index: {e}"))),
+            };
+            if index.rank < save.world_size {
+                ranks.push(index);
+            } else {
+                tracing::warn!(
+                    job = save.job,
+                    step = save.step,
+                    rank = index.rank,
+                    "journalled rank outside the save's world; dropped"
+                );
+            }
+        }
+        Ok(save.restore_ranks(ranks).map(|()| save).map_err(|e| e.to_string()))
     }
 }
 
+const FENCE_PREFIX: &[u8] = b"fence\0";
+
 fn fence_key(job: &str) -> Vec<u8> {
-    [b"fence\0".as_slice(), job.as_bytes()].concat()
+    [FENCE_PREFIX, job.as_bytes()].concat()
 }
 
 /// A big-endian u64 value; `None` for bytes of another length.
@@ -526,6 +599,31 @@ mod tests {
         ra.unwrap();
         rb.unwrap();
         assert!(idx.fs.syncs() >= 3 && idx.fs.syncs() <= 4, "{} syncs", idx.fs.syncs());
+    }
+
+    #[test]
+    fn an_unreadable_journalled_save_is_forgotten_with_its_ranks_and_the_others_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = Index::open(dir.path(), 1 << 20, false).unwrap();
+        let limits = ckpt_core::Limits::default();
+        for step in [4u64, 5, 6] {
+            let save = SaveState::open("j", step, 2, 1, None, serde_json::Value::Null, &limits).unwrap();
+            idx.put_save(&save).unwrap();
+            idx.put_save_rank("j", step, 0, br#"{"rank":0,"tensors":[],"metadata":null}"#).unwrap();
+        }
+        // Step 5's entry damaged; step 6's rank index damaged.
+        idx.saves.insert(job_key("j", &5u64.to_be_bytes()), &b"{not json"[..]).unwrap();
+        idx.put_save_rank("j", 6, 1, b"\x00garbage").unwrap();
+        let (saves, unreadable) = idx.all_saves().unwrap();
+        assert_eq!(saves.iter().map(|s| s.step).collect::<Vec<_>>(), vec![4]);
+        assert_eq!(saves[0].ranks.len(), 1, "the readable save lost its rank");
+        let names: Vec<&str> = unreadable.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, vec!["j@5", "j@6"]);
+        assert!(unreadable[1].1.contains("a rank's index"), "{:?}", unreadable[1]);
+        // Forgotten, ranks and all: the next start finds only step 4.
+        assert_eq!(idx.save_ranks.len(), 1);
+        let (saves, unreadable) = idx.all_saves().unwrap();
+        assert_eq!((saves.len(), unreadable.len()), (1, 0));
     }
 
     #[test]

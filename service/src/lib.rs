@@ -41,6 +41,120 @@ pub use coordinator::Coordinator;
 pub use error::ServiceError;
 pub use intake::{AdoptSource, SegmentChunk};
 
+/// Locks `dir` for this process's life (the lock goes with the returned file): one ckptd per
+/// data directory. sled locks its own files too, but only after reading its config, so a
+/// damaged config read while another ckptd runs would look like damage, and two ckptds starting
+/// at once on a damaged index could each set the other's new one aside.
+fn lock_data_dir(dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>, ServiceError> {
+    let path = dir.join("ckptd.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| ServiceError::Startup(format!("cannot open {}: {e}", path.display())))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(lock),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            // The pid recorded there is named only if that process is alive.
+            let holder = std::fs::read_to_string(dir.join("ckptd.pid"))
+                .ok()
+                .map(|p| p.trim().to_string())
+                .filter(|p| p.parse::<u32>().is_ok_and(|n| n != std::process::id()))
+                .filter(|p| std::path::Path::new("/proc").join(p).exists());
+            Err(ServiceError::Startup(format!(
+                "another ckptd{} is running on the data directory {} (it holds {})",
+                holder.map(|p| format!(", pid {p},")).unwrap_or_default(),
+                dir.display(),
+                path.display()
+            )))
+        }
+        Err((_, e)) => Err(ServiceError::Startup(format!("cannot lock {}: {e}", path.display()))),
+    }
+}
+
+/// Makes the node's id outlive its index: `<data_dir>/node_id` holds it (written, durably, from
+/// the index's the first time), and the index is given it. Leases and GC locks are named by it,
+/// and a node that came back under a new one would leave its own GC locks to lapse (hours)
+/// instead of releasing them at start.
+async fn keep_node_id(data_dir: &std::path::Path, index: &index::Index) -> Result<(), ServiceError> {
+    let (path, index) = (data_dir.join("node_id"), index.clone());
+    tokio::task::spawn_blocking(move || -> Result<(), ServiceError> {
+        let kept = std::fs::read_to_string(&path).ok().map(|s| s.trim().to_string());
+        match kept.filter(|id| id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit())) {
+            Some(id) => index.set_node_id(&id)?,
+            None => {
+                let id = index.node_id()?;
+                durable::write_new(&path, |f| std::io::Write::write_all(f, format!("{id}\n").as_bytes()))?;
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(error::join_error)?
+}
+
+/// Opens the index in `<data_dir>/index`; true when a damaged one was set aside first (see
+/// `Config::on_damaged_index`). The new index describes no store, so recovery rebuilds it.
+async fn open_index(config: &Config) -> Result<(index::Index, bool), ServiceError> {
+    let dir = config.data_dir.join("index");
+    let (cache_bytes, count_stored_bytes) = (config.index_cache_bytes_max, config.counts_stored_bytes());
+    let open = |dir: std::path::PathBuf| {
+        tokio::task::spawn_blocking(move || index::Index::open(&dir, cache_bytes, count_stored_bytes))
+    };
+    let damage = match open(dir.clone()).await {
+        Ok(Ok(i)) => return Ok((i, false)),
+        Ok(Err(e)) if e.is_damage() => e.to_string(),
+        // sled panics on some damage rather than returning it.
+        Err(join) if join.is_panic() => "sled panicked reading it".to_string(),
+        Err(join) => return Err(error::join_error(join)),
+        Ok(Err(e)) => {
+            return Err(ServiceError::Startup(format!("cannot open the index in {}: {e}", config.data_dir.display())))
+        }
+    };
+    if config.on_damaged_index == config::DamagedIndex::Refuse {
+        return Err(ServiceError::Startup(format!(
+            "the index in {} is damaged ({damage}) and on_damaged_index is \"refuse\": move it away (or set \
+             \"rebuild\") and start again to rebuild it from the store, which holds every committed checkpoint \
+             and fence; saves in flight are forgotten and their ranks send them again",
+            dir.display()
+        )));
+    }
+    // Where `index` is a link (the index on a disk of its own), what it names is set aside, beside
+    // it, and the new index made there, so it stays on that disk.
+    let target = match std::fs::symlink_metadata(&dir) {
+        Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(&dir)
+            .map_err(|e| ServiceError::Startup(format!("cannot resolve the index link {}: {e}", dir.display())))?,
+        _ => dir.clone(),
+    };
+    let aside = target.with_file_name("index.damaged");
+    let (from, to) = (target.clone(), aside.clone());
+    tokio::task::spawn_blocking(move || {
+        // One damaged copy is kept, the newest: a disk that keeps damaging it cannot fill up.
+        match std::fs::symlink_metadata(&to) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&to),
+            Ok(_) => std::fs::remove_file(&to),
+            Err(_) => Ok(()),
+        }
+        .map_err(|e| format!("cannot remove the older {}: {e}", to.display()))?;
+        // A mount point cannot be renamed (EBUSY): the operator moves its contents.
+        durable::rename_into_place(&from, &to).map_err(|e| e.to_string())?;
+        durable::ensure_dir(&from).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(error::join_error)?
+    .map_err(|e| ServiceError::Startup(format!("cannot set the damaged index aside: {e}")))?;
+    tracing::error!(
+        damage,
+        set_aside = %aside.display(),
+        "the index is damaged; set aside and rebuilt from the store (committed checkpoints and fences are kept, saves in flight are forgotten)"
+    );
+    match open(dir.clone()).await.map_err(error::join_error)? {
+        Ok(i) => Ok((i, true)),
+        Err(e) => Err(ServiceError::Startup(format!("cannot open a new index in {}: {e}", config.data_dir.display()))),
+    }
+}
+
 /// Opens the store and the index, recovers, serves until SIGTERM or Ctrl-C, and shuts down
 /// gracefully: no new connections, in-flight requests get `shutdown_grace_s`, the index is
 /// flushed. `telemetry` (the process's, if it set one up) backs `/metrics`.
@@ -101,35 +215,10 @@ pub async fn serve_until(
     if !config.tenants.is_empty() && config.tls.is_none() && !listener.local_addr()?.ip().is_loopback() {
         tracing::warn!("tenants without [tls]: bearer tokens cross the network in clear text");
     }
-    let data_dir = config.data_dir.clone();
-    let cache_bytes = config.index_cache_bytes_max;
-    let count_stored_bytes = config.counts_stored_bytes();
     let pid_file = config.data_dir.join("ckptd.pid");
-    let index = match tokio::task::spawn_blocking(move || {
-        index::Index::open(&data_dir.join("index"), cache_bytes, count_stored_bytes)
-    })
-    .await
-    .map_err(error::join_error)?
-    {
-        Ok(i) => i,
-        Err(e) => {
-            // sled locks its directory: the usual cause is another ckptd on the same data dir.
-            // The pid recorded there is named only if that process is alive (a stale file from
-            // a crashed run names nobody).
-            let holder = std::fs::read_to_string(&pid_file)
-                .ok()
-                .map(|p| p.trim().to_string())
-                .filter(|p| p.parse::<u32>().is_ok_and(|n| n != std::process::id()))
-                .filter(|p| std::path::Path::new("/proc").join(p).exists());
-            return Err(ServiceError::Startup(format!(
-                "cannot open the index in {}: {e}{}",
-                config.data_dir.display(),
-                holder
-                    .map(|p| format!(" (another ckptd, pid {p}, may be running on this data directory)"))
-                    .unwrap_or_default()
-            )));
-        }
-    };
+    let _data_dir_lock = lock_data_dir(&config.data_dir)?;
+    let (index, index_set_aside) = open_index(&config).await?;
+    keep_node_id(&config.data_dir, &index).await?;
     if let Some(r) = &reload {
         r.own_floor().await?;
     }
@@ -137,7 +226,8 @@ pub async fn serve_until(
         tracing::warn!(error = %e, path = %pid_file.display(), "cannot record this process's pid");
     }
     let coordinator = Coordinator::start(store.clone(), index.clone(), config.clone());
-    let report = coordinator.recover().await?;
+    let mut report = coordinator.recover().await?;
+    report.index_set_aside = index_set_aside;
     tracing::info!(store = store.description(), ?report, "recovered");
     // The segment socket does not authenticate: with tenants, the path is off.
     if config.segments_max > 0 && store.local_root().is_some() && config.tenants.is_empty() {

@@ -2,9 +2,13 @@
 //!
 //! Design note.
 //! * The store is the source of truth. An index that is missing or describes another store is
-//!   rebuilt from the store's listings (roots and chunks); roots added or removed behind the
-//!   index's back are picked up. A listing can be stale, so a root leaves the index only when
-//!   a read of its key says it is gone.
+//!   rebuilt from the store's listings (roots and chunks; one sled could not open was set
+//!   aside before, see `Config::on_damaged_index`); roots added or removed behind the index's
+//!   back are picked up. A listing can be stale, so a root leaves the index only when a read of
+//!   its key says it is gone.
+//! * Fences are kept in both and reconciled both ways: a higher one in the store raises the
+//!   index and aborts the job's journalled saves (the journal keeps no generation, and the
+//!   raise's first answer here would have ended them); one only the index holds is recorded.
 //! * A journalled save whose step has a root in the store is committed if that root is the one
 //!   the journal builds (same bytes; for a version-1 manifest, the same content) and aborted as
 //!   a conflict otherwise. Any other journalled save gets its slot back with its pending chunks
@@ -16,6 +20,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use ckpt_core::{CommitObject, SavePhase};
+use futures::{StreamExt, TryStreamExt};
 
 use crate::coordinator::{Coordinator, RecoveryReport, Slot};
 use crate::error::ServiceError;
@@ -42,10 +47,41 @@ impl Coordinator {
         let jobs = self.store.list_jobs().await?;
         report.gc_locks_released =
             crate::gc_lock::release_dead(&self.store, &self.node_id, &jobs, self.config.store_requests_max).await?;
+        // Each job's roots and fence listed concurrently (one job after another, start-up paid
+        // two round trips per job); the chunk listings of a rebuild stay one job at a time, as
+        // one job's can hold millions of entries.
+        let listed: Vec<(String, Vec<u64>, Option<u64>)> = futures::stream::iter(jobs.clone())
+            .map(|job| async move {
+                let steps = self.store.list_manifest_steps(&job).await?;
+                let fence = self.stored_fence(&job).await?;
+                Ok::<_, ServiceError>((job, steps, fence))
+            })
+            .buffered(self.config.store_requests_max.max(1))
+            .try_collect()
+            .await?;
         let mut in_store = BTreeSet::new();
-        for job in &jobs {
-            for step in self.store.list_manifest_steps(job).await? {
-                in_store.insert((job.clone(), step));
+        // Fences live in the index and the store, and each learns the other's higher one: a
+        // rebuilt index gets its fences back, a raise another node made reaches this one, and
+        // one only this index kept (an older release's, a raise whose record failed) reaches
+        // the store, where the next rebuild finds it.
+        let mut index_fences: std::collections::HashMap<String, u64> =
+            self.blocking(|i| i.fences()).await?.into_iter().collect();
+        // Jobs fenced higher while this node was down: their journalled saves are aborted below.
+        let mut fenced_meanwhile = std::collections::HashMap::new();
+        for (job, steps, stored) in listed {
+            let job = &job;
+            in_store.extend(steps.into_iter().map(|step| (job.clone(), step)));
+            let was = index_fences.remove(job);
+            match (stored, was) {
+                (Some(stored), was) if was.is_none_or(|f| f < stored) => {
+                    let j = job.clone();
+                    self.blocking(move |i| i.raise_fence(&j, stored)).await?;
+                    tracing::info!(job, epoch = stored, ?was, "fence restored from the store");
+                    report.fences_restored += 1;
+                    fenced_meanwhile.insert(job.clone(), stored);
+                }
+                (stored, Some(kept)) if stored.is_none_or(|f| f < kept) => self.record_fence(job, kept).await?,
+                _ => {}
             }
             if report.rebuilt {
                 let chunks = self.store.list_chunks(job).await?;
@@ -53,6 +89,10 @@ impl Coordinator {
                 let j = job.clone();
                 self.blocking(move |i| chunks.iter().try_for_each(|(h, len)| i.put_chunk(&j, h, *len, None))).await?;
             }
+        }
+        // Jobs with a fence and nothing else in the store.
+        for (job, kept) in index_fences {
+            self.record_fence(&job, kept).await?;
         }
         let in_index: BTreeSet<(String, u64)> = self.blocking(|i| i.all_manifests()).await?.into_iter().collect();
         for (job, step) in in_store.difference(&in_index) {
@@ -90,7 +130,12 @@ impl Coordinator {
         if orphans > 0 {
             tracing::warn!(orphans, "journalled ranks without a save removed");
         }
-        for mut save in self.blocking(|i| i.all_saves()).await? {
+        let (saves, unreadable) = self.blocking(|i| i.all_saves()).await?;
+        for (save, reason) in &unreadable {
+            tracing::error!(save, reason, "journalled save unreadable; forgotten (its ranks send it again)");
+        }
+        report.saves_unreadable = unreadable.len();
+        for mut save in saves {
             let (job, step) = (save.job.clone(), save.step);
             if save.phase == SavePhase::Aborted {
                 self.retire_aborted(&save).await?;
@@ -127,6 +172,17 @@ impl Coordinator {
                 self.retire_aborted(&save).await?;
                 report.saves_aborted += 1;
                 continue;
+            }
+            if let Some(fence) = fenced_meanwhile.get(&job) {
+                // Opened by a generation the journal does not keep, before a raise this node
+                // missed, whose first answer here would have ended it (`raise_fence`); unless
+                // another node decided it for commit.
+                if self.may_abort(&save).await? {
+                    save.abort(format!("fenced at generation {fence} while this node was down"))?;
+                    self.retire_aborted(&save).await?;
+                    report.saves_aborted += 1;
+                    continue;
+                }
             }
             let mut slot = Slot::new(save);
             let ranks: Vec<u32> = slot.state.ranks.keys().copied().collect();

@@ -37,6 +37,10 @@ pub enum StoreError {
     AlreadyExists(String),
     #[error("object store: {0}")]
     Other(#[source] object_store::Error),
+    /// The store holds an object of another length than its referrer says (found before its
+    /// body is read).
+    #[error("object {key} is {stored} bytes, its referrer says {expected}")]
+    Size { key: String, stored: u64, expected: u64 },
     /// A local directory's removal done but not made durable (its directory's fsync failed).
     #[error("local store: {0}")]
     Durable(#[source] crate::durable::DurableError),
@@ -54,7 +58,10 @@ impl StoreError {
     /// Whether retrying the same call cannot help.
     pub fn is_permanent(&self) -> bool {
         match self {
-            StoreError::Location { .. } | StoreError::NotFound(_) | StoreError::AlreadyExists(_) => true,
+            StoreError::Location { .. }
+            | StoreError::NotFound(_)
+            | StoreError::AlreadyExists(_)
+            | StoreError::Size { .. } => true,
             StoreError::Durable(_) => false,
             StoreError::Other(e) => matches!(
                 e,
@@ -276,6 +283,23 @@ impl Store {
     pub async fn get_index_object(&self, job: &str, hash: &ChunkHash) -> Result<Bytes, StoreError> {
         let path = Path::from(keys::index_key(job, hash));
         self.retry("get_index", || async { self.inner.get(&path).await?.bytes().await }).await
+    }
+
+    /// An index object a root names, `size` bytes by the root: refused as `Size` when the
+    /// store's object has another length, before its body is read (damage may have made it any
+    /// length; reading it whole first would hold all of it).
+    pub async fn get_index_object_sized(&self, job: &str, hash: &ChunkHash, size: u64) -> Result<Bytes, StoreError> {
+        let path = Path::from(keys::index_key(job, hash));
+        let got = self
+            .retry("get_index", || async {
+                let r = self.inner.get(&path).await?;
+                if r.meta.size != size {
+                    return Ok(Err(r.meta.size));
+                }
+                r.bytes().await.map(Ok)
+            })
+            .await?;
+        got.map_err(|stored| StoreError::Size { key: path.to_string(), stored, expected: size })
     }
 
     /// The commit point: create the manifest only if no manifest exists for the step.

@@ -97,3 +97,52 @@ async fn a_repeated_fence_raise_is_journalled_and_spares_the_new_generations_sav
     })
     .await
 }
+
+/// Fences are kept in the store as well as in the index, and start-up reconciles the two: a
+/// raise this node missed (another node's, or one its lost index held) reaches it and ends the
+/// saves its journal restores, which name no generation, as the raise's first answer here would
+/// have; and a fence only the index kept (an older release's) is written to the store, where a
+/// rebuilt index would find it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_reconciles_the_fence_with_the_store_and_ends_saves_a_missed_raise_replaced() {
+    bounded(Duration::from_secs(120), async {
+        let seed = seed(0xfe_0003);
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = start_daemon(dir.path()).await;
+        let fences = dir.path().join("store").join(ckpt_core::keys::fences_prefix("job"));
+        let stored = || {
+            let mut names: Vec<String> = std::fs::read_dir(&fences)
+                .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+                .unwrap_or_default();
+            names.sort();
+            names
+        };
+        assert_eq!(generation(&d, 1).fence("job", 1).await.unwrap(), 1);
+        assert_eq!(stored(), vec![format!("{:020}", 1)], "the raise was not recorded in the store");
+        let state: Vec<_> = (0..2).map(|r| rank_tensors(seed, r, 2, 1 << 18)).collect();
+        generation(&d, 1).save(&spec("job", 8, 0, 2), &state[0], Wait::Staged).await.unwrap();
+        assert!(d.terminate(Duration::from_secs(20)).await);
+
+        // Another node raised the job to generation 3 meanwhile.
+        std::fs::write(fences.join(format!("{:020}", 3)), br#"{"job":"job","epoch":3}"#).unwrap();
+        let logged = daemon_log(&d).len();
+        d.restart().await.unwrap();
+        let log = daemon_log(&d)[logged..].to_string();
+        assert!(log.contains("fences_restored: 1"), "{log}");
+        let status = client(&d).save_status("job", 8).await.unwrap();
+        assert_eq!(status.phase.name(), "aborted", "a save opened before the missed raise lives on");
+        let err = generation(&d, 2).open_save(&spec("job", 12, 0, 2)).await.unwrap_err();
+        assert_eq!(err.api_code(), Some("fenced"), "{err}");
+        generation(&d, 3).open_save(&spec("job", 12, 0, 2)).await.unwrap();
+
+        // The store's records lost (a release before fences were recorded there): the index's
+        // fence goes back to the store at the next start.
+        assert!(d.terminate(Duration::from_secs(20)).await);
+        std::fs::remove_dir_all(&fences).unwrap();
+        d.restart().await.unwrap();
+        assert_eq!(stored(), vec![format!("{:020}", 3)], "the index's fence was not written to the store");
+        let err = generation(&d, 2).open_save(&spec("job", 16, 0, 2)).await.unwrap_err();
+        assert_eq!(err.api_code(), Some("fenced"), "{err}");
+    })
+    .await
+}

@@ -1,12 +1,12 @@
-//! sled deleted while ckptd is stopped: on start it rebuilds from the store and lists the same
-//! checkpoints.
+//! sled deleted or damaged while ckptd is stopped: on start it rebuilds from the store and
+//! lists the same checkpoints.
 
 use std::time::Duration;
 
 use ckpt_tests::backend::{Backend, TestStore};
 use ckpt_tests::*;
 
-ckpt_tests::conformance!(300; index_deleted_while_stopped_is_rebuilt_from_the_store);
+ckpt_tests::conformance!(300; index_deleted_while_stopped_is_rebuilt_from_the_store, a_damaged_index_is_set_aside_and_rebuilt_with_its_fences);
 
 async fn index_deleted_while_stopped_is_rebuilt_from_the_store(backend: Backend) {
     let seed = seed(0x5eed_0006);
@@ -47,4 +47,143 @@ async fn index_deleted_while_stopped_is_rebuilt_from_the_store(backend: Backend)
         assert!(c.load_rank("alpha", 3, r).await.unwrap() == states[2][r as usize]);
     }
     assert!(c.verify("beta", 50, |_| {}).await.unwrap().ok());
+}
+
+/// What a power cut on a disk that lies about its flushes can leave of sled's files. sled 0.34
+/// refuses the damaged snapshots and config; the zeroed and cut logs it opens, having lost what
+/// they held (then the index no longer names its store, and is rebuilt all the same).
+const DAMAGE: [&str; 4] =
+    ["db zero-filled from the start", "db cut to 1000 bytes", "snapshots zero-filled", "conf overwritten"];
+
+fn damage(index: &std::path::Path, how: &str) {
+    match how {
+        "db zero-filled from the start" => {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().write(true).open(index.join("db")).unwrap();
+            f.write_all(&[0u8; 8192]).unwrap();
+        }
+        "db cut to 1000 bytes" => {
+            std::fs::OpenOptions::new().write(true).open(index.join("db")).unwrap().set_len(1000).unwrap()
+        }
+        "snapshots zero-filled" => {
+            let mut n = 0;
+            for e in std::fs::read_dir(index).unwrap().flatten() {
+                if e.file_name().to_string_lossy().starts_with("snap.") {
+                    let len = e.metadata().unwrap().len();
+                    std::fs::write(e.path(), vec![0u8; len as usize]).unwrap();
+                    n += 1;
+                }
+            }
+            assert!(n > 0, "sled kept no snapshot to damage");
+        }
+        "conf overwritten" => std::fs::write(index.join("conf"), [0xa5u8; 62]).unwrap(),
+        other => unreachable!("{other}"),
+    }
+}
+
+/// sled's files damaged while ckptd is stopped: by default ckptd renames the index to
+/// `index.damaged` and rebuilds from the store; every committed checkpoint restores, the job's
+/// fence still refuses the replaced generation (fences are recorded in the store), and a save
+/// that was in flight commits when its ranks send it again. With `on_damaged_index = "refuse"`
+/// ckptd does not start, says why and what to do, and leaves the index as it was.
+async fn a_damaged_index_is_set_aside_and_rebuilt_with_its_fences(backend: Backend) {
+    let seed = seed(0x5eed_0007);
+    let dir = tempfile::tempdir().unwrap();
+    let store = TestStore::new(backend, dir.path()).await;
+    let mut opts = store.daemon_options(dir.path());
+    let cfg = dir.path().join("ckptd.toml");
+    std::fs::write(&cfg, "").unwrap();
+    opts.extra_args = vec!["--config".into(), cfg.clone().into_os_string()];
+    let mut d = start_daemon_with(opts).await;
+    let generation = |d: &ckpt_client::daemon::LocalDaemon, epoch: u64| {
+        let opts = ckpt_client::ClientOptions {
+            chunk_bytes: 1 << 20,
+            node_local: false,
+            epoch: Some(epoch),
+            ..Default::default()
+        };
+        ckpt_client::Client::new(&d.url(), opts).unwrap()
+    };
+    let c = generation(&d, 1);
+    c.fence("alpha", 1).await.unwrap();
+    assert_eq!(generation(&d, 2).fence("alpha", 2).await.unwrap(), 2);
+    let c = generation(&d, 2);
+    let mut states = Vec::new();
+    for step in [1u64, 2] {
+        let s: Vec<_> = (0..2).map(|r| rank_tensors(seed + step, r, 2, 1 << 20)).collect();
+        save_step(&c, "alpha", step, &s).await.unwrap();
+        states.push((step, s));
+    }
+    // The lower fence's record is gone: one per restart of a job would pile up.
+    let fences: Vec<_> = store.keys().await.into_iter().filter(|k| k.contains("/fences/")).collect();
+    assert_eq!(fences, vec![ckpt_core::keys::fence_key("alpha", 2)]);
+    let state = dir.path().join("state");
+    let mut refused = Vec::new();
+    let node = std::fs::read_to_string(state.join("node_id")).unwrap();
+
+    // A second ckptd on the same data directory, its index's config damaged under the running
+    // one, is refused for the lock and sets nothing aside.
+    let conf = state.join("index/conf");
+    let kept = std::fs::read(&conf).unwrap();
+    damage(&state.join("index"), "conf overwritten");
+    let mut second = store.daemon_options(dir.path());
+    second.log_file = dir.path().join("second.log");
+    let started = ckpt_client::daemon::LocalDaemon::start(second).await;
+    let said = std::fs::read_to_string(dir.path().join("second.log")).unwrap_or_default();
+    assert!(started.is_err() && said.contains("another ckptd"), "a second ckptd on one data directory: {said}");
+    assert!(!state.join("index.damaged").exists(), "a second ckptd set the running one's index aside");
+    std::fs::write(&conf, kept).unwrap();
+
+    for (i, how) in DAMAGE.into_iter().enumerate() {
+        // A save in flight: rank 0's part is in (journalled), rank 1's is not.
+        let c = generation(&d, 2);
+        let step = 10 + i as u64;
+        let pending: Vec<_> = (0..2).map(|r| rank_tensors(seed + step, r, 2, 1 << 20)).collect();
+        c.save(&spec("alpha", step, 0, 2), &pending[0], ckpt_client::Wait::Staged).await.unwrap();
+        // The node keeps its id through a rebuilt index (its leases and GC locks are named by it).
+        let lease = format!("/gc/leases/{step:020}.{}", node.trim());
+        assert!(store.keys().await.iter().any(|k| k.ends_with(&lease)), "{how}: no lease {lease}");
+        assert!(d.terminate(Duration::from_secs(20)).await, "ckptd did not stop cleanly on SIGTERM");
+        damage(&state.join("index"), how);
+        let logged = daemon_log(&d).len();
+        d.restart().await.unwrap_or_else(|e| panic!("{how}: ckptd did not start: {e}\n{}", daemon_log(&d)));
+        let log = daemon_log(&d)[logged..].to_string();
+        assert!(log.contains("rebuilt: true"), "{how}: the index was not rebuilt: {log}");
+        if log.contains("index_set_aside: true") {
+            assert!(state.join("index.damaged").join("conf").exists(), "{how}: the damaged index was not kept");
+            refused.push(how);
+        }
+        let c = generation(&d, 2);
+        let listed: Vec<u64> = c.list("alpha").await.unwrap().committed.iter().map(|m| m.step).collect();
+        let want: Vec<u64> = states.iter().map(|(s, _)| *s).collect();
+        assert_eq!(listed, want, "{how}");
+        for (step, s) in &states {
+            for r in 0..2 {
+                assert!(c.load_rank("alpha", *step, r).await.unwrap() == s[r as usize], "{how}: {step} rank {r}");
+            }
+        }
+        let err = generation(&d, 1).open_save(&spec("alpha", 100, 0, 2)).await.unwrap_err();
+        assert_eq!(err.api_code(), Some("fenced"), "{how}: the fence was lost with the index: {err}");
+        save_step(&c, "alpha", step, &pending).await.unwrap_or_else(|e| panic!("{how}: the save sent again: {e}"));
+        states.push((step, pending));
+    }
+
+    eprintln!("sled refused the index with: {refused:?}");
+    let Some(how) = refused.last() else { panic!("sled read every damaged index: the set-aside path was not reached") };
+
+    // Refused: the index stays as the damage left it.
+    assert!(d.terminate(Duration::from_secs(20)).await);
+    std::fs::write(&cfg, "on_damaged_index = \"refuse\"\n").unwrap();
+    damage(&state.join("index"), how);
+    let before = std::fs::read(state.join("index/db")).unwrap();
+    let logged = daemon_log(&d).len();
+    assert!(d.restart().await.is_err(), "ckptd started on a damaged index it was told to refuse");
+    let log = daemon_log(&d)[logged..].to_string();
+    assert!(log.contains("is damaged") && log.contains("on_damaged_index"), "no reason given: {log}");
+    assert!(std::fs::read(state.join("index/db")).unwrap() == before, "the refused index was changed");
+    // Told to rebuild, it does.
+    std::fs::write(&cfg, "on_damaged_index = \"rebuild\"\n").unwrap();
+    d.restart().await.unwrap();
+    let listed = client(&d).list("alpha").await.unwrap().committed.len();
+    assert_eq!(listed, states.len());
 }
