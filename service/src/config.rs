@@ -21,10 +21,11 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// What start-up does with an index sled cannot open (a power cut on a disk that lies
     /// about its flushes; damage sled finds only on a later read still stops ckptd, as does an
-    /// I/O error): `rebuild` renames it to `<data_dir>/index.damaged`
-    /// (replacing an older one) and rebuilds from the store, which loses no committed
-    /// checkpoint and no fence (both are in the store) but forgets the saves in flight (their
-    /// ranks send them again); `refuse` stops ckptd with the error, for an operator to look.
+    /// I/O error): `rebuild` renames it to `<data_dir>/index.damaged` (what a link named
+    /// `index` names, to `<that>.damaged`), replacing an older one, and rebuilds from the
+    /// store, which loses no committed checkpoint and no fence (both are in the store) but
+    /// forgets the saves in flight (their ranks send them again); `refuse` stops ckptd with the
+    /// error, for an operator to look.
     pub on_damaged_index: DamagedIndex,
     /// If set, the bound address is written here once ckptd is ready (for scripts and tests).
     pub addr_file: Option<PathBuf>,

@@ -287,6 +287,9 @@ pub struct Coordinator {
     pub(crate) segments: Arc<crate::segments::Segments>,
     /// Where clients register segments, once `serve` has bound it.
     pub(crate) segment_socket: std::sync::OnceLock<std::path::PathBuf>,
+    /// The data directory's lock (`lib.rs` `lock_data_dir`), held as long as anything that may
+    /// write the index.
+    pub(crate) data_dir_lock: std::sync::OnceLock<nix::fcntl::Flock<std::fs::File>>,
     /// Chunk references held by all saves in flight.
     pub(crate) chunk_refs_in_flight: AtomicU64,
     /// Index object bytes held by all saves in flight.
@@ -442,6 +445,7 @@ impl Coordinator {
             fs_sync,
             segments,
             segment_socket: Default::default(),
+            data_dir_lock: Default::default(),
             limits: config.limits(),
             chunk_permits: Arc::new(Semaphore::new(config.chunk_requests_max)),
             index_permits: Arc::new(Semaphore::new(config.index_requests_max)),

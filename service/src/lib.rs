@@ -41,8 +41,8 @@ pub use coordinator::Coordinator;
 pub use error::ServiceError;
 pub use intake::{AdoptSource, SegmentChunk};
 
-/// Locks `dir` for this process's life (the lock goes with the returned file): one ckptd per
-/// data directory. sled locks its own files too, but only after reading its config, so a
+/// Locks `dir` while the returned lock lives (the coordinator holds it, so as long as any task
+/// that may write the index): one ckptd per data directory. sled locks its own files too, but only after reading its config, so a
 /// damaged config read while another ckptd runs would look like damage, and two ckptds starting
 /// at once on a damaged index could each set the other's new one aside.
 fn lock_data_dir(dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>, ServiceError> {
@@ -120,16 +120,18 @@ async fn open_index(config: &Config) -> Result<(index::Index, bool), ServiceErro
             dir.display()
         )));
     }
-    // Where `index` is a link (the index on a disk of its own), what it names is set aside, beside
-    // it, and the new index made there, so it stays on that disk.
-    let target = match std::fs::symlink_metadata(&dir) {
-        Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(&dir)
-            .map_err(|e| ServiceError::Startup(format!("cannot resolve the index link {}: {e}", dir.display())))?,
-        _ => dir.clone(),
-    };
-    let aside = target.with_file_name("index.damaged");
-    let (from, to) = (target.clone(), aside.clone());
-    tokio::task::spawn_blocking(move || {
+    let from = dir.clone();
+    let aside = tokio::task::spawn_blocking(move || {
+        // Where `index` is a link (the index on a disk of its own), what it names is set aside,
+        // beside it under its own name (`<name>.damaged`: the directory it is in may hold other
+        // nodes' indexes), and the new index made there, so it stays on that disk.
+        let from = match std::fs::symlink_metadata(&from) {
+            Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(&from)
+                .map_err(|e| format!("cannot resolve the index link {}: {e}", from.display()))?,
+            _ => from,
+        };
+        let name = from.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let to = from.with_file_name(format!("{name}.damaged"));
         // One damaged copy is kept, the newest: a disk that keeps damaging it cannot fill up.
         match std::fs::symlink_metadata(&to) {
             Ok(m) if m.is_dir() => std::fs::remove_dir_all(&to),
@@ -139,7 +141,8 @@ async fn open_index(config: &Config) -> Result<(index::Index, bool), ServiceErro
         .map_err(|e| format!("cannot remove the older {}: {e}", to.display()))?;
         // A mount point cannot be renamed (EBUSY): the operator moves its contents.
         durable::rename_into_place(&from, &to).map_err(|e| e.to_string())?;
-        durable::ensure_dir(&from).map_err(|e| e.to_string())
+        durable::ensure_dir(&from).map_err(|e| e.to_string())?;
+        Ok::<_, String>(to)
     })
     .await
     .map_err(error::join_error)?
@@ -216,7 +219,9 @@ pub async fn serve_until(
         tracing::warn!("tenants without [tls]: bearer tokens cross the network in clear text");
     }
     let pid_file = config.data_dir.join("ckptd.pid");
-    let _data_dir_lock = lock_data_dir(&config.data_dir)?;
+    let locking = config.data_dir.clone();
+    let data_dir_lock =
+        tokio::task::spawn_blocking(move || lock_data_dir(&locking)).await.map_err(error::join_error)??;
     let (index, index_set_aside) = open_index(&config).await?;
     keep_node_id(&config.data_dir, &index).await?;
     if let Some(r) = &reload {
@@ -226,6 +231,7 @@ pub async fn serve_until(
         tracing::warn!(error = %e, path = %pid_file.display(), "cannot record this process's pid");
     }
     let coordinator = Coordinator::start(store.clone(), index.clone(), config.clone());
+    let _ = coordinator.data_dir_lock.set(data_dir_lock);
     let mut report = coordinator.recover().await?;
     report.index_set_aside = index_set_aside;
     tracing::info!(store = store.description(), ?report, "recovered");

@@ -6,9 +6,11 @@
 //!   aside before, see `Config::on_damaged_index`); roots added or removed behind the index's
 //!   back are picked up. A listing can be stale, so a root leaves the index only when a read of
 //!   its key says it is gone.
-//! * Fences are kept in both and reconciled both ways: a higher one in the store raises the
-//!   index and aborts the job's journalled saves (the journal keeps no generation, and the
-//!   raise's first answer here would have ended them); one only the index holds is recorded.
+//! * Fences are kept in both and reconciled both ways, after the journalled saves of a job
+//!   whose two differ are aborted (the journal keeps no generation, and the raise's first
+//!   answer here would have ended them), so a start that stops part-way does it all again. The
+//!   store's fence comes from a listing: on a store whose listings lag, a raise moments before
+//!   a rebuild could be missed.
 //! * A journalled save whose step has a root in the store is committed if that root is the one
 //!   the journal builds (same bytes; for a version-1 manifest, the same content) and aborted as
 //!   a conflict otherwise. Any other journalled save gets its slot back with its pending chunks
@@ -60,28 +62,20 @@ impl Coordinator {
             .try_collect()
             .await?;
         let mut in_store = BTreeSet::new();
-        // Fences live in the index and the store, and each learns the other's higher one: a
-        // rebuilt index gets its fences back, a raise another node made reaches this one, and
-        // one only this index kept (an older release's, a raise whose record failed) reaches
-        // the store, where the next rebuild finds it.
-        let mut index_fences: std::collections::HashMap<String, u64> =
-            self.blocking(|i| i.fences()).await?.into_iter().collect();
-        // Jobs fenced higher while this node was down: their journalled saves are aborted below.
-        let mut fenced_meanwhile = std::collections::HashMap::new();
+        // Fences live in the index and the store, and each learns the other's higher one (a
+        // rebuilt index gets its fences back, a raise another node made reaches this one, one
+        // only this index kept reaches the store). Where they differ, a raise was missed here or
+        // stopped before its last step (`raise_fence` records in the store after its aborts),
+        // so the job's journalled saves, which name no generation, are aborted as the raise's
+        // first answer would have; only then are the two made equal, so a start that stops in
+        // between finds them different again. (index's, store's) by job.
+        let mut fences: std::collections::BTreeMap<String, (Option<u64>, Option<u64>)> =
+            self.blocking(|i| i.fences()).await?.into_iter().map(|(job, f)| (job, (Some(f), None))).collect();
         for (job, steps, stored) in listed {
             let job = &job;
             in_store.extend(steps.into_iter().map(|step| (job.clone(), step)));
-            let was = index_fences.remove(job);
-            match (stored, was) {
-                (Some(stored), was) if was.is_none_or(|f| f < stored) => {
-                    let j = job.clone();
-                    self.blocking(move |i| i.raise_fence(&j, stored)).await?;
-                    tracing::info!(job, epoch = stored, ?was, "fence restored from the store");
-                    report.fences_restored += 1;
-                    fenced_meanwhile.insert(job.clone(), stored);
-                }
-                (stored, Some(kept)) if stored.is_none_or(|f| f < kept) => self.record_fence(job, kept).await?,
-                _ => {}
+            if stored.is_some() {
+                fences.entry(job.clone()).or_default().1 = stored;
             }
             if report.rebuilt {
                 let chunks = self.store.list_chunks(job).await?;
@@ -90,10 +84,7 @@ impl Coordinator {
                 self.blocking(move |i| chunks.iter().try_for_each(|(h, len)| i.put_chunk(&j, h, *len, None))).await?;
             }
         }
-        // Jobs with a fence and nothing else in the store.
-        for (job, kept) in index_fences {
-            self.record_fence(&job, kept).await?;
-        }
+        fences.retain(|_, (kept, stored)| kept != stored);
         let in_index: BTreeSet<(String, u64)> = self.blocking(|i| i.all_manifests()).await?.into_iter().collect();
         for (job, step) in in_store.difference(&in_index) {
             let bytes = self.store.get_manifest(job, *step).await?;
@@ -173,12 +164,11 @@ impl Coordinator {
                 report.saves_aborted += 1;
                 continue;
             }
-            if let Some(fence) = fenced_meanwhile.get(&job) {
-                // Opened by a generation the journal does not keep, before a raise this node
-                // missed, whose first answer here would have ended it (`raise_fence`); unless
-                // another node decided it for commit.
+            if let Some(&(kept, stored)) = fences.get(&job) {
+                // Unless another node decided it for commit.
                 if self.may_abort(&save).await? {
-                    save.abort(format!("fenced at generation {fence} while this node was down"))?;
+                    let fence = kept.max(stored).unwrap_or(0);
+                    save.abort(format!("fenced at generation {fence} by a raise this node missed or did not finish"))?;
                     self.retire_aborted(&save).await?;
                     report.saves_aborted += 1;
                     continue;
@@ -209,6 +199,22 @@ impl Coordinator {
                     chunks = g.pending.len(),
                     "journalled save waits for chunks to become durable"
                 );
+            }
+        }
+        if !fences.is_empty() {
+            // The aborts durable before the fences agree.
+            self.index.flush().await?;
+        }
+        for (job, (kept, stored)) in fences {
+            let fence = kept.max(stored).unwrap_or(0);
+            if kept < Some(fence) {
+                let j = job.clone();
+                self.blocking(move |i| i.raise_fence(&j, fence)).await?;
+                tracing::info!(job, epoch = fence, was = ?kept, "fence restored from the store");
+                report.fences_restored += 1;
+            }
+            if stored < Some(fence) {
+                self.record_fence(&job, fence).await?;
             }
         }
         self.index.flush().await?;

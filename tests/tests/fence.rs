@@ -135,12 +135,17 @@ async fn start_up_reconciles_the_fence_with_the_store_and_ends_saves_a_missed_ra
         assert_eq!(err.api_code(), Some("fenced"), "{err}");
         generation(&d, 3).open_save(&spec("job", 12, 0, 2)).await.unwrap();
 
-        // The store's records lost (a release before fences were recorded there): the index's
-        // fence goes back to the store at the next start.
+        // The store's records lost (a release before fences were recorded there, or a raise
+        // that stopped before its record, which comes after its aborts): the index's fence goes
+        // back to the store at the next start, and the saves the journal restores are aborted
+        // first, as that raise would have.
+        generation(&d, 3).save(&spec("job", 20, 0, 2), &state[0], Wait::Staged).await.unwrap();
         assert!(d.terminate(Duration::from_secs(20)).await);
         std::fs::remove_dir_all(&fences).unwrap();
         d.restart().await.unwrap();
         assert_eq!(stored(), vec![format!("{:020}", 3)], "the index's fence was not written to the store");
+        let status = client(&d).save_status("job", 20).await.unwrap();
+        assert_eq!(status.phase.name(), "aborted", "a save restored past an unfinished raise lives on");
         let err = generation(&d, 2).open_save(&spec("job", 16, 0, 2)).await.unwrap_err();
         assert_eq!(err.api_code(), Some("fenced"), "{err}");
     })

@@ -186,4 +186,19 @@ async fn a_damaged_index_is_set_aside_and_rebuilt_with_its_fences(backend: Backe
     d.restart().await.unwrap();
     let listed = client(&d).list("alpha").await.unwrap().committed.len();
     assert_eq!(listed, states.len());
+
+    // The index on a disk of its own, through a link: what the link names is set aside beside
+    // it under its own name (that directory may hold other nodes' indexes), and the new index
+    // is made there.
+    assert!(d.terminate(Duration::from_secs(20)).await);
+    let disk = dir.path().join("fast-disk");
+    std::fs::create_dir_all(&disk).unwrap();
+    std::fs::rename(state.join("index"), disk.join("node-a")).unwrap();
+    std::os::unix::fs::symlink(disk.join("node-a"), state.join("index")).unwrap();
+    damage(&disk.join("node-a"), how);
+    d.restart().await.unwrap();
+    assert!(disk.join("node-a.damaged").join("conf").exists(), "the linked index was not set aside beside it");
+    assert!(std::fs::symlink_metadata(state.join("index")).unwrap().file_type().is_symlink(), "the link was replaced");
+    assert!(disk.join("node-a").join("conf").exists(), "the new index is not on the link's disk");
+    assert_eq!(client(&d).list("alpha").await.unwrap().committed.len(), states.len());
 }
