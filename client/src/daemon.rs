@@ -248,7 +248,16 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
 
 /// Peak resident memory (VmHWM) of process `pid`, in bytes; None where /proc does not say.
 pub fn peak_rss_bytes(pid: u32) -> Option<u64> {
+    status_bytes(pid, "VmHWM:")
+}
+
+/// Resident memory now (VmRSS) of process `pid`, in bytes; None where /proc does not say.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    status_bytes(pid, "VmRSS:")
+}
+
+fn status_bytes(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim();
+    let kb = status.lines().find_map(|l| l.strip_prefix(field))?.trim().trim_end_matches("kB").trim();
     kb.parse::<u64>().ok().map(|kb| kb * 1024)
 }

@@ -17,7 +17,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ckpt_client::daemon::LocalDaemon;
+use ckpt_client::daemon::{peak_rss_bytes, rss_bytes, LocalDaemon};
 use ckpt_client::{Client, ClientError, ClientOptions};
 use ckpt_core::{keys, ChunkHash, Root, ShardIndex};
 
@@ -132,11 +132,6 @@ fn plain_pass(store: &Path, job: &str, kept: &[u64]) -> Result<Plain, ClientErro
     Ok(Plain { objects, index_objects: indexes.len() as u64, unreferenced })
 }
 
-fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix(field))?.trim().trim_end_matches("kB").trim().parse().ok()
-}
-
 /// Runs `f` and returns how much `pid`'s resident memory grew at its peak meanwhile, in MiB
 /// (the kernel's high-water mark is reset first; None where that is not allowed).
 async fn with_rss_growth<T>(
@@ -145,11 +140,11 @@ async fn with_rss_growth<T>(
 ) -> Result<(T, Option<f64>), ClientError> {
     // Writing 5 to clear_refs resets VmHWM to the current RSS (proc(5)).
     let before = pid.filter(|p| std::fs::write(format!("/proc/{p}/clear_refs"), "5").is_ok()).and_then(|p| {
-        let rss = status_kib(p, "VmRSS:")?;
+        let rss = rss_bytes(p)?;
         Some((p, rss))
     });
     let out = f.await?;
-    let growth = before.and_then(|(p, rss)| Some(status_kib(p, "VmHWM:")?.saturating_sub(rss) as f64 / 1024.0));
+    let growth = before.and_then(|(p, rss)| Some(crate::mib(peak_rss_bytes(p)?.saturating_sub(rss))));
     Ok((out, growth))
 }
 

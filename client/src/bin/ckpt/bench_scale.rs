@@ -27,6 +27,7 @@ use futures::{StreamExt, TryStreamExt};
 
 use crate::bench::{peak_rss_bytes, Samples};
 use crate::bench_gc::GcRow;
+use crate::bench_rebuild::RebuildRow;
 use ckpt_client::daemon::{find_ckptd, DaemonOptions, LocalDaemon};
 use ckpt_client::{Client, ClientError, ClientOptions, SaveSpec, Tensor, Wait};
 
@@ -62,6 +63,10 @@ pub struct ScaleOptions {
     /// not timed, measures GC's memory on its fresh heap.
     #[arg(long, default_value_t = 3)]
     pub gc_runs: usize,
+    /// Starts of ckptd with its index removed (rebuilt from the store), each interleaved with
+    /// a plain restart and the limit, after GC (0 skips them).
+    #[arg(long, default_value_t = 3)]
+    pub rebuild_runs: usize,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -97,6 +102,7 @@ pub struct WorldRow {
     pub eighth_rank_index_fetches: u64,
     /// GC with retention keeping the last step only (step 1's index objects are garbage).
     pub gc: Option<GcRow>,
+    pub rebuild: Option<RebuildRow>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -108,6 +114,7 @@ pub struct DistinctRow {
     pub ckptd_peak_rss_mib: f64,
     pub root_bytes: u64,
     pub gc: Option<GcRow>,
+    pub rebuild: Option<RebuildRow>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -196,6 +203,18 @@ async fn open_all(client: &Client, specs: Vec<SaveSpec>) -> Result<(), ClientErr
         .try_collect::<Vec<_>>()
         .await?;
     Ok(())
+}
+
+/// The index rebuild's timings (`bench_rebuild.rs`), unless `--rebuild-runs 0`.
+async fn rebuild(
+    d: &mut LocalDaemon,
+    store: &std::path::Path,
+    opts: &ScaleOptions,
+) -> Result<Option<RebuildRow>, ClientError> {
+    if opts.rebuild_runs == 0 {
+        return Ok(None);
+    }
+    Ok(Some(crate::bench_rebuild::measure(d, store, opts.rebuild_runs).await?))
 }
 
 async fn one_world(opts: &ScaleOptions, world: u32) -> Result<WorldRow, ClientError> {
@@ -335,7 +354,7 @@ async fn one_world(opts: &ScaleOptions, world: u32) -> Result<WorldRow, ClientEr
     }
     let eighth_rank_s = started.elapsed().as_secs_f64();
     // Before GC, which restarts ckptd.
-    let peak_rss_mib = d.pid().and_then(peak_rss_bytes).unwrap_or(0) as f64 / (1 << 20) as f64;
+    let peak_rss_mib = crate::mib(d.pid().and_then(peak_rss_bytes).unwrap_or(0));
     let gc = if opts.gc_runs > 0 {
         // Step 1's index objects become old enough to be condemned.
         let grace = Duration::from_millis(GC_GRACE_S * 1000 + 100);
@@ -345,6 +364,7 @@ async fn one_world(opts: &ScaleOptions, world: u32) -> Result<WorldRow, ClientEr
     } else {
         None
     };
+    let rebuild = rebuild(&mut d, &dir.join("store"), opts).await?;
     let row = WorldRow {
         world,
         chunk_refs: world as u64 * t * c,
@@ -368,6 +388,7 @@ async fn one_world(opts: &ScaleOptions, world: u32) -> Result<WorldRow, ClientEr
         eighth_rank_s,
         eighth_rank_index_fetches: eighth.index_objects_fetched(),
         gc,
+        rebuild,
     };
     if status.manifest_hash.as_deref() != Some(cp.root.hash.as_str()) {
         return Err(ClientError::Protocol("the committed root is not the one read back".into()));
@@ -428,12 +449,13 @@ async fn distinct(opts: &ScaleOptions) -> Result<DistinctRow, ClientError> {
     let status = client.wait_committed(&job, 1).await?;
     let save_s = started.elapsed().as_secs_f64();
     let cp = client.checkpoint(&job, 1).await?;
-    let peak_rss_mib = d.pid().and_then(peak_rss_bytes).unwrap_or(0) as f64 / (1 << 20) as f64;
+    let peak_rss_mib = crate::mib(d.pid().and_then(peak_rss_bytes).unwrap_or(0));
     let gc = if opts.gc_runs > 0 {
         Some(crate::bench_gc::measure(&mut d, &dir.join("store"), &job, &[1], opts.gc_runs, None).await?)
     } else {
         None
     };
+    let rebuild = rebuild(&mut d, &dir.join("store"), opts).await?;
     let row = DistinctRow {
         ranks,
         chunks: cp.root.chunks,
@@ -442,6 +464,7 @@ async fn distinct(opts: &ScaleOptions) -> Result<DistinctRow, ClientError> {
         ckptd_peak_rss_mib: peak_rss_mib,
         root_bytes: cp.root.to_bytes().len() as u64,
         gc,
+        rebuild,
     };
     drop(d);
     let _ = std::fs::remove_dir_all(&dir);
@@ -588,6 +611,34 @@ pub fn print(r: &ScaleReport) {
     gc.extend(r.distinct.iter().filter_map(|d| Some((format!("{} chunks", d.chunks), d.gc.as_ref()?))));
     if !gc.is_empty() {
         crate::bench_gc::print(&gc);
+    }
+    let mut rebuilds: Vec<(String, &RebuildRow)> =
+        r.worlds.iter().filter_map(|w| Some((format!("{} ranks", w.world), w.rebuild.as_ref()?))).collect();
+    rebuilds.extend(r.distinct.iter().filter_map(|d| Some((format!("{} chunks", d.chunks), d.rebuild.as_ref()?))));
+    if !rebuilds.is_empty() {
+        println!();
+        println!(
+            "{:<18} {:>12} {:>24} {:>24} {:>24} {:>14}",
+            "index rebuilt",
+            "chunks",
+            "start, index removed",
+            "start, index kept",
+            "limit (plain listing)",
+            "rebuild/limit"
+        );
+        let span = |(m, lo, hi): (f64, f64, f64)| format!("{m:.2} s [{lo:.2}-{hi:.2}]");
+        for (what, b) in rebuilds {
+            println!(
+                "{:<18} {:>12} {:>24} {:>24} {:>24} {:>14.2}",
+                what,
+                b.chunks,
+                span(b.rebuild_s),
+                span(b.restart_s),
+                span(b.limit_s),
+                (b.rebuild_s.0 - b.restart_s.0) / b.limit_s.0.max(1e-9)
+            );
+        }
+        println!("(rebuild/limit: what the removed index adds to a start, over the plain listing of the same files)");
     }
     if let Some(dr) = &r.distinct {
         println!(

@@ -211,7 +211,7 @@ async fn one(opts: &SplitOptions, nodes: u32) -> Result<SplitRow, ClientError> {
         commit_after_last_part_ms,
         list_calls: count("list"),
         root_calls: count("manifest"),
-        leader_peak_rss_mib: d.pid().and_then(peak_rss_bytes).unwrap_or(0) as f64 / (1 << 20) as f64,
+        leader_peak_rss_mib: crate::mib(d.pid().and_then(peak_rss_bytes).unwrap_or(0)),
         root_bytes: cp.root.to_bytes().len() as u64,
     };
     drop(d);

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_gc;
+mod bench_rebuild;
 mod bench_scale;
 mod bench_split;
 mod output;
@@ -213,8 +214,9 @@ enum Cmd {
     Bench(bench::BenchOptions),
     /// Benchmark the commit path at a 405B job's rank and chunk counts with tiny real chunks:
     /// index-put latency with every rank's put in flight at once, time from the last index to
-    /// the commit, ckptd's peak RSS, root bytes, metadata a rank reads to restore; one private
-    /// ckptd per world size, fsync'd local store. Prints one table.
+    /// the commit, ckptd's peak RSS, root bytes, metadata a rank reads to restore, reading back,
+    /// GC, and a start with the index rebuilt from the store; one private ckptd per world size,
+    /// fsync'd local store. Prints its tables.
     BenchScale(bench_scale::ScaleOptions),
     /// Benchmark the commit of a save split over ckptd nodes at a cluster's node count: a real
     /// leader ckptd, the other nodes' parts written into its local store over a spread of
