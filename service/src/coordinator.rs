@@ -302,7 +302,8 @@ pub struct Coordinator {
     /// Generation fences by job (journalled in the index and recorded in the store), cached;
     /// bounded by `FENCES_KEPT`.
     pub(crate) fences: std::sync::Mutex<FenceCache>,
-    /// This node's id (kept in the index): names its save leases in the store.
+    /// This node's id (kept in `<data_dir>/node_id` and the index, `lib.rs` `keep_node_id`):
+    /// names its save leases and GC locks in the store.
     pub(crate) node_id: String,
     /// Save leases, condemned views and the GC lock (`gc.rs`).
     pub(crate) gc: crate::gc::GcState,

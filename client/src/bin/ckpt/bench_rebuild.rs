@@ -91,7 +91,8 @@ pub async fn measure(daemon: &mut LocalDaemon, store: &Path, runs: usize) -> Res
     daemon.options_mut().start_timeout = Duration::from_secs(1800);
     let (mut rebuilds, mut restarts, mut limits, mut chunks) = (Vec::new(), Vec::new(), Vec::new(), 0);
     for run in 0..runs {
-        // The order within a round alternates, so no one of them always follows another.
+        // The listing runs before the two starts in odd rounds and after them in even ones, so it
+        // does not always follow the same one.
         let limit = || {
             let store = store.to_path_buf();
             async move {
