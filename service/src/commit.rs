@@ -141,11 +141,9 @@ impl Coordinator {
             Ok(()) | Err(StoreError::AlreadyExists(_)) => {}
             Err(e) => return Err(e.into()),
         }
-        for (key, _, _) in self.store.list_meta(&keys::fences_prefix(job)).await? {
-            if keys::parse_fence_key(&key).is_some_and(|e| e < fence) {
-                if let Err(e) = self.store.delete_key(&key).await {
-                    tracing::warn!(job, key, error = %e, "cannot remove a lower fence record");
-                }
+        for (key, _) in self.fence_records(job).await?.into_iter().filter(|(_, e)| *e < fence) {
+            if let Err(e) = self.store.delete_key(&key).await {
+                tracing::warn!(job, key, error = %e, "cannot remove a lower fence record");
             }
         }
         Ok(())
@@ -153,8 +151,13 @@ impl Coordinator {
 
     /// The highest fence recorded in the store for `job`, if any.
     pub(crate) async fn stored_fence(&self, job: &str) -> Result<Option<u64>, ServiceError> {
+        Ok(self.fence_records(job).await?.into_iter().map(|(_, e)| e).max())
+    }
+
+    /// The job's fence records in the store: each key with the epoch it names.
+    async fn fence_records(&self, job: &str) -> Result<Vec<(String, u64)>, ServiceError> {
         let listed = self.store.list_meta(&keys::fences_prefix(job)).await?;
-        Ok(listed.iter().filter_map(|(key, _, _)| keys::parse_fence_key(key)).max())
+        Ok(listed.into_iter().filter_map(|(key, _, _)| keys::parse_fence_key(&key).map(|e| (key, e))).collect())
     }
 
     /// Refuses a writer whose generation the job has been fenced past. Writers that name no
