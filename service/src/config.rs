@@ -323,7 +323,7 @@ pub struct RetentionConfig {
     pub lease_s: u64,
     /// GC runs this node makes at once, over different jobs (a job has one run at a time,
     /// across nodes). Each holds its job's object listings in memory, about 300 bytes per
-    /// object (3 GiB per ten million); more wait up to `busy_wait_ms`, then get 503.
+    /// object at most (3 GiB per ten million); more wait up to `busy_wait_ms`, then get 503.
     pub gc_runs_max: usize,
     /// A job's GC lock not rewritten for this long is taken over by another node (its run is
     /// taken for dead). A run rewrites it every 24th of this and stops, deleting nothing more,

@@ -78,10 +78,7 @@ impl Coordinator {
                 fences.entry(job.clone()).or_default().1 = stored;
             }
             if report.rebuilt {
-                let chunks = self.store.list_chunks(job).await?;
-                report.chunks_indexed += chunks.len();
-                let j = job.clone();
-                self.blocking(move |i| chunks.iter().try_for_each(|(h, len)| i.put_chunk(&j, h, *len, None))).await?;
+                report.chunks_indexed += self.index_listed_chunks(job).await?;
             }
         }
         fences.retain(|_, (kept, stored)| kept != stored);
@@ -221,4 +218,29 @@ impl Coordinator {
         report.spilled_chunks_requeued = self.staging.recover_spill(&self.index).await?;
         Ok(report)
     }
+
+    /// A rebuild's chunk records of `job`, from the store's listing: each batch is written to
+    /// the index while the next is listed (listing and indexing took about as long as each
+    /// other; one after the other, a rebuild of 1.5 M chunks paid both). Returns the chunks
+    /// indexed.
+    async fn index_listed_chunks(&self, job: &str) -> Result<usize, ServiceError> {
+        let (batches, mut listed) = tokio::sync::mpsc::channel::<Vec<_>>(REBUILD_BATCHES_QUEUED);
+        let j = job.to_string();
+        let indexed = self.blocking(move |i| {
+            let mut added = 0;
+            while let Some(mut batch) = listed.blocking_recv() {
+                added += i.put_chunks(&j, &mut batch)?;
+            }
+            Ok(added)
+        });
+        // An indexing error drops the receiver, which ends the listing; a listing error drops
+        // the sender, which ends the indexing. Either way both finish, and the first error wins.
+        let (listing, indexed) = tokio::join!(self.store.list_chunks_batched(job, batches), indexed);
+        listing?;
+        indexed
+    }
 }
+
+/// Listed batches of chunks a rebuild holds while the index catches up (a batch is a directory
+/// of a local store, a few thousand chunks, or a page of an object store's listing).
+const REBUILD_BATCHES_QUEUED: usize = 4;

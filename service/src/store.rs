@@ -12,6 +12,9 @@
 //! * Crash consistency: a local directory is opened with fsync, so a put that returned is on disk
 //!   (file and directory entry). A put interrupted by a crash leaves at most a temporary file,
 //!   which `keys::parse_key` ignores.
+//! * Listings of a local directory are walked here rather than through object_store's local
+//!   backend (same objects, a third of the stats; see `list_map`), except behind the fault
+//!   injection wrapper, whose armed list faults must fire.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -363,32 +366,49 @@ impl Store {
 
     /// Committed steps of a job, ascending.
     pub async fn list_manifest_steps(&self, job: &str) -> Result<Vec<u64>, StoreError> {
-        let prefix = Path::from(keys::manifests_prefix(job));
-        let metas: Vec<_> =
-            self.retry("list_manifests", || self.inner.list(Some(&prefix)).try_collect::<Vec<_>>()).await?;
-        let mut steps: Vec<u64> = metas
-            .iter()
-            .filter_map(|m| match keys::parse_key(m.location.as_ref()) {
-                Some(keys::ParsedKey::Manifest { job: j, step }) if j == job => Some(step),
+        let owner = job.to_string();
+        let mut steps = self
+            .list_map("list_manifests", keys::manifests_prefix(job), move |key, _, _| match keys::parse_key(key) {
+                Some(keys::ParsedKey::Manifest { job, step }) if job == owner => Some(step),
                 _ => None,
             })
-            .collect();
+            .await?;
         steps.sort_unstable();
         Ok(steps)
     }
 
-    /// Every chunk stored for a job, with its stored size.
-    pub async fn list_chunks(&self, job: &str) -> Result<Vec<(ChunkHash, u64)>, StoreError> {
-        let prefix = Path::from(keys::chunks_prefix(job));
-        let metas: Vec<_> =
-            self.retry("list_chunks", || self.inner.list(Some(&prefix)).try_collect::<Vec<_>>()).await?;
-        Ok(metas
-            .iter()
-            .filter_map(|m| match keys::parse_key(m.location.as_ref()) {
-                Some(keys::ParsedKey::Chunk { job: j, hash }) if j == job => Some((hash, m.size)),
-                _ => None,
-            })
-            .collect())
+    /// Every chunk stored for a job with its stored size, sent to `batches` as the listing goes
+    /// (a directory of a local store, a page of `LIST_BATCH` of an object store), so that the
+    /// receiver indexes one batch while the next is listed. Stops, without an error, when the
+    /// receiver is gone. A retried object-store listing starts again from its first object, so
+    /// a chunk can come twice.
+    pub async fn list_chunks_batched(
+        &self,
+        job: &str,
+        batches: tokio::sync::mpsc::Sender<Vec<(ChunkHash, u64)>>,
+    ) -> Result<(), StoreError> {
+        let owner = job.to_string();
+        let f = move |key: &str, size, _| match keys::parse_key(key) {
+            Some(keys::ParsedKey::Chunk { job, hash }) if job == owner => Some((hash, size)),
+            _ => None,
+        };
+        let prefix = keys::chunks_prefix(job);
+        if let Some(root) = self.walkable_root() {
+            return walk_blocking(move || walk_local(&root, &prefix, &f, &mut |b| batches.blocking_send(b).is_ok()))
+                .await;
+        }
+        let prefix = Path::from(prefix);
+        self.retry("list_chunks", || async {
+            let mut pages = self.inner.list(Some(&prefix)).try_chunks(LIST_BATCH);
+            while let Some(page) = pages.try_next().await.map_err(|e| e.1)? {
+                let batch = page.iter().filter_map(|m| f(m.location.as_ref(), m.size, 0)).collect();
+                if batches.send(batch).await.is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Small records (pins, leases, GC lists) by key, written with a plain put.
@@ -442,12 +462,45 @@ impl Store {
 
     /// Every object under `prefix`: key, stored size, modification time (Unix ms).
     pub async fn list_meta(&self, prefix: &str) -> Result<Vec<(String, u64, u64)>, StoreError> {
+        self.list_map("list", prefix.to_string(), |key, size, modified| Some((key.to_string(), size, modified))).await
+    }
+
+    /// Every object under `prefix` (a whole path segment, as object_store's listings take it),
+    /// mapped by `f(key, stored size, modification time in Unix ms)`; `None` leaves it out.
+    /// A local directory is walked here, one stat per file relative to its open directory:
+    /// object_store's local listing stats each file three times by its full path and builds a
+    /// URL for it, which made a rebuild of 1.5 M chunks take five times the plainest walk.
+    /// Its rules are kept: staged puts are hidden, links are followed, an entry removed
+    /// while the walk runs is skipped. A store wrapped for fault injection lists through the
+    /// wrapper, so armed list faults fire.
+    async fn list_map<T, F>(&self, what: &str, prefix: String, f: F) -> Result<Vec<T>, StoreError>
+    where
+        T: Send + 'static,
+        F: Fn(&str, u64, u64) -> Option<T> + Send + Sync + 'static,
+    {
+        if let Some(root) = self.walkable_root() {
+            return walk_blocking(move || {
+                let mut all = Vec::new();
+                walk_local(&root, &prefix, &f, &mut |batch| {
+                    all.extend(batch);
+                    true
+                })?;
+                Ok(all)
+            })
+            .await;
+        }
         let prefix = Path::from(prefix);
-        let metas: Vec<_> = self.retry("list", || self.inner.list(Some(&prefix)).try_collect::<Vec<_>>()).await?;
-        Ok(metas
-            .into_iter()
-            .map(|m| (m.location.to_string(), m.size, m.last_modified.timestamp_millis().max(0) as u64))
-            .collect())
+        let f = &f;
+        self.retry(what, || {
+            self.inner
+                .list(Some(&prefix))
+                .try_filter_map(|m| {
+                    let ms = m.last_modified.timestamp_millis().max(0) as u64;
+                    futures::future::ready(Ok(f(m.location.as_ref(), m.size, ms)))
+                })
+                .try_collect::<Vec<_>>()
+        })
+        .await
     }
 
     /// A cheap call that proves the store answers.
@@ -455,6 +508,98 @@ impl Store {
         let prefix = Path::from(keys::JOBS_PREFIX);
         self.inner.list_with_delimiter(Some(&prefix)).await.map(|_| ()).map_err(StoreError::from_os)
     }
+
+    /// The root a listing walks itself (see `list_map`): a local directory not wrapped for
+    /// fault injection.
+    fn walkable_root(&self) -> Option<std::path::PathBuf> {
+        self.local_root.clone().filter(|_| self.faults.is_none())
+    }
+}
+
+/// Objects an object-store listing hands on at once (`Store::list_chunks_batched`).
+const LIST_BATCH: usize = 4096;
+
+/// Runs a walk of a local store off the async runtime, its I/O errors as the store's.
+async fn walk_blocking<T: Send + 'static>(
+    walk: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(walk)
+        .await
+        .map_err(|e| StoreError::Other(object_store::Error::JoinError { source: e }))?
+        .map_err(|e| StoreError::Other(object_store::Error::Generic { store: "LocalFileSystem", source: e.into() }))
+}
+
+/// Directories deeper than this below the listed prefix are not entered: a store's keys are a
+/// few segments deep, and a linked directory that names its own parent would otherwise be
+/// walked forever.
+const WALK_DEPTH_MAX: usize = 32;
+
+/// `Store::list_map` on a local directory store rooted at `root`.
+/// What `f` keeps goes to `emit` a directory at a time; the walk stops when `emit` says false.
+fn walk_local<T>(
+    root: &std::path::Path,
+    prefix: &str,
+    f: &impl Fn(&str, u64, u64) -> Option<T>,
+    emit: &mut dyn FnMut(Vec<T>) -> bool,
+) -> std::io::Result<()> {
+    use std::io::ErrorKind;
+    let gone = |e: &std::io::Error| matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory);
+    let mut dirs = vec![(prefix.trim_matches('/').to_string(), 0)];
+    let mut key = String::new();
+    while let Some((dir, depth)) = dirs.pop() {
+        let entries = match std::fs::read_dir(root.join(&dir)) {
+            Ok(entries) => entries,
+            Err(e) if gone(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        let mut found = Vec::new();
+        for entry in entries {
+            let entry = entry?;
+            // Keys are UTF-8; a name that is not cannot be one (object_store cannot name it).
+            let Ok(name) = entry.file_name().into_string() else { continue };
+            let kind = entry.file_type()?;
+            let meta = if kind.is_dir() {
+                None
+            } else if kind.is_symlink() {
+                // A broken link is left out, as object_store's listing leaves it out.
+                std::fs::metadata(entry.path()).ok()
+            } else {
+                match entry.metadata() {
+                    Ok(m) => Some(m),
+                    Err(e) if gone(&e) => continue,
+                    Err(e) => return Err(e),
+                }
+            };
+            key.clear();
+            if !dir.is_empty() {
+                key.push_str(&dir);
+                key.push('/');
+            }
+            key.push_str(&name);
+            match meta {
+                Some(m) if m.is_file() => {
+                    if is_staged_put_name(&name) {
+                        continue;
+                    }
+                    let modified = m
+                        .modified()
+                        .ok()
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map_or(0, |d| d.as_millis() as u64);
+                    found.extend(f(&key, m.len(), modified));
+                }
+                Some(m) if !m.is_dir() => {}
+                _ if depth < WALK_DEPTH_MAX && (kind.is_dir() || kind.is_symlink()) => {
+                    dirs.push((key.clone(), depth + 1))
+                }
+                _ => {}
+            }
+        }
+        if !found.is_empty() && !emit(found) {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Checks a store location and its options without any I/O: a cloud URL must build (scheme,
@@ -539,4 +684,72 @@ fn open_cloud(location: &str, options: &BTreeMap<String, String>) -> Result<(Arc
     let mut shown = url.clone();
     shown.set_query(None);
     Ok((inner, shown.to_string().trim_end_matches('/').to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sorted<T: Ord>(mut v: Vec<T>) -> Vec<T> {
+        v.sort();
+        v
+    }
+
+    /// The local walk must list what object_store's own local listing lists (the store wrapped
+    /// for fault injection lists through it), on a directory holding what a store can: objects
+    /// at several depths, a staged put a crash left, a temporary file of an adopt, links, and
+    /// names that share a prefix without sharing its segment.
+    #[tokio::test]
+    async fn the_local_walk_lists_what_object_stores_listing_lists() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().to_str().unwrap(), &BTreeMap::new(), 1, Duration::from_millis(1)).unwrap();
+        let wrapped = store.clone().with_faults();
+        for (job, n) in [("a", 40u8), ("ab", 3)] {
+            for i in 0..n {
+                let hash = ChunkHash::of(&[i, n]);
+                store.put_chunk(job, &hash, Bytes::new(), Bytes::from(vec![i; i as usize])).await.unwrap();
+            }
+            for step in [1u64, 20] {
+                store.put_record(&keys::manifest_key(job, step), Bytes::from_static(b"{}")).await.unwrap();
+            }
+        }
+        let root = store.local_root().unwrap().to_path_buf();
+        let fanout = root.join(keys::chunk_key("a", &ChunkHash::of(&[0, 40]))).parent().unwrap().to_path_buf();
+        std::fs::write(fanout.join("0123#7"), b"staged").unwrap();
+        std::fs::write(fanout.join(".tmp-adopt-1"), b"temp").unwrap();
+        std::fs::write(root.join("outside"), b"x").unwrap();
+        std::os::unix::fs::symlink(root.join("outside"), fanout.join("linked")).unwrap();
+        std::os::unix::fs::symlink(root.join("missing"), fanout.join("broken")).unwrap();
+        std::fs::create_dir_all(root.join("jobs/a/chunks/zz/empty")).unwrap();
+
+        for prefix in ["jobs/a", "jobs/a/chunks", "jobs/ab/", "jobs", "jobs/none", "outside", ""] {
+            let walked = sorted(store.list_meta(prefix).await.unwrap());
+            let listed = sorted(wrapped.list_meta(prefix).await.unwrap());
+            assert_eq!(walked, listed, "prefix {prefix:?}");
+        }
+        let walked = sorted(store.list_meta("jobs/a").await.unwrap());
+        assert!(walked.iter().any(|(k, _, _)| k.ends_with("/.tmp-adopt-1")) && walked.len() > 40, "{walked:?}");
+        assert!(!walked.iter().any(|(k, _, _)| k.contains('#') || k.ends_with("/broken")), "{walked:?}");
+        async fn listed_chunks(store: &Store, job: &str) -> Vec<(ChunkHash, u64)> {
+            let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+            let listing = store.list_chunks_batched(job, tx);
+            let collect = async {
+                let mut all = Vec::new();
+                while let Some(batch) = rx.recv().await {
+                    all.extend(batch);
+                }
+                all
+            };
+            let (listed, all) = tokio::join!(listing, collect);
+            listed.unwrap();
+            sorted(all)
+        }
+        for job in ["a", "ab"] {
+            let chunks = listed_chunks(&store, job).await;
+            assert_eq!(chunks, listed_chunks(&wrapped, job).await);
+            assert_eq!(chunks.len(), if job == "a" { 40 } else { 3 });
+            assert_eq!(store.list_manifest_steps(job).await.unwrap(), vec![1, 20]);
+            assert_eq!(wrapped.list_manifest_steps(job).await.unwrap(), vec![1, 20]);
+        }
+    }
 }

@@ -57,8 +57,37 @@ struct Plain {
     unreferenced: u64,
 }
 
-fn io_err(what: &str, path: &Path, e: impl std::fmt::Display) -> ClientError {
-    ClientError::Internal(format!("benchmark GC limit: {what} {}: {e}", path.display()))
+/// An I/O error of the plainest pass a benchmark (`bench`) measures against.
+pub(crate) fn io_err(bench: &str, what: &str, path: &Path, e: impl std::fmt::Display) -> ClientError {
+    ClientError::Internal(format!("benchmark {bench} limit: {what} {}: {e}", path.display()))
+}
+
+/// The plainest listing of a local store's directory, part of the limits of GC and of a
+/// rebuild: every file under `dir`, one stat each (the size and time a listing carries),
+/// handed to `visit` with the directory it is in. A missing `dir` lists nothing.
+pub(crate) fn walk_files(
+    bench: &str,
+    dir: &Path,
+    visit: &mut dyn FnMut(&Path, &std::fs::DirEntry, &std::fs::Metadata) -> Result<(), ClientError>,
+) -> Result<(), ClientError> {
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let rd = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_err(bench, "list", &dir, e)),
+        };
+        for e in rd {
+            let e = e.map_err(|e| io_err(bench, "list", &dir, e))?;
+            if e.file_type().map_err(|err| io_err(bench, "stat", &e.path(), err))?.is_dir() {
+                dirs.push(e.path());
+                continue;
+            }
+            let meta = e.metadata().map_err(|err| io_err(bench, "stat", &e.path(), err))?;
+            visit(&dir, &e, &meta)?;
+        }
+    }
+    Ok(())
 }
 
 /// The limit (see the module note) over `job` in the local store at `store`, keeping `kept`.
@@ -66,8 +95,8 @@ fn plain_pass(store: &Path, job: &str, kept: &[u64]) -> Result<Plain, ClientErro
     let mut indexes: HashSet<ChunkHash> = HashSet::new();
     for &step in kept {
         let path = store.join(keys::manifest_key(job, step));
-        let bytes = std::fs::read(&path).map_err(|e| io_err("read", &path, e))?;
-        let root: Root = serde_json::from_slice(&bytes).map_err(|e| io_err("parse", &path, e))?;
+        let bytes = std::fs::read(&path).map_err(|e| io_err("GC", "read", &path, e))?;
+        let root: Root = serde_json::from_slice(&bytes).map_err(|e| io_err("GC", "parse", &path, e))?;
         indexes.extend(root.ranks.iter().map(|r| r.hash));
     }
     let paths: Vec<PathBuf> = indexes.iter().map(|h| store.join(keys::index_key(job, h))).collect();
@@ -80,13 +109,14 @@ fn plain_pass(store: &Path, job: &str, kept: &[u64]) -> Result<Plain, ClientErro
                 s.spawn(move || {
                     let mut set = HashSet::new();
                     for p in part {
-                        let bytes = std::fs::read(p).map_err(|e| io_err("read", p, e))?;
+                        let bytes = std::fs::read(p).map_err(|e| io_err("GC", "read", p, e))?;
                         // Checked once against its address, as GC must before trusting it.
                         let name = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".json"));
                         if name.and_then(|n| n.parse::<ChunkHash>().ok()) != Some(ChunkHash::of(&bytes)) {
-                            return Err(io_err("check", p, "content does not hash to its name"));
+                            return Err(io_err("GC", "check", p, "content does not hash to its name"));
                         }
-                        let index: ShardIndex = serde_json::from_slice(&bytes).map_err(|e| io_err("parse", p, e))?;
+                        let index: ShardIndex =
+                            serde_json::from_slice(&bytes).map_err(|e| io_err("GC", "parse", p, e))?;
                         set.extend(index.chunk_hashes());
                     }
                     Ok::<_, ClientError>(set)
@@ -102,33 +132,23 @@ fn plain_pass(store: &Path, job: &str, kept: &[u64]) -> Result<Plain, ClientErro
     let (mut objects, mut unreferenced) = (0u64, 0u64);
     let job_dir = store.join(keys::job_prefix(job));
     let (chunks_dir, indexes_dir) = (store.join(keys::chunks_prefix(job)), store.join(keys::indexes_prefix(job)));
-    let mut dirs = vec![job_dir];
-    while let Some(dir) = dirs.pop() {
-        let rd = std::fs::read_dir(&dir).map_err(|e| io_err("list", &dir, e))?;
-        for e in rd {
-            let e = e.map_err(|e| io_err("list", &dir, e))?;
-            let meta = e.metadata().map_err(|err| io_err("stat", &e.path(), err))?;
-            if meta.is_dir() {
-                dirs.push(e.path());
-                continue;
-            }
-            // What a listing carries; the limit pays for it as GC does.
-            std::hint::black_box((meta.len(), meta.modified().ok()));
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            let (set, hex) = match dir.parent() {
-                Some(p) if p == chunks_dir => (&chunks, name.as_ref()),
-                Some(p) if p == indexes_dir => (&indexes, name.strip_suffix(".json").unwrap_or(&name)),
-                _ => continue,
-            };
-            // Other names there (a crash's temporary files) are not objects, as for GC.
-            let Ok(hash) = hex.parse::<ChunkHash>() else { continue };
+    walk_files("GC", &job_dir, &mut |dir, e, meta| {
+        // What a listing carries; the limit pays for it as GC does.
+        std::hint::black_box((meta.len(), meta.modified().ok()));
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        let (set, hex) = match dir.parent() {
+            Some(p) if p == chunks_dir => (&chunks, name.as_ref()),
+            Some(p) if p == indexes_dir => (&indexes, name.strip_suffix(".json").unwrap_or(&name)),
+            _ => return Ok(()),
+        };
+        // Other names there (a crash's temporary files) are not objects, as for GC.
+        if let Ok(hash) = hex.parse::<ChunkHash>() {
             objects += 1;
-            if !set.contains(&hash) {
-                unreferenced += 1;
-            }
+            unreferenced += u64::from(!set.contains(&hash));
         }
-    }
+        Ok(())
+    })?;
     Ok(Plain { objects, index_objects: indexes.len() as u64, unreferenced })
 }
 

@@ -17,6 +17,7 @@ use ckpt_client::ClientError;
 use ckpt_core::keys;
 
 use crate::bench::Samples;
+use crate::bench_gc::{io_err, walk_files};
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RebuildRow {
@@ -28,34 +29,22 @@ pub struct RebuildRow {
     pub limit_s: (f64, f64, f64),
 }
 
-fn io_err(what: &str, path: &Path, e: impl std::fmt::Display) -> ClientError {
-    ClientError::Internal(format!("benchmark rebuild limit: {what} {}: {e}", path.display()))
-}
-
 /// The limit (see the module note) over every job in the local store at `store`: chunks found.
 fn plain_listing(store: &Path) -> Result<u64, ClientError> {
     let jobs_dir = store.join(keys::JOBS_PREFIX);
     let mut chunks = 0;
-    for job in std::fs::read_dir(&jobs_dir).map_err(|e| io_err("list", &jobs_dir, e))? {
-        let job = job.map_err(|e| io_err("list", &jobs_dir, e))?.file_name().to_string_lossy().into_owned();
-        let roots = store.join(keys::manifests_prefix(&job));
-        if let Ok(rd) = std::fs::read_dir(&roots) {
-            for e in rd {
-                let p = e.map_err(|e| io_err("list", &roots, e))?.path();
-                std::hint::black_box(std::fs::read(&p).map_err(|e| io_err("read", &p, e))?);
-            }
-        }
-        let chunks_dir = store.join(keys::chunks_prefix(&job));
-        let Ok(fanout) = std::fs::read_dir(&chunks_dir) else { continue };
-        for sub in fanout {
-            let sub = sub.map_err(|e| io_err("list", &chunks_dir, e))?.path();
-            for e in std::fs::read_dir(&sub).map_err(|e| io_err("list", &sub, e))? {
-                let e = e.map_err(|e| io_err("list", &sub, e))?;
-                let meta = e.metadata().map_err(|err| io_err("stat", &e.path(), err))?;
-                std::hint::black_box(meta.len());
-                chunks += 1;
-            }
-        }
+    for job in std::fs::read_dir(&jobs_dir).map_err(|e| io_err("rebuild", "list", &jobs_dir, e))? {
+        let job = job.map_err(|e| io_err("rebuild", "list", &jobs_dir, e))?.file_name().to_string_lossy().into_owned();
+        walk_files("rebuild", &store.join(keys::manifests_prefix(&job)), &mut |_, e, _| {
+            let p = e.path();
+            std::hint::black_box(std::fs::read(&p).map_err(|e| io_err("rebuild", "read", &p, e))?);
+            Ok(())
+        })?;
+        walk_files("rebuild", &store.join(keys::chunks_prefix(&job)), &mut |_, _, meta| {
+            std::hint::black_box(meta.len());
+            chunks += 1;
+            Ok(())
+        })?;
     }
     Ok(chunks)
 }
@@ -69,14 +58,14 @@ async fn timed_start(daemon: &mut LocalDaemon, rebuild: bool) -> Result<(f64, St
     }
     let index = daemon.options().data_dir.join("index");
     if rebuild {
-        std::fs::remove_dir_all(&index).map_err(|e| io_err("remove", &index, e))?;
+        std::fs::remove_dir_all(&index).map_err(|e| io_err("rebuild", "remove", &index, e))?;
     }
     let log = daemon.options().log_file.clone();
     let logged = std::fs::metadata(&log).map(|m| m.len() as usize).unwrap_or(0);
     let started = Instant::now();
     daemon.restart().await?;
     let s = started.elapsed().as_secs_f64();
-    let text = std::fs::read(&log).map_err(|e| io_err("read", &log, e))?;
+    let text = std::fs::read(&log).map_err(|e| io_err("rebuild", "read", &log, e))?;
     Ok((s, String::from_utf8_lossy(text.get(logged..).unwrap_or_default()).into_owned()))
 }
 
