@@ -30,7 +30,9 @@
 //! * Damage: sled checks what it reads against CRCs, at open only for its log's tail. The roots
 //!   and the journal are read whole at open (`read_whole`), so a blob or log page a power cut
 //!   damaged is found where start-up can still set the index aside and rebuild it; the chunk
-//!   records are not (a pass over millions costs seconds on every start).
+//!   records are not (a pass over millions costs seconds on every start), except by the count
+//!   of stored bytes where a tenant has a quota. The read costs a start the bytes of every
+//!   root cached (about 1.5 MB per checkpoint of 16,384 ranks) and of the journal.
 //! * All methods block; async callers run them on blocking threads.
 
 use std::collections::HashMap;

@@ -234,7 +234,8 @@ impl Coordinator {
             Ok(added)
         });
         // An indexing error drops the receiver, which ends the listing; a listing error drops
-        // the sender, which ends the indexing. Either way both finish, and the first error wins.
+        // the sender, which ends the indexing. Either way both finish, and the failure is returned
+        // (the listing's, if both failed).
         let (listing, indexed) = tokio::join!(self.store.list_chunks_batched(job, batches), indexed);
         listing?;
         indexed

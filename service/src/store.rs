@@ -529,13 +529,15 @@ async fn walk_blocking<T: Send + 'static>(
         .map_err(|e| StoreError::Other(object_store::Error::Generic { store: "LocalFileSystem", source: e.into() }))
 }
 
-/// Directories deeper than this below the listed prefix are not entered: a store's keys are a
-/// few segments deep, and a linked directory that names its own parent would otherwise be
-/// walked forever.
-const WALK_DEPTH_MAX: usize = 32;
+/// Whether object_store's local listing hides a file of this name: a staged put, `<key>#<n>`
+/// split at the first `#` (`is_staged_put_name`, for ckptd's own clean-up, splits at the last).
+fn listing_hides(name: &str) -> bool {
+    name.split_once('#').is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
 
-/// `Store::list_map` on a local directory store rooted at `root`.
-/// What `f` keeps goes to `emit` a directory at a time; the walk stops when `emit` says false.
+/// `Store::list_map` on a local directory store rooted at `root`. What `f` keeps goes to
+/// `emit` a directory at a time; the walk stops when `emit` says false. A directory that
+/// contains itself through a link is an error, as it is to object_store's listing.
 fn walk_local<T>(
     root: &std::path::Path,
     prefix: &str,
@@ -543,11 +545,24 @@ fn walk_local<T>(
     emit: &mut dyn FnMut(Vec<T>) -> bool,
 ) -> std::io::Result<()> {
     use std::io::ErrorKind;
+    use std::os::unix::fs::MetadataExt;
+    // Gone between its listing and its stat: removed mid-walk, which a listing skips.
     let gone = |e: &std::io::Error| matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory);
-    let mut dirs = vec![(prefix.trim_matches('/').to_string(), 0)];
+    // Each directory to read, with the (device, inode) of each directory above it.
+    let mut dirs = vec![(prefix.trim_matches('/').to_string(), Vec::<(u64, u64)>::new())];
     let mut key = String::new();
-    while let Some((dir, depth)) = dirs.pop() {
-        let entries = match std::fs::read_dir(root.join(&dir)) {
+    while let Some((dir, mut above)) = dirs.pop() {
+        let path = root.join(&dir);
+        let here = match std::fs::metadata(&path) {
+            Ok(m) => (m.dev(), m.ino()),
+            Err(e) if gone(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        if above.contains(&here) {
+            return Err(std::io::Error::other(format!("filesystem loop: {} contains itself", path.display())));
+        }
+        above.push(here);
+        let entries = match std::fs::read_dir(&path) {
             Ok(entries) => entries,
             Err(e) if gone(&e) => continue,
             Err(e) => return Err(e),
@@ -555,9 +570,16 @@ fn walk_local<T>(
         let mut found = Vec::new();
         for entry in entries {
             let entry = entry?;
-            // Keys are UTF-8; a name that is not cannot be one (object_store cannot name it).
+            // Keys are UTF-8; a name that is not cannot be one (object_store's listing fails on it).
             let Ok(name) = entry.file_name().into_string() else { continue };
-            let kind = entry.file_type()?;
+            let kind = match entry.file_type() {
+                Ok(kind) => kind,
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(e),
+            };
+            if kind.is_file() && listing_hides(&name) {
+                continue;
+            }
             let meta = if kind.is_dir() {
                 None
             } else if kind.is_symlink() {
@@ -578,7 +600,7 @@ fn walk_local<T>(
             key.push_str(&name);
             match meta {
                 Some(m) if m.is_file() => {
-                    if is_staged_put_name(&name) {
+                    if listing_hides(&name) {
                         continue;
                     }
                     let modified = m
@@ -589,9 +611,7 @@ fn walk_local<T>(
                     found.extend(f(&key, m.len(), modified));
                 }
                 Some(m) if !m.is_dir() => {}
-                _ if depth < WALK_DEPTH_MAX && (kind.is_dir() || kind.is_symlink()) => {
-                    dirs.push((key.clone(), depth + 1))
-                }
+                _ if kind.is_dir() || kind.is_symlink() => dirs.push((key.clone(), above.clone())),
                 _ => {}
             }
         }
@@ -721,6 +741,10 @@ mod tests {
         std::os::unix::fs::symlink(root.join("outside"), fanout.join("linked")).unwrap();
         std::os::unix::fs::symlink(root.join("missing"), fanout.join("broken")).unwrap();
         std::fs::create_dir_all(root.join("jobs/a/chunks/zz/empty")).unwrap();
+        std::fs::write(root.join("jobs/a/chunks/zz/x#y#3"), b"listed").unwrap();
+        std::fs::write(root.join("jobs/a/chunks/zz/#4"), b"hidden").unwrap();
+        // A linked directory is walked into, as object_store follows it.
+        std::os::unix::fs::symlink(root.join("jobs/ab/chunks"), fanout.join("linked-dir")).unwrap();
 
         for prefix in ["jobs/a", "jobs/a/chunks", "jobs/ab/", "jobs", "jobs/none", "outside", ""] {
             let walked = sorted(store.list_meta(prefix).await.unwrap());
@@ -729,7 +753,17 @@ mod tests {
         }
         let walked = sorted(store.list_meta("jobs/a").await.unwrap());
         assert!(walked.iter().any(|(k, _, _)| k.ends_with("/.tmp-adopt-1")) && walked.len() > 40, "{walked:?}");
-        assert!(!walked.iter().any(|(k, _, _)| k.contains('#') || k.ends_with("/broken")), "{walked:?}");
+        assert!(walked.iter().any(|(k, _, _)| k.contains("/linked-dir/")), "{walked:?}");
+        assert!(
+            !walked.iter().any(|(k, _, _)| k.ends_with("#7") || k.ends_with("/#4") || k.ends_with("/broken")),
+            "{walked:?}"
+        );
+        // A directory that contains itself through a link fails both listings.
+        std::os::unix::fs::symlink(root.join("jobs/ab"), root.join("jobs/ab/loop")).unwrap();
+        let (walked, listed) = (store.list_meta("jobs/ab").await, wrapped.list_meta("jobs/ab").await);
+        assert!(walked.is_err() && listed.is_err(), "a link loop: walked {walked:?}, listed {listed:?}");
+        std::fs::remove_file(root.join("jobs/ab/loop")).unwrap();
+
         async fn listed_chunks(store: &Store, job: &str) -> Vec<(ChunkHash, u64)> {
             let (tx, mut rx) = tokio::sync::mpsc::channel(1);
             let listing = store.list_chunks_batched(job, tx);

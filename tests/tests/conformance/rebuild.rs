@@ -53,9 +53,10 @@ async fn index_deleted_while_stopped_is_rebuilt_from_the_store(backend: Backend)
 /// refuses the damaged snapshots and config; the zeroed and cut logs it opens, having lost what
 /// they held (then the index no longer names its store, and is rebuilt all the same). A zeroed
 /// blob (step 1's root is past sled's blob threshold, as a large world's is) that sled's snapshot
-/// points at is refused at open and set aside (here sled reads it as it opens the tree; where it
-/// would not, ckptd's read of the roots and journal at open finds it, see `index.rs`); one only
-/// the log's tail names, sled drops at open with what follows it in the log.
+/// points at is refused at open and set aside (in this test sled's own open already refuses it,
+/// as a run without ckptd's read of the roots and journal showed; where it does not, that read
+/// finds it, see `index.rs`); one only the log's tail names, sled drops at open with what
+/// follows it in the log.
 const DAMAGE: [&str; 5] = [
     "db zero-filled from the start",
     "db cut to 1000 bytes",
