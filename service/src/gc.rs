@@ -30,8 +30,8 @@
 //! * Memory: a run holds the job's chunk and index-object listings and the referenced set,
 //!   about 210 bytes per object from a local directory (309 MiB measured for 1.5 M objects on
 //!   a fresh heap: 2 GiB per ten million), about 300 through object_store's listing (450 MiB
-//!   measured when a local store was listed that way). At most `gc_runs_max` runs (dry or not) hold that at once; another waits
-//!   `busy_wait_ms` for a slot, then gets 503.
+//!   measured when a local store was listed that way). At most `gc_runs_max` runs (dry or not)
+//!   hold that at once; another waits `busy_wait_ms` for a slot, then gets 503.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};

@@ -158,6 +158,14 @@ fn count_job_bytes(chunks: &sled::Tree) -> Result<HashMap<String, i64>, IndexErr
     Ok(totals)
 }
 
+/// A chunk record: its stored length, then its raw length (`RAW_LEN_UNKNOWN` if not known).
+fn chunk_value(stored_len: u64, raw_len: Option<u64>) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&stored_len.to_le_bytes());
+    v[8..].copy_from_slice(&raw_len.unwrap_or(RAW_LEN_UNKNOWN).to_le_bytes());
+    v
+}
+
 /// Reads every entry of `tree`, so that damage sled would find only when a page is read (a
 /// blob or a log segment a power cut left zeroed: it checks their CRCs then, not at open) is
 /// found at open, where the index can still be set aside and rebuilt, and not by a request
@@ -329,10 +337,7 @@ impl Index {
         stored_len: u64,
         raw_len: Option<u64>,
     ) -> Result<(), IndexError> {
-        let mut v = [0u8; 16];
-        v[..8].copy_from_slice(&stored_len.to_le_bytes());
-        v[8..].copy_from_slice(&raw_len.unwrap_or(RAW_LEN_UNKNOWN).to_le_bytes());
-        self.set_chunk_record(job, hash, Some(v)).map(drop)
+        self.set_chunk_record(job, hash, Some(chunk_value(stored_len, raw_len))).map(drop)
     }
 
     /// `put_chunk` for each of a batch (raw lengths unknown), in key order: a rebuild from the
@@ -342,10 +347,7 @@ impl Index {
         batch.sort_unstable_by_key(|(h, _)| *h);
         let mut added = 0;
         for (hash, stored_len) in batch.iter() {
-            let mut v = [0u8; 16];
-            v[..8].copy_from_slice(&stored_len.to_le_bytes());
-            v[8..].copy_from_slice(&RAW_LEN_UNKNOWN.to_le_bytes());
-            added += usize::from(!self.set_chunk_record(job, hash, Some(v))?);
+            added += usize::from(!self.set_chunk_record(job, hash, Some(chunk_value(*stored_len, None)))?);
         }
         Ok(added)
     }

@@ -577,9 +577,6 @@ fn walk_local<T>(
                 Err(e) if gone(&e) => continue,
                 Err(e) => return Err(e),
             };
-            if kind.is_file() && listing_hides(&name) {
-                continue;
-            }
             let meta = if kind.is_dir() {
                 None
             } else if kind.is_symlink() {
