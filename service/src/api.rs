@@ -70,6 +70,8 @@ impl ApiError {
             ServiceError::Forbidden(_) => StatusCode::FORBIDDEN,
             ServiceError::OverQuota { .. } | ServiceError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ServiceError::Store(e) if !e.is_permanent() => StatusCode::SERVICE_UNAVAILABLE,
+            // ckptd stops on it and its next start rebuilds the index: a retry gets through.
+            ServiceError::Index(e) if e.is_damage() => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

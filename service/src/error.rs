@@ -103,6 +103,7 @@ impl ServiceError {
             ServiceError::CorruptChunk { .. } => "chunk_corrupt",
             ServiceError::CorruptManifest { .. } => "manifest_corrupt",
             ServiceError::Store(_) => "store_error",
+            ServiceError::Index(e) if e.is_damage() => "index_damaged",
             ServiceError::Index(_) => "index_error",
             ServiceError::Io(_) | ServiceError::Durable(_) => "io_error",
             ServiceError::Adopt(e) => e.code(),

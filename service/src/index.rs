@@ -27,12 +27,16 @@
 //!   a tenant's usage (its quota) is a pass over its jobs, not over every chunk record. Nothing
 //!   of it is stored, so a crash, or an older ckptd writing this index, cannot leave a stale
 //!   count behind.
-//! * Damage: sled checks what it reads against CRCs, at open only for its log's tail. The roots
-//!   and the journal are read whole at open (`read_whole`), so a blob or log page a power cut
-//!   damaged is found where start-up can still set the index aside and rebuild it; the chunk
-//!   records are not (a pass over millions costs seconds on every start), except by the count
-//!   of stored bytes where a tenant has a quota. The read costs a start the bytes of every
-//!   root cached (about 1.5 MB per checkpoint of 16,384 ranks) and of the journal.
+//! * Damage: sled checks what it reads against CRCs, at open only for its log's tail, so a
+//!   blob or log page a power cut damaged is found by the first read of it. The roots and the
+//!   journal are read whole at open (`read_whole`), where start-up can still set the index
+//!   aside and rebuild it in the same process (about 1.5 MB a checkpoint of 16,384 ranks; the
+//!   chunk records, millions, are not: a pass costs seconds on every start). Damage met later
+//!   by any method that touches sled (they all run inside `watched`; a panic of sled's counts
+//!   too) is kept (`damage_found`, `damaged`) and marked durably in the index's directory
+//!   (`damage-found`) before anyone hears of it, and an index so marked is refused as damaged
+//!   at its next open. ckptd stops on it, and its next start sets the index aside (`lib.rs`).
+//!   Until then each read of the damaged entry fails; the other entries still answer.
 //! * All methods block; async callers run them on blocking threads.
 
 use std::collections::HashMap;
@@ -46,14 +50,17 @@ use ckpt_core::{ChunkHash, SaveState, ShardIndex};
 pub enum IndexError {
     #[error("index: {0}")]
     Sled(#[from] sled::Error),
-    #[error("index entry {key} is damaged: {reason}")]
-    Damaged { key: String, reason: String },
+    /// `at`: where the damage was met (the method that read it; at open, the marker).
+    #[error("the index is damaged ({at}): {reason}")]
+    Damaged { at: String, reason: String },
     #[error("this index was opened without counting stored bytes (no tenant has a stored-bytes quota)")]
     NotCounted,
     #[error("index: {0}")]
     Durable(#[from] crate::durable::DurableError),
     #[error("index: the sync task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("index: cannot encode {what}: {reason}")]
+    Encode { what: String, reason: String },
 }
 
 impl IndexError {
@@ -68,9 +75,11 @@ impl IndexError {
             IndexError::Sled(
                 sled::Error::Corruption { .. } | sled::Error::Unsupported(_) | sled::Error::ReportableBug(_),
             ) => true,
-            IndexError::Sled(sled::Error::Io(e)) => {
-                matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData)
-            }
+            // NotFound: a blob file whose directory entry a power cut lost.
+            IndexError::Sled(sled::Error::Io(e)) => matches!(
+                e.kind(),
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData | std::io::ErrorKind::NotFound
+            ),
             _ => false,
         }
     }
@@ -91,6 +100,34 @@ pub struct Index {
     flushes: Arc<GroupFlush>,
     /// The index's filesystem, synced after each sled flush (see the design note).
     fs: Arc<crate::durable::FsSync>,
+    damage: Arc<DamageFound>,
+}
+
+/// The file whose presence marks an index damaged (see the design note).
+const DAMAGE_MARKER: &str = "damage-found";
+
+/// The first damage a read of the index met (see the design note).
+struct DamageFound {
+    marker: std::path::PathBuf,
+    /// Taken by the first finder, which marks the index before it publishes `first`.
+    claimed: std::sync::atomic::AtomicBool,
+    first: tokio::sync::watch::Sender<Option<String>>,
+}
+
+impl DamageFound {
+    /// Keeps and marks `reason` if it is the first damage found. Blocks (the marker's fsync).
+    fn found(&self, reason: String) {
+        if self.claimed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        tracing::error!(damage = reason, "the index is damaged; marked, so that its next open refuses it");
+        // Marked before anyone hears of it: whoever stops on it stops with the mark durable.
+        if let Err(e) = crate::durable::write_new(&self.marker, |f| std::io::Write::write_all(f, reason.as_bytes())) {
+            // Unmarked, the next start may serve until it meets the damage again.
+            tracing::error!(error = %e, marker = %self.marker.display(), "cannot mark the damaged index");
+        }
+        self.first.send_replace(Some(reason));
+    }
 }
 
 /// Group commit of sled flushes (see the design note).
@@ -168,19 +205,17 @@ fn chunk_value(stored_len: u64, raw_len: Option<u64>) -> [u8; 16] {
 
 /// Reads every entry of `tree`, so that damage sled would find only when a page is read (a
 /// blob or a log segment a power cut left zeroed: it checks their CRCs then, not at open) is
-/// found at open, where the index can still be set aside and rebuilt, and not by a request
-/// later. The roots and the journal are read whole this way; the chunk records, millions of
-/// small entries at about 1.3 s per million, are not (a damaged one fails the lookups that
-/// read it; ckptd then needs a restart with the index removed).
+/// found at open, where the index can still be set aside and rebuilt in the same process. The
+/// roots and the journal are read whole this way; the chunk records, millions of small entries
+/// at about 1.3 s per million, are not (damage met in them later stops ckptd, see `watched`).
 fn read_whole(name: &str, tree: &sled::Tree) -> Result<(), IndexError> {
     for entry in tree.iter() {
-        match entry {
-            Ok(kv) => drop(std::hint::black_box(kv)),
-            // A blob file gone (its directory entry lost with the cut) is damage too.
-            Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(IndexError::Damaged { key: format!("the {name} tree"), reason: e.to_string() })
-            }
-            Err(e) => return Err(e.into()),
+        if let Err(e) = entry.map(std::hint::black_box) {
+            let e = IndexError::from(e);
+            return Err(match e.is_damage() {
+                true => IndexError::Damaged { at: format!("open, reading the {name} tree"), reason: e.to_string() },
+                false => e,
+            });
         }
     }
     Ok(())
@@ -192,6 +227,11 @@ impl Index {
     /// (`stored_bytes_where`).
     pub fn open(dir: &Path, cache_bytes: u64, count_stored_bytes: bool) -> Result<Index, IndexError> {
         crate::durable::ensure_dir(dir)?;
+        let marker = dir.join(DAMAGE_MARKER);
+        if std::fs::symlink_metadata(&marker).is_ok() {
+            let found = std::fs::read_to_string(&marker).unwrap_or_else(|e| format!("the marker is unreadable: {e}"));
+            return Err(IndexError::Damaged { at: "marked while in use".into(), reason: found });
+        }
         let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).open()?;
         let fs = crate::durable::FsSync::open(dir)?;
         // What sled created or recovered at open is durable before anything is acked.
@@ -203,6 +243,11 @@ impl Index {
         for (name, tree) in [("manifests", &manifests), ("saves", &saves), ("save_ranks", &save_ranks)] {
             read_whole(name, tree)?;
         }
+        let damage = Arc::new(DamageFound {
+            marker,
+            claimed: std::sync::atomic::AtomicBool::new(false),
+            first: tokio::sync::watch::Sender::new(None),
+        });
         Ok(Index {
             chunks,
             job_bytes,
@@ -211,6 +256,7 @@ impl Index {
             save_ranks,
             flushes: Arc::new(GroupFlush::default()),
             fs: Arc::new(fs),
+            damage,
             db,
         })
     }
@@ -249,9 +295,65 @@ impl Index {
         Ok(old.is_some())
     }
 
+    /// The first damage found since open: `op: error`.
+    pub fn damage_found(&self) -> Option<String> {
+        self.damage.first.borrow().clone()
+    }
+
+    /// Waits for the first damage found, and returns it.
+    pub async fn damaged(&self) -> String {
+        let mut found = self.damage.first.subscribe();
+        let kept = found.wait_for(Option::is_some).await.ok().and_then(|d| d.clone());
+        match kept {
+            Some(d) => d,
+            // Never: the sender lives as long as this index.
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Runs `f`, the body of `op`, and keeps the damage it meets (see the design note).
+    fn watched<T>(&self, op: &'static str, f: impl FnOnce() -> Result<T, IndexError>) -> Result<T, IndexError> {
+        // Test-only: `FAILPOINTS=ckptd::index::damaged=return(<op>)` makes `op` meet damage.
+        let injected = (|| {
+            fail::fail_point!("ckptd::index::damaged", |named: Option<String>| named.as_deref() == Some(op));
+            false
+        })();
+        let r = match injected {
+            true => Err(IndexError::Damaged { at: op.into(), reason: "injected (ckptd::index::damaged)".into() }),
+            // sled panics on some damage rather than returning it.
+            false => std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned());
+                Err(IndexError::Damaged {
+                    at: op.into(),
+                    reason: format!("sled panicked: {}", what.unwrap_or_default()),
+                })
+            }),
+        };
+        if let Err(e) = &r {
+            if e.is_damage() {
+                self.damage.found(format!("{op}: {e}"));
+            }
+        }
+        r
+    }
+
     /// Makes every write this caller made before the call durable, sharing the sync with
     /// concurrent callers.
     pub async fn flush(&self) -> Result<(), IndexError> {
+        let r = self.grouped_flush().await;
+        if let Err(e) = &r {
+            if e.is_damage() {
+                let (damage, reason) = (self.damage.clone(), format!("flush: {e}"));
+                tokio::task::spawn_blocking(move || damage.found(reason)).await?;
+            }
+        }
+        r
+    }
+
+    async fn grouped_flush(&self) -> Result<(), IndexError> {
         let g = &self.flushes;
         let ticket = g.tickets.fetch_add(1, Ordering::SeqCst) + 1;
         let _running = g.running.lock().await;
@@ -275,38 +377,46 @@ impl Index {
 
     /// The store this index describes, if it was ever reconciled with one.
     pub fn store_description(&self) -> Result<Option<String>, IndexError> {
-        Ok(self.db.get(STORE_KEY)?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+        self.watched("store_description", || {
+            Ok(self.db.get(STORE_KEY)?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+        })
     }
 
     pub fn set_store_description(&self, d: &str) -> Result<(), IndexError> {
-        self.db.insert(STORE_KEY, d.as_bytes())?;
-        Ok(())
+        self.watched("set_store_description", || {
+            self.db.insert(STORE_KEY, d.as_bytes())?;
+            Ok(())
+        })
     }
 
     /// The generation fence of `job`, if one was set.
     pub fn fence(&self, job: &str) -> Result<Option<u64>, IndexError> {
-        Ok(self.db.get(fence_key(job))?.and_then(|v| be_u64(&v)))
+        self.watched("fence", || Ok(self.db.get(fence_key(job))?.and_then(|v| be_u64(&v))))
     }
 
     /// Every job's fence in this index.
     pub fn fences(&self) -> Result<Vec<(String, u64)>, IndexError> {
-        let mut out = Vec::new();
-        for kv in self.db.scan_prefix(FENCE_PREFIX) {
-            let (k, v) = kv?;
-            if let (Ok(job), Some(f)) = (std::str::from_utf8(&k[FENCE_PREFIX.len()..]), be_u64(&v)) {
-                out.push((job.to_string(), f));
+        self.watched("fences", || {
+            let mut out = Vec::new();
+            for kv in self.db.scan_prefix(FENCE_PREFIX) {
+                let (k, v) = kv?;
+                if let (Ok(job), Some(f)) = (std::str::from_utf8(&k[FENCE_PREFIX.len()..]), be_u64(&v)) {
+                    out.push((job.to_string(), f));
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Raises the job's fence to `epoch`, never lowers it (two raises at once leave the higher),
     /// and returns the fence now stored.
     pub fn raise_fence(&self, job: &str, epoch: u64) -> Result<u64, IndexError> {
-        let stored = self.db.update_and_fetch(fence_key(job), |old| {
-            Some(old.and_then(be_u64).unwrap_or(0).max(epoch).to_be_bytes().to_vec())
-        })?;
-        Ok(stored.and_then(|v| be_u64(&v)).unwrap_or(epoch))
+        self.watched("raise_fence", || {
+            let stored = self.db.update_and_fetch(fence_key(job), |old| {
+                Some(old.and_then(be_u64).unwrap_or(0).max(epoch).to_be_bytes().to_vec())
+            })?;
+            Ok(stored.and_then(|v| be_u64(&v)).unwrap_or(epoch))
+        })
     }
 
     /// Forgets everything; used before a rebuild from the store. Fences stay: one raised by a
@@ -314,20 +424,22 @@ impl Index {
     /// not in the store until start-up copies it there, and forgetting it would let a replaced
     /// generation write again.
     pub fn clear(&self) -> Result<(), IndexError> {
-        // The store's identity first: a crash part-way leaves an index that is rebuilt again.
-        self.db.remove(STORE_KEY)?;
-        self.chunks.clear()?;
-        if let Some(job_bytes) = &self.job_bytes {
-            job_bytes.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        }
-        self.manifests.clear()?;
-        self.saves.clear()?;
-        self.save_ranks.clear()?;
-        Ok(())
+        self.watched("clear", || {
+            // The store's identity first: a crash part-way leaves an index that is rebuilt again.
+            self.db.remove(STORE_KEY)?;
+            self.chunks.clear()?;
+            if let Some(job_bytes) = &self.job_bytes {
+                job_bytes.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            }
+            self.manifests.clear()?;
+            self.saves.clear()?;
+            self.save_ranks.clear()?;
+            Ok(())
+        })
     }
 
     pub fn has_chunk(&self, job: &str, hash: &ChunkHash) -> Result<bool, IndexError> {
-        Ok(self.chunks.contains_key(job_key(job, &hash.0))?)
+        self.watched("has_chunk", || Ok(self.chunks.contains_key(job_key(job, &hash.0))?))
     }
 
     pub fn put_chunk(
@@ -337,81 +449,97 @@ impl Index {
         stored_len: u64,
         raw_len: Option<u64>,
     ) -> Result<(), IndexError> {
-        self.set_chunk_record(job, hash, Some(chunk_value(stored_len, raw_len))).map(drop)
+        self.watched("put_chunk", || self.set_chunk_record(job, hash, Some(chunk_value(stored_len, raw_len))).map(drop))
     }
 
     /// `put_chunk` for each of a batch (raw lengths unknown), in key order: a rebuild from the
     /// store. Returns how many were not already recorded.
     pub fn put_chunks(&self, job: &str, batch: &mut [(ChunkHash, u64)]) -> Result<usize, IndexError> {
-        // sled inserts in key order touch one leaf after another; a listing's order is random.
-        batch.sort_unstable_by_key(|(h, _)| *h);
-        let mut added = 0;
-        for (hash, stored_len) in batch.iter() {
-            added += usize::from(!self.set_chunk_record(job, hash, Some(chunk_value(*stored_len, None)))?);
-        }
-        Ok(added)
+        self.watched("put_chunks", || {
+            // sled inserts in key order touch one leaf after another; a listing's order is random.
+            batch.sort_unstable_by_key(|(h, _)| *h);
+            let mut added = 0;
+            for (hash, stored_len) in batch.iter() {
+                added += usize::from(!self.set_chunk_record(job, hash, Some(chunk_value(*stored_len, None)))?);
+            }
+            Ok(added)
+        })
     }
 
     pub fn get_chunk(&self, job: &str, hash: &ChunkHash) -> Result<Option<ChunkRecord>, IndexError> {
-        let Some(v) = self.chunks.get(job_key(job, &hash.0))? else { return Ok(None) };
-        // Records written before raw lengths were kept hold the stored length alone.
-        let stored_len = le_u64(&v);
-        let raw_len = v.get(8..16).map(le_u64).filter(|&r| r != RAW_LEN_UNKNOWN);
-        Ok(Some(ChunkRecord { stored_len, raw_len }))
+        self.watched("get_chunk", || {
+            let Some(v) = self.chunks.get(job_key(job, &hash.0))? else { return Ok(None) };
+            // Records written before raw lengths were kept hold the stored length alone.
+            let stored_len = le_u64(&v);
+            let raw_len = v.get(8..16).map(le_u64).filter(|&r| r != RAW_LEN_UNKNOWN);
+            Ok(Some(ChunkRecord { stored_len, raw_len }))
+        })
     }
 
     /// Forgets chunk records (GC deleted the chunks; a later lookup asks the store).
     pub fn remove_chunks(&self, job: &str, hashes: &[ChunkHash]) -> Result<(), IndexError> {
-        for h in hashes {
-            self.set_chunk_record(job, h, None)?;
-        }
-        Ok(())
+        self.watched("remove_chunks", || {
+            for h in hashes {
+                self.set_chunk_record(job, h, None)?;
+            }
+            Ok(())
+        })
     }
 
     /// Forgets every chunk record of a job (a GC sweep this node did not see happened).
     pub fn clear_job_chunks(&self, job: &str) -> Result<usize, IndexError> {
-        let prefix = job_prefix(job);
-        let keys: Vec<_> = self.chunks.scan_prefix(&prefix).keys().collect::<Result<_, _>>()?;
-        for k in &keys {
-            let hash = k[prefix.len()..].try_into().ok().map(ChunkHash);
-            match hash {
-                Some(h) => {
-                    self.set_chunk_record(job, &h, None)?;
-                }
-                None => {
-                    self.chunks.remove(k)?;
+        self.watched("clear_job_chunks", || {
+            let prefix = job_prefix(job);
+            let keys: Vec<_> = self.chunks.scan_prefix(&prefix).keys().collect::<Result<_, _>>()?;
+            for k in &keys {
+                let hash = k[prefix.len()..].try_into().ok().map(ChunkHash);
+                match hash {
+                    Some(h) => {
+                        self.set_chunk_record(job, &h, None)?;
+                    }
+                    None => {
+                        self.chunks.remove(k)?;
+                    }
                 }
             }
-        }
-        Ok(keys.len())
+            Ok(keys.len())
+        })
     }
 
     /// Keeps `id` as this node's id (the one `<data_dir>/node_id` holds; see `lib.rs`).
     pub fn set_node_id(&self, id: &str) -> Result<(), IndexError> {
-        self.db.insert(b"node_id", id.as_bytes())?;
-        Ok(())
+        self.watched("set_node_id", || {
+            self.db.insert(b"node_id", id.as_bytes())?;
+            Ok(())
+        })
     }
 
     /// This node's id, made once (random) and kept: it names the node's save leases.
     pub fn node_id(&self) -> Result<String, IndexError> {
-        if let Some(v) = self.db.get(b"node_id")? {
-            return Ok(String::from_utf8_lossy(&v).into_owned());
-        }
-        let id = format!("{:016x}", rand::random::<u64>());
-        self.db.insert(b"node_id", id.as_bytes())?;
-        Ok(id)
+        self.watched("node_id", || {
+            if let Some(v) = self.db.get(b"node_id")? {
+                return Ok(String::from_utf8_lossy(&v).into_owned());
+            }
+            let id = format!("{:016x}", rand::random::<u64>());
+            self.db.insert(b"node_id", id.as_bytes())?;
+            Ok(id)
+        })
     }
 
     /// The last GC sweep of `job` this node applied to its chunk records.
     pub fn gc_seen(&self, job: &str) -> Result<u64, IndexError> {
-        let key = [b"gcseen\0".as_slice(), job.as_bytes()].concat();
-        Ok(self.db.get(key)?.and_then(|v| be_u64(&v)).unwrap_or(0))
+        self.watched("gc_seen", || {
+            let key = [b"gcseen\0".as_slice(), job.as_bytes()].concat();
+            Ok(self.db.get(key)?.and_then(|v| be_u64(&v)).unwrap_or(0))
+        })
     }
 
     pub fn set_gc_seen(&self, job: &str, seq: u64) -> Result<(), IndexError> {
-        let key = [b"gcseen\0".as_slice(), job.as_bytes()].concat();
-        self.db.insert(key, &seq.to_be_bytes())?;
-        Ok(())
+        self.watched("set_gc_seen", || {
+            let key = [b"gcseen\0".as_slice(), job.as_bytes()].concat();
+            self.db.insert(key, &seq.to_be_bytes())?;
+            Ok(())
+        })
     }
 
     /// Stored bytes of the durable chunks of every job `pred` accepts: one counter per job
@@ -422,126 +550,148 @@ impl Index {
         Ok(counts.iter().filter(|(job, _)| pred(job)).fold(0u64, |t, (_, b)| t.saturating_add((*b).max(0) as u64)))
     }
 
-    pub fn chunk_count(&self, job: &str) -> usize {
-        self.chunks.scan_prefix(job_prefix(job)).count()
-    }
-
     pub fn put_manifest(&self, job: &str, step: u64, bytes: &[u8]) -> Result<(), IndexError> {
-        self.manifests.insert(job_key(job, &step.to_be_bytes()), bytes)?;
-        Ok(())
+        self.watched("put_manifest", || {
+            self.manifests.insert(job_key(job, &step.to_be_bytes()), bytes)?;
+            Ok(())
+        })
     }
 
     pub fn get_manifest(&self, job: &str, step: u64) -> Result<Option<Vec<u8>>, IndexError> {
-        Ok(self.manifests.get(job_key(job, &step.to_be_bytes()))?.map(|v| v.to_vec()))
+        self.watched("get_manifest", || Ok(self.manifests.get(job_key(job, &step.to_be_bytes()))?.map(|v| v.to_vec())))
     }
 
     pub fn remove_manifest(&self, job: &str, step: u64) -> Result<(), IndexError> {
-        self.manifests.remove(job_key(job, &step.to_be_bytes()))?;
-        Ok(())
+        self.watched("remove_manifest", || {
+            self.manifests.remove(job_key(job, &step.to_be_bytes()))?;
+            Ok(())
+        })
     }
 
     /// Committed steps of a job, ascending (keys are big-endian, so sled's order is step order).
     pub fn manifest_steps(&self, job: &str) -> Result<Vec<u64>, IndexError> {
-        let mut steps = Vec::new();
-        for kv in self.manifests.scan_prefix(job_prefix(job)) {
-            let (k, _) = kv?;
-            if let Some((_, step)) = split_step_key(&k) {
-                steps.push(step);
+        self.watched("manifest_steps", || {
+            let mut steps = Vec::new();
+            for kv in self.manifests.scan_prefix(job_prefix(job)) {
+                let (k, _) = kv?;
+                if let Some((_, step)) = split_step_key(&k) {
+                    steps.push(step);
+                }
             }
-        }
-        Ok(steps)
+            Ok(steps)
+        })
     }
 
     /// The newest committed step of `job` before `step`.
     pub fn committed_before(&self, job: &str, step: u64) -> Result<Option<u64>, IndexError> {
-        let range = job_key(job, &0u64.to_be_bytes())..job_key(job, &step.to_be_bytes());
-        match self.manifests.range(range).next_back() {
-            Some(kv) => Ok(split_step_key(&kv?.0).map(|(_, s)| s)),
-            None => Ok(None),
-        }
+        self.watched("committed_before", || {
+            let range = job_key(job, &0u64.to_be_bytes())..job_key(job, &step.to_be_bytes());
+            match self.manifests.range(range).next_back() {
+                Some(kv) => Ok(split_step_key(&kv?.0).map(|(_, s)| s)),
+                None => Ok(None),
+            }
+        })
     }
 
     /// Every (job, step) with a manifest in the index.
     pub fn all_manifests(&self) -> Result<Vec<(String, u64)>, IndexError> {
-        let mut out = Vec::new();
-        for kv in self.manifests.iter() {
-            let (k, _) = kv?;
-            if let Some(js) = split_step_key(&k) {
-                out.push(js);
+        self.watched("all_manifests", || {
+            let mut out = Vec::new();
+            for kv in self.manifests.iter() {
+                let (k, _) = kv?;
+                if let Some(js) = split_step_key(&k) {
+                    out.push(js);
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     pub fn jobs(&self) -> Result<Vec<String>, IndexError> {
-        let mut jobs = std::collections::BTreeSet::new();
-        for tree in [&self.manifests, &self.saves] {
-            for kv in tree.iter() {
-                let (k, _) = kv?;
-                if let Some((job, _)) = split_step_key(&k) {
-                    jobs.insert(job);
+        self.watched("jobs", || {
+            let mut jobs = std::collections::BTreeSet::new();
+            for tree in [&self.manifests, &self.saves] {
+                for kv in tree.iter() {
+                    let (k, _) = kv?;
+                    if let Some((job, _)) = split_step_key(&k) {
+                        jobs.insert(job);
+                    }
                 }
             }
-        }
-        Ok(jobs.into_iter().collect())
+            Ok(jobs.into_iter().collect())
+        })
     }
 
     /// Journals a save's fields (its ranks' indexes are journalled one by one with `put_save_rank`).
     pub fn put_save(&self, save: &SaveState) -> Result<(), IndexError> {
-        let bytes = serde_json::to_vec(save)
-            .map_err(|e| IndexError::Damaged { key: format!("{}@{}", save.job, save.step), reason: e.to_string() })?;
-        self.saves.insert(job_key(&save.job, &save.step.to_be_bytes()), bytes)?;
-        Ok(())
+        self.watched("put_save", || {
+            let bytes = serde_json::to_vec(save).map_err(|e| IndexError::Encode {
+                what: format!("{}@{}", save.job, save.step),
+                reason: e.to_string(),
+            })?;
+            self.saves.insert(job_key(&save.job, &save.step.to_be_bytes()), bytes)?;
+            Ok(())
+        })
     }
 
     /// Journals one rank's index as its serialised bytes (the index object's bytes).
     pub fn put_save_rank(&self, job: &str, step: u64, rank: u32, bytes: &[u8]) -> Result<(), IndexError> {
-        self.save_ranks.insert(rank_key(job, step, rank), bytes)?;
-        Ok(())
+        self.watched("put_save_rank", || {
+            self.save_ranks.insert(rank_key(job, step, rank), bytes)?;
+            Ok(())
+        })
     }
 
     /// Forgets a save and its ranks' indexes. O(world size), once per save. The ranks go
     /// first: a crash in between leaves a save that lost ranks (its clients re-send them), never
     /// ranks without a save that a later save of the same step would inherit.
     pub fn remove_save(&self, job: &str, step: u64) -> Result<(), IndexError> {
-        self.remove_save_ranks(job, step)?;
-        self.remove_save_entry(job, step)
+        self.watched("remove_save", || {
+            self.remove_save_ranks(job, step)?;
+            self.remove_save_entry(job, step)
+        })
     }
 
     /// Forgets a save's journalled ranks: the costly half of `remove_save` (16,384 index
     /// entries are about 140 MB, hundreds of milliseconds to remove).
     pub fn remove_save_ranks(&self, job: &str, step: u64) -> Result<(), IndexError> {
-        let mut batch = sled::Batch::default();
-        for kv in self.save_ranks.scan_prefix(job_key(job, &step.to_be_bytes())) {
-            batch.remove(kv?.0);
-        }
-        self.save_ranks.apply_batch(batch)?;
-        Ok(())
+        self.watched("remove_save_ranks", || {
+            let mut batch = sled::Batch::default();
+            for kv in self.save_ranks.scan_prefix(job_key(job, &step.to_be_bytes())) {
+                batch.remove(kv?.0);
+            }
+            self.save_ranks.apply_batch(batch)?;
+            Ok(())
+        })
     }
 
     /// Forgets a save's own entry, leaving its ranks: only for a committed save whose ranks
     /// the caller removes next, and with the key guarded until it has (`finish_commit`); a
     /// crash in between leaves orphans that `remove_orphan_ranks` clears at start-up.
     pub fn remove_save_entry(&self, job: &str, step: u64) -> Result<(), IndexError> {
-        self.saves.remove(job_key(job, &step.to_be_bytes()))?;
-        Ok(())
+        self.watched("remove_save_entry", || {
+            self.saves.remove(job_key(job, &step.to_be_bytes()))?;
+            Ok(())
+        })
     }
 
     /// Removes journalled ranks whose save has no entry (left by a crash inside an older
     /// `remove_save`). Start-up only: O(journalled ranks).
     pub fn remove_orphan_ranks(&self) -> Result<usize, IndexError> {
-        let mut batch = sled::Batch::default();
-        let mut n = 0;
-        for kv in self.save_ranks.iter() {
-            let (k, _) = kv?;
-            let save_key = k.get(..k.len().saturating_sub(4)).unwrap_or_default();
-            if !self.saves.contains_key(save_key)? {
-                batch.remove(k);
-                n += 1;
+        self.watched("remove_orphan_ranks", || {
+            let mut batch = sled::Batch::default();
+            let mut n = 0;
+            for kv in self.save_ranks.iter() {
+                let (k, _) = kv?;
+                let save_key = k.get(..k.len().saturating_sub(4)).unwrap_or_default();
+                if !self.saves.contains_key(save_key)? {
+                    batch.remove(k);
+                    n += 1;
+                }
             }
-        }
-        self.save_ranks.apply_batch(batch)?;
-        Ok(n)
+            self.save_ranks.apply_batch(batch)?;
+            Ok(n)
+        })
     }
 
     /// Every journalled save with the indexes of the ranks it received, and the saves whose
@@ -549,29 +699,31 @@ impl Index {
     /// entry's key and why: those are forgotten here, their ranks with them, so their ranks send
     /// them again as after any lost journal, instead of one unreadable entry keeping ckptd down.
     pub fn all_saves(&self) -> Result<(Vec<SaveState>, Vec<Unreadable>), IndexError> {
-        let (mut out, mut unreadable) = (Vec::new(), Vec::new());
-        for kv in self.saves.iter() {
-            let (k, v) = kv?;
-            match self.journalled_save(&v)? {
-                Ok(save) => out.push(save),
-                Err(reason) => unreadable.push((k, reason)),
+        self.watched("all_saves", || {
+            let (mut out, mut unreadable) = (Vec::new(), Vec::new());
+            for kv in self.saves.iter() {
+                let (k, v) = kv?;
+                match self.journalled_save(&v)? {
+                    Ok(save) => out.push(save),
+                    Err(reason) => unreadable.push((k, reason)),
+                }
             }
-        }
-        let mut dropped = Vec::with_capacity(unreadable.len());
-        for (k, reason) in unreadable {
-            let mut batch = sled::Batch::default();
-            for kv in self.save_ranks.scan_prefix(&k) {
-                batch.remove(kv?.0);
+            let mut dropped = Vec::with_capacity(unreadable.len());
+            for (k, reason) in unreadable {
+                let mut batch = sled::Batch::default();
+                for kv in self.save_ranks.scan_prefix(&k) {
+                    batch.remove(kv?.0);
+                }
+                self.save_ranks.apply_batch(batch)?;
+                self.saves.remove(&k)?;
+                let name = match split_step_key(&k) {
+                    Some((job, step)) => format!("{job}@{step}"),
+                    None => String::from_utf8_lossy(&k).into_owned(),
+                };
+                dropped.push((name, reason));
             }
-            self.save_ranks.apply_batch(batch)?;
-            self.saves.remove(&k)?;
-            let name = match split_step_key(&k) {
-                Some((job, step)) => format!("{job}@{step}"),
-                None => String::from_utf8_lossy(&k).into_owned(),
-            };
-            dropped.push((name, reason));
-        }
-        Ok((out, dropped))
+            Ok((out, dropped))
+        })
     }
 
     /// A journalled save's entry and its ranks' indexes, or why they cannot be read.
@@ -687,6 +839,40 @@ mod tests {
                 }
             }
             files
+        }
+    }
+
+    /// Damage met after open, by any method (here sled's own errors for a lost blob and a
+    /// panic, as a read of a damaged page gives them): the first is kept and marked before it is
+    /// published, later ones leave it as it is, the other entries still answer, and the next
+    /// open refuses the index as damaged.
+    #[test]
+    fn damage_met_after_open_is_kept_marked_and_refused_at_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let idx = Index::open(dir.path(), 1 << 20, true).unwrap();
+            idx.put_chunk("job", &ChunkHash::of(b"c"), 10, None).unwrap();
+            let lost = || Err::<(), _>(sled::Error::Io(std::io::ErrorKind::NotFound.into()).into());
+            let e = idx.watched("get_chunk", lost).unwrap_err();
+            assert!(e.is_damage(), "a lost blob is not damage: {e}");
+            let found = idx.damage_found().expect("the damage was not kept");
+            assert!(found.starts_with("get_chunk: "), "{found}");
+            assert_eq!(std::fs::read_to_string(dir.path().join(DAMAGE_MARKER)).unwrap(), found);
+            let waited = tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(idx.damaged());
+            assert_eq!(waited, found);
+            let e = idx.watched("all_saves", || -> Result<(), IndexError> { panic!("sled: bad page") }).unwrap_err();
+            assert!(e.is_damage() && e.to_string().contains("sled: bad page"), "{e}");
+            assert_eq!(idx.damage_found(), Some(found.clone()), "a later damage replaced the first");
+            // Errors that are not damage leave nothing behind.
+            let other = Index::open(&dir.path().join("other"), 1 << 20, false).unwrap();
+            assert!(other.watched("stored_bytes", || Err::<(), _>(IndexError::NotCounted)).is_err());
+            assert_eq!(other.damage_found(), None);
+            assert!(!dir.path().join("other").join(DAMAGE_MARKER).exists());
+            assert!(idx.has_chunk("job", &ChunkHash::of(b"c")).unwrap(), "the other entries stopped answering");
+        }
+        match try_reopen(dir.path()) {
+            Ok(_) => panic!("a marked index opened"),
+            Err(e) => assert!(e.is_damage() && e.to_string().contains("get_chunk"), "{e}"),
         }
     }
 

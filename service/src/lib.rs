@@ -158,6 +158,18 @@ async fn open_index(config: &Config) -> Result<(index::Index, bool), ServiceErro
     }
 }
 
+/// A coordinator over `index`, recovered: ready to serve.
+async fn start_and_recover(
+    store: &store::Store,
+    index: &index::Index,
+    config: &Config,
+) -> Result<(Arc<Coordinator>, coordinator::RecoveryReport), ServiceError> {
+    keep_node_id(&config.data_dir, index).await?;
+    let coordinator = Coordinator::start(store.clone(), index.clone(), config.clone());
+    let report = coordinator.recover().await?;
+    Ok((coordinator, report))
+}
+
 /// Opens the store and the index, recovers, serves until SIGTERM or Ctrl-C, and shuts down
 /// gracefully: no new connections, in-flight requests get `shutdown_grace_s`, the index is
 /// flushed. `telemetry` (the process's, if it set one up) backs `/metrics`.
@@ -168,7 +180,9 @@ pub async fn serve(config: Config, telemetry: Option<Arc<ckpt_telemetry::Telemet
 /// How long a shutdown waits for stopped GC runs to release their locks (one delete each).
 const GC_STOP_WAIT: Duration = Duration::from_secs(10);
 
-/// `serve` until `stop` completes (for embedding ckptd in another process, and tests).
+/// `serve` until `stop` completes (for embedding ckptd in another process, and tests), or
+/// until a request meets damage in the index: then it stops the same way and returns that
+/// damage as its error (the index is marked, and the next call sets it aside).
 pub async fn serve_until(
     config: Config,
     telemetry: Option<Arc<ckpt_telemetry::Telemetry>>,
@@ -223,16 +237,25 @@ pub async fn serve_until(
     let data_dir_lock =
         tokio::task::spawn_blocking(move || lock_data_dir(&locking)).await.map_err(error::join_error)??;
     let (index, index_set_aside) = open_index(&config).await?;
-    keep_node_id(&config.data_dir, &index).await?;
     if let Some(r) = &reload {
         r.own_floor().await?;
     }
     if let Err(e) = std::fs::write(&pid_file, format!("{}\n", std::process::id())) {
         tracing::warn!(error = %e, path = %pid_file.display(), "cannot record this process's pid");
     }
-    let coordinator = Coordinator::start(store.clone(), index.clone(), config.clone());
+    // Damage met past the open (in the chunk records) marked the index; it is not set aside
+    // in this process, whose coordinator would still hold the old sled, which finds its files by
+    // the path the new index takes. The next start does it.
+    let (coordinator, mut report) = match start_and_recover(&store, &index, &config).await {
+        Err(e) if index.damage_found().is_some() => {
+            return Err(ServiceError::Startup(format!(
+                "start-up met a damaged index ({e}); it is marked, and the next start deals with it as \
+                 on_damaged_index says"
+            )))
+        }
+        started => started?,
+    };
     let _ = coordinator.data_dir_lock.set(data_dir_lock);
-    let mut report = coordinator.recover().await?;
     report.index_set_aside = index_set_aside;
     tracing::info!(store = store.description(), ?report, "recovered");
     // The segment socket does not authenticate: with tenants, the path is off.
@@ -265,10 +288,19 @@ pub async fn serve_until(
     };
     let gc = coordinator.clone();
     let detached = state.detached_tasks.clone();
+    let watched = index.clone();
     let shutdown = async move {
-        stop.await;
+        // Damage a request met stops ckptd as a shutdown would: the index is marked, and the
+        // next start (a supervisor's restart) sets it aside and rebuilds it from the store.
+        tokio::select! {
+            () = stop => tracing::info!("shutdown requested; finishing in-flight requests"),
+            damage = watched.damaged() => tracing::error!(
+                damage,
+                "the index is damaged: ckptd stops, finishing in-flight requests; its next start deals with the \
+                 marked index as on_damaged_index says (by default, sets it aside and rebuilds it from the store)"
+            ),
+        }
         state.shutting_down.store(true, Ordering::Relaxed);
-        tracing::info!("shutdown requested; finishing in-flight requests");
         // GC runs can last hours, longer than any grace: they stop now, while the store is
         // reachable to take their locks back, and their requests are answered.
         gc.stop_gc_runs();
@@ -285,8 +317,13 @@ pub async fn serve_until(
     if !left.is_empty() {
         tracing::warn!(?left, "GC runs did not release their locks in time; the next start of this node will");
     }
-    index.flush().await?;
+    let flushed = index.flush().await;
     let _ = std::fs::remove_file(&pid_file);
+    if let Some(damage) = index.damage_found() {
+        tracing::error!("ckptd stopped on a damaged index");
+        return Err(index::IndexError::Damaged { at: "met while serving".into(), reason: damage }.into());
+    }
+    flushed?;
     tracing::info!("ckptd stopped");
     Ok(())
 }
