@@ -291,17 +291,7 @@ async fn damage_met_while_serving_stops_ckptd_and_its_next_start_rebuilds(backen
     assert!(!exit.success(), "ckptd stopped on a damaged index with {exit}");
     let log = daemon_log(&d)[logged..].to_string();
     assert!(log.contains("ckptd stopped on a damaged index") && log.contains("get_manifest"), "{log}");
-    let marked = std::fs::read_to_string(state.join("index/damage-found")).expect("the index was not marked");
-    assert!(marked.starts_with("get_manifest: "), "{marked}");
-
-    d.options_mut().envs.retain(|(k, _)| k != "FAILPOINTS");
-    let logged = daemon_log(&d).len();
-    d.restart().await.unwrap_or_else(|e| panic!("ckptd did not start again: {e}\n{}", daemon_log(&d)));
-    let log = daemon_log(&d)[logged..].to_string();
-    assert!(log.contains("index_set_aside: true") && log.contains("rebuilt: true"), "{log}");
-    assert!(state.join("index.damaged/damage-found").exists(), "the marked index was not set aside with its mark");
-    assert!(!state.join("index/damage-found").exists(), "the new index is marked");
-    let c = client(&d);
+    let c = restarted_on_a_rebuilt_index(&mut d, &state, "get_manifest").await;
     for r in 0..2 {
         assert!(c.load_rank("alpha", 1, r).await.unwrap() == s[r as usize], "rank {r}");
     }
@@ -332,17 +322,27 @@ async fn damage_met_in_start_up_stops_it_and_the_next_start_rebuilds(backend: Ba
     assert!(d.restart().await.is_err(), "ckptd served from an index start-up found damaged");
     let log = daemon_log(&d)[logged..].to_string();
     assert!(log.contains("start-up met a damaged index") && log.contains("all_saves"), "{log}");
-    let marked = std::fs::read_to_string(state.join("index/damage-found")).expect("the index was not marked");
-    assert!(marked.starts_with("all_saves: "), "{marked}");
-
-    d.options_mut().envs.retain(|(k, _)| k != "FAILPOINTS");
-    let logged = daemon_log(&d).len();
-    d.restart().await.unwrap_or_else(|e| panic!("ckptd did not start again: {e}\n{}", daemon_log(&d)));
-    let log = daemon_log(&d)[logged..].to_string();
-    assert!(log.contains("index_set_aside: true") && log.contains("rebuilt: true"), "{log}");
-    assert!(state.join("index.damaged/damage-found").exists(), "the marked index was not set aside");
-    let c = client(&d);
+    let c = restarted_on_a_rebuilt_index(&mut d, &state, "all_saves").await;
     for r in 0..2 {
         assert!(c.load_rank("alpha", 1, r).await.unwrap() == s[r as usize], "rank {r}");
     }
+}
+
+/// `d`, stopped on damage its index met in `op`, checked marked, started again without the
+/// failpoint: the marked index is set aside with its mark, and a new one rebuilt.
+async fn restarted_on_a_rebuilt_index(
+    d: &mut ckpt_client::daemon::LocalDaemon,
+    state: &std::path::Path,
+    op: &str,
+) -> ckpt_client::Client {
+    let marked = std::fs::read_to_string(state.join("index/damage-found")).expect("the index was not marked");
+    assert!(marked.starts_with(&format!("{op}: ")), "{marked}");
+    d.options_mut().envs.retain(|(k, _)| k != "FAILPOINTS");
+    let logged = daemon_log(d).len();
+    d.restart().await.unwrap_or_else(|e| panic!("ckptd did not start again: {e}\n{}", daemon_log(d)));
+    let log = daemon_log(d)[logged..].to_string();
+    assert!(log.contains("index_set_aside: true") && log.contains("rebuilt: true"), "{log}");
+    assert!(state.join("index.damaged/damage-found").exists(), "the marked index was not set aside with its mark");
+    assert!(!state.join("index/damage-found").exists(), "the new index is marked");
+    client(d)
 }
