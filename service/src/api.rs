@@ -343,6 +343,8 @@ pub(crate) async fn stats(State(s): State<Arc<AppState>>) -> Json<serde_json::Va
         "store_syncs": s.coordinator.store_syncs(),
         "gc_views_cached": s.coordinator.gc_views_cached(),
         "last_commit_after_last_index_us": s.coordinator.last_commit_after_last_index_us(),
+        "start": s.coordinator.start_report(),
+        "index_damage": s.coordinator.index_damage(),
     }))
 }
 

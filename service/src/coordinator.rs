@@ -290,6 +290,8 @@ pub struct Coordinator {
     /// The data directory's lock (`lib.rs` `lock_data_dir`), held as long as anything that may
     /// write the index.
     pub(crate) data_dir_lock: std::sync::OnceLock<nix::fcntl::Flock<std::fs::File>>,
+    /// What this process's start-up found and did (`/v1/stats`, `ckpt_index_set_aside`).
+    pub(crate) started: std::sync::OnceLock<RecoveryReport>,
     /// Chunk references held by all saves in flight.
     pub(crate) chunk_refs_in_flight: AtomicU64,
     /// Index object bytes held by all saves in flight.
@@ -447,6 +449,7 @@ impl Coordinator {
             segments,
             segment_socket: Default::default(),
             data_dir_lock: Default::default(),
+            started: Default::default(),
             limits: config.limits(),
             chunk_permits: Arc::new(Semaphore::new(config.chunk_requests_max)),
             index_permits: Arc::new(Semaphore::new(config.index_requests_max)),
@@ -673,6 +676,16 @@ impl Coordinator {
 
     pub fn index_bytes_in_flight(&self) -> u64 {
         self.index_bytes_in_flight.load(Ordering::Relaxed)
+    }
+
+    /// What this process's start-up found and did; None before it ended.
+    pub fn start_report(&self) -> Option<&RecoveryReport> {
+        self.started.get()
+    }
+
+    /// The damage the index met since it opened, if any (ckptd is then stopping).
+    pub fn index_damage(&self) -> Option<String> {
+        self.index.damage_found()
     }
 
     /// Microseconds from the last rank's index to the root, for the most recent commit.

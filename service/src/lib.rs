@@ -258,6 +258,7 @@ pub async fn serve_until(
     let _ = coordinator.data_dir_lock.set(data_dir_lock);
     report.index_set_aside = index_set_aside;
     tracing::info!(store = store.description(), ?report, "recovered");
+    let _ = coordinator.started.set(report);
     // The segment socket does not authenticate: with tenants, the path is off.
     if config.segments_max > 0 && store.local_root().is_some() && config.tenants.is_empty() {
         if let Some(p) = segments::listen(&config.data_dir.join("segments.sock"), coordinator.segments.clone()) {

@@ -124,6 +124,15 @@ pub(crate) fn observe(c: &Arc<Coordinator>) -> Observed {
                 c.staging().stats().chunks_pending
             }),
             gauge("ckpt_saves_in_flight", "", "saves open", |c| c.saves_in_flight() as u64),
+            gauge(
+                "ckpt_index_set_aside",
+                "",
+                "1 when this process's start set a damaged index aside and rebuilt it from the store",
+                |c| c.start_report().is_some_and(|r| r.index_set_aside).into(),
+            ),
+            gauge("ckpt_index_damaged", "", "1 once the index met damage (ckptd is then stopping)", |c| {
+                c.index_damage().is_some().into()
+            }),
         ],
         _counters: vec![
             counter("ckpt_uploaded", "By", "bytes uploaded to the store, as stored", vec![], |c| {

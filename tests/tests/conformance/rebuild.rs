@@ -281,6 +281,18 @@ async fn damage_met_while_serving_stops_ckptd_and_its_next_start_rebuilds(backen
     d.restart().await.unwrap();
     let state = dir.path().join("state");
 
+    // Operators see a start that set the index aside (`/v1/stats`, `ckpt_index_set_aside`).
+    let set_aside = |d: &ckpt_client::daemon::LocalDaemon| {
+        let url = format!("{}/metrics", d.url());
+        async move {
+            let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+            assert!(text.contains("ckpt_index_set_aside") && text.contains("ckpt_index_damaged"), "{text}");
+            (prometheus_sum(&text, "ckpt_index_set_aside"), prometheus_sum(&text, "ckpt_index_damaged"))
+        }
+    };
+    assert_eq!(set_aside(&d).await, (0.0, 0.0));
+    let st = stats(&d).await;
+    assert_eq!((&st["start"]["index_set_aside"], &st["index_damage"]), (&false.into(), &serde_json::Value::Null));
     let logged = daemon_log(&d).len();
     let addr = d.url().trim_start_matches("http://").to_string();
     let answer = raw_http::raw_request(&addr, "GET", "/v1/jobs/alpha/checkpoints/1", None, b"").await;
@@ -292,6 +304,8 @@ async fn damage_met_while_serving_stops_ckptd_and_its_next_start_rebuilds(backen
     let log = daemon_log(&d)[logged..].to_string();
     assert!(log.contains("ckptd stopped on a damaged index") && log.contains("get_manifest"), "{log}");
     let c = restarted_on_a_rebuilt_index(&mut d, &state, "get_manifest").await;
+    assert_eq!(set_aside(&d).await, (1.0, 0.0));
+    assert_eq!(stats(&d).await["start"]["index_set_aside"], true);
     for r in 0..2 {
         assert!(c.load_rank("alpha", 1, r).await.unwrap() == s[r as usize], "rank {r}");
     }
