@@ -21,9 +21,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// What start-up does with a damaged index (a power cut on a disk that lies about its
     /// flushes): one sled cannot open, one whose roots and journal it cannot read at open, or
-    /// one marked damaged (damage met later stops ckptd, see `index.rs`): `rebuild` renames it to `<data_dir>/index.damaged` (what a link named
-    /// `index` names, to `<that>.damaged`), replacing an older one, and rebuilds from the
-    /// store, which loses no committed checkpoint and no fence (both are in the store) but
+    /// one marked damaged (damage met later stops ckptd, see `index.rs`): `rebuild` renames it
+    /// to `<data_dir>/index.damaged` (what a link named `index` names, to `<that>.damaged`),
+    /// replacing an older one, and rebuilds from the store, which loses no committed checkpoint and no fence (both are in the store) but
     /// forgets the saves in flight (their ranks send them again); `refuse` stops ckptd with the
     /// error, for an operator to look.
     pub on_damaged_index: DamagedIndex,

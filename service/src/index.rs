@@ -36,7 +36,8 @@
 //!   too) is kept (`damage_found`, `damaged`) and marked durably in the index's directory
 //!   (`damage-found`) before anyone hears of it, and an index so marked is refused as damaged
 //!   at its next open. ckptd stops on it, and its next start sets the index aside (`lib.rs`).
-//!   Until then each read of the damaged entry fails; the other entries still answer.
+//!   Until then each read of the damaged entry fails; the other entries still answer. (Where
+//!   a tenant has a stored-bytes quota, the count at open reads every chunk record too.)
 //! * All methods block; async callers run them on blocking threads.
 
 use std::collections::HashMap;
@@ -320,16 +321,16 @@ impl Index {
         })();
         let r = match injected {
             true => Err(IndexError::Damaged { at: op.into(), reason: "injected (ckptd::index::damaged)".into() }),
-            // sled panics on some damage rather than returning it.
+            // sled panics on some damage rather than returning it. A bug of ours in a method
+            // body would be taken for damage too: the index is then rebuilt, which costs time,
+            // never a checkpoint (the store holds them all).
             false => std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
                 let what = panic
                     .downcast_ref::<&str>()
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned());
-                Err(IndexError::Damaged {
-                    at: op.into(),
-                    reason: format!("sled panicked: {}", what.unwrap_or_default()),
-                })
+                let reason = format!("panicked (in sled, or a bug): {}", what.unwrap_or_default());
+                Err(IndexError::Damaged { at: op.into(), reason })
             }),
         };
         if let Err(e) = &r {
@@ -347,7 +348,8 @@ impl Index {
         if let Err(e) = &r {
             if e.is_damage() {
                 let (damage, reason) = (self.damage.clone(), format!("flush: {e}"));
-                tokio::task::spawn_blocking(move || damage.found(reason)).await?;
+                // The damage is the answer, even where the marking task cannot run.
+                let _ = tokio::task::spawn_blocking(move || damage.found(reason)).await;
             }
         }
         r

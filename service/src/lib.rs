@@ -182,7 +182,9 @@ const GC_STOP_WAIT: Duration = Duration::from_secs(10);
 
 /// `serve` until `stop` completes (for embedding ckptd in another process, and tests), or
 /// until a request meets damage in the index: then it stops the same way and returns that
-/// damage as its error (the index is marked, and the next call sets it aside).
+/// damage as its error. The index is marked, and the next start of a new process sets it
+/// aside: not a second call in this one, where the stopped service may still hold the old
+/// index open while its directory is renamed.
 pub async fn serve_until(
     config: Config,
     telemetry: Option<Arc<ckpt_telemetry::Telemetry>>,
@@ -246,15 +248,16 @@ pub async fn serve_until(
     // Damage met past the open (in the chunk records) marked the index; it is not set aside
     // in this process, whose coordinator would still hold the old sled, which finds its files by
     // the path the new index takes. The next start does it.
-    let (coordinator, mut report) = match start_and_recover(&store, &index, &config).await {
-        Err(e) if index.damage_found().is_some() => {
-            return Err(ServiceError::Startup(format!(
-                "start-up met a damaged index ({e}); it is marked, and the next start deals with it as \
-                 on_damaged_index says"
-            )))
-        }
-        started => started?,
-    };
+    let started = start_and_recover(&store, &index, &config).await;
+    // Damage may also be met by a task or a fallback that does not fail recovery.
+    if let Some(damage) = index.damage_found() {
+        let failed = started.err().map(|e| format!("; {e}")).unwrap_or_default();
+        return Err(ServiceError::Startup(format!(
+            "start-up met a damaged index ({damage}{failed}); it is marked, and the next start deals with it as \
+             on_damaged_index says"
+        )));
+    }
+    let (coordinator, mut report) = started?;
     let _ = coordinator.data_dir_lock.set(data_dir_lock);
     report.index_set_aside = index_set_aside;
     tracing::info!(store = store.description(), ?report, "recovered");
@@ -318,7 +321,11 @@ pub async fn serve_until(
     if !left.is_empty() {
         tracing::warn!(?left, "GC runs did not release their locks in time; the next start of this node will");
     }
-    let flushed = index.flush().await;
+    // Pointless once damaged, and sled may be left half-way by what it met: not waited for.
+    let flushed = match index.damage_found() {
+        None => index.flush().await,
+        Some(_) => Ok(()),
+    };
     let _ = std::fs::remove_file(&pid_file);
     if let Some(damage) = index.damage_found() {
         tracing::error!("ckptd stopped on a damaged index");
