@@ -28,6 +28,9 @@ pub struct DaemonOptions {
     /// Nice value for ckptd (0: inherit). Running the service below the trainer's priority
     /// keeps checkpoint work from slowing training steps on a shared host.
     pub nice: i32,
+    /// Restarts listen on the address the first start bound, so clients keep their URL (a
+    /// supervised ckptd); otherwise every start takes a free port.
+    pub keep_address: bool,
 }
 
 impl DaemonOptions {
@@ -42,6 +45,7 @@ impl DaemonOptions {
             envs: Vec::new(),
             start_timeout: Duration::from_secs(60),
             nice: 0,
+            keep_address: false,
         }
     }
 }
@@ -91,9 +95,13 @@ impl LocalDaemon {
             .append(true)
             .open(&self.opts.log_file)
             .map_err(|e| err(format!("opening {}: {e}", self.opts.log_file.display())))?;
+        let listen = match self.opts.keep_address && !self.addr.is_empty() {
+            true => self.addr.clone(),
+            false => "127.0.0.1:0".to_string(),
+        };
         let mut cmd = Command::new(&self.opts.exe);
         cmd.arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(listen)
             .arg("--store")
             .arg(&self.opts.store)
             .arg("--data-dir")
@@ -185,6 +193,14 @@ impl LocalDaemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// How the child ended, if it has exited by itself; None while it runs (or was never
+    /// started again after a kill).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok().flatten()?;
+        self.child = None;
+        Some(status)
     }
 
     /// Waits for the child to exit by itself (for example after a fail point killed it).

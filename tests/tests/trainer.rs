@@ -690,3 +690,64 @@ async fn frozen_embeddings_are_neither_copied_nor_hashed_again() {
         assert!(s["chunks_unchanged"].as_u64().unwrap() < 9, "{s}");
     }
 }
+
+/// The launcher's own ckptd (no `--server`) is supervised as the deploy files' supervisors do:
+/// SIGKILLed mid-run, it is started again on the same address, the ranks' next saves commit
+/// through it, and a rank killed after that restores from one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_launchers_own_ckptd_is_started_again_when_it_dies() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join(format!("run-supervised-{}", std::process::id()));
+    let (data, json) = (dir.path().join("data"), dir.path().join("supervised.json"));
+    let mut child = Command::new(ckpt_train_exe())
+        .args(["launch", "--job", "supervised", "--nproc", "2", "--steps", "20", "--ckpt-every", "4"])
+        .args(["--inject", "kill@1:19"])
+        .args(QUICK)
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .arg("--json")
+        .arg(&json)
+        .env("RUST_BACKTRACE", "0")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting ckpt-train");
+    let pid_file = data.join("state/ckptd.pid");
+    let killed_at = tokio::task::block_in_place(|| {
+        wait_for_step(&run_dir, 0, 5, "before ckptd is killed");
+        let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+        // SAFETY: kill(2) on the ckptd the launcher started (its pid from ckptd's own file).
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "ckptd {pid} was not running");
+        pid
+    });
+    let out = tokio::task::block_in_place(|| {
+        let deadline = std::time::Instant::now() + MINUTES;
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        child.wait_with_output().unwrap()
+    });
+    let text = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the run failed:\n{text}");
+    assert!(text.contains("ckptd exited by itself") && text.contains("ckptd started again on"), "{text}");
+    let r: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(r["final_step"], 20, "{text}");
+    // Saves from step 8 on were taken after ckptd died (at step 5 or later): only the new
+    // ckptd can have committed them, and the killed rank's restore comes from one.
+    let committed = events(dir.path(), "supervised")
+        .iter()
+        .filter(|e| e["kind"] == "committed")
+        .filter_map(|e| e["step"].as_u64())
+        .max();
+    assert!(committed >= Some(8), "no save committed after ckptd {killed_at} died ({committed:?}):\n{text}");
+    let resumed: Vec<u64> =
+        r["interruptions"].as_array().unwrap().iter().filter_map(|i| i["resumed_from"].as_u64()).collect();
+    assert!(resumed.len() == 1 && resumed[0] >= 8, "resumed from {resumed:?}:\n{text}");
+}

@@ -7,6 +7,8 @@ mod report;
 mod worker;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -386,14 +388,22 @@ fn run_launch(args: &LaunchArgs) -> Result<Option<(report::Report, PathBuf)>> {
         let mut d = DaemonOptions::in_dir(find_ckptd()?, &args.data_dir);
         // The service yields the CPU to the ranks: checkpoint work must not slow training.
         d.nice = ckpt_client::async_save::BACKGROUND_NICE;
+        d.keep_address = true;
         let d = rt.block_on(LocalDaemon::start(d))?;
         opts.run.server = d.url();
         println!("ckptd on {}, store in {}", opts.run.server, args.data_dir.join("store").display());
-        daemon = Some(d);
+        let d = Arc::new(tokio::sync::Mutex::new(d));
+        let stop = Arc::new(AtomicBool::new(false));
+        daemon = Some((rt.spawn(supervise(d.clone(), stop.clone())), d, stop));
     }
     let report = launch::launch(&opts);
-    if let Some(mut d) = daemon {
-        rt.block_on(d.terminate(Duration::from_secs(10)));
+    if let Some((supervisor, d, stop)) = daemon {
+        stop.store(true, Ordering::Relaxed);
+        rt.block_on(async {
+            // Not aborted: one stopped mid-start would leave a ckptd nobody holds.
+            let _ = supervisor.await;
+            d.lock().await.terminate(Duration::from_secs(10)).await
+        });
     }
     let report = match report? {
         launch::Launched::Ran(r) => *r,
@@ -417,6 +427,39 @@ fn run_launch(args: &LaunchArgs) -> Result<Option<(report::Report, PathBuf)>> {
         std::fs::write(p, &json).with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(Some((report, run_dir)))
+}
+
+/// Starts the launcher's own ckptd again whenever it exits by itself (a crash; damage met in
+/// its index, which its next start cures), on the same address, as the deploy files'
+/// supervisors do: the ranks keep their URL, and their saves and restores go on. Gives up
+/// after `FAILED_STARTS_MAX` failed starts in a row. Returns once `stop` is set.
+async fn supervise(daemon: Arc<tokio::sync::Mutex<LocalDaemon>>, stop: Arc<AtomicBool>) {
+    const EVERY: Duration = Duration::from_millis(200);
+    const FAILED_STARTS_MAX: u32 = 5;
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(EVERY).await;
+        let mut d = daemon.lock().await;
+        let Some(status) = d.exited() else { continue };
+        println!("ckptd exited by itself ({status}; its log: {}); starting it again", d.options().log_file.display());
+        let mut failed = 0;
+        loop {
+            match d.restart().await {
+                Ok(()) => {
+                    println!("ckptd started again on {}", d.url());
+                    break;
+                }
+                Err(e) if failed + 1 < FAILED_STARTS_MAX && !stop.load(Ordering::Relaxed) => {
+                    failed += 1;
+                    println!("ckptd did not start again ({e}); trying again");
+                    tokio::time::sleep(EVERY * 5 * failed).await;
+                }
+                Err(e) => {
+                    println!("ckptd did not start again ({e}); giving up: saves fail from here on");
+                    return;
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
