@@ -207,9 +207,10 @@ impl LocalDaemon {
     pub async fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus, ClientError> {
         let deadline = Instant::now() + timeout;
         loop {
-            let Some(c) = self.child.as_mut() else { return Err(ClientError::Daemon("not running".into())) };
-            if let Ok(Some(s)) = c.try_wait() {
-                self.child = None;
+            if self.child.is_none() {
+                return Err(ClientError::Daemon("not running".into()));
+            }
+            if let Some(s) = self.exited() {
                 return Ok(s);
             }
             if Instant::now() > deadline {

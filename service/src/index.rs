@@ -84,6 +84,11 @@ impl IndexError {
             _ => false,
         }
     }
+
+    /// `op: error` when this is damage (see `is_damage`): what `watched` keeps and marks.
+    fn damage_met_in(&self, op: &str) -> Option<String> {
+        self.is_damage().then(|| format!("{op}: {self}"))
+    }
 }
 
 /// A journalled save that could not be read: `job@step` (or the raw key) and why.
@@ -333,10 +338,8 @@ impl Index {
                 Err(IndexError::Damaged { at: op.into(), reason })
             }),
         };
-        if let Err(e) = &r {
-            if e.is_damage() {
-                self.damage.found(format!("{op}: {e}"));
-            }
+        if let Some(reason) = r.as_ref().err().and_then(|e| e.damage_met_in(op)) {
+            self.damage.found(reason);
         }
         r
     }
@@ -345,12 +348,10 @@ impl Index {
     /// concurrent callers.
     pub async fn flush(&self) -> Result<(), IndexError> {
         let r = self.grouped_flush().await;
-        if let Err(e) = &r {
-            if e.is_damage() {
-                let (damage, reason) = (self.damage.clone(), format!("flush: {e}"));
-                // The damage is the answer, even where the marking task cannot run.
-                let _ = tokio::task::spawn_blocking(move || damage.found(reason)).await;
-            }
+        if let Some(reason) = r.as_ref().err().and_then(|e| e.damage_met_in("flush")) {
+            let damage = self.damage.clone();
+            // The damage is the answer, even where the marking task cannot run.
+            let _ = tokio::task::spawn_blocking(move || damage.found(reason)).await;
         }
         r
     }
