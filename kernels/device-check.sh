@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check of issue 14: runs the CUDA twins (kernels/tests/cuda_twins.rs), the trainer's
-# NCCL backend against the CPU hub (trainer/tests/nccl_twins.rs) and the device benchmark
-# (ckpt-device-check) on a machine with an NVIDIA GPU, within 5 minutes.
+# NCCL backend against the CPU hub (trainer/tests/nccl_twins.rs), a training run on NCCL against
+# the same run on the hub, and the device benchmark (ckpt-device-check) on a machine with an
+# NVIDIA GPU, within 5 minutes.
 #
-#   kernels/device-check.sh stage [DIR]   on a build machine: build the three binaries (release,
+#   kernels/device-check.sh stage [DIR]   on a build machine: build the five binaries (release,
 #                                         features cuda/nccl) and copy them into DIR (default .device)
 #   kernels/device-check.sh [run] [DIR]   on the GPU machine: run them from DIR, or build them
 #                                         with cargo when DIR has none; logs go to $OUT (or
@@ -42,9 +43,12 @@ build() {
     mkdir -p "$dir"
     cp "$twins" "$dir/cuda_twins"
     cp "$nccl" "$dir/nccl_twins"
-    cp "$target/release/ckpt-device-check" "$dir/ckpt-device-check"
+    # The trainer (built with `nccl` for nccl_twins above) and a ckptd beside it, for a whole
+    # training run on NCCL.
+    (cd "$root" && cargo build --release -p ckpt-service --bin ckptd) || return 1
+    cp "$target/release/ckpt-device-check" "$target/release/ckpt-train" "$target/release/ckptd" "$dir/"
     # The device tool carries at most 64 MiB with the working tree: debug info stays here.
-    command -v strip >/dev/null && strip --strip-debug "$dir/cuda_twins" "$dir/nccl_twins" "$dir/ckpt-device-check"
+    command -v strip >/dev/null && (cd "$dir" && strip --strip-debug cuda_twins nccl_twins ckpt-device-check ckpt-train ckptd)
     echo "staged into $dir:"; ls -l "$dir"
 }
 
@@ -57,7 +61,8 @@ fi
 out=${OUT:-$root/device-check-out}
 mkdir -p "$out"
 
-if [ ! -x "$dir/cuda_twins" ] || [ ! -x "$dir/nccl_twins" ] || [ ! -x "$dir/ckpt-device-check" ]; then
+if [ ! -x "$dir/cuda_twins" ] || [ ! -x "$dir/nccl_twins" ] || [ ! -x "$dir/ckpt-device-check" ] \
+    || [ ! -x "$dir/ckpt-train" ] || [ ! -x "$dir/ckptd" ]; then
     if command -v cargo >/dev/null; then
         echo "no prebuilt binaries in $dir: building with cargo"
         build || exit 1
@@ -106,8 +111,35 @@ echo "== CUDA twins"
 timeout 90 "$dir/cuda_twins" --test-threads=1 --nocapture 2>&1 | tee "$out/tests.log"
 tests_rc=${PIPESTATUS[0]}
 echo "== NCCL backend against the CPU hub"
-timeout 60 "$dir/nccl_twins" --test-threads=1 --nocapture 2>&1 | tee "$out/nccl.log"
+CKPT_TRAIN_BIN="$dir/ckpt-train" timeout 60 "$dir/nccl_twins" --test-threads=1 --nocapture 2>&1 | tee "$out/nccl.log"
 nccl_rc=${PIPESTATUS[0]}
+# A whole run on each backend, the same seed and the same rank killed mid-run (so the NCCL group
+# is formed twice), with a ckptd the launcher starts: one rank per GPU, so with one GPU the
+# all-reduce is a copy and the two runs must end on the same weights.
+work=$(mktemp -d)
+train() { # $1: hub or nccl
+    timeout 120 "$dir/ckpt-train" launch --collective "$1" --nproc 1 --steps 60 \
+        --ckpt-every 10 --log-every 5 --inject kill@0:37 --data-dir "$work/$1-data" --run-dir "$work/$1-run" \
+        2>&1 | tee "$out/train-$1.log"
+    return "${PIPESTATUS[0]}"
+}
+# The printed losses and the final weights' blake3: with one rank the two must be identical.
+losses() { grep -E '^step +[0-9]+ +loss|final weights blake3' "$out/train-$1.log" | sort -u; }
+echo "== the trainer on NCCL, against the same run on the hub"
+train hub; hub_rc=$?
+train nccl; train_rc=$?
+if [ "$hub_rc" = 0 ] && [ "$train_rc" = 0 ]; then
+    if [ -z "$(losses nccl)" ]; then
+        echo "no loss lines in the NCCL run's log"; train_rc=1
+    elif diff <(losses hub) <(losses nccl); then
+        echo "the runs agree: $(losses nccl | grep -c '^step') loss lines and the final weights"
+    else
+        echo "loss traces differ (above)"; train_rc=1
+    fi
+else
+    echo "a training run failed: hub exit $hub_rc, nccl exit $train_rc"; train_rc=1
+fi
+rm -rf "$work"
 echo "== device benchmark"
 # shellcheck disable=SC2086
 timeout 150 "$dir/ckpt-device-check" ${CKPT_DEVICE_CHECK_ARGS:-} 2>&1 | tee "$out/bench.log"
@@ -127,5 +159,5 @@ if [ -n "${CKPT_DEVICE_CHECK_NCU:-}" ]; then
     fi
 fi
 rm -rf "$libs"
-echo "== twins exit $tests_rc, NCCL twins exit $nccl_rc, benchmark exit $bench_rc"
-[ "$tests_rc" = 0 ] && [ "$nccl_rc" = 0 ] && [ "$bench_rc" = 0 ]
+echo "== twins exit $tests_rc, NCCL twins exit $nccl_rc, trainer on NCCL $train_rc, benchmark exit $bench_rc"
+[ "$tests_rc" = 0 ] && [ "$nccl_rc" = 0 ] && [ "$train_rc" = 0 ] && [ "$bench_rc" = 0 ]

@@ -6,6 +6,7 @@
 #![cfg(feature = "nccl")]
 
 use std::net::TcpListener;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
@@ -196,10 +197,14 @@ fn without_a_gpu_joining_says_no_cuda_device() {
 /// says so instead: tests/cli.rs.)
 #[test]
 fn a_launch_it_cannot_run_is_refused_before_anything_starts() {
+    // Where this test binary was carried to a GPU machine without its build folder,
+    // device-check.sh names the carried ckpt-train.
+    let exe = std::env::var_os("CKPT_TRAIN_BIN").map_or(env!("CARGO_BIN_EXE_ckpt-train").into(), PathBuf::from);
+    assert!(exe.exists(), "no ckpt-train at {}: build it, or set CKPT_TRAIN_BIN", exe.display());
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     // More ranks than any machine here has GPUs, so a GPU machine refuses too.
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_ckpt-train"))
+    let o = std::process::Command::new(&exe)
         .args(["launch", "--collective", "nccl", "--nproc", "12", "--data-dir"])
         .arg(&data)
         .arg("--run-dir")

@@ -38,6 +38,24 @@ __device__ __forceinline__ u64 warp_sum(u64 v) {
     return v;
 }
 
+// Four consecutive words from position `j` on (HASH = false: the read probe's plain sum).
+template <bool HASH>
+__device__ __forceinline__ void add_quad(const uint4 q, u64 j, u64 &a0, u64 &a1) {
+    if (HASH) {
+        u64 k0 = j * POSITION_KEY_0 + LANE_KEY_0;
+        u64 k1 = j * POSITION_KEY_1 + LANE_KEY_1;
+        add_word(q.x, k0, k1, a0, a1);
+        k0 += POSITION_KEY_0; k1 += POSITION_KEY_1;
+        add_word(q.y, k0, k1, a0, a1);
+        k0 += POSITION_KEY_0; k1 += POSITION_KEY_1;
+        add_word(q.z, k0, k1, a0, a1);
+        k0 += POSITION_KEY_0; k1 += POSITION_KEY_1;
+        add_word(q.w, k0, k1, a0, a1);
+    } else {
+        a0 += (u64)q.x + q.y + q.z + q.w;
+    }
+}
+
 // One block per tile of `tile_words` words; tiles never cross a chunk boundary, so each block
 // adds its partial lanes into exactly one chunk's pair in `out` (zeroed by the caller). The
 // atomics are few (two per block) and, the sum being commutative, change no bits.
@@ -59,24 +77,19 @@ __device__ __forceinline__ void chunk_sums(const u32 *__restrict__ words, u64 n,
     u64 i = start;
     if (start < end && ((start & 3) == 0) && (((u64)words & 15) == 0)) {
         // 16-byte loads where the tile starts on a 16-byte boundary (a view into a buffer may not).
+        // Two loads are issued before either is hashed, so that a thread's next load need not
+        // wait for the hashing of its last (BENCHMARKS.md, GPU kernels: what this changed).
         const u64 vec_end = start + ((end - start) & ~3ULL);
+        const u64 step = 4 * (u64)blockDim.x;
         const uint4 *v = reinterpret_cast<const uint4 *>(words);
-        for (u64 j = start + 4 * (u64)threadIdx.x; j < vec_end; j += 4 * (u64)blockDim.x) {
+        u64 j = start + 4 * (u64)threadIdx.x;
+        for (; j + step < vec_end; j += 2 * step) {
             const uint4 q = v[j >> 2];
-            if (HASH) {
-                u64 k0 = j * POSITION_KEY_0 + LANE_KEY_0;
-                u64 k1 = j * POSITION_KEY_1 + LANE_KEY_1;
-                add_word(q.x, k0, k1, a0, a1);
-                k0 += POSITION_KEY_0; k1 += POSITION_KEY_1;
-                add_word(q.y, k0, k1, a0, a1);
-                k0 += POSITION_KEY_0; k1 += POSITION_KEY_1;
-                add_word(q.z, k0, k1, a0, a1);
-                k0 += POSITION_KEY_0; k1 += POSITION_KEY_1;
-                add_word(q.w, k0, k1, a0, a1);
-            } else {
-                a0 += (u64)q.x + q.y + q.z + q.w;
-            }
+            const uint4 r = v[(j + step) >> 2];
+            add_quad<HASH>(q, j, a0, a1);
+            add_quad<HASH>(r, j + step, a0, a1);
         }
+        if (j < vec_end) add_quad<HASH>(v[j >> 2], j, a0, a1);
         i = vec_end;
     }
     for (u64 j = i + threadIdx.x; j < end; j += blockDim.x) {
