@@ -290,6 +290,10 @@ pub(crate) async fn readyz(State(s): State<Arc<AppState>>) -> ApiResult<&'static
     if s.shutting_down.load(Ordering::Relaxed) {
         return Err(ApiError(ServiceError::Busy("shutting down".into())));
     }
+    // Damage stops ckptd within its grace; until then it takes no new work.
+    if let Some(damage) = s.coordinator.index_damage() {
+        return Err(ApiError(ServiceError::NotReady(format!("the index is damaged: {damage}"))));
+    }
     s.ready.check(s.coordinator.store()).await?;
     Ok("ready")
 }

@@ -89,7 +89,8 @@ pub struct Config {
     pub save_idle_abort_ms: u64,
     /// The longest a status query may wait for its save to end (`?wait_ms=`).
     pub status_wait_ms_max: u64,
-    /// The longest `/readyz` waits for its store probe; a store slower than this is not ready.
+    /// The longest `/readyz` waits for its probe of the store and the state disk; slower is not
+    /// ready.
     pub ready_probe_timeout_ms: u64,
     /// Object-store calls a single request may have in flight (existence checks fan out).
     pub store_requests_max: usize,

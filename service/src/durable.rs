@@ -287,6 +287,28 @@ pub fn rename_into_place(from: &Path, to: &Path) -> Result<(), DurableError> {
     sync_dir(parent_dir(to))
 }
 
+/// The file [`probe_dir`] writes, directly in the directory it probes.
+pub const PROBE_NAME: &str = "readyz-probe";
+
+/// Whether `dir`'s disk still takes a durable write: a fresh file of one block (so a full disk
+/// fails too), fsync'd, then removed. `/readyz` asks it of the state directory, whose disk holds
+/// the index every ack is recorded in. The name is fixed, so a probe a crash cut short leaves
+/// one small file that the next probe replaces.
+pub fn probe_dir(dir: &Path) -> Result<(), DurableError> {
+    use std::io::Write;
+    let path = dir.join(PROBE_NAME);
+    let write = |source| DurableError::Write { path: path.clone(), source };
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(write(e)),
+        _ => {}
+    }
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(write)?;
+    f.write_all(&[0u8; 4096]).map_err(write)?;
+    f.sync_all().map_err(|source| DurableError::Sync { path: path.clone(), source })?;
+    drop(f);
+    std::fs::remove_file(&path).map_err(write)
+}
+
 /// Whether a file name is one [`temp_path`] makes (what a crash mid-write can leave behind):
 /// `.<name>.<pid>-<seq>.tmp`.
 pub fn is_temp_name(name: &str) -> bool {

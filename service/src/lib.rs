@@ -386,7 +386,7 @@ fn app(
     if !tenants.is_open() {
         tracing::info!(tenants = tenants.all().len(), "tenants configured: requests must authenticate");
     }
-    let ready = ready::Readiness::new(Duration::from_millis(config.ready_probe_timeout_ms));
+    let ready = ready::Readiness::new(Duration::from_millis(config.ready_probe_timeout_ms), config.data_dir.clone());
     let state = Arc::new(api::AppState {
         coordinator,
         shutting_down: AtomicBool::new(false),

@@ -409,3 +409,44 @@ async fn after_a_power_cut_mid_save_every_acked_checkpoint_restores_and_the_save
     })
     .await
 }
+
+/// A state disk that fails its writes makes ckptd not ready: strace fails (EIO, as a dying disk
+/// does) every fsync of the file `/readyz` writes into the state directory. ckptd stays alive
+/// (`/healthz`). (That a disk taking writes again is ready again: ready.rs's unit tests.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_disk_that_fails_its_fsyncs_makes_ckptd_not_ready() {
+    bounded(Duration::from_secs(60), async {
+        let strace = strace();
+        let dir = tempfile::tempdir().unwrap();
+        let top = dir.path().canonicalize().unwrap();
+        let probe = top.join("state").join("readyz-probe");
+        let wrapper = top.join("ckptd-failing-disk");
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nexec {} -f -qq -o /dev/null -P {} -e trace=fsync,fdatasync \
+                 -e inject=fsync,fdatasync:error=EIO -- {} \"$@\"\n",
+                strace.display(),
+                probe.display(),
+                ckptd_exe().display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let d = LocalDaemon::start(DaemonOptions::in_dir(wrapper, &top)).await.unwrap();
+        let http = reqwest::Client::new();
+        let get = |path: &str| http.get(format!("{}{path}", d.url())).send();
+
+        for probe_no in 1..=3 {
+            let r = get("/readyz").await.unwrap();
+            assert_eq!(r.status(), 503, "probe {probe_no} of a failing disk\n{}", daemon_log(&d));
+            let body: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "not_ready", "{body}");
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(message.contains("state disk") && message.contains("readyz-probe"), "{message}");
+            assert!(message.contains("Input/output error") || message.contains("os error 5"), "{message}");
+            assert_eq!(get("/healthz").await.unwrap().status(), 200, "alive, if not ready");
+        }
+    })
+    .await
+}
