@@ -31,7 +31,7 @@ pub enum ServiceError {
     BodyStalled { idle_ms: u64 },
     #[error("request body not received within {within_ms} ms (body_min_bytes_per_s = {min_bytes_per_s}); dropped")]
     BodyTooSlow { within_ms: u64, min_bytes_per_s: u64 },
-    /// `/readyz`: the store did not answer its probe (503).
+    /// `/readyz`: the store or the state disk failed its probe, or the index is damaged (503).
     #[error("not ready: {0}")]
     NotReady(String),
     #[error("request body too large: {0}")]

@@ -5,8 +5,9 @@
 //!   directory's disk, where the index records every ack (`durable::probe_dir`: a block written
 //!   and fsync'd). A disk that fails writes (EIO, full, remounted read-only) is otherwise seen
 //!   only by the requests it fails, with a 500 each; not ready takes the node out of a load
-//!   balancer's rotation until it takes writes again. The spill disk is not probed: its root
-//!   holds only job directories, which a probe file there would break.
+//!   balancer's rotation until it takes writes again. Not probed: the spill disk (its root
+//!   holds only job directories, which a probe file there would break), and an index that
+//!   `<data_dir>/index` links to on another disk (the probe writes into `data_dir` itself).
 //! * `/readyz` is public (a kubelet calls it without credentials), and each answer costs a
 //!   store call, so anyone who can reach the port could turn a flood of probes into a flood of
 //!   store listings. One probe runs at a time, in a task of its own; every caller that arrives
@@ -113,7 +114,7 @@ struct Finish {
 
 impl Drop for Finish {
     fn drop(&mut self) {
-        let outcome = self.outcome.take().unwrap_or_else(|| Err("the store probe ended without an outcome".into()));
+        let outcome = self.outcome.take().unwrap_or_else(|| Err("the readiness probe ended without an outcome".into()));
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         *running = false;
         let _previous = self.done.send_replace(outcome);

@@ -434,6 +434,20 @@ async fn a_state_disk_that_fails_its_fsyncs_makes_ckptd_not_ready() {
         .unwrap();
         std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
         let d = LocalDaemon::start(DaemonOptions::in_dir(wrapper, &top)).await.unwrap();
+        // Dropping `d` kills strace, which (6.1 has no --kill-on-exit) leaves ckptd running:
+        // ckptd, strace's child, is killed when this test ends, however it ends.
+        struct KillOnDrop(i32);
+        impl Drop for KillOnDrop {
+            fn drop(&mut self) {
+                // SAFETY: kill(2) on a process this test started; no memory is involved.
+                unsafe {
+                    libc::kill(self.0, libc::SIGKILL);
+                }
+            }
+        }
+        let strace_pid = d.pid().expect("strace is running");
+        let children = std::fs::read_to_string(format!("/proc/{strace_pid}/task/{strace_pid}/children")).unwrap();
+        let _ckptd = KillOnDrop(children.split_whitespace().next().and_then(|p| p.parse().ok()).expect("ckptd's pid"));
         let http = reqwest::Client::new();
         let get = |path: &str| http.get(format!("{}{path}", d.url())).send();
 
