@@ -288,12 +288,12 @@ pub fn rename_into_place(from: &Path, to: &Path) -> Result<(), DurableError> {
 }
 
 /// The file [`probe_dir`] writes, directly in the directory it probes.
-pub const PROBE_NAME: &str = "readyz-probe";
+const PROBE_NAME: &str = "readyz-probe";
 
 /// Whether `dir`'s disk still takes a durable write: a fresh file of one block (so a full disk
 /// fails too), fsync'd, then removed. `/readyz` asks it of the state directory, whose disk holds
-/// the index every ack is recorded in (unless `index` links elsewhere: ready.rs). The name is fixed, so a probe a crash cut short leaves
-/// one small file that the next probe replaces.
+/// the index every ack is recorded in (unless `index` links elsewhere: ready.rs). The name is
+/// fixed, so a probe a crash cut short leaves one small file that the next probe replaces.
 pub fn probe_dir(dir: &Path) -> Result<(), DurableError> {
     use std::io::Write;
     let path = dir.join(PROBE_NAME);

@@ -25,6 +25,13 @@ use rand::{Rng, SeedableRng};
 const TRACED: &str = "openat,open,creat,syncfs,mkdir,mkdirat,rename,renameat,renameat2,link,linkat,unlink,unlinkat,\
 write,pwrite64,writev,pwritev,pwritev2,ftruncate,fallocate,copy_file_range,fsync,fdatasync";
 
+/// The pid of ckptd under strace: `d` runs strace, whose one child is ckptd.
+fn traced_ckptd_pid(d: &LocalDaemon) -> i32 {
+    let strace_pid = d.pid().expect("ckptd under strace is running");
+    let children = std::fs::read_to_string(format!("/proc/{strace_pid}/task/{strace_pid}/children")).unwrap();
+    children.split_whitespace().next().and_then(|p| p.parse().ok()).expect("ckptd's pid")
+}
+
 fn strace() -> std::path::PathBuf {
     let found = std::env::var_os("PATH")
         .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("strace")).find(|p| p.is_file()));
@@ -216,9 +223,7 @@ async fn traced_saves(paths: Paths, failpoint: Option<&str>, cut: Option<Cut>) -
         eprintln!("cut seed {cut}: kill at {kill_at} chunks staged or uploaded");
     }
     // SIGKILL ckptd (strace's child) at once: nothing after the last ack may fix a missing sync.
-    let strace_pid = d.pid().expect("ckptd under strace is running");
-    let children = std::fs::read_to_string(format!("/proc/{strace_pid}/task/{strace_pid}/children")).unwrap();
-    let ckptd_pid: i32 = children.split_whitespace().next().and_then(|p| p.parse().ok()).expect("ckptd's pid");
+    let ckptd_pid = traced_ckptd_pid(&d);
     // SAFETY: kill(2) on a child process we started; no memory is involved.
     unsafe {
         libc::kill(ckptd_pid, libc::SIGKILL);
@@ -445,9 +450,7 @@ async fn a_state_disk_that_fails_its_fsyncs_makes_ckptd_not_ready() {
                 }
             }
         }
-        let strace_pid = d.pid().expect("strace is running");
-        let children = std::fs::read_to_string(format!("/proc/{strace_pid}/task/{strace_pid}/children")).unwrap();
-        let _ckptd = KillOnDrop(children.split_whitespace().next().and_then(|p| p.parse().ok()).expect("ckptd's pid"));
+        let _ckptd = KillOnDrop(traced_ckptd_pid(&d));
         let http = reqwest::Client::new();
         let get = |path: &str| http.get(format!("{}{path}", d.url())).send();
 
